@@ -1,0 +1,155 @@
+//! The API on the master's Unix socket: what the CLI talks to.
+//!
+//! One [`Request`] per connection, answered by one final [`Reply`] (`Ok` or
+//! `Error`), with `Log` replies before it for log streams. The socket is
+//! mode 0600 in the data dir: whoever can open it administers the cluster.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use phoenix_model::proto::{MAX_FRAME, Reply, Request, read_frame, write_frame};
+use serde_json::json;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{UnixListener, UnixStream};
+
+use crate::hub::{Apply, ApiError, Hub, LogEvent};
+
+pub async fn serve(hub: Arc<Hub>, listener: UnixListener) {
+    loop {
+        let stream = match listener.accept().await {
+            Ok((s, _)) => s,
+            Err(e) => {
+                tracing::warn!("api accept: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let hub = hub.clone();
+        tokio::spawn(async move {
+            if let Err(e) = connection(hub, stream).await {
+                tracing::debug!("api connection: {e}");
+            }
+        });
+    }
+}
+
+/// Names the caller for the audit log: `uid 1000 (alice)`.
+fn actor(stream: &UnixStream) -> String {
+    let Ok(cred) = stream.peer_cred() else {
+        return "unknown".into();
+    };
+    let uid = cred.uid();
+    let user = std::fs::read_to_string("/etc/passwd").ok().and_then(|p| {
+        p.lines().find_map(|l| {
+            let mut f = l.split(':');
+            let name = f.next()?;
+            (f.nth(1)? == uid.to_string()).then(|| name.to_owned())
+        })
+    });
+    match user {
+        Some(u) => format!("uid {uid} ({u})"),
+        None => format!("uid {uid}"),
+    }
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+async fn connection(hub: Arc<Hub>, mut stream: UnixStream) -> Result<(), BoxError> {
+    let Some(req) = read_frame::<_, Request>(&mut stream, MAX_FRAME).await? else {
+        return Ok(());
+    };
+    let who = actor(&stream);
+    let reply = match req {
+        Request::Logs { name, tail, follow } => return logs(&hub, stream, &name, tail, follow).await,
+        Request::Push { name, size } => push(&hub, &mut stream, &who, name, size).await,
+        Request::Wait { names, timeout_ms } => hub
+            .wait(&names, Duration::from_millis(timeout_ms))
+            .await
+            .map(|v| json!(v)),
+        req => {
+            let hub = hub.clone();
+            tokio::task::spawn_blocking(move || handle(&hub, &who, req)).await?
+        }
+    };
+    let reply = match reply {
+        Ok(body) => Reply::Ok { body },
+        Err(e) => Reply::Error { message: e.to_string() },
+    };
+    write_frame(&mut stream, &reply).await?;
+    Ok(())
+}
+
+/// The requests that only touch the store (blocking).
+fn handle(hub: &Hub, who: &str, req: Request) -> Result<serde_json::Value, ApiError> {
+    match req {
+        Request::MasterInfo => Ok(json!(hub.master_info()?)),
+        Request::Waiting => Ok(json!(hub.waiting()?)),
+        Request::Accept { name } => hub.accept(who, &name),
+        Request::Reject { name } => hub.reject(who, &name),
+        Request::Deploy { source, text } => hub.apply(who, Apply::Deploy, &source, &text),
+        Request::Update { source, text } => hub.apply(who, Apply::Update, &source, &text),
+        Request::Del { name } => hub.delete(who, &name),
+        Request::Status { name } => Ok(json!(hub.status(&name)?)),
+        Request::Info { name } => hub.info(&name),
+        Request::Services => Ok(json!(hub.services()?)),
+        Request::Nodes => Ok(json!(hub.nodes()?)),
+        Request::Audit { limit } => Ok(json!(hub.store().read()?.audit_log(limit)?)),
+        Request::Logs { .. } | Request::Push { .. } | Request::Wait { .. } => {
+            Err(ApiError::Refused("request handled elsewhere".into()))
+        }
+    }
+}
+
+async fn push(hub: &Hub, stream: &mut UnixStream, who: &str, name: String, size: u64) -> Result<serde_json::Value, ApiError> {
+    let (tmp, file) = hub.registry.staging(&name)?;
+    let mut file = tokio::fs::File::from_std(file);
+    let copied = tokio::io::copy(&mut (&mut *stream).take(size), &mut file).await;
+    let _ = file.flush().await;
+    drop(file);
+    match copied {
+        Ok(n) if n == size => {}
+        Ok(n) => {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(ApiError::Refused(format!("upload of {name:?} ended after {n} of {size} bytes; nothing was changed")));
+        }
+        Err(e) => {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(ApiError::Refused(format!("upload of {name:?} failed: {e}; nothing was changed")));
+        }
+    }
+    let image = hub.registry.commit(&tmp, &name).inspect_err(|_| {
+        let _ = std::fs::remove_file(&tmp);
+    })?;
+    let body = json!({ "name": name, "hash": image.hash, "size": image.size });
+    hub.store().write(|tx| tx.audit(who, "push", &name, None, Some(&body)))?;
+    Ok(body)
+}
+
+async fn logs(hub: &Hub, mut stream: UnixStream, name: &str, tail: usize, follow: bool) -> Result<(), BoxError> {
+    let (id, node, mut rx) = match hub.open_logs(name, tail, follow) {
+        Ok(v) => v,
+        Err(e) => {
+            write_frame(&mut stream, &Reply::Error { message: e.to_string() }).await?;
+            return Ok(());
+        }
+    };
+    let (mut rd, mut wr) = stream.into_split();
+    let mut probe = [0u8; 1];
+    let result = loop {
+        tokio::select! {
+            ev = rx.recv() => match ev {
+                Some(LogEvent::Data(data)) => write_frame(&mut wr, &Reply::Log { data }).await?,
+                Some(LogEvent::End(None)) | None => break Reply::Ok { body: json!(null) },
+                Some(LogEvent::End(Some(message))) => break Reply::Error { message },
+            },
+            // The CLI went away (e.g. Ctrl-C on `logs -f`).
+            _ = rd.read(&mut probe) => {
+                hub.close_logs(id, &node);
+                return Ok(());
+            }
+        }
+    };
+    hub.close_logs(id, &node);
+    write_frame(&mut wr, &result).await?;
+    Ok(())
+}

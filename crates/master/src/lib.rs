@@ -1,0 +1,134 @@
+//! The Phoenix master daemon.
+//!
+//! It owns the cluster's state ([`store`]), the images ([`registry`]) and the
+//! cluster key ([`keys`]), and serves three endpoints:
+//! - [`api`]: the CLI's Unix socket in the data dir;
+//! - [`join`]: the public join endpoint, the only clear-text port by design;
+//! - [`link`]: the minions' long-lived connections, over which the master
+//!   pushes each minion its whole desired set and receives observed state.
+//!
+//! [`hub`] ties them together: operations, in-memory observed state, links.
+
+pub mod api;
+pub mod hub;
+pub mod join;
+pub mod keys;
+pub mod link;
+pub mod registry;
+pub mod store;
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::os::unix::fs::PermissionsExt;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use phoenix_model::net;
+use phoenix_model::proto::MasterInfo;
+use tokio::net::{TcpListener, UnixListener};
+
+pub const DEFAULT_JOIN_PORT: u16 = 51821;
+pub const DEFAULT_LINK_PORT: u16 = 51822;
+
+#[derive(Clone, Debug)]
+pub struct MasterConfig {
+    pub data_dir: PathBuf,
+    pub public_ip: IpAddr,
+    pub join_port: u16,
+    pub link_port: u16,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum MasterError {
+    #[error("data dir {path}: {source}")]
+    DataDir { path: String, source: std::io::Error },
+    #[error("cannot listen on {addr} ({what}): {source}")]
+    Listen {
+        addr: String,
+        what: &'static str,
+        source: std::io::Error,
+    },
+    #[error("another master is already running with data dir {0}")]
+    AlreadyRunning(String),
+    #[error(transparent)]
+    Store(#[from] store::StoreError),
+    #[error(transparent)]
+    Registry(#[from] registry::RegistryError),
+    #[error(transparent)]
+    Key(#[from] keys::KeyError),
+}
+
+/// The CLI socket's path in a data dir.
+pub fn socket_path(data_dir: &std::path::Path) -> PathBuf {
+    data_dir.join("phoenix.sock")
+}
+
+/// Binds `ip:port`, or the unspecified address of the same family if `ip` is
+/// not on this machine (a VPS behind 1:1 NAT knows its public IP but does not
+/// hold it).
+async fn bind(ip: IpAddr, port: u16, what: &'static str) -> Result<TcpListener, MasterError> {
+    let err = |addr: SocketAddr| move |source| MasterError::Listen {
+        addr: addr.to_string(),
+        what,
+        source,
+    };
+    let addr = SocketAddr::new(ip, port);
+    match TcpListener::bind(addr).await {
+        Ok(l) => Ok(l),
+        Err(e) if e.raw_os_error() == Some(libc::EADDRNOTAVAIL) => {
+            let any = match ip {
+                IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+                IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+            };
+            let addr = SocketAddr::new(any, port);
+            TcpListener::bind(addr).await.map_err(err(addr))
+        }
+        Err(e) => Err(err(addr)(e)),
+    }
+}
+
+/// Runs the master until the process is stopped.
+pub async fn run(cfg: MasterConfig) -> Result<(), MasterError> {
+    let dir_err = |source| MasterError::DataDir {
+        path: cfg.data_dir.display().to_string(),
+        source,
+    };
+    std::fs::create_dir_all(&cfg.data_dir).map_err(dir_err)?;
+    std::fs::set_permissions(&cfg.data_dir, std::fs::Permissions::from_mode(0o700)).map_err(dir_err)?;
+    let key = keys::KeyPair::load_or_create(&cfg.data_dir.join("master.key"))?;
+    let store = store::Store::open(&cfg.data_dir.join("phoenix.db"))?;
+    store.set_meta("public_ip", &cfg.public_ip.to_string())?;
+    let registry = registry::Registry::open(cfg.data_dir.join("registry"))?;
+
+    let sock = socket_path(&cfg.data_dir);
+    if tokio::net::UnixStream::connect(&sock).await.is_ok() {
+        return Err(MasterError::AlreadyRunning(cfg.data_dir.display().to_string()));
+    }
+    let _ = std::fs::remove_file(&sock);
+    let api = UnixListener::bind(&sock).map_err(|source| MasterError::Listen {
+        addr: sock.display().to_string(),
+        what: "cli socket",
+        source,
+    })?;
+    std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o600)).map_err(dir_err)?;
+    let join = bind(cfg.public_ip, cfg.join_port, "join endpoint").await?;
+    let link = bind(cfg.public_ip, cfg.link_port, "minion link").await?;
+
+    let info = MasterInfo {
+        public_ip: cfg.public_ip,
+        key: key.public(),
+        overlay_ip: net::MASTER_IP,
+        next_minion_ip: net::node_ip(1),
+        join_port: join.local_addr().map(|a| a.port()).unwrap_or(cfg.join_port),
+        link_port: link.local_addr().map(|a| a.port()).unwrap_or(cfg.link_port),
+        version: env!("CARGO_PKG_VERSION").into(),
+    };
+    tracing::info!(
+        public_ip = %cfg.public_ip, join_port = info.join_port, link_port = info.link_port,
+        key = %info.key, "master up; minion links are clear-text TCP until the WireGuard overlay lands"
+    );
+    let hub = Arc::new(hub::Hub::new(store, registry, info));
+    tokio::spawn(join::serve(hub.clone(), join));
+    tokio::spawn(link::serve(hub.clone(), link));
+    api::serve(hub, api).await;
+    Ok(())
+}

@@ -1,0 +1,162 @@
+//! The minion link: one long-lived connection per minion, dialled by it.
+//!
+//! The first frame says what the connection is for: [`ToMaster::Hello`]
+//! starts the long-lived link, [`ToMaster::Fetch`] asks for one image.
+//! Until the overlay lands this is clear TCP on the master's link port.
+
+use std::sync::Arc;
+
+use phoenix_model::proto::{MAX_FRAME, ToMaster, ToMinion, read_frame, write_frame};
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+
+use crate::hub::{Hub, LogEvent};
+use crate::store::Node;
+
+pub async fn serve(hub: Arc<Hub>, listener: TcpListener) {
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!("link accept: {e}");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let hub = hub.clone();
+        tokio::spawn(async move {
+            if let Err(e) = connection(hub, stream).await {
+                tracing::info!(%peer, "link closed: {e}");
+            }
+        });
+    }
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The accepted node with this name and key, if any.
+fn member(hub: &Hub, name: &str, key: &str) -> Result<Option<Node>, BoxError> {
+    Ok(hub.node(name)?.filter(|n| n.key == key))
+}
+
+async fn connection(hub: Arc<Hub>, mut stream: TcpStream) -> Result<(), BoxError> {
+    let first: Option<ToMaster> = read_frame(&mut stream, MAX_FRAME).await?;
+    match first {
+        Some(ToMaster::Hello { name, key, version, revision }) => {
+            link(hub, stream, name, key, version, revision).await
+        }
+        Some(ToMaster::Fetch { name, key, image, hash }) => fetch(hub, stream, name, key, image, hash).await,
+        Some(other) => Err(format!("unexpected first message {other:?}").into()),
+        None => Ok(()),
+    }
+}
+
+async fn refuse(stream: &mut TcpStream, reason: String) -> Result<(), BoxError> {
+    write_frame(stream, &ToMinion::Refused { reason: reason.clone() }).await?;
+    Err(reason.into())
+}
+
+async fn link(
+    hub: Arc<Hub>,
+    mut stream: TcpStream,
+    name: String,
+    key: String,
+    version: String,
+    revision: u64,
+) -> Result<(), BoxError> {
+    // A minion that has asked to join waits here until it is accepted;
+    // the accept wakes it, no polling.
+    let mut membership = hub.membership();
+    loop {
+        match hub.node(&name)? {
+            Some(n) if n.key != key => {
+                return refuse(&mut stream, format!("node {name:?} is known with another key")).await;
+            }
+            Some(n) if n.accepted => break,
+            Some(_) => {
+                tokio::select! {
+                    changed = membership.changed() => changed?,
+                    // The minion hung up while waiting.
+                    _ = stream.readable() => {
+                        let mut probe = [0u8; 1];
+                        if stream.peek(&mut probe).await? == 0 {
+                            return Ok(());
+                        }
+                    }
+                }
+            }
+            None => {
+                return refuse(&mut stream, format!("node {name:?} has no join request; run `phoenix minion` on it")).await;
+            }
+        }
+    }
+    write_frame(&mut stream, &ToMinion::Welcome { master_key: hub.info.key.clone() }).await?;
+    tracing::info!(node = %name, revision, "minion connected");
+
+    let (mut rd, mut wr) = stream.into_split();
+    let (tx, mut rx) = mpsc::unbounded_channel::<ToMinion>();
+    let conn = hub.connect(&name, &version, tx);
+    hub.push_desired(&name);
+    let writer = tokio::spawn(async move {
+        while let Some(msg) = rx.recv().await {
+            if write_frame(&mut wr, &msg).await.is_err() {
+                break;
+            }
+        }
+        let _ = wr.shutdown().await;
+    });
+    let result = async {
+        while let Some(msg) = read_frame::<_, ToMaster>(&mut rd, MAX_FRAME).await? {
+            match msg {
+                ToMaster::Status { services, full } => hub.report_status(&name, services, full),
+                ToMaster::Gone { names } => hub.report_gone(&name, names),
+                ToMaster::Node(stats) => hub.report_node(&name, stats),
+                ToMaster::LogData { stream, data } => hub.log_event(stream, LogEvent::Data(data)),
+                ToMaster::LogEnd { stream, error } => hub.log_event(stream, LogEvent::End(error)),
+                other => return Err::<(), BoxError>(format!("unexpected message {other:?}").into()),
+            }
+        }
+        Ok(())
+    }
+    .await;
+    hub.disconnect(&name, conn);
+    writer.abort();
+    tracing::info!(node = %name, "minion disconnected");
+    result
+}
+
+async fn fetch(
+    hub: Arc<Hub>,
+    mut stream: TcpStream,
+    name: String,
+    key: String,
+    image: String,
+    hash: String,
+) -> Result<(), BoxError> {
+    if member(&hub, &name, &key)?.is_none_or(|n| !n.accepted) {
+        return refuse(&mut stream, format!("node {name:?} is not an accepted member")).await;
+    }
+    let hub2 = hub.clone();
+    let image2 = image.clone();
+    let opened = tokio::task::spawn_blocking(move || hub2.registry.open_image(&image2)).await?;
+    let (file, found) = match opened {
+        Ok(v) => v,
+        Err(e) => return refuse(&mut stream, e.to_string()).await,
+    };
+    if found.hash != hash {
+        return refuse(
+            &mut stream,
+            format!(
+                "image {image:?} in the registry changed since the service was deployed; run `phoenix update` to use the new one"
+            ),
+        )
+        .await;
+    }
+    write_frame(&mut stream, &ToMinion::Image { size: found.size, hash: found.hash }).await?;
+    let mut file = tokio::fs::File::from_std(file);
+    tokio::io::copy(&mut file, &mut stream).await?;
+    stream.shutdown().await?;
+    Ok(())
+}

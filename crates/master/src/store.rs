@@ -1,0 +1,484 @@
+//! The master's store: one SQLite database (WAL) in the data dir.
+//!
+//! It holds the facts of the cluster: nodes and their keys, services with
+//! their specs and addresses, per-node revisions of the desired set, and the
+//! audit log. Every change goes through one transaction that also writes its
+//! audit row, so the log cannot miss a change.
+
+use std::collections::HashSet;
+use std::net::{IpAddr, Ipv6Addr};
+use std::path::Path;
+
+use phoenix_model::net;
+use phoenix_model::proto::{Assignment, AuditEntry, DesiredSet};
+use phoenix_model::spec::Spec;
+use phoenix_model::status::now_ms;
+use rusqlite::{Connection, OptionalExtension, Transaction, params};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("store {path}: {source}")]
+    Open {
+        path: String,
+        source: rusqlite::Error,
+    },
+    #[error("store: {0}")]
+    Sql(#[from] rusqlite::Error),
+    #[error("store holds a malformed {what}: {detail}")]
+    Corrupt { what: &'static str, detail: String },
+}
+
+type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS meta (
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS nodes (
+    name         TEXT PRIMARY KEY,
+    key          TEXT NOT NULL,
+    state        TEXT NOT NULL CHECK (state IN ('waiting', 'accepted')),
+    public_ip    TEXT NOT NULL,
+    private_ip   TEXT NOT NULL,
+    overlay_ip   TEXT UNIQUE,
+    version      TEXT NOT NULL,
+    requested_at INTEGER NOT NULL,
+    accepted_at  INTEGER,
+    revision     INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS services (
+    name        TEXT PRIMARY KEY,
+    machine     TEXT NOT NULL,
+    spec        TEXT NOT NULL,
+    ip          TEXT NOT NULL UNIQUE,
+    image_hash  TEXT NOT NULL,
+    image_size  INTEGER NOT NULL,
+    generation  INTEGER NOT NULL,
+    created_at  INTEGER NOT NULL,
+    updated_at  INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS services_machine ON services (machine);
+CREATE TABLE IF NOT EXISTS audit (
+    id      INTEGER PRIMARY KEY AUTOINCREMENT,
+    at      INTEGER NOT NULL,
+    actor   TEXT NOT NULL,
+    action  TEXT NOT NULL,
+    subject TEXT NOT NULL,
+    old     TEXT,
+    new     TEXT
+);
+";
+
+/// A node as stored.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Node {
+    pub name: String,
+    pub key: String,
+    pub accepted: bool,
+    pub public_ip: IpAddr,
+    pub private_ip: IpAddr,
+    pub overlay_ip: Option<Ipv6Addr>,
+    pub version: String,
+    pub requested_at: u64,
+    pub accepted_at: Option<u64>,
+    pub revision: u64,
+}
+
+/// A service as stored: its spec plus what the master decided for it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Service {
+    pub spec: Spec,
+    pub ip: Ipv6Addr,
+    pub image_hash: String,
+    pub image_size: u64,
+    pub generation: u64,
+}
+
+impl Service {
+    pub fn assignment(&self) -> Assignment {
+        Assignment {
+            spec: self.spec.clone(),
+            ip: self.ip,
+            image_hash: self.image_hash.clone(),
+            image_size: self.image_size,
+            generation: self.generation,
+        }
+    }
+
+    /// The spec as `info` and the audit log show it: with its address.
+    pub fn to_json(&self) -> serde_json::Value {
+        let mut spec = self.spec.clone();
+        spec.ip = Some(self.ip);
+        serde_json::to_value(spec).unwrap_or_default()
+    }
+}
+
+pub struct Store {
+    conn: Connection,
+}
+
+impl Store {
+    pub fn open(path: &Path) -> Result<Self> {
+        let open_err = |source| StoreError::Open {
+            path: path.display().to_string(),
+            source,
+        };
+        let conn = Connection::open(path).map_err(open_err)?;
+        conn.pragma_update(None, "journal_mode", "WAL").map_err(open_err)?;
+        conn.pragma_update(None, "synchronous", "NORMAL").map_err(open_err)?;
+        conn.pragma_update(None, "foreign_keys", "ON").map_err(open_err)?;
+        conn.busy_timeout(std::time::Duration::from_secs(5)).map_err(open_err)?;
+        conn.execute_batch(SCHEMA).map_err(open_err)?;
+        Ok(Store { conn })
+    }
+
+    pub fn meta(&self, key: &str) -> Result<Option<String>> {
+        Ok(self
+            .conn
+            .query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0))
+            .optional()?)
+    }
+
+    pub fn set_meta(&self, key: &str, value: &str) -> Result<()> {
+        self.conn.execute(
+            "INSERT INTO meta (key, value) VALUES (?1, ?2)
+             ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            params![key, value],
+        )?;
+        Ok(())
+    }
+
+    /// Runs `f` in one transaction, committed only if it returns `Ok`.
+    pub fn write<T, E>(&mut self, f: impl FnOnce(&mut Tx<'_>) -> Result<T, E>) -> Result<T, E>
+    where
+        E: From<StoreError>,
+    {
+        let tx = self.conn.transaction().map_err(StoreError::from)?;
+        let mut tx = Tx { tx };
+        let out = f(&mut tx)?;
+        tx.tx.commit().map_err(StoreError::from)?;
+        Ok(out)
+    }
+
+    pub fn read(&mut self) -> Result<Tx<'_>> {
+        Ok(Tx {
+            tx: self.conn.transaction()?,
+        })
+    }
+}
+
+/// A transaction on the store; reads and writes.
+pub struct Tx<'a> {
+    tx: Transaction<'a>,
+}
+
+fn parse<T: std::str::FromStr>(what: &'static str, s: &str) -> Result<T> {
+    s.parse().map_err(|_| StoreError::Corrupt {
+        what,
+        detail: s.to_owned(),
+    })
+}
+
+fn node_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<[String; 6]> {
+    Ok([r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get::<_, Option<String>>(5)?.unwrap_or_default()])
+}
+
+const NODE_COLS: &str =
+    "name, key, state, public_ip, private_ip, overlay_ip, version, requested_at, accepted_at, revision";
+const SERVICE_COLS: &str = "spec, ip, image_hash, image_size, generation";
+
+impl Tx<'_> {
+    // ------------------------------------------------------------ nodes
+
+    fn nodes_where(&self, clause: &str, arg: &str) -> Result<Vec<Node>> {
+        let mut stmt = self
+            .tx
+            .prepare_cached(&format!("SELECT {NODE_COLS} FROM nodes {clause} ORDER BY name"))?;
+        let rows = stmt.query_map([arg], |r| {
+            Ok((node_from_row(r)?, r.get::<_, String>(6)?, r.get::<_, i64>(7)?, r.get::<_, Option<i64>>(8)?, r.get::<_, i64>(9)?))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let ([name, key, state, public_ip, private_ip, overlay], version, req, acc, rev) = row?;
+            out.push(Node {
+                name,
+                key,
+                accepted: state == "accepted",
+                public_ip: parse("public ip", &public_ip)?,
+                private_ip: parse("private ip", &private_ip)?,
+                overlay_ip: if overlay.is_empty() { None } else { Some(parse("overlay ip", &overlay)?) },
+                version,
+                requested_at: req as u64,
+                accepted_at: acc.map(|a| a as u64),
+                revision: rev as u64,
+            });
+        }
+        Ok(out)
+    }
+
+    pub fn node(&self, name: &str) -> Result<Option<Node>> {
+        Ok(self.nodes_where("WHERE name = ?1", name)?.pop())
+    }
+
+    pub fn nodes(&self, accepted: bool) -> Result<Vec<Node>> {
+        self.nodes_where("WHERE state = ?1", if accepted { "accepted" } else { "waiting" })
+    }
+
+    pub fn insert_waiting(&self, node: &Node) -> Result<()> {
+        self.tx.execute(
+            "INSERT INTO nodes (name, key, state, public_ip, private_ip, version, requested_at)
+             VALUES (?1, ?2, 'waiting', ?3, ?4, ?5, ?6)",
+            params![
+                node.name,
+                node.key,
+                node.public_ip.to_string(),
+                node.private_ip.to_string(),
+                node.version,
+                node.requested_at as i64
+            ],
+        )?;
+        Ok(())
+    }
+
+    /// The lowest overlay address not held by a node (the master holds `::1`).
+    pub fn next_node_ip(&self) -> Result<Ipv6Addr> {
+        let mut stmt = self.tx.prepare_cached("SELECT overlay_ip FROM nodes WHERE overlay_ip IS NOT NULL")?;
+        let used: HashSet<String> = stmt.query_map([], |r| r.get(0))?.collect::<rusqlite::Result<_>>()?;
+        Ok((1..).map(net::node_ip).find(|ip| !used.contains(&ip.to_string())).unwrap_or(net::MASTER_IP))
+    }
+
+    pub fn accept_node(&self, name: &str, overlay_ip: Ipv6Addr) -> Result<()> {
+        self.tx.execute(
+            "UPDATE nodes SET state = 'accepted', overlay_ip = ?2, accepted_at = ?3 WHERE name = ?1",
+            params![name, overlay_ip.to_string(), now_ms() as i64],
+        )?;
+        Ok(())
+    }
+
+    pub fn delete_node(&self, name: &str) -> Result<()> {
+        self.tx.execute("DELETE FROM nodes WHERE name = ?1", [name])?;
+        Ok(())
+    }
+
+    /// Bumps a node's revision; its desired set changed.
+    pub fn bump_revision(&self, machine: &str) -> Result<()> {
+        self.tx.execute("UPDATE nodes SET revision = revision + 1 WHERE name = ?1", [machine])?;
+        Ok(())
+    }
+
+    // ------------------------------------------------------------ services
+
+    fn services_where(&self, clause: &str, arg: Option<&str>) -> Result<Vec<Service>> {
+        let mut stmt = self
+            .tx
+            .prepare_cached(&format!("SELECT {SERVICE_COLS} FROM services {clause} ORDER BY name"))?;
+        let map = |r: &rusqlite::Row<'_>| {
+            Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, String>(2)?, r.get::<_, i64>(3)?, r.get::<_, i64>(4)?))
+        };
+        let rows = match arg {
+            Some(a) => stmt.query_map([a], map)?.collect::<rusqlite::Result<Vec<_>>>()?,
+            None => stmt.query_map([], map)?.collect::<rusqlite::Result<Vec<_>>>()?,
+        };
+        rows.into_iter()
+            .map(|(spec, ip, image_hash, size, generation)| {
+                Ok(Service {
+                    spec: serde_json::from_str(&spec).map_err(|e| StoreError::Corrupt {
+                        what: "spec",
+                        detail: e.to_string(),
+                    })?,
+                    ip: parse("service ip", &ip)?,
+                    image_hash,
+                    image_size: size as u64,
+                    generation: generation as u64,
+                })
+            })
+            .collect()
+    }
+
+    pub fn service(&self, name: &str) -> Result<Option<Service>> {
+        Ok(self.services_where("WHERE name = ?1", Some(name))?.pop())
+    }
+
+    pub fn services(&self) -> Result<Vec<Service>> {
+        self.services_where("", None)
+    }
+
+    pub fn services_on(&self, machine: &str) -> Result<Vec<Service>> {
+        self.services_where("WHERE machine = ?1", Some(machine))
+    }
+
+    pub fn used_ips(&self) -> Result<HashSet<Ipv6Addr>> {
+        let mut stmt = self.tx.prepare_cached("SELECT ip FROM services")?;
+        let ips: Vec<String> = stmt.query_map([], |r| r.get(0))?.collect::<rusqlite::Result<_>>()?;
+        ips.iter().map(|ip| parse("service ip", ip)).collect()
+    }
+
+    pub fn put_service(&self, svc: &Service) -> Result<()> {
+        let now = now_ms() as i64;
+        let spec = serde_json::to_string(&svc.spec).map_err(|e| StoreError::Corrupt {
+            what: "spec",
+            detail: e.to_string(),
+        })?;
+        self.tx.execute(
+            "INSERT INTO services (name, machine, spec, ip, image_hash, image_size, generation, created_at, updated_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?8)
+             ON CONFLICT (name) DO UPDATE SET machine = excluded.machine, spec = excluded.spec,
+               ip = excluded.ip, image_hash = excluded.image_hash, image_size = excluded.image_size,
+               generation = excluded.generation, updated_at = excluded.updated_at",
+            params![
+                svc.spec.name,
+                svc.spec.machine,
+                spec,
+                svc.ip.to_string(),
+                svc.image_hash,
+                svc.image_size as i64,
+                svc.generation as i64,
+                now
+            ],
+        )?;
+        Ok(())
+    }
+
+    pub fn delete_service(&self, name: &str) -> Result<()> {
+        self.tx.execute("DELETE FROM services WHERE name = ?1", [name])?;
+        Ok(())
+    }
+
+    /// The desired set of one node, at its current revision.
+    pub fn desired_set(&self, machine: &str) -> Result<DesiredSet> {
+        let revision = self.node(machine)?.map_or(0, |n| n.revision);
+        Ok(DesiredSet {
+            revision,
+            services: self.services_on(machine)?.iter().map(Service::assignment).collect(),
+        })
+    }
+
+    // ------------------------------------------------------------ audit
+
+    pub fn audit(
+        &self,
+        actor: &str,
+        action: &str,
+        subject: &str,
+        old: Option<&serde_json::Value>,
+        new: Option<&serde_json::Value>,
+    ) -> Result<()> {
+        self.tx.execute(
+            "INSERT INTO audit (at, actor, action, subject, old, new) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![
+                now_ms() as i64,
+                actor,
+                action,
+                subject,
+                old.map(ToString::to_string),
+                new.map(ToString::to_string)
+            ],
+        )?;
+        Ok(())
+    }
+
+    /// The newest `limit` entries, oldest first.
+    pub fn audit_log(&self, limit: usize) -> Result<Vec<AuditEntry>> {
+        let mut stmt = self.tx.prepare_cached(
+            "SELECT id, at, actor, action, subject, old, new FROM
+               (SELECT * FROM audit ORDER BY id DESC LIMIT ?1) ORDER BY id",
+        )?;
+        let rows = stmt.query_map([limit as i64], |r| {
+            Ok((
+                r.get::<_, i64>(0)?,
+                r.get::<_, i64>(1)?,
+                r.get::<_, String>(2)?,
+                r.get::<_, String>(3)?,
+                r.get::<_, String>(4)?,
+                r.get::<_, Option<String>>(5)?,
+                r.get::<_, Option<String>>(6)?,
+            ))
+        })?;
+        let json = |s: Option<String>| s.and_then(|s| serde_json::from_str(&s).ok());
+        let mut out = Vec::new();
+        for row in rows {
+            let (id, at, actor, action, subject, old, new) = row?;
+            out.push(AuditEntry {
+                id,
+                at: at as u64,
+                actor,
+                action,
+                subject,
+                old: json(old),
+                new: json(new),
+            });
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use phoenix_model::spec::parse_specs;
+
+    fn node(name: &str) -> Node {
+        Node {
+            name: name.into(),
+            key: "k".into(),
+            accepted: false,
+            public_ip: "10.0.0.2".parse().unwrap(),
+            private_ip: "10.1.0.2".parse().unwrap(),
+            overlay_ip: None,
+            version: "0".into(),
+            requested_at: 1,
+            accepted_at: None,
+            revision: 0,
+        }
+    }
+
+    #[test]
+    fn nodes_services_and_audit() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open(&dir.path().join("s.db")).unwrap();
+        store
+            .write(|tx| -> Result<()> {
+                tx.insert_waiting(&node("m1"))?;
+                tx.insert_waiting(&node("m2"))?;
+                let ip = tx.next_node_ip()?;
+                assert_eq!(ip.to_string(), "fd38:dde8:32dd::2");
+                tx.accept_node("m1", ip)?;
+                assert_eq!(tx.next_node_ip()?.to_string(), "fd38:dde8:32dd::3");
+                Ok(())
+            })
+            .unwrap();
+        let spec = parse_specs("t", r#"{"machine":"m1","name":"a","image":"x","type":"binary"}"#).unwrap();
+        let svc = Service {
+            spec: spec[0].clone(),
+            ip: net::service_ip(0),
+            image_hash: "h".into(),
+            image_size: 3,
+            generation: 1,
+        };
+        store
+            .write(|tx| -> Result<()> {
+                tx.put_service(&svc)?;
+                tx.bump_revision("m1")?;
+                tx.audit("root", "deploy", "a", None, Some(&svc.to_json()))
+            })
+            .unwrap();
+        // A failed write leaves nothing behind.
+        let failed: Result<()> = store.write(|tx| {
+            tx.delete_service("a")?;
+            Err(StoreError::Corrupt { what: "test", detail: String::new() })
+        });
+        assert!(failed.is_err());
+
+        let tx = store.read().unwrap();
+        assert_eq!(tx.nodes(true).unwrap().len(), 1);
+        assert_eq!(tx.nodes(false).unwrap()[0].name, "m2");
+        let set = tx.desired_set("m1").unwrap();
+        assert_eq!(set.revision, 1);
+        assert_eq!(set.services[0].spec.name, "a");
+        assert!(tx.used_ips().unwrap().contains(&net::service_ip(0)));
+        let log = tx.audit_log(10).unwrap();
+        assert_eq!(log.len(), 1);
+        assert_eq!(log[0].new.as_ref().unwrap()["ip"], "fd38:dde8:32dd:1::1");
+    }
+}

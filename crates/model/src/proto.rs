@@ -1,0 +1,316 @@
+//! Messages between the CLI, the master and the minions, and their framing.
+//!
+//! Three conversations, each over its own stream:
+//! - join (minion → master's public endpoint): one [`JoinRequest`], one [`JoinReply`];
+//! - link (minion ↔ master, long-lived): [`ToMaster`] up, [`ToMinion`] down;
+//!   an image fetch opens its own short link connection with [`ToMaster::Fetch`];
+//! - api (CLI ↔ master over the Unix socket): one [`Request`], then
+//!   [`Reply`] frames until a final one.
+//!
+//! A frame is a 4-byte big-endian length followed by that many bytes of JSON.
+
+use std::net::{IpAddr, Ipv6Addr};
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use crate::spec::Spec;
+use crate::status::{NodeStats, ServiceStatus};
+
+/// Bumped on any incompatible change to these messages.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// The largest frame accepted (a desired set of thousands of services fits).
+pub const MAX_FRAME: usize = 64 << 20;
+
+/// The largest join request accepted on the public endpoint.
+pub const MAX_JOIN_FRAME: usize = 4 << 10;
+
+#[derive(Debug, thiserror::Error)]
+pub enum FrameError {
+    #[error("connection: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("frame of {0} bytes is larger than the limit of {1}")]
+    TooLarge(usize, usize),
+    #[error("malformed message: {0}")]
+    Json(#[from] serde_json::Error),
+}
+
+/// Writes one message as a frame.
+pub async fn write_frame<W, T>(w: &mut W, msg: &T) -> Result<(), FrameError>
+where
+    W: AsyncWrite + Unpin,
+    T: Serialize,
+{
+    let body = serde_json::to_vec(msg)?;
+    if body.len() > MAX_FRAME {
+        return Err(FrameError::TooLarge(body.len(), MAX_FRAME));
+    }
+    let mut buf = Vec::with_capacity(4 + body.len());
+    buf.extend_from_slice(&(body.len() as u32).to_be_bytes());
+    buf.extend_from_slice(&body);
+    w.write_all(&buf).await?;
+    w.flush().await?;
+    Ok(())
+}
+
+/// Reads one frame; `Ok(None)` on a clean end of stream between frames.
+pub async fn read_frame<R, T>(r: &mut R, limit: usize) -> Result<Option<T>, FrameError>
+where
+    R: AsyncRead + Unpin,
+    T: DeserializeOwned,
+{
+    let mut len = [0u8; 4];
+    match r.read_exact(&mut len).await {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(e.into()),
+    }
+    let len = u32::from_be_bytes(len) as usize;
+    if len > limit {
+        return Err(FrameError::TooLarge(len, limit));
+    }
+    let mut body = vec![0u8; len];
+    r.read_exact(&mut body).await?;
+    Ok(Some(serde_json::from_slice(&body)?))
+}
+
+// ---------------------------------------------------------------- join
+
+/// The one clear-text message a minion sends: who it is. It carries no secret.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct JoinRequest {
+    pub name: String,
+    /// The minion's WireGuard public key (base64).
+    pub key: String,
+    pub public_ip: IpAddr,
+    pub private_ip: IpAddr,
+    pub version: String,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(tag = "result", rename_all = "snake_case")]
+pub enum JoinReply {
+    /// Recorded; an admin must `phoenix accept` it.
+    Waiting,
+    /// Already a member with this key; nothing to do.
+    Accepted,
+    Refused { reason: String },
+}
+
+// ---------------------------------------------------------------- link
+
+/// Minion → master.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(tag = "msg", rename_all = "snake_case")]
+pub enum ToMaster {
+    /// First frame of the long-lived connection.
+    Hello {
+        name: String,
+        key: String,
+        version: String,
+        /// The revision of the desired set the minion holds.
+        revision: u64,
+    },
+    /// Service states. `full` replaces everything known about the node.
+    Status {
+        services: Vec<ServiceStatus>,
+        full: bool,
+    },
+    /// Services the minion no longer runs.
+    Gone { names: Vec<String> },
+    Node(NodeStats),
+    /// Log bytes for an earlier [`ToMinion::Logs`].
+    LogData { stream: u64, data: String },
+    /// The end of a log stream; `error` when it could not be served.
+    LogEnd {
+        stream: u64,
+        error: Option<String>,
+    },
+    /// First (and only) frame of a fetch connection: send this image.
+    Fetch {
+        name: String,
+        key: String,
+        image: String,
+        hash: String,
+    },
+}
+
+/// Master → minion.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(tag = "msg", rename_all = "snake_case")]
+pub enum ToMinion {
+    /// The connection is admitted; `master_key` lets the minion check it
+    /// reached the master it was set up for.
+    Welcome { master_key: String },
+    /// Not admitted (yet); the connection closes.
+    Refused { reason: String },
+    /// The whole desired set; replaces the previous one.
+    Desired(DesiredSet),
+    /// Send the last `tail` lines of a service's log, then more if `follow`.
+    Logs {
+        stream: u64,
+        service: String,
+        tail: usize,
+        follow: bool,
+    },
+    /// Stop a following log stream.
+    LogsCancel { stream: u64 },
+    /// The reply to [`ToMaster::Fetch`]: this many bytes follow the frame.
+    Image { size: u64, hash: String },
+}
+
+/// Everything a minion should run, as of `revision`.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
+pub struct DesiredSet {
+    pub revision: u64,
+    pub services: Vec<Assignment>,
+}
+
+/// One service placed on a minion.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct Assignment {
+    pub spec: Spec,
+    /// The service's address (the spec's `ip` or one assigned by the master).
+    pub ip: Ipv6Addr,
+    /// BLAKE3 of the image at deploy or update time, hex.
+    pub image_hash: String,
+    pub image_size: u64,
+    /// Bumped by every `update`, so that even an unchanged spec restarts.
+    pub generation: u64,
+}
+
+// ---------------------------------------------------------------- api
+
+/// CLI → master, one per connection.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(tag = "req", rename_all = "snake_case")]
+pub enum Request {
+    MasterInfo,
+    Waiting,
+    Accept { name: String },
+    Reject { name: String },
+    /// `source` names the file in error messages; `text` is its content.
+    Deploy { source: String, text: String },
+    Update { source: String, text: String },
+    Del { name: String },
+    Status { name: String },
+    Info { name: String },
+    Services,
+    Nodes,
+    Audit { limit: usize },
+    /// `size` bytes of image follow this frame on the same stream.
+    Push { name: String, size: u64 },
+    Logs { name: String, tail: usize, follow: bool },
+    /// Waits until the named services run (or fail), up to `timeout_ms`.
+    Wait { names: Vec<String>, timeout_ms: u64 },
+}
+
+/// Master → CLI.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(tag = "reply", rename_all = "snake_case")]
+pub enum Reply {
+    /// Final: the request succeeded; the body's shape depends on the request.
+    Ok { body: serde_json::Value },
+    /// Final: the request failed and changed nothing.
+    Error { message: String },
+    /// Not final: some log output.
+    Log { data: String },
+}
+
+// ---------------------------------------------------------------- views
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct MasterInfo {
+    pub public_ip: IpAddr,
+    pub key: String,
+    pub overlay_ip: Ipv6Addr,
+    pub next_minion_ip: Ipv6Addr,
+    pub join_port: u16,
+    pub link_port: u16,
+    pub version: String,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct WaitingNode {
+    pub name: String,
+    pub key: String,
+    pub fingerprint: String,
+    pub public_ip: IpAddr,
+    pub private_ip: IpAddr,
+    pub requested_at: u64,
+    pub version: String,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct NodeView {
+    pub name: String,
+    /// `reachable` or `unreachable`.
+    pub state: String,
+    pub overlay_ip: Ipv6Addr,
+    pub public_ip: IpAddr,
+    pub private_ip: IpAddr,
+    pub key: String,
+    pub last_seen: Option<u64>,
+    pub version: Option<String>,
+    pub services: usize,
+    pub stats: Option<NodeStats>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct ServiceView {
+    pub name: String,
+    pub machine: String,
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub duration: String,
+    pub ip: Ipv6Addr,
+    pub image: String,
+    pub generation: u64,
+    /// The reported state, or `pending` before the minion has reported.
+    pub state: String,
+    pub pid: Option<u32>,
+    pub restarts: u64,
+    pub health: String,
+    pub last_exit: Option<crate::status::Exit>,
+    pub since: Option<u64>,
+    pub message: Option<String>,
+    /// Whether the service's node is connected to the master now.
+    pub node_reachable: bool,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct AuditEntry {
+    pub id: i64,
+    pub at: u64,
+    /// Who made the change (the CLI user's uid on the master's socket).
+    pub actor: String,
+    pub action: String,
+    pub subject: String,
+    pub old: Option<serde_json::Value>,
+    pub new: Option<serde_json::Value>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn frames_round_trip_and_are_bounded() {
+        let (mut a, mut b) = tokio::io::duplex(1 << 16);
+        let msg = Request::Del { name: "web".into() };
+        write_frame(&mut a, &msg).await.unwrap();
+        let got: Request = read_frame(&mut b, MAX_FRAME).await.unwrap().unwrap();
+        assert_eq!(got, msg);
+
+        write_frame(&mut a, &"x".repeat(100)).await.unwrap();
+        let err = read_frame::<_, String>(&mut b, 50).await.unwrap_err();
+        assert!(matches!(err, FrameError::TooLarge(102, 50)), "{err}");
+
+        drop(a);
+        let (mut a, mut b) = tokio::io::duplex(64);
+        drop(a.shutdown().await);
+        assert!(read_frame::<_, Request>(&mut b, MAX_FRAME).await.unwrap().is_none());
+    }
+}
