@@ -20,7 +20,7 @@ use phoenix_model::status::{NodeStats, ServiceState, ServiceStatus, now_ms};
 use serde_json::{Value, json};
 use tokio::sync::{mpsc, watch};
 
-use crate::keys::fingerprint;
+use phoenix_model::keys::fingerprint;
 use crate::registry::{ImageRef, Registry, RegistryError};
 use crate::store::{Node, Service, Store, StoreError};
 

@@ -12,7 +12,7 @@ use phoenix_model::status::now_ms;
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::hub::Hub;
-use crate::keys::{fingerprint, is_valid_public_key};
+use phoenix_model::keys::{fingerprint, is_valid_public_key};
 use crate::store::Node;
 
 pub async fn serve(hub: Arc<Hub>, listener: TcpListener) {

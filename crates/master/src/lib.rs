@@ -1,7 +1,7 @@
 //! The Phoenix master daemon.
 //!
 //! It owns the cluster's state ([`store`]), the images ([`registry`]) and the
-//! cluster key ([`keys`]), and serves three endpoints:
+//! cluster key, and serves three endpoints:
 //! - [`api`]: the CLI's Unix socket in the data dir;
 //! - [`join`]: the public join endpoint, the only clear-text port by design;
 //! - [`link`]: the minions' long-lived connections, over which the master
@@ -12,7 +12,6 @@
 pub mod api;
 pub mod hub;
 pub mod join;
-pub mod keys;
 pub mod link;
 pub mod registry;
 pub mod store;
@@ -54,7 +53,7 @@ pub enum MasterError {
     #[error(transparent)]
     Registry(#[from] registry::RegistryError),
     #[error(transparent)]
-    Key(#[from] keys::KeyError),
+    Key(#[from] phoenix_model::keys::KeyError),
 }
 
 /// The CLI socket's path in a data dir.
@@ -94,7 +93,7 @@ pub async fn run(cfg: MasterConfig) -> Result<(), MasterError> {
     };
     std::fs::create_dir_all(&cfg.data_dir).map_err(dir_err)?;
     std::fs::set_permissions(&cfg.data_dir, std::fs::Permissions::from_mode(0o700)).map_err(dir_err)?;
-    let key = keys::KeyPair::load_or_create(&cfg.data_dir.join("master.key"))?;
+    let key = phoenix_model::keys::KeyPair::load_or_create(&cfg.data_dir.join("master.key"))?;
     let store = store::Store::open(&cfg.data_dir.join("phoenix.db"))?;
     store.set_meta("public_ip", &cfg.public_ip.to_string())?;
     let registry = registry::Registry::open(cfg.data_dir.join("registry"))?;

@@ -80,9 +80,13 @@ async fn link(
                     changed = membership.changed() => changed?,
                     // The minion hung up while waiting.
                     _ = stream.readable() => {
+                        // Nothing may come before the Welcome but a hang-up.
                         let mut probe = [0u8; 1];
-                        if stream.peek(&mut probe).await? == 0 {
-                            return Ok(());
+                        match stream.try_read(&mut probe) {
+                            Ok(0) => return Ok(()),
+                            Ok(_) => return Err("message before the welcome".into()),
+                            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                            Err(e) => return Err(e.into()),
                         }
                     }
                 }

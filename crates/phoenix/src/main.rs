@@ -1,1 +1,352 @@
-fn main() {}
+//! `phoenix`: the installer, the master daemon, the minion daemon and the CLI.
+//!
+//! This binary only parses arguments and wires the libraries together; the
+//! master lives in `phoenix-master`, the minion in `phoenix-minion`.
+
+mod cli;
+mod client;
+mod demo;
+mod install;
+mod output;
+
+use std::io::Read;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use clap::Parser;
+use cli::{ApplyArgs, Cli, Command};
+use output::{ago, bytes, table, utc};
+use phoenix_model::proto::{AuditEntry, MasterInfo, NodeView, Request, ServiceView, WaitingNode};
+use serde_json::Value;
+
+fn main() {
+    let cli = Cli::parse();
+    let level = std::env::var("PHOENIX_LOG")
+        .ok()
+        .and_then(|l| l.parse().ok())
+        .unwrap_or(tracing::Level::INFO);
+    tracing_subscriber::fmt()
+        .with_max_level(level)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    if let Err(e) = run(cli) {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn runtime(daemon_threads: Option<usize>) -> Result<tokio::runtime::Runtime> {
+    let rt = match daemon_threads {
+        Some(n) => tokio::runtime::Builder::new_multi_thread().worker_threads(n).enable_all().build(),
+        // The minion and the CLI are one thread: small, and plenty.
+        None => tokio::runtime::Builder::new_current_thread().enable_all().build(),
+    };
+    rt.context("cannot start the async runtime")
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Master(a) => {
+            if !a.foreground {
+                let args: Vec<String> = std::env::args().skip(1).collect();
+                return install::install("master", &args);
+            }
+            let cfg = phoenix_master::MasterConfig {
+                data_dir: a.data_dir,
+                public_ip: a.public_ip,
+                join_port: a.join_port,
+                link_port: a.link_port,
+            };
+            runtime(Some(2))?.block_on(async {
+                tokio::select! {
+                    r = phoenix_master::run(cfg) => r.map_err(Into::into),
+                    _ = shutdown() => Ok(()),
+                }
+            })
+        }
+        Command::Minion(a) => {
+            if !a.foreground {
+                // Make the key now, so the install can print it.
+                let key = phoenix_minion::public_key(&a.data_dir)?;
+                eprintln!("minion {} public key: {key}", a.name);
+                let args: Vec<String> = std::env::args().skip(1).collect();
+                return install::install("minion", &args);
+            }
+            phoenix_model::spec::check_hostname_label(&a.name).map_err(|r| anyhow::anyhow!("minion name: {r}"))?;
+            if !phoenix_model::keys::is_valid_public_key(&a.master_key) {
+                bail!("master key {:?} is not a base64 WireGuard key; copy it from `phoenix master-info` on the master", a.master_key);
+            }
+            let cfg = phoenix_minion::MinionConfig {
+                data_dir: a.data_dir,
+                name: a.name,
+                master_key: a.master_key,
+                public_ip: a.minion_public_ip,
+                private_ip: a.minion_private_ip,
+                join_addr: SocketAddr::new(a.master_public_ip, a.master_join_port),
+                link_addr: SocketAddr::new(a.master_public_ip, a.master_link_port),
+                health: phoenix_minion::health::HealthTiming {
+                    grace: Duration::from_millis(a.health_grace_ms),
+                    interval: Duration::from_millis(a.health_interval_ms.max(10)),
+                    timeout: Duration::from_millis(a.health_timeout_ms.max(10)),
+                },
+                stop_timeout: Duration::from_millis(a.stop_timeout_ms),
+                log_max_bytes: a.log_max_bytes,
+                stats_every: Duration::from_secs(5),
+            };
+            runtime(None)?.block_on(async {
+                tokio::select! {
+                    r = phoenix_minion::run(cfg) => r.map_err(Into::into),
+                    _ = shutdown() => Ok(()),
+                }
+            })
+        }
+        Command::Uninstall { role } => install::uninstall(&role),
+        Command::Demo { dir, testy, seconds } => demo::run(&dir, testy, seconds),
+        other => runtime(None)?.block_on(command(other)),
+    }
+}
+
+/// Resolves on SIGTERM or SIGINT. Daemons exit; services keep running.
+async fn shutdown() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => {},
+        _ = int.recv() => {},
+    }
+    tracing::info!("stopping (services keep running)");
+}
+
+fn print_json(v: &impl serde::Serialize) -> Result<()> {
+    println!("{}", serde_json::to_string_pretty(v)?);
+    Ok(())
+}
+
+fn opt<T: ToString>(v: Option<T>) -> String {
+    v.map_or_else(|| "-".into(), |v| v.to_string())
+}
+
+async fn command(cmd: Command) -> Result<()> {
+    match cmd {
+        Command::MasterInfo { target, json } => {
+            let info: MasterInfo = client::call(&target.data_dir, &Request::MasterInfo).await?;
+            if json.json {
+                return print_json(&info);
+            }
+            println!("public ip:       {}", info.public_ip);
+            println!("key:             {}", info.key);
+            println!("overlay ip:      {}", info.overlay_ip);
+            println!("next minion ip:  {}", info.next_minion_ip);
+            println!("join port:       {}", info.join_port);
+            println!("link port:       {}", info.link_port);
+            println!("version:         {}", info.version);
+            println!(
+                "\njoin a minion with:\n  phoenix minion <name> {} {} <minion-public-ip> <minion-private-ip>",
+                info.public_ip, info.key
+            );
+        }
+        Command::Waiting { target, json } => {
+            let nodes: Vec<WaitingNode> = client::call(&target.data_dir, &Request::Waiting).await?;
+            if json.json {
+                return print_json(&nodes);
+            }
+            let rows: Vec<Vec<String>> = nodes
+                .iter()
+                .map(|n| {
+                    vec![
+                        n.name.clone(),
+                        n.fingerprint.clone(),
+                        n.public_ip.to_string(),
+                        n.private_ip.to_string(),
+                        ago(n.requested_at),
+                    ]
+                })
+                .collect();
+            table(&["NAME", "KEY FINGERPRINT", "PUBLIC IP", "PRIVATE IP", "ASKED"], &rows);
+        }
+        Command::Accept { name, target } => {
+            let node: Value = client::call(&target.data_dir, &Request::Accept { name: name.clone() }).await?;
+            println!("accepted {name} (overlay ip {})", node["overlay_ip"].as_str().unwrap_or("-"));
+        }
+        Command::Reject { name, target } => {
+            let _: Value = client::call(&target.data_dir, &Request::Reject { name: name.clone() }).await?;
+            println!("rejected {name}");
+        }
+        Command::Deploy(a) => apply(a, false).await?,
+        Command::Update(a) => apply(a, true).await?,
+        Command::Del { name, target } => {
+            let _: Value = client::call(&target.data_dir, &Request::Del { name: name.clone() }).await?;
+            println!("deleted {name}");
+        }
+        Command::Status { name, target, json } => {
+            let v: ServiceView = client::call(&target.data_dir, &Request::Status { name }).await?;
+            if json.json {
+                return print_json(&v);
+            }
+            println!("name:        {}", v.name);
+            println!("state:       {}{}", v.state, if v.node_reachable { "" } else { " (machine unreachable; last known)" });
+            println!("machine:     {}", v.machine);
+            println!("ip:          {}", v.ip);
+            println!("type:        {} {}", v.kind, v.duration);
+            println!("image:       {}", v.image);
+            println!("pid:         {}", opt(v.pid));
+            println!("restarts:    {}", v.restarts);
+            println!("health:      {}", v.health);
+            println!("last exit:   {}", opt(v.last_exit.map(|e| format!("{e} ({})", ago(e.at)))));
+            println!("since:       {}", opt(v.since.map(ago)));
+            println!("generation:  {}", v.generation);
+            if let Some(m) = v.message {
+                println!("message:     {m}");
+            }
+        }
+        Command::Info { name, target } => {
+            let v: Value = client::call(&target.data_dir, &Request::Info { name }).await?;
+            print_json(&v)?;
+        }
+        Command::Services { target, json } => {
+            let list: Vec<ServiceView> = client::call(&target.data_dir, &Request::Services).await?;
+            if json.json {
+                return print_json(&list);
+            }
+            let rows: Vec<Vec<String>> = list
+                .iter()
+                .map(|v| {
+                    vec![
+                        v.name.clone(),
+                        v.machine.clone(),
+                        if v.node_reachable { v.state.clone() } else { format!("{}?", v.state) },
+                        opt(v.pid),
+                        v.restarts.to_string(),
+                        v.health.clone(),
+                        v.ip.to_string(),
+                        opt(v.last_exit.map(|e| e.to_string())),
+                    ]
+                })
+                .collect();
+            table(&["NAME", "MACHINE", "STATE", "PID", "RESTARTS", "HEALTH", "IP", "LAST EXIT"], &rows);
+        }
+        Command::Nodes { target, json } => {
+            let list: Vec<NodeView> = client::call(&target.data_dir, &Request::Nodes).await?;
+            if json.json {
+                return print_json(&list);
+            }
+            let rows: Vec<Vec<String>> = list
+                .iter()
+                .map(|n| {
+                    let s = n.stats.clone().unwrap_or_default();
+                    vec![
+                        n.name.clone(),
+                        n.state.clone(),
+                        n.overlay_ip.to_string(),
+                        n.public_ip.to_string(),
+                        opt(n.last_seen.map(ago)),
+                        format!("{:.2}", s.load1),
+                        format!("{} / {}", bytes(s.mem_total.saturating_sub(s.mem_available)), bytes(s.mem_total)),
+                        n.services.to_string(),
+                        opt(n.version.clone()),
+                    ]
+                })
+                .collect();
+            table(&["NAME", "STATE", "OVERLAY IP", "PUBLIC IP", "LAST SEEN", "LOAD", "MEMORY", "SERVICES", "VERSION"], &rows);
+        }
+        Command::Audit { limit, target, json } => {
+            let log: Vec<AuditEntry> = client::call(&target.data_dir, &Request::Audit { limit }).await?;
+            if json.json {
+                return print_json(&log);
+            }
+            for e in &log {
+                println!("{}  {:<7} {:<20} by {}", utc(e.at), e.action, e.subject, e.actor);
+                if let Some(old) = &e.old {
+                    println!("    old: {old}");
+                }
+                if let Some(new) = &e.new {
+                    println!("    new: {new}");
+                }
+            }
+        }
+        Command::Push { file, name, target } => {
+            let name = match name {
+                Some(n) => n,
+                None => file
+                    .file_name()
+                    .and_then(|n| n.to_str())
+                    .map(str::to_owned)
+                    .with_context(|| format!("{} has no file name; give the image a NAME", file.display()))?,
+            };
+            let v = client::push(&target.data_dir, &file, &name).await?;
+            println!(
+                "pushed {name} ({}, blake3 {})",
+                bytes(v["size"].as_u64().unwrap_or(0)),
+                v["hash"].as_str().unwrap_or("?")
+            );
+        }
+        Command::Logs { name, follow, lines, target } => client::logs(&target.data_dir, &name, lines, follow).await?,
+        Command::Master(_) | Command::Minion(_) | Command::Uninstall { .. } | Command::Demo { .. } => {
+            bail!("not a client command")
+        }
+    }
+    Ok(())
+}
+
+fn read_spec(file: &Path) -> Result<(String, String)> {
+    if file == Path::new("-") {
+        let mut text = String::new();
+        std::io::stdin().read_to_string(&mut text).context("cannot read the spec from stdin")?;
+        return Ok(("<stdin>".into(), text));
+    }
+    let text = std::fs::read_to_string(file).with_context(|| format!("cannot read spec file {}", file.display()))?;
+    Ok((file.display().to_string(), text))
+}
+
+async fn apply(a: ApplyArgs, update: bool) -> Result<()> {
+    let (source, text) = read_spec(&a.file)?;
+    // Check locally first for a quick answer; the master checks again
+    // against the cluster and is the authority.
+    phoenix_model::spec::parse_specs(&source, &text)?;
+    let req = if update { Request::Update { source, text } } else { Request::Deploy { source, text } };
+    let applied: Vec<Value> = client::call(&a.target.data_dir, &req).await?;
+    let names: Vec<String> = applied.iter().filter_map(|v| v["name"].as_str().map(str::to_owned)).collect();
+    if !a.json.json {
+        for v in &applied {
+            println!(
+                "{} {} on {} at {}",
+                if update { "updated" } else { "deployed" },
+                v["name"].as_str().unwrap_or("?"),
+                v["machine"].as_str().unwrap_or("?"),
+                v["ip"].as_str().unwrap_or("?")
+            );
+        }
+    }
+    if a.detach {
+        if a.json.json {
+            print_json(&applied)?;
+        }
+        return Ok(());
+    }
+    let wait = Request::Wait {
+        names,
+        timeout_ms: a.timeout * 1000,
+    };
+    let views: Vec<ServiceView> = client::call(&a.target.data_dir, &wait)
+        .await
+        .context("the change is stored, but the services did not settle")?;
+    if a.json.json {
+        return print_json(&views);
+    }
+    let mut failed = Vec::new();
+    for v in &views {
+        println!("  {:<24} {:<8} pid {}", v.name, v.state, opt(v.pid));
+        if v.state == "failed" {
+            failed.push(v.name.clone());
+        }
+    }
+    if !failed.is_empty() {
+        bail!("failed: {}", failed.join(", "));
+    }
+    Ok(())
+}

@@ -1,0 +1,341 @@
+//! The minion's side of the link: join once, then hold one connection to the
+//! master, reconnecting with backoff.
+//!
+//! Down the link come desired sets (applied and saved to disk) and log
+//! requests; up go service states (coalesced: everything that changed since
+//! the last frame goes in one), node stats every few seconds, and log data.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use phoenix_model::proto::{
+    DesiredSet, JoinReply, JoinRequest, MAX_FRAME, MAX_JOIN_FRAME, ToMaster, ToMinion, read_frame, write_frame,
+};
+use phoenix_model::status::{NodeStats, ServiceStatus};
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+
+use crate::logs::LogCmd;
+use crate::supervisor::{Ctx, Report, Supervisor};
+
+#[derive(Debug, thiserror::Error)]
+pub enum LinkError {
+    #[error("the master at {addr} refused the join request: {reason}")]
+    JoinRefused { addr: SocketAddr, reason: String },
+    #[error("the master at {addr} answers with key {got}, not {expected} given on the command line")]
+    WrongMaster {
+        addr: SocketAddr,
+        expected: String,
+        got: String,
+    },
+    #[error("master {addr}: {detail}")]
+    Connection { addr: SocketAddr, detail: String },
+}
+
+/// Who this minion is and where its master is.
+#[derive(Clone, Debug)]
+pub struct Identity {
+    pub name: String,
+    pub key: String,
+    pub master_key: String,
+    pub public_ip: IpAddr,
+    pub private_ip: IpAddr,
+    pub join_addr: SocketAddr,
+    pub link_addr: SocketAddr,
+}
+
+const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// Sends the join request, retrying with backoff until the master has it.
+pub async fn join(id: &Identity) -> Result<(), LinkError> {
+    let mut delay = Duration::from_millis(200);
+    loop {
+        match join_once(id).await {
+            Ok(JoinReply::Waiting) => {
+                tracing::info!(master = %id.join_addr, "join request sent; waiting for `phoenix accept {}` on the master", id.name);
+                return Ok(());
+            }
+            Ok(JoinReply::Accepted) => return Ok(()),
+            Ok(JoinReply::Refused { reason }) => {
+                return Err(LinkError::JoinRefused {
+                    addr: id.join_addr,
+                    reason,
+                });
+            }
+            Err(e) => {
+                tracing::warn!("join: {e}; retrying in {} ms", delay.as_millis());
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(10));
+            }
+        }
+    }
+}
+
+async fn join_once(id: &Identity) -> Result<JoinReply, LinkError> {
+    let err = |e: &dyn std::fmt::Display| LinkError::Connection {
+        addr: id.join_addr,
+        detail: e.to_string(),
+    };
+    let mut s = tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(id.join_addr))
+        .await
+        .map_err(|e| err(&e))?
+        .map_err(|e| err(&e))?;
+    let req = JoinRequest {
+        name: id.name.clone(),
+        key: id.key.clone(),
+        public_ip: id.public_ip,
+        private_ip: id.private_ip,
+        version: VERSION.into(),
+    };
+    write_frame(&mut s, &req).await.map_err(|e| err(&e))?;
+    read_frame(&mut s, MAX_JOIN_FRAME)
+        .await
+        .map_err(|e| err(&e))?
+        .ok_or_else(|| err(&"closed without an answer"))
+}
+
+/// Runs the link forever; returns only on an error that retrying cannot fix.
+pub async fn run(
+    id: Identity,
+    ctx: Arc<Ctx>,
+    mut sup: Supervisor,
+    mut revision: u64,
+    mut reports: mpsc::UnboundedReceiver<Report>,
+    stats_every: Duration,
+) -> Result<(), LinkError> {
+    let mut latest: HashMap<String, ServiceStatus> = HashMap::new();
+    let mut delay = Duration::from_millis(100);
+    loop {
+        match session(&id, &ctx, &mut sup, &mut revision, &mut reports, &mut latest, stats_every).await {
+            Ok(()) => delay = Duration::from_millis(100),
+            Err(e @ LinkError::WrongMaster { .. }) => return Err(e),
+            Err(e) => tracing::warn!("link: {e}; reconnecting in {} ms", delay.as_millis()),
+        }
+        let _ = ctx.log_cmds.send(LogCmd::CancelAll);
+        // Keep absorbing reports while disconnected, so the next session
+        // starts with the latest state of every service.
+        let sleep = tokio::time::sleep(delay);
+        tokio::pin!(sleep);
+        loop {
+            tokio::select! {
+                _ = &mut sleep => break,
+                r = reports.recv() => match r {
+                    Some(r) => absorb(&mut latest, &r),
+                    None => return Ok(()),
+                },
+            }
+        }
+        delay = (delay * 2).min(Duration::from_secs(5));
+    }
+}
+
+/// Keeps `latest` up to date with a report.
+fn absorb(latest: &mut HashMap<String, ServiceStatus>, r: &Report) {
+    match r {
+        Report::Status(s) => {
+            latest.insert(s.name.clone(), s.clone());
+        }
+        Report::Gone(n) => {
+            latest.remove(n);
+        }
+    }
+}
+
+async fn session(
+    id: &Identity,
+    ctx: &Arc<Ctx>,
+    sup: &mut Supervisor,
+    revision: &mut u64,
+    reports: &mut mpsc::UnboundedReceiver<Report>,
+    latest: &mut HashMap<String, ServiceStatus>,
+    stats_every: Duration,
+) -> Result<(), LinkError> {
+    let addr = id.link_addr;
+    let err = |e: &dyn std::fmt::Display| LinkError::Connection {
+        addr,
+        detail: e.to_string(),
+    };
+    let mut s = tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(addr))
+        .await
+        .map_err(|e| err(&e))?
+        .map_err(|e| err(&e))?;
+    let _ = s.set_nodelay(true);
+    let hello = ToMaster::Hello {
+        name: id.name.clone(),
+        key: id.key.clone(),
+        version: VERSION.into(),
+        revision: *revision,
+    };
+    write_frame(&mut s, &hello).await.map_err(|e| err(&e))?;
+    // The master holds this answer back until the node is accepted.
+    match read_frame::<_, ToMinion>(&mut s, MAX_FRAME).await.map_err(|e| err(&e))? {
+        Some(ToMinion::Welcome { master_key }) if master_key == id.master_key => {}
+        Some(ToMinion::Welcome { master_key }) => {
+            return Err(LinkError::WrongMaster {
+                addr,
+                expected: id.master_key.clone(),
+                got: master_key,
+            });
+        }
+        Some(ToMinion::Refused { reason }) => return Err(err(&format!("refused: {reason}"))),
+        other => return Err(err(&format!("unexpected answer {other:?}"))),
+    }
+    tracing::info!(master = %addr, "connected to the master");
+
+    let (mut rd, mut wr) = s.into_split();
+    let (out_tx, mut out_rx) = mpsc::unbounded_channel::<ToMaster>();
+    let _ = out_tx.send(ToMaster::Node(node_stats(&ctx.state.dir)));
+    let _ = out_tx.send(ToMaster::Status {
+        services: latest.values().cloned().collect(),
+        full: true,
+    });
+    let writer = tokio::spawn(async move {
+        while let Some(msg) = out_rx.recv().await {
+            if write_frame(&mut wr, &msg).await.is_err() {
+                break;
+            }
+        }
+        let _ = wr.shutdown().await;
+    });
+    let mut stats = tokio::time::interval(stats_every);
+    stats.tick().await;
+    let result = loop {
+        tokio::select! {
+            msg = read_frame::<_, ToMinion>(&mut rd, MAX_FRAME) => match msg {
+                Ok(Some(msg)) => handle(ctx, sup, revision, msg, &out_tx).await,
+                Ok(None) => break Err(err(&"connection closed")),
+                Err(e) => break Err(err(&e)),
+            },
+            r = reports.recv() => {
+                let Some(r) = r else { break Ok(()) };
+                // Coalesce: send everything already queued in one frame.
+                let mut changed = Vec::new();
+                let mut gone = Vec::new();
+                let mut next = Some(r);
+                while let Some(r) = next {
+                    absorb(latest, &r);
+                    match r {
+                        Report::Status(s) => {
+                            changed.retain(|c: &ServiceStatus| c.name != s.name);
+                            changed.push(s);
+                        }
+                        Report::Gone(n) => {
+                            changed.retain(|c: &ServiceStatus| c.name != n);
+                            gone.push(n);
+                        }
+                    }
+                    next = reports.try_recv().ok();
+                }
+                if !changed.is_empty() {
+                    let _ = out_tx.send(ToMaster::Status { services: changed, full: false });
+                }
+                if !gone.is_empty() {
+                    let _ = out_tx.send(ToMaster::Gone { names: gone });
+                }
+            }
+            _ = stats.tick() => {
+                let _ = out_tx.send(ToMaster::Node(node_stats(&ctx.state.dir)));
+            }
+        }
+    };
+    writer.abort();
+    result
+}
+
+async fn handle(ctx: &Arc<Ctx>, sup: &mut Supervisor, revision: &mut u64, msg: ToMinion, out: &mpsc::UnboundedSender<ToMaster>) {
+    match msg {
+        ToMinion::Desired(set) => apply(ctx, sup, revision, set),
+        ToMinion::Logs { stream, service, tail, follow } => {
+            let files = ctx.logs.clone();
+            let name = service.clone();
+            let tailed = tokio::task::spawn_blocking(move || files.tail(&name, tail)).await;
+            match tailed {
+                Ok(Ok((text, len))) => {
+                    if !text.is_empty() {
+                        let _ = out.send(ToMaster::LogData { stream, data: text });
+                    }
+                    if follow {
+                        let _ = ctx.log_cmds.send(LogCmd::Follow {
+                            stream,
+                            name: service,
+                            offset: len,
+                            out: out.clone(),
+                        });
+                    } else {
+                        let _ = out.send(ToMaster::LogEnd { stream, error: None });
+                    }
+                }
+                Ok(Err(e)) if e.kind() == std::io::ErrorKind::NotFound => {
+                    let error = (!follow).then(|| format!("{service:?} has not written any output yet"));
+                    if follow {
+                        let _ = ctx.log_cmds.send(LogCmd::Follow { stream, name: service, offset: 0, out: out.clone() });
+                    } else {
+                        let _ = out.send(ToMaster::LogEnd { stream, error });
+                    }
+                }
+                Ok(Err(e)) => {
+                    let _ = out.send(ToMaster::LogEnd { stream, error: Some(format!("reading the log of {service:?}: {e}")) });
+                }
+                Err(e) => {
+                    let _ = out.send(ToMaster::LogEnd { stream, error: Some(e.to_string()) });
+                }
+            }
+        }
+        ToMinion::LogsCancel { stream } => {
+            let _ = ctx.log_cmds.send(LogCmd::Cancel(stream));
+        }
+        other => tracing::warn!("unexpected message from the master: {other:?}"),
+    }
+}
+
+/// Saves a desired set to disk (so it survives a restart cut off from the
+/// master) and converges on it.
+pub fn apply(ctx: &Ctx, sup: &mut Supervisor, revision: &mut u64, set: DesiredSet) {
+    if let Err(e) = ctx.state.save_desired(&set) {
+        tracing::error!("cannot save the desired set: {e}; applying it anyway");
+    }
+    tracing::info!(revision = set.revision, services = set.services.len(), "desired set");
+    *revision = set.revision;
+    sup.apply(&set);
+}
+
+/// Load, memory and disk of this node.
+pub fn node_stats(data_dir: &std::path::Path) -> NodeStats {
+    let mut s = NodeStats {
+        minion_rss: crate::process::self_rss(),
+        ..NodeStats::default()
+    };
+    if let Ok(l) = std::fs::read_to_string("/proc/loadavg") {
+        let mut f = l.split_whitespace().map(|x| x.parse::<f64>().unwrap_or(0.0));
+        s.load1 = f.next().unwrap_or(0.0);
+        s.load5 = f.next().unwrap_or(0.0);
+        s.load15 = f.next().unwrap_or(0.0);
+    }
+    if let Ok(m) = std::fs::read_to_string("/proc/meminfo") {
+        for line in m.lines() {
+            let mut f = line.split_whitespace();
+            let (Some(k), Some(v)) = (f.next(), f.next().and_then(|v| v.parse::<u64>().ok())) else {
+                continue;
+            };
+            match k {
+                "MemTotal:" => s.mem_total = v * 1024,
+                "MemAvailable:" => s.mem_available = v * 1024,
+                _ => {}
+            }
+        }
+    }
+    if let Ok(path) = std::ffi::CString::new(data_dir.as_os_str().as_encoded_bytes()) {
+        // SAFETY: statvfs fills the zeroed struct we own from a valid C string.
+        unsafe {
+            let mut st: libc::statvfs = std::mem::zeroed();
+            if libc::statvfs(path.as_ptr(), &mut st) == 0 {
+                s.disk_total = st.f_blocks * st.f_frsize;
+                s.disk_available = st.f_bavail * st.f_frsize;
+            }
+        }
+    }
+    s
+}
