@@ -12,7 +12,7 @@ use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
 
-use crate::hub::{Apply, ApiError, Hub, LogEvent};
+use crate::hub::{ApiError, Apply, Hub, LogEvent};
 
 pub async fn serve(hub: Arc<Hub>, listener: UnixListener) {
     loop {
@@ -60,7 +60,9 @@ async fn connection(hub: Arc<Hub>, mut stream: UnixStream) -> Result<(), BoxErro
     };
     let who = actor(&stream);
     let reply = match req {
-        Request::Logs { name, tail, follow } => return logs(&hub, stream, &name, tail, follow).await,
+        Request::Logs { name, tail, follow } => {
+            return logs(&hub, stream, &name, tail, follow).await;
+        }
         Request::Push { name, size } => push(&hub, &mut stream, &who, name, size).await,
         Request::Wait { names, timeout_ms } => hub
             .wait(&names, Duration::from_millis(timeout_ms))
@@ -73,7 +75,9 @@ async fn connection(hub: Arc<Hub>, mut stream: UnixStream) -> Result<(), BoxErro
     };
     let reply = match reply {
         Ok(body) => Reply::Ok { body },
-        Err(e) => Reply::Error { message: e.to_string() },
+        Err(e) => Reply::Error {
+            message: e.to_string(),
+        },
     };
     write_frame(&mut stream, &reply).await?;
     Ok(())
@@ -100,7 +104,13 @@ fn handle(hub: &Hub, who: &str, req: Request) -> Result<serde_json::Value, ApiEr
     }
 }
 
-async fn push(hub: &Hub, stream: &mut UnixStream, who: &str, name: String, size: u64) -> Result<serde_json::Value, ApiError> {
+async fn push(
+    hub: &Hub,
+    stream: &mut UnixStream,
+    who: &str,
+    name: String,
+    size: u64,
+) -> Result<serde_json::Value, ApiError> {
     let (tmp, file) = hub.registry.staging(&name)?;
     let mut file = tokio::fs::File::from_std(file);
     let copied = tokio::io::copy(&mut (&mut *stream).take(size), &mut file).await;
@@ -110,26 +120,43 @@ async fn push(hub: &Hub, stream: &mut UnixStream, who: &str, name: String, size:
         Ok(n) if n == size => {}
         Ok(n) => {
             let _ = std::fs::remove_file(&tmp);
-            return Err(ApiError::Refused(format!("upload of {name:?} ended after {n} of {size} bytes; nothing was changed")));
+            return Err(ApiError::Refused(format!(
+                "upload of {name:?} ended after {n} of {size} bytes; nothing was changed"
+            )));
         }
         Err(e) => {
             let _ = std::fs::remove_file(&tmp);
-            return Err(ApiError::Refused(format!("upload of {name:?} failed: {e}; nothing was changed")));
+            return Err(ApiError::Refused(format!(
+                "upload of {name:?} failed: {e}; nothing was changed"
+            )));
         }
     }
     let image = hub.registry.commit(&tmp, &name).inspect_err(|_| {
         let _ = std::fs::remove_file(&tmp);
     })?;
     let body = json!({ "name": name, "hash": image.hash, "size": image.size });
-    hub.store().write(|tx| tx.audit(who, "push", &name, None, Some(&body)))?;
+    hub.store()
+        .write(|tx| tx.audit(who, "push", &name, None, Some(&body)))?;
     Ok(body)
 }
 
-async fn logs(hub: &Hub, mut stream: UnixStream, name: &str, tail: usize, follow: bool) -> Result<(), BoxError> {
+async fn logs(
+    hub: &Hub,
+    mut stream: UnixStream,
+    name: &str,
+    tail: usize,
+    follow: bool,
+) -> Result<(), BoxError> {
     let (id, node, mut rx) = match hub.open_logs(name, tail, follow) {
         Ok(v) => v,
         Err(e) => {
-            write_frame(&mut stream, &Reply::Error { message: e.to_string() }).await?;
+            write_frame(
+                &mut stream,
+                &Reply::Error {
+                    message: e.to_string(),
+                },
+            )
+            .await?;
             return Ok(());
         }
     };

@@ -12,17 +12,15 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
 use phoenix_model::net;
-use phoenix_model::proto::{
-    MasterInfo, NodeView, ServiceView, ToMinion, WaitingNode,
-};
+use phoenix_model::proto::{MasterInfo, NodeView, ServiceView, ToMinion, WaitingNode};
 use phoenix_model::spec::{SpecError, SpecErrors, parse_specs};
 use phoenix_model::status::{NodeStats, ServiceState, ServiceStatus, now_ms};
 use serde_json::{Value, json};
 use tokio::sync::{mpsc, watch};
 
-use phoenix_model::keys::fingerprint;
 use crate::registry::{ImageRef, Registry, RegistryError};
 use crate::store::{Node, Service, Store, StoreError};
+use phoenix_model::keys::fingerprint;
 
 /// An error an API caller sees; the message says what and why.
 #[derive(Debug, thiserror::Error)]
@@ -147,7 +145,9 @@ impl Hub {
         let node = self.store().write(|tx| -> Result<Node, ApiError> {
             let node = match tx.node(name)? {
                 Some(n) if n.accepted => {
-                    return Err(ApiError::Refused(format!("node {name:?} is already accepted")));
+                    return Err(ApiError::Refused(format!(
+                        "node {name:?} is already accepted"
+                    )));
                 }
                 Some(n) => n,
                 None => return Err(no_waiting(name)),
@@ -198,7 +198,12 @@ impl Hub {
             .map(|n| {
                 let s = seen.get(&n.name).cloned().unwrap_or_default();
                 NodeView {
-                    state: if links.contains_key(&n.name) { "reachable" } else { "unreachable" }.into(),
+                    state: if links.contains_key(&n.name) {
+                        "reachable"
+                    } else {
+                        "unreachable"
+                    }
+                    .into(),
                     services: counts.get(&n.name).copied().unwrap_or(0),
                     overlay_ip: n.overlay_ip.unwrap_or(Ipv6Addr::UNSPECIFIED),
                     public_ip: n.public_ip,
@@ -217,7 +222,13 @@ impl Hub {
 
     /// Validates a spec file against the cluster and applies it whole, or
     /// changes nothing.
-    pub fn apply(&self, actor: &str, mode: Apply, source: &str, text: &str) -> Result<Value, ApiError> {
+    pub fn apply(
+        &self,
+        actor: &str,
+        mode: Apply,
+        source: &str,
+        text: &str,
+    ) -> Result<Value, ApiError> {
         let specs = parse_specs(source, text)?;
         // Hash images before taking the store lock: it can take a while.
         let mut images: HashMap<&str, Result<ImageRef, String>> = HashMap::new();
@@ -360,12 +371,20 @@ impl Hub {
     }
 
     pub fn info(&self, name: &str) -> Result<Value, ApiError> {
-        let svc = self.store().read()?.service(name)?.ok_or_else(|| no_service(name))?;
+        let svc = self
+            .store()
+            .read()?
+            .service(name)?
+            .ok_or_else(|| no_service(name))?;
         Ok(svc.to_json())
     }
 
     pub fn status(&self, name: &str) -> Result<ServiceView, ApiError> {
-        let svc = self.store().read()?.service(name)?.ok_or_else(|| no_service(name))?;
+        let svc = self
+            .store()
+            .read()?
+            .service(name)?
+            .ok_or_else(|| no_service(name))?;
         Ok(self.view(&svc))
     }
 
@@ -397,18 +416,28 @@ impl Hub {
     }
 
     /// Waits until every named service reports its current generation as
-    /// running (or finished, or failed), or the timeout passes.
-    pub async fn wait(&self, names: &[String], timeout: std::time::Duration) -> Result<Vec<ServiceView>, ApiError> {
+    /// settled (see below), or the timeout passes.
+    pub async fn wait(
+        &self,
+        names: &[String],
+        timeout: std::time::Duration,
+    ) -> Result<Vec<ServiceView>, ApiError> {
         let mut changes = self.status_changes.subscribe();
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
-            let views = names.iter().map(|n| self.status(n)).collect::<Result<Vec<_>, _>>()?;
+            let views = names
+                .iter()
+                .map(|n| self.status(n))
+                .collect::<Result<Vec<_>, _>>()?;
             let settled = |v: &ServiceView| {
                 let st = lock(&self.statuses).get(&v.name).cloned();
-                st.is_some_and(|s| {
-                    s.generation == v.generation
-                        && matches!(s.state, ServiceState::Running | ServiceState::Exited | ServiceState::Failed)
-                })
+                // A daemon has settled once it runs; a oneshot once it ended.
+                let done: &[ServiceState] = if v.duration == "oneshot" {
+                    &[ServiceState::Exited, ServiceState::Failed]
+                } else {
+                    &[ServiceState::Running, ServiceState::Failed]
+                };
+                st.is_some_and(|s| s.generation == v.generation && done.contains(&s.state))
             };
             if views.iter().all(settled) {
                 return Ok(views);
@@ -453,7 +482,9 @@ impl Hub {
                 if node != name {
                     return true;
                 }
-                let _ = tx.send(LogEvent::End(Some(format!("machine {name:?} disconnected"))));
+                let _ = tx.send(LogEvent::End(Some(format!(
+                    "machine {name:?} disconnected"
+                ))));
                 false
             });
         }
@@ -462,7 +493,9 @@ impl Hub {
     }
 
     pub fn send(&self, node: &str, msg: ToMinion) -> bool {
-        lock(&self.links).get(node).is_some_and(|l| l.tx.send(msg).is_ok())
+        lock(&self.links)
+            .get(node)
+            .is_some_and(|l| l.tx.send(msg).is_ok())
     }
 
     /// Pushes a node its whole desired set, if it is connected.
@@ -474,7 +507,12 @@ impl Hub {
                 return;
             }
         };
-        tracing::debug!(node, revision = set.revision, services = set.services.len(), "push desired set");
+        tracing::debug!(
+            node,
+            revision = set.revision,
+            services = set.services.len(),
+            "push desired set"
+        );
         self.send(node, ToMinion::Desired(set));
     }
 
@@ -517,7 +555,10 @@ impl Hub {
     }
 
     fn touch(&self, node: &str) {
-        lock(&self.seen).entry(node.to_owned()).or_default().last_seen = now_ms();
+        lock(&self.seen)
+            .entry(node.to_owned())
+            .or_default()
+            .last_seen = now_ms();
     }
 
     // ------------------------------------------------------------ logs
@@ -529,7 +570,11 @@ impl Hub {
         tail: usize,
         follow: bool,
     ) -> Result<(u64, String, mpsc::UnboundedReceiver<LogEvent>), ApiError> {
-        let svc = self.store().read()?.service(name)?.ok_or_else(|| no_service(name))?;
+        let svc = self
+            .store()
+            .read()?
+            .service(name)?
+            .ok_or_else(|| no_service(name))?;
         let stream = self.next_id();
         let (tx, rx) = mpsc::unbounded_channel();
         let node = svc.spec.machine;
@@ -575,5 +620,7 @@ fn no_service(name: &str) -> ApiError {
 }
 
 fn no_waiting(name: &str) -> ApiError {
-    ApiError::Refused(format!("no join request from {name:?} is waiting (see `phoenix waiting`)"))
+    ApiError::Refused(format!(
+        "no join request from {name:?} is waiting (see `phoenix waiting`)"
+    ))
 }

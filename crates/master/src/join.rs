@@ -12,8 +12,8 @@ use phoenix_model::status::now_ms;
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::hub::Hub;
-use phoenix_model::keys::{fingerprint, is_valid_public_key};
 use crate::store::Node;
+use phoenix_model::keys::{fingerprint, is_valid_public_key};
 
 pub async fn serve(hub: Arc<Hub>, listener: TcpListener) {
     loop {

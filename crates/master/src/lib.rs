@@ -39,7 +39,10 @@ pub struct MasterConfig {
 #[derive(Debug, thiserror::Error)]
 pub enum MasterError {
     #[error("data dir {path}: {source}")]
-    DataDir { path: String, source: std::io::Error },
+    DataDir {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("cannot listen on {addr} ({what}): {source}")]
     Listen {
         addr: String,
@@ -65,10 +68,12 @@ pub fn socket_path(data_dir: &std::path::Path) -> PathBuf {
 /// not on this machine (a VPS behind 1:1 NAT knows its public IP but does not
 /// hold it).
 async fn bind(ip: IpAddr, port: u16, what: &'static str) -> Result<TcpListener, MasterError> {
-    let err = |addr: SocketAddr| move |source| MasterError::Listen {
-        addr: addr.to_string(),
-        what,
-        source,
+    let err = |addr: SocketAddr| {
+        move |source| MasterError::Listen {
+            addr: addr.to_string(),
+            what,
+            source,
+        }
     };
     let addr = SocketAddr::new(ip, port);
     match TcpListener::bind(addr).await {
@@ -92,7 +97,8 @@ pub async fn run(cfg: MasterConfig) -> Result<(), MasterError> {
         source,
     };
     std::fs::create_dir_all(&cfg.data_dir).map_err(dir_err)?;
-    std::fs::set_permissions(&cfg.data_dir, std::fs::Permissions::from_mode(0o700)).map_err(dir_err)?;
+    std::fs::set_permissions(&cfg.data_dir, std::fs::Permissions::from_mode(0o700))
+        .map_err(dir_err)?;
     let key = phoenix_model::keys::KeyPair::load_or_create(&cfg.data_dir.join("master.key"))?;
     let store = store::Store::open(&cfg.data_dir.join("phoenix.db"))?;
     store.set_meta("public_ip", &cfg.public_ip.to_string())?;
@@ -100,7 +106,9 @@ pub async fn run(cfg: MasterConfig) -> Result<(), MasterError> {
 
     let sock = socket_path(&cfg.data_dir);
     if tokio::net::UnixStream::connect(&sock).await.is_ok() {
-        return Err(MasterError::AlreadyRunning(cfg.data_dir.display().to_string()));
+        return Err(MasterError::AlreadyRunning(
+            cfg.data_dir.display().to_string(),
+        ));
     }
     let _ = std::fs::remove_file(&sock);
     let api = UnixListener::bind(&sock).map_err(|source| MasterError::Listen {

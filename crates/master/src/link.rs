@@ -44,17 +44,31 @@ fn member(hub: &Hub, name: &str, key: &str) -> Result<Option<Node>, BoxError> {
 async fn connection(hub: Arc<Hub>, mut stream: TcpStream) -> Result<(), BoxError> {
     let first: Option<ToMaster> = read_frame(&mut stream, MAX_FRAME).await?;
     match first {
-        Some(ToMaster::Hello { name, key, version, revision }) => {
-            link(hub, stream, name, key, version, revision).await
-        }
-        Some(ToMaster::Fetch { name, key, image, hash }) => fetch(hub, stream, name, key, image, hash).await,
+        Some(ToMaster::Hello {
+            name,
+            key,
+            version,
+            revision,
+        }) => link(hub, stream, name, key, version, revision).await,
+        Some(ToMaster::Fetch {
+            name,
+            key,
+            image,
+            hash,
+        }) => fetch(hub, stream, name, key, image, hash).await,
         Some(other) => Err(format!("unexpected first message {other:?}").into()),
         None => Ok(()),
     }
 }
 
 async fn refuse(stream: &mut TcpStream, reason: String) -> Result<(), BoxError> {
-    write_frame(stream, &ToMinion::Refused { reason: reason.clone() }).await?;
+    write_frame(
+        stream,
+        &ToMinion::Refused {
+            reason: reason.clone(),
+        },
+    )
+    .await?;
     Err(reason.into())
 }
 
@@ -72,7 +86,11 @@ async fn link(
     loop {
         match hub.node(&name)? {
             Some(n) if n.key != key => {
-                return refuse(&mut stream, format!("node {name:?} is known with another key")).await;
+                return refuse(
+                    &mut stream,
+                    format!("node {name:?} is known with another key"),
+                )
+                .await;
             }
             Some(n) if n.accepted => break,
             Some(_) => {
@@ -92,11 +110,21 @@ async fn link(
                 }
             }
             None => {
-                return refuse(&mut stream, format!("node {name:?} has no join request; run `phoenix minion` on it")).await;
+                return refuse(
+                    &mut stream,
+                    format!("node {name:?} has no join request; run `phoenix minion` on it"),
+                )
+                .await;
             }
         }
     }
-    write_frame(&mut stream, &ToMinion::Welcome { master_key: hub.info.key.clone() }).await?;
+    write_frame(
+        &mut stream,
+        &ToMinion::Welcome {
+            master_key: hub.info.key.clone(),
+        },
+    )
+    .await?;
     tracing::info!(node = %name, revision, "minion connected");
 
     let (mut rd, mut wr) = stream.into_split();
@@ -119,7 +147,9 @@ async fn link(
                 ToMaster::Node(stats) => hub.report_node(&name, stats),
                 ToMaster::LogData { stream, data } => hub.log_event(stream, LogEvent::Data(data)),
                 ToMaster::LogEnd { stream, error } => hub.log_event(stream, LogEvent::End(error)),
-                other => return Err::<(), BoxError>(format!("unexpected message {other:?}").into()),
+                other => {
+                    return Err::<(), BoxError>(format!("unexpected message {other:?}").into());
+                }
             }
         }
         Ok(())
@@ -140,7 +170,11 @@ async fn fetch(
     hash: String,
 ) -> Result<(), BoxError> {
     if member(&hub, &name, &key)?.is_none_or(|n| !n.accepted) {
-        return refuse(&mut stream, format!("node {name:?} is not an accepted member")).await;
+        return refuse(
+            &mut stream,
+            format!("node {name:?} is not an accepted member"),
+        )
+        .await;
     }
     let hub2 = hub.clone();
     let image2 = image.clone();
@@ -158,7 +192,14 @@ async fn fetch(
         )
         .await;
     }
-    write_frame(&mut stream, &ToMinion::Image { size: found.size, hash: found.hash }).await?;
+    write_frame(
+        &mut stream,
+        &ToMinion::Image {
+            size: found.size,
+            hash: found.hash,
+        },
+    )
+    .await?;
     let mut file = tokio::fs::File::from_std(file);
     tokio::io::copy(&mut file, &mut stream).await?;
     stream.shutdown().await?;

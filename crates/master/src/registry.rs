@@ -15,7 +15,9 @@ use phoenix_model::spec::check_image_name;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RegistryError {
-    #[error("image {name:?} is not in the registry ({dir}); add it with `phoenix push FILE {name}`")]
+    #[error(
+        "image {name:?} is not in the registry ({dir}); add it with `phoenix push FILE {name}`"
+    )]
     Missing { name: String, dir: String },
     #[error("image name {name:?}: {reason}")]
     BadName { name: String, reason: String },
@@ -120,9 +122,11 @@ impl Registry {
     /// moves it into place atomically, so a half-uploaded image is never seen.
     pub fn staging(&self, name: &str) -> Result<(PathBuf, File), RegistryError> {
         self.path(name)?;
-        let tmp = self
-            .dir
-            .join(format!(".push-{name}-{}-{}", std::process::id(), phoenix_model::status::now_ms()));
+        let tmp = self.dir.join(format!(
+            ".push-{name}-{}-{}",
+            std::process::id(),
+            phoenix_model::status::now_ms()
+        ));
         let file = File::create(&tmp).map_err(Self::io(&tmp))?;
         Ok((tmp, file))
     }
@@ -162,7 +166,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let reg = Registry::open(dir.path().join("registry")).unwrap();
         let err = reg.resolve("nope").unwrap_err().to_string();
-        assert!(err.contains("image \"nope\" is not in the registry"), "{err}");
+        assert!(
+            err.contains("image \"nope\" is not in the registry"),
+            "{err}"
+        );
         assert!(reg.resolve("../etc").is_err());
         let (tmp, mut f) = reg.staging("app").unwrap();
         f.write_all(b"hello").unwrap();

@@ -125,10 +125,14 @@ impl Store {
             source,
         };
         let conn = Connection::open(path).map_err(open_err)?;
-        conn.pragma_update(None, "journal_mode", "WAL").map_err(open_err)?;
-        conn.pragma_update(None, "synchronous", "NORMAL").map_err(open_err)?;
-        conn.pragma_update(None, "foreign_keys", "ON").map_err(open_err)?;
-        conn.busy_timeout(std::time::Duration::from_secs(5)).map_err(open_err)?;
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(open_err)?;
+        conn.pragma_update(None, "synchronous", "NORMAL")
+            .map_err(open_err)?;
+        conn.pragma_update(None, "foreign_keys", "ON")
+            .map_err(open_err)?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))
+            .map_err(open_err)?;
         conn.execute_batch(SCHEMA).map_err(open_err)?;
         Ok(Store { conn })
     }
@@ -181,22 +185,34 @@ fn parse<T: std::str::FromStr>(what: &'static str, s: &str) -> Result<T> {
 }
 
 fn node_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<[String; 6]> {
-    Ok([r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get::<_, Option<String>>(5)?.unwrap_or_default()])
+    Ok([
+        r.get(0)?,
+        r.get(1)?,
+        r.get(2)?,
+        r.get(3)?,
+        r.get(4)?,
+        r.get::<_, Option<String>>(5)?.unwrap_or_default(),
+    ])
 }
 
-const NODE_COLS: &str =
-    "name, key, state, public_ip, private_ip, overlay_ip, version, requested_at, accepted_at, revision";
+const NODE_COLS: &str = "name, key, state, public_ip, private_ip, overlay_ip, version, requested_at, accepted_at, revision";
 const SERVICE_COLS: &str = "spec, ip, image_hash, image_size, generation";
 
 impl Tx<'_> {
     // ------------------------------------------------------------ nodes
 
     fn nodes_where(&self, clause: &str, arg: &str) -> Result<Vec<Node>> {
-        let mut stmt = self
-            .tx
-            .prepare_cached(&format!("SELECT {NODE_COLS} FROM nodes {clause} ORDER BY name"))?;
+        let mut stmt = self.tx.prepare_cached(&format!(
+            "SELECT {NODE_COLS} FROM nodes {clause} ORDER BY name"
+        ))?;
         let rows = stmt.query_map([arg], |r| {
-            Ok((node_from_row(r)?, r.get::<_, String>(6)?, r.get::<_, i64>(7)?, r.get::<_, Option<i64>>(8)?, r.get::<_, i64>(9)?))
+            Ok((
+                node_from_row(r)?,
+                r.get::<_, String>(6)?,
+                r.get::<_, i64>(7)?,
+                r.get::<_, Option<i64>>(8)?,
+                r.get::<_, i64>(9)?,
+            ))
         })?;
         let mut out = Vec::new();
         for row in rows {
@@ -207,7 +223,11 @@ impl Tx<'_> {
                 accepted: state == "accepted",
                 public_ip: parse("public ip", &public_ip)?,
                 private_ip: parse("private ip", &private_ip)?,
-                overlay_ip: if overlay.is_empty() { None } else { Some(parse("overlay ip", &overlay)?) },
+                overlay_ip: if overlay.is_empty() {
+                    None
+                } else {
+                    Some(parse("overlay ip", &overlay)?)
+                },
                 version,
                 requested_at: req as u64,
                 accepted_at: acc.map(|a| a as u64),
@@ -222,7 +242,10 @@ impl Tx<'_> {
     }
 
     pub fn nodes(&self, accepted: bool) -> Result<Vec<Node>> {
-        self.nodes_where("WHERE state = ?1", if accepted { "accepted" } else { "waiting" })
+        self.nodes_where(
+            "WHERE state = ?1",
+            if accepted { "accepted" } else { "waiting" },
+        )
     }
 
     pub fn insert_waiting(&self, node: &Node) -> Result<()> {
@@ -243,9 +266,16 @@ impl Tx<'_> {
 
     /// The lowest overlay address not held by a node (the master holds `::1`).
     pub fn next_node_ip(&self) -> Result<Ipv6Addr> {
-        let mut stmt = self.tx.prepare_cached("SELECT overlay_ip FROM nodes WHERE overlay_ip IS NOT NULL")?;
-        let used: HashSet<String> = stmt.query_map([], |r| r.get(0))?.collect::<rusqlite::Result<_>>()?;
-        Ok((1..).map(net::node_ip).find(|ip| !used.contains(&ip.to_string())).unwrap_or(net::MASTER_IP))
+        let mut stmt = self
+            .tx
+            .prepare_cached("SELECT overlay_ip FROM nodes WHERE overlay_ip IS NOT NULL")?;
+        let used: HashSet<String> = stmt
+            .query_map([], |r| r.get(0))?
+            .collect::<rusqlite::Result<_>>()?;
+        Ok((1..)
+            .map(net::node_ip)
+            .find(|ip| !used.contains(&ip.to_string()))
+            .unwrap_or(net::MASTER_IP))
     }
 
     pub fn accept_node(&self, name: &str, overlay_ip: Ipv6Addr) -> Result<()> {
@@ -257,28 +287,42 @@ impl Tx<'_> {
     }
 
     pub fn delete_node(&self, name: &str) -> Result<()> {
-        self.tx.execute("DELETE FROM nodes WHERE name = ?1", [name])?;
+        self.tx
+            .execute("DELETE FROM nodes WHERE name = ?1", [name])?;
         Ok(())
     }
 
     /// Bumps a node's revision; its desired set changed.
     pub fn bump_revision(&self, machine: &str) -> Result<()> {
-        self.tx.execute("UPDATE nodes SET revision = revision + 1 WHERE name = ?1", [machine])?;
+        self.tx.execute(
+            "UPDATE nodes SET revision = revision + 1 WHERE name = ?1",
+            [machine],
+        )?;
         Ok(())
     }
 
     // ------------------------------------------------------------ services
 
     fn services_where(&self, clause: &str, arg: Option<&str>) -> Result<Vec<Service>> {
-        let mut stmt = self
-            .tx
-            .prepare_cached(&format!("SELECT {SERVICE_COLS} FROM services {clause} ORDER BY name"))?;
+        let mut stmt = self.tx.prepare_cached(&format!(
+            "SELECT {SERVICE_COLS} FROM services {clause} ORDER BY name"
+        ))?;
         let map = |r: &rusqlite::Row<'_>| {
-            Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, String>(2)?, r.get::<_, i64>(3)?, r.get::<_, i64>(4)?))
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, String>(2)?,
+                r.get::<_, i64>(3)?,
+                r.get::<_, i64>(4)?,
+            ))
         };
         let rows = match arg {
-            Some(a) => stmt.query_map([a], map)?.collect::<rusqlite::Result<Vec<_>>>()?,
-            None => stmt.query_map([], map)?.collect::<rusqlite::Result<Vec<_>>>()?,
+            Some(a) => stmt
+                .query_map([a], map)?
+                .collect::<rusqlite::Result<Vec<_>>>()?,
+            None => stmt
+                .query_map([], map)?
+                .collect::<rusqlite::Result<Vec<_>>>()?,
         };
         rows.into_iter()
             .map(|(spec, ip, image_hash, size, generation)| {
@@ -310,7 +354,9 @@ impl Tx<'_> {
 
     pub fn used_ips(&self) -> Result<HashSet<Ipv6Addr>> {
         let mut stmt = self.tx.prepare_cached("SELECT ip FROM services")?;
-        let ips: Vec<String> = stmt.query_map([], |r| r.get(0))?.collect::<rusqlite::Result<_>>()?;
+        let ips: Vec<String> = stmt
+            .query_map([], |r| r.get(0))?
+            .collect::<rusqlite::Result<_>>()?;
         ips.iter().map(|ip| parse("service ip", ip)).collect()
     }
 
@@ -341,7 +387,8 @@ impl Tx<'_> {
     }
 
     pub fn delete_service(&self, name: &str) -> Result<()> {
-        self.tx.execute("DELETE FROM services WHERE name = ?1", [name])?;
+        self.tx
+            .execute("DELETE FROM services WHERE name = ?1", [name])?;
         Ok(())
     }
 
@@ -350,7 +397,11 @@ impl Tx<'_> {
         let revision = self.node(machine)?.map_or(0, |n| n.revision);
         Ok(DesiredSet {
             revision,
-            services: self.services_on(machine)?.iter().map(Service::assignment).collect(),
+            services: self
+                .services_on(machine)?
+                .iter()
+                .map(Service::assignment)
+                .collect(),
         })
     }
 
@@ -448,7 +499,11 @@ mod tests {
                 Ok(())
             })
             .unwrap();
-        let spec = parse_specs("t", r#"{"machine":"m1","name":"a","image":"x","type":"binary"}"#).unwrap();
+        let spec = parse_specs(
+            "t",
+            r#"{"machine":"m1","name":"a","image":"x","type":"binary"}"#,
+        )
+        .unwrap();
         let svc = Service {
             spec: spec[0].clone(),
             ip: net::service_ip(0),
@@ -466,7 +521,10 @@ mod tests {
         // A failed write leaves nothing behind.
         let failed: Result<()> = store.write(|tx| {
             tx.delete_service("a")?;
-            Err(StoreError::Corrupt { what: "test", detail: String::new() })
+            Err(StoreError::Corrupt {
+                what: "test",
+                detail: String::new(),
+            })
         });
         assert!(failed.is_err());
 

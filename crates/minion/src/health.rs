@@ -25,7 +25,10 @@ pub async fn check(addr: SocketAddr, path: &str, timeout: Duration) -> Result<()
         Ok(Ok(200)) => Ok(()),
         Ok(Ok(code)) => Err(format!("GET {path} answered {code}")),
         Ok(Err(e)) => Err(format!("GET {path}: {e}")),
-        Err(_) => Err(format!("GET {path}: no answer within {} ms", timeout.as_millis())),
+        Err(_) => Err(format!(
+            "GET {path}: no answer within {} ms",
+            timeout.as_millis()
+        )),
     }
 }
 
@@ -35,7 +38,9 @@ async fn get(addr: SocketAddr, path: &str) -> std::io::Result<u16> {
         SocketAddr::V6(a) => format!("[{}]:{}", a.ip(), a.port()),
         SocketAddr::V4(a) => a.to_string(),
     };
-    let req = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: phoenix-health\r\nConnection: close\r\n\r\n");
+    let req = format!(
+        "GET {path} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: phoenix-health\r\nConnection: close\r\n\r\n"
+    );
     s.write_all(req.as_bytes()).await?;
     let mut buf = [0u8; 256];
     let mut n = 0;
@@ -55,7 +60,15 @@ async fn get(addr: SocketAddr, path: &str) -> std::io::Result<u16> {
         .nth(1)
         .and_then(|c| c.parse().ok())
         .filter(|_| line.starts_with("HTTP/1."))
-        .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidData, format!("not an HTTP response: {:?}", line.lines().next().unwrap_or(""))))
+        .ok_or_else(|| {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!(
+                    "not an HTTP response: {:?}",
+                    line.lines().next().unwrap_or("")
+                ),
+            )
+        })
 }
 
 #[cfg(test)]
@@ -82,10 +95,22 @@ mod tests {
         let ok = server("HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok").await;
         assert!(check(ok, "/health", t).await.is_ok());
         let bad = server("HTTP/1.1 503 Service Unavailable\r\n\r\n").await;
-        assert_eq!(check(bad, "/health", t).await.unwrap_err(), "GET /health answered 503");
+        assert_eq!(
+            check(bad, "/health", t).await.unwrap_err(),
+            "GET /health answered 503"
+        );
         let junk = server("hello\r\n").await;
-        assert!(check(junk, "/", t).await.unwrap_err().contains("not an HTTP response"));
-        let closed = TcpListener::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap();
+        assert!(
+            check(junk, "/", t)
+                .await
+                .unwrap_err()
+                .contains("not an HTTP response")
+        );
+        let closed = TcpListener::bind("127.0.0.1:0")
+            .await
+            .unwrap()
+            .local_addr()
+            .unwrap();
         assert!(check(closed, "/", t).await.is_err());
     }
 }

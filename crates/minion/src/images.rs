@@ -58,16 +58,27 @@ impl ImageCache {
             return Ok(path);
         }
         let result = tokio::time::timeout(Duration::from_secs(600), self.fetch(a)).await;
-        self.fetching.lock().unwrap_or_else(|p| p.into_inner()).remove(&a.image_hash);
+        self.fetching
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&a.image_hash);
         match result {
             Ok(r) => r.map(|()| path),
-            Err(_) => Err(format!("fetching image {:?} took over 10 minutes", a.spec.image)),
+            Err(_) => Err(format!(
+                "fetching image {:?} took over 10 minutes",
+                a.spec.image
+            )),
         }
     }
 
     async fn fetch(&self, a: &Assignment) -> Result<(), String> {
         let image = &a.spec.image;
-        let ctx = |e: &dyn std::fmt::Display| format!("fetching image {image:?} from the master at {}: {e}", self.master);
+        let ctx = |e: &dyn std::fmt::Display| {
+            format!(
+                "fetching image {image:?} from the master at {}: {e}",
+                self.master
+            )
+        };
         let mut s = TcpStream::connect(self.master).await.map_err(|e| ctx(&e))?;
         let req = ToMaster::Fetch {
             name: self.node.clone(),
@@ -76,7 +87,10 @@ impl ImageCache {
             hash: a.image_hash.clone(),
         };
         write_frame(&mut s, &req).await.map_err(|e| ctx(&e))?;
-        let size = match read_frame::<_, ToMinion>(&mut s, MAX_FRAME).await.map_err(|e| ctx(&e))? {
+        let size = match read_frame::<_, ToMinion>(&mut s, MAX_FRAME)
+            .await
+            .map_err(|e| ctx(&e))?
+        {
             Some(ToMinion::Image { size, .. }) => size,
             Some(ToMinion::Refused { reason }) => return Err(ctx(&reason)),
             other => return Err(ctx(&format!("unexpected answer {other:?}"))),
@@ -114,9 +128,13 @@ impl ImageCache {
         };
         if hash != a.image_hash {
             let _ = std::fs::remove_file(&tmp);
-            return Err(ctx(&format!("hash mismatch: expected {}, got {hash}", a.image_hash)));
+            return Err(ctx(&format!(
+                "hash mismatch: expected {}, got {hash}",
+                a.image_hash
+            )));
         }
-        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755)).map_err(|e| ctx(&e))?;
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755))
+            .map_err(|e| ctx(&e))?;
         std::fs::rename(&tmp, self.path(&a.image_hash)).map_err(|e| ctx(&e))?;
         tracing::info!(image = %image, size, "image fetched");
         Ok(())

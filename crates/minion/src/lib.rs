@@ -46,7 +46,10 @@ pub struct MinionConfig {
 #[derive(Debug, thiserror::Error)]
 pub enum MinionError {
     #[error("data dir {path}: {source}")]
-    DataDir { path: String, source: std::io::Error },
+    DataDir {
+        path: String,
+        source: std::io::Error,
+    },
     #[error(transparent)]
     Key(#[from] phoenix_model::keys::KeyError),
     #[error(transparent)]
@@ -69,10 +72,11 @@ pub fn public_key(data_dir: &std::path::Path) -> Result<String, MinionError> {
 pub async fn run(cfg: MinionConfig) -> Result<(), MinionError> {
     process::raise_nofile_limit();
     let key = public_key(&cfg.data_dir)?;
-    let state = state::LocalState::new(cfg.data_dir.clone()).map_err(|source| MinionError::DataDir {
-        path: cfg.data_dir.display().to_string(),
-        source,
-    })?;
+    let state =
+        state::LocalState::new(cfg.data_dir.clone()).map_err(|source| MinionError::DataDir {
+            path: cfg.data_dir.display().to_string(),
+            source,
+        })?;
     let id = Identity {
         name: cfg.name.clone(),
         key: key.clone(),
@@ -90,7 +94,12 @@ pub async fn run(cfg: MinionConfig) -> Result<(), MinionError> {
     let (log_tx, log_rx) = mpsc::unbounded_channel();
     let (report_tx, report_rx) = mpsc::unbounded_channel();
     let ctx = Arc::new(supervisor::Ctx {
-        images: images::ImageCache::new(cfg.data_dir.join("images"), cfg.link_addr, cfg.name.clone(), key),
+        images: images::ImageCache::new(
+            cfg.data_dir.join("images"),
+            cfg.link_addr,
+            cfg.name.clone(),
+            key,
+        ),
         logs: files.clone(),
         log_cmds: log_tx,
         state: state.clone(),
@@ -103,7 +112,11 @@ pub async fn run(cfg: MinionConfig) -> Result<(), MinionError> {
     let mut revision = 0;
     // Run what we ran before, master or no master.
     if let Some(set) = state.desired() {
-        tracing::info!(revision = set.revision, services = set.services.len(), "resuming the saved desired set");
+        tracing::info!(
+            revision = set.revision,
+            services = set.services.len(),
+            "resuming the saved desired set"
+        );
         link::apply(&ctx, &mut sup, &mut revision, set);
     }
     if !state.joined() {
@@ -115,10 +128,11 @@ pub async fn run(cfg: MinionConfig) -> Result<(), MinionError> {
     }
     tokio::select! {
         r = link::run(id, ctx, sup, revision, report_rx, cfg.stats_every) => r?,
-        r = watcher => match r {
-            Ok(Err(e)) => return Err(MinionError::Logs(e)),
-            _ => {}
-        },
+        r = watcher => {
+            if let Ok(Err(e)) = r {
+                return Err(MinionError::Logs(e));
+            }
+        }
     }
     Ok(())
 }

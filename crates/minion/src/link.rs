@@ -11,7 +11,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use phoenix_model::proto::{
-    DesiredSet, JoinReply, JoinRequest, MAX_FRAME, MAX_JOIN_FRAME, ToMaster, ToMinion, read_frame, write_frame,
+    DesiredSet, JoinReply, JoinRequest, MAX_FRAME, MAX_JOIN_FRAME, ToMaster, ToMinion, read_frame,
+    write_frame,
 };
 use phoenix_model::status::{NodeStats, ServiceStatus};
 use tokio::io::AsyncWriteExt;
@@ -25,7 +26,9 @@ use crate::supervisor::{Ctx, Report, Supervisor};
 pub enum LinkError {
     #[error("the master at {addr} refused the join request: {reason}")]
     JoinRefused { addr: SocketAddr, reason: String },
-    #[error("the master at {addr} answers with key {got}, not {expected} given on the command line")]
+    #[error(
+        "the master at {addr} answers with key {got}, not {expected} given on the command line"
+    )]
     WrongMaster {
         addr: SocketAddr,
         expected: String,
@@ -109,7 +112,17 @@ pub async fn run(
     let mut latest: HashMap<String, ServiceStatus> = HashMap::new();
     let mut delay = Duration::from_millis(100);
     loop {
-        match session(&id, &ctx, &mut sup, &mut revision, &mut reports, &mut latest, stats_every).await {
+        match session(
+            &id,
+            &ctx,
+            &mut sup,
+            &mut revision,
+            &mut reports,
+            &mut latest,
+            stats_every,
+        )
+        .await
+        {
             Ok(()) => delay = Duration::from_millis(100),
             Err(e @ LinkError::WrongMaster { .. }) => return Err(e),
             Err(e) => tracing::warn!("link: {e}; reconnecting in {} ms", delay.as_millis()),
@@ -171,7 +184,10 @@ async fn session(
     };
     write_frame(&mut s, &hello).await.map_err(|e| err(&e))?;
     // The master holds this answer back until the node is accepted.
-    match read_frame::<_, ToMinion>(&mut s, MAX_FRAME).await.map_err(|e| err(&e))? {
+    match read_frame::<_, ToMinion>(&mut s, MAX_FRAME)
+        .await
+        .map_err(|e| err(&e))?
+    {
         Some(ToMinion::Welcome { master_key }) if master_key == id.master_key => {}
         Some(ToMinion::Welcome { master_key }) => {
             return Err(LinkError::WrongMaster {
@@ -245,10 +261,21 @@ async fn session(
     result
 }
 
-async fn handle(ctx: &Arc<Ctx>, sup: &mut Supervisor, revision: &mut u64, msg: ToMinion, out: &mpsc::UnboundedSender<ToMaster>) {
+async fn handle(
+    ctx: &Arc<Ctx>,
+    sup: &mut Supervisor,
+    revision: &mut u64,
+    msg: ToMinion,
+    out: &mpsc::UnboundedSender<ToMaster>,
+) {
     match msg {
         ToMinion::Desired(set) => apply(ctx, sup, revision, set),
-        ToMinion::Logs { stream, service, tail, follow } => {
+        ToMinion::Logs {
+            stream,
+            service,
+            tail,
+            follow,
+        } => {
             let files = ctx.logs.clone();
             let name = service.clone();
             let tailed = tokio::task::spawn_blocking(move || files.tail(&name, tail)).await;
@@ -265,22 +292,37 @@ async fn handle(ctx: &Arc<Ctx>, sup: &mut Supervisor, revision: &mut u64, msg: T
                             out: out.clone(),
                         });
                     } else {
-                        let _ = out.send(ToMaster::LogEnd { stream, error: None });
+                        let _ = out.send(ToMaster::LogEnd {
+                            stream,
+                            error: None,
+                        });
                     }
                 }
                 Ok(Err(e)) if e.kind() == std::io::ErrorKind::NotFound => {
-                    let error = (!follow).then(|| format!("{service:?} has not written any output yet"));
+                    let error =
+                        (!follow).then(|| format!("{service:?} has not written any output yet"));
                     if follow {
-                        let _ = ctx.log_cmds.send(LogCmd::Follow { stream, name: service, offset: 0, out: out.clone() });
+                        let _ = ctx.log_cmds.send(LogCmd::Follow {
+                            stream,
+                            name: service,
+                            offset: 0,
+                            out: out.clone(),
+                        });
                     } else {
                         let _ = out.send(ToMaster::LogEnd { stream, error });
                     }
                 }
                 Ok(Err(e)) => {
-                    let _ = out.send(ToMaster::LogEnd { stream, error: Some(format!("reading the log of {service:?}: {e}")) });
+                    let _ = out.send(ToMaster::LogEnd {
+                        stream,
+                        error: Some(format!("reading the log of {service:?}: {e}")),
+                    });
                 }
                 Err(e) => {
-                    let _ = out.send(ToMaster::LogEnd { stream, error: Some(e.to_string()) });
+                    let _ = out.send(ToMaster::LogEnd {
+                        stream,
+                        error: Some(e.to_string()),
+                    });
                 }
             }
         }
@@ -297,7 +339,11 @@ pub fn apply(ctx: &Ctx, sup: &mut Supervisor, revision: &mut u64, set: DesiredSe
     if let Err(e) = ctx.state.save_desired(&set) {
         tracing::error!("cannot save the desired set: {e}; applying it anyway");
     }
-    tracing::info!(revision = set.revision, services = set.services.len(), "desired set");
+    tracing::info!(
+        revision = set.revision,
+        services = set.services.len(),
+        "desired set"
+    );
     *revision = set.revision;
     sup.apply(&set);
 }
@@ -309,7 +355,9 @@ pub fn node_stats(data_dir: &std::path::Path) -> NodeStats {
         ..NodeStats::default()
     };
     if let Ok(l) = std::fs::read_to_string("/proc/loadavg") {
-        let mut f = l.split_whitespace().map(|x| x.parse::<f64>().unwrap_or(0.0));
+        let mut f = l
+            .split_whitespace()
+            .map(|x| x.parse::<f64>().unwrap_or(0.0));
         s.load1 = f.next().unwrap_or(0.0);
         s.load5 = f.next().unwrap_or(0.0);
         s.load15 = f.next().unwrap_or(0.0);
@@ -317,7 +365,8 @@ pub fn node_stats(data_dir: &std::path::Path) -> NodeStats {
     if let Ok(m) = std::fs::read_to_string("/proc/meminfo") {
         for line in m.lines() {
             let mut f = line.split_whitespace();
-            let (Some(k), Some(v)) = (f.next(), f.next().and_then(|v| v.parse::<u64>().ok())) else {
+            let (Some(k), Some(v)) = (f.next(), f.next().and_then(|v| v.parse::<u64>().ok()))
+            else {
                 continue;
             };
             match k {

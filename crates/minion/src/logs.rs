@@ -37,7 +37,10 @@ impl LogFiles {
     }
 
     pub fn open_append(&self, name: &str) -> io::Result<File> {
-        OpenOptions::new().create(true).append(true).open(self.path(name))
+        OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.path(name))
     }
 
     pub fn remove(&self, name: &str) {
@@ -230,7 +233,10 @@ mod tests {
         files.rotate("web").unwrap();
         // Appends after the truncate start at the beginning again.
         writeln!(f, "four").unwrap();
-        assert_eq!(std::fs::read_to_string(files.path("web")).unwrap(), "four\n");
+        assert_eq!(
+            std::fs::read_to_string(files.path("web")).unwrap(),
+            "four\n"
+        );
         assert_eq!(files.tail("web", 3).unwrap().0, "two\nthree\nfour\n");
         files.rotate("web").unwrap();
         assert!(dir.path().join("web.log.2").exists());

@@ -55,7 +55,8 @@ impl Proc {
         let fd = pidfd_open(pid).ok()?;
         // SAFETY: `fd` is an OwnedFd we just opened; the AsyncFd owns it for
         // its whole life and nothing else closes or replaces it.
-        let fd = unsafe { AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE) }.ok()?;
+        let fd =
+            unsafe { AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE) }.ok()?;
         Some(Proc::Adopted { pid, fd })
     }
 
@@ -230,7 +231,9 @@ mod tests {
         assert!(Proc::adopt(pid, start + 1).is_none());
         let exit = p.stop(Duration::from_secs(5)).await;
         assert_eq!(exit.signal, Some(libc::SIGTERM));
-        tokio::time::timeout(Duration::from_secs(5), adopted.wait()).await.unwrap();
+        tokio::time::timeout(Duration::from_secs(5), adopted.wait())
+            .await
+            .unwrap();
         // The background sleep of the group is gone too.
         for _ in 0..50 {
             if !group_alive(pid) {

@@ -83,7 +83,17 @@ impl Supervisor {
     /// Converges on `set`. Services recorded on disk but in no set (deleted
     /// while the minion was down) are stopped too.
     pub fn apply(&mut self, set: &DesiredSet) {
-        let wanted: HashMap<&str, &Assignment> = set.services.iter().map(|a| (a.spec.name.as_str(), a)).collect();
+        let wanted: HashMap<&str, &Assignment> = set
+            .services
+            .iter()
+            .map(|a| (a.spec.name.as_str(), a))
+            .collect();
+        // Recorded on disk but without a task: left over from before a restart.
+        for name in self.ctx.state.recorded_services() {
+            if !wanted.contains_key(name.as_str()) && !self.services.contains_key(&name) {
+                stop_orphan(&self.ctx, &name);
+            }
+        }
         self.services.retain(|name, (_, tx)| {
             let keep = wanted.contains_key(name.as_str());
             if !keep {
@@ -91,11 +101,6 @@ impl Supervisor {
             }
             keep
         });
-        for name in self.ctx.state.recorded_services() {
-            if !wanted.contains_key(name.as_str()) && !self.services.contains_key(&name) {
-                stop_orphan(&self.ctx, &name);
-            }
-        }
         for a in &set.services {
             match self.services.get_mut(&a.spec.name) {
                 Some((old, tx)) if old != a => {
@@ -133,7 +138,11 @@ fn initial_status(a: &Assignment) -> ServiceStatus {
         pid: None,
         restarts: 0,
         last_exit: None,
-        health: if a.spec.healthcheck.is_some() { Health::Pending } else { Health::None },
+        health: if a.spec.healthcheck.is_some() {
+            Health::Pending
+        } else {
+            Health::None
+        },
         since: now_ms(),
         message: None,
     }
@@ -204,7 +213,10 @@ impl Task {
             Some(Cmd::Stop) => {
                 self.ctx.state.forget(self.name());
                 self.ctx.logs.remove(self.name());
-                let _ = self.ctx.log_cmds.send(LogCmd::Unwatch(self.name().to_owned()));
+                let _ = self
+                    .ctx
+                    .log_cmds
+                    .send(LogCmd::Unwatch(self.name().to_owned()));
                 let _ = self.ctx.reports.send(Report::Gone(self.name().to_owned()));
                 Next::Return
             }
@@ -224,8 +236,13 @@ impl Task {
 
     async fn run(mut self) {
         let mut proc = self.adopt();
-        if proc.is_none() && self.a.spec.duration == Lifetime::Oneshot
-            && let Some(done) = self.ctx.state.done_record(self.name()).filter(|d| d.generation == self.a.generation)
+        if proc.is_none()
+            && self.a.spec.duration == Lifetime::Oneshot
+            && let Some(done) = self
+                .ctx
+                .state
+                .done_record(self.name())
+                .filter(|d| d.generation == self.a.generation)
         {
             // This generation already ran to its end; never again.
             self.status.restarts = done.restarts;
@@ -245,7 +262,11 @@ impl Task {
                         Some(Next::Return) => return,
                         None => {
                             // Could not start: back off like a crash.
-                            if self.after_exit(None).await.is_some_and(|n| matches!(n, Next::Return)) {
+                            if self
+                                .after_exit(None)
+                                .await
+                                .is_some_and(|n| matches!(n, Next::Return))
+                            {
                                 return;
                             }
                             continue;
@@ -296,7 +317,11 @@ impl Task {
 
     fn finish_oneshot(&mut self, exit: Exit) {
         self.status.last_exit = Some(exit);
-        let state = if exit.code == Some(0) { ServiceState::Exited } else { ServiceState::Failed };
+        let state = if exit.code == Some(0) {
+            ServiceState::Exited
+        } else {
+            ServiceState::Failed
+        };
         self.set(state, None);
     }
 
@@ -311,7 +336,11 @@ impl Task {
         }
         let why = match exit {
             Some(e) => format!("exited with {e}"),
-            None => self.status.message.clone().unwrap_or_else(|| "could not start".into()),
+            None => self
+                .status
+                .message
+                .clone()
+                .unwrap_or_else(|| "could not start".into()),
         };
         self.set(
             ServiceState::Backoff,
@@ -335,8 +364,15 @@ impl Task {
         tracing::info!(service = %self.name(), pid = rec.pid, "adopted running process");
         self.status.pid = Some(rec.pid);
         self.status.restarts = rec.restarts;
-        let _ = self.ctx.log_cmds.send(LogCmd::Watch(self.name().to_owned()));
-        let state = if self.a.spec.healthcheck.is_some() { ServiceState::Starting } else { ServiceState::Running };
+        let _ = self
+            .ctx
+            .log_cmds
+            .send(LogCmd::Watch(self.name().to_owned()));
+        let state = if self.a.spec.healthcheck.is_some() {
+            ServiceState::Starting
+        } else {
+            ServiceState::Running
+        };
         self.set(state, None);
         Some(proc)
     }
@@ -344,9 +380,16 @@ impl Task {
     /// Fetches the image and starts the process. `Err(Some(next))` when a
     /// command came first, `Err(None)` when it could not start.
     async fn start(&mut self) -> Result<Proc, Option<Next>> {
-        self.status.health = if self.a.spec.healthcheck.is_some() { Health::Pending } else { Health::None };
+        self.status.health = if self.a.spec.healthcheck.is_some() {
+            Health::Pending
+        } else {
+            Health::None
+        };
         if !self.ctx.images.path(&self.a.image_hash).exists() {
-            self.set(ServiceState::Starting, Some(format!("fetching image {:?}", self.a.spec.image)));
+            self.set(
+                ServiceState::Starting,
+                Some(format!("fetching image {:?}", self.a.spec.image)),
+            );
         }
         let ctx = self.ctx.clone();
         let image = tokio::select! {
@@ -380,7 +423,10 @@ impl Task {
         let spec = &self.a.spec;
         let cwd = self.ctx.state.work_dir(&spec.name);
         std::fs::create_dir_all(&cwd)?;
-        let mut env = vec![("PATH".to_owned(), "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".to_owned())];
+        let mut env = vec![(
+            "PATH".to_owned(),
+            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".to_owned(),
+        )];
         env.extend(spec.env_pairs().map(|(k, v)| (k.to_owned(), v.to_owned())));
         env.push(("PHOENIX_NAME".into(), spec.name.clone()));
         env.push(("PHOENIX_IP".into(), self.a.ip.to_string()));
@@ -406,7 +452,11 @@ impl Task {
         }
         let _ = self.ctx.log_cmds.send(LogCmd::Watch(spec.name.clone()));
         self.status.pid = Some(pid);
-        let state = if spec.healthcheck.is_some() { ServiceState::Starting } else { ServiceState::Running };
+        let state = if spec.healthcheck.is_some() {
+            ServiceState::Starting
+        } else {
+            ServiceState::Running
+        };
         self.status.since = now_ms();
         self.status.state = state;
         self.status.message = None;

@@ -96,7 +96,9 @@ pub enum JoinReply {
     Waiting,
     /// Already a member with this key; nothing to do.
     Accepted,
-    Refused { reason: String },
+    Refused {
+        reason: String,
+    },
 }
 
 // ---------------------------------------------------------------- link
@@ -119,10 +121,15 @@ pub enum ToMaster {
         full: bool,
     },
     /// Services the minion no longer runs.
-    Gone { names: Vec<String> },
+    Gone {
+        names: Vec<String>,
+    },
     Node(NodeStats),
     /// Log bytes for an earlier [`ToMinion::Logs`].
-    LogData { stream: u64, data: String },
+    LogData {
+        stream: u64,
+        data: String,
+    },
     /// The end of a log stream; `error` when it could not be served.
     LogEnd {
         stream: u64,
@@ -189,22 +196,50 @@ pub struct Assignment {
 pub enum Request {
     MasterInfo,
     Waiting,
-    Accept { name: String },
-    Reject { name: String },
+    Accept {
+        name: String,
+    },
+    Reject {
+        name: String,
+    },
     /// `source` names the file in error messages; `text` is its content.
-    Deploy { source: String, text: String },
-    Update { source: String, text: String },
-    Del { name: String },
-    Status { name: String },
-    Info { name: String },
+    Deploy {
+        source: String,
+        text: String,
+    },
+    Update {
+        source: String,
+        text: String,
+    },
+    Del {
+        name: String,
+    },
+    Status {
+        name: String,
+    },
+    Info {
+        name: String,
+    },
     Services,
     Nodes,
-    Audit { limit: usize },
+    Audit {
+        limit: usize,
+    },
     /// `size` bytes of image follow this frame on the same stream.
-    Push { name: String, size: u64 },
-    Logs { name: String, tail: usize, follow: bool },
+    Push {
+        name: String,
+        size: u64,
+    },
+    Logs {
+        name: String,
+        tail: usize,
+        follow: bool,
+    },
     /// Waits until the named services run (or fail), up to `timeout_ms`.
-    Wait { names: Vec<String>, timeout_ms: u64 },
+    Wait {
+        names: Vec<String>,
+        timeout_ms: u64,
+    },
 }
 
 /// Master → CLI.
@@ -311,6 +346,11 @@ mod tests {
         drop(a);
         let (mut a, mut b) = tokio::io::duplex(64);
         drop(a.shutdown().await);
-        assert!(read_frame::<_, Request>(&mut b, MAX_FRAME).await.unwrap().is_none());
+        assert!(
+            read_frame::<_, Request>(&mut b, MAX_FRAME)
+                .await
+                .unwrap()
+                .is_none()
+        );
     }
 }

@@ -185,7 +185,11 @@ pub fn parse_specs(source: &str, text: &str) -> Result<Vec<Spec>, SpecErrors> {
     let value: Value = serde_json::from_str(text).map_err(|e| {
         fail(vec![SpecError::new(
             None,
-            format!("not valid JSON: {e} (line {}, column {})", e.line(), e.column()),
+            format!(
+                "not valid JSON: {e} (line {}, column {})",
+                e.line(),
+                e.column()
+            ),
         )])
     })?;
     let (items, single) = match value {
@@ -280,7 +284,8 @@ pub fn parse_one(value: &Value) -> Result<Spec, Vec<SpecError>> {
     let link = f.strings("link");
 
     if !machine.is_empty() {
-        check_hostname_label(&machine).unwrap_or_else(|r| errs.push(SpecError::new(Some("machine"), r)));
+        check_hostname_label(&machine)
+            .unwrap_or_else(|r| errs.push(SpecError::new(Some("machine"), r)));
     }
     if !name.is_empty() {
         check_hostname_label(&name).unwrap_or_else(|r| errs.push(SpecError::new(Some("name"), r)));
@@ -319,7 +324,10 @@ pub fn parse_one(value: &Value) -> Result<Spec, Vec<SpecError>> {
         if let Err(r) = check_hostname_label(l) {
             errs.push(SpecError::new(Some(&format!("link[{i}]")), r));
         } else if *l == name {
-            errs.push(SpecError::new(Some(&format!("link[{i}]")), "a service need not link to itself"));
+            errs.push(SpecError::new(
+                Some(&format!("link[{i}]")),
+                "a service need not link to itself",
+            ));
         }
     }
     if !errs.is_empty() {
@@ -358,12 +366,14 @@ impl Fields<'_> {
     fn string(&mut self, field: &str, required: bool) -> Option<String> {
         match self.obj.get(field) {
             None | Some(Value::Null) if required => {
-                self.errs.push(SpecError::new(Some(field), "required field is missing"));
+                self.errs
+                    .push(SpecError::new(Some(field), "required field is missing"));
                 None
             }
             None | Some(Value::Null) => None,
             Some(Value::String(s)) if s.is_empty() => {
-                self.errs.push(SpecError::new(Some(field), "must not be empty"));
+                self.errs
+                    .push(SpecError::new(Some(field), "must not be empty"));
                 None
             }
             Some(Value::String(s)) => Some(s.clone()),
@@ -437,7 +447,10 @@ impl Fields<'_> {
     fn ip(&mut self) -> Option<Ipv6Addr> {
         let s = self.string("ip", false)?;
         let Ok(ip) = s.parse::<Ipv6Addr>() else {
-            self.errs.push(SpecError::new(Some("ip"), format!("{s:?} is not an IPv6 address")));
+            self.errs.push(SpecError::new(
+                Some("ip"),
+                format!("{s:?} is not an IPv6 address"),
+            ));
             return None;
         };
         if !net::in_cluster(ip) {
@@ -484,15 +497,23 @@ pub fn check_hostname_label(s: &str) -> Result<(), String> {
         return Err("must not be empty".into());
     }
     if s.len() > 63 {
-        return Err(format!("{s:?} is {} characters; a hostname label has at most 63", s.len()));
+        return Err(format!(
+            "{s:?} is {} characters; a hostname label has at most 63",
+            s.len()
+        ));
     }
-    if let Some(c) = s.chars().find(|c| !(c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '-')) {
+    if let Some(c) = s
+        .chars()
+        .find(|c| !(c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '-'))
+    {
         return Err(format!(
             "{s:?} cannot be a hostname: {c:?} is not allowed (use a-z, 0-9 and '-')"
         ));
     }
     if s.starts_with('-') || s.ends_with('-') {
-        return Err(format!("{s:?} cannot be a hostname: it starts or ends with '-'"));
+        return Err(format!(
+            "{s:?} cannot be a hostname: it starts or ends with '-'"
+        ));
     }
     Ok(())
 }
@@ -525,7 +546,9 @@ fn check_env(entry: &str) -> Result<(), String> {
         ));
     }
     if RESERVED_ENV.contains(&key) {
-        return Err(format!("{key} is set by Phoenix for every service and cannot be overridden"));
+        return Err(format!(
+            "{key} is set by Phoenix for every service and cannot be overridden"
+        ));
     }
     Ok(())
 }
@@ -533,7 +556,9 @@ fn check_env(entry: &str) -> Result<(), String> {
 fn check_domain(s: &str) -> Result<(), String> {
     let lower = s.to_ascii_lowercase();
     if s.len() > 253 || lower != s {
-        return Err(format!("{s:?} is not a lowercase domain name of at most 253 characters"));
+        return Err(format!(
+            "{s:?} is not a lowercase domain name of at most 253 characters"
+        ));
     }
     for label in s.split('.') {
         check_hostname_label(label).map_err(|r| format!("{s:?} is not a domain name: {r}"))?;
@@ -587,21 +612,50 @@ mod tests {
                 {"name":"ok","image":"x","type":"docker","machine":"m1"}]"#,
         );
         let all = e.join("\n");
-        assert!(all.contains("spec #1 (\"Web_1\"): field `colour`: unknown field"), "{all}");
-        assert!(all.contains("field `name`: \"Web_1\" cannot be a hostname"), "{all}");
+        assert!(
+            all.contains("spec #1 (\"Web_1\"): field `colour`: unknown field"),
+            "{all}"
+        );
+        assert!(
+            all.contains("field `name`: \"Web_1\" cannot be a hostname"),
+            "{all}"
+        );
         assert!(all.contains("field `image`"), "{all}");
-        assert!(all.contains("field `proxyport`: expected a port number from 1 to 65535, got a string \"80\""), "{all}");
-        assert!(all.contains("field `env[0]`: \"NOEQUALS\" is not of the form KEY=VALUE"), "{all}");
-        assert!(all.contains("field `env[1]`: \"1X\" is not a variable name"), "{all}");
-        assert!(all.contains("field `env[2]`: PORT is set by Phoenix"), "{all}");
-        assert!(all.contains("field `ip`: fd00::1 is outside the cluster's range"), "{all}");
-        assert!(all.contains("spec #2 (\"ok\"): field `type`: type \"docker\" is not supported yet"), "{all}");
+        assert!(
+            all.contains(
+                "field `proxyport`: expected a port number from 1 to 65535, got a string \"80\""
+            ),
+            "{all}"
+        );
+        assert!(
+            all.contains("field `env[0]`: \"NOEQUALS\" is not of the form KEY=VALUE"),
+            "{all}"
+        );
+        assert!(
+            all.contains("field `env[1]`: \"1X\" is not a variable name"),
+            "{all}"
+        );
+        assert!(
+            all.contains("field `env[2]`: PORT is set by Phoenix"),
+            "{all}"
+        );
+        assert!(
+            all.contains("field `ip`: fd00::1 is outside the cluster's range"),
+            "{all}"
+        );
+        assert!(
+            all.contains("spec #2 (\"ok\"): field `type`: type \"docker\" is not supported yet"),
+            "{all}"
+        );
     }
 
     #[test]
     fn missing_and_empty_fields() {
         let all = errs(r#"{"name":"","type":"binary","image":"x"}"#).join("\n");
-        assert!(all.contains("spec: field `machine`: required field is missing"), "{all}");
+        assert!(
+            all.contains("spec: field `machine`: required field is missing"),
+            "{all}"
+        );
         assert!(all.contains("field `name`: must not be empty"), "{all}");
     }
 
@@ -612,19 +666,37 @@ mod tests {
                 {"machine":"m","name":"a","image":"x","type":"binary","ip":"fd38:dde8:32dd:1::9"}]"#,
         )
         .join("\n");
-        assert!(all.contains("spec #2 (\"a\"): field `name`: duplicate name"), "{all}");
-        assert!(all.contains("field `ip`: address fd38:dde8:32dd:1::9 is given to two services"), "{all}");
+        assert!(
+            all.contains("spec #2 (\"a\"): field `name`: duplicate name"),
+            "{all}"
+        );
+        assert!(
+            all.contains("field `ip`: address fd38:dde8:32dd:1::9 is given to two services"),
+            "{all}"
+        );
     }
 
     #[test]
     fn bad_json_and_shapes() {
         assert!(errs("{").join("").contains("not valid JSON"));
         assert!(errs("[]").join("").contains("holds no specs"));
-        assert!(errs("42").join("").contains("expected a spec object or an array"));
-        assert!(errs("[1]").join("").contains("spec #1: expected an object, got a number 1"));
-        assert!(errs(r#"{"machine":"m","name":"a","image":"x","type":"binary","ip":"fd38:dde8:32dd::5"}"#)
+        assert!(
+            errs("42")
+                .join("")
+                .contains("expected a spec object or an array")
+        );
+        assert!(
+            errs("[1]")
+                .join("")
+                .contains("spec #1: expected an object, got a number 1")
+        );
+        assert!(
+            errs(
+                r#"{"machine":"m","name":"a","image":"x","type":"binary","ip":"fd38:dde8:32dd::5"}"#
+            )
             .join("")
-            .contains("reserved for nodes"));
+            .contains("reserved for nodes")
+        );
     }
 
     #[test]

@@ -30,7 +30,8 @@ async fn finish<T: DeserializeOwned>(s: &mut UnixStream) -> Result<T> {
     loop {
         match read_frame::<_, Reply>(s, MAX_FRAME).await? {
             Some(Reply::Ok { body }) => {
-                return serde_json::from_value(body).context("the master's answer has an unexpected shape");
+                return serde_json::from_value(body)
+                    .context("the master's answer has an unexpected shape");
             }
             Some(Reply::Error { message }) => bail!("{message}"),
             Some(Reply::Log { data }) => print!("{data}"),
@@ -42,17 +43,34 @@ async fn finish<T: DeserializeOwned>(s: &mut UnixStream) -> Result<T> {
 /// Streams a service's log to stdout until the master ends it.
 pub async fn logs(data_dir: &Path, name: &str, tail: usize, follow: bool) -> Result<()> {
     let mut s = connect(data_dir).await?;
-    write_frame(&mut s, &Request::Logs { name: name.into(), tail, follow }).await?;
+    write_frame(
+        &mut s,
+        &Request::Logs {
+            name: name.into(),
+            tail,
+            follow,
+        },
+    )
+    .await?;
     let _: serde_json::Value = finish(&mut s).await?;
     Ok(())
 }
 
 /// Uploads a file to the registry, showing progress on a terminal.
 pub async fn push(data_dir: &Path, file: &Path, name: &str) -> Result<serde_json::Value> {
-    let mut f = tokio::fs::File::open(file).await.with_context(|| format!("cannot open {}", file.display()))?;
+    let mut f = tokio::fs::File::open(file)
+        .await
+        .with_context(|| format!("cannot open {}", file.display()))?;
     let size = f.metadata().await?.len();
     let mut s = connect(data_dir).await?;
-    write_frame(&mut s, &Request::Push { name: name.into(), size }).await?;
+    write_frame(
+        &mut s,
+        &Request::Push {
+            name: name.into(),
+            size,
+        },
+    )
+    .await?;
     let show = std::io::stderr().is_terminal() && size > 8 << 20;
     let mut buf = vec![0u8; 256 << 10];
     let mut sent = 0u64;
@@ -62,11 +80,16 @@ pub async fn push(data_dir: &Path, file: &Path, name: &str) -> Result<serde_json
         if n == 0 {
             break;
         }
-        s.write_all(&buf[..n]).await.map_err(|e| anyhow!("upload interrupted: {e}"))?;
+        s.write_all(&buf[..n])
+            .await
+            .map_err(|e| anyhow!("upload interrupted: {e}"))?;
         sent += n as u64;
         let pct = sent * 100 / size.max(1);
         if show && pct != last_pct {
-            eprint!("\rpushing {name}: {pct:3}% of {}", crate::output::bytes(size));
+            eprint!(
+                "\rpushing {name}: {pct:3}% of {}",
+                crate::output::bytes(size)
+            );
             last_pct = pct;
         }
     }
@@ -74,7 +97,10 @@ pub async fn push(data_dir: &Path, file: &Path, name: &str) -> Result<serde_json
         eprintln!();
     }
     if sent != size {
-        bail!("{} changed while it was read ({sent} of {size} bytes)", file.display());
+        bail!(
+            "{} changed while it was read ({sent} of {size} bytes)",
+            file.display()
+        );
     }
     finish(&mut s).await
 }

@@ -29,7 +29,9 @@ impl Drop for Daemons {
 }
 
 fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
 }
 
 fn spawn(exe: &Path, args: &[String], log: &Path) -> Result<Child> {
@@ -43,7 +45,11 @@ fn spawn(exe: &Path, args: &[String], log: &Path) -> Result<Child> {
         .with_context(|| format!("cannot start {}", exe.display()))
 }
 
-async fn until<T>(what: &str, timeout: Duration, mut f: impl AsyncFnMut() -> Option<T>) -> Result<T> {
+async fn until<T>(
+    what: &str,
+    timeout: Duration,
+    mut f: impl AsyncFnMut() -> Option<T>,
+) -> Result<T> {
     let start = Instant::now();
     loop {
         if let Some(v) = f().await {
@@ -60,13 +66,18 @@ pub fn run(dir: &Path, testy: Option<PathBuf>, seconds: Option<u64>) -> Result<(
     let exe = std::env::current_exe()?;
     let testy = testy.unwrap_or_else(|| exe.with_file_name("testy"));
     if !testy.exists() {
-        bail!("testy not found at {}; build it with `cargo build` (or pass --testy PATH)", testy.display());
+        bail!(
+            "testy not found at {}; build it with `cargo build` (or pass --testy PATH)",
+            testy.display()
+        );
     }
     if dir.exists() {
         std::fs::remove_dir_all(dir).with_context(|| format!("cannot clear {}", dir.display()))?;
     }
     std::fs::create_dir_all(dir)?;
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     let mut daemons = Daemons(Vec::new());
     let result = rt.block_on(demo(&exe, &testy, dir, seconds, &mut daemons));
     let master_dir = dir.join("master");
@@ -93,11 +104,20 @@ pub fn run(dir: &Path, testy: Option<PathBuf>, seconds: Option<u64>) -> Result<(
     result
 }
 
-async fn demo(exe: &Path, testy: &Path, dir: &Path, seconds: Option<u64>, daemons: &mut Daemons) -> Result<()> {
+async fn demo(
+    exe: &Path,
+    testy: &Path,
+    dir: &Path,
+    seconds: Option<u64>,
+    daemons: &mut Daemons,
+) -> Result<()> {
     let (join, link) = (free_port()?, free_port()?);
     let master_dir = dir.join("master");
     let s = |v: &str| v.to_owned();
-    println!("starting a master on 127.0.0.1 (join port {join}, link port {link}) in {}", master_dir.display());
+    println!(
+        "starting a master on 127.0.0.1 (join port {join}, link port {link}) in {}",
+        master_dir.display()
+    );
     daemons.0.push(spawn(
         exe,
         &[
@@ -175,8 +195,13 @@ async fn demo(exe: &Path, testy: &Path, dir: &Path, seconds: Option<u64>, daemon
         },
     )
     .await?;
-    println!("deployed: web (health-checked), flaky (crashes at random), sickly (turns unhealthy), once (a oneshot)");
-    println!("try in another terminal: PHOENIX_DATA_DIR={} phoenix services", master_dir.display());
+    println!(
+        "deployed: web (health-checked), flaky (crashes at random), sickly (turns unhealthy), once (a oneshot)"
+    );
+    println!(
+        "try in another terminal: PHOENIX_DATA_DIR={} phoenix services",
+        master_dir.display()
+    );
     println!("Ctrl-C stops the demo and removes everything.\n");
     let deadline = seconds.map(|s| Instant::now() + Duration::from_secs(s));
     let mut ticker = tokio::time::interval(Duration::from_secs(2));
@@ -201,7 +226,18 @@ async fn demo(exe: &Path, testy: &Path, dir: &Path, seconds: Option<u64>, daemon
             })
             .collect();
         println!("{}", crate::output::utc(phoenix_model::status::now_ms()));
-        crate::output::table(&["NAME", "MACHINE", "STATE", "PID", "RESTARTS", "HEALTH", "LAST EXIT"], &rows);
+        crate::output::table(
+            &[
+                "NAME",
+                "MACHINE",
+                "STATE",
+                "PID",
+                "RESTARTS",
+                "HEALTH",
+                "LAST EXIT",
+            ],
+            &rows,
+        );
         println!();
         if deadline.is_some_and(|d| Instant::now() >= d) {
             break;

@@ -38,7 +38,11 @@ impl Init {
 
 /// Quotes an argument for a shell or a systemd ExecStart line.
 fn quote(arg: &str) -> String {
-    if !arg.is_empty() && arg.chars().all(|c| c.is_ascii_alphanumeric() || "-_./:=@+,".contains(c)) {
+    if !arg.is_empty()
+        && arg
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_./:=@+,".contains(c))
+    {
         arg.to_owned()
     } else {
         format!("'{}'", arg.replace('\'', r"'\''"))
@@ -111,7 +115,8 @@ pub fn install(role: &str, args: &[String]) -> Result<()> {
         }
         Init::OpenRc => {
             run("rc-update", &["add", &unit, "default"])?;
-            run("rc-service", &[&unit, "start"]).or_else(|_| run("rc-service", &[&unit, "status"]))?;
+            run("rc-service", &[&unit, "start"])
+                .or_else(|_| run("rc-service", &[&unit, "status"]))?;
         }
     }
     eprintln!("installed and started {} ({})", unit, path.display());
@@ -150,8 +155,18 @@ mod tests {
 
     #[test]
     fn systemd_unit_runs_the_same_command_in_foreground() {
-        let args = vec!["master".into(), "203.0.113.7".into(), "--data-dir".into(), "/srv/my dir".into()];
-        let unit = service_file(Init::Systemd, "master", Path::new("/usr/local/bin/phoenix"), &args);
+        let args = vec![
+            "master".into(),
+            "203.0.113.7".into(),
+            "--data-dir".into(),
+            "/srv/my dir".into(),
+        ];
+        let unit = service_file(
+            Init::Systemd,
+            "master",
+            Path::new("/usr/local/bin/phoenix"),
+            &args,
+        );
         assert!(unit.contains(
             "ExecStart=/usr/local/bin/phoenix master 203.0.113.7 --data-dir '/srv/my dir' --foreground\n"
         ));
@@ -162,7 +177,12 @@ mod tests {
     #[test]
     fn openrc_script_is_supervised() {
         let args = vec!["minion".into(), "m1".into(), "a+b/c=".into()];
-        let rc = service_file(Init::OpenRc, "minion", Path::new("/usr/local/bin/phoenix"), &args);
+        let rc = service_file(
+            Init::OpenRc,
+            "minion",
+            Path::new("/usr/local/bin/phoenix"),
+            &args,
+        );
         assert!(rc.starts_with("#!/sbin/openrc-run\n"));
         assert!(rc.contains("command=/usr/local/bin/phoenix\n"));
         assert!(rc.contains("command_args=\"minion m1 a+b/c= --foreground\""));

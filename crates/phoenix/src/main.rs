@@ -40,9 +40,14 @@ fn main() {
 
 fn runtime(daemon_threads: Option<usize>) -> Result<tokio::runtime::Runtime> {
     let rt = match daemon_threads {
-        Some(n) => tokio::runtime::Builder::new_multi_thread().worker_threads(n).enable_all().build(),
+        Some(n) => tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(n)
+            .enable_all()
+            .build(),
         // The minion and the CLI are one thread: small, and plenty.
-        None => tokio::runtime::Builder::new_current_thread().enable_all().build(),
+        None => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build(),
     };
     rt.context("cannot start the async runtime")
 }
@@ -75,9 +80,13 @@ fn run(cli: Cli) -> Result<()> {
                 let args: Vec<String> = std::env::args().skip(1).collect();
                 return install::install("minion", &args);
             }
-            phoenix_model::spec::check_hostname_label(&a.name).map_err(|r| anyhow::anyhow!("minion name: {r}"))?;
+            phoenix_model::spec::check_hostname_label(&a.name)
+                .map_err(|r| anyhow::anyhow!("minion name: {r}"))?;
             if !phoenix_model::keys::is_valid_public_key(&a.master_key) {
-                bail!("master key {:?} is not a base64 WireGuard key; copy it from `phoenix master-info` on the master", a.master_key);
+                bail!(
+                    "master key {:?} is not a base64 WireGuard key; copy it from `phoenix master-info` on the master",
+                    a.master_key
+                );
             }
             let cfg = phoenix_minion::MinionConfig {
                 data_dir: a.data_dir,
@@ -104,7 +113,11 @@ fn run(cli: Cli) -> Result<()> {
             })
         }
         Command::Uninstall { role } => install::uninstall(&role),
-        Command::Demo { dir, testy, seconds } => demo::run(&dir, testy, seconds),
+        Command::Demo {
+            dir,
+            testy,
+            seconds,
+        } => demo::run(&dir, testy, seconds),
         other => runtime(None)?.block_on(command(other)),
     }
 }
@@ -112,7 +125,10 @@ fn run(cli: Cli) -> Result<()> {
 /// Resolves on SIGTERM or SIGINT. Daemons exit; services keep running.
 async fn shutdown() {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
         return std::future::pending().await;
     };
     tokio::select! {
@@ -167,20 +183,35 @@ async fn command(cmd: Command) -> Result<()> {
                     ]
                 })
                 .collect();
-            table(&["NAME", "KEY FINGERPRINT", "PUBLIC IP", "PRIVATE IP", "ASKED"], &rows);
+            table(
+                &[
+                    "NAME",
+                    "KEY FINGERPRINT",
+                    "PUBLIC IP",
+                    "PRIVATE IP",
+                    "ASKED",
+                ],
+                &rows,
+            );
         }
         Command::Accept { name, target } => {
-            let node: Value = client::call(&target.data_dir, &Request::Accept { name: name.clone() }).await?;
-            println!("accepted {name} (overlay ip {})", node["overlay_ip"].as_str().unwrap_or("-"));
+            let node: Value =
+                client::call(&target.data_dir, &Request::Accept { name: name.clone() }).await?;
+            println!(
+                "accepted {name} (overlay ip {})",
+                node["overlay_ip"].as_str().unwrap_or("-")
+            );
         }
         Command::Reject { name, target } => {
-            let _: Value = client::call(&target.data_dir, &Request::Reject { name: name.clone() }).await?;
+            let _: Value =
+                client::call(&target.data_dir, &Request::Reject { name: name.clone() }).await?;
             println!("rejected {name}");
         }
         Command::Deploy(a) => apply(a, false).await?,
         Command::Update(a) => apply(a, true).await?,
         Command::Del { name, target } => {
-            let _: Value = client::call(&target.data_dir, &Request::Del { name: name.clone() }).await?;
+            let _: Value =
+                client::call(&target.data_dir, &Request::Del { name: name.clone() }).await?;
             println!("deleted {name}");
         }
         Command::Status { name, target, json } => {
@@ -189,7 +220,15 @@ async fn command(cmd: Command) -> Result<()> {
                 return print_json(&v);
             }
             println!("name:        {}", v.name);
-            println!("state:       {}{}", v.state, if v.node_reachable { "" } else { " (machine unreachable; last known)" });
+            println!(
+                "state:       {}{}",
+                v.state,
+                if v.node_reachable {
+                    ""
+                } else {
+                    " (machine unreachable; last known)"
+                }
+            );
             println!("machine:     {}", v.machine);
             println!("ip:          {}", v.ip);
             println!("type:        {} {}", v.kind, v.duration);
@@ -197,7 +236,10 @@ async fn command(cmd: Command) -> Result<()> {
             println!("pid:         {}", opt(v.pid));
             println!("restarts:    {}", v.restarts);
             println!("health:      {}", v.health);
-            println!("last exit:   {}", opt(v.last_exit.map(|e| format!("{e} ({})", ago(e.at)))));
+            println!(
+                "last exit:   {}",
+                opt(v.last_exit.map(|e| format!("{e} ({})", ago(e.at))))
+            );
             println!("since:       {}", opt(v.since.map(ago)));
             println!("generation:  {}", v.generation);
             if let Some(m) = v.message {
@@ -219,7 +261,11 @@ async fn command(cmd: Command) -> Result<()> {
                     vec![
                         v.name.clone(),
                         v.machine.clone(),
-                        if v.node_reachable { v.state.clone() } else { format!("{}?", v.state) },
+                        if v.node_reachable {
+                            v.state.clone()
+                        } else {
+                            format!("{}?", v.state)
+                        },
                         opt(v.pid),
                         v.restarts.to_string(),
                         v.health.clone(),
@@ -228,7 +274,19 @@ async fn command(cmd: Command) -> Result<()> {
                     ]
                 })
                 .collect();
-            table(&["NAME", "MACHINE", "STATE", "PID", "RESTARTS", "HEALTH", "IP", "LAST EXIT"], &rows);
+            table(
+                &[
+                    "NAME",
+                    "MACHINE",
+                    "STATE",
+                    "PID",
+                    "RESTARTS",
+                    "HEALTH",
+                    "IP",
+                    "LAST EXIT",
+                ],
+                &rows,
+            );
         }
         Command::Nodes { target, json } => {
             let list: Vec<NodeView> = client::call(&target.data_dir, &Request::Nodes).await?;
@@ -246,21 +304,49 @@ async fn command(cmd: Command) -> Result<()> {
                         n.public_ip.to_string(),
                         opt(n.last_seen.map(ago)),
                         format!("{:.2}", s.load1),
-                        format!("{} / {}", bytes(s.mem_total.saturating_sub(s.mem_available)), bytes(s.mem_total)),
+                        format!(
+                            "{} / {}",
+                            bytes(s.mem_total.saturating_sub(s.mem_available)),
+                            bytes(s.mem_total)
+                        ),
                         n.services.to_string(),
                         opt(n.version.clone()),
                     ]
                 })
                 .collect();
-            table(&["NAME", "STATE", "OVERLAY IP", "PUBLIC IP", "LAST SEEN", "LOAD", "MEMORY", "SERVICES", "VERSION"], &rows);
+            table(
+                &[
+                    "NAME",
+                    "STATE",
+                    "OVERLAY IP",
+                    "PUBLIC IP",
+                    "LAST SEEN",
+                    "LOAD",
+                    "MEMORY",
+                    "SERVICES",
+                    "VERSION",
+                ],
+                &rows,
+            );
         }
-        Command::Audit { limit, target, json } => {
-            let log: Vec<AuditEntry> = client::call(&target.data_dir, &Request::Audit { limit }).await?;
+        Command::Audit {
+            limit,
+            target,
+            json,
+        } => {
+            let log: Vec<AuditEntry> =
+                client::call(&target.data_dir, &Request::Audit { limit }).await?;
             if json.json {
                 return print_json(&log);
             }
             for e in &log {
-                println!("{}  {:<7} {:<20} by {}", utc(e.at), e.action, e.subject, e.actor);
+                println!(
+                    "{}  {:<7} {:<20} by {}",
+                    utc(e.at),
+                    e.action,
+                    e.subject,
+                    e.actor
+                );
                 if let Some(old) = &e.old {
                     println!("    old: {old}");
                 }
@@ -276,7 +362,9 @@ async fn command(cmd: Command) -> Result<()> {
                     .file_name()
                     .and_then(|n| n.to_str())
                     .map(str::to_owned)
-                    .with_context(|| format!("{} has no file name; give the image a NAME", file.display()))?,
+                    .with_context(|| {
+                        format!("{} has no file name; give the image a NAME", file.display())
+                    })?,
             };
             let v = client::push(&target.data_dir, &file, &name).await?;
             println!(
@@ -285,8 +373,16 @@ async fn command(cmd: Command) -> Result<()> {
                 v["hash"].as_str().unwrap_or("?")
             );
         }
-        Command::Logs { name, follow, lines, target } => client::logs(&target.data_dir, &name, lines, follow).await?,
-        Command::Master(_) | Command::Minion(_) | Command::Uninstall { .. } | Command::Demo { .. } => {
+        Command::Logs {
+            name,
+            follow,
+            lines,
+            target,
+        } => client::logs(&target.data_dir, &name, lines, follow).await?,
+        Command::Master(_)
+        | Command::Minion(_)
+        | Command::Uninstall { .. }
+        | Command::Demo { .. } => {
             bail!("not a client command")
         }
     }
@@ -296,10 +392,13 @@ async fn command(cmd: Command) -> Result<()> {
 fn read_spec(file: &Path) -> Result<(String, String)> {
     if file == Path::new("-") {
         let mut text = String::new();
-        std::io::stdin().read_to_string(&mut text).context("cannot read the spec from stdin")?;
+        std::io::stdin()
+            .read_to_string(&mut text)
+            .context("cannot read the spec from stdin")?;
         return Ok(("<stdin>".into(), text));
     }
-    let text = std::fs::read_to_string(file).with_context(|| format!("cannot read spec file {}", file.display()))?;
+    let text = std::fs::read_to_string(file)
+        .with_context(|| format!("cannot read spec file {}", file.display()))?;
     Ok((file.display().to_string(), text))
 }
 
@@ -308,9 +407,16 @@ async fn apply(a: ApplyArgs, update: bool) -> Result<()> {
     // Check locally first for a quick answer; the master checks again
     // against the cluster and is the authority.
     phoenix_model::spec::parse_specs(&source, &text)?;
-    let req = if update { Request::Update { source, text } } else { Request::Deploy { source, text } };
+    let req = if update {
+        Request::Update { source, text }
+    } else {
+        Request::Deploy { source, text }
+    };
     let applied: Vec<Value> = client::call(&a.target.data_dir, &req).await?;
-    let names: Vec<String> = applied.iter().filter_map(|v| v["name"].as_str().map(str::to_owned)).collect();
+    let names: Vec<String> = applied
+        .iter()
+        .filter_map(|v| v["name"].as_str().map(str::to_owned))
+        .collect();
     if !a.json.json {
         for v in &applied {
             println!(

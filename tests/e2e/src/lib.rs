@@ -1,1 +1,455 @@
+//! The end-to-end harness: real `phoenix` daemons and real `testy` services.
+//!
+//! A [`Cluster`] is a master and some minions, each a `phoenix ... --foreground`
+//! process with its own data dir under one temporary directory, talking over
+//! loopback. Dropping it (also when a test panics) kills the daemons and
+//! every service process group the minions recorded, and removes the dir.
+//!
+//! The binaries come from the same target dir as the test executable, so run
+//! `cargo build --workspace` before `cargo test --workspace` (the README's
+//! test command does both).
 
+use std::collections::HashMap;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicU16, Ordering};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+/// The directory holding the workspace's binaries.
+pub fn bin_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    // target/debug/deps/e2e-xxxx → target/debug
+    exe.parent()
+        .and_then(Path::parent)
+        .expect("target dir")
+        .to_owned()
+}
+
+pub fn bin(name: &str) -> PathBuf {
+    let p = bin_dir().join(name);
+    assert!(
+        p.exists(),
+        "{} is missing: run `cargo build --workspace` before the tests",
+        p.display()
+    );
+    p
+}
+
+/// A TCP port nobody listens on now. Ports are handed out from a range
+/// chosen per test process, so parallel tests do not collide.
+pub fn free_port() -> u16 {
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    let base = 20000 + (std::process::id() % 20000) as u16;
+    let _ = NEXT.compare_exchange(0, base, Ordering::SeqCst, Ordering::SeqCst);
+    loop {
+        let p = NEXT.fetch_add(1, Ordering::SeqCst);
+        let p = 20000 + p % 40000;
+        let v4 = TcpListener::bind(("127.0.0.1", p)).is_ok();
+        let v6 = TcpListener::bind(("::1", p)).is_ok();
+        if v4 && v6 {
+            return p;
+        }
+    }
+}
+
+/// Polls `f` until it returns `Some`, or panics after `timeout` naming `what`.
+pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(
+            start.elapsed() < timeout,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Whether a process exists (and is not a zombie).
+pub fn alive(pid: u64) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+        s.rsplit(')')
+            .next()
+            .is_some_and(|r| !r.trim_start().starts_with('Z'))
+    })
+}
+
+fn kill(pid: i32, sig: i32) {
+    // SAFETY: kill(2) with integers only; a stale pid just fails.
+    unsafe {
+        libc::kill(pid, sig);
+    }
+}
+
+pub struct Cluster {
+    pub dir: tempfile::TempDir,
+    master: Option<Child>,
+    minions: HashMap<String, Child>,
+    pub join_port: u16,
+    pub link_port: u16,
+    pub key: String,
+    /// Extra flags for every minion.
+    pub minion_flags: Vec<String>,
+}
+
+impl Cluster {
+    /// A master and accepted minions `m1..=mN`, with testy pushed as `testy`.
+    pub fn start(minions: usize) -> Cluster {
+        let mut c = Cluster::master_only();
+        for i in 1..=minions {
+            c.start_minion(&format!("m{i}"));
+        }
+        for i in 1..=minions {
+            let name = format!("m{i}");
+            c.wait_waiting(&name);
+            c.ok(&["accept", &name]);
+        }
+        for i in 1..=minions {
+            c.wait_reachable(&format!("m{i}"));
+        }
+        c.ok(&["push", bin("testy").to_str().unwrap(), "testy"]);
+        c
+    }
+
+    pub fn master_only() -> Cluster {
+        let dir = tempfile::Builder::new()
+            .prefix("phoenix-e2e-")
+            .tempdir()
+            .expect("temp dir");
+        let mut c = Cluster {
+            dir,
+            master: None,
+            minions: HashMap::new(),
+            join_port: free_port(),
+            link_port: free_port(),
+            key: String::new(),
+            minion_flags: [
+                "--health-grace-ms",
+                "600",
+                "--health-interval-ms",
+                "200",
+                "--health-timeout-ms",
+                "500",
+                "--stop-timeout-ms",
+                "1500",
+            ]
+            .iter()
+            .map(|s| s.to_string())
+            .collect(),
+        };
+        c.start_master();
+        c.key = c.json(&["master-info", "--json"])["key"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        c
+    }
+
+    pub fn master_dir(&self) -> PathBuf {
+        self.dir.path().join("master")
+    }
+
+    pub fn minion_dir(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    fn spawn(&self, args: &[String], log: &str) -> Child {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join(log))
+            .unwrap();
+        Command::new(bin("phoenix"))
+            .args(args)
+            .env("PHOENIX_LOG", "debug")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("spawn phoenix")
+    }
+
+    pub fn start_master(&mut self) {
+        assert!(self.master.is_none(), "master already running");
+        let args: Vec<String> = [
+            "master",
+            "127.0.0.1",
+            "--foreground",
+            "--data-dir",
+            self.master_dir().to_str().unwrap(),
+            "--join-port",
+            &self.join_port.to_string(),
+            "--link-port",
+            &self.link_port.to_string(),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        self.master = Some(self.spawn(&args, "master.log"));
+        let sock = self.master_dir().join("phoenix.sock");
+        wait_for("the master's socket", Duration::from_secs(10), || {
+            std::os::unix::net::UnixStream::connect(&sock).ok()
+        });
+    }
+
+    pub fn kill_master(&mut self) {
+        if let Some(mut m) = self.master.take() {
+            let _ = m.kill();
+            let _ = m.wait();
+        }
+    }
+
+    pub fn minion_args(&self, name: &str, key: &str) -> Vec<String> {
+        let mut args: Vec<String> = [
+            "minion",
+            name,
+            "127.0.0.1",
+            key,
+            "127.0.0.1",
+            "127.0.0.1",
+            "--foreground",
+            "--data-dir",
+            self.minion_dir(name).to_str().unwrap(),
+            "--master-join-port",
+            &self.join_port.to_string(),
+            "--master-link-port",
+            &self.link_port.to_string(),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        args.extend(self.minion_flags.iter().cloned());
+        args
+    }
+
+    pub fn start_minion(&mut self, name: &str) {
+        let args = self.minion_args(name, &self.key.clone());
+        let child = self.spawn(&args, &format!("{name}.log"));
+        self.minions.insert(name.to_owned(), child);
+    }
+
+    /// SIGKILL, as a crash would; the minion's services are left running.
+    pub fn kill_minion(&mut self, name: &str) {
+        if let Some(mut m) = self.minions.remove(name) {
+            let _ = m.kill();
+            let _ = m.wait();
+        }
+    }
+
+    pub fn minion_pid(&self, name: &str) -> u32 {
+        self.minions[name].id()
+    }
+
+    /// Runs the CLI against this cluster's master.
+    pub fn phoenix(&self, args: &[&str]) -> Output {
+        Command::new(bin("phoenix"))
+            .args(args)
+            .env("PHOENIX_DATA_DIR", self.master_dir())
+            .stdin(Stdio::null())
+            .output()
+            .expect("run phoenix")
+    }
+
+    /// Runs the CLI with `stdin` as its input.
+    pub fn phoenix_stdin(&self, args: &[&str], stdin: &str) -> Output {
+        use std::io::Write;
+        let mut child = Command::new(bin("phoenix"))
+            .args(args)
+            .env("PHOENIX_DATA_DIR", self.master_dir())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("run phoenix");
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(stdin.as_bytes())
+            .unwrap();
+        child.wait_with_output().unwrap()
+    }
+
+    /// Runs the CLI and asserts it succeeded; returns stdout.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let out = self.phoenix(args);
+        assert!(
+            out.status.success(),
+            "phoenix {args:?} failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    /// Runs the CLI, asserts it failed, returns stderr.
+    pub fn fails(&self, args: &[&str]) -> String {
+        let out = self.phoenix(args);
+        assert!(
+            !out.status.success(),
+            "phoenix {args:?} should have failed: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        String::from_utf8(out.stderr).unwrap()
+    }
+
+    pub fn json(&self, args: &[&str]) -> Value {
+        serde_json::from_str(&self.ok(args)).expect("JSON output")
+    }
+
+    pub fn wait_waiting(&self, name: &str) {
+        wait_for(
+            &format!("{name} in `phoenix waiting`"),
+            Duration::from_secs(15),
+            || {
+                let w = self.json(&["waiting", "--json"]);
+                w.as_array()?
+                    .iter()
+                    .any(|n| n["name"] == name)
+                    .then_some(())
+            },
+        );
+    }
+
+    pub fn wait_reachable(&self, name: &str) {
+        wait_for(
+            &format!("{name} to be reachable"),
+            Duration::from_secs(15),
+            || {
+                let nodes = self.json(&["nodes", "--json"]);
+                nodes
+                    .as_array()?
+                    .iter()
+                    .any(|n| n["name"] == name && n["state"] == "reachable")
+                    .then_some(())
+            },
+        );
+    }
+
+    /// Writes specs to a file and deploys (or updates) them, waiting for them to run.
+    pub fn apply(&self, verb: &str, specs: &Value) -> String {
+        let path = self.dir.path().join(format!("spec-{}.json", free_port()));
+        std::fs::write(&path, specs.to_string()).unwrap();
+        self.ok(&[verb, path.to_str().unwrap(), "--timeout", "30"])
+    }
+
+    pub fn status(&self, name: &str) -> Value {
+        self.json(&["status", name, "--json"])
+    }
+
+    /// Waits until `pred` holds for the service's status; returns it.
+    pub fn wait_status(&self, name: &str, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+        let mut last = Value::Null;
+        let found = (|| {
+            let start = Instant::now();
+            while start.elapsed() < Duration::from_secs(20) {
+                let s = self.status(name);
+                if pred(&s) {
+                    return Some(s);
+                }
+                last = s;
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            None
+        })();
+        found.unwrap_or_else(|| {
+            panic!("timed out waiting for {name} to be {what}; last status: {last}")
+        })
+    }
+
+    /// The pid a minion recorded for a service (read from its disk, so it
+    /// works with the master down).
+    pub fn recorded_pid(&self, minion: &str, service: &str) -> Option<u64> {
+        let text = std::fs::read_to_string(
+            self.minion_dir(minion)
+                .join("run")
+                .join(format!("{service}.json")),
+        )
+        .ok()?;
+        serde_json::from_str::<Value>(&text).ok()?["pid"].as_u64()
+    }
+
+    /// The debug log of a daemon, for failure messages.
+    pub fn log(&self, daemon: &str) -> String {
+        std::fs::read_to_string(self.dir.path().join(format!("{daemon}.log"))).unwrap_or_default()
+    }
+}
+
+/// A testy service spec on `machine` listening on a free port.
+pub fn testy(machine: &str, name: &str, args: &[&str]) -> Value {
+    json!({
+        "machine": machine, "name": name, "image": "testy", "type": "binary",
+        "proxyport": free_port(), "args": args,
+    })
+}
+
+/// Fetches `path` from a local port over HTTP/1.1; returns (status, body).
+pub fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect_timeout(
+        &([127, 0, 0, 1], port).into(),
+        Duration::from_secs(2),
+    )
+    .ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).ok()?;
+    let code = resp.split_whitespace().nth(1)?.parse().ok()?;
+    let body = resp
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    Some((code, body))
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for (_, mut m) in self.minions.drain() {
+            let _ = m.kill();
+            let _ = m.wait();
+        }
+        self.kill_master();
+        // Services outlive their minion by design; end every group recorded.
+        for entry in std::fs::read_dir(self.dir.path())
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let run = entry.path().join("run");
+            for rec in std::fs::read_dir(run).into_iter().flatten().flatten() {
+                let Ok(text) = std::fs::read_to_string(rec.path()) else {
+                    continue;
+                };
+                if let Some(pid) = serde_json::from_str::<Value>(&text)
+                    .ok()
+                    .and_then(|v| v["pid"].as_i64())
+                    && pid > 1
+                {
+                    kill(-(pid as i32), libc::SIGKILL);
+                }
+            }
+        }
+        if std::thread::panicking() {
+            for d in ["master", "m1", "m2", "m3"] {
+                let log = self.log(d);
+                if !log.is_empty() {
+                    let tail: Vec<&str> = log.lines().rev().take(40).collect();
+                    eprintln!("---- {d}.log (last lines) ----");
+                    for l in tail.iter().rev() {
+                        eprintln!("{l}");
+                    }
+                }
+            }
+        }
+    }
+}
