@@ -558,3 +558,55 @@ fn join_needs_accept_and_the_right_master_key() {
             .contains("no join request from \"m3\" is waiting")
     );
 }
+
+#[test]
+fn logs_rotate_by_size_and_nodes_report_resources() {
+    let mut c = Cluster::master_only();
+    c.minion_flags
+        .extend(["--log-max-bytes".to_owned(), "4000".to_owned()]);
+    c.start_minion("m1");
+    c.wait_waiting("m1");
+    c.ok(&["accept", "m1"]);
+    c.wait_reachable("m1");
+    c.ok(&["push", phoenix_e2e::bin("testy").to_str().unwrap(), "testy"]);
+    let spec = testy("m1", "chatty", &[]);
+    c.apply("deploy", &spec);
+    // Every request writes a line of about 50 bytes.
+    for i in 0..200 {
+        http_get(port(&spec), &format!("/request-number-{i}")).unwrap();
+    }
+    let logs = c.minion_dir("m1").join("logs");
+    wait_for("a rotated log", Duration::from_secs(10), || {
+        logs.join("chatty.log.1").exists().then_some(())
+    });
+    let live = std::fs::metadata(logs.join("chatty.log")).unwrap().len();
+    assert!(live < 8000, "the live log is {live} bytes after rotation");
+    assert!(
+        !logs.join("chatty.log.4").exists(),
+        "only three rotated copies are kept"
+    );
+    // The newest lines are still served.
+    let tail = c.ok(&["logs", "chatty", "-n", "5"]);
+    assert!(tail.contains("/request-number-199"), "{tail}");
+
+    let nodes = wait_for("node stats", Duration::from_secs(10), || {
+        let n = c.json(&["nodes", "--json"]);
+        n[0]["stats"].is_object().then_some(n)
+    });
+    let n = &nodes[0];
+    assert_eq!(
+        (n["name"].as_str(), n["state"].as_str()),
+        (Some("m1"), Some("reachable"))
+    );
+    assert_eq!(n["services"], 1);
+    assert_eq!(n["overlay_ip"], "fd38:dde8:32dd::2");
+    assert!(n["stats"]["mem_total"].as_u64().unwrap() > 0);
+    assert!(n["stats"]["disk_total"].as_u64().unwrap() > 0);
+    assert!(n["stats"]["minion_rss"].as_u64().unwrap() > 0);
+    assert!(n["version"].is_string() && n["last_seen"].is_u64());
+    let table = c.ok(&["nodes"]);
+    assert!(
+        table.starts_with("NAME") && table.contains("reachable"),
+        "{table}"
+    );
+}
