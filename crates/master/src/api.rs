@@ -64,6 +64,15 @@ async fn connection(hub: Arc<Hub>, mut stream: UnixStream) -> Result<(), BoxErro
             return logs(&hub, stream, &name, tail, follow).await;
         }
         Request::Push { name, size } => push(&hub, &mut stream, &who, name, size).await,
+        Request::Accept { name } => {
+            let h = hub.clone();
+            let w = who.clone();
+            match tokio::task::spawn_blocking(move || h.accept(&w, &name)).await? {
+                Ok(node) => hub.admit(&node).await,
+                Err(e) => Err(e),
+            }
+        }
+        Request::Forget { name } => hub.forget(&who, &name).await,
         Request::Wait { names, timeout_ms } => hub
             .wait(&names, Duration::from_millis(timeout_ms))
             .await
@@ -88,7 +97,6 @@ fn handle(hub: &Hub, who: &str, req: Request) -> Result<serde_json::Value, ApiEr
     match req {
         Request::MasterInfo => Ok(json!(hub.master_info()?)),
         Request::Waiting => Ok(json!(hub.waiting()?)),
-        Request::Accept { name } => hub.accept(who, &name),
         Request::Reject { name } => hub.reject(who, &name),
         Request::Deploy { source, text } => hub.apply(who, Apply::Deploy, &source, &text),
         Request::Update { source, text } => hub.apply(who, Apply::Update, &source, &text),
@@ -98,9 +106,11 @@ fn handle(hub: &Hub, who: &str, req: Request) -> Result<serde_json::Value, ApiEr
         Request::Services => Ok(json!(hub.services()?)),
         Request::Nodes => Ok(json!(hub.nodes()?)),
         Request::Audit { limit } => Ok(json!(hub.store().read()?.audit_log(limit)?)),
-        Request::Logs { .. } | Request::Push { .. } | Request::Wait { .. } => {
-            Err(ApiError::Refused("request handled elsewhere".into()))
-        }
+        Request::Logs { .. }
+        | Request::Push { .. }
+        | Request::Wait { .. }
+        | Request::Accept { .. }
+        | Request::Forget { .. } => Err(ApiError::Refused("request handled elsewhere".into())),
     }
 }
 

@@ -9,7 +9,7 @@
 use std::collections::{BTreeSet, HashMap};
 use std::net::Ipv6Addr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use phoenix_model::net;
 use phoenix_model::proto::{MasterInfo, NodeView, ServiceView, ToMinion, WaitingNode};
@@ -21,6 +21,7 @@ use tokio::sync::{mpsc, watch};
 use crate::registry::{ImageRef, Registry, RegistryError};
 use crate::store::{Node, Service, Store, StoreError};
 use phoenix_model::keys::fingerprint;
+use phoenix_overlay::{Overlay, PeerConfig};
 
 /// An error an API caller sees; the message says what and why.
 #[derive(Debug, thiserror::Error)]
@@ -56,10 +57,31 @@ pub enum LogEvent {
     End(Option<String>),
 }
 
+/// Policy knobs from the master's command line.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    pub auto_accept: bool,
+    pub node_timeout: std::time::Duration,
+}
+
+/// The overlay peer for an accepted node: its overlay address, reachable at
+/// its public IP (the minion keeps the path open with keepalives; the
+/// endpoint lets a restarted master reach it first).
+pub fn peer_config(n: &Node) -> PeerConfig {
+    PeerConfig {
+        key: n.key.clone(),
+        allowed: n.overlay_ip.map(|ip| vec![(ip, 128)]).unwrap_or_default(),
+        endpoint: Some(std::net::SocketAddr::new(n.public_ip, n.wg_port)),
+        keepalive: None,
+    }
+}
+
 pub struct Hub {
     store: Mutex<Store>,
     pub registry: Registry,
     pub info: MasterInfo,
+    pub overlay: Option<Arc<Overlay>>,
+    pub settings: Settings,
     links: Mutex<HashMap<String, Link>>,
     statuses: Mutex<HashMap<String, ServiceStatus>>,
     seen: Mutex<HashMap<String, NodeSeen>>,
@@ -86,11 +108,19 @@ pub enum Apply {
 }
 
 impl Hub {
-    pub fn new(store: Store, registry: Registry, info: MasterInfo) -> Self {
+    pub fn new(
+        store: Store,
+        registry: Registry,
+        info: MasterInfo,
+        overlay: Option<Arc<Overlay>>,
+        settings: Settings,
+    ) -> Self {
         Hub {
             store: Mutex::new(store),
             registry,
             info,
+            overlay,
+            settings,
             links: Mutex::default(),
             statuses: Mutex::default(),
             seen: Mutex::default(),
@@ -127,6 +157,7 @@ impl Hub {
             .into_iter()
             .map(|n| WaitingNode {
                 fingerprint: fingerprint(&n.key),
+                token_proof: n.token_proof,
                 name: n.name,
                 key: n.key,
                 public_ip: n.public_ip,
@@ -141,8 +172,9 @@ impl Hub {
         self.membership.subscribe()
     }
 
-    pub fn accept(&self, actor: &str, name: &str) -> Result<Value, ApiError> {
-        let node = self.store().write(|tx| -> Result<Node, ApiError> {
+    /// Records a waiting node as accepted; [`Hub::admit`] then lets it in.
+    pub fn accept(&self, actor: &str, name: &str) -> Result<Node, ApiError> {
+        self.store().write(|tx| -> Result<Node, ApiError> {
             let node = match tx.node(name)? {
                 Some(n) if n.accepted => {
                     return Err(ApiError::Refused(format!(
@@ -157,10 +189,62 @@ impl Hub {
             let node = tx.node(name)?.unwrap_or(node);
             tx.audit(actor, "accept", name, None, Some(&json!(node)))?;
             Ok(node)
-        })?;
+        })
+    }
+
+    /// Adds an accepted node's overlay peer, then wakes whoever waits on its
+    /// admission (its held join connection, a waiting link).
+    pub async fn admit(&self, node: &Node) -> Result<Value, ApiError> {
+        if let Some(o) = &self.overlay {
+            o.set_peer(&peer_config(node)).await.map_err(|e| {
+                ApiError::Refused(format!(
+                    "node {:?} is accepted, but its overlay peer failed: {e}",
+                    node.name
+                ))
+            })?;
+        }
         self.membership.send_modify(|n| *n += 1);
-        tracing::info!(node = name, ip = ?node.overlay_ip, "node accepted");
+        tracing::info!(node = %node.name, ip = ?node.overlay_ip, "node accepted");
         Ok(json!(node))
+    }
+
+    /// Removes an accepted node, its key and its overlay peer; refused while
+    /// services are placed on it.
+    pub async fn forget(&self, actor: &str, name: &str) -> Result<Value, ApiError> {
+        let node = self.store().write(|tx| -> Result<Node, ApiError> {
+            let node = match tx.node(name)? {
+                Some(n) if n.accepted => n,
+                Some(_) => {
+                    return Err(ApiError::Refused(format!(
+                        "node {name:?} is waiting, not accepted; use `phoenix reject {name}`"
+                    )));
+                }
+                None => return Err(ApiError::Refused(format!("no node {name:?} (see `phoenix nodes`)"))),
+            };
+            let placed: Vec<String> = tx.services_on(name)?.into_iter().map(|s| s.spec.name).collect();
+            if !placed.is_empty() {
+                return Err(ApiError::Refused(format!(
+                    "node {name:?} still runs {}; `phoenix del` them or `phoenix update` them onto another machine first",
+                    placed.join(", ")
+                )));
+            }
+            tx.delete_node(name)?;
+            tx.audit(actor, "forget", name, Some(&json!(node)), None)?;
+            Ok(node)
+        })?;
+        if let Some(o) = &self.overlay {
+            o.remove_peer(&node.key).await.map_err(|e| {
+                ApiError::Refused(format!(
+                    "node {name:?} is forgotten, but removing its peer failed: {e}"
+                ))
+            })?;
+        }
+        // Dropping the link's sender ends its writer and closes the connection.
+        lock(&self.links).remove(name);
+        lock(&self.seen).remove(name);
+        self.membership.send_modify(|n| *n += 1);
+        tracing::info!(node = name, "node forgotten");
+        Ok(json!({ "forgotten": name }))
     }
 
     pub fn reject(&self, actor: &str, name: &str) -> Result<Value, ApiError> {
@@ -554,7 +638,7 @@ impl Hub {
         s.stats = Some(stats);
     }
 
-    fn touch(&self, node: &str) {
+    pub fn touch(&self, node: &str) {
         lock(&self.seen)
             .entry(node.to_owned())
             .or_default()

@@ -21,8 +21,10 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use phoenix_model::keys::{self, KeyPair};
 use phoenix_model::net;
 use phoenix_model::proto::MasterInfo;
+use phoenix_overlay::{Overlay, OverlayConfig};
 use tokio::net::{TcpListener, UnixListener};
 
 pub const DEFAULT_JOIN_PORT: u16 = 51821;
@@ -34,6 +36,19 @@ pub struct MasterConfig {
     pub public_ip: IpAddr,
     pub join_port: u16,
     pub link_port: u16,
+    /// The WireGuard overlay; `None` runs the links in clear text (for
+    /// single-host development without root only).
+    pub overlay: Option<OverlaySettings>,
+    /// Admit minions that prove the join token without a manual `accept`.
+    pub auto_accept: bool,
+    /// A minion silent this long is marked unreachable.
+    pub node_timeout: std::time::Duration,
+}
+
+#[derive(Clone, Debug)]
+pub struct OverlaySettings {
+    pub wg_port: u16,
+    pub tun_name: String,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -57,6 +72,8 @@ pub enum MasterError {
     Registry(#[from] registry::RegistryError),
     #[error(transparent)]
     Key(#[from] phoenix_model::keys::KeyError),
+    #[error(transparent)]
+    Overlay(#[from] phoenix_overlay::OverlayError),
 }
 
 /// The CLI socket's path in a data dir.
@@ -99,9 +116,18 @@ pub async fn run(cfg: MasterConfig) -> Result<(), MasterError> {
     std::fs::create_dir_all(&cfg.data_dir).map_err(dir_err)?;
     std::fs::set_permissions(&cfg.data_dir, std::fs::Permissions::from_mode(0o700))
         .map_err(dir_err)?;
-    let key = phoenix_model::keys::KeyPair::load_or_create(&cfg.data_dir.join("master.key"))?;
-    let store = store::Store::open(&cfg.data_dir.join("phoenix.db"))?;
+    let key = KeyPair::load_or_create(&cfg.data_dir.join("master.key"))?;
+    let mut store = store::Store::open(&cfg.data_dir.join("phoenix.db"))?;
     store.set_meta("public_ip", &cfg.public_ip.to_string())?;
+    let token = match store.meta("join_token")? {
+        Some(t) => t,
+        None => {
+            let t = keys::new_token();
+            store.set_meta("join_token", &t)?;
+            t
+        }
+    };
+    let members = store.read()?.nodes(true)?;
     let registry = registry::Registry::open(cfg.data_dir.join("registry"))?;
 
     let sock = socket_path(&cfg.data_dir);
@@ -118,7 +144,28 @@ pub async fn run(cfg: MasterConfig) -> Result<(), MasterError> {
     })?;
     std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o600)).map_err(dir_err)?;
     let join = bind(cfg.public_ip, cfg.join_port, "join endpoint").await?;
-    let link = bind(cfg.public_ip, cfg.link_port, "minion link").await?;
+
+    // The overlay comes up first: with it, the minion links listen on the
+    // master's overlay address only, never on the public one.
+    let overlay = match &cfg.overlay {
+        Some(o) => Some(Arc::new(
+            Overlay::start(OverlayConfig {
+                tun_name: o.tun_name.clone(),
+                address: Some(net::MASTER_IP),
+                listen_port: o.wg_port,
+                private_key: key.secret_bytes(),
+                peers: members.iter().map(hub::peer_config).collect(),
+            })
+            .await?,
+        )),
+        None => None,
+    };
+    let link_ip = if overlay.is_some() {
+        IpAddr::V6(net::MASTER_IP)
+    } else {
+        cfg.public_ip
+    };
+    let link = bind(link_ip, cfg.link_port, "minion link").await?;
 
     let info = MasterInfo {
         public_ip: cfg.public_ip,
@@ -127,13 +174,26 @@ pub async fn run(cfg: MasterConfig) -> Result<(), MasterError> {
         next_minion_ip: net::node_ip(1),
         join_port: join.local_addr().map(|a| a.port()).unwrap_or(cfg.join_port),
         link_port: link.local_addr().map(|a| a.port()).unwrap_or(cfg.link_port),
+        wg_port: cfg.overlay.as_ref().map(|o| o.wg_port),
+        token,
         version: env!("CARGO_PKG_VERSION").into(),
     };
-    tracing::info!(
-        public_ip = %cfg.public_ip, join_port = info.join_port, link_port = info.link_port,
-        key = %info.key, "master up; minion links are clear-text TCP until the WireGuard overlay lands"
-    );
-    let hub = Arc::new(hub::Hub::new(store, registry, info));
+    if overlay.is_some() {
+        tracing::info!(
+            public_ip = %cfg.public_ip, join_port = info.join_port, wg_port = ?info.wg_port, key = %info.key,
+            "master up; minion links on the overlay at [{}]:{}", net::MASTER_IP, info.link_port
+        );
+    } else {
+        tracing::warn!(
+            public_ip = %cfg.public_ip, join_port = info.join_port, link_port = info.link_port,
+            "master up WITHOUT the overlay: minion links are clear-text TCP (development only)"
+        );
+    }
+    let settings = hub::Settings {
+        auto_accept: cfg.auto_accept,
+        node_timeout: cfg.node_timeout,
+    };
+    let hub = Arc::new(hub::Hub::new(store, registry, info, overlay, settings));
     tokio::spawn(join::serve(hub.clone(), join));
     tokio::spawn(link::serve(hub.clone(), link));
     api::serve(hub, api).await;

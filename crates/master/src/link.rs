@@ -118,13 +118,13 @@ async fn link(
             }
         }
     }
-    write_frame(
-        &mut stream,
-        &ToMinion::Welcome {
-            master_key: hub.info.key.clone(),
-        },
-    )
-    .await?;
+    let timeout = hub.settings.node_timeout;
+    let heartbeat = timeout / 3;
+    let welcome = ToMinion::Welcome {
+        master_key: hub.info.key.clone(),
+        heartbeat_ms: heartbeat.as_millis() as u64,
+    };
+    write_frame(&mut stream, &welcome).await?;
     tracing::info!(node = %name, revision, "minion connected");
 
     let (mut rd, mut wr) = stream.into_split();
@@ -132,7 +132,15 @@ async fn link(
     let conn = hub.connect(&name, &version, tx);
     hub.push_desired(&name);
     let writer = tokio::spawn(async move {
-        while let Some(msg) = rx.recv().await {
+        let mut beat = tokio::time::interval(heartbeat);
+        loop {
+            let msg = tokio::select! {
+                msg = rx.recv() => match msg {
+                    Some(m) => m,
+                    None => break,
+                },
+                _ = beat.tick() => ToMinion::Heartbeat,
+            };
             if write_frame(&mut wr, &msg).await.is_err() {
                 break;
             }
@@ -140,8 +148,22 @@ async fn link(
         let _ = wr.shutdown().await;
     });
     let result = async {
-        while let Some(msg) = read_frame::<_, ToMaster>(&mut rd, MAX_FRAME).await? {
+        loop {
+            // A minion heartbeats every third of the timeout; silence this
+            // long means it is gone (cut off, or its host is down).
+            let msg =
+                match tokio::time::timeout(timeout, read_frame::<_, ToMaster>(&mut rd, MAX_FRAME))
+                    .await
+                {
+                    Ok(Ok(Some(m))) => m,
+                    Ok(Ok(None)) => return Ok(()),
+                    Ok(Err(e)) => return Err(e.into()),
+                    Err(_) => {
+                        return Err(format!("no heartbeat for {} ms", timeout.as_millis()).into());
+                    }
+                };
             match msg {
+                ToMaster::Heartbeat => hub.touch(&name),
                 ToMaster::Status { services, full } => hub.report_status(&name, services, full),
                 ToMaster::Gone { names } => hub.report_gone(&name, names),
                 ToMaster::Node(stats) => hub.report_node(&name, stats),
@@ -152,7 +174,6 @@ async fn link(
                 }
             }
         }
-        Ok(())
     }
     .await;
     hub.disconnect(&name, conn);

@@ -42,6 +42,8 @@ CREATE TABLE IF NOT EXISTS nodes (
     public_ip    TEXT NOT NULL,
     private_ip   TEXT NOT NULL,
     overlay_ip   TEXT UNIQUE,
+    wg_port      INTEGER NOT NULL,
+    token_proof  INTEGER NOT NULL DEFAULT 0,
     version      TEXT NOT NULL,
     requested_at INTEGER NOT NULL,
     accepted_at  INTEGER,
@@ -79,6 +81,10 @@ pub struct Node {
     pub public_ip: IpAddr,
     pub private_ip: IpAddr,
     pub overlay_ip: Option<Ipv6Addr>,
+    /// The minion's WireGuard port on its public IP.
+    pub wg_port: u16,
+    /// Whether its join request proved the join token.
+    pub token_proof: bool,
     pub version: String,
     pub requested_at: u64,
     pub accepted_at: Option<u64>,
@@ -195,7 +201,7 @@ fn node_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<[String; 6]> {
     ])
 }
 
-const NODE_COLS: &str = "name, key, state, public_ip, private_ip, overlay_ip, version, requested_at, accepted_at, revision";
+const NODE_COLS: &str = "name, key, state, public_ip, private_ip, overlay_ip, version, requested_at, accepted_at, revision, wg_port, token_proof";
 const SERVICE_COLS: &str = "spec, ip, image_hash, image_size, generation";
 
 impl Tx<'_> {
@@ -209,14 +215,23 @@ impl Tx<'_> {
             Ok((
                 node_from_row(r)?,
                 r.get::<_, String>(6)?,
-                r.get::<_, i64>(7)?,
-                r.get::<_, Option<i64>>(8)?,
-                r.get::<_, i64>(9)?,
+                [
+                    r.get::<_, i64>(7)?,
+                    r.get::<_, Option<i64>>(8)?.unwrap_or(-1),
+                    r.get::<_, i64>(9)?,
+                    r.get::<_, i64>(10)?,
+                ],
+                r.get::<_, bool>(11)?,
             ))
         })?;
         let mut out = Vec::new();
         for row in rows {
-            let ([name, key, state, public_ip, private_ip, overlay], version, req, acc, rev) = row?;
+            let (
+                [name, key, state, public_ip, private_ip, overlay],
+                version,
+                [req, acc, rev, wg_port],
+                token_proof,
+            ) = row?;
             out.push(Node {
                 name,
                 key,
@@ -228,9 +243,11 @@ impl Tx<'_> {
                 } else {
                     Some(parse("overlay ip", &overlay)?)
                 },
+                wg_port: u16::try_from(wg_port).unwrap_or(0),
+                token_proof,
                 version,
                 requested_at: req as u64,
-                accepted_at: acc.map(|a| a as u64),
+                accepted_at: (acc >= 0).then_some(acc as u64),
                 revision: rev as u64,
             });
         }
@@ -250,15 +267,17 @@ impl Tx<'_> {
 
     pub fn insert_waiting(&self, node: &Node) -> Result<()> {
         self.tx.execute(
-            "INSERT INTO nodes (name, key, state, public_ip, private_ip, version, requested_at)
-             VALUES (?1, ?2, 'waiting', ?3, ?4, ?5, ?6)",
+            "INSERT INTO nodes (name, key, state, public_ip, private_ip, version, requested_at, wg_port, token_proof)
+             VALUES (?1, ?2, 'waiting', ?3, ?4, ?5, ?6, ?7, ?8)",
             params![
                 node.name,
                 node.key,
                 node.public_ip.to_string(),
                 node.private_ip.to_string(),
                 node.version,
-                node.requested_at as i64
+                node.requested_at as i64,
+                node.wg_port,
+                node.token_proof
             ],
         )?;
         Ok(())
@@ -477,6 +496,8 @@ mod tests {
             public_ip: "10.0.0.2".parse().unwrap(),
             private_ip: "10.1.0.2".parse().unwrap(),
             overlay_ip: None,
+            wg_port: 51820,
+            token_proof: false,
             version: "0".into(),
             requested_at: 1,
             accepted_at: None,

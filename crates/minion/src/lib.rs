@@ -23,8 +23,15 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+
 use phoenix_model::keys::KeyPair;
+use phoenix_model::net;
+use phoenix_overlay::{Overlay, OverlayConfig, PeerConfig};
 use tokio::sync::mpsc;
+
+/// Masks an address down to the cluster's /48.
+const CLUSTER_MASK: Ipv6Addr = Ipv6Addr::new(0xffff, 0xffff, 0xffff, 0, 0, 0, 0, 0);
 
 pub use link::Identity;
 
@@ -35,12 +42,26 @@ pub struct MinionConfig {
     pub master_key: String,
     pub public_ip: std::net::IpAddr,
     pub private_ip: std::net::IpAddr,
-    pub join_addr: std::net::SocketAddr,
-    pub link_addr: std::net::SocketAddr,
+    pub master_ip: std::net::IpAddr,
+    pub master_join_port: u16,
+    pub master_link_port: u16,
+    /// The WireGuard overlay; `None` talks to the master in clear text (for
+    /// single-host development without root only).
+    pub overlay: Option<OverlaySettings>,
+    pub token: Option<String>,
     pub health: health::HealthTiming,
     pub stop_timeout: Duration,
     pub log_max_bytes: u64,
     pub stats_every: Duration,
+}
+
+#[derive(Clone, Debug)]
+pub struct OverlaySettings {
+    /// Our WireGuard port.
+    pub wg_port: u16,
+    /// The master's WireGuard port (on its public IP).
+    pub master_wg_port: u16,
+    pub tun_name: String,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -56,6 +77,8 @@ pub enum MinionError {
     Link(#[from] link::LinkError),
     #[error("log watcher: {0}")]
     Logs(std::io::Error),
+    #[error(transparent)]
+    Overlay(#[from] phoenix_overlay::OverlayError),
 }
 
 /// The minion's public key, creating its key pair on first use.
@@ -71,20 +94,28 @@ pub fn public_key(data_dir: &std::path::Path) -> Result<String, MinionError> {
 /// when the minion stops; the next start adopts them.
 pub async fn run(cfg: MinionConfig) -> Result<(), MinionError> {
     process::raise_nofile_limit();
-    let key = public_key(&cfg.data_dir)?;
-    let state =
-        state::LocalState::new(cfg.data_dir.clone()).map_err(|source| MinionError::DataDir {
-            path: cfg.data_dir.display().to_string(),
-            source,
-        })?;
+    let data_err = |source| MinionError::DataDir {
+        path: cfg.data_dir.display().to_string(),
+        source,
+    };
+    std::fs::create_dir_all(&cfg.data_dir).map_err(data_err)?;
+    let keys = KeyPair::load_or_create(&cfg.data_dir.join("minion.key"))?;
+    let key = keys.public();
+    let state = state::LocalState::new(cfg.data_dir.clone()).map_err(data_err)?;
+    let link_addr = match cfg.overlay {
+        Some(_) => SocketAddr::new(IpAddr::V6(net::MASTER_IP), cfg.master_link_port),
+        None => SocketAddr::new(cfg.master_ip, cfg.master_link_port),
+    };
     let id = Identity {
         name: cfg.name.clone(),
         key: key.clone(),
         master_key: cfg.master_key.clone(),
         public_ip: cfg.public_ip,
         private_ip: cfg.private_ip,
-        join_addr: cfg.join_addr,
-        link_addr: cfg.link_addr,
+        wg_port: cfg.overlay.as_ref().map_or(0, |o| o.wg_port),
+        token: cfg.token.clone(),
+        join_addr: SocketAddr::new(cfg.master_ip, cfg.master_join_port),
+        link_addr,
     };
     let files = logs::LogFiles {
         dir: cfg.data_dir.join("logs"),
@@ -96,7 +127,7 @@ pub async fn run(cfg: MinionConfig) -> Result<(), MinionError> {
     let ctx = Arc::new(supervisor::Ctx {
         images: images::ImageCache::new(
             cfg.data_dir.join("images"),
-            cfg.link_addr,
+            link_addr,
             cfg.name.clone(),
             key,
         ),
@@ -119,20 +150,40 @@ pub async fn run(cfg: MinionConfig) -> Result<(), MinionError> {
         );
         link::apply(&ctx, &mut sup, &mut revision, set);
     }
-    if !state.joined() {
-        link::join(&id).await?;
-        state.set_joined().map_err(|source| MinionError::DataDir {
-            path: cfg.data_dir.display().to_string(),
-            source,
-        })?;
-    }
-    tokio::select! {
-        r = link::run(id, ctx, sup, revision, report_rx, cfg.stats_every) => r?,
-        r = watcher => {
-            if let Ok(Err(e)) = r {
-                return Err(MinionError::Logs(e));
-            }
+    // The master is our peer before we even ask to join; it lets our
+    // handshakes in once an admin accepts us.
+    let overlay = match &cfg.overlay {
+        Some(o) => Some(
+            Overlay::start(OverlayConfig {
+                tun_name: o.tun_name.clone(),
+                address: state.overlay_ip(),
+                listen_port: o.wg_port,
+                private_key: keys.secret_bytes(),
+                peers: vec![PeerConfig {
+                    key: cfg.master_key.clone(),
+                    allowed: vec![(net::node_ip(0) & CLUSTER_MASK, 48)],
+                    endpoint: Some(SocketAddr::new(cfg.master_ip, o.master_wg_port)),
+                    keepalive: Some(phoenix_overlay::KEEPALIVE_SECS),
+                }],
+            })
+            .await?,
+        ),
+        None => None,
+    };
+    if state.overlay_ip().is_none() {
+        let ip = link::join(&id).await?;
+        if let Some(o) = &overlay {
+            o.set_address(ip)?;
         }
+        state.set_overlay_ip(ip).map_err(data_err)?;
     }
-    Ok(())
+    let result = tokio::select! {
+        r = link::run(id, ctx, sup, revision, report_rx, cfg.stats_every) => r.map_err(Into::into),
+        r = watcher => match r {
+            Ok(Err(e)) => Err(MinionError::Logs(e)),
+            _ => Ok(()),
+        },
+    };
+    drop(overlay);
+    result
 }

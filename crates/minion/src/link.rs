@@ -6,7 +6,7 @@
 //! the last frame goes in one), node stats every few seconds, and log data.
 
 use std::collections::HashMap;
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -46,38 +46,35 @@ pub struct Identity {
     pub master_key: String,
     pub public_ip: IpAddr,
     pub private_ip: IpAddr,
+    pub wg_port: u16,
+    /// The join token, if the minion was given one.
+    pub token: Option<String>,
     pub join_addr: SocketAddr,
+    /// The master's link: on the overlay, or its public IP without one.
     pub link_addr: SocketAddr,
 }
 
 const VERSION: &str = env!("CARGO_PKG_VERSION");
 
-/// Sends the join request, retrying with backoff until the master has it.
-pub async fn join(id: &Identity) -> Result<(), LinkError> {
+/// Asks to join and waits for the decision on the same connection (the
+/// master holds it open), reconnecting with backoff if it drops. Returns our
+/// overlay address once accepted.
+pub async fn join(id: &Identity) -> Result<Ipv6Addr, LinkError> {
     let mut delay = Duration::from_millis(200);
     loop {
         match join_once(id).await {
-            Ok(JoinReply::Waiting) => {
-                tracing::info!(master = %id.join_addr, "join request sent; waiting for `phoenix accept {}` on the master", id.name);
-                return Ok(());
-            }
-            Ok(JoinReply::Accepted) => return Ok(()),
-            Ok(JoinReply::Refused { reason }) => {
-                return Err(LinkError::JoinRefused {
-                    addr: id.join_addr,
-                    reason,
-                });
-            }
-            Err(e) => {
-                tracing::warn!("join: {e}; retrying in {} ms", delay.as_millis());
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_secs(10));
-            }
+            Ok(Some(ip)) => return Ok(ip),
+            Ok(None) => delay = Duration::from_millis(200),
+            Err(e @ LinkError::JoinRefused { .. }) => return Err(e),
+            Err(e) => tracing::warn!("join: {e}; retrying in {} ms", delay.as_millis()),
         }
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_secs(10));
     }
 }
 
-async fn join_once(id: &Identity) -> Result<JoinReply, LinkError> {
+/// One join connection: `Ok(None)` if it ended before a decision.
+async fn join_once(id: &Identity) -> Result<Option<Ipv6Addr>, LinkError> {
     let err = |e: &dyn std::fmt::Display| LinkError::Connection {
         addr: id.join_addr,
         detail: e.to_string(),
@@ -91,13 +88,35 @@ async fn join_once(id: &Identity) -> Result<JoinReply, LinkError> {
         key: id.key.clone(),
         public_ip: id.public_ip,
         private_ip: id.private_ip,
+        wg_port: id.wg_port,
         version: VERSION.into(),
+        proof: id
+            .token
+            .as_deref()
+            .map(|t| phoenix_model::keys::token_proof(t, &id.key)),
     };
     write_frame(&mut s, &req).await.map_err(|e| err(&e))?;
-    read_frame(&mut s, MAX_JOIN_FRAME)
-        .await
-        .map_err(|e| err(&e))?
-        .ok_or_else(|| err(&"closed without an answer"))
+    loop {
+        match read_frame::<_, JoinReply>(&mut s, MAX_JOIN_FRAME)
+            .await
+            .map_err(|e| err(&e))?
+        {
+            Some(JoinReply::Waiting) => {
+                tracing::info!(master = %id.join_addr, "join request sent; waiting for `phoenix accept {}` on the master", id.name);
+            }
+            Some(JoinReply::Accepted { overlay_ip }) => {
+                tracing::info!(%overlay_ip, "accepted into the cluster");
+                return Ok(Some(overlay_ip));
+            }
+            Some(JoinReply::Refused { reason }) => {
+                return Err(LinkError::JoinRefused {
+                    addr: id.join_addr,
+                    reason,
+                });
+            }
+            None => return Ok(None),
+        }
+    }
 }
 
 /// Runs the link forever; returns only on an error that retrying cannot fix.
@@ -184,12 +203,15 @@ async fn session(
     };
     write_frame(&mut s, &hello).await.map_err(|e| err(&e))?;
     // The master holds this answer back until the node is accepted.
-    match read_frame::<_, ToMinion>(&mut s, MAX_FRAME)
+    let heartbeat = match read_frame::<_, ToMinion>(&mut s, MAX_FRAME)
         .await
         .map_err(|e| err(&e))?
     {
-        Some(ToMinion::Welcome { master_key }) if master_key == id.master_key => {}
-        Some(ToMinion::Welcome { master_key }) => {
+        Some(ToMinion::Welcome {
+            master_key,
+            heartbeat_ms,
+        }) if master_key == id.master_key => Duration::from_millis(heartbeat_ms.max(50)),
+        Some(ToMinion::Welcome { master_key, .. }) => {
             return Err(LinkError::WrongMaster {
                 addr,
                 expected: id.master_key.clone(),
@@ -198,7 +220,7 @@ async fn session(
         }
         Some(ToMinion::Refused { reason }) => return Err(err(&format!("refused: {reason}"))),
         other => return Err(err(&format!("unexpected answer {other:?}"))),
-    }
+    };
     tracing::info!(master = %addr, "connected to the master");
 
     let (mut rd, mut wr) = s.into_split();
@@ -209,22 +231,51 @@ async fn session(
         full: true,
     });
     let writer = tokio::spawn(async move {
-        while let Some(msg) = out_rx.recv().await {
+        let mut beat = tokio::time::interval(heartbeat);
+        loop {
+            let msg = tokio::select! {
+                msg = out_rx.recv() => match msg {
+                    Some(m) => m,
+                    None => break,
+                },
+                _ = beat.tick() => ToMaster::Heartbeat,
+            };
             if write_frame(&mut wr, &msg).await.is_err() {
                 break;
             }
         }
         let _ = wr.shutdown().await;
     });
+    // The master heartbeats as often as we do; three missed means it is gone.
+    let silence = heartbeat * 3;
+    // Frames are read in a task of their own: reading is not cancel-safe,
+    // so it must not be a branch of the select below.
+    let (frames_tx, mut frames) = mpsc::channel(16);
+    let reader = tokio::spawn(async move {
+        loop {
+            let r = read_frame::<_, ToMinion>(&mut rd, MAX_FRAME).await;
+            let end = !matches!(r, Ok(Some(_)));
+            if frames_tx.send(r).await.is_err() || end {
+                break;
+            }
+        }
+    });
     let mut stats = tokio::time::interval(stats_every);
     stats.tick().await;
+    let mut heard = tokio::time::Instant::now();
     let result = loop {
         tokio::select! {
-            msg = read_frame::<_, ToMinion>(&mut rd, MAX_FRAME) => match msg {
-                Ok(Some(msg)) => handle(ctx, sup, revision, msg, &out_tx).await,
-                Ok(None) => break Err(err(&"connection closed")),
-                Err(e) => break Err(err(&e)),
+            msg = frames.recv() => match msg {
+                Some(Ok(Some(msg))) => {
+                    heard = tokio::time::Instant::now();
+                    handle(ctx, sup, revision, msg, &out_tx).await;
+                }
+                Some(Ok(None)) | None => break Err(err(&"connection closed")),
+                Some(Err(e)) => break Err(err(&e)),
             },
+            _ = tokio::time::sleep_until(heard + silence) => {
+                break Err(err(&format!("no heartbeat from the master for {} ms", silence.as_millis())));
+            }
             r = reports.recv() => {
                 let Some(r) = r else { break Ok(()) };
                 // Coalesce: send everything already queued in one frame.
@@ -258,6 +309,7 @@ async fn session(
         }
     };
     writer.abort();
+    reader.abort();
     result
 }
 
@@ -329,6 +381,7 @@ async fn handle(
         ToMinion::LogsCancel { stream } => {
             let _ = ctx.log_cmds.send(LogCmd::Cancel(stream));
         }
+        ToMinion::Heartbeat => {}
         other => tracing::warn!("unexpected message from the master: {other:?}"),
     }
 }

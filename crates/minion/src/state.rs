@@ -3,7 +3,7 @@
 //!
 //! Layout of the data dir:
 //! - `minion.key`: the minion's WireGuard private key;
-//! - `joined`: present once the master has recorded the join request;
+//! - `overlay-ip`: the overlay address the master gave when it accepted us;
 //! - `desired.json`: the last desired set received;
 //! - `run/NAME.json`: the running process (pid, start time, generation);
 //! - `run/NAME.done.json`: how a oneshot of a generation ended;
@@ -107,12 +107,17 @@ impl LocalState {
         self.dir.join("work").join(name)
     }
 
-    pub fn joined(&self) -> bool {
-        self.dir.join("joined").exists()
+    /// Our overlay address, once the master has accepted us.
+    pub fn overlay_ip(&self) -> Option<std::net::Ipv6Addr> {
+        std::fs::read_to_string(self.dir.join("overlay-ip"))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
     }
 
-    pub fn set_joined(&self) -> std::io::Result<()> {
-        write_atomic(&self.dir.join("joined"), b"")
+    pub fn set_overlay_ip(&self, ip: std::net::Ipv6Addr) -> std::io::Result<()> {
+        write_atomic(&self.dir.join("overlay-ip"), ip.to_string().as_bytes())
     }
 
     /// Names of services that have a run record (for cleaning up services

@@ -61,6 +61,11 @@ impl KeyPair {
         }
     }
 
+    /// The private key's bytes (for the WireGuard device).
+    pub fn secret_bytes(&self) -> [u8; 32] {
+        self.secret.to_bytes()
+    }
+
     /// The public key, base64 as WireGuard writes it.
     pub fn public(&self) -> String {
         STANDARD.encode(PublicKey::from(&self.secret).as_bytes())
@@ -83,6 +88,34 @@ pub fn fingerprint(key: &str) -> String {
         .join(":")
 }
 
+/// A new random join token (base64, 32 bytes).
+pub fn new_token() -> String {
+    let mut bytes = [0u8; 32];
+    rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut bytes);
+    STANDARD.encode(bytes)
+}
+
+/// Proof that a minion knows the join token, bound to its public key: a
+/// keyed BLAKE3 of the key, keyed by (a hash of) the token. The token itself
+/// never crosses the wire, and a proof cannot be replayed for another key.
+pub fn token_proof(token: &str, public_key: &str) -> String {
+    let key = blake3::derive_key("phoenix join token v1", token.trim().as_bytes());
+    blake3::keyed_hash(&key, public_key.as_bytes())
+        .to_hex()
+        .to_string()
+}
+
+/// Compares a proof in constant time.
+pub fn check_token_proof(token: &str, public_key: &str, proof: &str) -> bool {
+    let want = token_proof(token, public_key);
+    want.len() == proof.len()
+        && want
+            .bytes()
+            .zip(proof.bytes())
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -100,5 +133,15 @@ mod tests {
         let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);
         assert_eq!(fingerprint(&a).len(), 23);
+    }
+
+    #[test]
+    fn token_proofs_bind_key_and_token() {
+        let t = new_token();
+        let p = token_proof(&t, "key-a");
+        assert!(check_token_proof(&t, "key-a", &p));
+        assert!(!check_token_proof(&t, "key-b", &p));
+        assert!(!check_token_proof(&new_token(), "key-a", &p));
+        assert!(!check_token_proof(&t, "key-a", "00"));
     }
 }

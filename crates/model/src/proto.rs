@@ -86,16 +86,26 @@ pub struct JoinRequest {
     pub key: String,
     pub public_ip: IpAddr,
     pub private_ip: IpAddr,
+    /// The minion's WireGuard UDP port (on `public_ip`).
+    pub wg_port: u16,
     pub version: String,
+    /// Proof of the cluster's join token: `keys::token_proof(token, key)`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub proof: Option<String>,
 }
 
+/// The master's answers on a join connection. The master keeps the
+/// connection open after `Waiting` and sends `Accepted` (or `Refused`) when
+/// an admin decides, so the minion learns it at once, without asking again.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 #[serde(tag = "result", rename_all = "snake_case")]
 pub enum JoinReply {
     /// Recorded; an admin must `phoenix accept` it.
     Waiting,
-    /// Already a member with this key; nothing to do.
-    Accepted,
+    /// A member: this is its overlay address.
+    Accepted {
+        overlay_ip: Ipv6Addr,
+    },
     Refused {
         reason: String,
     },
@@ -115,6 +125,9 @@ pub enum ToMaster {
         /// The revision of the desired set the minion holds.
         revision: u64,
     },
+    /// Sent every `heartbeat_ms` (from the welcome) so the master can tell a
+    /// silent minion from a lost one.
+    Heartbeat,
     /// Service states. `full` replaces everything known about the node.
     Status {
         services: Vec<ServiceStatus>,
@@ -150,7 +163,12 @@ pub enum ToMaster {
 pub enum ToMinion {
     /// The connection is admitted; `master_key` lets the minion check it
     /// reached the master it was set up for.
-    Welcome { master_key: String },
+    Welcome {
+        master_key: String,
+        heartbeat_ms: u64,
+    },
+    /// The master's heartbeat; the minion reconnects when they stop.
+    Heartbeat,
     /// Not admitted (yet); the connection closes.
     Refused { reason: String },
     /// The whole desired set; replaces the previous one.
@@ -200,6 +218,10 @@ pub enum Request {
         name: String,
     },
     Reject {
+        name: String,
+    },
+    /// Removes an accepted node, its overlay peer and its key.
+    Forget {
         name: String,
     },
     /// `source` names the file in error messages; `text` is its content.
@@ -264,6 +286,10 @@ pub struct MasterInfo {
     pub next_minion_ip: Ipv6Addr,
     pub join_port: u16,
     pub link_port: u16,
+    /// WireGuard UDP port, or None when the overlay is off.
+    pub wg_port: Option<u16>,
+    /// The join token a minion may prove with `--token` (see `--auto-accept`).
+    pub token: String,
     pub version: String,
 }
 
@@ -276,6 +302,8 @@ pub struct WaitingNode {
     pub private_ip: IpAddr,
     pub requested_at: u64,
     pub version: String,
+    /// Whether the request proved the join token.
+    pub token_proof: bool,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]

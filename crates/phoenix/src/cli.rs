@@ -76,6 +76,12 @@ pub enum Command {
         #[command(flatten)]
         target: Target,
     },
+    /// Remove an accepted machine, its overlay peer and its key (it must run no services).
+    Forget {
+        name: String,
+        #[command(flatten)]
+        target: Target,
+    },
     /// Create the services of a spec file (one spec or an array); all or nothing.
     Deploy(ApplyArgs),
     /// Change existing services (or restart them unchanged); all or nothing.
@@ -171,9 +177,25 @@ pub struct MasterArgs {
     /// TCP port of the public join endpoint.
     #[arg(long, default_value_t = phoenix_master::DEFAULT_JOIN_PORT)]
     pub join_port: u16,
-    /// TCP port of the minion links.
+    /// TCP port of the minion links (on the overlay address).
     #[arg(long, default_value_t = phoenix_master::DEFAULT_LINK_PORT)]
     pub link_port: u16,
+    /// UDP port of the WireGuard overlay.
+    #[arg(long, default_value_t = phoenix_overlay::DEFAULT_WG_PORT)]
+    pub wg_port: u16,
+    /// Name of the overlay's TUN device.
+    #[arg(long, default_value = "phoenix0")]
+    pub tun_name: String,
+    /// Run without the WireGuard overlay: links in clear text on the public IP.
+    /// For single-host development without root only.
+    #[arg(long)]
+    pub no_overlay: bool,
+    /// Admit minions that prove the join token (`phoenix minion --token`) without `accept`.
+    #[arg(long)]
+    pub auto_accept: bool,
+    /// Mark a minion unreachable after this long without a heartbeat, in ms.
+    #[arg(long, default_value_t = 6000, value_parser = clap::value_parser!(u64).range(300..=60_000))]
+    pub node_timeout_ms: u64,
 }
 
 #[derive(Args, Debug)]
@@ -197,6 +219,21 @@ pub struct MinionArgs {
     /// The master's link port.
     #[arg(long, default_value_t = phoenix_master::DEFAULT_LINK_PORT)]
     pub master_link_port: u16,
+    /// The master's WireGuard port.
+    #[arg(long, default_value_t = phoenix_overlay::DEFAULT_WG_PORT)]
+    pub master_wg_port: u16,
+    /// Our WireGuard port.
+    #[arg(long, default_value_t = phoenix_overlay::DEFAULT_WG_PORT)]
+    pub wg_port: u16,
+    /// Name of the overlay's TUN device.
+    #[arg(long, default_value = "phoenix0")]
+    pub tun_name: String,
+    /// Run without the WireGuard overlay (the master must too). Development only.
+    #[arg(long)]
+    pub no_overlay: bool,
+    /// The cluster's join token (`phoenix master-info`); proves this minion may join.
+    #[arg(long, env = "PHOENIX_JOIN_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
     /// Start-up grace before the first health check, in ms.
     #[arg(long, default_value_t = 5000)]
     pub health_grace_ms: u64,

@@ -10,7 +10,6 @@ mod install;
 mod output;
 
 use std::io::Read;
-use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
@@ -64,6 +63,12 @@ fn run(cli: Cli) -> Result<()> {
                 public_ip: a.public_ip,
                 join_port: a.join_port,
                 link_port: a.link_port,
+                overlay: (!a.no_overlay).then(|| phoenix_master::OverlaySettings {
+                    wg_port: a.wg_port,
+                    tun_name: a.tun_name,
+                }),
+                auto_accept: a.auto_accept,
+                node_timeout: Duration::from_millis(a.node_timeout_ms),
             };
             runtime(Some(2))?.block_on(async {
                 tokio::select! {
@@ -94,8 +99,15 @@ fn run(cli: Cli) -> Result<()> {
                 master_key: a.master_key,
                 public_ip: a.minion_public_ip,
                 private_ip: a.minion_private_ip,
-                join_addr: SocketAddr::new(a.master_public_ip, a.master_join_port),
-                link_addr: SocketAddr::new(a.master_public_ip, a.master_link_port),
+                master_ip: a.master_public_ip,
+                master_join_port: a.master_join_port,
+                master_link_port: a.master_link_port,
+                overlay: (!a.no_overlay).then(|| phoenix_minion::OverlaySettings {
+                    wg_port: a.wg_port,
+                    master_wg_port: a.master_wg_port,
+                    tun_name: a.tun_name,
+                }),
+                token: a.token,
                 health: phoenix_minion::health::HealthTiming {
                     grace: Duration::from_millis(a.health_grace_ms),
                     interval: Duration::from_millis(a.health_interval_ms.max(10)),
@@ -159,11 +171,21 @@ async fn command(cmd: Command) -> Result<()> {
             println!("overlay ip:      {}", info.overlay_ip);
             println!("next minion ip:  {}", info.next_minion_ip);
             println!("join port:       {}", info.join_port);
-            println!("link port:       {}", info.link_port);
+            println!(
+                "link port:       {} (on the overlay address)",
+                info.link_port
+            );
+            println!(
+                "wireguard port:  {}",
+                info.wg_port
+                    .map_or_else(|| "off (no overlay)".into(), |p| p.to_string())
+            );
+            println!("join token:      {}", info.token);
             println!("version:         {}", info.version);
             println!(
-                "\njoin a minion with:\n  phoenix minion <name> {} {} <minion-public-ip> <minion-private-ip>",
-                info.public_ip, info.key
+                "\njoin a minion with:\n  phoenix minion <name> {} {} <minion-public-ip> <minion-private-ip>\n\
+                 (add --token {} to have a master started with --auto-accept admit it)",
+                info.public_ip, info.key, info.token
             );
         }
         Command::Waiting { target, json } => {
@@ -180,6 +202,11 @@ async fn command(cmd: Command) -> Result<()> {
                         n.public_ip.to_string(),
                         n.private_ip.to_string(),
                         ago(n.requested_at),
+                        if n.token_proof {
+                            "valid".into()
+                        } else {
+                            "-".into()
+                        },
                     ]
                 })
                 .collect();
@@ -190,6 +217,7 @@ async fn command(cmd: Command) -> Result<()> {
                     "PUBLIC IP",
                     "PRIVATE IP",
                     "ASKED",
+                    "TOKEN",
                 ],
                 &rows,
             );
@@ -206,6 +234,11 @@ async fn command(cmd: Command) -> Result<()> {
             let _: Value =
                 client::call(&target.data_dir, &Request::Reject { name: name.clone() }).await?;
             println!("rejected {name}");
+        }
+        Command::Forget { name, target } => {
+            let _: Value =
+                client::call(&target.data_dir, &Request::Forget { name: name.clone() }).await?;
+            println!("forgot {name}: its key and overlay peer are removed");
         }
         Command::Deploy(a) => apply(a, false).await?,
         Command::Update(a) => apply(a, true).await?,

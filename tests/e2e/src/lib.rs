@@ -18,6 +18,9 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
+pub mod netns;
+pub use netns::Net;
+
 /// The directory holding the workspace's binaries.
 pub fn bin_dir() -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
@@ -41,12 +44,19 @@ pub fn bin(name: &str) -> PathBuf {
 /// A TCP port nobody listens on now. Ports are handed out from a range
 /// chosen per test process, so parallel tests do not collide.
 pub fn free_port() -> u16 {
+    // Below the kernel's ephemeral range (32768 and up), so that no
+    // outgoing connection holds the port when a service wants it.
+    const LOW: u16 = 20000;
+    const SPAN: u16 = 12000;
     static NEXT: AtomicU16 = AtomicU16::new(0);
-    let base = 20000 + (std::process::id() % 20000) as u16;
-    let _ = NEXT.compare_exchange(0, base, Ordering::SeqCst, Ordering::SeqCst);
+    let _ = NEXT.compare_exchange(
+        0,
+        (std::process::id() % u32::from(SPAN)) as u16 + 1,
+        Ordering::SeqCst,
+        Ordering::SeqCst,
+    );
     loop {
-        let p = NEXT.fetch_add(1, Ordering::SeqCst);
-        let p = 20000 + p % 40000;
+        let p = LOW + NEXT.fetch_add(1, Ordering::SeqCst) % SPAN;
         let v4 = TcpListener::bind(("127.0.0.1", p)).is_ok();
         let v6 = TcpListener::bind(("::1", p)).is_ok();
         if v4 && v6 {
@@ -92,9 +102,34 @@ pub struct Cluster {
     minions: HashMap<String, Child>,
     pub join_port: u16,
     pub link_port: u16,
+    pub wg_port: u16,
     pub key: String,
     /// Extra flags for every minion.
     pub minion_flags: Vec<String>,
+    /// Extra flags for the master.
+    pub master_flags: Vec<String>,
+    /// The WireGuard overlay is on (it needs root).
+    pub overlay: bool,
+    /// Hosts in network namespaces; `None`: everything on loopback.
+    pub net: Option<Net>,
+    /// Makes TUN names unique on a shared host.
+    tag: String,
+    /// UDP ports for minions' WireGuard on loopback.
+    minion_wg_ports: Vec<u16>,
+}
+
+/// A UDP port the kernel says is free now.
+pub fn free_udp_port() -> u16 {
+    std::net::UdpSocket::bind("0.0.0.0:0")
+        .and_then(|s| s.local_addr())
+        .map(|a| a.port())
+        .expect("udp port")
+}
+
+/// Whether this process may create TUN devices (and so run the overlay).
+pub fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
 }
 
 impl Cluster {
@@ -116,18 +151,58 @@ impl Cluster {
         c
     }
 
+    /// A master on loopback; the overlay is on when we are root.
     pub fn master_only() -> Cluster {
+        Cluster::new(None)
+    }
+
+    /// A master on host `master` of `net` (overlay on, default ports).
+    pub fn master_only_on(net: Net) -> Cluster {
+        Cluster::new(Some(net))
+    }
+
+    /// A master and accepted minions on the hosts of `net` named `m1..`.
+    pub fn start_on(net: Net, minions: usize) -> Cluster {
+        let mut c = Cluster::master_only_on(net);
+        for i in 1..=minions {
+            c.start_minion(&format!("m{i}"));
+        }
+        for i in 1..=minions {
+            let name = format!("m{i}");
+            c.wait_waiting(&name);
+            c.ok(&["accept", &name]);
+        }
+        for i in 1..=minions {
+            c.wait_reachable(&format!("m{i}"));
+        }
+        c.ok(&["push", bin("testy").to_str().unwrap(), "testy"]);
+        c
+    }
+
+    fn new(net: Option<Net>) -> Cluster {
+        static N: AtomicU16 = AtomicU16::new(0);
         let dir = tempfile::Builder::new()
             .prefix("phoenix-e2e-")
             .tempdir()
             .expect("temp dir");
+        let on_net = net.is_some();
         let mut c = Cluster {
             dir,
             master: None,
             minions: HashMap::new(),
-            join_port: free_port(),
-            link_port: free_port(),
+            join_port: if on_net { 51821 } else { free_port() },
+            link_port: if on_net { 51822 } else { free_port() },
+            wg_port: if on_net { 51820 } else { free_udp_port() },
+            minion_wg_ports: (0..10).map(|_| free_udp_port()).collect(),
             key: String::new(),
+            master_flags: vec!["--node-timeout-ms".into(), "3000".into()],
+            overlay: on_net || is_root(),
+            net,
+            tag: format!(
+                "{}{}",
+                std::process::id() % 1000,
+                N.fetch_add(1, Ordering::SeqCst)
+            ),
             minion_flags: [
                 "--health-grace-ms",
                 "600",
@@ -158,14 +233,54 @@ impl Cluster {
         self.dir.path().join(name)
     }
 
-    fn spawn(&self, args: &[String], log: &str) -> Child {
+    /// The address a host's daemons use (loopback without a `net`).
+    pub fn host_ip(&self, host: &str) -> String {
+        match &self.net {
+            Some(n) => n.host(host).ip.to_string(),
+            None => "127.0.0.1".into(),
+        }
+    }
+
+    fn overlay_flags(&self, role: &str) -> Vec<String> {
+        if !self.overlay {
+            return vec!["--no-overlay".into()];
+        }
+        if self.net.is_some() {
+            // One node per namespace: the default device name and port.
+            return Vec::new();
+        }
+        // Several nodes in one namespace: each its own device and port.
+        vec![
+            "--tun-name".into(),
+            format!("px{}{role}", self.tag),
+            "--wg-port".into(),
+            self.wg_port_of(role).to_string(),
+        ]
+    }
+
+    fn wg_port_of(&self, role: &str) -> u16 {
+        if self.net.is_some() {
+            return 51820;
+        }
+        let n: usize = role.trim_start_matches('m').parse().unwrap_or(0);
+        if role == "master" {
+            self.wg_port
+        } else {
+            self.minion_wg_ports[n % self.minion_wg_ports.len()]
+        }
+    }
+
+    fn spawn(&self, host: &str, args: &[String], log: &str) -> Child {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(self.dir.path().join(log))
             .unwrap();
-        Command::new(bin("phoenix"))
-            .args(args)
+        let mut cmd = match &self.net {
+            Some(n) => n.command(host, &bin("phoenix")),
+            None => Command::new(bin("phoenix")),
+        };
+        cmd.args(args)
             .env("PHOENIX_LOG", "debug")
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
@@ -176,9 +291,10 @@ impl Cluster {
 
     pub fn start_master(&mut self) {
         assert!(self.master.is_none(), "master already running");
-        let args: Vec<String> = [
+        let ip = self.host_ip("master");
+        let mut args: Vec<String> = [
             "master",
-            "127.0.0.1",
+            &ip,
             "--foreground",
             "--data-dir",
             self.master_dir().to_str().unwrap(),
@@ -190,7 +306,9 @@ impl Cluster {
         .iter()
         .map(|s| s.to_string())
         .collect();
-        self.master = Some(self.spawn(&args, "master.log"));
+        args.extend(self.overlay_flags("master"));
+        args.extend(self.master_flags.iter().cloned());
+        self.master = Some(self.spawn("master", &args, "master.log"));
         let sock = self.master_dir().join("phoenix.sock");
         wait_for("the master's socket", Duration::from_secs(10), || {
             std::os::unix::net::UnixStream::connect(&sock).ok()
@@ -205,13 +323,14 @@ impl Cluster {
     }
 
     pub fn minion_args(&self, name: &str, key: &str) -> Vec<String> {
+        let (master_ip, ip) = (self.host_ip("master"), self.host_ip(name));
         let mut args: Vec<String> = [
             "minion",
             name,
-            "127.0.0.1",
+            &master_ip,
             key,
-            "127.0.0.1",
-            "127.0.0.1",
+            &ip,
+            &ip,
             "--foreground",
             "--data-dir",
             self.minion_dir(name).to_str().unwrap(),
@@ -219,17 +338,38 @@ impl Cluster {
             &self.join_port.to_string(),
             "--master-link-port",
             &self.link_port.to_string(),
+            "--master-wg-port",
+            &self.wg_port_of("master").to_string(),
         ]
         .iter()
         .map(|s| s.to_string())
         .collect();
+        args.extend(self.overlay_flags(name));
         args.extend(self.minion_flags.iter().cloned());
         args
     }
 
+    /// A command running a minion's daemon (e.g. with other flags).
+    pub fn minion_command(&self, name: &str, key: &str) -> Command {
+        let mut cmd = match &self.net {
+            Some(n) => n.command(name, &bin("phoenix")),
+            None => Command::new(bin("phoenix")),
+        };
+        cmd.args(self.minion_args(name, key));
+        cmd
+    }
+
+    /// GET on a service's port, from inside the service's host.
+    pub fn http(&self, host: &str, port: u16, path: &str) -> Option<(u16, String)> {
+        match &self.net {
+            Some(n) => n.within(host, || http_get(port, path)),
+            None => http_get(port, path),
+        }
+    }
+
     pub fn start_minion(&mut self, name: &str) {
         let args = self.minion_args(name, &self.key.clone());
-        let child = self.spawn(&args, &format!("{name}.log"));
+        let child = self.spawn(name, &args, &format!("{name}.log"));
         self.minions.insert(name.to_owned(), child);
     }
 

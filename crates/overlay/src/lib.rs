@@ -1,0 +1,195 @@
+//! The WireGuard overlay that carries all master–minion traffic.
+//!
+//! Each node runs WireGuard in userspace inside its own `phoenix` process:
+//! [gotatun]'s device over a TUN device of ours ([`tun::Tun`]) and a UDP
+//! socket. The kernel's WireGuard is not used even where present: one code
+//! path, tested here, where the kernel has no module.
+//!
+//! Addresses (see `phoenix_model::net`): the master is `fd38:dde8:32dd::1`,
+//! minions `::2`, `::3`... Each node's TUN carries its address with a /48
+//! prefix, so the whole cluster range routes into the tunnel. A minion's only
+//! peer today is the master (allowed IPs: the /48); the master's peers are
+//! the minions (allowed IPs: each one's /128). Minion-to-minion peers can be
+//! added later beside the master peer: WireGuard picks the most specific
+//! allowed IP, so a direct /128 wins over the /48 through the master.
+
+pub mod tun;
+
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD;
+use gotatun::device::{Device, DeviceBuilder, Peer};
+use gotatun::x25519::{PublicKey, StaticSecret};
+use ipnetwork::IpNetwork;
+
+/// WireGuard's usual port; the default for both master and minions.
+pub const DEFAULT_WG_PORT: u16 = 51820;
+/// 1500 minus the IPv6 + UDP + WireGuard overhead (80 bytes).
+pub const MTU: u16 = 1420;
+/// Keepalive a minion sends its master, so NAT mappings stay open.
+pub const KEEPALIVE_SECS: u16 = 25;
+
+#[derive(Debug, thiserror::Error)]
+pub enum OverlayError {
+    #[error(
+        "tun device {name}: {source} (the overlay needs root or CAP_NET_ADMIN, and /dev/net/tun)"
+    )]
+    Tun {
+        name: String,
+        source: std::io::Error,
+    },
+    #[error("wireguard device on udp port {port}: {detail}")]
+    Device { port: u16, detail: String },
+    #[error("{key:?} is not a base64 WireGuard public key")]
+    BadKey { key: String },
+}
+
+/// One peer of this node.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PeerConfig {
+    /// Base64 public key.
+    pub key: String,
+    pub allowed: Vec<(Ipv6Addr, u8)>,
+    pub endpoint: Option<SocketAddr>,
+    pub keepalive: Option<u16>,
+}
+
+/// What a node's overlay is.
+#[derive(Clone, Debug)]
+pub struct OverlayConfig {
+    pub tun_name: String,
+    /// This node's overlay address, if known yet (a minion learns its own
+    /// when it is accepted).
+    pub address: Option<Ipv6Addr>,
+    pub listen_port: u16,
+    pub private_key: [u8; 32],
+    pub peers: Vec<PeerConfig>,
+}
+
+/// A peer's last handshake, for liveness displays.
+#[derive(Clone, Debug)]
+pub struct PeerState {
+    pub key: String,
+    pub endpoint: Option<SocketAddr>,
+    pub last_handshake: Option<std::time::Duration>,
+    pub rx_bytes: usize,
+    pub tx_bytes: usize,
+}
+
+/// A running overlay: the TUN device and the WireGuard device on it.
+pub struct Overlay {
+    device: Device<(gotatun::udp::socket::UdpSocketFactory, tun::Tun, tun::Tun)>,
+    tun: tun::Tun,
+    pub listen_port: u16,
+}
+
+fn public_key(key: &str) -> Result<PublicKey, OverlayError> {
+    let bytes: [u8; 32] = STANDARD
+        .decode(key)
+        .ok()
+        .and_then(|b| b.try_into().ok())
+        .ok_or_else(|| OverlayError::BadKey {
+            key: key.to_owned(),
+        })?;
+    Ok(PublicKey::from(bytes))
+}
+
+fn peer(p: &PeerConfig) -> Result<Peer, OverlayError> {
+    let mut peer = Peer::new(public_key(&p.key)?).with_allowed_ips(
+        p.allowed
+            .iter()
+            .filter_map(|(ip, len)| IpNetwork::new(IpAddr::V6(*ip), *len).ok()),
+    );
+    if let Some(e) = p.endpoint {
+        peer = peer.with_endpoint(e);
+    }
+    peer.keepalive = p.keepalive;
+    Ok(peer)
+}
+
+impl Overlay {
+    pub async fn start(cfg: OverlayConfig) -> Result<Overlay, OverlayError> {
+        let tun = tun::Tun::create(&cfg.tun_name, cfg.address.map(|a| (a, 48)), MTU).map_err(
+            |source| OverlayError::Tun {
+                name: cfg.tun_name.clone(),
+                source,
+            },
+        )?;
+        let peers = cfg.peers.iter().map(peer).collect::<Result<Vec<_>, _>>()?;
+        let device = DeviceBuilder::new()
+            .with_default_udp()
+            .with_ip_pair(tun.clone(), tun.clone())
+            .with_private_key(StaticSecret::from(cfg.private_key))
+            .with_listen_port(cfg.listen_port)
+            .with_peers(peers)
+            .build()
+            .await
+            .map_err(|e| OverlayError::Device {
+                port: cfg.listen_port,
+                detail: e.to_string(),
+            })?;
+        tracing::info!(tun = tun.name(), port = cfg.listen_port, address = ?cfg.address, "overlay up");
+        Ok(Overlay {
+            device,
+            tun,
+            listen_port: cfg.listen_port,
+        })
+    }
+
+    /// Gives this node its overlay address (a minion, once accepted).
+    pub fn set_address(&self, ip: Ipv6Addr) -> Result<(), OverlayError> {
+        self.tun
+            .add_address(ip, 48)
+            .map_err(|source| OverlayError::Tun {
+                name: self.tun.name().to_owned(),
+                source,
+            })
+    }
+
+    /// Adds a peer, or replaces its settings.
+    pub async fn set_peer(&self, p: &PeerConfig) -> Result<(), OverlayError> {
+        let peer = peer(p)?;
+        self.device
+            .add_or_update_peer(peer)
+            .await
+            .map_err(|e| OverlayError::Device {
+                port: self.listen_port,
+                detail: e.to_string(),
+            })?;
+        // Start the handshake now rather than at the first packet, so the
+        // first connection over a new peer does not wait for a retry.
+        let _ = self.device.force_handshake(&public_key(&p.key)?).await;
+        Ok(())
+    }
+
+    pub async fn remove_peer(&self, key: &str) -> Result<(), OverlayError> {
+        self.device
+            .remove_peer(&public_key(key)?)
+            .await
+            .map_err(|e| OverlayError::Device {
+                port: self.listen_port,
+                detail: e.to_string(),
+            })?;
+        Ok(())
+    }
+
+    pub async fn peers(&self) -> Vec<PeerState> {
+        self.device
+            .peers()
+            .await
+            .into_iter()
+            .map(|p| PeerState {
+                key: STANDARD.encode(p.peer.public_key.as_bytes()),
+                endpoint: p.peer.endpoint,
+                last_handshake: p.stats.last_handshake,
+                rx_bytes: p.stats.rx_bytes,
+                tx_bytes: p.stats.tx_bytes,
+            })
+            .collect()
+    }
+
+    pub fn tun_name(&self) -> &str {
+        self.tun.name()
+    }
+}
