@@ -174,6 +174,7 @@ pub async fn run(cfg: MinionConfig) -> Result<(), MinionError> {
         let ip = link::join(&id).await?;
         if let Some(o) = &overlay {
             o.set_address(ip)?;
+            o.rehandshake().await?;
         }
         state.set_overlay_ip(ip).map_err(data_err)?;
     }

@@ -82,6 +82,9 @@ pub struct Overlay {
     device: Device<(gotatun::udp::socket::UdpSocketFactory, tun::Tun, tun::Tun)>,
     tun: tun::Tun,
     pub listen_port: u16,
+    /// gotatun binds its socket and starts its tasks only once it has a
+    /// peer; a master that starts with none brings them up at the first.
+    connected: std::sync::atomic::AtomicBool,
 }
 
 fn public_key(key: &str) -> Result<PublicKey, OverlayError> {
@@ -117,6 +120,7 @@ impl Overlay {
             },
         )?;
         let peers = cfg.peers.iter().map(peer).collect::<Result<Vec<_>, _>>()?;
+        let connected = !peers.is_empty();
         let device = DeviceBuilder::new()
             .with_default_udp()
             .with_ip_pair(tun.clone(), tun.clone())
@@ -134,6 +138,7 @@ impl Overlay {
             device,
             tun,
             listen_port: cfg.listen_port,
+            connected: connected.into(),
         })
     }
 
@@ -157,10 +162,36 @@ impl Overlay {
                 port: self.listen_port,
                 detail: e.to_string(),
             })?;
-        // Start the handshake now rather than at the first packet, so the
-        // first connection over a new peer does not wait for a retry.
-        let _ = self.device.force_handshake(&public_key(&p.key)?).await;
+        if !self
+            .connected
+            .swap(true, std::sync::atomic::Ordering::SeqCst)
+        {
+            // The first peer: suspending a device with no connection only
+            // marks it, and resuming one with peers binds and starts it.
+            self.device.suspend().await;
+            self.device
+                .resume()
+                .await
+                .map_err(|e| OverlayError::Device {
+                    port: self.listen_port,
+                    detail: e.to_string(),
+                })?;
+        }
         Ok(())
+    }
+
+    /// Drops every session and handshakes afresh. A minion calls this when it
+    /// is accepted: the master ignored its earlier handshakes, and WireGuard
+    /// would otherwise wait out its 5 s retry timer.
+    pub async fn rehandshake(&self) -> Result<(), OverlayError> {
+        self.device.suspend().await;
+        self.device
+            .resume()
+            .await
+            .map_err(|e| OverlayError::Device {
+                port: self.listen_port,
+                detail: e.to_string(),
+            })
     }
 
     pub async fn remove_peer(&self, key: &str) -> Result<(), OverlayError> {

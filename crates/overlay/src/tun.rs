@@ -87,11 +87,8 @@ impl Tun {
         let mut req = ifreq(name)?;
         req.ifr_ifru.ifru_flags = (libc::IFF_TUN | libc::IFF_NO_PI) as libc::c_short;
         // SAFETY: TUNSETIFF reads and writes the ifreq we own.
-        check(
-            unsafe { libc::ioctl(fd.as_raw_fd(), TUNSETIFF, &mut req) },
-            "TUNSETIFF",
-            name,
-        )?;
+        let ret = unsafe { libc::ioctl(fd.as_raw_fd(), TUNSETIFF, &mut req) };
+        check(ret, "TUNSETIFF", name)?;
         // SAFETY: the kernel wrote a NUL-terminated name into ifr_name.
         let actual = unsafe { CStr::from_ptr(req.ifr_name.as_ptr()) }
             .to_string_lossy()
@@ -139,11 +136,8 @@ fn set_up(name: &str) -> io::Result<()> {
     let sock = ctl_socket(libc::AF_INET6)?;
     let mut req = ifreq(name)?;
     // SAFETY: SIOCGIFFLAGS writes into the ifreq we own.
-    check(
-        unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFFLAGS, &mut req) },
-        "get flags",
-        name,
-    )?;
+    let ret = unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFFLAGS, &mut req) };
+    check(ret, "get flags", name)?;
     // SAFETY: the kernel filled ifru_flags above.
     unsafe {
         req.ifr_ifru.ifru_flags |= (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
@@ -160,11 +154,8 @@ fn add_address(name: &str, ip: Ipv6Addr, prefix: u8) -> io::Result<()> {
     let sock = ctl_socket(libc::AF_INET6)?;
     let mut req = ifreq(name)?;
     // SAFETY: SIOCGIFINDEX writes into the ifreq we own.
-    check(
-        unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFINDEX, &mut req) },
-        "get index",
-        name,
-    )?;
+    let ret = unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFINDEX, &mut req) };
+    check(ret, "get index", name)?;
     let in6 = In6Ifreq {
         addr: libc::in6_addr {
             s6_addr: ip.octets(),

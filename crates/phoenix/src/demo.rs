@@ -34,6 +34,12 @@ fn free_port() -> Result<u16> {
         .port())
 }
 
+fn free_udp_port() -> Result<u16> {
+    Ok(std::net::UdpSocket::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
 fn spawn(exe: &Path, args: &[String], log: &Path) -> Result<Child> {
     let log = std::fs::File::create(log)?;
     Command::new(exe)
@@ -112,27 +118,47 @@ async fn demo(
     daemons: &mut Daemons,
 ) -> Result<()> {
     let (join, link) = (free_port()?, free_port()?);
+    // The overlay needs root (TUN devices). Without it, run the links in
+    // clear text on loopback and say so.
+    // SAFETY: geteuid has no preconditions.
+    let overlay = unsafe { libc::geteuid() } == 0;
+    let master_wg = free_udp_port()?;
+    let overlay_flags = |role: &str, port: u16| -> Vec<String> {
+        if overlay {
+            vec![
+                "--tun-name".into(),
+                format!("phxdemo-{role}"),
+                "--wg-port".into(),
+                port.to_string(),
+            ]
+        } else {
+            vec!["--no-overlay".into()]
+        }
+    };
+    if !overlay {
+        println!(
+            "not root: running WITHOUT the WireGuard overlay (links in clear text on loopback)"
+        );
+    }
     let master_dir = dir.join("master");
     let s = |v: &str| v.to_owned();
     println!(
         "starting a master on 127.0.0.1 (join port {join}, link port {link}) in {}",
         master_dir.display()
     );
-    daemons.0.push(spawn(
-        exe,
-        &[
-            s("master"),
-            s("127.0.0.1"),
-            s("--foreground"),
-            s("--data-dir"),
-            master_dir.display().to_string(),
-            s("--join-port"),
-            join.to_string(),
-            s("--link-port"),
-            link.to_string(),
-        ],
-        &dir.join("master.log"),
-    )?);
+    let mut args = vec![
+        s("master"),
+        s("127.0.0.1"),
+        s("--foreground"),
+        s("--data-dir"),
+        master_dir.display().to_string(),
+        s("--join-port"),
+        join.to_string(),
+        s("--link-port"),
+        link.to_string(),
+    ];
+    args.extend(overlay_flags("m", master_wg));
+    daemons.0.push(spawn(exe, &args, &dir.join("master.log"))?);
     let info: MasterInfo = until("the master to start", Duration::from_secs(10), async || {
         client::call(&master_dir, &Request::MasterInfo).await.ok()
     })
@@ -140,31 +166,33 @@ async fn demo(
     println!("master key {}", info.key);
     for m in ["m1", "m2"] {
         println!("starting minion {m}");
-        daemons.0.push(spawn(
-            exe,
-            &[
-                s("minion"),
-                s(m),
-                s("127.0.0.1"),
-                info.key.clone(),
-                s("127.0.0.1"),
-                s("127.0.0.1"),
-                s("--foreground"),
-                s("--data-dir"),
-                dir.join(m).display().to_string(),
-                s("--master-join-port"),
-                join.to_string(),
-                s("--master-link-port"),
-                link.to_string(),
-                s("--health-grace-ms"),
-                s("1500"),
-                s("--health-interval-ms"),
-                s("1000"),
-                s("--stop-timeout-ms"),
-                s("2000"),
-            ],
-            &dir.join(format!("{m}.log")),
-        )?);
+        let mut args = vec![
+            s("minion"),
+            s(m),
+            s("127.0.0.1"),
+            info.key.clone(),
+            s("127.0.0.1"),
+            s("127.0.0.1"),
+            s("--foreground"),
+            s("--data-dir"),
+            dir.join(m).display().to_string(),
+            s("--master-join-port"),
+            join.to_string(),
+            s("--master-link-port"),
+            link.to_string(),
+            s("--health-grace-ms"),
+            s("1500"),
+            s("--health-interval-ms"),
+            s("1000"),
+            s("--stop-timeout-ms"),
+            s("2000"),
+            s("--master-wg-port"),
+            master_wg.to_string(),
+        ];
+        args.extend(overlay_flags(m, free_udp_port()?));
+        daemons
+            .0
+            .push(spawn(exe, &args, &dir.join(format!("{m}.log")))?);
     }
     until("both join requests", Duration::from_secs(10), async || {
         let w: Vec<WaitingNode> = client::call(&master_dir, &Request::Waiting).await.ok()?;

@@ -63,7 +63,7 @@ fn run(cli: Cli) -> Result<()> {
                 public_ip: a.public_ip,
                 join_port: a.join_port,
                 link_port: a.link_port,
-                overlay: (!a.no_overlay).then(|| phoenix_master::OverlaySettings {
+                overlay: (!a.no_overlay).then_some(phoenix_master::OverlaySettings {
                     wg_port: a.wg_port,
                     tun_name: a.tun_name,
                 }),
@@ -102,7 +102,7 @@ fn run(cli: Cli) -> Result<()> {
                 master_ip: a.master_public_ip,
                 master_join_port: a.master_join_port,
                 master_link_port: a.master_link_port,
-                overlay: (!a.no_overlay).then(|| phoenix_minion::OverlaySettings {
+                overlay: (!a.no_overlay).then_some(phoenix_minion::OverlaySettings {
                     wg_port: a.wg_port,
                     master_wg_port: a.master_wg_port,
                     tun_name: a.tun_name,

@@ -145,13 +145,15 @@ impl Net {
                  iifname \"eth0\" udp sport {wg} accept
                  iifname \"eth0\" tcp dport {join} accept
                  iifname \"eth0\" tcp sport {join} accept
-                 iifname \"eth0\" counter drop }}
+                 iifname \"eth0\" counter drop
+               }}
                chain output {{ type filter hook output priority 0; policy accept;
                  oifname \"eth0\" udp dport {wg} accept
                  oifname \"eth0\" udp sport {wg} accept
                  oifname \"eth0\" tcp dport {join} accept
                  oifname \"eth0\" tcp sport {join} accept
-                 oifname \"eth0\" counter drop }}
+                 oifname \"eth0\" counter drop
+               }}
              }}"
         );
         let mut child = Command::new("ip")
