@@ -49,6 +49,12 @@ pub enum Command {
         /// Which service: master or minion.
         #[arg(value_parser = ["master", "minion"])]
         role: String,
+        /// Also delete the data dir (the store, keys, images, logs). Irreversible.
+        #[arg(long)]
+        purge: bool,
+        /// The data dir to purge (default: the role's default dir).
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
     },
     /// Show the master's public IP, key, and the next minion's overlay address.
     MasterInfo {

@@ -149,6 +149,26 @@ pub fn uninstall(role: &str) -> Result<()> {
     Ok(())
 }
 
+/// Deletes a data dir, after checking it looks like one of ours.
+pub fn purge(dir: &Path) -> Result<()> {
+    if !dir.exists() {
+        eprintln!("{} does not exist; nothing to purge", dir.display());
+        return Ok(());
+    }
+    let ours = ["phoenix.db", "master.key", "minion.key"]
+        .iter()
+        .any(|f| dir.join(f).exists());
+    if !ours || dir.parent().is_none() {
+        bail!(
+            "{} does not look like a phoenix data dir (no phoenix.db, master.key or minion.key); not deleting it",
+            dir.display()
+        );
+    }
+    std::fs::remove_dir_all(dir).with_context(|| format!("cannot delete {}", dir.display()))?;
+    eprintln!("deleted {}", dir.display());
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -187,6 +207,20 @@ mod tests {
         assert!(rc.contains("command=/usr/local/bin/phoenix\n"));
         assert!(rc.contains("command_args=\"minion m1 a+b/c= --foreground\""));
         assert!(rc.contains("supervisor=supervise-daemon"));
+    }
+
+    #[test]
+    fn purge_only_deletes_phoenix_dirs() {
+        let dir = tempfile::tempdir().unwrap();
+        let other = dir.path().join("other");
+        std::fs::create_dir(&other).unwrap();
+        assert!(purge(&other).is_err());
+        assert!(other.exists());
+        let ours = dir.path().join("minion");
+        std::fs::create_dir(&ours).unwrap();
+        std::fs::write(ours.join("minion.key"), "k").unwrap();
+        purge(&ours).unwrap();
+        assert!(!ours.exists());
     }
 
     #[test]

@@ -124,7 +124,22 @@ fn run(cli: Cli) -> Result<()> {
                 }
             })
         }
-        Command::Uninstall { role } => install::uninstall(&role),
+        Command::Uninstall {
+            role,
+            purge,
+            data_dir,
+        } => {
+            install::uninstall(&role)?;
+            if purge {
+                let default = if role == "master" {
+                    cli::DEFAULT_MASTER_DIR
+                } else {
+                    cli::DEFAULT_MINION_DIR
+                };
+                install::purge(&data_dir.unwrap_or_else(|| default.into()))?;
+            }
+            Ok(())
+        }
         Command::Demo {
             dir,
             testy,

@@ -96,7 +96,7 @@ mod tests {
     #[test]
     fn formats() {
         assert_eq!(utc(0), "1970-01-01 00:00:00");
-        assert_eq!(utc(1_795_306_539_000), "2026-11-21 22:15:39");
+        assert_eq!(utc(1_795_299_339_000), "2026-11-21 22:15:39");
         assert_eq!(bytes(512), "512 B");
         assert_eq!(bytes(3 << 20), "3.0 MiB");
         assert_eq!(
