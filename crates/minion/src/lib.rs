@@ -16,6 +16,7 @@ pub mod images;
 pub mod link;
 pub mod logs;
 pub mod process;
+pub mod reaper;
 pub mod state;
 pub mod supervisor;
 
@@ -77,6 +78,8 @@ pub enum MinionError {
     Link(#[from] link::LinkError),
     #[error("log watcher: {0}")]
     Logs(std::io::Error),
+    #[error("cannot become the reaper of our children: {0}")]
+    Reaper(std::io::Error),
     #[error(transparent)]
     Overlay(#[from] phoenix_overlay::OverlayError),
 }
@@ -94,6 +97,7 @@ pub fn public_key(data_dir: &std::path::Path) -> Result<String, MinionError> {
 /// when the minion stops; the next start adopts them.
 pub async fn run(cfg: MinionConfig) -> Result<(), MinionError> {
     process::raise_nofile_limit();
+    reaper::start().map_err(MinionError::Reaper)?;
     let data_err = |source| MinionError::DataDir {
         path: cfg.data_dir.display().to_string(),
         source,

@@ -1,18 +1,22 @@
-//! Processes: start one in its own process group, wait for it, end the group.
+//! Processes: start one in its own process group, wait for it, end it.
 //!
-//! Every service runs as the leader of a new process group, so that stopping
-//! it (and cleaning up after it exits) reaches every process it started. A
-//! process the minion started itself is waited on through tokio (a pidfd
-//! underneath). A process adopted after a minion restart is not our child, so
-//! its end is noticed through a pidfd of our own and its exit status is unknown.
+//! Every binary service runs as the leader of a new process group, so that
+//! stopping it (and cleaning up after it exits) reaches every process it
+//! started. A container's init is signalled alone: ending it ends its whole
+//! PID namespace. Children are waited on through the [`crate::reaper`]; a
+//! process adopted after a minion restart is no longer our child, so its end
+//! is noticed through a pidfd and its exit status is unknown.
 
 use std::io;
 use std::os::fd::{FromRawFd, OwnedFd};
-use std::process::{ExitStatus, Stdio};
+use std::os::unix::process::CommandExt;
+use std::process::Stdio;
 use std::time::Duration;
 
 use phoenix_model::status::{Exit, now_ms};
 use tokio::io::unix::AsyncFd;
+
+use crate::reaper;
 
 /// What to run.
 pub struct Launch<'a> {
@@ -24,17 +28,34 @@ pub struct Launch<'a> {
     pub log: std::fs::File,
 }
 
+/// How a process is signalled.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Target {
+    /// The process group it leads (binaries).
+    Group,
+    /// The process alone (a container's init).
+    Single,
+}
+
+enum Waiter {
+    /// Our child: the reaper has its exit status.
+    Child,
+    /// Not our child (adopted): a pidfd says when it ends.
+    Pidfd(AsyncFd<OwnedFd>),
+}
+
 /// A running service process.
-pub enum Proc {
-    Child(tokio::process::Child),
-    Adopted { pid: u32, fd: AsyncFd<OwnedFd> },
+pub struct Proc {
+    pid: u32,
+    target: Target,
+    waiter: Waiter,
 }
 
 impl Proc {
     pub fn spawn(l: Launch<'_>) -> io::Result<Proc> {
         let err_log = l.log.try_clone()?;
-        let mut cmd = tokio::process::Command::new(l.program);
-        cmd.args(l.args)
+        let child = std::process::Command::new(l.program)
+            .args(l.args)
             .env_clear()
             .envs(l.env)
             .current_dir(l.cwd)
@@ -42,13 +63,22 @@ impl Proc {
             .stdout(Stdio::from(l.log))
             .stderr(Stdio::from(err_log))
             .process_group(0)
-            .kill_on_drop(false);
-        Ok(Proc::Child(cmd.spawn()?))
+            .spawn()?;
+        Ok(Proc::child(child.id(), Target::Group))
+    }
+
+    /// A child of ours (also one reparented to us) to wait for.
+    pub fn child(pid: u32, target: Target) -> Proc {
+        Proc {
+            pid,
+            target,
+            waiter: Waiter::Child,
+        }
     }
 
     /// Takes over a process started by an earlier run of the minion, if it is
     /// still the same process (same pid and start time).
-    pub fn adopt(pid: u32, start_time: u64) -> Option<Proc> {
+    pub fn adopt(pid: u32, start_time: u64, target: Target) -> Option<Proc> {
         if process_start_time(pid)? != start_time {
             return None;
         }
@@ -57,24 +87,22 @@ impl Proc {
         // its whole life and nothing else closes or replaces it.
         let fd =
             unsafe { AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE) }.ok()?;
-        Some(Proc::Adopted { pid, fd })
+        Some(Proc {
+            pid,
+            target,
+            waiter: Waiter::Pidfd(fd),
+        })
     }
 
     pub fn pid(&self) -> Option<u32> {
-        match self {
-            Proc::Child(c) => c.id(),
-            Proc::Adopted { pid, .. } => Some(*pid),
-        }
+        Some(self.pid)
     }
 
-    /// Waits for the process to end.
+    /// Waits for the process to end (cancel-safe).
     pub async fn wait(&mut self) -> Exit {
-        match self {
-            Proc::Child(c) => match c.wait().await {
-                Ok(status) => exit_of(status),
-                Err(_) => unknown_exit(),
-            },
-            Proc::Adopted { fd, .. } => {
+        match &self.waiter {
+            Waiter::Child => reaper::exit_of(self.pid).await,
+            Waiter::Pidfd(fd) => {
                 // A pidfd becomes readable when the process ends.
                 let _ = fd.readable().await;
                 unknown_exit()
@@ -82,19 +110,23 @@ impl Proc {
         }
     }
 
-    /// Stops the process group: SIGTERM, then SIGKILL after `timeout`.
+    pub fn signal(&self, sig: i32) {
+        match self.target {
+            Target::Group => kill_group(self.pid, sig),
+            Target::Single => kill_one(self.pid, sig),
+        }
+    }
+
+    /// Stops the process: SIGTERM, then SIGKILL after `timeout`.
     pub async fn stop(&mut self, timeout: Duration) -> Exit {
-        let Some(pid) = self.pid() else {
-            return self.wait().await;
-        };
-        kill_group(pid, libc::SIGTERM);
+        self.signal(libc::SIGTERM);
         match tokio::time::timeout(timeout, self.wait()).await {
             Ok(exit) => {
-                kill_group(pid, libc::SIGKILL);
+                self.signal(libc::SIGKILL);
                 exit
             }
             Err(_) => {
-                kill_group(pid, libc::SIGKILL);
+                self.signal(libc::SIGKILL);
                 self.wait().await
             }
         }
@@ -109,12 +141,16 @@ fn unknown_exit() -> Exit {
     }
 }
 
-fn exit_of(status: ExitStatus) -> Exit {
-    use std::os::unix::process::ExitStatusExt;
-    Exit {
-        code: status.code(),
-        signal: status.signal(),
-        at: now_ms(),
+fn kill_one(pid: u32, sig: i32) {
+    let Ok(pid) = libc::pid_t::try_from(pid) else {
+        return;
+    };
+    if pid <= 1 {
+        return;
+    }
+    // SAFETY: kill(2) takes plain integers and touches no memory of ours.
+    unsafe {
+        libc::kill(pid, sig);
     }
 }
 
@@ -215,6 +251,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let log = std::fs::File::create(dir.path().join("log")).unwrap();
         let args: Vec<String> = vec!["-c".into(), "sleep 30 & sleep 30; echo never".into()];
+        let _ = crate::reaper::start();
         let mut p = Proc::spawn(Launch {
             program: std::path::Path::new("/bin/sh"),
             args: &args,
@@ -227,8 +264,8 @@ mod tests {
         assert!(group_alive(pid));
         let start = process_start_time(pid).unwrap();
         // The adopted view of the same process sees it end too.
-        let mut adopted = Proc::adopt(pid, start).unwrap();
-        assert!(Proc::adopt(pid, start + 1).is_none());
+        let mut adopted = Proc::adopt(pid, start, Target::Group).unwrap();
+        assert!(Proc::adopt(pid, start + 1, Target::Group).is_none());
         let exit = p.stop(Duration::from_secs(5)).await;
         assert_eq!(exit.signal, Some(libc::SIGTERM));
         tokio::time::timeout(Duration::from_secs(5), adopted.wait())

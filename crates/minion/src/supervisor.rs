@@ -352,7 +352,7 @@ impl Task {
     /// Takes over the process a previous minion run started, if it still runs.
     fn adopt(&mut self) -> Option<Proc> {
         let rec = self.ctx.state.run_record(self.name())?;
-        let proc = Proc::adopt(rec.pid, rec.start_time);
+        let proc = Proc::adopt(rec.pid, rec.start_time, crate::process::Target::Group);
         if rec.generation != self.a.generation {
             // The spec changed while the minion was down: end the old one.
             if proc.is_some() {

@@ -573,7 +573,9 @@ fn logs_rotate_by_size_and_nodes_report_resources() {
     c.apply("deploy", &spec);
     // Every request writes a line of about 50 bytes.
     for i in 0..200 {
-        http_get(port(&spec), &format!("/request-number-{i}")).unwrap();
+        wait_for("a request to be answered", Duration::from_secs(10), || {
+            http_get(port(&spec), &format!("/request-number-{i}"))
+        });
     }
     let logs = c.minion_dir("m1").join("logs");
     wait_for("a rotated log", Duration::from_secs(10), || {
