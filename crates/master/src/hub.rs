@@ -315,11 +315,11 @@ impl Hub {
     ) -> Result<Value, ApiError> {
         let specs = parse_specs(source, text)?;
         // Hash images before taking the store lock: it can take a while.
-        let mut images: HashMap<&str, Result<ImageRef, String>> = HashMap::new();
+        let mut images: HashMap<String, Result<ImageRef, String>> = HashMap::new();
         for s in &specs {
             images
-                .entry(s.image.as_str())
-                .or_insert_with(|| self.registry.resolve(&s.image).map_err(|e| e.to_string()));
+                .entry(s.registry_file().0)
+                .or_insert_with_key(|file| self.registry.resolve(file).map_err(|e| e.to_string()));
         }
         let fail = |errors| {
             ApiError::Spec(SpecErrors {
@@ -373,7 +373,7 @@ impl Hub {
                         );
                     }
                 }
-                if let Some(Err(e)) = images.get(spec.image.as_str()) {
+                if let Some(Err(e)) = images.get(&spec.registry_file().0) {
                     err("image", e.clone());
                 }
                 if let Some(ip) = spec.ip
@@ -406,7 +406,7 @@ impl Hub {
                     used.remove(&o.ip);
                 }
                 used.insert(ip);
-                let image = match images.get(spec.image.as_str()) {
+                let image = match images.get(&spec.registry_file().0) {
                     Some(Ok(r)) => r.clone(),
                     _ => unreachable!("image errors were reported above"),
                 };
@@ -493,6 +493,7 @@ impl Hub {
             restarts: st.as_ref().map_or(0, |s| s.restarts),
             health: st.as_ref().map_or("-", |s| s.health.as_str()).into(),
             last_exit: st.as_ref().and_then(|s| s.last_exit),
+            limits: st.as_ref().and_then(|s| s.limits.clone()),
             since: st.as_ref().map(|s| s.since),
             message: st.and_then(|s| s.message),
             node_reachable: reachable,
@@ -508,36 +509,61 @@ impl Hub {
     ) -> Result<Vec<ServiceView>, ApiError> {
         let mut changes = self.status_changes.subscribe();
         let deadline = tokio::time::Instant::now() + timeout;
-        loop {
-            let views = names
+        // What "settled" means per service, read from the store once.
+        let wanted: Vec<(String, u64, bool)> = {
+            let mut store = self.store();
+            let tx = store.read()?;
+            names
                 .iter()
-                .map(|n| self.status(n))
-                .collect::<Result<Vec<_>, _>>()?;
-            let settled = |v: &ServiceView| {
-                let st = lock(&self.statuses).get(&v.name).cloned();
-                // A daemon has settled once it runs; a oneshot once it ended.
-                let done: &[ServiceState] = if v.duration == "oneshot" {
-                    &[ServiceState::Exited, ServiceState::Failed]
-                } else {
-                    &[ServiceState::Running, ServiceState::Failed]
-                };
-                st.is_some_and(|s| s.generation == v.generation && done.contains(&s.state))
-            };
-            if views.iter().all(settled) {
-                return Ok(views);
+                .map(|n| {
+                    let s = tx.service(n)?.ok_or_else(|| no_service(n))?;
+                    Ok((
+                        s.spec.name,
+                        s.generation,
+                        s.spec.duration == phoenix_model::spec::Duration::Oneshot,
+                    ))
+                })
+                .collect::<Result<_, ApiError>>()?
+        };
+        let pending = || -> Vec<String> {
+            let statuses = lock(&self.statuses);
+            wanted
+                .iter()
+                .filter(|(name, generation, oneshot)| {
+                    // A daemon has settled once it runs; a oneshot once it ended.
+                    let done: &[ServiceState] = if *oneshot {
+                        &[ServiceState::Exited, ServiceState::Failed]
+                    } else {
+                        &[ServiceState::Running, ServiceState::Failed]
+                    };
+                    !statuses
+                        .get(name)
+                        .is_some_and(|s| s.generation == *generation && done.contains(&s.state))
+                })
+                .map(|(name, _, _)| name.clone())
+                .collect()
+        };
+        loop {
+            let left = pending();
+            if left.is_empty() {
+                return names.iter().map(|n| self.status(n)).collect();
             }
             match tokio::time::timeout_at(deadline, changes.changed()).await {
                 Ok(Ok(())) => {}
                 _ => {
-                    let pending: Vec<String> = views
+                    let detail: Vec<String> = left
                         .iter()
-                        .filter(|v| !settled(v))
-                        .map(|v| format!("{} ({})", v.name, v.state))
+                        .map(|n| {
+                            format!(
+                                "{n} ({})",
+                                self.status(n).map(|v| v.state).unwrap_or_default()
+                            )
+                        })
                         .collect();
                     return Err(ApiError::Refused(format!(
                         "timed out after {} ms waiting for: {}",
                         timeout.as_millis(),
-                        pending.join(", ")
+                        detail.join(", ")
                     )));
                 }
             }
@@ -584,7 +610,11 @@ impl Hub {
 
     /// Pushes a node its whole desired set, if it is connected.
     pub fn push_desired(&self, node: &str) {
-        let set = match self.store().read().and_then(|tx| tx.desired_set(node)) {
+        // Read and send under the store lock: a later change cannot commit
+        // between them, so sets go out in revision order even when API
+        // calls race (each send carries the newest state at its time).
+        let mut store = self.store();
+        let set = match store.read().and_then(|tx| tx.desired_set(node)) {
             Ok(set) => set,
             Err(e) => {
                 tracing::error!(node, "cannot read desired set: {e}");
@@ -598,6 +628,7 @@ impl Hub {
             "push desired set"
         );
         self.send(node, ToMinion::Desired(set));
+        drop(store);
     }
 
     pub fn report_status(&self, node: &str, services: Vec<ServiceStatus>, full: bool) {

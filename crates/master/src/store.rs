@@ -92,7 +92,7 @@ pub struct Node {
 }
 
 /// A service as stored: its spec plus what the master decided for it.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct Service {
     pub spec: Spec,
     pub ip: Ipv6Addr,

@@ -72,7 +72,7 @@ impl ImageCache {
     }
 
     async fn fetch(&self, a: &Assignment) -> Result<(), String> {
-        let image = &a.spec.image;
+        let image = &a.spec.registry_file().0;
         let ctx = |e: &dyn std::fmt::Display| {
             format!(
                 "fetching image {image:?} from the master at {}: {e}",

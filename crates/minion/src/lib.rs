@@ -11,6 +11,7 @@
 //! On start the minion applies the desired set saved on disk before it even
 //! tries to reach the master, adopting processes a previous run started.
 
+pub mod container;
 pub mod health;
 pub mod images;
 pub mod link;
@@ -135,6 +136,7 @@ pub async fn run(cfg: MinionConfig) -> Result<(), MinionError> {
             cfg.name.clone(),
             key,
         ),
+        runtime: container::Runtime::new(&cfg.data_dir),
         logs: files.clone(),
         log_cmds: log_tx,
         state: state.clone(),

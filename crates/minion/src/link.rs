@@ -263,12 +263,13 @@ async fn session(
     let mut stats = tokio::time::interval(stats_every);
     stats.tick().await;
     let mut heard = tokio::time::Instant::now();
+    let mut fresh = true;
     let result = loop {
         tokio::select! {
             msg = frames.recv() => match msg {
                 Some(Ok(Some(msg))) => {
                     heard = tokio::time::Instant::now();
-                    handle(ctx, sup, revision, msg, &out_tx).await;
+                    handle(ctx, sup, revision, &mut fresh, msg, &out_tx).await;
                 }
                 Some(Ok(None)) | None => break Err(err(&"connection closed")),
                 Some(Err(e)) => break Err(err(&e)),
@@ -317,11 +318,26 @@ async fn handle(
     ctx: &Arc<Ctx>,
     sup: &mut Supervisor,
     revision: &mut u64,
+    fresh: &mut bool,
     msg: ToMinion,
     out: &mpsc::UnboundedSender<ToMaster>,
 ) {
     match msg {
-        ToMinion::Desired(set) => apply(ctx, sup, revision, set),
+        // The master sends sets in revision order; a lower revision than
+        // the one applied on this connection would be stale, so it is
+        // dropped. (A new connection takes whatever comes first: the
+        // master's store is the authority, even if it was restored.)
+        ToMinion::Desired(set) if *fresh || set.revision >= *revision => {
+            *fresh = false;
+            apply(ctx, sup, revision, set);
+        }
+        ToMinion::Desired(set) => {
+            tracing::warn!(
+                stale = set.revision,
+                applied = *revision,
+                "dropped an out-of-order desired set"
+            );
+        }
         ToMinion::Logs {
             stream,
             service,

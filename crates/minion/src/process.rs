@@ -141,7 +141,8 @@ fn unknown_exit() -> Exit {
     }
 }
 
-fn kill_one(pid: u32, sig: i32) {
+/// Sends `sig` to one process.
+pub fn kill_one(pid: u32, sig: i32) {
     let Ok(pid) = libc::pid_t::try_from(pid) else {
         return;
     };

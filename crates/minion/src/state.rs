@@ -23,6 +23,9 @@ pub struct RunRecord {
     pub start_time: u64,
     pub generation: u64,
     pub restarts: u64,
+    /// A container's init (signalled alone), not a process group leader.
+    #[serde(default)]
+    pub container: bool,
 }
 
 /// How a oneshot ended.

@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use phoenix_model::proto::{Assignment, DesiredSet};
-use phoenix_model::spec::Duration as Lifetime;
+use phoenix_model::spec::{Duration as Lifetime, Kind};
 use phoenix_model::status::{Exit, Health, ServiceState, ServiceStatus, now_ms};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -25,7 +25,7 @@ use tokio::time::Instant;
 use crate::health::{self, HealthTiming};
 use crate::images::ImageCache;
 use crate::logs::{LogCmd, LogFiles};
-use crate::process::{Launch, Proc, kill_group};
+use crate::process::{Launch, Proc, Target, kill_group};
 use crate::state::{DoneRecord, LocalState, RunRecord};
 
 /// A run this long resets the backoff.
@@ -54,6 +54,7 @@ pub enum Report {
 /// What every service task shares.
 pub struct Ctx {
     pub images: ImageCache,
+    pub runtime: crate::container::Runtime,
     pub logs: LogFiles,
     pub log_cmds: mpsc::UnboundedSender<LogCmd>,
     pub state: LocalState,
@@ -119,13 +120,28 @@ impl Supervisor {
 }
 
 /// Ends the process of a service that is no longer wanted and has no task.
-fn stop_orphan(ctx: &Ctx, name: &str) {
-    if let Some(rec) = ctx.state.run_record(name)
-        && crate::process::process_start_time(rec.pid) == Some(rec.start_time)
-    {
-        kill_group(rec.pid, libc::SIGKILL);
+fn stop_orphan(ctx: &Arc<Ctx>, name: &str) {
+    let rec = ctx.state.run_record(name);
+    if let Some(rec) = &rec {
+        let target = if rec.container {
+            Target::Single
+        } else {
+            Target::Group
+        };
+        if let Some(p) = Proc::adopt(rec.pid, rec.start_time, target) {
+            p.signal(libc::SIGKILL);
+        }
     }
-    ctx.state.forget(name);
+    let container = rec.is_some_and(|r| r.container);
+    let ctx2 = ctx.clone();
+    let name2 = name.to_owned();
+    tokio::spawn(async move {
+        if container {
+            let work = ctx2.state.work_dir(&name2);
+            ctx2.runtime.cleanup(&name2, &work).await;
+        }
+        ctx2.state.forget(&name2);
+    });
     ctx.logs.remove(name);
     let _ = ctx.reports.send(Report::Gone(name.to_owned()));
 }
@@ -138,6 +154,7 @@ fn initial_status(a: &Assignment) -> ServiceStatus {
         pid: None,
         restarts: 0,
         last_exit: None,
+        limits: None,
         health: if a.spec.healthcheck.is_some() {
             Health::Pending
         } else {
@@ -276,6 +293,13 @@ impl Task {
             };
             let started = Instant::now();
             let ended = self.supervise(p).await;
+            // A container leaves crun state, a mount and a writable layer;
+            // not when the minion is merely shutting down (Command(None)):
+            // then the container keeps running for the next minion to adopt.
+            if self.a.spec.kind == Kind::Docker && !matches!(ended, Ended::Command(None)) {
+                let work = self.ctx.state.work_dir(self.name());
+                self.ctx.runtime.cleanup(self.name(), &work).await;
+            }
             let exit = match ended {
                 Ended::Command(cmd) => match self.command(cmd) {
                     Next::Start => continue,
@@ -352,11 +376,17 @@ impl Task {
     /// Takes over the process a previous minion run started, if it still runs.
     fn adopt(&mut self) -> Option<Proc> {
         let rec = self.ctx.state.run_record(self.name())?;
-        let proc = Proc::adopt(rec.pid, rec.start_time, crate::process::Target::Group);
+        let target = if rec.container {
+            Target::Single
+        } else {
+            Target::Group
+        };
+        let proc = Proc::adopt(rec.pid, rec.start_time, target);
         if rec.generation != self.a.generation {
-            // The spec changed while the minion was down: end the old one.
-            if proc.is_some() {
-                kill_group(rec.pid, libc::SIGKILL);
+            // The spec changed while the minion was down: end the old one
+            // (a container's leftovers go when the new one starts).
+            if let Some(p) = &proc {
+                p.signal(libc::SIGKILL);
             }
             return None;
         }
@@ -404,7 +434,7 @@ impl Task {
                 return Err(None);
             }
         };
-        match self.spawn(program) {
+        match self.launch(program).await {
             Ok(p) => Ok(p),
             Err(e) => {
                 let msg = format!("cannot start {:?}: {e}", self.a.spec.image);
@@ -419,26 +449,46 @@ impl Task {
         }
     }
 
-    fn spawn(&mut self, program: PathBuf) -> std::io::Result<Proc> {
-        let spec = &self.a.spec;
+    /// Starts the process (a binary) or the container (type docker).
+    async fn launch(&mut self, program: PathBuf) -> Result<Proc, String> {
+        let spec = self.a.spec.clone();
         let cwd = self.ctx.state.work_dir(&spec.name);
-        std::fs::create_dir_all(&cwd)?;
-        let mut env = vec![(
-            "PATH".to_owned(),
-            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".to_owned(),
-        )];
-        env.extend(spec.env_pairs().map(|(k, v)| (k.to_owned(), v.to_owned())));
-        env.push(("PHOENIX_NAME".into(), spec.name.clone()));
-        env.push(("PHOENIX_IP".into(), self.a.ip.to_string()));
-        env.push(("PORT".into(), spec.proxyport.to_string()));
-        let log = self.ctx.logs.open_append(&spec.name)?;
-        let proc = Proc::spawn(Launch {
-            program: &program,
-            args: &spec.args,
-            env,
-            cwd: &cwd,
-            log,
-        })?;
+        std::fs::create_dir_all(&cwd).map_err(|e| format!("create {}: {e}", cwd.display()))?;
+        let ours = vec![
+            ("PHOENIX_NAME".to_owned(), spec.name.clone()),
+            ("PHOENIX_IP".to_owned(), self.a.ip.to_string()),
+            ("PORT".to_owned(), spec.proxyport.to_string()),
+        ];
+        let log = self
+            .ctx
+            .logs
+            .open_append(&spec.name)
+            .map_err(|e| format!("open log: {e}"))?;
+        let container = spec.kind == Kind::Docker;
+        let proc = if container {
+            let started = self
+                .ctx
+                .runtime
+                .start(&self.a, &program, &cwd, &log, &ours)
+                .await?;
+            self.status.limits = started.limits;
+            Proc::child(started.pid, Target::Single)
+        } else {
+            let mut env = vec![(
+                "PATH".to_owned(),
+                "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".to_owned(),
+            )];
+            env.extend(spec.env_pairs().map(|(k, v)| (k.to_owned(), v.to_owned())));
+            env.extend(ours);
+            Proc::spawn(Launch {
+                program: &program,
+                args: &spec.args,
+                env,
+                cwd: &cwd,
+                log,
+            })
+            .map_err(|e| e.to_string())?
+        };
         let pid = proc.pid().unwrap_or(0);
         let start_time = crate::process::process_start_time(pid).unwrap_or(0);
         let rec = RunRecord {
@@ -446,6 +496,7 @@ impl Task {
             start_time,
             generation: self.a.generation,
             restarts: self.status.restarts,
+            container,
         };
         if let Err(e) = self.ctx.state.save_run(&spec.name, &rec) {
             tracing::warn!(service = %spec.name, "cannot record pid: {e}");

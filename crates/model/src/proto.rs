@@ -187,14 +187,14 @@ pub enum ToMinion {
 }
 
 /// Everything a minion should run, as of `revision`.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
 pub struct DesiredSet {
     pub revision: u64,
     pub services: Vec<Assignment>,
 }
 
 /// One service placed on a minion.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
 pub struct Assignment {
     pub spec: Spec,
     /// The service's address (the spec's `ip` or one assigned by the master).
@@ -337,6 +337,7 @@ pub struct ServiceView {
     pub restarts: u64,
     pub health: String,
     pub last_exit: Option<crate::status::Exit>,
+    pub limits: Option<String>,
     pub since: Option<u64>,
     pub message: Option<String>,
     /// Whether the service's node is connected to the master now.

@@ -59,7 +59,7 @@ impl Duration {
 }
 
 /// One service, as a user writes it, with defaults filled in.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
 pub struct Spec {
     pub machine: String,
     pub name: String,
@@ -80,9 +80,34 @@ pub struct Spec {
     pub args: Vec<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub link: Vec<String>,
+    /// Memory limit in bytes (type docker): `"512M"`, `"1G"` or a number.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory: Option<u64>,
+    /// CPU limit in cores (type docker), e.g. `0.5`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpus: Option<f64>,
 }
 
 impl Spec {
+    /// The registry file and the tag within it. For type docker `image` is
+    /// `FILE[:TAG]`, and `.tar` is assumed when FILE has no extension of its
+    /// own (seed 000); for binaries it is the file's name.
+    pub fn registry_file(&self) -> (String, Option<String>) {
+        if self.kind != Kind::Docker {
+            return (self.image.clone(), None);
+        }
+        let (file, tag) = match self.image.split_once(':') {
+            Some((f, t)) if !t.is_empty() => (f, Some(t.to_owned())),
+            _ => (self.image.as_str(), None),
+        };
+        let file = if file.ends_with(".tar") {
+            file.to_owned()
+        } else {
+            format!("{file}.tar")
+        };
+        (file, tag)
+    }
+
     /// The spec's environment as pairs (validated `K=V` entries).
     pub fn env_pairs(&self) -> impl Iterator<Item = (&str, &str)> {
         self.env.iter().filter_map(|e| e.split_once('='))
@@ -158,7 +183,7 @@ impl fmt::Display for SpecErrors {
     }
 }
 
-const FIELDS: [&str; 12] = [
+const FIELDS: [&str; 14] = [
     "machine",
     "name",
     "image",
@@ -171,6 +196,8 @@ const FIELDS: [&str; 12] = [
     "ip",
     "args",
     "link",
+    "memory",
+    "cpus",
 ];
 
 /// Parses a file holding one spec object or an array of them.
@@ -282,6 +309,8 @@ pub fn parse_one(value: &Value) -> Result<Spec, Vec<SpecError>> {
     let ip = f.ip();
     let args = f.strings("args");
     let link = f.strings("link");
+    let memory = f.memory();
+    let cpus = f.cpus();
 
     if !machine.is_empty() {
         check_hostname_label(&machine)
@@ -293,16 +322,21 @@ pub fn parse_one(value: &Value) -> Result<Spec, Vec<SpecError>> {
     if !image.is_empty() {
         check_image_name(&image).unwrap_or_else(|r| errs.push(SpecError::new(Some("image"), r)));
     }
-    if let Some(kind) = kind
-        && kind != Kind::Binary
-    {
+    if kind == Some(Kind::Vm) {
         errs.push(SpecError::new(
             Some("type"),
-            format!(
-                "type {:?} is not supported yet; this version runs \"binary\" only",
-                kind.as_str()
-            ),
+            "type \"vm\" is not supported yet; this version runs \"binary\" and \"docker\"",
         ));
+    }
+    if kind == Some(Kind::Binary) {
+        for (field, set) in [("memory", memory.is_some()), ("cpus", cpus.is_some())] {
+            if set {
+                errs.push(SpecError::new(
+                    Some(field),
+                    "limits apply to type \"docker\" only in this version",
+                ));
+            }
+        }
     }
     for (i, entry) in env.iter().enumerate() {
         if let Err(r) = check_env(entry) {
@@ -346,6 +380,8 @@ pub fn parse_one(value: &Value) -> Result<Spec, Vec<SpecError>> {
         ip,
         args,
         link,
+        memory,
+        cpus,
     })
 }
 
@@ -433,6 +469,37 @@ impl Fields<'_> {
         }
     }
 
+    fn memory(&mut self) -> Option<u64> {
+        let v = self.obj.get("memory")?;
+        let parsed = match v {
+            Value::Number(n) => n.as_u64(),
+            Value::String(s) => parse_size(s),
+            _ => None,
+        };
+        match parsed {
+            Some(b) if b >= 4 << 20 => Some(b),
+            _ => {
+                self.wrong(
+                    "memory",
+                    "a size of at least 4M, like \"512M\", \"2G\" or a number of bytes",
+                    v,
+                );
+                None
+            }
+        }
+    }
+
+    fn cpus(&mut self) -> Option<f64> {
+        let v = self.obj.get("cpus")?;
+        match v.as_f64() {
+            Some(c) if (0.01..=1024.0).contains(&c) => Some(c),
+            _ => {
+                self.wrong("cpus", "a number of cores from 0.01 up, like 0.5 or 2", v);
+                None
+            }
+        }
+    }
+
     fn port(&mut self) -> Option<u16> {
         let v = self.obj.get("proxyport")?;
         match v.as_u64() {
@@ -487,6 +554,18 @@ fn describe(v: &Value) -> String {
     } else {
         kind.to_owned()
     }
+}
+
+/// `"512M"`, `"2G"`, `"64k"`, `"1000"` (bytes) → bytes.
+pub fn parse_size(s: &str) -> Option<u64> {
+    let s = s.trim();
+    let (num, mult) = match s.char_indices().last()? {
+        (i, 'k' | 'K') => (&s[..i], 1u64 << 10),
+        (i, 'm' | 'M') => (&s[..i], 1 << 20),
+        (i, 'g' | 'G') => (&s[..i], 1 << 30),
+        _ => (s, 1),
+    };
+    num.trim().parse::<u64>().ok()?.checked_mul(mult)
 }
 
 /// A name that can be a hostname label (RFC 1123): 1 to 63 of `a-z`, `0-9`
@@ -643,10 +722,7 @@ mod tests {
             all.contains("field `ip`: fd00::1 is outside the cluster's range"),
             "{all}"
         );
-        assert!(
-            all.contains("spec #2 (\"ok\"): field `type`: type \"docker\" is not supported yet"),
-            "{all}"
-        );
+        assert!(!all.contains("spec #2"), "docker is supported: {all}");
     }
 
     #[test]
@@ -697,6 +773,43 @@ mod tests {
             .join("")
             .contains("reserved for nodes")
         );
+    }
+
+    #[test]
+    fn docker_images_limits_and_sizes() {
+        let s = &parse_specs(
+            "t",
+            r#"{"machine":"m","name":"c","image":"app:v2","type":"docker","memory":"256M","cpus":0.5}"#,
+        )
+        .unwrap()[0];
+        assert_eq!(s.registry_file(), ("app.tar".into(), Some("v2".into())));
+        assert_eq!((s.memory, s.cpus), (Some(256 << 20), Some(0.5)));
+        let bare = &parse_specs(
+            "t",
+            r#"{"machine":"m","name":"c","image":"app.tar","type":"docker"}"#,
+        )
+        .unwrap()[0];
+        assert_eq!(bare.registry_file(), ("app.tar".into(), None));
+        let all = errs(
+            r#"{"machine":"m","name":"b","image":"x","type":"binary","memory":"1G","cpus":"two"}"#,
+        )
+        .join("\n");
+        assert!(
+            all.contains("field `memory`: limits apply to type \"docker\" only"),
+            "{all}"
+        );
+        assert!(
+            all.contains("field `cpus`: expected a number of cores"),
+            "{all}"
+        );
+        assert!(
+            errs(r#"{"machine":"m","name":"v","image":"x","type":"vm"}"#)
+                .join("")
+                .contains("\"vm\" is not supported yet")
+        );
+        assert_eq!(parse_size("64k"), Some(65536));
+        assert_eq!(parse_size("2G"), Some(2 << 30));
+        assert_eq!(parse_size("lots"), None);
     }
 
     #[test]

@@ -86,6 +86,9 @@ pub struct ServiceStatus {
     /// Restarts since the service was deployed or last updated.
     pub restarts: u64,
     pub last_exit: Option<Exit>,
+    /// What became of the spec's `memory` / `cpus` on this host.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limits: Option<String>,
     pub health: Health,
     /// Unix time in milliseconds of the last state change.
     pub since: u64,

@@ -290,6 +290,9 @@ async fn command(cmd: Command) -> Result<()> {
             );
             println!("since:       {}", opt(v.since.map(ago)));
             println!("generation:  {}", v.generation);
+            if let Some(l) = v.limits {
+                println!("limits:      {l}");
+            }
             if let Some(m) = v.message {
                 println!("message:     {m}");
             }

@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 
 pub mod netns;
+pub mod oci;
 pub use netns::Net;
 
 /// The directory holding the workspace's binaries.
@@ -575,8 +576,23 @@ impl Drop for Cluster {
                     .and_then(|v| v["pid"].as_i64())
                     && pid > 1
                 {
+                    // A binary leads its group; a container's init is alone.
                     kill(-(pid as i32), libc::SIGKILL);
+                    kill(pid as i32, libc::SIGKILL);
                 }
+            }
+        }
+        // Containers' overlay mounts live under the minions' dirs.
+        let prefix = self.dir.path().to_string_lossy().into_owned();
+        let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
+        for m in mounts
+            .lines()
+            .filter_map(|l| l.split_whitespace().nth(1))
+            .filter(|m| m.starts_with(&prefix))
+        {
+            if let Ok(c) = std::ffi::CString::new(m) {
+                // SAFETY: umount2 with a valid C string.
+                unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
             }
         }
         if std::thread::panicking() {

@@ -340,8 +340,8 @@ fn bad_specs_are_refused_and_change_nothing() {
             "field `env[0]`: \"NOPE\" is not of the form KEY=VALUE",
         ),
         (
-            json!({"machine": "m1", "name": "x", "image": "testy", "type": "docker"}),
-            "type \"docker\" is not supported yet",
+            json!({"machine": "m1", "name": "x", "image": "testy", "type": "vm"}),
+            "type \"vm\" is not supported yet",
         ),
     ];
     for (spec, want) in cases {

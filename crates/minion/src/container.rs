@@ -1,0 +1,701 @@
+//! OCI containers, run by crun, with no process of ours left beside them.
+//!
+//! A start is: the image file (fetched and hash-checked like any image) is
+//! unpacked once per manifest digest into `images/rootfs/<digest>/rootfs`
+//! (shared by every service using it); the service gets an overlayfs with
+//! that as its lower layer and a fresh upper layer (a copy where overlayfs
+//! is missing), so each start begins from the image; `crun create` sets the
+//! container up and exits, leaving the container's init as the minion's
+//! child (the minion is a subreaper, see [`crate::reaper`]); limits are
+//! applied; `crun start` lets it run. Stopping signals the init (ending it
+//! ends its PID namespace), then `crun delete` and an unmount clean up.
+//!
+//! cgroups. crun's own cgroup handling works on pure v2 hosts and on v1
+//! hosts, and there Phoenix passes limits in the runtime config. crun 1.8
+//! refuses "hybrid" hosts (v1 controllers plus a v2 mount at
+//! /sys/fs/cgroup/unified). There every crun command runs in a private mount
+//! namespace whose /sys/fs/cgroup is a fresh cgroup2 mount, with
+//! `--cgroup-manager=disabled`, and the minion applies limits itself through
+//! the v1 memory and cpu controllers between `create` and `start`. Where a
+//! limit cannot be applied, the service's status says so.
+
+use std::ffi::CString;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use phoenix_model::proto::Assignment;
+use serde_json::{Value, json};
+
+use crate::reaper;
+
+/// How the host's cgroups are mounted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CgroupMode {
+    V2,
+    /// v1 controllers with a v2 mount beside them.
+    Hybrid,
+    V1,
+    None,
+}
+
+const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
+
+fn fs_type(path: &str) -> Option<i64> {
+    let c = CString::new(path).ok()?;
+    // SAFETY: statfs fills the zeroed struct we own from a valid C string.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    let ret = unsafe { libc::statfs(c.as_ptr(), &mut st) };
+    (ret == 0).then_some(st.f_type as i64)
+}
+
+impl CgroupMode {
+    pub fn detect() -> CgroupMode {
+        if fs_type("/sys/fs/cgroup") == Some(CGROUP2_SUPER_MAGIC) {
+            CgroupMode::V2
+        } else if fs_type("/sys/fs/cgroup/unified") == Some(CGROUP2_SUPER_MAGIC) {
+            CgroupMode::Hybrid
+        } else if Path::new("/sys/fs/cgroup/memory").is_dir() {
+            CgroupMode::V1
+        } else {
+            CgroupMode::None
+        }
+    }
+}
+
+/// Image settings the runtime config is made from.
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
+pub struct ImageSettings {
+    pub entrypoint: Vec<String>,
+    pub cmd: Vec<String>,
+    pub env: Vec<String>,
+    pub working_dir: Option<String>,
+    pub user: Option<String>,
+}
+
+/// Where containers live and how crun is run.
+pub struct Runtime {
+    /// One unpack at a time per image file, however many services share it.
+    unpacking: std::sync::Mutex<
+        std::collections::HashMap<PathBuf, std::sync::Arc<tokio::sync::Mutex<()>>>,
+    >,
+    crun: Option<PathBuf>,
+    state_dir: PathBuf,
+    rootfs_dir: PathBuf,
+    pub mode: CgroupMode,
+}
+
+/// A started container.
+pub struct Started {
+    pub pid: u32,
+    /// What became of `memory` / `cpus`, for the status.
+    pub limits: Option<String>,
+}
+
+const CRUN_HELP: &str = "crun is not installed on this minion; install it (Debian/Ubuntu: apt-get install crun, Alpine: apk add crun) to run services of type docker";
+
+fn find_in_path(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")
+        .unwrap_or_else(|| "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin".into());
+    std::env::split_paths(&path)
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+}
+
+pub fn container_id(name: &str) -> String {
+    format!("phoenix-{name}")
+}
+
+impl Runtime {
+    pub fn new(data_dir: &Path) -> Runtime {
+        let rt = Runtime {
+            unpacking: Default::default(),
+            crun: find_in_path("crun"),
+            state_dir: data_dir.join("crun"),
+            rootfs_dir: data_dir.join("images").join("rootfs"),
+            mode: CgroupMode::detect(),
+        };
+        match &rt.crun {
+            Some(p) => tracing::info!(crun = %p.display(), cgroups = ?rt.mode, "container runtime"),
+            None => tracing::warn!("{CRUN_HELP}"),
+        }
+        rt
+    }
+
+    /// A crun command, set up for this host's cgroups.
+    fn crun(&self) -> Result<Command, String> {
+        let bin = self.crun.as_ref().ok_or(CRUN_HELP)?;
+        let mut cmd = Command::new(bin);
+        cmd.arg("--root").arg(&self.state_dir);
+        if self.mode == CgroupMode::Hybrid {
+            cmd.arg("--cgroup-manager=disabled");
+            // SAFETY: the closure runs in the forked child before exec and
+            // makes only async-signal-safe system calls (unshare, mount).
+            unsafe {
+                cmd.pre_exec(|| {
+                    if libc::unshare(libc::CLONE_NEWNS) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    let none = std::ptr::null();
+                    if libc::mount(
+                        none,
+                        c"/".as_ptr(),
+                        none,
+                        libc::MS_REC | libc::MS_PRIVATE,
+                        std::ptr::null(),
+                    ) != 0
+                    {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    if libc::mount(
+                        c"cgroup2".as_ptr(),
+                        c"/sys/fs/cgroup".as_ptr(),
+                        c"cgroup2".as_ptr(),
+                        0,
+                        std::ptr::null(),
+                    ) != 0
+                    {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
+        Ok(cmd)
+    }
+
+    /// Runs a crun subcommand to its end; its error text on failure.
+    async fn crun_run(&self, args: &[&str], what: &str) -> Result<(), String> {
+        let mut cmd = self.crun()?;
+        cmd.args(args).stdout(Stdio::null());
+        let (exit, err) = reaper::run(&mut cmd)
+            .await
+            .map_err(|e| format!("crun {what}: {e}"))?;
+        if exit.code == Some(0) {
+            Ok(())
+        } else {
+            Err(format!("crun {what} failed ({exit}): {}", err.trim()))
+        }
+    }
+
+    /// The unpacked root filesystem of `image` (a file in the image cache),
+    /// unpacking it first if this digest has not been unpacked yet.
+    pub async fn rootfs(
+        &self,
+        image: &Path,
+        tag: Option<&str>,
+    ) -> Result<(PathBuf, ImageSettings), String> {
+        let lock = self
+            .unpacking
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(image.to_owned())
+            .or_default()
+            .clone();
+        let _guard = lock.lock().await;
+        let image = image.to_owned();
+        let tag = tag.map(str::to_owned);
+        let dir = self.rootfs_dir.clone();
+        tokio::task::spawn_blocking(move || unpack_cached(&image, tag.as_deref(), &dir))
+            .await
+            .map_err(|e| e.to_string())?
+    }
+
+    /// Sets up and starts the container of `a`.
+    pub async fn start(
+        &self,
+        a: &Assignment,
+        image: &Path,
+        work: &Path,
+        log: &std::fs::File,
+        extra_env: &[(String, String)],
+    ) -> Result<Started, String> {
+        if self.crun.is_none() {
+            return Err(CRUN_HELP.into());
+        }
+        let spec = &a.spec;
+        let (_, tag) = spec.registry_file();
+        let (lower, settings) = self.rootfs(image, tag.as_deref()).await?;
+        self.cleanup(&spec.name, work).await;
+        let bundle = work.join("bundle");
+        let rootfs = bundle.join("rootfs");
+        let upper = work.join("upper");
+        let ovl = work.join("ovlwork");
+        for d in [&rootfs, &upper, &ovl] {
+            std::fs::create_dir_all(d).map_err(|e| format!("create {}: {e}", d.display()))?;
+        }
+        if let Err(e) = mount_overlay(&lower, &upper, &ovl, &rootfs) {
+            tracing::info!(service = %spec.name, "overlayfs unavailable ({e}); copying the image instead");
+            let mut cp = Command::new("cp");
+            cp.arg("-a")
+                .arg(format!("{}/.", lower.display()))
+                .arg(&rootfs);
+            let (exit, err) = reaper::run(&mut cp)
+                .await
+                .map_err(|e| format!("copy rootfs: {e}"))?;
+            if exit.code != Some(0) {
+                return Err(format!("copy rootfs: {}", err.trim()));
+            }
+        }
+        let config = runtime_config(a, &settings, &lower, extra_env, self.mode)?;
+        let config_path = bundle.join("config.json");
+        std::fs::write(
+            &config_path,
+            serde_json::to_vec_pretty(&config).unwrap_or_default(),
+        )
+        .map_err(|e| format!("write {}: {e}", config_path.display()))?;
+
+        let id = container_id(&spec.name);
+        let pid_file = work.join("container.pid");
+        let crun_log = work.join("crun.log");
+        let _ = std::fs::remove_file(&pid_file);
+        let _ = std::fs::remove_file(&crun_log);
+        // The container inherits crun's stdout and stderr: the service log.
+        let mut create = self.crun()?;
+        create
+            .arg(format!("--log=file:{}", crun_log.display()))
+            .args(["create", "--bundle"])
+            .arg(&bundle)
+            .arg("--pid-file")
+            .arg(&pid_file)
+            .arg(&id)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().map_err(|e| e.to_string())?)
+            .stderr(log.try_clone().map_err(|e| e.to_string())?);
+        let child = create.spawn().map_err(|e| format!("run crun: {e}"))?;
+        let exit = reaper::exit_of(child.id()).await;
+        if exit.code != Some(0) {
+            let why = std::fs::read_to_string(&crun_log).unwrap_or_default();
+            self.cleanup(&spec.name, work).await;
+            return Err(format!("crun create failed ({exit}): {}", last_line(&why)));
+        }
+        let pid: u32 = std::fs::read_to_string(&pid_file)
+            .ok()
+            .and_then(|p| p.trim().parse().ok())
+            .ok_or_else(|| format!("crun create wrote no pid to {}", pid_file.display()))?;
+        let limits = if self.mode == CgroupMode::Hybrid {
+            v1_limits(&spec.name, pid, spec.memory, spec.cpus)
+        } else {
+            describe_limits(spec.memory, spec.cpus, self.mode)
+        };
+        if let Err(e) = self.crun_run(&["start", &id], "start").await {
+            self.cleanup(&spec.name, work).await;
+            return Err(e);
+        }
+        Ok(Started { pid, limits })
+    }
+
+    /// Removes what a container run leaves behind: crun's state, the
+    /// overlay mount, the writable layer, the v1 cgroups.
+    pub async fn cleanup(&self, name: &str, work: &Path) {
+        if self.crun.is_some() {
+            let _ = self
+                .crun_run(&["delete", "--force", &container_id(name)], "delete")
+                .await;
+        }
+        let rootfs = work.join("bundle").join("rootfs");
+        if let Ok(c) = CString::new(rootfs.as_os_str().as_encoded_bytes()) {
+            // SAFETY: umount2 with a valid C string; failure (not mounted) is fine.
+            unsafe {
+                libc::umount2(c.as_ptr(), libc::MNT_DETACH);
+            }
+        }
+        for d in ["upper", "ovlwork", "bundle"] {
+            let _ = std::fs::remove_dir_all(work.join(d));
+        }
+        if self.mode == CgroupMode::Hybrid {
+            for ctl in ["memory", "cpu"] {
+                let _ = std::fs::remove_dir(
+                    Path::new("/sys/fs/cgroup")
+                        .join(ctl)
+                        .join("phoenix")
+                        .join(name),
+                );
+            }
+        }
+    }
+}
+
+fn last_line(s: &str) -> &str {
+    s.lines()
+        .rev()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or("(no message)")
+}
+
+fn mount_overlay(lower: &Path, upper: &Path, work: &Path, target: &Path) -> Result<(), String> {
+    let opts = format!(
+        "lowerdir={},upperdir={},workdir={}",
+        lower.display(),
+        upper.display(),
+        work.display()
+    );
+    let c = |p: &Path| CString::new(p.as_os_str().as_encoded_bytes()).map_err(|e| e.to_string());
+    let (target, opts) = (c(target)?, CString::new(opts).map_err(|e| e.to_string())?);
+    // SAFETY: mount(2) with valid C strings that outlive the call.
+    let ret = unsafe {
+        libc::mount(
+            c"overlay".as_ptr(),
+            target.as_ptr(),
+            c"overlay".as_ptr(),
+            0,
+            opts.as_ptr().cast(),
+        )
+    };
+    if ret != 0 {
+        return Err(std::io::Error::last_os_error().to_string());
+    }
+    Ok(())
+}
+
+/// Unpacks an image once per manifest digest, atomically (into a temporary
+/// directory renamed into place), and remembers its settings beside it.
+fn unpack_cached(
+    image: &Path,
+    tag: Option<&str>,
+    dir: &Path,
+) -> Result<(PathBuf, ImageSettings), String> {
+    let img = phoenix_image::open(image, tag).map_err(|e| e.to_string())?;
+    let digest = img.manifest_digest.trim_start_matches("sha256:").to_owned();
+    let place = dir.join(&digest);
+    let rootfs = place.join("rootfs");
+    let settings_path = place.join("settings.json");
+    if let Ok(text) = std::fs::read(&settings_path)
+        && let Ok(settings) = serde_json::from_slice(&text)
+        && rootfs.is_dir()
+    {
+        return Ok((rootfs, settings));
+    }
+    std::fs::create_dir_all(dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
+    let tmp = dir.join(format!(".unpack-{digest}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp).map_err(|e| format!("create {}: {e}", tmp.display()))?;
+    let limits = phoenix_image::Limits {
+        max_layer_bytes: 8 << 30,
+        max_total_bytes: 16 << 30,
+    };
+    if let Err(e) = phoenix_image::unpack(&img, &tmp.join("rootfs"), &limits) {
+        let _ = std::fs::remove_dir_all(&tmp);
+        return Err(e.to_string());
+    }
+    let c = &img.config;
+    let settings = ImageSettings {
+        entrypoint: c.entrypoint.clone(),
+        cmd: c.cmd.clone(),
+        env: c.env.clone(),
+        working_dir: c.working_dir.clone(),
+        user: c.user.clone(),
+    };
+    let write = std::fs::write(
+        tmp.join("settings.json"),
+        serde_json::to_vec(&settings).unwrap_or_default(),
+    );
+    if let Err(e) = write.and_then(|()| {
+        let _ = std::fs::remove_dir_all(&place);
+        std::fs::rename(&tmp, &place)
+    }) {
+        let _ = std::fs::remove_dir_all(&tmp);
+        return Err(format!("store unpacked image in {}: {e}", place.display()));
+    }
+    tracing::info!(digest = %digest, "image unpacked");
+    Ok((rootfs, settings))
+}
+
+/// Resolves the image's `User` ("name", "uid", "uid:gid", "name:group")
+/// against the image's own /etc/passwd and /etc/group.
+fn resolve_user(user: Option<&str>, rootfs: &Path) -> Result<(u32, u32), String> {
+    let Some(user) = user.filter(|u| !u.is_empty()) else {
+        return Ok((0, 0));
+    };
+    let (u, g) = match user.split_once(':') {
+        Some((u, g)) => (u, Some(g)),
+        None => (user, None),
+    };
+    let lookup = |file: &str, name: &str| -> Option<(u32, Option<u32>)> {
+        // The image controls these paths: never follow a symlink out of it.
+        let etc = rootfs.join("etc");
+        let path = rootfs.join(file);
+        if [&etc, &path]
+            .iter()
+            .any(|p| std::fs::symlink_metadata(p).map_or(true, |m| !m.is_dir() && !m.is_file()))
+        {
+            return None;
+        }
+        let text = std::fs::read_to_string(path).ok()?;
+        text.lines().find_map(|l| {
+            let f: Vec<&str> = l.split(':').collect();
+            if f.first() != Some(&name) {
+                return None;
+            }
+            let id = f.get(2)?.parse().ok()?;
+            Some((id, f.get(3).and_then(|g| g.parse().ok())))
+        })
+    };
+    let (uid, primary_gid) = match u.parse::<u32>() {
+        Ok(uid) => (uid, None),
+        Err(_) => lookup("etc/passwd", u)
+            .ok_or_else(|| format!("image user {u:?} is not in the image's /etc/passwd"))?,
+    };
+    let gid = match g {
+        Some(g) => match g.parse::<u32>() {
+            Ok(gid) => gid,
+            Err(_) => lookup("etc/group", g)
+                .map(|(id, _)| id)
+                .ok_or_else(|| format!("image group {g:?} is not in the image's /etc/group"))?,
+        },
+        None => primary_gid.unwrap_or(0),
+    };
+    Ok((uid, gid))
+}
+
+/// The OCI runtime config for a service's container.
+fn runtime_config(
+    a: &Assignment,
+    img: &ImageSettings,
+    rootfs: &Path,
+    extra_env: &[(String, String)],
+    mode: CgroupMode,
+) -> Result<Value, String> {
+    let spec = &a.spec;
+    let mut args = img.entrypoint.clone();
+    if spec.args.is_empty() {
+        args.extend(img.cmd.iter().cloned());
+    } else {
+        args.extend(spec.args.iter().cloned());
+    }
+    if args.is_empty() {
+        return Err(
+            "the image has neither Entrypoint nor Cmd; give the command in the spec's args".into(),
+        );
+    }
+    // Image env, then the spec's, then Phoenix's; later entries win.
+    let mut env: Vec<(String, String)> = Vec::new();
+    let mut set = |k: &str, v: &str| {
+        env.retain(|(key, _)| key != k);
+        env.push((k.to_owned(), v.to_owned()));
+    };
+    set(
+        "PATH",
+        "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+    );
+    for e in &img.env {
+        if let Some((k, v)) = e.split_once('=') {
+            set(k, v);
+        }
+    }
+    for (k, v) in spec.env_pairs() {
+        set(k, v);
+    }
+    for (k, v) in extra_env {
+        set(k, v);
+    }
+    let env: Vec<String> = env.into_iter().map(|(k, v)| format!("{k}={v}")).collect();
+    let (uid, gid) = resolve_user(img.user.as_deref(), rootfs)?;
+    let caps = [
+        "CAP_CHOWN",
+        "CAP_DAC_OVERRIDE",
+        "CAP_FSETID",
+        "CAP_FOWNER",
+        "CAP_MKNOD",
+        "CAP_NET_RAW",
+        "CAP_SETGID",
+        "CAP_SETUID",
+        "CAP_SETFCAP",
+        "CAP_SETPCAP",
+        "CAP_NET_BIND_SERVICE",
+        "CAP_SYS_CHROOT",
+        "CAP_KILL",
+        "CAP_AUDIT_WRITE",
+    ];
+    let mut resources = json!({ "devices": [{ "allow": false, "access": "rwm" }] });
+    if matches!(mode, CgroupMode::V2 | CgroupMode::V1) {
+        if let Some(m) = spec.memory {
+            resources["memory"] = json!({ "limit": m });
+        }
+        if let Some(c) = spec.cpus {
+            resources["cpu"] = json!({ "quota": (c * 100_000.0) as i64, "period": 100_000 });
+        }
+    }
+    let mut mounts = vec![
+        json!({"destination": "/proc", "type": "proc", "source": "proc"}),
+        json!({"destination": "/dev", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "strictatime", "mode=755", "size=65536k"]}),
+        json!({"destination": "/dev/pts", "type": "devpts", "source": "devpts", "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620"]}),
+        json!({"destination": "/dev/shm", "type": "tmpfs", "source": "shm", "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"]}),
+        json!({"destination": "/dev/mqueue", "type": "mqueue", "source": "mqueue", "options": ["nosuid", "noexec", "nodev"]}),
+        // The host's network is shared until per-service networking lands,
+        // so /sys comes from the host (read-only) rather than a new sysfs.
+        json!({"destination": "/sys", "type": "bind", "source": "/sys", "options": ["rbind", "nosuid", "noexec", "nodev", "ro"]}),
+    ];
+    for f in ["/etc/resolv.conf", "/etc/hosts"] {
+        if Path::new(f).exists() {
+            mounts.push(
+                json!({"destination": f, "type": "bind", "source": f, "options": ["rbind", "ro"]}),
+            );
+        }
+    }
+    let mut linux = json!({
+        "namespaces": [{"type": "pid"}, {"type": "ipc"}, {"type": "uts"}, {"type": "mount"}],
+        "resources": resources,
+        "maskedPaths": ["/proc/acpi", "/proc/asound", "/proc/kcore", "/proc/keys", "/proc/latency_stats",
+                        "/proc/timer_list", "/proc/timer_stats", "/proc/sched_debug", "/sys/firmware", "/proc/scsi"],
+        "readonlyPaths": ["/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger"],
+    });
+    if matches!(mode, CgroupMode::V2 | CgroupMode::V1) {
+        linux["cgroupsPath"] = json!(format!("/phoenix/{}", spec.name));
+    }
+    Ok(json!({
+        "ociVersion": "1.0.2",
+        "process": {
+            "terminal": false,
+            "user": { "uid": uid, "gid": gid },
+            "args": args,
+            "env": env,
+            "cwd": img.working_dir.clone().filter(|w| !w.is_empty()).unwrap_or_else(|| "/".into()),
+            "capabilities": { "bounding": caps, "effective": caps, "permitted": caps },
+            "noNewPrivileges": true,
+        },
+        "root": { "path": "rootfs", "readonly": false },
+        "hostname": spec.name,
+        "mounts": mounts,
+        "linux": linux,
+    }))
+}
+
+fn describe_limits(memory: Option<u64>, cpus: Option<f64>, mode: CgroupMode) -> Option<String> {
+    if memory.is_none() && cpus.is_none() {
+        return None;
+    }
+    Some(match mode {
+        CgroupMode::None => "limits not applied: this host has no cgroups".into(),
+        _ => format!(
+            "limits applied by crun ({:?} cgroups):{}{}",
+            mode,
+            memory
+                .map(|m| format!(" memory {} MiB", m >> 20))
+                .unwrap_or_default(),
+            cpus.map(|c| format!(" cpus {c}")).unwrap_or_default()
+        ),
+    })
+}
+
+/// On a hybrid host: puts `pid` into v1 memory and cpu cgroups with the
+/// limits, and says what worked.
+fn v1_limits(name: &str, pid: u32, memory: Option<u64>, cpus: Option<f64>) -> Option<String> {
+    let mut notes = Vec::new();
+    let join = |ctl: &str, files: &[(&str, String)]| -> Result<(), String> {
+        let dir = Path::new("/sys/fs/cgroup")
+            .join(ctl)
+            .join("phoenix")
+            .join(name);
+        std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        for (f, v) in files {
+            std::fs::write(dir.join(f), v).map_err(|e| format!("{}/{f}: {e}", dir.display()))?;
+        }
+        std::fs::write(dir.join("cgroup.procs"), pid.to_string())
+            .map_err(|e| format!("{}/cgroup.procs: {e}", dir.display()))
+    };
+    if let Some(m) = memory {
+        match join("memory", &[("memory.limit_in_bytes", m.to_string())]) {
+            Ok(()) => notes.push(format!("memory {} MiB (cgroup v1)", m >> 20)),
+            Err(e) => notes.push(format!("memory limit NOT applied: {e}")),
+        }
+    }
+    if let Some(c) = cpus {
+        let quota = ((c * 100_000.0) as i64).max(1000);
+        match join(
+            "cpu",
+            &[
+                ("cpu.cfs_period_us", "100000".into()),
+                ("cpu.cfs_quota_us", quota.to_string()),
+            ],
+        ) {
+            Ok(()) => notes.push(format!("cpus {c} (cgroup v1)")),
+            Err(e) => notes.push(format!("cpu limit NOT applied: {e}")),
+        }
+    }
+    (!notes.is_empty()).then(|| notes.join("; "))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn users_resolve_against_the_image() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("etc")).unwrap();
+        std::fs::write(
+            dir.path().join("etc/passwd"),
+            "root:x:0:0::/root:/bin/sh\napp:x:1000:1001::/app:/bin/sh\n",
+        )
+        .unwrap();
+        std::fs::write(dir.path().join("etc/group"), "root:x:0:\nstaff:x:50:\n").unwrap();
+        assert_eq!(resolve_user(None, dir.path()).unwrap(), (0, 0));
+        assert_eq!(resolve_user(Some("app"), dir.path()).unwrap(), (1000, 1001));
+        assert_eq!(
+            resolve_user(Some("app:staff"), dir.path()).unwrap(),
+            (1000, 50)
+        );
+        assert_eq!(resolve_user(Some("7:8"), dir.path()).unwrap(), (7, 8));
+        assert!(
+            resolve_user(Some("ghost"), dir.path())
+                .unwrap_err()
+                .contains("not in the image's /etc/passwd")
+        );
+    }
+
+    #[test]
+    fn config_from_image_and_spec() {
+        let spec = phoenix_model::spec::parse_specs(
+            "t",
+            r#"{"machine":"m","name":"web","image":"app:v1","type":"docker","env":["A=spec"],"memory":"64M"}"#,
+        )
+        .unwrap()
+        .remove(0);
+        let a = Assignment {
+            spec,
+            ip: phoenix_model::net::service_ip(0),
+            image_hash: String::new(),
+            image_size: 0,
+            generation: 1,
+        };
+        let img = ImageSettings {
+            entrypoint: vec!["/bin/app".into()],
+            cmd: vec!["--default".into()],
+            env: vec!["A=image".into(), "B=image".into()],
+            working_dir: Some("/srv".into()),
+            user: None,
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let c = runtime_config(
+            &a,
+            &img,
+            dir.path(),
+            &[("PORT".into(), "8000".into())],
+            CgroupMode::V2,
+        )
+        .unwrap();
+        assert_eq!(c["process"]["args"], json!(["/bin/app", "--default"]));
+        let env: Vec<&str> = c["process"]["env"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_str().unwrap())
+            .collect();
+        assert!(
+            env.contains(&"A=spec") && env.contains(&"B=image") && env.contains(&"PORT=8000"),
+            "{env:?}"
+        );
+        assert_eq!(c["process"]["cwd"], "/srv");
+        assert_eq!(c["hostname"], "web");
+        assert_eq!(c["linux"]["resources"]["memory"]["limit"], 64 << 20);
+        assert!(
+            c["linux"]["namespaces"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|n| n["type"] != "network")
+        );
+    }
+}
