@@ -361,3 +361,32 @@ fn an_image_from_docker_image_save_runs() {
     let (_, env) = c.http("m1", port(&spec), "/env").unwrap();
     assert!(env.contains("FROM_DOCKER=yes\n"), "{env}");
 }
+
+#[test]
+fn a_oneshot_container_keeps_its_exit_code_and_is_not_restarted() {
+    require_crun!();
+    let c = Cluster::start(1);
+    push_image(
+        &c,
+        "app.tar",
+        &[("latest", oci::testy_layers(), oci::config(&["/testy"], &[]))],
+    );
+    let mut job = container("job", "app", &["--crash-after", "0.3", "--exit-code", "4"]);
+    job["duration"] = json!("oneshot");
+    job.as_object_mut().unwrap().remove("healthcheck");
+    let out = c.phoenix_stdin(&["deploy", "-"], &job.to_string());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("failed: job"));
+    std::thread::sleep(Duration::from_secs(2));
+    let s = c.status("job");
+    assert_eq!(
+        (s["state"].as_str(), s["restarts"].as_u64()),
+        (Some("failed"), Some(0)),
+        "{s}"
+    );
+    assert_eq!(s["last_exit"]["code"], 4, "{s}");
+    // Its container is cleaned up after it ended.
+    let state = c.minion_dir("m1").join("crun/phoenix-job");
+    wait_for("crun's state to go", Duration::from_secs(10), || {
+        (!state.exists()).then_some(())
+    });
+}
