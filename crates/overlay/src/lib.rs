@@ -166,16 +166,8 @@ impl Overlay {
             .connected
             .swap(true, std::sync::atomic::Ordering::SeqCst)
         {
-            // The first peer: suspending a device with no connection only
-            // marks it, and resuming one with peers binds and starts it.
-            self.device.suspend().await;
-            self.device
-                .resume()
-                .await
-                .map_err(|e| OverlayError::Device {
-                    port: self.listen_port,
-                    detail: e.to_string(),
-                })?;
+            // The first peer: bring the device up now that it has one.
+            self.restart().await?;
         }
         Ok(())
     }
@@ -184,6 +176,13 @@ impl Overlay {
     /// is accepted: the master ignored its earlier handshakes, and WireGuard
     /// would otherwise wait out its 5 s retry timer.
     pub async fn rehandshake(&self) -> Result<(), OverlayError> {
+        self.restart().await
+    }
+
+    /// Suspends and resumes the device: that binds its socket and starts its
+    /// tasks if it had none (gotatun does so only for a device with peers),
+    /// and drops every session, so handshakes start afresh.
+    async fn restart(&self) -> Result<(), OverlayError> {
         self.device.suspend().await;
         self.device
             .resume()

@@ -239,33 +239,8 @@ async fn demo(
             _ = tokio::signal::ctrl_c() => break,
         }
         let list: Vec<ServiceView> = client::call(&master_dir, &Request::Services).await?;
-        let rows: Vec<Vec<String>> = list
-            .iter()
-            .map(|v| {
-                vec![
-                    v.name.clone(),
-                    v.machine.clone(),
-                    v.state.clone(),
-                    v.pid.map_or("-".into(), |p| p.to_string()),
-                    v.restarts.to_string(),
-                    v.health.clone(),
-                    v.last_exit.map_or("-".into(), |e| e.to_string()),
-                ]
-            })
-            .collect();
         println!("{}", crate::output::utc(phoenix_model::status::now_ms()));
-        crate::output::table(
-            &[
-                "NAME",
-                "MACHINE",
-                "STATE",
-                "PID",
-                "RESTARTS",
-                "HEALTH",
-                "LAST EXIT",
-            ],
-            &rows,
-        );
+        crate::output::services_table(&list);
         println!();
         if deadline.is_some_and(|d| Instant::now() >= d) {
             break;

@@ -306,38 +306,7 @@ async fn command(cmd: Command) -> Result<()> {
             if json.json {
                 return print_json(&list);
             }
-            let rows: Vec<Vec<String>> = list
-                .iter()
-                .map(|v| {
-                    vec![
-                        v.name.clone(),
-                        v.machine.clone(),
-                        if v.node_reachable {
-                            v.state.clone()
-                        } else {
-                            format!("{}?", v.state)
-                        },
-                        opt(v.pid),
-                        v.restarts.to_string(),
-                        v.health.clone(),
-                        v.ip.to_string(),
-                        opt(v.last_exit.map(|e| e.to_string())),
-                    ]
-                })
-                .collect();
-            table(
-                &[
-                    "NAME",
-                    "MACHINE",
-                    "STATE",
-                    "PID",
-                    "RESTARTS",
-                    "HEALTH",
-                    "IP",
-                    "LAST EXIT",
-                ],
-                &rows,
-            );
+            output::services_table(&list);
         }
         Command::Nodes { target, json } => {
             let list: Vec<NodeView> = client::call(&target.data_dir, &Request::Nodes).await?;

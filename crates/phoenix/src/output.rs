@@ -34,6 +34,44 @@ pub fn render(header: &[&str], rows: &[Vec<String>]) -> String {
     out
 }
 
+/// The services table of `phoenix services` (and the demo). A `?` after the
+/// state marks the last known state of a service whose machine is unreachable.
+pub fn services_table(list: &[phoenix_model::proto::ServiceView]) {
+    let dash = || "-".to_owned();
+    let rows: Vec<Vec<String>> = list
+        .iter()
+        .map(|v| {
+            vec![
+                v.name.clone(),
+                v.machine.clone(),
+                if v.node_reachable {
+                    v.state.clone()
+                } else {
+                    format!("{}?", v.state)
+                },
+                v.pid.map_or_else(dash, |p| p.to_string()),
+                v.restarts.to_string(),
+                v.health.clone(),
+                v.ip.to_string(),
+                v.last_exit.map_or_else(dash, |e| e.to_string()),
+            ]
+        })
+        .collect();
+    table(
+        &[
+            "NAME",
+            "MACHINE",
+            "STATE",
+            "PID",
+            "RESTARTS",
+            "HEALTH",
+            "IP",
+            "LAST EXIT",
+        ],
+        &rows,
+    );
+}
+
 /// "3s ago", "5m ago", "2h ago", "4d ago".
 pub fn ago(ms: u64) -> String {
     let secs = now_ms().saturating_sub(ms) / 1000;

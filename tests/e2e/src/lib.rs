@@ -134,22 +134,27 @@ pub fn is_root() -> bool {
 }
 
 impl Cluster {
-    /// A master and accepted minions `m1..=mN`, with testy pushed as `testy`.
+    /// A master and accepted minions `m1..=mN` on loopback, with testy
+    /// pushed as `testy`.
     pub fn start(minions: usize) -> Cluster {
-        let mut c = Cluster::master_only();
+        Cluster::master_only().with_minions(minions)
+    }
+
+    /// Starts minions `m1..=mN`, accepts them, waits for them, pushes testy.
+    fn with_minions(mut self, minions: usize) -> Cluster {
         for i in 1..=minions {
-            c.start_minion(&format!("m{i}"));
+            self.start_minion(&format!("m{i}"));
         }
         for i in 1..=minions {
             let name = format!("m{i}");
-            c.wait_waiting(&name);
-            c.ok(&["accept", &name]);
+            self.wait_waiting(&name);
+            self.ok(&["accept", &name]);
         }
         for i in 1..=minions {
-            c.wait_reachable(&format!("m{i}"));
+            self.wait_reachable(&format!("m{i}"));
         }
-        c.ok(&["push", bin("testy").to_str().unwrap(), "testy"]);
-        c
+        self.ok(&["push", bin("testy").to_str().unwrap(), "testy"]);
+        self
     }
 
     /// A master on loopback; the overlay is on when we are root.
@@ -164,20 +169,7 @@ impl Cluster {
 
     /// A master and accepted minions on the hosts of `net` named `m1..`.
     pub fn start_on(net: Net, minions: usize) -> Cluster {
-        let mut c = Cluster::master_only_on(net);
-        for i in 1..=minions {
-            c.start_minion(&format!("m{i}"));
-        }
-        for i in 1..=minions {
-            let name = format!("m{i}");
-            c.wait_waiting(&name);
-            c.ok(&["accept", &name]);
-        }
-        for i in 1..=minions {
-            c.wait_reachable(&format!("m{i}"));
-        }
-        c.ok(&["push", bin("testy").to_str().unwrap(), "testy"]);
-        c
+        Cluster::master_only_on(net).with_minions(minions)
     }
 
     fn new(net: Option<Net>) -> Cluster {
