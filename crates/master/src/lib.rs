@@ -47,6 +47,8 @@ pub struct MasterConfig {
 
 #[derive(Clone, Debug)]
 pub struct OverlaySettings {
+    /// Kernel or userspace WireGuard (auto: the kernel's where it has it).
+    pub mode: phoenix_overlay::Mode,
     pub wg_port: u16,
     pub tun_name: String,
 }
@@ -149,13 +151,16 @@ pub async fn run(cfg: MasterConfig) -> Result<(), MasterError> {
     // master's overlay address only, never on the public one.
     let overlay = match &cfg.overlay {
         Some(o) => Some(Arc::new(
-            Overlay::start(OverlayConfig {
-                tun_name: o.tun_name.clone(),
-                address: Some(net::MASTER_IP),
-                listen_port: o.wg_port,
-                private_key: key.secret_bytes(),
-                peers: members.iter().map(hub::peer_config).collect(),
-            })
+            Overlay::start(
+                OverlayConfig {
+                    tun_name: o.tun_name.clone(),
+                    address: Some(net::MASTER_IP),
+                    listen_port: o.wg_port,
+                    private_key: key.secret_bytes(),
+                    peers: members.iter().map(hub::peer_config).collect(),
+                },
+                o.mode,
+            )
             .await?,
         )),
         None => None,

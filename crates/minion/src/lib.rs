@@ -59,6 +59,8 @@ pub struct MinionConfig {
 
 #[derive(Clone, Debug)]
 pub struct OverlaySettings {
+    /// Kernel or userspace WireGuard (auto: the kernel's where it has it).
+    pub mode: phoenix_overlay::Mode,
     /// Our WireGuard port.
     pub wg_port: u16,
     /// The master's WireGuard port (on its public IP).
@@ -160,18 +162,21 @@ pub async fn run(cfg: MinionConfig) -> Result<(), MinionError> {
     // handshakes in once an admin accepts us.
     let overlay = match &cfg.overlay {
         Some(o) => Some(
-            Overlay::start(OverlayConfig {
-                tun_name: o.tun_name.clone(),
-                address: state.overlay_ip(),
-                listen_port: o.wg_port,
-                private_key: keys.secret_bytes(),
-                peers: vec![PeerConfig {
-                    key: cfg.master_key.clone(),
-                    allowed: vec![(net::node_ip(0) & CLUSTER_MASK, 48)],
-                    endpoint: Some(SocketAddr::new(cfg.master_ip, o.master_wg_port)),
-                    keepalive: Some(phoenix_overlay::KEEPALIVE_SECS),
-                }],
-            })
+            Overlay::start(
+                OverlayConfig {
+                    tun_name: o.tun_name.clone(),
+                    address: state.overlay_ip(),
+                    listen_port: o.wg_port,
+                    private_key: keys.secret_bytes(),
+                    peers: vec![PeerConfig {
+                        key: cfg.master_key.clone(),
+                        allowed: vec![(net::node_ip(0) & CLUSTER_MASK, 48)],
+                        endpoint: Some(SocketAddr::new(cfg.master_ip, o.master_wg_port)),
+                        keepalive: Some(phoenix_overlay::KEEPALIVE_SECS),
+                    }],
+                },
+                o.mode,
+            )
             .await?,
         ),
         None => None,

@@ -13,6 +13,7 @@
 //! added later beside the master peer: WireGuard picks the most specific
 //! allowed IP, so a direct /128 wins over the /48 through the master.
 
+pub mod kernel;
 pub mod tun;
 
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
@@ -67,24 +68,46 @@ pub struct OverlayConfig {
     pub peers: Vec<PeerConfig>,
 }
 
-/// A peer's last handshake, for liveness displays.
-#[derive(Clone, Debug)]
-pub struct PeerState {
-    pub key: String,
-    pub endpoint: Option<SocketAddr>,
-    pub last_handshake: Option<std::time::Duration>,
-    pub rx_bytes: usize,
-    pub tx_bytes: usize,
+/// Which WireGuard to use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// The kernel's where it has WireGuard, userspace otherwise.
+    Auto,
+    Kernel,
+    Userspace,
 }
 
-/// A running overlay: the TUN device and the WireGuard device on it.
+impl std::str::FromStr for Mode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Mode, String> {
+        match s {
+            "auto" => Ok(Mode::Auto),
+            "kernel" => Ok(Mode::Kernel),
+            "userspace" => Ok(Mode::Userspace),
+            other => Err(format!("{other:?}: use auto, kernel or userspace")),
+        }
+    }
+}
+
+type UserDevice = Device<(gotatun::udp::socket::UdpSocketFactory, tun::Tun, tun::Tun)>;
+
+enum Backend {
+    Userspace {
+        device: UserDevice,
+        tun: tun::Tun,
+        /// gotatun binds its socket and starts its tasks only once it has a
+        /// peer; a master that starts with none brings them up at the first.
+        connected: std::sync::atomic::AtomicBool,
+    },
+    Kernel(kernel::KernelWg),
+}
+
+/// A running overlay: a WireGuard device and the interface it serves.
 pub struct Overlay {
-    device: Device<(gotatun::udp::socket::UdpSocketFactory, tun::Tun, tun::Tun)>,
-    tun: tun::Tun,
+    backend: Backend,
     pub listen_port: u16,
-    /// gotatun binds its socket and starts its tasks only once it has a
-    /// peer; a master that starts with none brings them up at the first.
-    connected: std::sync::atomic::AtomicBool,
+    /// The peers as configured, so a kernel peer can be re-added.
+    peers: std::sync::Mutex<Vec<PeerConfig>>,
 }
 
 fn public_key(key: &str) -> Result<PublicKey, OverlayError> {
@@ -112,7 +135,44 @@ fn peer(p: &PeerConfig) -> Result<Peer, OverlayError> {
 }
 
 impl Overlay {
-    pub async fn start(cfg: OverlayConfig) -> Result<Overlay, OverlayError> {
+    pub async fn start(cfg: OverlayConfig, mode: Mode) -> Result<Overlay, OverlayError> {
+        let kernel_why = match mode {
+            Mode::Userspace => Some("userspace WireGuard was asked for".to_owned()),
+            Mode::Auto | Mode::Kernel => kernel::create_link(&cfg.tun_name).err(),
+        };
+        let backend = match (kernel_why, mode) {
+            (None, _) => {
+                let wg = kernel::KernelWg::start(
+                    &cfg.tun_name,
+                    cfg.address,
+                    cfg.listen_port,
+                    &cfg.private_key,
+                    &cfg.peers,
+                )?;
+                tracing::info!(interface = %cfg.tun_name, port = cfg.listen_port, address = ?cfg.address, "overlay up (kernel WireGuard)");
+                Backend::Kernel(wg)
+            }
+            (Some(why), Mode::Kernel) => {
+                return Err(OverlayError::Device {
+                    port: cfg.listen_port,
+                    detail: format!(
+                        "kernel WireGuard was asked for, but the kernel has none: {why}"
+                    ),
+                });
+            }
+            (Some(why), _) => {
+                tracing::debug!("no kernel WireGuard ({why}); using the userspace one");
+                Self::userspace(&cfg).await?
+            }
+        };
+        Ok(Overlay {
+            backend,
+            listen_port: cfg.listen_port,
+            peers: std::sync::Mutex::new(cfg.peers),
+        })
+    }
+
+    async fn userspace(cfg: &OverlayConfig) -> Result<Backend, OverlayError> {
         let tun = tun::Tun::create(&cfg.tun_name, cfg.address.map(|a| (a, 48)), MTU).map_err(
             |source| OverlayError::Tun {
                 name: cfg.tun_name.clone(),
@@ -133,93 +193,118 @@ impl Overlay {
                 port: cfg.listen_port,
                 detail: e.to_string(),
             })?;
-        tracing::info!(tun = tun.name(), port = cfg.listen_port, address = ?cfg.address, "overlay up");
-        Ok(Overlay {
+        tracing::info!(tun = tun.name(), port = cfg.listen_port, address = ?cfg.address, "overlay up (userspace WireGuard)");
+        Ok(Backend::Userspace {
             device,
             tun,
-            listen_port: cfg.listen_port,
             connected: connected.into(),
         })
     }
 
+    /// Whether the kernel's WireGuard carries this overlay.
+    pub fn is_kernel(&self) -> bool {
+        matches!(self.backend, Backend::Kernel(_))
+    }
+
+    fn device_err(&self, e: impl std::fmt::Display) -> OverlayError {
+        OverlayError::Device {
+            port: self.listen_port,
+            detail: e.to_string(),
+        }
+    }
+
     /// Gives this node its overlay address (a minion, once accepted).
     pub fn set_address(&self, ip: Ipv6Addr) -> Result<(), OverlayError> {
-        self.tun
-            .add_address(ip, 48)
-            .map_err(|source| OverlayError::Tun {
-                name: self.tun.name().to_owned(),
-                source,
-            })
+        match &self.backend {
+            Backend::Kernel(k) => k.set_address(ip),
+            Backend::Userspace { tun, .. } => {
+                tun.add_address(ip, 48).map_err(|source| OverlayError::Tun {
+                    name: tun.name().to_owned(),
+                    source,
+                })
+            }
+        }
     }
 
     /// Adds a peer, or replaces its settings.
     pub async fn set_peer(&self, p: &PeerConfig) -> Result<(), OverlayError> {
-        let peer = peer(p)?;
-        self.device
-            .add_or_update_peer(peer)
-            .await
-            .map_err(|e| OverlayError::Device {
-                port: self.listen_port,
-                detail: e.to_string(),
-            })?;
-        if !self
-            .connected
-            .swap(true, std::sync::atomic::Ordering::SeqCst)
         {
-            // The first peer: bring the device up now that it has one.
-            self.restart().await?;
+            let mut peers = self.peers.lock().unwrap_or_else(|e| e.into_inner());
+            peers.retain(|q| q.key != p.key);
+            peers.push(p.clone());
         }
-        Ok(())
+        match &self.backend {
+            Backend::Kernel(k) => k.set_peer(p),
+            Backend::Userspace {
+                device, connected, ..
+            } => {
+                device
+                    .add_or_update_peer(peer(p)?)
+                    .await
+                    .map_err(|e| self.device_err(e))?;
+                if !connected.swap(true, std::sync::atomic::Ordering::SeqCst) {
+                    // The first peer: bring the device up now that it has one.
+                    self.restart().await?;
+                }
+                Ok(())
+            }
+        }
     }
 
     /// Drops every session and handshakes afresh. A minion calls this when it
     /// is accepted: the master ignored its earlier handshakes, and WireGuard
     /// would otherwise wait out its 5 s retry timer.
     pub async fn rehandshake(&self) -> Result<(), OverlayError> {
-        self.restart().await
+        match &self.backend {
+            Backend::Kernel(k) => {
+                let peers = self.peers.lock().unwrap_or_else(|e| e.into_inner()).clone();
+                peers.iter().try_for_each(|p| k.refresh_peer(p))
+            }
+            Backend::Userspace { .. } => self.restart().await,
+        }
     }
 
-    /// Suspends and resumes the device: that binds its socket and starts its
-    /// tasks if it had none (gotatun does so only for a device with peers),
-    /// and drops every session, so handshakes start afresh.
+    /// Suspends and resumes the userspace device: that binds its socket and
+    /// starts its tasks if it had none (gotatun does so only for a device
+    /// with peers), and drops every session, so handshakes start afresh.
     async fn restart(&self) -> Result<(), OverlayError> {
-        self.device.suspend().await;
-        self.device
-            .resume()
-            .await
-            .map_err(|e| OverlayError::Device {
-                port: self.listen_port,
-                detail: e.to_string(),
-            })
+        let Backend::Userspace { device, .. } = &self.backend else {
+            return Ok(());
+        };
+        device.suspend().await;
+        device.resume().await.map_err(|e| self.device_err(e))
     }
 
     pub async fn remove_peer(&self, key: &str) -> Result<(), OverlayError> {
-        self.device
-            .remove_peer(&public_key(key)?)
-            .await
-            .map_err(|e| OverlayError::Device {
-                port: self.listen_port,
-                detail: e.to_string(),
-            })?;
-        Ok(())
+        self.peers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|q| q.key != key);
+        match &self.backend {
+            Backend::Kernel(k) => k.remove_peer(key),
+            Backend::Userspace { device, .. } => {
+                device
+                    .remove_peer(&public_key(key)?)
+                    .await
+                    .map_err(|e| self.device_err(e))?;
+                Ok(())
+            }
+        }
     }
+}
 
-    pub async fn peers(&self) -> Vec<PeerState> {
-        self.device
-            .peers()
-            .await
-            .into_iter()
-            .map(|p| PeerState {
-                key: STANDARD.encode(p.peer.public_key.as_bytes()),
-                endpoint: p.peer.endpoint,
-                last_handshake: p.stats.last_handshake,
-                rx_bytes: p.stats.rx_bytes,
-                tx_bytes: p.stats.tx_bytes,
-            })
-            .collect()
-    }
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-    pub fn tun_name(&self) -> &str {
-        self.tun.name()
+    #[test]
+    fn modes_parse() {
+        assert_eq!("auto".parse::<Mode>(), Ok(Mode::Auto));
+        assert_eq!("kernel".parse::<Mode>(), Ok(Mode::Kernel));
+        assert!(
+            "wg".parse::<Mode>()
+                .unwrap_err()
+                .contains("auto, kernel or userspace")
+        );
     }
 }

@@ -120,7 +120,7 @@ impl Tun {
     }
 }
 
-fn set_mtu(name: &str, mtu: u16) -> io::Result<()> {
+pub(crate) fn set_mtu(name: &str, mtu: u16) -> io::Result<()> {
     let sock = ctl_socket(libc::AF_INET6)?;
     let mut req = ifreq(name)?;
     req.ifr_ifru.ifru_mtu = libc::c_int::from(mtu);
@@ -132,7 +132,7 @@ fn set_mtu(name: &str, mtu: u16) -> io::Result<()> {
     )
 }
 
-fn set_up(name: &str) -> io::Result<()> {
+pub(crate) fn set_up(name: &str) -> io::Result<()> {
     let sock = ctl_socket(libc::AF_INET6)?;
     let mut req = ifreq(name)?;
     // SAFETY: SIOCGIFFLAGS writes into the ifreq we own.
@@ -150,7 +150,7 @@ fn set_up(name: &str) -> io::Result<()> {
     )
 }
 
-fn add_address(name: &str, ip: Ipv6Addr, prefix: u8) -> io::Result<()> {
+pub(crate) fn add_address(name: &str, ip: Ipv6Addr, prefix: u8) -> io::Result<()> {
     let sock = ctl_socket(libc::AF_INET6)?;
     let mut req = ifreq(name)?;
     // SAFETY: SIOCGIFINDEX writes into the ifreq we own.

@@ -192,6 +192,10 @@ pub struct MasterArgs {
     /// Name of the overlay's TUN device.
     #[arg(long, default_value = "phoenix0")]
     pub tun_name: String,
+    /// Which WireGuard carries the overlay: auto (the kernel's where the
+    /// kernel has it, else the one built into phoenix), kernel or userspace.
+    #[arg(long, default_value = "auto")]
+    pub wireguard: phoenix_overlay::Mode,
     /// Run without the WireGuard overlay: links in clear text on the public IP.
     /// For single-host development without root only.
     #[arg(long)]
@@ -234,6 +238,9 @@ pub struct MinionArgs {
     /// Name of the overlay's TUN device.
     #[arg(long, default_value = "phoenix0")]
     pub tun_name: String,
+    /// Which WireGuard carries the overlay: auto, kernel or userspace.
+    #[arg(long, default_value = "auto")]
+    pub wireguard: phoenix_overlay::Mode,
     /// Run without the WireGuard overlay (the master must too). Development only.
     #[arg(long)]
     pub no_overlay: bool,

@@ -64,6 +64,7 @@ fn run(cli: Cli) -> Result<()> {
                 join_port: a.join_port,
                 link_port: a.link_port,
                 overlay: (!a.no_overlay).then_some(phoenix_master::OverlaySettings {
+                    mode: a.wireguard,
                     wg_port: a.wg_port,
                     tun_name: a.tun_name,
                 }),
@@ -103,6 +104,7 @@ fn run(cli: Cli) -> Result<()> {
                 master_join_port: a.master_join_port,
                 master_link_port: a.master_link_port,
                 overlay: (!a.no_overlay).then_some(phoenix_minion::OverlaySettings {
+                    mode: a.wireguard,
                     wg_port: a.wg_port,
                     master_wg_port: a.master_wg_port,
                     tun_name: a.tun_name,

@@ -612,3 +612,41 @@ fn logs_rotate_by_size_and_nodes_report_resources() {
         "{table}"
     );
 }
+
+#[test]
+fn asking_for_kernel_wireguard_where_there_is_none_is_a_clear_error() {
+    let probe = std::process::Command::new("ip")
+        .args(["link", "add", "phxwgprobe", "type", "wireguard"])
+        .output();
+    if probe.as_ref().is_ok_and(|o| o.status.success()) {
+        let _ = std::process::Command::new("ip")
+            .args(["link", "del", "phxwgprobe"])
+            .output();
+        eprintln!("SKIPPED: this kernel has WireGuard");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(phoenix_e2e::bin("phoenix"))
+        .args([
+            "master",
+            "127.0.0.1",
+            "--foreground",
+            "--wireguard",
+            "kernel",
+            "--tun-name",
+            "phxkwtest",
+        ])
+        .arg("--data-dir")
+        .arg(dir.path())
+        .args(["--join-port", &phoenix_e2e::free_port().to_string()])
+        .args(["--link-port", &phoenix_e2e::free_port().to_string()])
+        .args(["--wg-port", &phoenix_e2e::free_udp_port().to_string()])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("kernel WireGuard was asked for, but the kernel has none"),
+        "{err}"
+    );
+}
