@@ -289,7 +289,9 @@ impl Runtime {
     /// Removes what a container run leaves behind: crun's state, the
     /// overlay mount, the writable layer, the v1 cgroups.
     pub async fn cleanup(&self, name: &str, work: &Path) {
-        if self.crun.is_some() {
+        // crun keeps a directory per container in its state dir: no
+        // directory, nothing to delete (and one process start saved).
+        if self.crun.is_some() && self.state_dir.join(container_id(name)).exists() {
             let _ = self
                 .crun_run(&["delete", "--force", &container_id(name)], "delete")
                 .await;

@@ -71,6 +71,8 @@ enum Cmd {
 pub struct Supervisor {
     ctx: Arc<Ctx>,
     services: HashMap<String, (Assignment, mpsc::UnboundedSender<Cmd>)>,
+    /// Whether a desired set has been applied since the minion started.
+    applied: bool,
 }
 
 impl Supervisor {
@@ -78,6 +80,7 @@ impl Supervisor {
         Supervisor {
             ctx,
             services: HashMap::new(),
+            applied: false,
         }
     }
 
@@ -89,10 +92,16 @@ impl Supervisor {
             .iter()
             .map(|a| (a.spec.name.as_str(), a))
             .collect();
-        // Recorded on disk but without a task: left over from before a restart.
-        for name in self.ctx.state.recorded_services() {
-            if !wanted.contains_key(name.as_str()) && !self.services.contains_key(&name) {
-                stop_orphan(&self.ctx, &name);
+        // Recorded on disk but wanted no more: left over from before this
+        // minion started (deleted while it was down). Only the first set can
+        // find such; later every recorded service has a task, possibly one
+        // still stopping, which must not be raced.
+        if !self.applied {
+            self.applied = true;
+            for name in self.ctx.state.recorded_services() {
+                if !wanted.contains_key(name.as_str()) {
+                    stop_orphan(&self.ctx, &name);
+                }
             }
         }
         self.services.retain(|name, (_, tx)| {
@@ -526,7 +535,8 @@ impl Task {
         let pid = p.pid();
         let ended = loop {
             tokio::select! {
-                exit = p.wait() => break Ended::Exited(exit),
+                // A stop that arrives with an exit wins: no restart then.
+                biased;
                 cmd = self.cmds.recv() => {
                     if let Some(Cmd::Replace(_) | Cmd::Stop) = &cmd {
                         self.set(ServiceState::Exited, Some("stopping".into()));
@@ -538,6 +548,7 @@ impl Task {
                     // the process stays for the next minion to adopt.
                     break Ended::Command(cmd);
                 }
+                exit = p.wait() => break Ended::Exited(exit),
                 _ = tokio::time::sleep_until(next_check), if check.is_some() => {
                     let path = check.as_deref().unwrap_or("/");
                     // Services share the host network until per-service

@@ -147,7 +147,15 @@ fn run(cli: Cli) -> Result<()> {
             testy,
             seconds,
         } => demo::run(&dir, testy, seconds),
-        other => runtime(None)?.block_on(command(other)),
+        other => {
+            // A CLI command writing into a closed pipe (`phoenix services |
+            // head`) should end quietly, as Unix tools do, not panic.
+            // SAFETY: setting a signal's disposition to its default.
+            unsafe {
+                libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+            }
+            runtime(None)?.block_on(command(other))
+        }
     }
 }
 

@@ -650,3 +650,31 @@ fn asking_for_kernel_wireguard_where_there_is_none_is_a_clear_error() {
         "{err}"
     );
 }
+
+#[test]
+fn back_to_back_deletes_each_get_their_grace_period() {
+    let c = Cluster::start(1);
+    c.apply(
+        "deploy",
+        &json!([
+            testy("m1", "ga", &["--ignore-sigterm"]),
+            testy("m1", "gb", &["--ignore-sigterm"])
+        ]),
+    );
+    let ga = pid(&c.wait_status("ga", "running", |s| s["state"] == "running"));
+    let gb = pid(&c.wait_status("gb", "running", |s| s["state"] == "running"));
+    c.ok(&["del", "ga"]);
+    c.ok(&["del", "gb"]);
+    // Both ignore SIGTERM, so both must still be there well inside the
+    // harness's 1.5 s stop timeout: no shortcut to SIGKILL for either.
+    std::thread::sleep(Duration::from_millis(700));
+    assert!(
+        alive(ga) && alive(gb),
+        "a service was killed before its stop timeout"
+    );
+    wait_for(
+        "both to be killed after the timeout",
+        Duration::from_secs(10),
+        || (!alive(ga) && !alive(gb)).then_some(()),
+    );
+}
