@@ -7,11 +7,16 @@
 # all in one run; plus the minion's and master's RSS with the tunnel up.
 #
 # Needs root, iperf3, wireguard-go, wireguard-tools (wg), python3.
-# Usage: bench/overlay.sh [SECONDS] [ROUNDS]   (defaults: 5 s, 3 rounds; medians reported)
+# Usage: bench/overlay.sh [--write] [SECONDS] [ROUNDS]   (defaults: 5 s, 3 rounds; medians reported)
+# Prints a markdown section; --write also puts it into BENCHMARKS.md (between
+# <!-- overlay:begin --> and <!-- overlay:end -->).
 set -euo pipefail
 umask 077
+write=no
+if [ "${1:-}" = "--write" ]; then write=yes; shift; fi
 secs=${1:-5}
 rounds=${2:-3}
+args="$secs $rounds"
 root=$(cd "$(dirname "$0")/.." && pwd)
 phoenix=$root/target/release/phoenix
 [ -x "$phoenix" ] || { echo "build first: cargo build --release -p phoenix" >&2; exit 1; }
@@ -22,8 +27,9 @@ done
 tag=pb$$
 work=$(mktemp -d /tmp/phoenix-overlay-bench.XXXXXX)
 sw=$tag-sw; h1=$tag-h1; h2=$tag-h2
+pids=()
 cleanup() {
-    pkill -f "$work" 2>/dev/null || true
+    for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
     ip netns pids $h1 2>/dev/null | xargs -r kill 2>/dev/null || true
     ip netns pids $h2 2>/dev/null | xargs -r kill 2>/dev/null || true
     sleep 0.3
@@ -32,6 +38,7 @@ cleanup() {
     rm -rf "$work"
 }
 trap cleanup EXIT
+trap 'exit 130' INT TERM HUP
 
 ip netns add $sw
 ip -n $sw link add br0 type bridge
@@ -81,15 +88,22 @@ latency() { # server-ip -> µs
 }
 median() { printf '%s\n' "$@" | sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 
-# Phoenix: master on h1, minion on h2, accepted.
-ip netns exec $h1 "$phoenix" master 10.96.0.1 --foreground --data-dir "$work/master" >"$work/master.log" 2>&1 &
+# Phoenix: master on h1, minion on h2, accepted. Its userspace WireGuard,
+# the peer of wireguard-go (newer builds take the kernel's where there is one).
+wg_mode=()
+"$phoenix" master --help | grep -- --wireguard >/dev/null && wg_mode=(--wireguard userspace)
+ip netns exec $h1 "$phoenix" master 10.96.0.1 --foreground --data-dir "$work/master" "${wg_mode[@]}" >"$work/master.log" 2>&1 &
+master_pid=$!
+pids+=($master_pid)
 for _ in $(seq 50); do [ -S "$work/master/phoenix.sock" ] && break; sleep 0.1; done
 export PHOENIX_DATA_DIR=$work/master
 key=$("$phoenix" master-info --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["key"])')
-ip netns exec $h2 "$phoenix" minion m1 10.96.0.1 "$key" 10.96.0.2 10.96.0.2 --foreground --data-dir "$work/m1" >"$work/m1.log" 2>&1 &
-for _ in $(seq 50); do "$phoenix" waiting --json | grep -q '"m1"' && break; sleep 0.1; done
+ip netns exec $h2 "$phoenix" minion m1 10.96.0.1 "$key" 10.96.0.2 10.96.0.2 --foreground --data-dir "$work/m1" "${wg_mode[@]}" >"$work/m1.log" 2>&1 &
+minion_pid=$!
+pids+=($minion_pid)
+for _ in $(seq 50); do "$phoenix" waiting --json | grep '"m1"' >/dev/null && break; sleep 0.1; done
 "$phoenix" accept m1 >/dev/null
-for _ in $(seq 50); do "$phoenix" nodes --json | grep -q '"reachable"' && break; sleep 0.1; done
+for _ in $(seq 50); do "$phoenix" nodes --json | grep '"reachable"' >/dev/null && break; sleep 0.1; done
 
 # wireguard-go between the same hosts (its own port, its own addresses).
 for side in a b; do
@@ -115,19 +129,30 @@ for r in $(seq "$rounds"); do
     lat[wggo]+=" $(latency 10.95.0.1)"
 done
 rss() { awk '/VmRSS/ {print $2}' /proc/"$1"/status; }
-minion_rss=$(rss "$(pgrep -f "$work/m1" | head -1)")
-master_rss=$(rss "$(pgrep -f "$work/master --" | head -1 || pgrep -f "data-dir $work/master" | head -1)")
+minion_rss=$(rss "$minion_pid")
+master_rss=$(rss "$master_pid")
 
 p=$(median ${tp[plain]}); f=$(median ${tp[phoenix]}); g=$(median ${tp[wggo]})
 lp=$(median ${lat[plain]}); lf=$(median ${lat[phoenix]}); lg=$(median ${lat[wggo]})
-echo "# overlay benchmark: $(date -u +%F), $(nproc) cores, $(uname -r), ${secs}s x ${rounds} rounds (medians)"
+git_rev=$(git -C "$root" rev-parse --short HEAD 2>/dev/null || echo "?")
+[ -z "$(git -C "$root" status --porcelain 2>/dev/null)" ] || git_rev="$git_rev + uncommitted changes"
+{
+echo "- Date: $(date -u '+%Y-%m-%d %H:%M UTC'); \`bench/overlay.sh $args\`: ${secs} s per iperf3 run, ${rounds} rounds, medians"
+echo "- Machine: $(nproc) CPUs (nproc) · $(sed -n 's/^model name[^:]*: *//p' /proc/cpuinfo | head -1) · kernel $(uname -srm) · $(awk '/MemTotal/ {printf "%.1f GiB", $2/1048576}' /proc/meminfo) RAM"
+echo "- Phoenix: release build of $("$phoenix" --version) (git $git_rev)${wg_mode:+, \`${wg_mode[*]}\`}; peer: wireguard-go $(dpkg-query -W -f '${Version}' wireguard-go 2>/dev/null || echo '?'), iperf3 $(iperf3 --version | head -1 | awk '{print $2}')"
 echo
 echo "| path | throughput (Gbit/s) | TCP round trip (µs) |"
-echo "|---|---|---|"
+echo "|---|---:|---:|"
 echo "| plain link (veth + bridge) | $p | $lp |"
 echo "| Phoenix overlay (userspace WireGuard in the phoenix process) | $f | $lf |"
 echo "| wireguard-go | $g | $lg |"
 echo
-echo "Phoenix / wireguard-go throughput: $(python3 -c "print(round($f/$g, 2))")x; round trip: $(python3 -c "print(round($lf/$lg, 2))")x"
-echo "RSS with the tunnel up: minion $((minion_rss / 1024)) MiB ($minion_rss kB), master $((master_rss / 1024)) MiB ($master_rss kB)"
-echo "all rounds: plain [${tp[plain]} ] phoenix [${tp[phoenix]} ] wireguard-go [${tp[wggo]} ]"
+echo "- Phoenix ÷ wireguard-go: throughput $(python3 -c "print(round($f/$g, 2))")×, round trip $(python3 -c "print(round($lf/$lg, 2))")×"
+echo "- RSS with the tunnel up: minion $((minion_rss / 1024)) MiB ($minion_rss kB), master $((master_rss / 1024)) MiB ($master_rss kB)"
+echo "- All rounds (Gbit/s): plain [${tp[plain]} ], Phoenix [${tp[phoenix]} ], wireguard-go [${tp[wggo]} ]; round trips (µs): plain [${lat[plain]} ], Phoenix [${lat[phoenix]} ], wireguard-go [${lat[wggo]} ]"
+} >"$work/report.md"
+cat "$work/report.md"
+if [ "$write" = yes ]; then
+    python3 "$root/bench/splice-section.py" overlay "$root/BENCHMARKS.md" <"$work/report.md"
+    echo "overlay.sh: wrote the overlay section of $root/BENCHMARKS.md" >&2
+fi

@@ -3,8 +3,11 @@
 //! Three measurements, each done the same way for both supervisors:
 //! restart latency after a SIGKILL, deploy → running for a new service, and
 //! the supervisor's memory idle and with many supervised processes. Prints a
-//! markdown table and (for a full run) rewrites `BENCHMARKS.md`. Run
-//! `phoenix-bench --help` for the knobs; see `BENCHMARKS.md` for the method.
+//! markdown table and (for a full run) rewrites the supervision section of
+//! `BENCHMARKS.md` (between its `<!-- supervision:begin -->` and
+//! `<!-- supervision:end -->` markers; the other benchmarks' sections are left
+//! alone). Run `phoenix-bench --help` for the knobs; see `BENCHMARKS.md` for
+//! the method.
 
 mod measure;
 mod phoenix;
@@ -36,7 +39,7 @@ use util::{
         Run from the workspace root after `cargo build --release --workspace`."
 )]
 struct Args {
-    /// A short run: 30 crashes, 10 deploys, 250 processes; does not rewrite BENCHMARKS.md.
+    /// A short run: 30 crashes, 10 deploys, 250 processes; does not touch BENCHMARKS.md.
     #[arg(long)]
     quick: bool,
     /// Crashes to measure per supervisor [default: 200, --quick 30].
@@ -61,7 +64,8 @@ struct Args {
     /// The testy binary [default: beside this one].
     #[arg(long)]
     testy: Option<PathBuf>,
-    /// Write the report here [default: BENCHMARKS.md at the workspace root; none with --quick].
+    /// Put the report into this file, between its supervision markers [default:
+    /// BENCHMARKS.md at the workspace root; none with --quick].
     #[arg(long)]
     markdown: Option<PathBuf>,
     /// Do not write the markdown report.
@@ -266,14 +270,61 @@ fn real_main(args: Args) -> Result<()> {
     let table = report::table(&ctx, &phx, &sup);
     println!("{table}");
     if let Some(path) = markdown {
-        write(&path, &report::markdown(&ctx, &phx, &sup))?;
-        say!("phoenix-bench: wrote {}", path.display());
+        write_section(&path, &report::markdown(&ctx, &phx, &sup))?;
     }
     say!(
         "phoenix-bench: done in {:.0} s",
         started.elapsed().as_secs_f64()
     );
     Ok(())
+}
+
+/// Puts the supervision section into the markdown file at `path`, between
+/// its markers, leaving the rest of the file (the other benchmarks) alone.
+/// A file without the markers gets the section appended, markers and all,
+/// rather than losing the run's results.
+fn write_section(path: &Path, section: &str) -> Result<()> {
+    let doc = match std::fs::read_to_string(path) {
+        Ok(doc) => doc,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            write(path, &report::new_document(section))?;
+            say!("phoenix-bench: wrote {}", path.display());
+            return Ok(());
+        }
+        Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
+    };
+    let text = match report::splice(&doc, section) {
+        Some(text) => {
+            say!(
+                "phoenix-bench: rewrote the supervision section of {}",
+                path.display()
+            );
+            text
+        }
+        None => {
+            say!(
+                "phoenix-bench: {} has no `{}` ... `{}` markers; appending the section at its end",
+                path.display(),
+                report::BEGIN,
+                report::END
+            );
+            format!(
+                "{}\n\n## Supervision (vs supervisord)\n\n{}\n{}\n{}\n",
+                doc.trim_end(),
+                report::BEGIN,
+                section.trim_end(),
+                report::END
+            )
+        }
+    };
+    // A temp file renamed into place: an interrupted write leaves the old file.
+    // It keeps the file's permissions.
+    let tmp = path.with_extension("md.tmp");
+    write(&tmp, &text)?;
+    if let Ok(meta) = std::fs::metadata(path) {
+        let _ = std::fs::set_permissions(&tmp, meta.permissions());
+    }
+    std::fs::rename(&tmp, path).with_context(|| format!("cannot replace {}", path.display()))
 }
 
 fn testy_spec(machine: &str, name: &str, port: u16, announce: &str) -> Value {

@@ -402,25 +402,52 @@ fn details(label: &str, s: &Summary) -> String {
     )
 }
 
-/// The whole of BENCHMARKS.md.
+/// The markers around the section of BENCHMARKS.md that `phoenix-bench`
+/// writes; the rest of the file (other benchmarks) is left alone.
+pub const BEGIN: &str = "<!-- supervision:begin -->";
+pub const END: &str = "<!-- supervision:end -->";
+
+/// `doc` with the text between [`BEGIN`] and [`END`] replaced by `section`;
+/// `None` if the markers are missing or out of order.
+pub fn splice(doc: &str, section: &str) -> Option<String> {
+    let a = doc.find(BEGIN)? + BEGIN.len();
+    let b = a + doc[a..].find(END)?;
+    Some(format!(
+        "{}\n{}\n{}",
+        &doc[..a],
+        section.trim_end(),
+        &doc[b..]
+    ))
+}
+
+/// A new file for `section`, when there is none to splice it into.
+pub fn new_document(section: &str) -> String {
+    format!(
+        "# Benchmarks\n\n## Supervision (vs supervisord)\n\n{BEGIN}\n{}\n{END}\n",
+        section.trim_end()
+    )
+}
+
+/// The supervision section of BENCHMARKS.md (what goes between the markers,
+/// under the heading "Supervision (vs supervisord)").
 pub fn markdown(c: &Context, p: &Side, s: &Side) -> String {
     let mut t = String::new();
-    t.push_str("# Benchmarks: Phoenix vs supervisord\n\n");
     t.push_str(
-        "_This file is written by `phoenix-bench`; rerun it rather than editing the figures by hand._\n\n",
+        "_This section is written by `phoenix-bench`; rerun it rather than editing the figures by hand._\n\n",
     );
-    t.push_str("## Reproduce\n\nFrom the workspace root, with the Debian package `supervisor` installed:\n\n");
+    t.push_str("### Reproduce\n\nFrom the workspace root, with the Debian package `supervisor` installed:\n\n");
     let _ = writeln!(t, "```sh\n{COMMAND}\n```\n");
     let _ = writeln!(
         t,
-        "A full run takes about {:.0} minutes (this one: {:.0} s) and rewrites this file. \
+        "A full run takes about {:.0} minutes (this one: {:.0} s) and rewrites this section of BENCHMARKS.md \
+         (between the `supervision:begin` and `supervision:end` markers; the rest of the file is left alone). \
          `target/release/phoenix-bench --quick` is a short smoke run (30 crashes, 10 deploys, 250 processes) \
          that only prints its table. `--help` lists the knobs. Everything runs on loopback in a temp dir, \
          which is removed at the end (also on Ctrl-C or after `--max-seconds`).\n",
         (c.elapsed.as_secs_f64() / 60.0).ceil(),
         c.elapsed.as_secs_f64()
     );
-    t.push_str("## Results\n\n");
+    t.push_str("### Results\n\n");
     let _ = writeln!(t, "- Date: {}", c.date);
     let _ = writeln!(t, "- Machine: {}", c.machine());
     let _ = writeln!(t, "- Phoenix: release build of {}", c.phoenix);
@@ -429,9 +456,9 @@ pub fn markdown(c: &Context, p: &Side, s: &Side) -> String {
         "The machine is shared and noisy: read the medians and the ratios; single figures move between runs.\n\n",
     );
     t.push_str(&render_rows(&rows(c, p, s)));
-    t.push_str("\n### Targets\n\n");
+    t.push_str("\n#### Targets\n\n");
     t.push_str(&verdict_lines(c, p, s));
-    t.push_str("\n### All latency samples\n\n");
+    t.push_str("\n#### All latency samples\n\n");
     t.push_str(
         "| Series | n | min | p50 | mean | p99 | max |\n|---|---:|---:|---:|---:|---:|---:|\n",
     );
@@ -473,7 +500,7 @@ pub fn markdown(c: &Context, p: &Side, s: &Side) -> String {
     );
     let notes = notes(p, s);
     if !notes.is_empty() {
-        t.push_str("\n### Notes from this run\n\n");
+        t.push_str("\n#### Notes from this run\n\n");
         t.push_str(&notes);
     }
     t.push_str(&method(c, p, s));
@@ -481,7 +508,7 @@ pub fn markdown(c: &Context, p: &Side, s: &Side) -> String {
 }
 
 fn method(c: &Context, p: &Side, s: &Side) -> String {
-    let mut t = String::from("\n## Method\n\n");
+    let mut t = String::from("\n### Method\n\n");
     let _ = write!(
         t,
         "Everything runs on one machine over loopback, Phoenix first, then supervisord (never both at once), \
@@ -495,7 +522,7 @@ log level. Each memory figure comes from a supervisor that has supervised nothin
 `startsecs=0`, `startretries=1000000`, `redirect_stderr=true` and a log file (Phoenix also writes each service's \
 output to a file).
 
-### 1. Restart latency
+#### 1. Restart latency
 
 - The supervised program is testy (`testy --announce 127.0.0.1:<udp port>`, one UDP port per service; `$PORT` \
   distinct per service: `proxyport` in the Phoenix spec, `environment=PORT=…` for supervisord). Right after \
@@ -519,7 +546,7 @@ output to a file).
 - The backoff path is its own row: {r} fresh services are crashed once and then again 1.5 s after their restart. \
   Phoenix waits 100 ms here by design; supervisord does not back off.
 
-### 2. Deploy → running (image cached)
+#### 2. Deploy → running (image cached)
 
 - Phoenix: one unmeasured warm-up deploy, then {d} deploys of fresh service names to m1, each `phoenix deploy FILE` \
   with a one-service spec file written before the clock starts. `phoenix deploy` returns once the master has the \
@@ -533,7 +560,7 @@ output to a file).
   include the CLIs' own start-up; for supervisorctl that is a Python interpreter, shown by the \"CLI round trip\" \
   row (`phoenix status dN --json` vs `supervisorctl status dN`, 10 each).
 
-### 3. Memory, and bring-up of {m} processes
+#### 3. Memory, and bring-up of {m} processes
 
 - The process is `/bin/sleep infinity`. Phoenix: pushed as image `sleep`, {m} services in one spec array, one \
   `phoenix deploy` to minion m2. supervisord: {m} `[program:zN]` sections in one include file, one \
@@ -545,7 +572,7 @@ output to a file).
 - Bring-up: from starting the command until both the command returned and {m} live children of the supervisor \
   showed in /proc (polled every 50 ms).
 
-### Statistics
+#### Statistics
 
 Percentiles are nearest-rank (p50 is the median); with a few hundred samples p99 is close to the maximum. The \
 ratio column is supervisord ÷ Phoenix: above 1 means Phoenix is faster or smaller.
@@ -557,7 +584,7 @@ ratio column is supervisord ÷ Phoenix: above 1 means Phoenix is faster or small
         d = c.deploys,
         m = c.procs,
     );
-    t.push_str("\n## Reading the results\n\n");
+    t.push_str("\n### Reading the results\n\n");
     if s.restart.first.p50 > 500.0 {
         let slow = s.restart.samples.iter().filter(|&&x| x >= 1500.0).count();
         let _ = writeln!(
@@ -594,4 +621,29 @@ so that a crash-looping service cannot take the machine. supervisord ({}) does n
         );
     }
     t
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn splice_replaces_only_between_the_markers() {
+        let doc = format!("# B\n\nintro\n\n{BEGIN}\nold\nfigures\n{END}\n\n## Overlay\n\nkept\n");
+        let out = splice(&doc, "new\n\n").unwrap();
+        assert_eq!(
+            out,
+            format!("# B\n\nintro\n\n{BEGIN}\nnew\n{END}\n\n## Overlay\n\nkept\n")
+        );
+        // Idempotent.
+        assert_eq!(splice(&out, "new").unwrap(), out);
+    }
+
+    #[test]
+    fn splice_needs_both_markers_in_order() {
+        assert!(splice("no markers", "x").is_none());
+        assert!(splice(&format!("{END}\n{BEGIN}\n"), "x").is_none());
+        assert!(splice(&format!("{BEGIN} only"), "x").is_none());
+        assert!(new_document("x").contains(&format!("{BEGIN}\nx\n{END}")));
+    }
 }
