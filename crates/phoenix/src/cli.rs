@@ -186,26 +186,34 @@ pub struct MasterArgs {
     /// TCP port of the minion links (on the overlay address).
     #[arg(long, default_value_t = phoenix_master::DEFAULT_LINK_PORT)]
     pub link_port: u16,
-    /// UDP port of the WireGuard overlay.
-    #[arg(long, default_value_t = phoenix_overlay::DEFAULT_WG_PORT)]
-    pub wg_port: u16,
-    /// Name of the overlay's TUN device.
-    #[arg(long, default_value = "phoenix0")]
-    pub tun_name: String,
-    /// Which WireGuard carries the overlay: auto (the kernel's where the
-    /// kernel has it, else the one built into phoenix), kernel or userspace.
-    #[arg(long, default_value = "auto")]
-    pub wireguard: phoenix_overlay::Mode,
-    /// Run without the WireGuard overlay: links in clear text on the public IP.
-    /// For single-host development without root only.
-    #[arg(long)]
-    pub no_overlay: bool,
+    #[command(flatten)]
+    pub overlay: OverlayArgs,
     /// Admit minions that prove the join token (`phoenix minion --token`) without `accept`.
     #[arg(long)]
     pub auto_accept: bool,
     /// Mark a minion unreachable after this long without a heartbeat, in ms.
     #[arg(long, default_value_t = 6000, value_parser = clap::value_parser!(u64).range(300..=60_000))]
     pub node_timeout_ms: u64,
+}
+
+/// The overlay flags, the same for master and minion.
+#[derive(Args, Debug)]
+pub struct OverlayArgs {
+    /// This node's WireGuard UDP port.
+    #[arg(long, default_value_t = phoenix_overlay::DEFAULT_WG_PORT)]
+    pub wg_port: u16,
+    /// Name of the overlay's network interface.
+    #[arg(long, default_value = "phoenix0")]
+    pub tun_name: String,
+    /// Which WireGuard carries the overlay: auto (the kernel's where the
+    /// kernel has it, else the one built into phoenix), kernel or userspace.
+    #[arg(long, default_value = "auto")]
+    pub wireguard: phoenix_overlay::Mode,
+    /// Run without the WireGuard overlay: links in clear text on the public
+    /// IP (master and minions alike). For single-host development without
+    /// root only.
+    #[arg(long)]
+    pub no_overlay: bool,
 }
 
 #[derive(Args, Debug)]
@@ -232,18 +240,8 @@ pub struct MinionArgs {
     /// The master's WireGuard port.
     #[arg(long, default_value_t = phoenix_overlay::DEFAULT_WG_PORT)]
     pub master_wg_port: u16,
-    /// Our WireGuard port.
-    #[arg(long, default_value_t = phoenix_overlay::DEFAULT_WG_PORT)]
-    pub wg_port: u16,
-    /// Name of the overlay's TUN device.
-    #[arg(long, default_value = "phoenix0")]
-    pub tun_name: String,
-    /// Which WireGuard carries the overlay: auto, kernel or userspace.
-    #[arg(long, default_value = "auto")]
-    pub wireguard: phoenix_overlay::Mode,
-    /// Run without the WireGuard overlay (the master must too). Development only.
-    #[arg(long)]
-    pub no_overlay: bool,
+    #[command(flatten)]
+    pub overlay: OverlayArgs,
     /// The cluster's join token (`phoenix master-info`); proves this minion may join.
     #[arg(long, env = "PHOENIX_JOIN_TOKEN", hide_env_values = true)]
     pub token: Option<String>,

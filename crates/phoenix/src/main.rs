@@ -63,10 +63,10 @@ fn run(cli: Cli) -> Result<()> {
                 public_ip: a.public_ip,
                 join_port: a.join_port,
                 link_port: a.link_port,
-                overlay: (!a.no_overlay).then_some(phoenix_master::OverlaySettings {
-                    mode: a.wireguard,
-                    wg_port: a.wg_port,
-                    tun_name: a.tun_name,
+                overlay: (!a.overlay.no_overlay).then_some(phoenix_master::OverlaySettings {
+                    mode: a.overlay.wireguard,
+                    wg_port: a.overlay.wg_port,
+                    tun_name: a.overlay.tun_name,
                 }),
                 auto_accept: a.auto_accept,
                 node_timeout: Duration::from_millis(a.node_timeout_ms),
@@ -103,11 +103,11 @@ fn run(cli: Cli) -> Result<()> {
                 master_ip: a.master_public_ip,
                 master_join_port: a.master_join_port,
                 master_link_port: a.master_link_port,
-                overlay: (!a.no_overlay).then_some(phoenix_minion::OverlaySettings {
-                    mode: a.wireguard,
-                    wg_port: a.wg_port,
+                overlay: (!a.overlay.no_overlay).then_some(phoenix_minion::OverlaySettings {
+                    mode: a.overlay.wireguard,
+                    wg_port: a.overlay.wg_port,
                     master_wg_port: a.master_wg_port,
-                    tun_name: a.tun_name,
+                    tun_name: a.overlay.tun_name,
                 }),
                 token: a.token,
                 health: phoenix_minion::health::HealthTiming {
