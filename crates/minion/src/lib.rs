@@ -139,6 +139,7 @@ pub async fn run(cfg: MinionConfig) -> Result<(), MinionError> {
             key,
         ),
         runtime: container::Runtime::new(&cfg.data_dir),
+        desired_writer: state.desired_writer(),
         logs: files.clone(),
         log_cmds: log_tx,
         state: state.clone(),

@@ -402,12 +402,10 @@ async fn handle(
     }
 }
 
-/// Saves a desired set to disk (so it survives a restart cut off from the
-/// master) and converges on it.
+/// Has a desired set saved to disk (so it survives a restart cut off from
+/// the master; the writer thread does the I/O) and converges on it.
 pub fn apply(ctx: &Ctx, sup: &mut Supervisor, revision: &mut u64, set: DesiredSet) {
-    if let Err(e) = ctx.state.save_desired(&set) {
-        tracing::error!("cannot save the desired set: {e}; applying it anyway");
-    }
+    let _ = ctx.desired_writer.send(set.clone());
     tracing::info!(
         revision = set.revision,
         services = set.services.len(),

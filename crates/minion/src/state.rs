@@ -77,6 +77,31 @@ impl LocalState {
         self.write("desired.json", set)
     }
 
+    /// A thread that saves desired sets in the order given, skipping to the
+    /// newest when several wait. The fsync stays off the runtime thread, so a
+    /// busy disk cannot stall supervision (or heartbeats).
+    pub fn desired_writer(&self) -> std::sync::mpsc::Sender<DesiredSet> {
+        let (tx, rx) = std::sync::mpsc::channel::<DesiredSet>();
+        let state = self.clone();
+        std::thread::Builder::new()
+            .name("desired-writer".into())
+            .spawn(move || {
+                while let Ok(mut set) = rx.recv() {
+                    while let Ok(newer) = rx.try_recv() {
+                        set = newer;
+                    }
+                    if let Err(e) = state.save_desired(&set) {
+                        tracing::error!(
+                            revision = set.revision,
+                            "cannot save the desired set: {e}"
+                        );
+                    }
+                }
+            })
+            .expect("spawn the desired-set writer");
+        tx
+    }
+
     pub fn run_record(&self, name: &str) -> Option<RunRecord> {
         self.read(&format!("run/{name}.json"))
     }

@@ -54,6 +54,8 @@ pub enum Report {
 /// What every service task shares.
 pub struct Ctx {
     pub images: ImageCache,
+    /// Saves desired sets to disk off the runtime thread, in order.
+    pub desired_writer: std::sync::mpsc::Sender<DesiredSet>,
     pub runtime: crate::container::Runtime,
     pub logs: LogFiles,
     pub log_cmds: mpsc::UnboundedSender<LogCmd>,
