@@ -73,6 +73,7 @@ fn a_container_is_supervised_like_a_binary() {
     let mut spec = container("box", "app:v1", &["--write-file", "/starts"]);
     spec["env"] = json!(["SHARED=spec"]);
     spec["memory"] = json!("64M");
+    spec["cpus"] = json!(0.5);
     c.apply("deploy", &spec);
     let s = c.wait_status("box", "healthy", |s| s["health"] == "healthy");
     let first = pid(&s);
@@ -103,11 +104,20 @@ fn a_container_is_supervised_like_a_binary() {
     );
     // The memory limit is applied, and status says how.
     let limits = s["limits"].as_str().unwrap_or_default().to_owned();
-    assert!(limits.contains("memory 64 MiB"), "{s}");
+    assert!(
+        limits.contains("memory 64 MiB") && limits.contains("cpus 0.5"),
+        "{s}"
+    );
     if Path::new("/sys/fs/cgroup/unified").is_dir() {
-        let procs =
-            std::fs::read_to_string("/sys/fs/cgroup/memory/phoenix/box/cgroup.procs").unwrap();
+        // Hybrid host: the minion put the container into v1 cgroups itself.
+        let cg = |f: &str| std::fs::read_to_string(format!("/sys/fs/cgroup/{f}")).unwrap();
+        let procs = cg("memory/phoenix/box/cgroup.procs");
         assert!(procs.lines().any(|p| p == first.to_string()), "{procs}");
+        assert_eq!(
+            cg("memory/phoenix/box/memory.limit_in_bytes").trim(),
+            (64u64 << 20).to_string()
+        );
+        assert_eq!(cg("cpu/phoenix/box/cpu.cfs_quota_us").trim(), "50000");
     }
 
     // kill -9: restarted from the image, with a fresh writable layer.
