@@ -50,7 +50,7 @@ async fn connection(hub: Arc<Hub>, mut stream: TcpStream) -> Result<(), BoxError
             version,
             revision,
         }) => link(hub, stream, name, key, version, revision).await,
-        Some(ToMaster::Fetch {
+        Some(ToMaster::FetchIndex {
             name,
             key,
             image,
@@ -182,6 +182,8 @@ async fn link(
     result
 }
 
+/// Serves one image fetch: its index, then the chunks the minion lacks, in
+/// the batches it asks for, until it hangs up.
 async fn fetch(
     hub: Arc<Hub>,
     mut stream: TcpStream,
@@ -197,32 +199,36 @@ async fn fetch(
         )
         .await;
     }
-    let hub2 = hub.clone();
-    let image2 = image.clone();
-    let opened = tokio::task::spawn_blocking(move || hub2.registry.open_image(&image2)).await?;
-    let (file, found) = match opened {
-        Ok(v) => v,
+    let h = hub.clone();
+    let index = match tokio::task::spawn_blocking(move || h.registry.index(&image, &hash)).await? {
+        Ok(i) => i,
         Err(e) => return refuse(&mut stream, e.to_string()).await,
     };
-    if found.hash != hash {
-        return refuse(
-            &mut stream,
-            format!(
-                "image {image:?} in the registry changed since the service was deployed; run `phoenix update` to use the new one"
-            ),
-        )
-        .await;
-    }
     write_frame(
         &mut stream,
-        &ToMinion::Image {
-            size: found.size,
-            hash: found.hash,
+        &ToMinion::Index {
+            index: index.to_json(),
         },
     )
     .await?;
-    let mut file = tokio::fs::File::from_std(file);
-    tokio::io::copy(&mut file, &mut stream).await?;
-    stream.shutdown().await?;
+    while let Some(msg) = read_frame::<_, ToMaster>(&mut stream, MAX_FRAME).await? {
+        let ToMaster::FetchChunks { hashes } = msg else {
+            return Err(format!("unexpected message {msg:?} in a fetch").into());
+        };
+        let h = hub.clone();
+        let batch =
+            match tokio::task::spawn_blocking(move || h.registry.chunk_batch(&hashes)).await? {
+                Ok(b) => b,
+                Err(e) => return refuse(&mut stream, e.to_string()).await,
+            };
+        write_frame(
+            &mut stream,
+            &ToMinion::Chunks {
+                size: batch.len() as u64,
+            },
+        )
+        .await?;
+        stream.write_all(&batch).await?;
+    }
     Ok(())
 }

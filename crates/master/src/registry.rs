@@ -23,6 +23,12 @@ pub enum RegistryError {
     BadName { name: String, reason: String },
     #[error("registry file {path}: {source}")]
     Io { path: String, source: io::Error },
+    #[error("registry chunk store: {0}")]
+    Chunks(String),
+    #[error(
+        "image {name:?} in the registry changed since the service was deployed; run `phoenix update` to use the new one"
+    )]
+    Changed { name: String },
 }
 
 /// What a minion needs to fetch and verify an image.
@@ -34,6 +40,10 @@ pub struct ImageRef {
 
 pub struct Registry {
     dir: PathBuf,
+    /// Every image's chunks, stored once (`DATA_DIR/chunks`), and the
+    /// indexes (`DATA_DIR/indexes/<file hash>.json`) minions fetch by.
+    chunks: phoenix_chunks::ChunkStore,
+    indexes_dir: PathBuf,
     /// name → (size, mtime, hash).
     hashes: Mutex<HashMap<String, (u64, SystemTime, String)>>,
 }
@@ -44,7 +54,17 @@ impl Registry {
             path: dir.display().to_string(),
             source,
         })?;
+        let data = dir
+            .parent()
+            .map(Path::to_owned)
+            .unwrap_or_else(|| dir.clone());
+        let indexes_dir = data.join("indexes");
+        std::fs::create_dir_all(&indexes_dir).map_err(Self::io(&indexes_dir))?;
+        let chunks = phoenix_chunks::ChunkStore::open(data.join("chunks"))
+            .map_err(|e| RegistryError::Chunks(e.to_string()))?;
         Ok(Registry {
+            chunks,
+            indexes_dir,
             dir,
             hashes: Mutex::new(HashMap::new()),
         })
@@ -116,6 +136,45 @@ impl Registry {
     /// The hash and size of an image (blocking).
     pub fn resolve(&self, name: &str) -> Result<ImageRef, RegistryError> {
         self.open_image(name).map(|(_, r)| r)
+    }
+
+    /// The index of image `name` whose whole-file hash is `hash`, chunking
+    /// and storing it the first time (blocking).
+    pub fn index(&self, name: &str, hash: &str) -> Result<phoenix_chunks::Index, RegistryError> {
+        if !phoenix_chunks::is_hash(hash) {
+            return Err(RegistryError::Changed {
+                name: name.to_owned(),
+            });
+        }
+        let saved = self.indexes_dir.join(format!("{hash}.json"));
+        if let Ok(text) = std::fs::read_to_string(&saved)
+            && let Ok(index) = phoenix_chunks::Index::from_json(&text)
+            && index.chunks.iter().all(|c| self.chunks.has(&c.hash))
+        {
+            return Ok(index);
+        }
+        let path = self.path(name)?;
+        let index = self
+            .chunks
+            .import_file(&path)
+            .map_err(|e| RegistryError::Chunks(e.to_string()))?;
+        if index.file_hash != hash {
+            return Err(RegistryError::Changed {
+                name: name.to_owned(),
+            });
+        }
+        let tmp = self.indexes_dir.join(format!(".{hash}.tmp"));
+        std::fs::write(&tmp, index.to_json())
+            .and_then(|()| std::fs::rename(&tmp, &saved))
+            .map_err(Self::io(&saved))?;
+        Ok(index)
+    }
+
+    /// A zstd batch of the given chunks, for the wire (blocking).
+    pub fn chunk_batch(&self, hashes: &[String]) -> Result<Vec<u8>, RegistryError> {
+        let refs: Vec<&str> = hashes.iter().map(String::as_str).collect();
+        phoenix_chunks::encode_batch(&self.chunks, &refs)
+            .map_err(|e| RegistryError::Chunks(e.to_string()))
     }
 
     /// A temporary file in the registry for an upload; [`Registry::commit`]

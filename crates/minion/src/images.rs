@@ -1,9 +1,12 @@
 //! The minion's image cache: files named by their BLAKE3 hash.
 //!
-//! A missing image is fetched whole from the master over its own link
-//! connection, hashed while it is written to a temporary file, and renamed
-//! into place only when the hash matches, so a half-fetched or corrupt image
-//! is never run. Services sharing an image fetch it once.
+//! A missing image is synced from the master over a link connection of its
+//! own: first its index (the ordered chunk list, `phoenix-chunks`), then only
+//! the chunks this minion lacks, in zstd batches, each verified against its
+//! hash. The file is assembled beside its place, checked against the whole
+//! file's hash, and renamed into place, so a half-fetched or corrupt image is
+//! never run. Services sharing an image fetch it once; a new version costs
+//! only its changed chunks.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -12,12 +15,19 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use phoenix_chunks::Index;
 use phoenix_model::proto::{Assignment, MAX_FRAME, ToMaster, ToMinion, read_frame, write_frame};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
+
+/// Chunks asked for per round trip (about 8 MiB at the 128 KiB average).
+const BATCH_CHUNKS: usize = 64;
 
 pub struct ImageCache {
     pub dir: PathBuf,
+    /// Chunks of every image fetched, stored once (`DATA_DIR/chunks`).
+    chunks: phoenix_chunks::ChunkStore,
+    fetched: std::sync::atomic::AtomicU64,
     pub master: SocketAddr,
     pub node: String,
     pub key: String,
@@ -26,14 +36,26 @@ pub struct ImageCache {
 }
 
 impl ImageCache {
-    pub fn new(dir: PathBuf, master: SocketAddr, node: String, key: String) -> Self {
-        ImageCache {
+    pub fn new(
+        dir: PathBuf,
+        master: SocketAddr,
+        node: String,
+        key: String,
+    ) -> Result<Self, String> {
+        let chunks_dir = dir
+            .parent()
+            .map(|p| p.join("chunks"))
+            .unwrap_or_else(|| dir.join("chunks"));
+        let chunks = phoenix_chunks::ChunkStore::open(&chunks_dir).map_err(|e| e.to_string())?;
+        Ok(ImageCache {
+            chunks,
+            fetched: Default::default(),
             dir,
             master,
             node,
             key,
             fetching: Mutex::default(),
-        }
+        })
     }
 
     pub fn path(&self, hash: &str) -> PathBuf {
@@ -80,63 +102,93 @@ impl ImageCache {
             )
         };
         let mut s = TcpStream::connect(self.master).await.map_err(|e| ctx(&e))?;
-        let req = ToMaster::Fetch {
+        let req = ToMaster::FetchIndex {
             name: self.node.clone(),
             key: self.key.clone(),
             image: image.clone(),
             hash: a.image_hash.clone(),
         };
         write_frame(&mut s, &req).await.map_err(|e| ctx(&e))?;
-        let size = match read_frame::<_, ToMinion>(&mut s, MAX_FRAME)
+        let index = match read_frame::<_, ToMinion>(&mut s, MAX_FRAME)
             .await
             .map_err(|e| ctx(&e))?
         {
-            Some(ToMinion::Image { size, .. }) => size,
+            Some(ToMinion::Index { index }) => Index::from_json(&index).map_err(|e| ctx(&e))?,
             Some(ToMinion::Refused { reason }) => return Err(ctx(&reason)),
             other => return Err(ctx(&format!("unexpected answer {other:?}"))),
         };
-        std::fs::create_dir_all(&self.dir).map_err(|e| ctx(&e))?;
-        let tmp = self.dir.join(format!(".fetch-{}", a.image_hash));
-        let result = async {
-            let mut out = tokio::fs::File::create(&tmp).await?;
-            let mut hasher = blake3::Hasher::new();
-            let mut left = size;
-            let mut buf = vec![0u8; 64 << 10];
-            while left > 0 {
-                let want = buf.len().min(usize::try_from(left).unwrap_or(usize::MAX));
-                let n = s.read(&mut buf[..want]).await?;
-                if n == 0 {
-                    return Err(std::io::Error::new(
-                        std::io::ErrorKind::UnexpectedEof,
-                        format!("connection ended {left} bytes short"),
-                    ));
-                }
-                hasher.update(&buf[..n]);
-                out.write_all(&buf[..n]).await?;
-                left -= n as u64;
-            }
-            out.sync_all().await?;
-            Ok(hasher.finalize().to_hex().to_string())
-        }
-        .await;
-        let hash = match result {
-            Ok(h) => h,
-            Err(e) => {
-                let _ = std::fs::remove_file(&tmp);
-                return Err(ctx(&e));
-            }
-        };
-        if hash != a.image_hash {
-            let _ = std::fs::remove_file(&tmp);
+        if index.file_hash != a.image_hash {
             return Err(ctx(&format!(
-                "hash mismatch: expected {}, got {hash}",
-                a.image_hash
+                "the master sent the index of {}, not {}",
+                index.file_hash, a.image_hash
             )));
         }
+        // Only the chunks we lack cross the wire, in batches; chunks from an
+        // interrupted fetch are kept, so a retry resumes. A chunk found
+        // corrupt while assembling is dropped and fetched once more.
+        let mut moved = 0u64;
+        for attempt in 0..2 {
+            let missing = self.chunks.missing(&index);
+            for batch in missing.chunks(BATCH_CHUNKS) {
+                let hashes: Vec<String> = batch.iter().map(|c| c.hash.clone()).collect();
+                write_frame(&mut s, &ToMaster::FetchChunks { hashes })
+                    .await
+                    .map_err(|e| ctx(&e))?;
+                let size = match read_frame::<_, ToMinion>(&mut s, MAX_FRAME)
+                    .await
+                    .map_err(|e| ctx(&e))?
+                {
+                    Some(ToMinion::Chunks { size })
+                        if size <= phoenix_chunks::MAX_BATCH_BYTES as u64 =>
+                    {
+                        size
+                    }
+                    Some(ToMinion::Refused { reason }) => return Err(ctx(&reason)),
+                    other => return Err(ctx(&format!("unexpected answer {other:?}"))),
+                };
+                let mut data = vec![0u8; size as usize];
+                s.read_exact(&mut data).await.map_err(|e| ctx(&e))?;
+                moved += size;
+                let store = self.chunks.clone();
+                tokio::task::spawn_blocking(move || -> Result<(), phoenix_chunks::Error> {
+                    for (hash, chunk) in phoenix_chunks::decode_batch(&data)? {
+                        store.insert_expecting(&hash, &chunk)?;
+                    }
+                    Ok(())
+                })
+                .await
+                .map_err(|e| ctx(&e))?
+                .map_err(|e| ctx(&e))?;
+            }
+            let store = self.chunks.clone();
+            let (idx, tmp) = (
+                index.clone(),
+                self.dir.join(format!(".assemble-{}", a.image_hash)),
+            );
+            let assembled = tokio::task::spawn_blocking(move || store.assemble(&idx, &tmp))
+                .await
+                .map_err(|e| ctx(&e))?;
+            match assembled {
+                Ok(()) => break,
+                Err(phoenix_chunks::Error::CorruptChunk { hash, .. }) if attempt == 0 => {
+                    tracing::warn!(image = %image, chunk = %hash, "corrupt chunk in the cache; fetching it again");
+                    let _ = self.chunks.remove(&hash);
+                }
+                Err(e) => return Err(ctx(&e)),
+            }
+        }
+        self.fetched
+            .fetch_add(moved, std::sync::atomic::Ordering::Relaxed);
+        let tmp = self.dir.join(format!(".assemble-{}", a.image_hash));
         std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755))
             .map_err(|e| ctx(&e))?;
         std::fs::rename(&tmp, self.path(&a.image_hash)).map_err(|e| ctx(&e))?;
-        tracing::info!(image = %image, size, "image fetched");
+        tracing::info!(image = %image, size = index.size, moved, "image synced");
         Ok(())
+    }
+
+    /// Bytes of chunk batches received since the minion started.
+    pub fn fetched_bytes(&self) -> u64 {
+        self.fetched.load(std::sync::atomic::Ordering::Relaxed)
     }
 }

@@ -137,7 +137,11 @@ pub async fn run(cfg: MinionConfig) -> Result<(), MinionError> {
             link_addr,
             cfg.name.clone(),
             key,
-        ),
+        )
+        .map_err(|e| MinionError::DataDir {
+            path: cfg.data_dir.join("chunks").display().to_string(),
+            source: std::io::Error::other(e),
+        })?,
         runtime: container::Runtime::new(&cfg.data_dir),
         desired_writer: state.desired_writer(),
         logs: files.clone(),

@@ -225,7 +225,7 @@ async fn session(
 
     let (mut rd, mut wr) = s.into_split();
     let (out_tx, mut out_rx) = mpsc::unbounded_channel::<ToMaster>();
-    let _ = out_tx.send(ToMaster::Node(node_stats(&ctx.state.dir)));
+    let _ = out_tx.send(ToMaster::Node(node_stats(ctx)));
     let _ = out_tx.send(ToMaster::Status {
         services: latest.values().cloned().collect(),
         full: true,
@@ -305,7 +305,7 @@ async fn session(
                 }
             }
             _ = stats.tick() => {
-                let _ = out_tx.send(ToMaster::Node(node_stats(&ctx.state.dir)));
+                let _ = out_tx.send(ToMaster::Node(node_stats(ctx)));
             }
         }
     };
@@ -416,9 +416,11 @@ pub fn apply(ctx: &Ctx, sup: &mut Supervisor, revision: &mut u64, set: DesiredSe
 }
 
 /// Load, memory and disk of this node.
-pub fn node_stats(data_dir: &std::path::Path) -> NodeStats {
+pub fn node_stats(ctx: &Ctx) -> NodeStats {
+    let data_dir = &ctx.state.dir;
     let mut s = NodeStats {
         minion_rss: crate::process::self_rss(),
+        image_bytes_fetched: ctx.images.fetched_bytes(),
         ..NodeStats::default()
     };
     if let Ok(l) = std::fs::read_to_string("/proc/loadavg") {

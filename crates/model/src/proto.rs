@@ -148,12 +148,18 @@ pub enum ToMaster {
         stream: u64,
         error: Option<String>,
     },
-    /// First (and only) frame of a fetch connection: send this image.
-    Fetch {
+    /// First frame of a fetch connection: the index (chunk list) of this
+    /// image, answered with [`ToMinion::Index`].
+    FetchIndex {
         name: String,
         key: String,
         image: String,
         hash: String,
+    },
+    /// Then, any number of times: these chunks, answered with
+    /// [`ToMinion::Chunks`].
+    FetchChunks {
+        hashes: Vec<String>,
     },
 }
 
@@ -182,8 +188,11 @@ pub enum ToMinion {
     },
     /// Stop a following log stream.
     LogsCancel { stream: u64 },
-    /// The reply to [`ToMaster::Fetch`]: this many bytes follow the frame.
-    Image { size: u64, hash: String },
+    /// The image's index (`phoenix_chunks::Index` as JSON).
+    Index { index: String },
+    /// A zstd batch of chunks (`phoenix_chunks::encode_batch`) of this many
+    /// bytes follows the frame.
+    Chunks { size: u64 },
 }
 
 /// Everything a minion should run, as of `revision`.

@@ -109,6 +109,9 @@ pub struct NodeStats {
     pub disk_available: u64,
     /// Resident memory of the minion daemon itself.
     pub minion_rss: u64,
+    /// Bytes of image chunks this minion received since it started.
+    #[serde(default)]
+    pub image_bytes_fetched: u64,
 }
 
 /// Unix time now in milliseconds.

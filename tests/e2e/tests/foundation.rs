@@ -678,3 +678,103 @@ fn back_to_back_deletes_each_get_their_grace_period() {
         || (!alive(ga) && !alive(gb)).then_some(()),
     );
 }
+
+/// Deterministic pseudo-random bytes (xorshift).
+fn noise(len: usize, mut seed: u64) -> Vec<u8> {
+    (0..len)
+        .map(|_| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed as u8
+        })
+        .collect()
+}
+
+#[test]
+fn a_new_image_version_moves_only_its_changed_chunks_and_a_corrupt_chunk_is_fetched_again() {
+    let c = Cluster::start(1);
+    let fetched = |more_than: u64| -> u64 {
+        wait_for(
+            "the minion's fetched-bytes figure",
+            Duration::from_secs(15),
+            || {
+                let n = c.json(&["nodes", "--json"])[0]["stats"]["image_bytes_fetched"].as_u64()?;
+                (n > more_than).then_some(n)
+            },
+        )
+    };
+    // testy with 4 MiB of data appended still runs (the ELF loader ignores it).
+    let mut v1 = std::fs::read(phoenix_e2e::bin("testy")).unwrap();
+    v1.extend(noise(4 << 20, 42));
+    let file = c.dir.path().join("big");
+    std::fs::write(&file, &v1).unwrap();
+    c.ok(&["push", file.to_str().unwrap(), "big"]);
+    let mut spec = testy("m1", "big-svc", &[]);
+    spec["image"] = json!("big");
+    c.apply("deploy", &spec);
+    let first = fetched(0);
+    assert!(
+        first > 2 << 20,
+        "the first version moved only {first} bytes"
+    );
+
+    // Three small edits and a 1 KiB insertion in the data.
+    let mut v2 = v1.clone();
+    let tail = v2.len() - (4 << 20);
+    for at in [tail + 100_000, tail + 2_000_000, tail + 3_900_000] {
+        v2[at] ^= 0xff;
+    }
+    let mid = tail + (2 << 20);
+    v2.splice(mid..mid, noise(1024, 7));
+    std::fs::write(&file, &v2).unwrap();
+    c.ok(&["push", file.to_str().unwrap(), "big"]);
+    c.apply("update", &spec);
+    c.wait_status("big-svc", "running the new version", |s| {
+        s["generation"] == 2 && s["state"] == "running"
+    });
+    let moved = fetched(first) - first;
+    assert!(
+        (moved as usize) < v2.len() / 8,
+        "the new version of {} bytes moved {moved} bytes",
+        v2.len()
+    );
+
+    // Corrupt a cached chunk and drop the assembled image: the next start
+    // finds the corruption, fetches that chunk again, and runs.
+    let chunks = c.minion_dir("m1").join("chunks/chunks");
+    let victim = std::fs::read_dir(&chunks)
+        .unwrap()
+        .flatten()
+        .flat_map(|d| std::fs::read_dir(d.path()).unwrap().flatten())
+        .map(|e| e.path())
+        .max_by_key(|p| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0))
+        .unwrap();
+    let mut bytes = std::fs::read(&victim).unwrap();
+    bytes[0] ^= 0xff;
+    std::fs::write(&victim, &bytes).unwrap();
+    for img in std::fs::read_dir(c.minion_dir("m1").join("images"))
+        .unwrap()
+        .flatten()
+    {
+        if img.path().is_file() {
+            std::fs::remove_file(img.path()).unwrap();
+        }
+    }
+    let before = fetched(0);
+    c.apply("update", &spec);
+    c.wait_status("big-svc", "running after the repair", |s| {
+        s["generation"] == 3 && s["state"] == "running"
+    });
+    let log = c.log("m1");
+    assert!(
+        log.contains("corrupt chunk in the cache; fetching it again"),
+        "no repair in the log"
+    );
+    let after = fetched(before);
+    assert!(
+        after - before < v2.len() as u64 / 8,
+        "the repair moved {} bytes",
+        after - before
+    );
+}
