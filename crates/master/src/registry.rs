@@ -44,6 +44,9 @@ pub struct Registry {
     /// indexes (`DATA_DIR/indexes/<file hash>.json`) minions fetch by.
     chunks: phoenix_chunks::ChunkStore,
     indexes_dir: PathBuf,
+    /// One indexing at a time: two minions asking for a new image at once
+    /// must not both chunk it and race on its index file.
+    indexing: Mutex<()>,
     /// name → (size, mtime, hash).
     hashes: Mutex<HashMap<String, (u64, SystemTime, String)>>,
 }
@@ -65,6 +68,7 @@ impl Registry {
         Ok(Registry {
             chunks,
             indexes_dir,
+            indexing: Mutex::new(()),
             dir,
             hashes: Mutex::new(HashMap::new()),
         })
@@ -147,6 +151,7 @@ impl Registry {
             });
         }
         let saved = self.indexes_dir.join(format!("{hash}.json"));
+        let _one_at_a_time = self.indexing.lock().unwrap_or_else(|p| p.into_inner());
         if let Ok(text) = std::fs::read_to_string(&saved)
             && let Ok(index) = phoenix_chunks::Index::from_json(&text)
             && index.chunks.iter().all(|c| self.chunks.has(&c.hash))

@@ -360,10 +360,14 @@ impl Task {
         self.set(state, None);
     }
 
-    /// Counts a restart and waits its backoff. `Some(next)` if a command
+    /// Counts a restart (if a process ended) and waits its backoff. `Some(next)` if a command
     /// came during the wait.
     async fn after_exit(&mut self, exit: Option<Exit>) -> Option<Next> {
-        self.status.restarts += 1;
+        // A restart is of a process that ran; a start that failed before
+        // (an image that could not be fetched) only backs off.
+        if exit.is_some() {
+            self.status.restarts += 1;
+        }
         self.consecutive += 1;
         let delay = backoff(self.consecutive);
         if delay.is_zero() {
