@@ -6,33 +6,14 @@
 use phoenix_chunks::{ChunkParams, chunk_file_with};
 use std::io::Write;
 
-fn prng_bytes(seed: u64, n: usize) -> Vec<u8> {
-    // splitmix64
-    let mut s = seed;
-    let mut out = Vec::with_capacity(n + 8);
-    while out.len() < n {
-        s = s.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = s;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        out.extend_from_slice(&(z ^ (z >> 31)).to_le_bytes());
-    }
-    out.truncate(n);
-    out
-}
+#[path = "../tests/testdata/mod.rs"]
+mod testdata;
+use testdata::{edited, prng_bytes};
 
 fn main() {
     const SIZE: usize = 50 << 20;
     let old = prng_bytes(1, SIZE);
-    let mut new = old.clone();
-    for (i, at) in [SIZE / 10, SIZE * 3 / 10, SIZE * 85 / 100]
-        .into_iter()
-        .enumerate()
-    {
-        new[at..at + 16].copy_from_slice(&prng_bytes(100 + i as u64, 16));
-    }
-    let mid = SIZE / 2;
-    new.splice(mid..mid, prng_bytes(7, 1024));
+    let new = edited(&old);
 
     let dir = tempfile::tempdir().unwrap();
     let (po, pn) = (dir.path().join("old"), dir.path().join("new"));

@@ -127,6 +127,7 @@ impl ImageCache {
         // interrupted fetch are kept, so a retry resumes. A chunk found
         // corrupt while assembling is dropped and fetched once more.
         let mut moved = 0u64;
+        let assembled_at = self.dir.join(format!(".assemble-{}", a.image_hash));
         for attempt in 0..2 {
             let missing = self.chunks.missing(&index);
             for batch in missing.chunks(BATCH_CHUNKS) {
@@ -161,10 +162,7 @@ impl ImageCache {
                 .map_err(|e| ctx(&e))?;
             }
             let store = self.chunks.clone();
-            let (idx, tmp) = (
-                index.clone(),
-                self.dir.join(format!(".assemble-{}", a.image_hash)),
-            );
+            let (idx, tmp) = (index.clone(), assembled_at.clone());
             let assembled = tokio::task::spawn_blocking(move || store.assemble(&idx, &tmp))
                 .await
                 .map_err(|e| ctx(&e))?;
@@ -179,7 +177,7 @@ impl ImageCache {
         }
         self.fetched
             .fetch_add(moved, std::sync::atomic::Ordering::Relaxed);
-        let tmp = self.dir.join(format!(".assemble-{}", a.image_hash));
+        let tmp = assembled_at;
         std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755))
             .map_err(|e| ctx(&e))?;
         std::fs::rename(&tmp, self.path(&a.image_hash)).map_err(|e| ctx(&e))?;
