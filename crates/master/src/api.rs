@@ -105,6 +105,7 @@ fn handle(hub: &Hub, who: &str, req: Request) -> Result<serde_json::Value, ApiEr
         Request::Info { name } => hub.info(&name),
         Request::Services => Ok(json!(hub.services()?)),
         Request::Nodes => Ok(json!(hub.nodes()?)),
+        Request::Images => Ok(json!(hub.images()?)),
         Request::Audit { limit } => Ok(json!(hub.store().read()?.audit_log(limit)?)),
         Request::Logs { .. }
         | Request::Push { .. }
@@ -115,7 +116,7 @@ fn handle(hub: &Hub, who: &str, req: Request) -> Result<serde_json::Value, ApiEr
 }
 
 async fn push(
-    hub: &Hub,
+    hub: &Arc<Hub>,
     stream: &mut UnixStream,
     who: &str,
     name: String,
@@ -141,9 +142,15 @@ async fn push(
             )));
         }
     }
-    let image = hub.registry.commit(&tmp, &name).inspect_err(|_| {
-        let _ = std::fs::remove_file(&tmp);
-    })?;
+    // Chunking the upload reads it once more; off the async threads.
+    let (h, n, t) = (hub.clone(), name.clone(), tmp.clone());
+    let image = tokio::task::spawn_blocking(move || h.registry.commit(&t, &n))
+        .await
+        .map_err(|e| ApiError::Refused(format!("indexing {name:?}: {e}")))
+        .and_then(|r| r.map_err(ApiError::from))
+        .inspect_err(|_| {
+            let _ = std::fs::remove_file(&tmp);
+        })?;
     let body = json!({ "name": name, "hash": image.hash, "size": image.size });
     hub.store()
         .write(|tx| tx.audit(who, "push", &name, None, Some(&body)))?;

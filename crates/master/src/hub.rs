@@ -12,7 +12,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use phoenix_model::net;
-use phoenix_model::proto::{MasterInfo, NodeView, ServiceView, ToMinion, WaitingNode};
+use phoenix_model::proto::{
+    ImageNodeView, ImageSync, ImageView, MasterInfo, NodeView, ServiceView, ToMinion, WaitingNode,
+};
 use phoenix_model::spec::{SpecError, SpecErrors, parse_specs};
 use phoenix_model::status::{NodeStats, ServiceState, ServiceStatus, now_ms};
 use serde_json::{Value, json};
@@ -42,6 +44,8 @@ pub struct NodeSeen {
     pub last_seen: u64,
     pub version: Option<String>,
     pub stats: Option<NodeStats>,
+    /// Its image cache, as last reported.
+    pub images: Option<ImageSync>,
 }
 
 /// The write end of a connected minion's link.
@@ -92,6 +96,8 @@ pub struct Hub {
     /// Open log streams: id → (node, where the lines go).
     streams: Mutex<HashMap<u64, (String, mpsc::UnboundedSender<LogEvent>)>>,
     next_id: AtomicU64,
+    /// Asks the registry watcher to collect garbage (after services change).
+    collect: tokio::sync::Notify,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -128,6 +134,7 @@ impl Hub {
             membership: watch::channel(0).0,
             streams: Mutex::default(),
             next_id: AtomicU64::new(1),
+            collect: tokio::sync::Notify::new(),
         }
     }
 
@@ -438,6 +445,7 @@ impl Hub {
         for m in &touched {
             self.push_desired(m);
         }
+        self.collect.notify_one();
         Ok(Value::Array(applied))
     }
 
@@ -451,6 +459,7 @@ impl Hub {
         })?;
         lock(&self.statuses).remove(name);
         self.push_desired(&svc.spec.machine);
+        self.collect.notify_one();
         Ok(json!({ "deleted": name, "machine": svc.spec.machine }))
     }
 
@@ -662,6 +671,13 @@ impl Hub {
         self.touch(node);
     }
 
+    pub fn report_images(&self, node: &str, images: ImageSync) {
+        let mut seen = lock(&self.seen);
+        let s = seen.entry(node.to_owned()).or_default();
+        s.last_seen = now_ms();
+        s.images = Some(images);
+    }
+
     pub fn report_node(&self, node: &str, stats: NodeStats) {
         let mut seen = lock(&self.seen);
         let s = seen.entry(node.to_owned()).or_default();
@@ -674,6 +690,91 @@ impl Hub {
             .entry(node.to_owned())
             .or_default()
             .last_seen = now_ms();
+    }
+
+    // ------------------------------------------------------------ images
+
+    /// Sends a message to every connected minion.
+    pub fn broadcast(&self, msg: &ToMinion) {
+        for link in lock(&self.links).values() {
+            let _ = link.tx.send(msg.clone());
+        }
+    }
+
+    /// Resolves when an API change asked for a collection.
+    pub async fn collect_requested(&self) {
+        self.collect.notified().await;
+    }
+
+    /// One round of registry upkeep (blocking): index changed files (or all
+    /// of them), then, if asked, delete chunks and indexes that neither a
+    /// registry image nor a deployed service uses.
+    pub fn registry_round(&self, rescan: bool, names: BTreeSet<String>, collect: bool) {
+        if rescan {
+            for (name, e) in self.registry.scan() {
+                tracing::warn!(image = %name, "cannot index registry file: {e}");
+            }
+        }
+        for name in names {
+            match self.registry.refresh(&name) {
+                Ok(Some(r)) => {
+                    tracing::debug!(image = %name, hash = %r.hash, "registry file indexed")
+                }
+                Ok(None) => tracing::info!(image = %name, "registry file removed"),
+                Err(e) => tracing::warn!(image = %name, "cannot index registry file: {e}"),
+            }
+        }
+        if !collect {
+            return;
+        }
+        let pinned = match self.store().read().and_then(|tx| tx.services()) {
+            Ok(v) => v.into_iter().map(|s| s.image_hash).collect(),
+            Err(e) => {
+                tracing::error!("cannot read services for garbage collection: {e}");
+                return;
+            }
+        };
+        match self.registry.collect(&pinned) {
+            Ok(c) if c.chunks > 0 || c.indexes > 0 => tracing::info!(
+                indexes = c.indexes,
+                chunks = c.chunks,
+                bytes = c.bytes,
+                "registry garbage collected"
+            ),
+            Ok(_) => {}
+            Err(e) => tracing::warn!("registry garbage collection: {e}"),
+        }
+    }
+
+    /// The registry's images and where every accepted node stands with
+    /// each.
+    pub fn images(&self) -> Result<Vec<ImageView>, ApiError> {
+        let entries = self.registry.entries();
+        let unique = crate::registry::unique_bytes(&entries);
+        let nodes = self.store().read()?.nodes(true)?;
+        let seen = lock(&self.seen).clone();
+        Ok(entries
+            .iter()
+            .zip(unique)
+            .map(|((name, e), unique_bytes)| {
+                let hash = &e.index.file_hash;
+                let nodes = nodes
+                    .iter()
+                    .map(|n| {
+                        let sync = seen.get(&n.name).and_then(|s| s.images.as_ref());
+                        node_image_view(&n.name, hash, e.size, sync)
+                    })
+                    .collect();
+                ImageView {
+                    name: name.clone(),
+                    hash: hash.clone(),
+                    size: e.size,
+                    chunks: e.index.chunks.len(),
+                    unique_bytes,
+                    nodes,
+                }
+            })
+            .collect())
     }
 
     // ------------------------------------------------------------ logs
@@ -728,6 +829,32 @@ impl Hub {
             streams.remove(&stream);
         }
     }
+}
+
+/// One node's state for one image, from its last report.
+fn node_image_view(node: &str, hash: &str, size: u64, sync: Option<&ImageSync>) -> ImageNodeView {
+    let mut v = ImageNodeView {
+        node: node.to_owned(),
+        state: "unknown".into(),
+        error: None,
+        done: 0,
+        total: size,
+    };
+    let Some(sync) = sync else { return v };
+    if sync.held.iter().any(|h| h == hash) {
+        v.state = "synced".into();
+        v.done = size;
+    } else if let Some(f) = sync.fetching.as_ref().filter(|f| f.hash == hash) {
+        v.state = "syncing".into();
+        v.done = f.done;
+        v.total = f.total;
+    } else if let Some(e) = sync.failed.get(hash) {
+        v.state = "failed".into();
+        v.error = Some(e.clone());
+    } else {
+        v.state = "pending".into();
+    }
+    v
 }
 
 fn no_service(name: &str) -> ApiError {

@@ -15,6 +15,7 @@ pub mod join;
 pub mod link;
 pub mod registry;
 pub mod store;
+pub mod watch;
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::unix::fs::PermissionsExt;
@@ -201,6 +202,7 @@ pub async fn run(cfg: MasterConfig) -> Result<(), MasterError> {
     let hub = Arc::new(hub::Hub::new(store, registry, info, overlay, settings));
     tokio::spawn(join::serve(hub.clone(), join));
     tokio::spawn(link::serve(hub.clone(), link));
+    tokio::spawn(watch::run(hub.clone()));
     api::serve(hub, api).await;
     Ok(())
 }

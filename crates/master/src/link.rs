@@ -1,7 +1,7 @@
 //! The minion link: one long-lived connection per minion, dialled by it.
 //!
 //! The first frame says what the connection is for: [`ToMaster::Hello`]
-//! starts the long-lived link, [`ToMaster::Fetch`] asks for one image.
+//! starts the long-lived link, [`ToMaster::FetchIndex`] asks for one image.
 //! Until the overlay lands this is clear TCP on the master's link port.
 
 use std::sync::Arc;
@@ -35,6 +35,9 @@ pub async fn serve(hub: Arc<Hub>, listener: TcpListener) {
 }
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Chunk batches being encoded at once, over all fetches.
+static ENCODERS: std::sync::OnceLock<tokio::sync::Semaphore> = std::sync::OnceLock::new();
 
 /// The accepted node with this name and key, if any.
 fn member(hub: &Hub, name: &str, key: &str) -> Result<Option<Node>, BoxError> {
@@ -131,6 +134,12 @@ async fn link(
     let (tx, mut rx) = mpsc::unbounded_channel::<ToMinion>();
     let conn = hub.connect(&name, &version, tx);
     hub.push_desired(&name);
+    hub.send(
+        &name,
+        ToMinion::Catalog {
+            images: hub.registry.catalog(),
+        },
+    );
     let writer = tokio::spawn(async move {
         let mut beat = tokio::time::interval(heartbeat);
         loop {
@@ -167,6 +176,7 @@ async fn link(
                 ToMaster::Status { services, full } => hub.report_status(&name, services, full),
                 ToMaster::Gone { names } => hub.report_gone(&name, names),
                 ToMaster::Node(stats) => hub.report_node(&name, stats),
+                ToMaster::Images(sync) => hub.report_images(&name, sync),
                 ToMaster::LogData { stream, data } => hub.log_event(stream, LogEvent::Data(data)),
                 ToMaster::LogEnd { stream, error } => hub.log_event(stream, LogEvent::End(error)),
                 other => {
@@ -215,12 +225,22 @@ async fn fetch(
         let ToMaster::FetchChunks { hashes } = msg else {
             return Err(format!("unexpected message {msg:?} in a fetch").into());
         };
+        // Reading and compressing a batch takes a core for a few ms; with
+        // many minions fetching at once, a core is left for everything else.
+        let permit = ENCODERS
+            .get_or_init(|| {
+                let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+                tokio::sync::Semaphore::new(cores.saturating_sub(1).max(1))
+            })
+            .acquire()
+            .await?;
         let h = hub.clone();
         let batch =
             match tokio::task::spawn_blocking(move || h.registry.chunk_batch(&hashes)).await? {
                 Ok(b) => b,
                 Err(e) => return refuse(&mut stream, e.to_string()).await,
             };
+        drop(permit);
         write_frame(
             &mut stream,
             &ToMinion::Chunks {

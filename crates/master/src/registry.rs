@@ -1,16 +1,22 @@
 //! The registry: a folder of images in the master's data dir (seed 000).
 //!
-//! An image is a file, named by its file name. Minions fetch it whole and
-//! check it against its BLAKE3 hash; hashes are cached by (size, mtime) so a
-//! thousand deploys of one image hash it once.
+//! An image is a file, named by its file name. Every file is split into
+//! content-defined chunks, stored once in `DATA_DIR/chunks` across all images
+//! and versions; its index (the ordered chunk list and the whole file's
+//! BLAKE3 hash) is kept in `DATA_DIR/indexes/<hash>.json`. The catalog, name
+//! → index, is what minions pre-cache; it is rebuilt at start and kept
+//! current by filesystem events ([`crate::watch`]), so a file is read once
+//! per version, whether it came by `phoenix push` or by hand.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::File;
 use std::io::{self, Read};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::SystemTime;
 
+use phoenix_chunks::Index;
+use phoenix_model::proto::CatalogEntry;
 use phoenix_model::spec::check_image_name;
 
 #[derive(Debug, thiserror::Error)]
@@ -38,17 +44,40 @@ pub struct ImageRef {
     pub size: u64,
 }
 
+/// A registry file as last indexed.
+#[derive(Clone, Debug)]
+pub struct Entry {
+    pub size: u64,
+    pub mtime: SystemTime,
+    pub index: Arc<Index>,
+}
+
+/// What a garbage collection removed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Collected {
+    pub indexes: u64,
+    pub chunks: u64,
+    pub bytes: u64,
+}
+
 pub struct Registry {
     dir: PathBuf,
     /// Every image's chunks, stored once (`DATA_DIR/chunks`), and the
     /// indexes (`DATA_DIR/indexes/<file hash>.json`) minions fetch by.
     chunks: phoenix_chunks::ChunkStore,
     indexes_dir: PathBuf,
-    /// One indexing at a time: two minions asking for a new image at once
-    /// must not both chunk it and race on its index file.
+    /// One chunking or collection at a time: two indexings of one file must
+    /// not race on its index file, and a collection must not delete the
+    /// chunks of an index that is being written.
     indexing: Mutex<()>,
-    /// name → (size, mtime, hash).
-    hashes: Mutex<HashMap<String, (u64, SystemTime, String)>>,
+    /// name → the file as last indexed.
+    catalog: Mutex<BTreeMap<String, Entry>>,
+    /// Bumped whenever the catalog changes.
+    changes: tokio::sync::watch::Sender<u64>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl Registry {
@@ -70,7 +99,8 @@ impl Registry {
             indexes_dir,
             indexing: Mutex::new(()),
             dir,
-            hashes: Mutex::new(HashMap::new()),
+            catalog: Mutex::new(BTreeMap::new()),
+            changes: tokio::sync::watch::Sender::new(0),
         })
     }
 
@@ -93,92 +123,272 @@ impl Registry {
         }
     }
 
-    /// Opens an image and tells its hash and size (blocking: it may hash).
-    pub fn open_image(&self, name: &str) -> Result<(File, ImageRef), RegistryError> {
-        let path = self.path(name)?;
-        let mut file = match File::open(&path) {
-            Ok(f) => f,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                return Err(RegistryError::Missing {
-                    name: name.to_owned(),
-                    dir: self.dir.display().to_string(),
-                });
-            }
-            Err(e) => return Err(Self::io(&path)(e)),
-        };
-        let meta = file.metadata().map_err(Self::io(&path))?;
-        if !meta.is_file() {
-            return Err(RegistryError::Missing {
-                name: name.to_owned(),
-                dir: self.dir.display().to_string(),
-            });
+    fn missing(&self, name: &str) -> RegistryError {
+        RegistryError::Missing {
+            name: name.to_owned(),
+            dir: self.dir.display().to_string(),
         }
-        let mtime = meta.modified().map_err(Self::io(&path))?;
-        let size = meta.len();
-        let cached = self
-            .hashes
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Size and mtime of registry file `name`; `None` if there is no such
+    /// regular file.
+    fn stat(&self, name: &str) -> Result<Option<(u64, SystemTime)>, RegistryError> {
+        let path = self.path(name)?;
+        match std::fs::metadata(&path) {
+            Ok(m) if m.is_file() => Ok(Some((m.len(), m.modified().map_err(Self::io(&path))?))),
+            Ok(_) => Ok(None),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(Self::io(&path)(e)),
+        }
+    }
+
+    fn cached(&self, name: &str, stat: (u64, SystemTime)) -> Option<ImageRef> {
+        lock(&self.catalog)
             .get(name)
-            .filter(|(s, m, _)| *s == size && *m == mtime)
-            .map(|(_, _, h)| h.clone());
-        let hash = match cached {
-            Some(h) => h,
-            None => {
-                let h = hash_reader(&mut file).map_err(Self::io(&path))?;
-                io::Seek::rewind(&mut file).map_err(Self::io(&path))?;
-                self.hashes
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .insert(name.to_owned(), (size, mtime, h.clone()));
-                h
+            .filter(|e| (e.size, e.mtime) == stat)
+            .map(|e| ImageRef {
+                hash: e.index.file_hash.clone(),
+                size: e.size,
+            })
+    }
+
+    /// Subscribes to catalog changes.
+    pub fn changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changes.subscribe()
+    }
+
+    fn set_entry(&self, name: &str, entry: Option<Entry>) {
+        let mut cat = lock(&self.catalog);
+        let changed = match entry {
+            Some(e) => {
+                let same = cat
+                    .get(name)
+                    .is_some_and(|old| old.index.file_hash == e.index.file_hash);
+                cat.insert(name.to_owned(), e);
+                !same
+            }
+            None => cat.remove(name).is_some(),
+        };
+        drop(cat);
+        if changed {
+            self.changes.send_modify(|n| *n += 1);
+        }
+    }
+
+    /// The hash and size of an image, indexing it first if it is new or
+    /// changed (blocking).
+    pub fn resolve(&self, name: &str) -> Result<ImageRef, RegistryError> {
+        if let Some(stat) = self.stat(name)?
+            && let Some(r) = self.cached(name, stat)
+        {
+            return Ok(r);
+        }
+        self.refresh(name)?.ok_or_else(|| self.missing(name))
+    }
+
+    /// Brings the catalog entry of `name` up to date with the file: indexes
+    /// a new or changed file, drops a removed one (blocking).
+    pub fn refresh(&self, name: &str) -> Result<Option<ImageRef>, RegistryError> {
+        let path = self.path(name)?;
+        let _one_at_a_time = lock(&self.indexing);
+        // A file still being written by hand changes under us; index it
+        // again (its close brings another event anyway).
+        for _ in 0..3 {
+            let Some(before) = self.stat(name)? else {
+                self.set_entry(name, None);
+                return Ok(None);
+            };
+            if let Some(r) = self.cached(name, before) {
+                return Ok(Some(r));
+            }
+            let index = match self.chunks.import_file(&path) {
+                Ok(i) => i,
+                Err(phoenix_chunks::Error::Io { source, .. })
+                    if source.kind() == io::ErrorKind::NotFound =>
+                {
+                    continue;
+                }
+                Err(e) => return Err(RegistryError::Chunks(e.to_string())),
+            };
+            if self.stat(name)? != Some(before) {
+                continue;
+            }
+            self.save_index(&index)?;
+            let r = ImageRef {
+                hash: index.file_hash.clone(),
+                size: before.0,
+            };
+            self.set_entry(
+                name,
+                Some(Entry {
+                    size: before.0,
+                    mtime: before.1,
+                    index: Arc::new(index),
+                }),
+            );
+            return Ok(Some(r));
+        }
+        Err(RegistryError::Io {
+            path: path.display().to_string(),
+            source: io::Error::other("the file keeps changing while it is read"),
+        })
+    }
+
+    fn save_index(&self, index: &Index) -> Result<(), RegistryError> {
+        let saved = self.indexes_dir.join(format!("{}.json", index.file_hash));
+        if saved.exists() {
+            return Ok(());
+        }
+        let tmp = self.indexes_dir.join(format!(".{}.tmp", index.file_hash));
+        std::fs::write(&tmp, index.to_json())
+            .and_then(|()| std::fs::rename(&tmp, &saved))
+            .map_err(Self::io(&saved))
+    }
+
+    fn load_index(&self, hash: &str) -> Option<Index> {
+        if !phoenix_chunks::is_hash(hash) {
+            return None;
+        }
+        let text = std::fs::read_to_string(self.indexes_dir.join(format!("{hash}.json"))).ok()?;
+        Index::from_json(&text).ok().filter(|i| i.file_hash == hash)
+    }
+
+    /// Indexes every file in the folder and drops entries for files that
+    /// are gone (blocking). Returns the names that could not be indexed,
+    /// with why.
+    pub fn scan(&self) -> Vec<(String, RegistryError)> {
+        let mut failed = Vec::new();
+        let mut present = HashSet::new();
+        let entries = match std::fs::read_dir(&self.dir) {
+            Ok(e) => e,
+            Err(e) => {
+                failed.push((String::new(), Self::io(&self.dir)(e)));
+                return failed;
             }
         };
-        Ok((file, ImageRef { hash, size }))
+        for entry in entries.flatten() {
+            let Some(name) = entry.file_name().to_str().map(str::to_owned) else {
+                continue;
+            };
+            if !is_image_file_name(&name) {
+                continue;
+            }
+            match self.refresh(&name) {
+                Ok(Some(_)) => {
+                    present.insert(name);
+                }
+                Ok(None) => {}
+                Err(e) => failed.push((name, e)),
+            }
+        }
+        let gone: Vec<String> = lock(&self.catalog)
+            .keys()
+            .filter(|n| !present.contains(*n))
+            .cloned()
+            .collect();
+        for name in gone {
+            self.set_entry(&name, None);
+        }
+        failed
     }
 
-    /// The hash and size of an image (blocking).
-    pub fn resolve(&self, name: &str) -> Result<ImageRef, RegistryError> {
-        self.open_image(name).map(|(_, r)| r)
+    /// The catalog as minions get it.
+    pub fn catalog(&self) -> Vec<CatalogEntry> {
+        lock(&self.catalog)
+            .iter()
+            .map(|(name, e)| CatalogEntry {
+                name: name.clone(),
+                hash: e.index.file_hash.clone(),
+                size: e.size,
+            })
+            .collect()
     }
 
-    /// The index of image `name` whose whole-file hash is `hash`, chunking
-    /// and storing it the first time (blocking).
-    pub fn index(&self, name: &str, hash: &str) -> Result<phoenix_chunks::Index, RegistryError> {
+    /// The catalog with each image's index.
+    pub fn entries(&self) -> Vec<(String, Entry)> {
+        lock(&self.catalog)
+            .iter()
+            .map(|(n, e)| (n.clone(), e.clone()))
+            .collect()
+    }
+
+    /// The index of the image whose whole-file hash is `hash`; `name` is
+    /// the registry file it came from, indexed again if needed (blocking).
+    pub fn index(&self, name: &str, hash: &str) -> Result<Index, RegistryError> {
         if !phoenix_chunks::is_hash(hash) {
             return Err(RegistryError::Changed {
                 name: name.to_owned(),
             });
         }
-        let saved = self.indexes_dir.join(format!("{hash}.json"));
-        let _one_at_a_time = self.indexing.lock().unwrap_or_else(|p| p.into_inner());
-        if let Ok(text) = std::fs::read_to_string(&saved)
-            && let Ok(index) = phoenix_chunks::Index::from_json(&text)
-            && index.chunks.iter().all(|c| self.chunks.has(&c.hash))
         {
-            return Ok(index);
+            let _one_at_a_time = lock(&self.indexing);
+            if let Some(index) = self.load_index(hash)
+                && index.chunks.iter().all(|c| self.chunks.has(&c.hash))
+            {
+                return Ok(index);
+            }
         }
-        let path = self.path(name)?;
-        let index = self
-            .chunks
-            .import_file(&path)
-            .map_err(|e| RegistryError::Chunks(e.to_string()))?;
-        if index.file_hash != hash {
-            return Err(RegistryError::Changed {
+        // Index or chunks lost (or never made): the file itself, if it is
+        // still this version.
+        lock(&self.catalog).remove(name);
+        match self.refresh(name)? {
+            Some(r) if r.hash == hash => self.load_index(hash).ok_or_else(|| {
+                RegistryError::Chunks(format!("index {hash} vanished after indexing"))
+            }),
+            Some(_) => Err(RegistryError::Changed {
                 name: name.to_owned(),
-            });
+            }),
+            None => Err(self.missing(name)),
         }
-        let tmp = self.indexes_dir.join(format!(".{hash}.tmp"));
-        std::fs::write(&tmp, index.to_json())
-            .and_then(|()| std::fs::rename(&tmp, &saved))
-            .map_err(Self::io(&saved))?;
-        Ok(index)
     }
 
     /// A zstd batch of the given chunks, for the wire (blocking).
     pub fn chunk_batch(&self, hashes: &[String]) -> Result<Vec<u8>, RegistryError> {
         let refs: Vec<&str> = hashes.iter().map(String::as_str).collect();
         phoenix_chunks::encode_batch(&self.chunks, &refs)
+            .map_err(|e| RegistryError::Chunks(e.to_string()))
+    }
+
+    /// Deletes the indexes and chunks of images that are neither in the
+    /// registry nor in `pinned` (hashes deployed services use) (blocking).
+    pub fn collect(&self, pinned: &HashSet<String>) -> Result<Collected, RegistryError> {
+        let _one_at_a_time = lock(&self.indexing);
+        let mut keep: HashMap<String, Arc<Index>> = lock(&self.catalog)
+            .values()
+            .map(|e| (e.index.file_hash.clone(), e.index.clone()))
+            .collect();
+        for hash in pinned {
+            if !keep.contains_key(hash)
+                && let Some(i) = self.load_index(hash)
+            {
+                keep.insert(hash.clone(), Arc::new(i));
+            }
+        }
+        let mut out = Collected::default();
+        let listing = std::fs::read_dir(&self.indexes_dir).map_err(Self::io(&self.indexes_dir))?;
+        for entry in listing.flatten() {
+            let file = entry.file_name();
+            let Some(hash) = file.to_str().and_then(|f| f.strip_suffix(".json")) else {
+                continue;
+            };
+            if !keep.contains_key(hash) && std::fs::remove_file(entry.path()).is_ok() {
+                out.indexes += 1;
+            }
+        }
+        let kept: Vec<&Index> = keep.values().map(|i| &**i).collect();
+        let gc = self
+            .chunks
+            .gc(&kept)
+            .map_err(|e| RegistryError::Chunks(e.to_string()))?;
+        out.chunks = gc.removed;
+        out.bytes = gc.bytes;
+        Ok(out)
+    }
+
+    /// Chunks and bytes in the store.
+    pub fn usage(&self) -> Result<phoenix_chunks::Usage, RegistryError> {
+        self.chunks
+            .usage()
             .map_err(|e| RegistryError::Chunks(e.to_string()))
     }
 
@@ -195,15 +405,63 @@ impl Registry {
         Ok((tmp, file))
     }
 
+    /// Indexes an uploaded file and moves it into place (blocking). The
+    /// file is read once: the rename's filesystem event finds it indexed.
     pub fn commit(&self, tmp: &Path, name: &str) -> Result<ImageRef, RegistryError> {
         let path = self.path(name)?;
-        let mut f = File::open(tmp).map_err(Self::io(tmp))?;
+        let f = File::open(tmp).map_err(Self::io(tmp))?;
         f.sync_all().map_err(Self::io(tmp))?;
-        let hash = hash_reader(&mut f).map_err(Self::io(tmp))?;
-        let size = f.metadata().map_err(Self::io(tmp))?.len();
+        let _one_at_a_time = lock(&self.indexing);
+        let index = self
+            .chunks
+            .import_file(tmp)
+            .map_err(|e| RegistryError::Chunks(e.to_string()))?;
+        self.save_index(&index)?;
+        let meta = f.metadata().map_err(Self::io(tmp))?;
+        let (size, mtime) = (meta.len(), meta.modified().map_err(Self::io(tmp))?);
         std::fs::rename(tmp, &path).map_err(Self::io(&path))?;
-        Ok(ImageRef { hash, size })
+        let r = ImageRef {
+            hash: index.file_hash.clone(),
+            size,
+        };
+        self.set_entry(
+            name,
+            Some(Entry {
+                size,
+                mtime,
+                index: Arc::new(index),
+            }),
+        );
+        Ok(r)
     }
+}
+
+/// Whether a file in the registry folder is an image: temporary files
+/// (a dot first, as `push` and most editors make) are not.
+pub fn is_image_file_name(name: &str) -> bool {
+    !name.starts_with('.') && check_image_name(name).is_ok()
+}
+
+/// Bytes of each image's chunks that no other image in `entries` has.
+pub fn unique_bytes(entries: &[(String, Entry)]) -> Vec<u64> {
+    let mut owners: HashMap<&str, (usize, u64)> = HashMap::new();
+    for (i, (_, e)) in entries.iter().enumerate() {
+        for c in &e.index.chunks {
+            let o = owners
+                .entry(c.hash.as_str())
+                .or_insert((i, u64::from(c.len)));
+            if o.0 != i {
+                o.0 = usize::MAX;
+            }
+        }
+    }
+    let mut out = vec![0; entries.len()];
+    for (owner, size) in owners.into_values() {
+        if let Some(b) = out.get_mut(owner) {
+            *b += size;
+        }
+    }
+    out
 }
 
 /// BLAKE3 of a whole stream, hex.

@@ -1,38 +1,71 @@
 //! The minion's image cache: files named by their BLAKE3 hash.
 //!
-//! A missing image is synced from the master over a link connection of its
-//! own: first its index (the ordered chunk list, `phoenix-chunks`), then only
-//! the chunks this minion lacks, in zstd batches, each verified against its
-//! hash. The file is assembled beside its place, checked against the whole
-//! file's hash, and renamed into place, so a half-fetched or corrupt image is
-//! never run. Services sharing an image fetch it once; a new version costs
-//! only its changed chunks.
+//! The master sends its catalog (every registry image) on connect and on
+//! every change; [`prefetch`] fetches what this minion lacks, the images of
+//! its own services first, so a deploy finds its image already here. An
+//! image is synced over a link connection of its own: first its index (the
+//! ordered chunk list, `phoenix-chunks`, saved in `DATA_DIR/indexes`), then
+//! only the chunks this minion lacks, in zstd batches, each verified against
+//! its hash. The file is assembled beside its place, checked against the
+//! whole file's hash, and renamed into place, so a half-fetched or corrupt
+//! image is never run. Chunks of an interrupted fetch are kept, so the next
+//! try resumes; a new version costs only its changed chunks.
+//!
+//! After each pass over the catalog, [`ImageCache::collect`] deletes images,
+//! indexes and chunks that are neither in the catalog nor used by a service
+//! in the desired set.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
-use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use phoenix_chunks::Index;
-use phoenix_model::proto::{Assignment, MAX_FRAME, ToMaster, ToMinion, read_frame, write_frame};
+use phoenix_model::proto::{
+    CatalogEntry, Fetching, ImageSync, MAX_FRAME, ToMaster, ToMinion, read_frame, write_frame,
+};
 use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 
+use crate::supervisor::Ctx;
+
 /// Chunks asked for per round trip (about 8 MiB at the 128 KiB average).
 const BATCH_CHUNKS: usize = 64;
+
+/// A failed pre-fetch is tried again after this long (or on the next
+/// catalog or desired set).
+pub const RETRY: Duration = Duration::from_secs(30);
 
 pub struct ImageCache {
     pub dir: PathBuf,
     /// Chunks of every image fetched, stored once (`DATA_DIR/chunks`).
     chunks: phoenix_chunks::ChunkStore,
+    /// Indexes of the images held or being fetched (`DATA_DIR/indexes`).
+    indexes_dir: PathBuf,
     fetched: std::sync::atomic::AtomicU64,
     pub master: SocketAddr,
     pub node: String,
     pub key: String,
     /// One lock per hash being fetched.
     fetching: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Fetches hold it shared, a collection exclusively: chunks that a
+    /// fetch has stored but not yet used are never collected.
+    collecting: tokio::sync::RwLock<()>,
+    /// The master's catalog (`None` until the first one arrives, so that
+    /// nothing is collected on the strength of an empty list).
+    catalog: Mutex<Option<Vec<CatalogEntry>>>,
+    /// Images the desired set uses: hash → registry file name.
+    wanted: Mutex<BTreeMap<String, String>>,
+    /// What the master is told (`ToMaster::Images`).
+    sync: tokio::sync::watch::Sender<ImageSync>,
+    /// Wakes [`prefetch`] (catalog or desired set changed).
+    wake: tokio::sync::Notify,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl ImageCache {
@@ -42,59 +75,112 @@ impl ImageCache {
         node: String,
         key: String,
     ) -> Result<Self, String> {
-        let chunks_dir = dir
-            .parent()
-            .map(|p| p.join("chunks"))
-            .unwrap_or_else(|| dir.join("chunks"));
-        let chunks = phoenix_chunks::ChunkStore::open(&chunks_dir).map_err(|e| e.to_string())?;
-        Ok(ImageCache {
+        let data = dir.parent().map_or_else(|| dir.clone(), Path::to_owned);
+        let chunks =
+            phoenix_chunks::ChunkStore::open(data.join("chunks")).map_err(|e| e.to_string())?;
+        let indexes_dir = data.join("indexes");
+        std::fs::create_dir_all(&indexes_dir)
+            .map_err(|e| format!("{}: {e}", indexes_dir.display()))?;
+        let cache = ImageCache {
             chunks,
+            indexes_dir,
             fetched: Default::default(),
             dir,
             master,
             node,
             key,
             fetching: Mutex::default(),
-        })
+            collecting: tokio::sync::RwLock::new(()),
+            catalog: Mutex::new(None),
+            wanted: Mutex::default(),
+            sync: tokio::sync::watch::Sender::new(ImageSync::default()),
+            wake: tokio::sync::Notify::new(),
+        };
+        cache.sync.send_modify(|s| s.held = cache.held());
+        Ok(cache)
     }
 
     pub fn path(&self, hash: &str) -> PathBuf {
         self.dir.join(hash)
     }
 
-    /// The path of the assignment's image, fetching it first if needed.
-    pub async fn ensure(&self, a: &Assignment) -> Result<PathBuf, String> {
-        let path = self.path(&a.image_hash);
-        if path.exists() {
-            return Ok(path);
-        }
-        let lock = self
-            .fetching
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .entry(a.image_hash.clone())
-            .or_default()
-            .clone();
-        let _guard = lock.lock().await;
-        if path.exists() {
-            return Ok(path);
-        }
-        let result = tokio::time::timeout(Duration::from_secs(600), self.fetch(a)).await;
-        self.fetching
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&a.image_hash);
-        match result {
-            Ok(r) => r.map(|()| path),
-            Err(_) => Err(format!(
-                "fetching image {:?} took over 10 minutes",
-                a.spec.image
-            )),
+    /// Hashes of the complete images in the cache.
+    fn held(&self) -> Vec<String> {
+        let mut held: Vec<String> = std::fs::read_dir(&self.dir)
+            .map(|d| {
+                d.flatten()
+                    .filter_map(|e| e.file_name().to_str().map(str::to_owned))
+                    .filter(|n| phoenix_chunks::is_hash(n))
+                    .collect()
+            })
+            .unwrap_or_default();
+        held.sort();
+        held
+    }
+
+    /// Subscribes to the cache's state, as reported to the master.
+    pub fn sync_state(&self) -> tokio::sync::watch::Receiver<ImageSync> {
+        self.sync.subscribe()
+    }
+
+    /// Takes the master's catalog and fetches what is missing.
+    pub fn set_catalog(&self, images: Vec<CatalogEntry>) {
+        *lock(&self.catalog) = Some(images);
+        self.wake.notify_one();
+    }
+
+    /// Takes the images the desired set uses (hash → registry file name).
+    pub fn set_wanted(&self, wanted: BTreeMap<String, String>) {
+        let mut w = lock(&self.wanted);
+        if *w != wanted {
+            *w = wanted;
+            drop(w);
+            self.wake.notify_one();
         }
     }
 
-    async fn fetch(&self, a: &Assignment) -> Result<(), String> {
-        let image = &a.spec.registry_file().0;
+    /// The image file with this hash, fetching it first if needed.
+    pub async fn ensure(&self, name: &str, hash: &str) -> Result<PathBuf, String> {
+        let path = self.path(hash);
+        if path.exists() {
+            return Ok(path);
+        }
+        let one = lock(&self.fetching)
+            .entry(hash.to_owned())
+            .or_default()
+            .clone();
+        let _guard = one.lock().await;
+        if path.exists() {
+            return Ok(path);
+        }
+        let result = {
+            let _no_collection = self.collecting.read().await;
+            tokio::time::timeout(Duration::from_secs(600), self.fetch(name, hash)).await
+        };
+        lock(&self.fetching).remove(hash);
+        let result = match result {
+            Ok(r) => r.map(|()| path),
+            Err(_) => Err(format!("fetching image {name:?} took over 10 minutes")),
+        };
+        self.sync.send_modify(|s| {
+            s.fetching = None;
+            match &result {
+                Ok(_) => {
+                    s.failed.remove(hash);
+                    if !s.held.iter().any(|h| h == hash) {
+                        s.held.push(hash.to_owned());
+                        s.held.sort();
+                    }
+                }
+                Err(e) => {
+                    s.failed.insert(hash.to_owned(), e.clone());
+                }
+            }
+        });
+        result
+    }
+
+    async fn fetch(&self, image: &str, hash: &str) -> Result<(), String> {
         let ctx = |e: &dyn std::fmt::Display| {
             format!(
                 "fetching image {image:?} from the master at {}: {e}",
@@ -105,31 +191,51 @@ impl ImageCache {
         let req = ToMaster::FetchIndex {
             name: self.node.clone(),
             key: self.key.clone(),
-            image: image.clone(),
-            hash: a.image_hash.clone(),
+            image: image.to_owned(),
+            hash: hash.to_owned(),
         };
         write_frame(&mut s, &req).await.map_err(|e| ctx(&e))?;
-        let index = match read_frame::<_, ToMinion>(&mut s, MAX_FRAME)
+        let (index, json) = match read_frame::<_, ToMinion>(&mut s, MAX_FRAME)
             .await
             .map_err(|e| ctx(&e))?
         {
-            Some(ToMinion::Index { index }) => Index::from_json(&index).map_err(|e| ctx(&e))?,
+            Some(ToMinion::Index { index }) => {
+                (Index::from_json(&index).map_err(|e| ctx(&e))?, index)
+            }
             Some(ToMinion::Refused { reason }) => return Err(ctx(&reason)),
             other => return Err(ctx(&format!("unexpected answer {other:?}"))),
         };
-        if index.file_hash != a.image_hash {
+        if index.file_hash != hash {
             return Err(ctx(&format!(
-                "the master sent the index of {}, not {}",
-                index.file_hash, a.image_hash
+                "the master sent the index of {}, not {hash}",
+                index.file_hash
             )));
         }
-        // Only the chunks we lack cross the wire, in batches; chunks from an
-        // interrupted fetch are kept, so a retry resumes. A chunk found
-        // corrupt while assembling is dropped and fetched once more.
+        // Saved first: its chunks are then kept by a collection even if
+        // this fetch is cut off, and the next one resumes from them.
+        let saved = self.indexes_dir.join(format!("{hash}.json"));
+        let tmp = self.indexes_dir.join(format!(".{hash}.tmp"));
+        std::fs::write(&tmp, json)
+            .and_then(|()| std::fs::rename(&tmp, &saved))
+            .map_err(|e| ctx(&disk_error(&self.dir, &e, index.size)))?;
+        // Only the chunks we lack cross the wire, in batches. A chunk
+        // found corrupt while assembling is dropped and fetched once more.
         let mut moved = 0u64;
-        let assembled_at = self.dir.join(format!(".assemble-{}", a.image_hash));
+        let assembled_at = self.dir.join(format!(".assemble-{hash}"));
         for attempt in 0..2 {
             let missing = self.chunks.missing(&index);
+            let total: u64 = missing.iter().map(|c| u64::from(c.len)).sum();
+            let mut done = 0u64;
+            let progress = |done: u64| {
+                self.sync.send_modify(|st| {
+                    st.fetching = Some(Fetching {
+                        hash: hash.to_owned(),
+                        done,
+                        total,
+                    });
+                });
+            };
+            progress(0);
             for batch in missing.chunks(BATCH_CHUNKS) {
                 let hashes: Vec<String> = batch.iter().map(|c| c.hash.clone()).collect();
                 write_frame(&mut s, &ToMaster::FetchChunks { hashes })
@@ -150,6 +256,8 @@ impl ImageCache {
                 let mut data = vec![0u8; size as usize];
                 s.read_exact(&mut data).await.map_err(|e| ctx(&e))?;
                 moved += size;
+                self.fetched
+                    .fetch_add(size, std::sync::atomic::Ordering::Relaxed);
                 let store = self.chunks.clone();
                 tokio::task::spawn_blocking(move || -> Result<(), phoenix_chunks::Error> {
                     for (hash, chunk) in phoenix_chunks::decode_batch(&data)? {
@@ -159,7 +267,9 @@ impl ImageCache {
                 })
                 .await
                 .map_err(|e| ctx(&e))?
-                .map_err(|e| ctx(&e))?;
+                .map_err(|e| ctx(&chunk_error(&self.dir, &e, total - done)))?;
+                done += batch.iter().map(|c| u64::from(c.len)).sum::<u64>();
+                progress(done);
             }
             let store = self.chunks.clone();
             let (idx, tmp) = (index.clone(), assembled_at.clone());
@@ -172,15 +282,16 @@ impl ImageCache {
                     tracing::warn!(image = %image, chunk = %hash, "corrupt chunk in the cache; fetching it again");
                     let _ = self.chunks.remove(&hash);
                 }
-                Err(e) => return Err(ctx(&e)),
+                Err(e) => {
+                    let _ = std::fs::remove_file(&assembled_at);
+                    return Err(ctx(&chunk_error(&self.dir, &e, index.size)));
+                }
             }
         }
-        self.fetched
-            .fetch_add(moved, std::sync::atomic::Ordering::Relaxed);
         let tmp = assembled_at;
         std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755))
+            .and_then(|()| std::fs::rename(&tmp, self.path(hash)))
             .map_err(|e| ctx(&e))?;
-        std::fs::rename(&tmp, self.path(&a.image_hash)).map_err(|e| ctx(&e))?;
         tracing::info!(image = %image, size = index.size, moved, "image synced");
         Ok(())
     }
@@ -188,5 +299,152 @@ impl ImageCache {
     /// Bytes of chunk batches received since the minion started.
     pub fn fetched_bytes(&self) -> u64 {
         self.fetched.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Deletes images, indexes and chunks that are neither in the
+    /// master's catalog nor used by the desired set; nothing before the
+    /// first catalog has arrived.
+    pub async fn collect(&self) -> Result<phoenix_chunks::GcStats, String> {
+        let Some(catalog) = lock(&self.catalog).clone() else {
+            return Ok(Default::default());
+        };
+        let _exclusive = self.collecting.write().await;
+        let keep: HashSet<String> = catalog
+            .into_iter()
+            .map(|e| e.hash)
+            .chain(lock(&self.wanted).keys().cloned())
+            .collect();
+        let (dir, indexes_dir, store) = (
+            self.dir.clone(),
+            self.indexes_dir.clone(),
+            self.chunks.clone(),
+        );
+        let stats = tokio::task::spawn_blocking(move || collect(&dir, &indexes_dir, &store, &keep))
+            .await
+            .map_err(|e| e.to_string())??;
+        let held = self.held();
+        self.sync.send_if_modified(|s| {
+            let before = (s.held.len(), s.failed.len());
+            s.failed.retain(|h, _| held.contains(h));
+            s.held = held;
+            before != (s.held.len(), s.failed.len())
+        });
+        Ok(stats)
+    }
+}
+
+/// The blocking part of [`ImageCache::collect`].
+fn collect(
+    dir: &Path,
+    indexes_dir: &Path,
+    store: &phoenix_chunks::ChunkStore,
+    keep: &HashSet<String>,
+) -> Result<phoenix_chunks::GcStats, String> {
+    let mut stats = phoenix_chunks::GcStats::default();
+    // Images (and leftovers of assemblies cut off), then indexes.
+    for entry in std::fs::read_dir(dir)
+        .map_err(|e| format!("{}: {e}", dir.display()))?
+        .flatten()
+    {
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else { continue };
+        let hash = name.strip_prefix(".assemble-").unwrap_or(name);
+        if phoenix_chunks::is_hash(hash) && (hash != name || !keep.contains(hash)) {
+            let len = entry.metadata().map_or(0, |m| m.len());
+            if std::fs::remove_file(entry.path()).is_ok() {
+                stats.removed += 1;
+                stats.bytes += len;
+            }
+        }
+    }
+    let mut kept = Vec::new();
+    for entry in std::fs::read_dir(indexes_dir)
+        .map_err(|e| format!("{}: {e}", indexes_dir.display()))?
+        .flatten()
+    {
+        let path = entry.path();
+        let name = entry.file_name();
+        let Some(hash) = name.to_str().and_then(|n| n.strip_suffix(".json")) else {
+            continue;
+        };
+        if keep.contains(hash)
+            && let Ok(index) = std::fs::read_to_string(&path)
+                .map_err(|e| e.to_string())
+                .and_then(|t| Index::from_json(&t).map_err(|e| e.to_string()))
+        {
+            kept.push(index);
+        } else {
+            let _ = std::fs::remove_file(&path);
+        }
+    }
+    let refs: Vec<&Index> = kept.iter().collect();
+    let chunks = store.gc(&refs).map_err(|e| e.to_string())?;
+    stats.removed += chunks.removed;
+    stats.bytes += chunks.bytes;
+    Ok(stats)
+}
+
+/// An I/O error while storing an image, with a clear word on a full disk.
+fn disk_error(dir: &Path, e: &std::io::Error, need: u64) -> String {
+    if e.raw_os_error() == Some(libc::ENOSPC) || e.raw_os_error() == Some(libc::EDQUOT) {
+        full_disk(dir, need)
+    } else {
+        e.to_string()
+    }
+}
+
+fn chunk_error(dir: &Path, e: &phoenix_chunks::Error, need: u64) -> String {
+    match e {
+        phoenix_chunks::Error::DiskFull { .. } => full_disk(dir, need),
+        other => other.to_string(),
+    }
+}
+
+fn full_disk(dir: &Path, need: u64) -> String {
+    let free =
+        crate::link::disk_free(dir).map_or_else(|| "?".into(), |b| format!("{} MB", b >> 20));
+    format!(
+        "no space left on the minion's disk ({} has {free} free; this image needs up to {} MB more); the images already here stay in use",
+        dir.display(),
+        need.div_ceil(1 << 20)
+    )
+}
+
+/// Fetches the catalog's images this minion lacks, those of its own
+/// services first, one at a time; then collects. Runs for the minion's life.
+pub async fn prefetch(ctx: Arc<Ctx>) {
+    let cache = &ctx.images;
+    loop {
+        let todo: Vec<(String, String)> = {
+            let wanted = lock(&cache.wanted).clone();
+            let catalog = lock(&cache.catalog).clone().unwrap_or_default();
+            let mut todo: Vec<(String, String)> = wanted
+                .into_iter()
+                .map(|(hash, name)| (name, hash))
+                .collect();
+            todo.extend(catalog.into_iter().map(|e| (e.name, e.hash)));
+            let mut seen = HashSet::new();
+            todo.retain(|(_, hash)| seen.insert(hash.clone()) && !cache.path(hash).exists());
+            todo
+        };
+        let mut failed = false;
+        for (name, hash) in &todo {
+            if let Err(e) = cache.ensure(name, hash).await {
+                tracing::warn!(image = %name, "pre-fetch: {e}");
+                failed = true;
+            }
+        }
+        match cache.collect().await {
+            Ok(s) if s.removed > 0 => {
+                tracing::info!(files = s.removed, bytes = s.bytes, "image cache collected");
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!("image cache collection: {e}"),
+        }
+        if failed {
+            let _ = tokio::time::timeout(RETRY, cache.wake.notified()).await;
+        } else {
+            cache.wake.notified().await;
+        }
     }
 }

@@ -152,6 +152,7 @@ pub async fn run(cfg: MinionConfig) -> Result<(), MinionError> {
         reports: report_tx,
     });
     let watcher = tokio::spawn(logs::watcher(files, log_rx));
+    tokio::spawn(images::prefetch(ctx.clone()));
     let mut sup = supervisor::Supervisor::new(ctx.clone());
     let mut revision = 0;
     // Run what we ran before, master or no master.

@@ -226,6 +226,8 @@ async fn session(
     let (mut rd, mut wr) = s.into_split();
     let (out_tx, mut out_rx) = mpsc::unbounded_channel::<ToMaster>();
     let _ = out_tx.send(ToMaster::Node(node_stats(ctx)));
+    let mut sync = ctx.images.sync_state();
+    let _ = out_tx.send(ToMaster::Images(sync.borrow_and_update().clone()));
     let _ = out_tx.send(ToMaster::Status {
         services: latest.values().cloned().collect(),
         full: true,
@@ -302,6 +304,11 @@ async fn session(
                 }
                 if !gone.is_empty() {
                     let _ = out_tx.send(ToMaster::Gone { names: gone });
+                }
+            }
+            changed = sync.changed() => {
+                if changed.is_ok() {
+                    let _ = out_tx.send(ToMaster::Images(sync.borrow_and_update().clone()));
                 }
             }
             _ = stats.tick() => {
@@ -398,6 +405,7 @@ async fn handle(
             let _ = ctx.log_cmds.send(LogCmd::Cancel(stream));
         }
         ToMinion::Heartbeat => {}
+        ToMinion::Catalog { images } => ctx.images.set_catalog(images),
         other => tracing::warn!("unexpected message from the master: {other:?}"),
     }
 }
@@ -412,6 +420,12 @@ pub fn apply(ctx: &Ctx, sup: &mut Supervisor, revision: &mut u64, set: DesiredSe
         "desired set"
     );
     *revision = set.revision;
+    ctx.images.set_wanted(
+        set.services
+            .iter()
+            .map(|a| (a.image_hash.clone(), a.spec.registry_file().0))
+            .collect(),
+    );
     sup.apply(&set);
 }
 
@@ -445,15 +459,25 @@ pub fn node_stats(ctx: &Ctx) -> NodeStats {
             }
         }
     }
-    if let Ok(path) = std::ffi::CString::new(data_dir.as_os_str().as_encoded_bytes()) {
-        // SAFETY: statvfs fills the zeroed struct we own from a valid C string.
-        unsafe {
-            let mut st: libc::statvfs = std::mem::zeroed();
-            if libc::statvfs(path.as_ptr(), &mut st) == 0 {
-                s.disk_total = st.f_blocks * st.f_frsize;
-                s.disk_available = st.f_bavail * st.f_frsize;
-            }
-        }
+    if let Some((total, free)) = disk_space(data_dir) {
+        s.disk_total = total;
+        s.disk_available = free;
     }
     s
+}
+
+/// Size and free bytes (for unprivileged users) of the filesystem of `path`.
+pub fn disk_space(path: &std::path::Path) -> Option<(u64, u64)> {
+    let path = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).ok()?;
+    // SAFETY: statvfs fills the zeroed struct we own from a valid C string.
+    unsafe {
+        let mut st: libc::statvfs = std::mem::zeroed();
+        (libc::statvfs(path.as_ptr(), &mut st) == 0)
+            .then(|| (st.f_blocks * st.f_frsize, st.f_bavail * st.f_frsize))
+    }
+}
+
+/// Free bytes on the filesystem of `path`.
+pub fn disk_free(path: &std::path::Path) -> Option<u64> {
+    disk_space(path).map(|(_, free)| free)
 }

@@ -67,12 +67,18 @@ pub struct Ctx {
 
 enum Cmd {
     Replace(Box<Assignment>),
+    /// The image of this newer assignment could not be fetched (why): a
+    /// running process keeps running; a stopped one tries the new one.
+    Held(Box<Assignment>, String),
     Stop,
 }
 
 pub struct Supervisor {
     ctx: Arc<Ctx>,
     services: HashMap<String, (Assignment, mpsc::UnboundedSender<Cmd>)>,
+    /// The newest generation wanted per service; a change whose image is
+    /// still being fetched is sent on only if no newer one came meanwhile.
+    latest: Arc<std::sync::Mutex<HashMap<String, u64>>>,
     /// Whether a desired set has been applied since the minion started.
     applied: bool,
 }
@@ -82,6 +88,7 @@ impl Supervisor {
         Supervisor {
             ctx,
             services: HashMap::new(),
+            latest: Arc::default(),
             applied: false,
         }
     }
@@ -116,8 +123,23 @@ impl Supervisor {
         for a in &set.services {
             match self.services.get_mut(&a.spec.name) {
                 Some((old, tx)) if old != a => {
+                    let fetch_first = old.image_hash != a.image_hash
+                        && !self.ctx.images.path(&a.image_hash).exists();
                     *old = a.clone();
-                    let _ = tx.send(Cmd::Replace(Box::new(a.clone())));
+                    let mut latest = self.latest.lock().unwrap_or_else(|p| p.into_inner());
+                    latest.insert(a.spec.name.clone(), a.generation);
+                    if fetch_first {
+                        // The old version runs on until the new image is
+                        // here (and for good if it cannot be fetched).
+                        tokio::spawn(fetch_then_replace(
+                            self.ctx.clone(),
+                            self.latest.clone(),
+                            a.clone(),
+                            tx.clone(),
+                        ));
+                    } else {
+                        let _ = tx.send(Cmd::Replace(Box::new(a.clone())));
+                    }
                 }
                 Some(_) => {}
                 None => {
@@ -126,6 +148,48 @@ impl Supervisor {
                     tokio::spawn(Task::new(self.ctx.clone(), a.clone(), rx).run());
                 }
             }
+        }
+    }
+}
+
+/// Fetches the image of a changed service, then hands the change to its
+/// task, unless a newer change came meanwhile. A failed fetch is reported
+/// and tried again.
+async fn fetch_then_replace(
+    ctx: Arc<Ctx>,
+    latest: Arc<std::sync::Mutex<HashMap<String, u64>>>,
+    a: Assignment,
+    tx: mpsc::UnboundedSender<Cmd>,
+) {
+    let current = || {
+        latest
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&a.spec.name)
+            .is_some_and(|g| *g == a.generation)
+    };
+    let image = a.spec.registry_file().0;
+    loop {
+        let fetched = ctx.images.ensure(&image, &a.image_hash).await;
+        // Checked and sent under the lock: `apply` cannot slip a newer
+        // change in between.
+        {
+            let guard = latest.lock().unwrap_or_else(|p| p.into_inner());
+            if guard.get(&a.spec.name) != Some(&a.generation) {
+                return;
+            }
+            let cmd = match fetched {
+                Ok(_) => Cmd::Replace(Box::new(a.clone())),
+                Err(e) => Cmd::Held(Box::new(a.clone()), e),
+            };
+            let done = matches!(cmd, Cmd::Replace(_));
+            if tx.send(cmd).is_err() || done {
+                return;
+            }
+        }
+        tokio::time::sleep(crate::images::RETRY).await;
+        if !current() {
+            return;
         }
     }
 }
@@ -232,7 +296,7 @@ impl Task {
     /// Handles a command that arrived while no process runs.
     fn command(&mut self, cmd: Option<Cmd>) -> Next {
         match cmd {
-            Some(Cmd::Replace(a)) => {
+            Some(Cmd::Replace(a) | Cmd::Held(a, _)) => {
                 self.a = *a;
                 self.status = initial_status(&self.a);
                 self.consecutive = 0;
@@ -437,8 +501,9 @@ impl Task {
             );
         }
         let ctx = self.ctx.clone();
+        let (file, hash) = (self.a.spec.registry_file().0, self.a.image_hash.clone());
         let image = tokio::select! {
-            r = ctx.images.ensure(&self.a) => r,
+            r = ctx.images.ensure(&file, &hash) => r,
             cmd = self.cmds.recv() => return Err(Some(self.command(cmd))),
         };
         let program = match image {
@@ -544,6 +609,14 @@ impl Task {
                 // A stop that arrives with an exit wins: no restart then.
                 biased;
                 cmd = self.cmds.recv() => {
+                    if let Some(Cmd::Held(a, why)) = &cmd {
+                        self.status.message = Some(format!(
+                            "generation {} keeps running: generation {} is held back: {why}",
+                            self.a.generation, a.generation
+                        ));
+                        self.report();
+                        continue;
+                    }
                     if let Some(Cmd::Replace(_) | Cmd::Stop) = &cmd {
                         self.set(ServiceState::Exited, Some("stopping".into()));
                         let exit = p.stop(self.ctx.stop_timeout).await;

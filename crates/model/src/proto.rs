@@ -3,7 +3,7 @@
 //! Three conversations, each over its own stream:
 //! - join (minion → master's public endpoint): one [`JoinRequest`], one [`JoinReply`];
 //! - link (minion ↔ master, long-lived): [`ToMaster`] up, [`ToMinion`] down;
-//!   an image fetch opens its own short link connection with [`ToMaster::Fetch`];
+//!   an image fetch opens its own short link connection with [`ToMaster::FetchIndex`];
 //! - api (CLI ↔ master over the Unix socket): one [`Request`], then
 //!   [`Reply`] frames until a final one.
 //!
@@ -161,6 +161,37 @@ pub enum ToMaster {
     FetchChunks {
         hashes: Vec<String>,
     },
+    /// Which registry images the minion holds, is fetching or failed to
+    /// fetch; sent on connect and whenever it changes.
+    Images(ImageSync),
+}
+
+/// A minion's image cache as it reports it.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+pub struct ImageSync {
+    /// Hashes of the complete, verified images it holds.
+    pub held: Vec<String>,
+    /// The image being fetched, with bytes of chunks done and needed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fetching: Option<Fetching>,
+    /// Images whose last fetch failed: hash → why.
+    #[serde(default)]
+    pub failed: std::collections::BTreeMap<String, String>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+pub struct Fetching {
+    pub hash: String,
+    pub done: u64,
+    pub total: u64,
+}
+
+/// One file of the master's registry, as minions pre-cache it.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct CatalogEntry {
+    pub name: String,
+    pub hash: String,
+    pub size: u64,
 }
 
 /// Master → minion.
@@ -193,6 +224,10 @@ pub enum ToMinion {
     /// A zstd batch of chunks (`phoenix_chunks::encode_batch`) of this many
     /// bytes follows the frame.
     Chunks { size: u64 },
+    /// Every image in the registry; sent on connect and on every change.
+    /// The minion fetches what it lacks and drops what is in neither this
+    /// nor its desired set.
+    Catalog { images: Vec<CatalogEntry> },
 }
 
 /// Everything a minion should run, as of `revision`.
@@ -271,6 +306,36 @@ pub enum Request {
         names: Vec<String>,
         timeout_ms: u64,
     },
+    /// The registry's images and each node's copy of them.
+    Images,
+}
+
+/// One registry image, for `phoenix images`.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct ImageView {
+    pub name: String,
+    pub hash: String,
+    pub size: u64,
+    pub chunks: usize,
+    /// Bytes of chunks no other registry image shares.
+    pub unique_bytes: u64,
+    pub nodes: Vec<ImageNodeView>,
+}
+
+/// Where one node stands with one image.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct ImageNodeView {
+    pub node: String,
+    /// `synced`, `syncing`, `failed`, `pending` (not there yet) or
+    /// `unknown` (the node has not reported since the master started).
+    pub state: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// While syncing: chunk bytes fetched and needed.
+    #[serde(default)]
+    pub done: u64,
+    #[serde(default)]
+    pub total: u64,
 }
 
 /// Master → CLI.

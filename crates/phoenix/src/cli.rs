@@ -126,6 +126,14 @@ pub enum Command {
         #[command(flatten)]
         json: Json,
     },
+    /// List the registry's images: size, chunks, bytes no other image
+    /// shares, and whether each machine holds them yet.
+    Images {
+        #[command(flatten)]
+        target: Target,
+        #[command(flatten)]
+        json: Json,
+    },
     /// Show the audit log: every change, who made it, old and new spec.
     Audit {
         /// How many of the newest entries to show.

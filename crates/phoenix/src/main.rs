@@ -17,7 +17,9 @@ use anyhow::{Context, Result, bail};
 use clap::Parser;
 use cli::{ApplyArgs, Cli, Command};
 use output::{ago, bytes, table, utc};
-use phoenix_model::proto::{AuditEntry, MasterInfo, NodeView, Request, ServiceView, WaitingNode};
+use phoenix_model::proto::{
+    AuditEntry, ImageView, MasterInfo, NodeView, Request, ServiceView, WaitingNode,
+};
 use serde_json::Value;
 
 fn main() {
@@ -358,6 +360,13 @@ async fn command(cmd: Command) -> Result<()> {
                 ],
                 &rows,
             );
+        }
+        Command::Images { target, json } => {
+            let list: Vec<ImageView> = client::call(&target.data_dir, &Request::Images).await?;
+            if json.json {
+                return print_json(&list);
+            }
+            output::images_table(&list);
         }
         Command::Audit {
             limit,

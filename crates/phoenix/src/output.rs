@@ -73,6 +73,56 @@ pub fn services_table(list: &[phoenix_model::proto::ServiceView]) {
 }
 
 /// "3s ago", "5m ago", "2h ago", "4d ago".
+/// `phoenix images`: one row per image, then why any node failed.
+pub fn images_table(list: &[phoenix_model::proto::ImageView]) {
+    if list.is_empty() {
+        println!(
+            "no images; add one with `phoenix push FILE [NAME]` or copy it into the registry folder"
+        );
+        return;
+    }
+    let mut failures = Vec::new();
+    let rows: Vec<Vec<String>> = list
+        .iter()
+        .map(|i| {
+            let nodes: Vec<String> = i
+                .nodes
+                .iter()
+                .map(|n| {
+                    if let Some(e) = &n.error {
+                        failures.push(format!("{} on {}: {e}", i.name, n.node));
+                    }
+                    match n.state.as_str() {
+                        "syncing" if n.total > 0 => {
+                            format!("{} syncing {}%", n.node, n.done * 100 / n.total)
+                        }
+                        state => format!("{} {state}", n.node),
+                    }
+                })
+                .collect();
+            vec![
+                i.name.clone(),
+                bytes(i.size),
+                i.chunks.to_string(),
+                bytes(i.unique_bytes),
+                i.hash.chars().take(12).collect(),
+                if nodes.is_empty() {
+                    "-".into()
+                } else {
+                    nodes.join(", ")
+                },
+            ]
+        })
+        .collect();
+    table(
+        &["NAME", "SIZE", "CHUNKS", "UNIQUE", "HASH", "NODES"],
+        &rows,
+    );
+    for f in failures {
+        println!("{f}");
+    }
+}
+
 pub fn ago(ms: u64) -> String {
     let secs = now_ms().saturating_sub(ms) / 1000;
     match secs {
