@@ -34,6 +34,9 @@ use crate::supervisor::Ctx;
 /// Chunks asked for per round trip (about 8 MiB at the 128 KiB average).
 const BATCH_CHUNKS: usize = 64;
 
+/// Room left free on the minion's disk beyond what an image needs.
+const MARGIN: u64 = 8 << 20;
+
 /// A failed pre-fetch is tried again after this long (or on the next
 /// catalog or desired set).
 pub const RETRY: Duration = Duration::from_secs(30);
@@ -217,14 +220,38 @@ impl ImageCache {
         let tmp = self.indexes_dir.join(format!(".{hash}.tmp"));
         std::fs::write(&tmp, json)
             .and_then(|()| std::fs::rename(&tmp, &saved))
-            .map_err(|e| ctx(&disk_error(&self.dir, &e, index.size)))?;
+            .map_err(|e| {
+                if matches!(e.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT)) {
+                    ctx(&full_disk(&self.dir, index.size))
+                } else {
+                    ctx(&e)
+                }
+            })?;
         // Only the chunks we lack cross the wire, in batches. A chunk
         // found corrupt while assembling is dropped and fetched once more.
         let mut moved = 0u64;
         let assembled_at = self.dir.join(format!(".assemble-{hash}"));
+        // Chunks this fetch added: on a full disk they go again, so that
+        // the services here keep room for their logs and state.
+        let mut added: Vec<String> = Vec::new();
+        let full = |added: &[String], need: u64| {
+            for h in added {
+                let _ = self.chunks.remove(h);
+            }
+            let _ = std::fs::remove_file(&assembled_at);
+            ctx(&full_disk(&self.dir, need))
+        };
         for attempt in 0..2 {
             let missing = self.chunks.missing(&index);
             let total: u64 = missing.iter().map(|c| u64::from(c.len)).sum();
+            // The missing chunks, then the assembled file: refuse at once
+            // what cannot fit rather than fill the disk first.
+            let need = total + index.size;
+            let free = crate::link::disk_free(&self.dir);
+            tracing::debug!(image, need, ?free, "fetching chunks");
+            if free.is_some_and(|free| free < need + MARGIN) {
+                return Err(full(&added, need));
+            }
             let mut done = 0u64;
             let progress = |done: u64| {
                 self.sync.send_modify(|st| {
@@ -259,15 +286,33 @@ impl ImageCache {
                 self.fetched
                     .fetch_add(size, std::sync::atomic::Ordering::Relaxed);
                 let store = self.chunks.clone();
-                tokio::task::spawn_blocking(move || -> Result<(), phoenix_chunks::Error> {
-                    for (hash, chunk) in phoenix_chunks::decode_batch(&data)? {
-                        store.insert_expecting(&hash, &chunk)?;
-                    }
-                    Ok(())
-                })
+                let stored = tokio::task::spawn_blocking(
+                    move || -> (Vec<String>, Result<(), phoenix_chunks::Error>) {
+                        let mut stored = Vec::new();
+                        let decoded = match phoenix_chunks::decode_batch(&data) {
+                            Ok(d) => d,
+                            Err(e) => return (stored, Err(e)),
+                        };
+                        for (hash, chunk) in decoded {
+                            match store.insert_expecting(&hash, &chunk) {
+                                Ok(i) if i.stored => stored.push(hash),
+                                Ok(_) => {}
+                                Err(e) => return (stored, Err(e)),
+                            }
+                        }
+                        (stored, Ok(()))
+                    },
+                )
                 .await
-                .map_err(|e| ctx(&e))?
-                .map_err(|e| ctx(&chunk_error(&self.dir, &e, total - done)))?;
+                .map_err(|e| ctx(&e))?;
+                added.extend(stored.0);
+                match stored.1 {
+                    Ok(()) => {}
+                    Err(phoenix_chunks::Error::DiskFull { .. }) => {
+                        return Err(full(&added, need));
+                    }
+                    Err(e) => return Err(ctx(&e)),
+                }
                 done += batch.iter().map(|c| u64::from(c.len)).sum::<u64>();
                 progress(done);
             }
@@ -282,9 +327,12 @@ impl ImageCache {
                     tracing::warn!(image = %image, chunk = %hash, "corrupt chunk in the cache; fetching it again");
                     let _ = self.chunks.remove(&hash);
                 }
+                Err(phoenix_chunks::Error::DiskFull { .. }) => {
+                    return Err(full(&added, index.size));
+                }
                 Err(e) => {
                     let _ = std::fs::remove_file(&assembled_at);
-                    return Err(ctx(&chunk_error(&self.dir, &e, index.size)));
+                    return Err(ctx(&e));
                 }
             }
         }
@@ -319,13 +367,15 @@ impl ImageCache {
             self.indexes_dir.clone(),
             self.chunks.clone(),
         );
+        let kept = keep.clone();
         let stats = tokio::task::spawn_blocking(move || collect(&dir, &indexes_dir, &store, &keep))
             .await
             .map_err(|e| e.to_string())??;
         let held = self.held();
         self.sync.send_if_modified(|s| {
             let before = (s.held.len(), s.failed.len());
-            s.failed.retain(|h, _| held.contains(h));
+            // Failures of images nobody wants any more are forgotten.
+            s.failed.retain(|h, _| kept.contains(h));
             s.held = held;
             before != (s.held.len(), s.failed.len())
         });
@@ -382,22 +432,6 @@ fn collect(
     stats.removed += chunks.removed;
     stats.bytes += chunks.bytes;
     Ok(stats)
-}
-
-/// An I/O error while storing an image, with a clear word on a full disk.
-fn disk_error(dir: &Path, e: &std::io::Error, need: u64) -> String {
-    if e.raw_os_error() == Some(libc::ENOSPC) || e.raw_os_error() == Some(libc::EDQUOT) {
-        full_disk(dir, need)
-    } else {
-        e.to_string()
-    }
-}
-
-fn chunk_error(dir: &Path, e: &phoenix_chunks::Error, need: u64) -> String {
-    match e {
-        phoenix_chunks::Error::DiskFull { .. } => full_disk(dir, need),
-        other => other.to_string(),
-    }
 }
 
 fn full_disk(dir: &Path, need: u64) -> String {

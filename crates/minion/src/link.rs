@@ -308,7 +308,13 @@ async fn session(
             }
             changed = sync.changed() => {
                 if changed.is_ok() {
-                    let _ = out_tx.send(ToMaster::Images(sync.borrow_and_update().clone()));
+                    let state = sync.borrow_and_update().clone();
+                    // A fetch ended: the bytes it moved show at once.
+                    let ended = state.fetching.is_none();
+                    let _ = out_tx.send(ToMaster::Images(state));
+                    if ended {
+                        let _ = out_tx.send(ToMaster::Node(node_stats(ctx)));
+                    }
                 }
             }
             _ = stats.tick() => {

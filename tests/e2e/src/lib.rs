@@ -141,7 +141,7 @@ impl Cluster {
     }
 
     /// Starts minions `m1..=mN`, accepts them, waits for them, pushes testy.
-    fn with_minions(mut self, minions: usize) -> Cluster {
+    pub fn with_minions(mut self, minions: usize) -> Cluster {
         for i in 1..=minions {
             self.start_minion(&format!("m{i}"));
         }
@@ -513,6 +513,18 @@ impl Cluster {
     }
 }
 
+/// `len` bytes of seeded xorshift noise (incompressible, reproducible).
+pub fn noise(len: usize, mut seed: u64) -> Vec<u8> {
+    (0..len)
+        .map(|_| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed as u8
+        })
+        .collect()
+}
+
 /// A testy service spec on `machine` listening on a free port.
 pub fn testy(machine: &str, name: &str, args: &[&str]) -> Value {
     json!({
@@ -547,6 +559,22 @@ pub fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
 
 impl Drop for Cluster {
     fn drop(&mut self) {
+        // A failing test shows the end of each daemon's log.
+        if std::thread::panicking() {
+            for entry in std::fs::read_dir(self.dir.path())
+                .into_iter()
+                .flatten()
+                .flatten()
+            {
+                let path = entry.path();
+                if path.extension().is_some_and(|e| e == "log") {
+                    let text = std::fs::read_to_string(&path).unwrap_or_default();
+                    let lines: Vec<&str> = text.lines().collect();
+                    let tail = lines[lines.len().saturating_sub(30)..].join("\n");
+                    eprintln!("---- {} (last 30 lines)\n{tail}", path.display());
+                }
+            }
+        }
         for (_, mut m) in self.minions.drain() {
             let _ = m.kill();
             let _ = m.wait();

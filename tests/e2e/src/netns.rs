@@ -135,6 +135,33 @@ impl Net {
         ]);
     }
 
+    /// Caps what a host sends (`rate` as tc takes it, e.g. `40mbit`).
+    pub fn limit_rate(&self, host: &str, rate: &str) {
+        let ns = &self.host(host).ns;
+        let out = Command::new("ip")
+            .args([
+                "netns", "exec", ns, "tc", "qdisc", "replace", "dev", "eth0", "root",
+            ])
+            .args(["tbf", "rate", rate, "burst", "64kb", "latency", "500ms"])
+            .output()
+            .expect("run tc");
+        assert!(
+            out.status.success(),
+            "tc on {host}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// Lifts [`Net::limit_rate`].
+    pub fn unlimit_rate(&self, host: &str) {
+        let ns = &self.host(host).ns;
+        let _ = Command::new("ip")
+            .args([
+                "netns", "exec", ns, "tc", "qdisc", "del", "dev", "eth0", "root",
+            ])
+            .output();
+    }
+
     /// Drops everything on a host's `eth0` except WireGuard (UDP `wg`) and
     /// the join endpoint (TCP `join`), both directions.
     pub fn only_overlay(&self, host: &str, wg: u16, join: u16) {

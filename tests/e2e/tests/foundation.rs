@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use phoenix_e2e::{Cluster, alive, http_get, testy, wait_for};
+use phoenix_e2e::{Cluster, alive, http_get, noise, testy, wait_for};
 use serde_json::{Value, json};
 
 fn pid(s: &Value) -> u64 {
@@ -680,17 +680,6 @@ fn back_to_back_deletes_each_get_their_grace_period() {
 }
 
 /// Deterministic pseudo-random bytes (xorshift).
-fn noise(len: usize, mut seed: u64) -> Vec<u8> {
-    (0..len)
-        .map(|_| {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            seed as u8
-        })
-        .collect()
-}
-
 #[test]
 fn a_new_image_version_moves_only_its_changed_chunks_and_a_corrupt_chunk_is_fetched_again() {
     let c = Cluster::start(1);
