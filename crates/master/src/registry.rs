@@ -502,4 +502,95 @@ mod tests {
         assert_eq!(reg.resolve("app").unwrap(), r);
         assert!(!tmp.exists());
     }
+
+    fn noise(len: usize, mut seed: u64) -> Vec<u8> {
+        (0..len)
+            .map(|_| {
+                seed ^= seed << 13;
+                seed ^= seed >> 7;
+                seed ^= seed << 17;
+                seed as u8
+            })
+            .collect()
+    }
+
+    #[test]
+    fn scan_refresh_and_removal_keep_the_catalog_in_step_with_the_folder() {
+        let dir = tempfile::tempdir().unwrap();
+        let reg = Registry::open(dir.path().join("registry")).unwrap();
+        let changes = reg.changes();
+        let a = noise(1 << 20, 1);
+        std::fs::write(reg.dir().join("a"), &a).unwrap();
+        std::fs::write(reg.dir().join(".a.part"), b"half").unwrap();
+        assert!(reg.scan().is_empty());
+        let cat = reg.catalog();
+        assert_eq!(cat.len(), 1, "{cat:?}");
+        assert_eq!(cat[0].hash, blake3::hash(&a).to_hex().to_string());
+        assert!(changes.has_changed().unwrap());
+        // Indexed once: its index is on disk and a resolve is a lookup.
+        assert!(dir.path().join(format!("indexes/{}.json", cat[0].hash)).exists());
+        assert_eq!(reg.resolve("a").unwrap().hash, cat[0].hash);
+
+        // Replaced by hand: the same name, a new hash.
+        std::fs::write(reg.dir().join("a"), b"version two").unwrap();
+        let r = reg.refresh("a").unwrap().unwrap();
+        assert_eq!(r.hash, blake3::hash(b"version two").to_hex().to_string());
+        // The old version stays fetchable by hash while its index is kept.
+        let old = reg.index("a", &cat[0].hash).unwrap();
+        assert_eq!(old.size, a.len() as u64);
+
+        std::fs::remove_file(reg.dir().join("a")).unwrap();
+        assert_eq!(reg.refresh("a").unwrap(), None);
+        assert!(reg.catalog().is_empty());
+        assert!(matches!(
+            reg.resolve("a"),
+            Err(RegistryError::Missing { .. })
+        ));
+    }
+
+    #[test]
+    fn collection_keeps_catalog_and_pinned_images_and_drops_the_rest() {
+        let dir = tempfile::tempdir().unwrap();
+        let reg = Registry::open(dir.path().join("registry")).unwrap();
+        let (a, b, c) = (noise(1 << 20, 1), noise(1 << 20, 2), noise(1 << 20, 3));
+        for (name, data) in [("a", &a), ("b", &b), ("c", &c)] {
+            std::fs::write(reg.dir().join(name), data).unwrap();
+        }
+        reg.scan();
+        let hash = |d: &[u8]| blake3::hash(d).to_hex().to_string();
+        let all = reg.usage().unwrap().bytes;
+        assert_eq!(all, 3 << 20);
+        // b and c leave the folder; a service still uses b.
+        std::fs::remove_file(reg.dir().join("b")).unwrap();
+        std::fs::remove_file(reg.dir().join("c")).unwrap();
+        reg.scan();
+        let pinned: HashSet<String> = [hash(&b)].into();
+        let got = reg.collect(&pinned).unwrap();
+        assert_eq!(got.indexes, 1);
+        assert_eq!(got.bytes, 1 << 20);
+        assert_eq!(reg.usage().unwrap().bytes, 2 << 20);
+        assert!(reg.index("b", &hash(&b)).is_ok(), "the pinned image went");
+        assert!(reg.index("c", &hash(&c)).is_err());
+        // Unpinned, b goes too.
+        reg.collect(&HashSet::new()).unwrap();
+        assert_eq!(reg.usage().unwrap().bytes, 1 << 20);
+    }
+
+    #[test]
+    fn unique_bytes_count_only_chunks_no_other_image_has() {
+        let dir = tempfile::tempdir().unwrap();
+        let reg = Registry::open(dir.path().join("registry")).unwrap();
+        let a = noise(2 << 20, 1);
+        let mut b = a.clone();
+        b.extend(noise(1 << 20, 2));
+        std::fs::write(reg.dir().join("a"), &a).unwrap();
+        std::fs::write(reg.dir().join("b"), &b).unwrap();
+        reg.scan();
+        let entries = reg.entries();
+        let unique = unique_bytes(&entries);
+        // a's content is all in b except maybe its last chunk (cut at the
+        // end of file); b's own megabyte is its alone.
+        assert!(unique[0] < (512 << 10), "{unique:?}");
+        assert!(unique[1] >= (1 << 20) && unique[1] < (2 << 20), "{unique:?}");
+    }
 }

@@ -351,6 +351,10 @@ fn mount_overlay(lower: &Path, upper: &Path, work: &Path, target: &Path) -> Resu
     Ok(())
 }
 
+/// A file `from-<image hash>` in an unpacked image's directory names a
+/// cached image it came from.
+pub const ROOTFS_MARK: &str = "from-";
+
 /// Unpacks an image once per manifest digest, atomically (into a temporary
 /// directory renamed into place), and remembers its settings beside it.
 fn unpack_cached(
@@ -363,10 +367,18 @@ fn unpack_cached(
     let place = dir.join(&digest);
     let rootfs = place.join("rootfs");
     let settings_path = place.join("settings.json");
+    // Which cached images use this root filesystem: it is collected with
+    // the last of them (see `images::collect`).
+    let mark = |place: &Path| {
+        if let Some(hash) = image.file_name().and_then(|n| n.to_str()) {
+            let _ = std::fs::write(place.join(format!("{ROOTFS_MARK}{hash}")), b"");
+        }
+    };
     if let Ok(text) = std::fs::read(&settings_path)
         && let Ok(settings) = serde_json::from_slice(&text)
         && rootfs.is_dir()
     {
+        mark(&place);
         return Ok((rootfs, settings));
     }
     std::fs::create_dir_all(dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
@@ -400,6 +412,7 @@ fn unpack_cached(
         let _ = std::fs::remove_dir_all(&tmp);
         return Err(format!("store unpacked image in {}: {e}", place.display()));
     }
+    mark(&place);
     tracing::info!(digest = %digest, "image unpacked");
     Ok((rootfs, settings))
 }

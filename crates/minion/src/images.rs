@@ -121,6 +121,11 @@ impl ImageCache {
         held
     }
 
+    /// Keeps collections off while the guard lives.
+    pub async fn hold(&self) -> tokio::sync::RwLockReadGuard<'_, ()> {
+        self.collecting.read().await
+    }
+
     /// Subscribes to the cache's state, as reported to the master.
     pub fn sync_state(&self) -> tokio::sync::watch::Receiver<ImageSync> {
         self.sync.subscribe()
@@ -405,6 +410,22 @@ fn collect(
                 stats.removed += 1;
                 stats.bytes += len;
             }
+        }
+    }
+    // Unpacked root filesystems go with the last image they came from.
+    for entry in std::fs::read_dir(dir.join("rootfs")).into_iter().flatten().flatten() {
+        let place = entry.path();
+        if entry.file_name().to_string_lossy().starts_with('.') {
+            continue;
+        }
+        let used = std::fs::read_dir(&place).into_iter().flatten().flatten().any(|e| {
+            e.file_name()
+                .to_str()
+                .and_then(|n| n.strip_prefix(crate::container::ROOTFS_MARK))
+                .is_some_and(|h| keep.contains(h))
+        });
+        if !used && std::fs::remove_dir_all(&place).is_ok() {
+            stats.removed += 1;
         }
     }
     let mut kept = Vec::new();

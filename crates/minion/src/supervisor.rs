@@ -546,6 +546,8 @@ impl Task {
             .map_err(|e| format!("open log: {e}"))?;
         let container = spec.kind == Kind::Docker;
         let proc = if container {
+            // No collection while the root filesystem is found or unpacked.
+            let _no_collection = self.ctx.images.hold().await;
             let started = self
                 .ctx
                 .runtime

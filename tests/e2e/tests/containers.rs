@@ -165,6 +165,22 @@ fn a_container_is_supervised_like_a_binary() {
     wait_for("crun's state to go", Duration::from_secs(10), || {
         (!state.exists()).then_some(())
     });
+    // Its images leave the registry: the unpacked root filesystems go too.
+    let unpacked = || {
+        std::fs::read_dir(c.minion_dir("m1").join("images/rootfs"))
+            .unwrap()
+            .flatten()
+            .count()
+    };
+    assert!(unpacked() > 0);
+    for e in std::fs::read_dir(c.master_dir().join("registry")).unwrap().flatten() {
+        if e.file_name().to_string_lossy().ends_with(".tar") {
+            std::fs::remove_file(e.path()).unwrap();
+        }
+    }
+    wait_for("the unpacked images to be collected", Duration::from_secs(10), || {
+        (unpacked() == 0).then_some(())
+    });
 }
 
 #[test]
