@@ -151,7 +151,13 @@ async fn push(
         .inspect_err(|_| {
             let _ = std::fs::remove_file(&tmp);
         })?;
-    let body = json!({ "name": name, "hash": image.hash, "size": image.size });
+    let chunks = hub
+        .registry
+        .entries()
+        .into_iter()
+        .find(|(n, _)| *n == name)
+        .map_or(0, |(_, e)| e.index.chunks.len());
+    let body = json!({ "name": name, "hash": image.hash, "size": image.size, "chunks": chunks });
     hub.store()
         .write(|tx| tx.audit(who, "push", &name, None, Some(&body)))?;
     Ok(body)

@@ -94,7 +94,7 @@ pub async fn push(data_dir: &Path, file: &Path, name: &str) -> Result<serde_json
         }
     }
     if show {
-        eprintln!();
+        eprintln!("\rpushing {name}: sent; the master is chunking it");
     }
     if sent != size {
         bail!(

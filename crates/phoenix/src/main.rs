@@ -407,8 +407,9 @@ async fn command(cmd: Command) -> Result<()> {
             };
             let v = client::push(&target.data_dir, &file, &name).await?;
             println!(
-                "pushed {name} ({}, blake3 {})",
+                "pushed {name} ({}, {} chunks, blake3 {}); minions fetch it now (`phoenix images` shows where)",
                 bytes(v["size"].as_u64().unwrap_or(0)),
+                v["chunks"].as_u64().unwrap_or(0),
                 v["hash"].as_str().unwrap_or("?")
             );
         }
