@@ -198,7 +198,7 @@ d() { python3 -c "import json,sys; print(json.load(open('$work/data-r1.json'))$1
 {
 echo "- Date: $(date -u '+%Y-%m-%d %H:%M UTC'); \`bench/sync.sh $rounds\`: $rounds rounds, fresh data each round, medians; this run took $(($(date +%s) - started)) s"
 echo "- Machine: $(nproc) CPUs (nproc) · $(sed -n 's/^model name[^:]*: *//p' /proc/cpuinfo | head -1) · kernel $(uname -srm) · $(awk '/MemTotal/ {printf "%.1f GiB", $2/1048576}' /proc/meminfo) RAM · temp dir on $(df --output=fstype "$work" | tail -1)"
-[ $need_phoenix = yes ] && echo "- Phoenix: release build of $("$phoenix" --version) (git $git_rev)${wg_mode:+, \`${wg_mode[*]}\`}"
+[ $need_phoenix = yes ] && echo "- Phoenix: release build of $("$phoenix" --version) (git $git_rev)${wg_mode:+, \`${wg_mode[*]}\`}; overlay MTU $(ip -n $h2 -j link show | python3 -c 'import json,sys; print(*[l["mtu"] for l in json.load(sys.stdin) if l["ifname"].startswith("phoenix")])') (host 2's TUN device), veth MTU 1500"
 echo "- Peers: rsync $(rsync --version | head -1 | awk '{print $3}'), $(casync --version | head -1), curl $(curl --version | head -1 | awk '{print $2}')"
 echo "- (a): 50 MiB (52 428 800 B) of binary-like data (zstd -3 ratio $(d '["bin_ratio"]'):1); v2 has five 4–8-byte edits (at 10, 30, 45, 70, 90 %) and 4 KiB inserted in the middle"
 echo "- (b): OCI archive (as \`docker image save\` writes it), 5 gzip layers of $(d '["oci_layers_mb"]') MB ($(d '["oci_files"]') files of random bytes and text); v2 rebuilds the third layer ($(d '["oci_changed_mb"][0]') → $(d '["oci_changed_mb"][1]') MB), hence a new config, manifest and index"

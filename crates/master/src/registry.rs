@@ -44,6 +44,15 @@ pub struct ImageRef {
     pub size: u64,
 }
 
+/// A catalog entry on disk (`indexes/catalog.json`).
+#[derive(serde::Serialize, serde::Deserialize)]
+struct SavedEntry {
+    size: u64,
+    mtime_s: u64,
+    mtime_ns: u32,
+    hash: String,
+}
+
 /// A registry file as last indexed.
 #[derive(Clone, Debug)]
 pub struct Entry {
@@ -94,14 +103,16 @@ impl Registry {
         std::fs::create_dir_all(&indexes_dir).map_err(Self::io(&indexes_dir))?;
         let chunks = phoenix_chunks::ChunkStore::open(data.join("chunks"))
             .map_err(|e| RegistryError::Chunks(e.to_string()))?;
-        Ok(Registry {
+        let reg = Registry {
             chunks,
             indexes_dir,
             indexing: Mutex::new(()),
             dir,
             catalog: Mutex::new(BTreeMap::new()),
             changes: tokio::sync::watch::Sender::new(0),
-        })
+        };
+        reg.load_catalog();
+        Ok(reg)
     }
 
     pub fn dir(&self) -> &Path {
@@ -152,6 +163,57 @@ impl Registry {
             })
     }
 
+    /// Remembers which file (size, mtime) had which hash, so a restarted
+    /// master reads no file that has not changed.
+    fn save_catalog(&self, cat: &BTreeMap<String, Entry>) {
+        let saved: BTreeMap<&str, SavedEntry> = cat
+            .iter()
+            .map(|(name, e)| {
+                let t = e
+                    .mtime
+                    .duration_since(SystemTime::UNIX_EPOCH)
+                    .unwrap_or_default();
+                let saved = SavedEntry {
+                    size: e.size,
+                    mtime_s: t.as_secs(),
+                    mtime_ns: t.subsec_nanos(),
+                    hash: e.index.file_hash.clone(),
+                };
+                (name.as_str(), saved)
+            })
+            .collect();
+        let path = self.indexes_dir.join("catalog.json");
+        let tmp = self.indexes_dir.join(".catalog.tmp");
+        let text = serde_json::to_vec(&saved).unwrap_or_default();
+        if let Err(e) = std::fs::write(&tmp, text).and_then(|()| std::fs::rename(&tmp, &path)) {
+            tracing::warn!("cannot save {}: {e}", path.display());
+        }
+    }
+
+    /// The catalog as the last run left it (entries whose index is gone are
+    /// skipped; `scan` checks the rest against the files).
+    fn load_catalog(&self) {
+        let Ok(text) = std::fs::read(self.indexes_dir.join("catalog.json")) else {
+            return;
+        };
+        let Ok(saved) = serde_json::from_slice::<BTreeMap<String, SavedEntry>>(&text) else {
+            return;
+        };
+        let mut cat = lock(&self.catalog);
+        for (name, e) in saved {
+            if let Some(index) = self.load_index(&e.hash) {
+                let mtime =
+                    SystemTime::UNIX_EPOCH + std::time::Duration::new(e.mtime_s, e.mtime_ns);
+                let entry = Entry {
+                    size: e.size,
+                    mtime,
+                    index: Arc::new(index),
+                };
+                cat.insert(name, entry);
+            }
+        }
+    }
+
     /// Subscribes to catalog changes.
     pub fn changes(&self) -> tokio::sync::watch::Receiver<u64> {
         self.changes.subscribe()
@@ -169,6 +231,7 @@ impl Registry {
             }
             None => cat.remove(name).is_some(),
         };
+        self.save_catalog(&cat);
         drop(cat);
         if changed {
             self.changes.send_modify(|n| *n += 1);
@@ -368,7 +431,11 @@ impl Registry {
         let listing = std::fs::read_dir(&self.indexes_dir).map_err(Self::io(&self.indexes_dir))?;
         for entry in listing.flatten() {
             let file = entry.file_name();
-            let Some(hash) = file.to_str().and_then(|f| f.strip_suffix(".json")) else {
+            let Some(hash) = file
+                .to_str()
+                .and_then(|f| f.strip_suffix(".json"))
+                .filter(|h| phoenix_chunks::is_hash(h))
+            else {
                 continue;
             };
             if !keep.contains_key(hash) && std::fs::remove_file(entry.path()).is_ok() {
@@ -528,7 +595,11 @@ mod tests {
         assert_eq!(cat[0].hash, blake3::hash(&a).to_hex().to_string());
         assert!(changes.has_changed().unwrap());
         // Indexed once: its index is on disk and a resolve is a lookup.
-        assert!(dir.path().join(format!("indexes/{}.json", cat[0].hash)).exists());
+        assert!(
+            dir.path()
+                .join(format!("indexes/{}.json", cat[0].hash))
+                .exists()
+        );
         assert_eq!(reg.resolve("a").unwrap().hash, cat[0].hash);
 
         // Replaced by hand: the same name, a new hash.
@@ -546,6 +617,34 @@ mod tests {
             reg.resolve("a"),
             Err(RegistryError::Missing { .. })
         ));
+    }
+
+    #[test]
+    fn a_reopened_registry_knows_unchanged_files_without_reading_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let reg = Registry::open(dir.path().join("registry")).unwrap();
+        std::fs::write(reg.dir().join("a"), noise(1 << 20, 1)).unwrap();
+        reg.scan();
+        let hash = reg.catalog()[0].hash.clone();
+        drop(reg);
+        // Same size, same mtime, other bytes: like rsync's quick check,
+        // the restarted master trusts size and mtime and reads nothing.
+        let path = dir.path().join("registry/a");
+        let mtime = std::fs::metadata(&path).unwrap().modified().unwrap();
+        std::fs::write(&path, noise(1 << 20, 2)).unwrap();
+        std::fs::File::options()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_modified(mtime)
+            .unwrap();
+        let reg = Registry::open(dir.path().join("registry")).unwrap();
+        assert!(reg.scan().is_empty());
+        assert_eq!(reg.catalog()[0].hash, hash);
+        // A real change (new mtime) is read.
+        std::fs::write(&path, noise(1 << 20, 3)).unwrap();
+        reg.refresh("a").unwrap();
+        assert_ne!(reg.catalog()[0].hash, hash);
     }
 
     #[test]
@@ -591,6 +690,9 @@ mod tests {
         // a's content is all in b except maybe its last chunk (cut at the
         // end of file); b's own megabyte is its alone.
         assert!(unique[0] < (512 << 10), "{unique:?}");
-        assert!(unique[1] >= (1 << 20) && unique[1] < (2 << 20), "{unique:?}");
+        assert!(
+            unique[1] >= (1 << 20) && unique[1] < (2 << 20),
+            "{unique:?}"
+        );
     }
 }

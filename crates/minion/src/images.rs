@@ -413,17 +413,25 @@ fn collect(
         }
     }
     // Unpacked root filesystems go with the last image they came from.
-    for entry in std::fs::read_dir(dir.join("rootfs")).into_iter().flatten().flatten() {
+    for entry in std::fs::read_dir(dir.join("rootfs"))
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
         let place = entry.path();
         if entry.file_name().to_string_lossy().starts_with('.') {
             continue;
         }
-        let used = std::fs::read_dir(&place).into_iter().flatten().flatten().any(|e| {
-            e.file_name()
-                .to_str()
-                .and_then(|n| n.strip_prefix(crate::container::ROOTFS_MARK))
-                .is_some_and(|h| keep.contains(h))
-        });
+        let used = std::fs::read_dir(&place)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .any(|e| {
+                e.file_name()
+                    .to_str()
+                    .and_then(|n| n.strip_prefix(crate::container::ROOTFS_MARK))
+                    .is_some_and(|h| keep.contains(h))
+            });
         if !used && std::fs::remove_dir_all(&place).is_ok() {
             stats.removed += 1;
         }
@@ -501,5 +509,57 @@ pub async fn prefetch(ctx: Arc<Ctx>) {
         } else {
             cache.wake.notified().await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn collection_keeps_what_is_wanted_and_drops_the_rest() {
+        let data = tempfile::tempdir().unwrap();
+        let dir = data.path().join("images");
+        let indexes = data.path().join("indexes");
+        std::fs::create_dir_all(dir.join("rootfs")).unwrap();
+        std::fs::create_dir_all(&indexes).unwrap();
+        let store = phoenix_chunks::ChunkStore::open(data.path().join("chunks")).unwrap();
+        let mut hashes = Vec::new();
+        for seed in 1..=2u8 {
+            let bytes: Vec<u8> = (0..200_000u32)
+                .map(|i| (i.wrapping_mul(2_654_435_761) >> (seed + 8)) as u8 ^ seed)
+                .collect();
+            let file = data.path().join(format!("src{seed}"));
+            std::fs::write(&file, &bytes).unwrap();
+            let index = store.import_file(&file).unwrap();
+            let h = index.file_hash.clone();
+            std::fs::write(indexes.join(format!("{h}.json")), index.to_json()).unwrap();
+            std::fs::write(dir.join(&h), &bytes).unwrap();
+            let place = dir.join("rootfs").join(format!("digest{seed}"));
+            std::fs::create_dir_all(&place).unwrap();
+            std::fs::write(
+                place.join(format!("{}{h}", crate::container::ROOTFS_MARK)),
+                b"",
+            )
+            .unwrap();
+            hashes.push(h);
+        }
+        let leftover = dir.join(format!(".assemble-{}", hashes[0]));
+        std::fs::write(&leftover, b"half").unwrap();
+        let before = store.usage().unwrap();
+        let keep: HashSet<String> = [hashes[0].clone()].into();
+        collect(&dir, &indexes, &store, &keep).unwrap();
+        assert!(dir.join(&hashes[0]).exists());
+        assert!(!dir.join(&hashes[1]).exists());
+        assert!(!leftover.exists(), "a cut-off assembly was left");
+        assert!(indexes.join(format!("{}.json", hashes[0])).exists());
+        assert!(!indexes.join(format!("{}.json", hashes[1])).exists());
+        assert!(dir.join("rootfs/digest1").exists());
+        assert!(!dir.join("rootfs/digest2").exists());
+        let after = store.usage().unwrap();
+        assert!(
+            after.chunks > 0 && after.chunks < before.chunks,
+            "{before:?} → {after:?}"
+        );
     }
 }

@@ -173,14 +173,19 @@ fn a_container_is_supervised_like_a_binary() {
             .count()
     };
     assert!(unpacked() > 0);
-    for e in std::fs::read_dir(c.master_dir().join("registry")).unwrap().flatten() {
+    for e in std::fs::read_dir(c.master_dir().join("registry"))
+        .unwrap()
+        .flatten()
+    {
         if e.file_name().to_string_lossy().ends_with(".tar") {
             std::fs::remove_file(e.path()).unwrap();
         }
     }
-    wait_for("the unpacked images to be collected", Duration::from_secs(10), || {
-        (unpacked() == 0).then_some(())
-    });
+    wait_for(
+        "the unpacked images to be collected",
+        Duration::from_secs(10),
+        || (unpacked() == 0).then_some(()),
+    );
 }
 
 #[test]
