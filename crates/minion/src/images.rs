@@ -65,6 +65,8 @@ pub struct ImageCache {
     sync: tokio::sync::watch::Sender<ImageSync>,
     /// Wakes [`prefetch`] (catalog or desired set changed).
     wake: tokio::sync::Notify,
+    /// What pre-caching leaves free (`None`: a tenth of the disk, ≤ 1 GiB).
+    keep_free: Option<u64>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -77,6 +79,7 @@ impl ImageCache {
         master: SocketAddr,
         node: String,
         key: String,
+        keep_free: Option<u64>,
     ) -> Result<Self, String> {
         let data = dir.parent().map_or_else(|| dir.clone(), Path::to_owned);
         let chunks =
@@ -98,6 +101,7 @@ impl ImageCache {
             wanted: Mutex::default(),
             sync: tokio::sync::watch::Sender::new(ImageSync::default()),
             wake: tokio::sync::Notify::new(),
+            keep_free,
         };
         cache.sync.send_modify(|s| s.held = cache.held());
         Ok(cache)
@@ -149,6 +153,16 @@ impl ImageCache {
 
     /// The image file with this hash, fetching it first if needed.
     pub async fn ensure(&self, name: &str, hash: &str) -> Result<PathBuf, String> {
+        self.ensure_leaving(name, hash, MARGIN).await
+    }
+
+    /// [`Self::ensure`], refusing to leave less than `reserve` bytes free.
+    async fn ensure_leaving(
+        &self,
+        name: &str,
+        hash: &str,
+        reserve: u64,
+    ) -> Result<PathBuf, String> {
         let path = self.path(hash);
         if path.exists() {
             return Ok(path);
@@ -163,7 +177,7 @@ impl ImageCache {
         }
         let result = {
             let _no_collection = self.collecting.read().await;
-            tokio::time::timeout(Duration::from_secs(600), self.fetch(name, hash)).await
+            tokio::time::timeout(Duration::from_secs(600), self.fetch(name, hash, reserve)).await
         };
         lock(&self.fetching).remove(hash);
         let result = match result {
@@ -188,7 +202,7 @@ impl ImageCache {
         result
     }
 
-    async fn fetch(&self, image: &str, hash: &str) -> Result<(), String> {
+    async fn fetch(&self, image: &str, hash: &str, reserve: u64) -> Result<(), String> {
         let ctx = |e: &dyn std::fmt::Display| {
             format!(
                 "fetching image {image:?} from the master at {}: {e}",
@@ -227,7 +241,7 @@ impl ImageCache {
             .and_then(|()| std::fs::rename(&tmp, &saved))
             .map_err(|e| {
                 if matches!(e.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT)) {
-                    ctx(&full_disk(&self.dir, index.size))
+                    ctx(&full_disk(&self.dir, index.size, 0))
                 } else {
                     ctx(&e)
                 }
@@ -244,7 +258,7 @@ impl ImageCache {
                 let _ = self.chunks.remove(h);
             }
             let _ = std::fs::remove_file(&assembled_at);
-            ctx(&full_disk(&self.dir, need))
+            ctx(&full_disk(&self.dir, need, 0))
         };
         for attempt in 0..2 {
             let missing = self.chunks.missing(&index);
@@ -254,8 +268,9 @@ impl ImageCache {
             let need = total + index.size;
             let free = crate::link::disk_free(&self.dir);
             tracing::debug!(image, need, ?free, "fetching chunks");
-            if free.is_some_and(|free| free < need + MARGIN) {
-                return Err(full(&added, need));
+            if free.is_some_and(|free| free < need + reserve) {
+                let _ = std::fs::remove_file(&assembled_at);
+                return Err(ctx(&full_disk(&self.dir, need, reserve)));
             }
             let mut done = 0u64;
             let progress = |done: u64| {
@@ -463,11 +478,16 @@ fn collect(
     Ok(stats)
 }
 
-fn full_disk(dir: &Path, need: u64) -> String {
+fn full_disk(dir: &Path, need: u64, reserve: u64) -> String {
     let free =
         crate::link::disk_free(dir).map_or_else(|| "?".into(), |b| format!("{} MB", b >> 20));
+    let keep = if reserve > 0 {
+        format!(" and {} MB must stay free", reserve >> 20)
+    } else {
+        String::new()
+    };
     format!(
-        "no space left on the minion's disk ({} has {free} free; this image needs up to {} MB more); the images already here stay in use",
+        "no space left on the minion's disk: {} has {free} free, this image needs up to {} MB more{keep}; the images already here stay in use",
         dir.display(),
         need.div_ceil(1 << 20)
     )
@@ -491,8 +511,17 @@ pub async fn prefetch(ctx: Arc<Ctx>) {
             todo
         };
         let mut failed = false;
+        // Images no service here uses yet are cached only while a tenth of
+        // the disk (at most 1 GiB) stays free for the services themselves.
+        let reserve = cache.keep_free.unwrap_or_else(|| {
+            crate::link::disk_space(&cache.dir)
+                .map_or(MARGIN, |(total, _)| (total / 10).min(1 << 30))
+        });
+        let reserve = reserve.max(MARGIN);
         for (name, hash) in &todo {
-            if let Err(e) = cache.ensure(name, hash).await {
+            let wanted = lock(&cache.wanted).contains_key(hash);
+            let leave = if wanted { MARGIN } else { reserve };
+            if let Err(e) = cache.ensure_leaving(name, hash, leave).await {
                 tracing::warn!(image = %name, "pre-fetch: {e}");
                 failed = true;
             }

@@ -54,6 +54,8 @@ pub struct MinionConfig {
     pub health: health::HealthTiming,
     pub stop_timeout: Duration,
     pub log_max_bytes: u64,
+    /// Disk space pre-caching must leave free (`None`: a tenth, ≤ 1 GiB).
+    pub keep_free: Option<u64>,
     pub stats_every: Duration,
 }
 
@@ -137,6 +139,7 @@ pub async fn run(cfg: MinionConfig) -> Result<(), MinionError> {
             link_addr,
             cfg.name.clone(),
             key,
+            cfg.keep_free,
         )
         .map_err(|e| MinionError::DataDir {
             path: cfg.data_dir.join("chunks").display().to_string(),

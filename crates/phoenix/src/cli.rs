@@ -268,6 +268,12 @@ pub struct MinionArgs {
     /// Rotate a service's log file when it grows past this many bytes.
     #[arg(long, default_value_t = 10 << 20)]
     pub log_max_bytes: u64,
+    /// Registry images no service here uses are pre-cached only while this
+    /// much of the data dir's disk stays free, in MiB (default: a tenth of
+    /// the disk, at most 1024). Images of this minion's own services need
+    /// only 8 MiB to spare.
+    #[arg(long)]
+    pub keep_free_mb: Option<u64>,
 }
 
 #[derive(Args, Debug)]

@@ -119,6 +119,7 @@ fn run(cli: Cli) -> Result<()> {
                 },
                 stop_timeout: Duration::from_millis(a.stop_timeout_ms),
                 log_max_bytes: a.log_max_bytes,
+                keep_free: a.keep_free_mb.map(|mb| mb << 20),
                 stats_every: Duration::from_secs(5),
             };
             runtime(None)?.block_on(async {

@@ -205,6 +205,9 @@ impl Cluster {
                 "500",
                 "--stop-timeout-ms",
                 "1500",
+                // Test machines' disks may be nearly full; the tests' images are small.
+                "--keep-free-mb",
+                "16",
             ]
             .iter()
             .map(|s| s.to_string())
