@@ -233,6 +233,7 @@ async fn demo(
     println!("Ctrl-C stops the demo and removes everything.\n");
     let deadline = seconds.map(|s| Instant::now() + Duration::from_secs(s));
     let mut ticker = tokio::time::interval(Duration::from_secs(2));
+    let mut first = true;
     loop {
         tokio::select! {
             _ = ticker.tick() => {}
@@ -242,6 +243,14 @@ async fn demo(
         println!("{}", crate::output::utc(phoenix_model::status::now_ms()));
         crate::output::services_table(&list);
         println!();
+        if first && list.iter().all(|s| s.state != "starting") {
+            // The registry image, by now on both minions.
+            let images: Vec<phoenix_model::proto::ImageView> =
+                client::call(&master_dir, &Request::Images).await?;
+            crate::output::images_table(&images);
+            println!();
+            first = false;
+        }
         if deadline.is_some_and(|d| Instant::now() >= d) {
             break;
         }
