@@ -61,7 +61,9 @@
 mod batch;
 mod store;
 
-pub use batch::{MAX_BATCH_BYTES, decode_batch, encode_batch};
+pub use batch::{
+    MAX_BATCH_BYTES, decode_batch, decode_batch_with_bases, encode_batch, encode_batch_with_bases,
+};
 pub use store::{ChunkStore, GcStats, Insert, Usage};
 
 use serde::{Deserialize, Serialize};

@@ -405,3 +405,34 @@ fn assemble_on_a_full_disk_says_so_and_leaves_dest_untouched() {
     assert_eq!(dir_names(full), vec!["image".to_string()]);
     fs::remove_file(&dest).unwrap();
 }
+
+#[test]
+fn an_edited_chunk_travels_as_a_small_delta_against_its_old_version() {
+    let dir = tempfile::tempdir().unwrap();
+    let master = ChunkStore::open(dir.path().join("master")).unwrap();
+    let old = prng_bytes(5, 128 << 10);
+    let mut new = old.clone();
+    for at in [100, 60_000, 120_000] {
+        new[at] ^= 0x5a;
+    }
+    let a = master.insert(&old).unwrap().hash;
+    let b = master.insert(&new).unwrap().hash;
+    let batch = phoenix_chunks::encode_batch_with_bases(&master, &[(b.as_str(), Some(a.as_str()))])
+        .unwrap();
+    assert!(batch.len() < 1024, "the delta took {} bytes", batch.len());
+    // Without a base at hand the batch cannot be read…
+    assert!(decode_batch(&batch).is_err());
+    let minion = ChunkStore::open(dir.path().join("minion")).unwrap();
+    let err = phoenix_chunks::decode_batch_with_bases(&batch, &minion).unwrap_err();
+    assert!(err.to_string().contains(&a[..8]), "{err}");
+    // …with it, it is the new chunk, verified.
+    minion.insert(&old).unwrap();
+    let got = phoenix_chunks::decode_batch_with_bases(&batch, &minion).unwrap();
+    assert_eq!(got, vec![(b.clone(), new.clone())]);
+    // A base that does not help (or is unknown to the sender) is not used.
+    let other = master.insert(&prng_bytes(9, 128 << 10)).unwrap().hash;
+    let plain =
+        phoenix_chunks::encode_batch_with_bases(&master, &[(b.as_str(), Some(other.as_str()))])
+            .unwrap();
+    assert_eq!(decode_batch(&plain).unwrap(), vec![(b, new)]);
+}

@@ -222,7 +222,7 @@ async fn fetch(
     )
     .await?;
     while let Some(msg) = read_frame::<_, ToMaster>(&mut stream, MAX_FRAME).await? {
-        let ToMaster::FetchChunks { hashes } = msg else {
+        let ToMaster::FetchChunks { hashes, bases } = msg else {
             return Err(format!("unexpected message {msg:?} in a fetch").into());
         };
         // Reading and compressing a batch takes a core for a few ms; with
@@ -236,7 +236,9 @@ async fn fetch(
             .await?;
         let h = hub.clone();
         let batch =
-            match tokio::task::spawn_blocking(move || h.registry.chunk_batch(&hashes)).await? {
+            match tokio::task::spawn_blocking(move || h.registry.chunk_batch(&hashes, &bases))
+                .await?
+            {
                 Ok(b) => b,
                 Err(e) => return refuse(&mut stream, e.to_string()).await,
             };

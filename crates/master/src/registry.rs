@@ -81,6 +81,9 @@ pub struct Registry {
     indexing: Mutex<()>,
     /// name → the file as last indexed.
     catalog: Mutex<BTreeMap<String, Entry>>,
+    /// name → the version it replaced: kept (with its chunks) so that
+    /// minions holding it can receive the new version as deltas against it.
+    previous: Mutex<HashMap<String, Arc<Index>>>,
     /// Bumped whenever the catalog changes.
     changes: tokio::sync::watch::Sender<u64>,
 }
@@ -109,6 +112,7 @@ impl Registry {
             indexing: Mutex::new(()),
             dir,
             catalog: Mutex::new(BTreeMap::new()),
+            previous: Mutex::default(),
             changes: tokio::sync::watch::Sender::new(0),
         };
         reg.load_catalog();
@@ -223,13 +227,19 @@ impl Registry {
         let mut cat = lock(&self.catalog);
         let changed = match entry {
             Some(e) => {
-                let same = cat
-                    .get(name)
+                let old = cat.insert(name.to_owned(), e.clone());
+                let same = old
+                    .as_ref()
                     .is_some_and(|old| old.index.file_hash == e.index.file_hash);
-                cat.insert(name.to_owned(), e);
+                if let Some(old) = old.filter(|_| !same) {
+                    lock(&self.previous).insert(name.to_owned(), old.index);
+                }
                 !same
             }
-            None => cat.remove(name).is_some(),
+            None => {
+                lock(&self.previous).remove(name);
+                cat.remove(name).is_some()
+            }
         };
         self.save_catalog(&cat);
         drop(cat);
@@ -405,10 +415,19 @@ impl Registry {
         }
     }
 
-    /// A zstd batch of the given chunks, for the wire (blocking).
-    pub fn chunk_batch(&self, hashes: &[String]) -> Result<Vec<u8>, RegistryError> {
-        let refs: Vec<&str> = hashes.iter().map(String::as_str).collect();
-        phoenix_chunks::encode_batch(&self.chunks, &refs)
+    /// A zstd batch of the given chunks, for the wire, each a delta against
+    /// its base where that helps (blocking).
+    pub fn chunk_batch(
+        &self,
+        hashes: &[String],
+        bases: &[Option<String>],
+    ) -> Result<Vec<u8>, RegistryError> {
+        let refs: Vec<(&str, Option<&str>)> = hashes
+            .iter()
+            .enumerate()
+            .map(|(i, h)| (h.as_str(), bases.get(i).and_then(|b| b.as_deref())))
+            .collect();
+        phoenix_chunks::encode_batch_with_bases(&self.chunks, &refs)
             .map_err(|e| RegistryError::Chunks(e.to_string()))
     }
 
@@ -420,6 +439,9 @@ impl Registry {
             .values()
             .map(|e| (e.index.file_hash.clone(), e.index.clone()))
             .collect();
+        for i in lock(&self.previous).values() {
+            keep.insert(i.file_hash.clone(), i.clone());
+        }
         for hash in pinned {
             if !keep.contains_key(hash)
                 && let Some(i) = self.load_index(hash)

@@ -59,6 +59,9 @@ pub struct ImageCache {
     /// The master's catalog (`None` until the first one arrives, so that
     /// nothing is collected on the strength of an empty list).
     catalog: Mutex<Option<Vec<CatalogEntry>>>,
+    /// Registry name → the hash it had before the catalog last changed it:
+    /// the version whose chunks serve as delta bases for the new one.
+    previous: Mutex<HashMap<String, String>>,
     /// Images the desired set uses: hash → registry file name.
     wanted: Mutex<BTreeMap<String, String>>,
     /// What the master is told (`ToMaster::Images`).
@@ -98,6 +101,7 @@ impl ImageCache {
             fetching: Mutex::default(),
             collecting: tokio::sync::RwLock::new(()),
             catalog: Mutex::new(None),
+            previous: Mutex::default(),
             wanted: Mutex::default(),
             sync: tokio::sync::watch::Sender::new(ImageSync::default()),
             wake: tokio::sync::Notify::new(),
@@ -137,7 +141,17 @@ impl ImageCache {
 
     /// Takes the master's catalog and fetches what is missing.
     pub fn set_catalog(&self, images: Vec<CatalogEntry>) {
-        *lock(&self.catalog) = Some(images);
+        let mut catalog = lock(&self.catalog);
+        if let Some(old) = catalog.as_ref() {
+            let mut previous = lock(&self.previous);
+            for e in &images {
+                if let Some(o) = old.iter().find(|o| o.name == e.name && o.hash != e.hash) {
+                    previous.insert(e.name.clone(), o.hash.clone());
+                }
+            }
+        }
+        *catalog = Some(images);
+        drop(catalog);
         self.wake.notify_one();
     }
 
@@ -263,6 +277,7 @@ impl ImageCache {
         for attempt in 0..2 {
             let missing = self.chunks.missing(&index);
             let total: u64 = missing.iter().map(|c| u64::from(c.len)).sum();
+            let bases = self.bases(image, &index);
             // The missing chunks, then the assembled file: refuse at once
             // what cannot fit rather than fill the disk first.
             let need = total + index.size;
@@ -285,7 +300,8 @@ impl ImageCache {
             progress(0);
             for batch in missing.chunks(BATCH_CHUNKS) {
                 let hashes: Vec<String> = batch.iter().map(|c| c.hash.clone()).collect();
-                write_frame(&mut s, &ToMaster::FetchChunks { hashes })
+                let bases = hashes.iter().map(|h| bases.get(h).cloned()).collect();
+                write_frame(&mut s, &ToMaster::FetchChunks { hashes, bases })
                     .await
                     .map_err(|e| ctx(&e))?;
                 let size = match read_frame::<_, ToMinion>(&mut s, MAX_FRAME)
@@ -309,7 +325,7 @@ impl ImageCache {
                 let stored = tokio::task::spawn_blocking(
                     move || -> (Vec<String>, Result<(), phoenix_chunks::Error>) {
                         let mut stored = Vec::new();
-                        let decoded = match phoenix_chunks::decode_batch(&data) {
+                        let decoded = match phoenix_chunks::decode_batch_with_bases(&data, &store) {
                             Ok(d) => d,
                             Err(e) => return (stored, Err(e)),
                         };
@@ -330,6 +346,14 @@ impl ImageCache {
                     Ok(()) => {}
                     Err(phoenix_chunks::Error::DiskFull { .. }) => {
                         return Err(full(&added, need));
+                    }
+                    Err(e @ phoenix_chunks::Error::CorruptChunk { .. }) => {
+                        // A delta's base is damaged here: drop it, so the
+                        // next try fetches that chunk whole.
+                        if let phoenix_chunks::Error::CorruptChunk { hash, .. } = &e {
+                            let _ = self.chunks.remove(hash);
+                        }
+                        return Err(ctx(&e));
                     }
                     Err(e) => return Err(ctx(&e)),
                 }
@@ -362,6 +386,34 @@ impl ImageCache {
             .map_err(|e| ctx(&e))?;
         tracing::info!(image = %image, size = index.size, moved, "image synced");
         Ok(())
+    }
+
+    /// For each chunk of `index` this minion lacks, the chunk at its place
+    /// in the version of `image` it had before, if it still has that: the
+    /// base the master may send a delta against.
+    fn bases(&self, image: &str, index: &Index) -> HashMap<String, String> {
+        let Some(old) = lock(&self.previous)
+            .get(image)
+            .and_then(|h| std::fs::read_to_string(self.indexes_dir.join(format!("{h}.json"))).ok())
+            .and_then(|t| Index::from_json(&t).ok())
+        else {
+            return HashMap::new();
+        };
+        let old_hashes: Vec<&str> = old.chunks.iter().map(|c| c.hash.as_str()).collect();
+        let mut bases = HashMap::new();
+        for (c, base) in index
+            .chunks
+            .iter()
+            .zip(counterparts(&index.chunks, &old_hashes))
+        {
+            if let Some(b) = base
+                && !self.chunks.has(&c.hash)
+                && self.chunks.has(b)
+            {
+                bases.insert(c.hash.clone(), b.to_owned());
+            }
+        }
+        bases
     }
 
     /// Bytes of chunk batches received since the minion started.
@@ -401,6 +453,46 @@ impl ImageCache {
         });
         Ok(stats)
     }
+}
+
+/// For each chunk of `new`, the chunk of `old` at its place: counted from
+/// the nearest chunk before it that both versions share (or, failing that,
+/// back from the nearest one after it; or, with nothing shared, the same
+/// chunk number). An edit replaces a chunk in place and an insertion grows
+/// one; either way the old chunk there holds most of the new one's bytes.
+/// Linear in the two lengths.
+fn counterparts<'a>(new: &[phoenix_chunks::ChunkRef], old: &[&'a str]) -> Vec<Option<&'a str>> {
+    let mut at_old: HashMap<&str, usize> = HashMap::with_capacity(old.len());
+    for (j, h) in old.iter().enumerate() {
+        at_old.entry(*h).or_insert(j);
+    }
+    let shared: Vec<Option<usize>> = new
+        .iter()
+        .map(|c| at_old.get(c.hash.as_str()).copied())
+        .collect();
+    // Nearest shared chunk after each place, as (new index, old index).
+    let mut after = vec![None; new.len()];
+    let mut next = None;
+    for i in (0..new.len()).rev() {
+        after[i] = next;
+        if let Some(j) = shared[i] {
+            next = Some((i, j));
+        }
+    }
+    let mut before: Option<(usize, usize)> = None;
+    let mut out = Vec::with_capacity(new.len());
+    for i in 0..new.len() {
+        let j = match (before, after[i]) {
+            (Some((p, j)), _) => Some(j + (i - p)),
+            (None, Some((q, k))) => k.checked_sub(q - i),
+            (None, None) => Some(i),
+        };
+        out.push(j.and_then(|j| old.get(j).copied()));
+        if let Some(j) = shared[i] {
+            before = Some((i, j));
+        }
+    }
+    out
 }
 
 /// The blocking part of [`ImageCache::collect`].
@@ -544,6 +636,33 @@ pub async fn prefetch(ctx: Arc<Ctx>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn counterparts_follow_edits_and_insertions() {
+        let refs = |names: &[&str]| -> Vec<phoenix_chunks::ChunkRef> {
+            names
+                .iter()
+                .map(|n| phoenix_chunks::ChunkRef {
+                    hash: (*n).to_owned(),
+                    offset: 0,
+                    len: 1,
+                })
+                .collect()
+        };
+        // b edited to B; an insertion grew d into D and split it into D1 D2.
+        let old = ["a", "b", "c", "d", "e"];
+        let new = refs(&["a", "B", "c", "D1", "D2", "e"]);
+        let got = counterparts(&new, &old);
+        assert_eq!(got[1], Some("b"));
+        assert_eq!(got[3], Some("d"));
+        assert_eq!(got[4], Some("e"), "past the old chunk: its neighbour");
+        // An edit in the first chunk: counted back from the next shared.
+        let got = counterparts(&refs(&["A", "b", "c"]), &old);
+        assert_eq!(got[0], Some("a"));
+        // Nothing shared: the same chunk number.
+        let got = counterparts(&refs(&["x", "y"]), &old);
+        assert_eq!(got, vec![Some("a"), Some("b")]);
+    }
 
     #[test]
     fn collection_keeps_what_is_wanted_and_drops_the_rest() {

@@ -160,6 +160,11 @@ pub enum ToMaster {
     /// [`ToMinion::Chunks`].
     FetchChunks {
         hashes: Vec<String>,
+        /// Per chunk, a chunk the minion holds that is likely similar (the
+        /// one at its place in the version it has); the master may send the
+        /// chunk as a delta against it.
+        #[serde(default)]
+        bases: Vec<Option<String>>,
     },
     /// Which registry images the minion holds, is fetching or failed to
     /// fetch; sent on connect and whenever it changes.

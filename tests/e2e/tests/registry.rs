@@ -239,8 +239,11 @@ fn a_new_version_moves_its_changes_a_killed_transfer_resumes_and_corruption_is_r
     let moved = wait_for("m1's fetched bytes", Duration::from_secs(10), || {
         Some(fetched(&c, "m1")).filter(|n| *n > resumed)
     }) - resumed;
+    eprintln!("v2 ({} bytes) moved {moved} bytes", v2.len());
+    // Five chunks changed: sent as deltas against the old ones, they cost
+    // about the bytes that changed (the 4 KiB inserted is noise).
     assert!(
-        moved > 0 && moved < (v2.len() / 10) as u64,
+        moved > 4096 && moved < 64 << 10,
         "the new version of {} bytes moved {moved} bytes",
         v2.len()
     );
