@@ -182,6 +182,65 @@ impl Index {
         Ok(index)
     }
 
+    /// The index for the wire, 36 bytes a chunk (a third of its JSON): the
+    /// magic `PXINDEX1`, the raw file hash, the size (`u64`), the chunk
+    /// count (`u32`), then per chunk its raw hash and length (`u32`), all
+    /// big-endian; offsets follow from the lengths.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(52 + 36 * self.chunks.len());
+        out.extend_from_slice(b"PXINDEX1");
+        let mut raw = |hex_hash: &str, out: &mut Vec<u8>| {
+            let mut bin = [0u8; 32];
+            // Hashes in a validated index are 64 hex digits.
+            let _ = hex::decode_to_slice(hex_hash, &mut bin);
+            out.extend_from_slice(&bin);
+        };
+        raw(&self.file_hash, &mut out);
+        out.extend_from_slice(&self.size.to_be_bytes());
+        out.extend_from_slice(&(self.chunks.len() as u32).to_be_bytes());
+        for c in &self.chunks {
+            raw(&c.hash, &mut out);
+            out.extend_from_slice(&c.len.to_be_bytes());
+        }
+        out
+    }
+
+    /// Parses and validates an index from [`Index::to_bytes`].
+    pub fn from_bytes(bytes: &[u8]) -> Result<Index> {
+        let bad = |what: &str| Error::Json(format!("binary index: {what}"));
+        let (head, mut rest) = bytes
+            .split_at_checked(52)
+            .ok_or_else(|| bad("truncated header"))?;
+        if &head[..8] != b"PXINDEX1" {
+            return Err(bad("bad magic"));
+        }
+        let file_hash = hex::encode(&head[8..40]);
+        let size = u64::from_be_bytes(head[40..48].try_into().map_err(|_| bad("size"))?);
+        let count = u32::from_be_bytes(head[48..52].try_into().map_err(|_| bad("count"))?) as usize;
+        if rest.len() != count.saturating_mul(36) {
+            return Err(bad("length does not match the chunk count"));
+        }
+        let mut chunks = Vec::with_capacity(count);
+        let mut offset = 0u64;
+        while let Some((c, tail)) = rest.split_at_checked(36) {
+            let len = u32::from_be_bytes(c[32..36].try_into().map_err(|_| bad("length"))?);
+            chunks.push(ChunkRef {
+                hash: hex::encode(&c[..32]),
+                offset,
+                len,
+            });
+            offset += u64::from(len);
+            rest = tail;
+        }
+        let index = Index {
+            file_hash,
+            size,
+            chunks,
+        };
+        index.validate()?;
+        Ok(index)
+    }
+
     /// The bytes of `self` in chunks that `old` does not have: what a sync
     /// from `old` to `self` moves (each distinct chunk counted once).
     pub fn bytes_not_in(&self, old: &Index) -> u64 {

@@ -436,3 +436,20 @@ fn an_edited_chunk_travels_as_a_small_delta_against_its_old_version() {
             .unwrap();
     assert_eq!(decode_batch(&plain).unwrap(), vec![(b, new)]);
 }
+
+#[test]
+fn the_binary_index_round_trips_and_refuses_damage() {
+    let data = prng_bytes(3, 1 << 20);
+    let index = chunk_bytes(&data, ChunkParams::DEFAULT).unwrap();
+    let bytes = index.to_bytes();
+    assert_eq!(bytes.len(), 52 + 36 * index.chunks.len());
+    assert!(bytes.len() * 2 < index.to_json().len());
+    assert_eq!(Index::from_bytes(&bytes).unwrap(), index);
+    assert!(Index::from_bytes(&bytes[..bytes.len() - 1]).is_err());
+    // A chunk length changed: the chunks no longer add up to the size.
+    let mut bad = bytes.clone();
+    let last = bad.len() - 1;
+    bad[last] ^= 1;
+    assert!(Index::from_bytes(&bad).is_err());
+    assert!(Index::from_bytes(b"PXINDEX0").is_err());
+}

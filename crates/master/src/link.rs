@@ -214,13 +214,15 @@ async fn fetch(
         Ok(i) => i,
         Err(e) => return refuse(&mut stream, e.to_string()).await,
     };
+    let bytes = index.to_bytes();
     write_frame(
         &mut stream,
         &ToMinion::Index {
-            index: index.to_json(),
+            size: bytes.len() as u64,
         },
     )
     .await?;
+    stream.write_all(&bytes).await?;
     while let Some(msg) = read_frame::<_, ToMaster>(&mut stream, MAX_FRAME).await? {
         let ToMaster::FetchChunks { hashes, bases } = msg else {
             return Err(format!("unexpected message {msg:?} in a fetch").into());

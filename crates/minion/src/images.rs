@@ -235,8 +235,14 @@ impl ImageCache {
             .await
             .map_err(|e| ctx(&e))?
         {
-            Some(ToMinion::Index { index }) => {
-                (Index::from_json(&index).map_err(|e| ctx(&e))?, index)
+            Some(ToMinion::Index { size }) if size <= MAX_FRAME as u64 => {
+                let mut bytes = vec![0u8; size as usize];
+                s.read_exact(&mut bytes).await.map_err(|e| ctx(&e))?;
+                self.fetched
+                    .fetch_add(size, std::sync::atomic::Ordering::Relaxed);
+                let index = Index::from_bytes(&bytes).map_err(|e| ctx(&e))?;
+                let json = index.to_json();
+                (index, json)
             }
             Some(ToMinion::Refused { reason }) => return Err(ctx(&reason)),
             other => return Err(ctx(&format!("unexpected answer {other:?}"))),

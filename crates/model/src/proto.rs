@@ -224,8 +224,9 @@ pub enum ToMinion {
     },
     /// Stop a following log stream.
     LogsCancel { stream: u64 },
-    /// The image's index (`phoenix_chunks::Index` as JSON).
-    Index { index: String },
+    /// The image's index (`phoenix_chunks::Index::to_bytes`) of this many
+    /// bytes follows the frame.
+    Index { size: u64 },
     /// A zstd batch of chunks (`phoenix_chunks::encode_batch`) of this many
     /// bytes follows the frame.
     Chunks { size: u64 },
