@@ -189,7 +189,7 @@ impl Index {
     pub fn to_bytes(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(52 + 36 * self.chunks.len());
         out.extend_from_slice(b"PXINDEX1");
-        let mut raw = |hex_hash: &str, out: &mut Vec<u8>| {
+        let raw = |hex_hash: &str, out: &mut Vec<u8>| {
             let mut bin = [0u8; 32];
             // Hashes in a validated index are 64 hex digits.
             let _ = hex::decode_to_slice(hex_hash, &mut bin);
@@ -354,7 +354,7 @@ pub fn chunk_bytes(data: &[u8], params: ChunkParams) -> Result<Index> {
 pub(crate) fn for_each_chunk(
     path: &Path,
     params: ChunkParams,
-    each: impl FnMut(&ChunkRef, &[u8]) -> Result<()>,
+    each: impl FnMut(&ChunkRef, &[u8]) -> Result<()> + Send,
 ) -> Result<Index> {
     let file = File::open(path).map_err(|e| io_err(path, e))?;
     chunk_reader(file, path, params, each)
@@ -364,39 +364,71 @@ fn chunk_reader(
     source: impl Read,
     path: &Path,
     params: ChunkParams,
-    mut each: impl FnMut(&ChunkRef, &[u8]) -> Result<()>,
+    mut each: impl FnMut(&ChunkRef, &[u8]) -> Result<()> + Send,
 ) -> Result<Index> {
     params.check()?;
-    let mut whole = blake3::Hasher::new();
-    let mut chunks = Vec::new();
-    let mut size = 0u64;
-    let cdc = fastcdc::v2020::StreamCDC::new(source, params.min, params.avg, params.max);
-    for chunk in cdc {
-        let chunk = chunk.map_err(|e| match e {
-            fastcdc::v2020::Error::IoError(e) => io_err(path, e),
-            other => Error::Chunker {
-                path: path.to_path_buf(),
-                message: other.to_string(),
-            },
+    // Two stages on two threads: finding the cut points here; hashing (the
+    // whole file and each chunk) and `each` (storing) on a worker. They
+    // take about as long as each other, so a file is indexed in about half
+    // the time.
+    std::thread::scope(|scope| {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<(u64, Vec<u8>)>(8);
+        let worker = scope.spawn(move || -> Result<Index> {
+            let mut whole = blake3::Hasher::new();
+            let mut chunks = Vec::new();
+            let mut size = 0u64;
+            for (offset, data) in rx {
+                whole.update(&data);
+                let r = ChunkRef {
+                    hash: hash_hex(&data),
+                    offset,
+                    // A chunk is at most `params.max` (a u32) bytes.
+                    len: u32::try_from(data.len()).map_err(|_| Error::Chunker {
+                        path: path.to_path_buf(),
+                        message: format!("chunk of {} bytes", data.len()),
+                    })?,
+                };
+                size += u64::from(r.len);
+                each(&r, &data)?;
+                chunks.push(r);
+            }
+            Ok(Index {
+                file_hash: whole.finalize().to_hex().to_string(),
+                size,
+                chunks,
+            })
+        });
+        let mut failed = None;
+        let cdc = fastcdc::v2020::StreamCDC::new(source, params.min, params.avg, params.max);
+        for chunk in cdc {
+            match chunk {
+                // A send fails only when the worker stopped on an error.
+                Ok(c) => {
+                    if tx.send((c.offset, c.data)).is_err() {
+                        break;
+                    }
+                }
+                Err(e) => {
+                    failed = Some(match e {
+                        fastcdc::v2020::Error::IoError(e) => io_err(path, e),
+                        other => Error::Chunker {
+                            path: path.to_path_buf(),
+                            message: other.to_string(),
+                        },
+                    });
+                    break;
+                }
+            }
+        }
+        drop(tx);
+        let index = worker.join().map_err(|_| Error::Chunker {
+            path: path.to_path_buf(),
+            message: "the hashing thread panicked".into(),
         })?;
-        whole.update(&chunk.data);
-        let r = ChunkRef {
-            hash: hash_hex(&chunk.data),
-            offset: chunk.offset,
-            // A chunk is at most `params.max` (a u32) bytes.
-            len: u32::try_from(chunk.length).map_err(|_| Error::Chunker {
-                path: path.to_path_buf(),
-                message: format!("chunk of {} bytes", chunk.length),
-            })?,
-        };
-        size += u64::from(r.len);
-        each(&r, &chunk.data)?;
-        chunks.push(r);
-    }
-    Ok(Index {
-        file_hash: whole.finalize().to_hex().to_string(),
-        size,
-        chunks,
+        match failed {
+            Some(e) => Err(e),
+            None => index,
+        }
     })
 }
 

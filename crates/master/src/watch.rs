@@ -18,7 +18,7 @@ use crate::hub::Hub;
 use crate::registry::is_image_file_name;
 
 /// How long to wait for more events once one came.
-const SETTLE: Duration = Duration::from_millis(50);
+const SETTLE: Duration = Duration::from_millis(10);
 
 /// Runs the watcher until the master stops; logs why if it cannot.
 pub async fn run(hub: Arc<Hub>) {

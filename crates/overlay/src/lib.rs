@@ -28,6 +28,8 @@ use ipnetwork::IpNetwork;
 pub const DEFAULT_WG_PORT: u16 = 51820;
 /// 1500 minus the IPv6 + UDP + WireGuard overhead (80 bytes).
 pub const MTU: u16 = 1420;
+/// Socket buffers of the userspace WireGuard's UDP socket.
+const UDP_BUFFER: usize = 4 << 20;
 /// Keepalive a minion sends its master, so NAT mappings stay open.
 pub const KEEPALIVE_SECS: u16 = 25;
 
@@ -183,6 +185,11 @@ impl Overlay {
         let connected = !peers.is_empty();
         let device = DeviceBuilder::new()
             .with_default_udp()
+            // The default 208 KiB receive buffer overflows under a bulk
+            // transfer (an image sync), and every dropped datagram is a TCP
+            // resend inside the tunnel. The kernel caps this at rmem_max.
+            .udp_recv_buffer_size(UDP_BUFFER)
+            .udp_send_buffer_size(UDP_BUFFER)
             .with_ip_pair(tun.clone(), tun.clone())
             .with_private_key(StaticSecret::from(cfg.private_key))
             .with_listen_port(cfg.listen_port)
