@@ -11,6 +11,7 @@ Only the standard library (and bench/containers.py's layer builder).
 """
 
 import argparse
+import datetime
 import gzip
 import hashlib
 import http.server
@@ -170,10 +171,21 @@ def serve(args):
 # ---------------------------------------------------------------- measure
 
 
-def link_bytes(ns, dev):
-    out = subprocess.run(["ip", "-n", ns, "-j", "-s", "link", "show", "dev", dev], capture_output=True, text=True, check=True)
+def counters(h2, namespaces):
+    """Bytes and packets (rx + tx) of host 2's eth0; TCP segments
+    retransmitted and UDP datagrams dropped for a full receive buffer, in
+    all namespaces (the WireGuard overlay's losses show in both)."""
+    out = subprocess.run(["ip", "-n", h2, "-j", "-s", "link", "show", "dev", "eth0"], capture_output=True, text=True, check=True)
     s = json.loads(out.stdout)[0]["stats64"]
-    return s["rx"]["bytes"] + s["tx"]["bytes"]
+    retrans = drops = 0
+    for ns in namespaces:
+        snmp = subprocess.run(["nsenter", f"--net=/run/netns/{ns}", "cat", "/proc/net/snmp"], capture_output=True, text=True, check=True)
+        lines = snmp.stdout.splitlines()
+        head, vals = [line.split()[1:] for line in lines if line.startswith("Tcp:")]
+        retrans += int(vals[head.index("RetransSegs")])
+        head, vals = [line.split()[1:] for line in lines if line.startswith("Udp:")]
+        drops += int(vals[head.index("RcvbufErrors")])
+    return s["rx"]["bytes"] + s["tx"]["bytes"], s["rx"]["packets"] + s["tx"]["packets"], retrans, drops
 
 
 def ns_cpu_ms(namespaces):
@@ -223,16 +235,35 @@ def wait_phoenix(args, size, t0):
     sys.exit(f"sync.py: Phoenix: {name} ({size} bytes) not synced on {args.node} within {args.timeout} s; last entry: {json.dumps(last)}")
 
 
+def phoenix_logs(args, wall, size):
+    """From the daemons' logs: when the master pushed the new catalog (after
+    the rename, having indexed the file) and what the minion says it moved."""
+    out = {}
+    stamp = lambda line: datetime.datetime.fromisoformat(line.split()[0]).timestamp()
+    with open(args.master_log) as f:
+        pushed = [stamp(x) for x in f if "registry changed" in x and stamp(x) >= wall]
+    if pushed:
+        out["master_ms"] = (pushed[0] - wall) * 1000
+    with open(args.minion_log) as f:
+        moved = [x for x in f if "image synced" in x and f" size={size} " in x]
+    if moved and (m := re.search(r"moved=(\d+)", moved[-1])):
+        out["moved"] = int(m.group(1))
+        out["own"] = f"moved {out['moved']} B (zstd batches; the minion's log)"
+    return out
+
+
 def measure(args):
     rec = dict(zip(("set", "tool", "round"), args.tag.split(",")))
     rec["v2_size"] = os.path.getsize(args.v2)
-    b0, c0, k0 = link_bytes(args.h2, "eth0"), ns_cpu_ms(args.ns), child_cpu_ms()
+    n0, c0, k0 = counters(args.h2, args.ns), ns_cpu_ms(args.ns), child_cpu_ms()
     t0 = time.perf_counter()
     if args.rename:
+        wall = time.time()
         os.rename(*args.rename)
         img, node = wait_phoenix(args, rec["v2_size"], t0)
         rec["ms"] = (time.perf_counter() - t0) * 1000
-        rec.update(hash=img["hash"], own=f"done {node.get('done')} of {node.get('total')}")
+        rec["hash"] = img["hash"]
+        rec.update(phoenix_logs(args, wall, rec["v2_size"]))
         out = os.path.join(args.minion_dir, "images", img["hash"]) if args.minion_dir else None
     else:
         p = subprocess.run(args.argv, capture_output=True, text=True, timeout=args.timeout)
@@ -242,7 +273,8 @@ def measure(args):
         rec["own"] = own_figures(p.stdout + p.stderr)
         out = args.output
     time.sleep(0.2)  # the last ACKs, and the reaping of server-side forks
-    rec["bytes"] = link_bytes(args.h2, "eth0") - b0
+    n1 = counters(args.h2, args.ns)
+    rec["bytes"], rec["packets"], rec["retrans"], rec["drops"] = (a - b for a, b in zip(n1, n0))
     rec["cpu_ms"] = ns_cpu_ms(args.ns) - c0 + (0 if args.rename else child_cpu_ms() - k0)
     if out and os.path.exists(out):
         t = time.perf_counter()
@@ -304,14 +336,17 @@ def report(args):
             b, ms, cpu = med([r["bytes"] for r in tr]), med([r["ms"] for r in tr]), med([r["cpu_ms"] for r in tr])
             ratio = f"{ms / base:.2f}×" if base else "–"
             print(f"| {label} | {b / 1e6:.3f} MB | {b / v2 * 100:.2f} % | {ms:.0f} | {ratio} | {cpu:.0f} |")
-            rounds = "; ".join(f"{r['bytes'] / 1e6:.3f} MB {r['ms']:.0f} ms" for r in tr)
+            rounds = "; ".join(f"{r['bytes'] / 1e6:.3f} MB in {r['ms']:.0f} ms, {r['packets']} packets, {r['retrans']} retransmits, {r['drops']} UDP drops" for r in tr)
             own = f"; own figures (round 1): {tr[0]['own']}" if tr[0].get("own") else ""
             fs = [r["fsync_ms"] for r in tr if "fsync_ms" in r]
             fsync = f"; fsync of the output after it: {med(fs):.0f} ms" if fs and tool != "phoenix" else ""
             notes.append(f"- {label}, rounds: {rounds}{fsync}{own}")
+            if tool == "phoenix" and (split := [r["master_ms"] for r in tr if "master_ms" in r]):
+                notes.append(f"  - of Phoenix's time, from the rename until the master pushed the new catalog (10 ms settling, hashing and chunking v2): median {med(split):.0f} ms; the rest is the minion's fetch, assembly and check, and the 20 ms polling")
         if v1 := [r for r in rs if r["tool"] == "phoenix-v1"]:
             b, ms = med([r["bytes"] for r in v1]), med([r["ms"] for r in v1])
-            notes.append(f"- Phoenix's sync of v1 before that (none of it on the minion: all of it moves): {b / 1e6:.3f} MB, {ms:.0f} ms (medians)")
+            mv = med([r.get("moved", 0) for r in v1])
+            notes.append(f"- Phoenix's sync of v1 before that (none of it on the minion: all of it moves): {b / 1e6:.3f} MB on the wire for {mv / 1e6:.3f} MB moved, {ms:.0f} ms (medians)")
         print()
         print("\n".join(notes))
 
@@ -337,6 +372,8 @@ def main():
     p.add_argument("--phoenix")
     p.add_argument("--data-dir")
     p.add_argument("--minion-dir")
+    p.add_argument("--master-log")
+    p.add_argument("--minion-log")
     p.add_argument("--node", default="m1")
     p.add_argument("--old-hash", default="-")
     p.add_argument("argv", nargs="*")

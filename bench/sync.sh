@@ -168,7 +168,8 @@ run_tool() { # SET ROUND TOOL
         "${m[@]}" --output "$dir/$name" -- "${in2[@]}" casync extract -v --store="http://$host:8080/cas/$s-r$r.castr" \
             --seed="$dir/seed" "http://$host:8080/cas/$s-r$r-v2.caibx" "$dir/$name" ;;
     phoenix)
-        local p=(--phoenix "$phoenix" --data-dir "$work/master" --minion-dir "$work/m1" --node m1 --timeout 180)
+        local p=(--phoenix "$phoenix" --data-dir "$work/master" --minion-dir "$work/m1" --node m1 --timeout 180
+            --master-log "$work/master.log" --minion-log "$work/m1.log")
         cp "$v1" "$work/stage/$name"
         old=$(python3 "$helper" measure --results "$work/results.jsonl" --tag "$s,phoenix-v1,$r" --h2 $h2 --ns $h1 $h2 --v2 "$v1" \
             "${p[@]}" --old-hash "${prev_hash[$s]:--}" --rename "$work/stage/$name" "$work/master/registry/$name")
@@ -201,7 +202,7 @@ echo "- Machine: $(nproc) CPUs (nproc) · $(sed -n 's/^model name[^:]*: *//p' /p
 [ $need_phoenix = yes ] && echo "- Phoenix: release build of $("$phoenix" --version) (git $git_rev)${wg_mode:+, \`${wg_mode[*]}\`}; overlay MTU $(ip -n $h2 -j link show | python3 -c 'import json,sys; print(*[l["mtu"] for l in json.load(sys.stdin) if l["ifname"].startswith("phoenix")])') (host 2's TUN device), veth MTU 1500"
 echo "- Peers: rsync $(rsync --version | head -1 | awk '{print $3}'), $(casync --version | head -1), curl $(curl --version | head -1 | awk '{print $2}')"
 echo "- (a): 50 MiB (52 428 800 B) of binary-like data (zstd -3 ratio $(d '["bin_ratio"]'):1); v2 has five 4–8-byte edits (at 10, 30, 45, 70, 90 %) and 4 KiB inserted in the middle"
-echo "- (b): OCI archive (as \`docker image save\` writes it), 5 gzip layers of $(d '["oci_layers_mb"]') MB ($(d '["oci_files"]') files of random bytes and text); v2 rebuilds the third layer ($(d '["oci_changed_mb"][0]') → $(d '["oci_changed_mb"][1]') MB), hence a new config, manifest and index"
+echo "- (b): OCI archive (as \`docker image save\` writes it), 5 gzip layers of files of random bytes and text (round 1: $(d '["oci_layers_mb"]') MB, $(d '["oci_files"]') files); v2 rebuilds the third layer (round 1: $(d '["oci_changed_mb"][0]') → $(d '["oci_changed_mb"][1]') MB), hence a new config, manifest and index"
 has casync && echo "- casync's \`make\` of v2's chunk store and index on host 1, before the sync and not in its time: median $(median ${make_ms[bin]}) ms (a), $(median ${make_ms[oci]}) ms (b)"
 python3 "$helper" report "$work/results.jsonl"
 grep -hE ' (WARN|ERROR) ' "$work"/master.log "$work"/m1.log 2>/dev/null | head -3 | sed 's/^/- Log: `/; s/$/`/' || true
