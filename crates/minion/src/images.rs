@@ -304,12 +304,24 @@ impl ImageCache {
                 });
             };
             progress(0);
-            for batch in missing.chunks(BATCH_CHUNKS) {
-                let hashes: Vec<String> = batch.iter().map(|c| c.hash.clone()).collect();
+            // Two requests in flight: the master reads and packs the next
+            // batch while this one crosses the wire and is stored, and a
+            // batch is stored while the next one arrives.
+            let batches: Vec<&[phoenix_chunks::ChunkRef]> = missing.chunks(BATCH_CHUNKS).collect();
+            let request = |k: usize| {
+                let hashes: Vec<String> = batches[k].iter().map(|c| c.hash.clone()).collect();
                 let bases = hashes.iter().map(|h| bases.get(h).cloned()).collect();
-                write_frame(&mut s, &ToMaster::FetchChunks { hashes, bases })
+                ToMaster::FetchChunks { hashes, bases }
+            };
+            let mut sent = 0;
+            while sent < batches.len().min(2) {
+                write_frame(&mut s, &request(sent))
                     .await
                     .map_err(|e| ctx(&e))?;
+                sent += 1;
+            }
+            let mut storing: Option<(tokio::task::JoinHandle<Stored>, u64)> = None;
+            for batch in &batches {
                 let size = match read_frame::<_, ToMinion>(&mut s, MAX_FRAME)
                     .await
                     .map_err(|e| ctx(&e))?
@@ -327,43 +339,35 @@ impl ImageCache {
                 moved += size;
                 self.fetched
                     .fetch_add(size, std::sync::atomic::Ordering::Relaxed);
-                let store = self.chunks.clone();
-                let stored = tokio::task::spawn_blocking(
-                    move || -> (Vec<String>, Result<(), phoenix_chunks::Error>) {
-                        let mut stored = Vec::new();
-                        let decoded = match phoenix_chunks::decode_batch_with_bases(&data, &store) {
-                            Ok(d) => d,
-                            Err(e) => return (stored, Err(e)),
-                        };
-                        for (hash, chunk) in decoded {
-                            match store.insert_expecting(&hash, &chunk) {
-                                Ok(i) if i.stored => stored.push(hash),
-                                Ok(_) => {}
-                                Err(e) => return (stored, Err(e)),
-                            }
-                        }
-                        (stored, Ok(()))
-                    },
-                )
-                .await
-                .map_err(|e| ctx(&e))?;
-                added.extend(stored.0);
-                match stored.1 {
-                    Ok(()) => {}
-                    Err(phoenix_chunks::Error::DiskFull { .. }) => {
-                        return Err(full(&added, need));
-                    }
-                    Err(e @ phoenix_chunks::Error::CorruptChunk { .. }) => {
-                        // A delta's base is damaged here: drop it, so the
-                        // next try fetches that chunk whole.
-                        if let phoenix_chunks::Error::CorruptChunk { hash, .. } = &e {
-                            let _ = self.chunks.remove(hash);
-                        }
-                        return Err(ctx(&e));
-                    }
-                    Err(e) => return Err(ctx(&e)),
+                if sent < batches.len() {
+                    write_frame(&mut s, &request(sent))
+                        .await
+                        .map_err(|e| ctx(&e))?;
+                    sent += 1;
                 }
-                done += batch.iter().map(|c| u64::from(c.len)).sum::<u64>();
+                if let Some((task, bytes)) = storing.take() {
+                    let stored = task.await.map_err(|e| ctx(&e))?;
+                    self.absorb(stored, &mut added).map_err(|e| match e {
+                        Absorb::Full => full(&added, need),
+                        Absorb::Other(e) => ctx(&e),
+                    })?;
+                    done += bytes;
+                    progress(done);
+                }
+                let store = self.chunks.clone();
+                let bytes = batch.iter().map(|c| u64::from(c.len)).sum::<u64>();
+                storing = Some((
+                    tokio::task::spawn_blocking(move || store_batch(&store, &data)),
+                    bytes,
+                ));
+            }
+            if let Some((task, bytes)) = storing.take() {
+                let stored = task.await.map_err(|e| ctx(&e))?;
+                self.absorb(stored, &mut added).map_err(|e| match e {
+                    Absorb::Full => full(&added, need),
+                    Absorb::Other(e) => ctx(&e),
+                })?;
+                done += bytes;
                 progress(done);
             }
             let store = self.chunks.clone();
@@ -392,6 +396,22 @@ impl ImageCache {
             .map_err(|e| ctx(&e))?;
         tracing::info!(image = %image, size = index.size, moved, "image synced");
         Ok(())
+    }
+
+    /// Takes in what a stored batch added; a damaged delta base is dropped,
+    /// so the next try fetches that chunk whole.
+    fn absorb(&self, stored: Stored, added: &mut Vec<String>) -> Result<(), Absorb> {
+        added.extend(stored.0);
+        match stored.1 {
+            Ok(()) => Ok(()),
+            Err(phoenix_chunks::Error::DiskFull { .. }) => Err(Absorb::Full),
+            Err(e) => {
+                if let phoenix_chunks::Error::CorruptChunk { hash, .. } = &e {
+                    let _ = self.chunks.remove(hash);
+                }
+                Err(Absorb::Other(e.to_string()))
+            }
+        }
     }
 
     /// For each chunk of `index` this minion lacks, the chunk at its place
@@ -459,6 +479,32 @@ impl ImageCache {
         });
         Ok(stats)
     }
+}
+
+/// The chunks a batch added to the store, and how storing it ended.
+type Stored = (Vec<String>, Result<(), phoenix_chunks::Error>);
+
+enum Absorb {
+    Full,
+    Other(String),
+}
+
+/// Decodes a batch (deltas against chunks in `store`) and stores its
+/// chunks (blocking).
+fn store_batch(store: &phoenix_chunks::ChunkStore, data: &[u8]) -> Stored {
+    let mut stored = Vec::new();
+    let decoded = match phoenix_chunks::decode_batch_with_bases(data, store) {
+        Ok(d) => d,
+        Err(e) => return (stored, Err(e)),
+    };
+    for (hash, chunk) in decoded {
+        match store.insert_expecting(&hash, &chunk) {
+            Ok(i) if i.stored => stored.push(hash),
+            Ok(_) => {}
+            Err(e) => return (stored, Err(e)),
+        }
+    }
+    (stored, Ok(()))
 }
 
 /// For each chunk of `new`, the chunk of `old` at its place: counted from
