@@ -592,15 +592,14 @@ mod tests {
         assert!(!tmp.exists());
     }
 
-    fn noise(len: usize, mut seed: u64) -> Vec<u8> {
-        (0..len)
-            .map(|_| {
-                seed ^= seed << 13;
-                seed ^= seed >> 7;
-                seed ^= seed << 17;
-                seed as u8
-            })
-            .collect()
+    /// `len` reproducible, incompressible bytes.
+    fn noise(len: usize, seed: u64) -> Vec<u8> {
+        let mut out = vec![0u8; len];
+        let mut xof = blake3::Hasher::new()
+            .update(&seed.to_le_bytes())
+            .finalize_xof();
+        xof.fill(&mut out);
+        out
     }
 
     #[test]

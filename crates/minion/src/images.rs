@@ -321,30 +321,38 @@ impl ImageCache {
                 sent += 1;
             }
             let mut storing: Option<(tokio::task::JoinHandle<Stored>, u64)> = None;
-            for batch in &batches {
-                let size = match read_frame::<_, ToMinion>(&mut s, MAX_FRAME)
-                    .await
-                    .map_err(|e| ctx(&e))?
-                {
-                    Some(ToMinion::Chunks { size })
-                        if size <= phoenix_chunks::MAX_BATCH_BYTES as u64 =>
-                    {
-                        size
+            // One round more than batches: the last one stores the last batch.
+            for k in 0..=batches.len() {
+                let arrived = match batches.get(k) {
+                    Some(batch) => {
+                        let size = match read_frame::<_, ToMinion>(&mut s, MAX_FRAME)
+                            .await
+                            .map_err(|e| ctx(&e))?
+                        {
+                            Some(ToMinion::Chunks { size })
+                                if size <= phoenix_chunks::MAX_BATCH_BYTES as u64 =>
+                            {
+                                size
+                            }
+                            Some(ToMinion::Refused { reason }) => return Err(ctx(&reason)),
+                            other => return Err(ctx(&format!("unexpected answer {other:?}"))),
+                        };
+                        let mut data = vec![0u8; size as usize];
+                        s.read_exact(&mut data).await.map_err(|e| ctx(&e))?;
+                        moved += size;
+                        self.fetched
+                            .fetch_add(size, std::sync::atomic::Ordering::Relaxed);
+                        if sent < batches.len() {
+                            write_frame(&mut s, &request(sent))
+                                .await
+                                .map_err(|e| ctx(&e))?;
+                            sent += 1;
+                        }
+                        let bytes = batch.iter().map(|c| u64::from(c.len)).sum::<u64>();
+                        Some((data, bytes))
                     }
-                    Some(ToMinion::Refused { reason }) => return Err(ctx(&reason)),
-                    other => return Err(ctx(&format!("unexpected answer {other:?}"))),
+                    None => None,
                 };
-                let mut data = vec![0u8; size as usize];
-                s.read_exact(&mut data).await.map_err(|e| ctx(&e))?;
-                moved += size;
-                self.fetched
-                    .fetch_add(size, std::sync::atomic::Ordering::Relaxed);
-                if sent < batches.len() {
-                    write_frame(&mut s, &request(sent))
-                        .await
-                        .map_err(|e| ctx(&e))?;
-                    sent += 1;
-                }
                 if let Some((task, bytes)) = storing.take() {
                     let stored = task.await.map_err(|e| ctx(&e))?;
                     self.absorb(stored, &mut added).map_err(|e| match e {
@@ -354,21 +362,11 @@ impl ImageCache {
                     done += bytes;
                     progress(done);
                 }
-                let store = self.chunks.clone();
-                let bytes = batch.iter().map(|c| u64::from(c.len)).sum::<u64>();
-                storing = Some((
-                    tokio::task::spawn_blocking(move || store_batch(&store, &data)),
-                    bytes,
-                ));
-            }
-            if let Some((task, bytes)) = storing.take() {
-                let stored = task.await.map_err(|e| ctx(&e))?;
-                self.absorb(stored, &mut added).map_err(|e| match e {
-                    Absorb::Full => full(&added, need),
-                    Absorb::Other(e) => ctx(&e),
-                })?;
-                done += bytes;
-                progress(done);
+                if let Some((data, bytes)) = arrived {
+                    let store = self.chunks.clone();
+                    let task = tokio::task::spawn_blocking(move || store_batch(&store, &data));
+                    storing = Some((task, bytes));
+                }
             }
             let store = self.chunks.clone();
             let (idx, tmp) = (index.clone(), assembled_at.clone());
