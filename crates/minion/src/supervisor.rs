@@ -113,10 +113,15 @@ impl Supervisor {
                 }
             }
         }
+        let latest = &self.latest;
         self.services.retain(|name, (_, tx)| {
             let keep = wanted.contains_key(name.as_str());
             if !keep {
                 let _ = tx.send(Cmd::Stop);
+                latest
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(name);
             }
             keep
         });
