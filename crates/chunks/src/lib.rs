@@ -398,28 +398,11 @@ fn chunk_reader(
                 chunks,
             })
         });
-        let mut failed = None;
-        let cdc = fastcdc::v2020::StreamCDC::new(source, params.min, params.avg, params.max);
-        for chunk in cdc {
-            match chunk {
-                // A send fails only when the worker stopped on an error.
-                Ok(c) => {
-                    if tx.send((c.offset, c.data)).is_err() {
-                        break;
-                    }
-                }
-                Err(e) => {
-                    failed = Some(match e {
-                        fastcdc::v2020::Error::IoError(e) => io_err(path, e),
-                        other => Error::Chunker {
-                            path: path.to_path_buf(),
-                            message: other.to_string(),
-                        },
-                    });
-                    break;
-                }
-            }
-        }
+        let failed = cut_points(source, params, |offset, data| {
+            tx.send((offset, data)).is_ok()
+        })
+        .map_err(|e| io_err(path, e))
+        .err();
         drop(tx);
         let index = worker.join().map_err(|_| Error::Chunker {
             path: path.to_path_buf(),
@@ -430,6 +413,56 @@ fn chunk_reader(
             None => index,
         }
     })
+}
+
+/// The buffer `cut_points` reads into: many chunks per read and per move.
+const WINDOW: usize = 8 << 20;
+
+/// Finds the chunks of `source` (the same cut points as fastcdc's
+/// `StreamCDC`, which moves its whole buffer for every chunk) and hands
+/// each to `chunk` with its offset, until `chunk` returns false.
+fn cut_points(
+    mut source: impl Read,
+    params: ChunkParams,
+    mut chunk: impl FnMut(u64, Vec<u8>) -> bool,
+) -> std::io::Result<()> {
+    let max = params.max as usize;
+    let mut buf = vec![0u8; WINDOW.max(2 * max)];
+    let (mut len, mut offset, mut eof) = (0usize, 0u64, false);
+    loop {
+        while !eof && len < buf.len() {
+            match source.read(&mut buf[len..]) {
+                Ok(0) => eof = true,
+                Ok(n) => len += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        if len == 0 {
+            return Ok(());
+        }
+        let mut pos = 0;
+        {
+            let cdc = fastcdc::v2020::FastCDC::new(&buf[..len], params.min, params.avg, params.max);
+            // Short of `max` bytes, a cut is final only at the end of the file.
+            while pos < len && (eof || len - pos >= max) {
+                let (_, end) = cdc.cut(pos, len - pos);
+                if end <= pos {
+                    break;
+                }
+                if !chunk(offset + pos as u64, buf[pos..end].to_vec()) {
+                    return Ok(());
+                }
+                pos = end;
+            }
+        }
+        if eof && pos >= len {
+            return Ok(());
+        }
+        buf.copy_within(pos..len, 0);
+        offset += pos as u64;
+        len -= pos;
+    }
 }
 
 #[cfg(test)]

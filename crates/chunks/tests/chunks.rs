@@ -453,3 +453,26 @@ fn the_binary_index_round_trips_and_refuses_damage() {
     assert!(Index::from_bytes(&bad).is_err());
     assert!(Index::from_bytes(b"PXINDEX0").is_err());
 }
+
+#[test]
+fn cut_points_match_fastcdc_streaming_chunker() {
+    // Over several buffer refills, with a file size that is no multiple of
+    // anything: the same chunks as fastcdc's own streaming chunker.
+    let data = prng_bytes(11, (19 << 20) + 12_345);
+    let p = ChunkParams::DEFAULT;
+    let ours: Vec<(u64, u32)> = chunk_bytes(&data, p)
+        .unwrap()
+        .chunks
+        .iter()
+        .map(|c| (c.offset, c.len))
+        .collect();
+    let theirs: Vec<(u64, u32)> = fastcdc::v2020::StreamCDC::new(&data[..], p.min, p.avg, p.max)
+        .map(|c| {
+            let c = c.unwrap();
+            (c.offset, c.length as u32)
+        })
+        .collect();
+    assert_eq!(ours, theirs);
+    // A tiny file is one chunk.
+    assert_eq!(chunk_bytes(b"abc", p).unwrap().chunks.len(), 1);
+}
