@@ -100,12 +100,17 @@ pub fn decode_batch(bytes: &[u8]) -> Result<Vec<(String, Vec<u8>)>> {
     decode(bytes, None)
 }
 
-/// [`decode_batch`], reading delta bases from `store`.
-pub fn decode_batch_with_bases(bytes: &[u8], store: &ChunkStore) -> Result<Vec<(String, Vec<u8>)>> {
-    decode(bytes, Some(store))
+/// [`decode_batch`], reading each delta's base with `base`.
+pub fn decode_batch_with_bases(
+    bytes: &[u8],
+    base: impl Fn(&str) -> Result<Vec<u8>>,
+) -> Result<Vec<(String, Vec<u8>)>> {
+    decode(bytes, Some(&base))
 }
 
-fn decode(bytes: &[u8], store: Option<&ChunkStore>) -> Result<Vec<(String, Vec<u8>)>> {
+type BaseReader<'a> = &'a dyn Fn(&str) -> Result<Vec<u8>>;
+
+fn decode(bytes: &[u8], base_of: Option<BaseReader<'_>>) -> Result<Vec<(String, Vec<u8>)>> {
     let decoder =
         zstd::stream::Decoder::new(bytes).map_err(|e| Error::Batch(format!("zstd: {e}")))?;
     let mut raw = Vec::new();
@@ -140,10 +145,10 @@ fn decode(bytes: &[u8], store: Option<&ChunkStore>) -> Result<Vec<(String, Vec<u
                 if len > MAX_CHUNK_BYTES {
                     return Err(Error::Batch(format!("chunk {i}: {len} bytes")));
                 }
-                let store = store.ok_or_else(|| {
-                    Error::Batch(format!("chunk {i} is a delta and no store was given"))
+                let base_of = base_of.ok_or_else(|| {
+                    Error::Batch(format!("chunk {i} is a delta and no base was given"))
                 })?;
-                let base_data = store.get(&base)?;
+                let base_data = base_of(&base)?;
                 let mut z = zstd::bulk::Decompressor::with_dictionary(&base_data)
                     .map_err(|e| Error::Batch(format!("zstd: {e}")))?;
                 let data = z

@@ -59,11 +59,13 @@
 //! cannot name a path outside the store.
 
 mod batch;
+mod seeds;
 mod store;
 
 pub use batch::{
     MAX_BATCH_BYTES, decode_batch, decode_batch_with_bases, encode_batch, encode_batch_with_bases,
 };
+pub use seeds::Seeds;
 pub use store::{ChunkStore, GcStats, Insert, Usage};
 
 use serde::{Deserialize, Serialize};

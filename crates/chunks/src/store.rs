@@ -125,6 +125,29 @@ impl ChunkStore {
         Ok(data)
     }
 
+    /// Reads chunk `hash` from the store, or else from a file of `seeds`,
+    /// verified either way.
+    pub fn get_or_seed(&self, hash: &str, seeds: &crate::Seeds) -> Result<Vec<u8>> {
+        if !self.has(hash)
+            && let Some(found) = seeds.get(hash)
+        {
+            return found;
+        }
+        self.get(hash)
+    }
+
+    /// The chunks of `index` neither the store nor `seeds` has, each once,
+    /// in index order.
+    pub fn missing_with(&self, index: &Index, seeds: &crate::Seeds) -> Vec<ChunkRef> {
+        let mut seen = HashSet::new();
+        index
+            .chunks
+            .iter()
+            .filter(|c| seen.insert(c.hash.as_str()) && !seeds.has(&c.hash) && !self.has(&c.hash))
+            .cloned()
+            .collect()
+    }
+
     /// Removes chunk `hash`; true if it was there.
     pub fn remove(&self, hash: &str) -> Result<bool> {
         let path = self.chunk_path(hash)?;
@@ -164,6 +187,16 @@ impl ChunkStore {
     /// synced). On any error (a missing or corrupt chunk, a full disk) the
     /// temporary file is removed and `dest` is untouched.
     pub fn assemble(&self, index: &Index, dest: impl AsRef<Path>) -> Result<()> {
+        self.assemble_with(index, dest, &crate::Seeds::default())
+    }
+
+    /// [`Self::assemble`], taking chunks the store lacks from `seeds`.
+    pub fn assemble_with(
+        &self,
+        index: &Index,
+        dest: impl AsRef<Path>,
+        seeds: &crate::Seeds,
+    ) -> Result<()> {
         let dest = dest.as_ref();
         index.validate()?;
         let dir = match dest.parent() {
@@ -183,7 +216,7 @@ impl ChunkStore {
         let mut whole = blake3::Hasher::new();
         let mut out = BufWriter::with_capacity(1 << 20, tmp);
         for c in &index.chunks {
-            let data = self.get(&c.hash)?;
+            let data = self.get_or_seed(&c.hash, seeds)?;
             if data.len() != c.len as usize {
                 return Err(Error::ChunkLength {
                     hash: c.hash.clone(),

@@ -423,11 +423,11 @@ fn an_edited_chunk_travels_as_a_small_delta_against_its_old_version() {
     // Without a base at hand the batch cannot be read…
     assert!(decode_batch(&batch).is_err());
     let minion = ChunkStore::open(dir.path().join("minion")).unwrap();
-    let err = phoenix_chunks::decode_batch_with_bases(&batch, &minion).unwrap_err();
+    let err = phoenix_chunks::decode_batch_with_bases(&batch, |h| minion.get(h)).unwrap_err();
     assert!(err.to_string().contains(&a[..8]), "{err}");
     // …with it, it is the new chunk, verified.
     minion.insert(&old).unwrap();
-    let got = phoenix_chunks::decode_batch_with_bases(&batch, &minion).unwrap();
+    let got = phoenix_chunks::decode_batch_with_bases(&batch, |h| minion.get(h)).unwrap();
     assert_eq!(got, vec![(b.clone(), new.clone())]);
     // A base that does not help (or is unknown to the sender) is not used.
     let other = master.insert(&prng_bytes(9, 128 << 10)).unwrap().hash;
@@ -475,4 +475,54 @@ fn cut_points_match_fastcdc_streaming_chunker() {
     assert_eq!(ours, theirs);
     // A tiny file is one chunk.
     assert_eq!(chunk_bytes(b"abc", p).unwrap().chunks.len(), 1);
+}
+
+#[test]
+fn chunks_of_files_already_on_disk_need_no_second_copy() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = ChunkStore::open(dir.path().join("store")).unwrap();
+    let v1 = prng_bytes(21, 3 << 20);
+    let v2 = edited(&v1);
+    let held = dir.path().join("v1");
+    write(&held, &v1);
+    let i1 = chunk_bytes(&v1, ChunkParams::DEFAULT).unwrap();
+    let i2 = chunk_bytes(&v2, ChunkParams::DEFAULT).unwrap();
+    let mut seeds = phoenix_chunks::Seeds::default();
+    seeds.add(&held, &i1);
+    // Only what v1's file lacks is missing; the store is empty.
+    let missing = store.missing_with(&i2, &seeds);
+    assert_eq!(
+        missing.iter().map(|c| u64::from(c.len)).sum::<u64>(),
+        i2.bytes_not_in(&i1)
+    );
+    for c in &missing {
+        let at = c.offset as usize;
+        store.insert(&v2[at..at + c.len as usize]).unwrap();
+    }
+    let out = dir.path().join("v2");
+    store.assemble_with(&i2, &out, &seeds).unwrap();
+    assert_eq!(fs::read(&out).unwrap(), v2);
+    // A damaged held file is found out, and that chunk can be forgotten.
+    let victim = i1
+        .chunks
+        .iter()
+        .find(|c| seeds.has(&c.hash) && i2.chunks.contains(c))
+        .unwrap();
+    let mut damaged = v1.clone();
+    damaged[victim.offset as usize] ^= 1;
+    write(&held, &damaged);
+    let err = store
+        .assemble_with(&i2, dir.path().join("v2b"), &seeds)
+        .unwrap_err();
+    assert!(
+        matches!(err, Error::CorruptChunk { ref hash, .. } if *hash == victim.hash),
+        "{err}"
+    );
+    seeds.forget(&victim.hash);
+    assert!(
+        store
+            .missing_with(&i2, &seeds)
+            .iter()
+            .any(|c| c.hash == victim.hash)
+    );
 }

@@ -74,15 +74,6 @@ fn du(dir: &Path) -> u64 {
     total
 }
 
-fn chunk_files(dir: &Path) -> Vec<PathBuf> {
-    std::fs::read_dir(dir.join("chunks/chunks"))
-        .unwrap()
-        .flatten()
-        .flat_map(|d| std::fs::read_dir(d.path()).unwrap().flatten())
-        .map(|e| e.path())
-        .collect()
-}
-
 #[test]
 fn every_image_reaches_every_minion_and_removed_images_are_collected() {
     require_netns!();
@@ -140,7 +131,8 @@ fn every_image_reaches_every_minion_and_removed_images_are_collected() {
     let hash_a = wait_synced(&c, "a", &a, "m1");
     spec["image"] = json!("a");
     c.apply("deploy", &spec);
-    let m2_chunks_before = du(&c.minion_dir("m2").join("chunks"));
+    let cache = |m: &str| du(&c.minion_dir(m).join("images")) + du(&c.minion_dir(m).join("chunks"));
+    let m2_before = cache("m2");
     std::fs::remove_file(c.master_dir().join("registry/a")).unwrap();
     std::fs::remove_file(c.master_dir().join("registry/late")).unwrap();
     wait_for(
@@ -164,12 +156,14 @@ fn every_image_reaches_every_minion_and_removed_images_are_collected() {
         Duration::from_secs(10),
         || (!indexed(&hash_late) && !indexed(&hash_a_old)).then_some(()),
     );
-    let m2_chunks_after = du(&c.minion_dir("m2").join("chunks"));
-    // late was all its own; a shared most of its chunks with b.
+    // Both files went from m2's disk.
+    let m2_after = cache("m2");
     assert!(
-        m2_chunks_before - m2_chunks_after >= late.len() as u64,
-        "m2's chunks went from {m2_chunks_before} to {m2_chunks_after} bytes"
+        m2_before - m2_after >= (late.len() + a.len()) as u64,
+        "m2's image cache went from {m2_before} to {m2_after} bytes"
     );
+    // An assembled image is its chunks' only copy on a minion.
+    assert_eq!(du(&c.minion_dir("m2").join("chunks")), 0);
     // What a service runs stays: on its minion and on the master (so a
     // restarted or new minion can still fetch it).
     assert!(held("m1", &hash_a), "m1 dropped the image its service runs");
@@ -202,7 +196,11 @@ fn a_new_version_moves_its_changes_a_killed_transfer_resumes_and_corruption_is_r
     let v1 = noise(size, 11);
     let testy_bin = std::fs::read(phoenix_e2e::bin("testy")).unwrap();
     wait_synced(&c, "testy", &testy_bin, "m1");
-    let baseline = du(&c.minion_dir("m1").join("chunks"));
+    // Assembled images keep no chunks in the store.
+    let chunks_dir = c.minion_dir("m1").join("chunks");
+    wait_for("m1's chunk store to empty", Duration::from_secs(10), || {
+        (du(&chunks_dir) == 0).then_some(())
+    });
     // About 6 s of transfer at 40 Mbit/s: long enough to cut it off.
     c.net.as_ref().unwrap().limit_rate("master", "40mbit");
     place(&c, "big", &v1);
@@ -212,7 +210,7 @@ fn a_new_version_moves_its_changes_a_killed_transfer_resumes_and_corruption_is_r
         (n["state"] == "syncing" && n["done"].as_u64()? > (size as u64) / 4).then_some(())
     });
     c.kill_minion("m1");
-    let kept = du(&c.minion_dir("m1").join("chunks")) - baseline;
+    let kept = du(&chunks_dir);
     assert!(
         kept > (size as u64) / 4,
         "only {kept} bytes of chunks were kept"
@@ -254,21 +252,18 @@ fn a_new_version_moves_its_changes_a_killed_transfer_resumes_and_corruption_is_r
         || (!c.minion_dir("m1").join("images").join(&hash1).exists()).then_some(()),
     );
 
-    // Corrupt a chunk of v2 that v3 keeps: v3's assembly finds it and
-    // fetches it again.
+    // Damage v2's file on m1 inside a chunk that v3 keeps: v3's assembly
+    // reads it from there, finds it corrupt, and fetches it again.
     let index: Value = serde_json::from_str(
         &std::fs::read_to_string(c.minion_dir("m1").join(format!("indexes/{hash2}.json"))).unwrap(),
     )
     .unwrap();
     let chunks = index["chunks"].as_array().unwrap();
-    let victim = chunks[chunks.len() / 3]["hash"].as_str().unwrap();
-    let path = chunk_files(&c.minion_dir("m1"))
-        .into_iter()
-        .find(|p| p.file_name().unwrap() == victim)
-        .expect("the victim chunk on m1");
-    let mut bytes = std::fs::read(&path).unwrap();
-    bytes[10] ^= 0xff;
-    std::fs::write(&path, &bytes).unwrap();
+    let victim = chunks[chunks.len() / 3]["offset"].as_u64().unwrap() as usize + 10;
+    let held = c.minion_dir("m1").join("images").join(&hash2);
+    let mut bytes = std::fs::read(&held).unwrap();
+    bytes[victim] ^= 0xff;
+    std::fs::write(&held, &bytes).unwrap();
     let mut v3 = v2.clone();
     let last = v3.len() - 1;
     v3[last] ^= 1;
