@@ -44,7 +44,16 @@ pub struct ImageRef {
     pub size: u64,
 }
 
-/// A catalog entry on disk (`indexes/catalog.json`).
+/// The catalog on disk (`indexes/catalog.json`): the files as last
+/// indexed, and the version each name had before.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct SavedCatalog {
+    files: BTreeMap<String, SavedEntry>,
+    #[serde(default)]
+    previous: BTreeMap<String, String>,
+}
+
+/// A catalog entry on disk.
 #[derive(serde::Serialize, serde::Deserialize)]
 struct SavedEntry {
     size: u64,
@@ -170,7 +179,7 @@ impl Registry {
     /// Remembers which file (size, mtime) had which hash, so a restarted
     /// master reads no file that has not changed.
     fn save_catalog(&self, cat: &BTreeMap<String, Entry>) {
-        let saved: BTreeMap<&str, SavedEntry> = cat
+        let files: BTreeMap<String, SavedEntry> = cat
             .iter()
             .map(|(name, e)| {
                 let t = e
@@ -183,9 +192,14 @@ impl Registry {
                     mtime_ns: t.subsec_nanos(),
                     hash: e.index.file_hash.clone(),
                 };
-                (name.as_str(), saved)
+                (name.clone(), saved)
             })
             .collect();
+        let previous = lock(&self.previous)
+            .iter()
+            .map(|(name, i)| (name.clone(), i.file_hash.clone()))
+            .collect();
+        let saved = SavedCatalog { files, previous };
         let path = self.indexes_dir.join("catalog.json");
         let tmp = self.indexes_dir.join(".catalog.tmp");
         let text = serde_json::to_vec(&saved).unwrap_or_default();
@@ -200,11 +214,18 @@ impl Registry {
         let Ok(text) = std::fs::read(self.indexes_dir.join("catalog.json")) else {
             return;
         };
-        let Ok(saved) = serde_json::from_slice::<BTreeMap<String, SavedEntry>>(&text) else {
+        let Ok(saved) = serde_json::from_slice::<SavedCatalog>(&text) else {
             return;
         };
+        let mut previous = lock(&self.previous);
+        for (name, hash) in saved.previous {
+            if let Some(index) = self.load_index(&hash) {
+                previous.insert(name, Arc::new(index));
+            }
+        }
+        drop(previous);
         let mut cat = lock(&self.catalog);
-        for (name, e) in saved {
+        for (name, e) in saved.files {
             if let Some(index) = self.load_index(&e.hash) {
                 let mtime =
                     SystemTime::UNIX_EPOCH + std::time::Duration::new(e.mtime_s, e.mtime_ns);
@@ -666,6 +687,12 @@ mod tests {
         std::fs::write(&path, noise(1 << 20, 3)).unwrap();
         reg.refresh("a").unwrap();
         assert_ne!(reg.catalog()[0].hash, hash);
+        // The version it replaced is kept (delta bases), also across a
+        // restart.
+        drop(reg);
+        let reg = Registry::open(dir.path().join("registry")).unwrap();
+        reg.collect(&HashSet::new()).unwrap();
+        assert!(reg.index("a", &hash).is_ok(), "the previous version went");
     }
 
     #[test]
