@@ -41,23 +41,9 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM HUP
 
-ip netns add $sw
-ip -n $sw link add br0 type bridge
-ip -n $sw link set br0 up
-for i in "${!hosts[@]}"; do
-    h=${hosts[$i]}
-    ip netns add $h
-    ip -n $sw link add v$i type veth peer name eth0 netns $h
-    ip -n $sw link set v$i master br0 up
-    ip -n $h addr add 10.97.0.$((i + 1))/24 dev eth0
-    ip -n $h link set eth0 up
-    ip -n $h link set lo up
-done
-waitfor() {
-    local secs=$1 what=$2; shift 2
-    for _ in $(seq $((secs * 10))); do "$@" >/dev/null 2>&1 && return 0; sleep 0.1; done
-    die "timed out after ${secs} s waiting for $what"
-}
+# shellcheck source=bench/netns.sh
+. "$root/bench/netns.sh"
+bridge_hosts $sw 10.97.0 "${hosts[@]}"
 
 ip netns exec ${hosts[0]} "$phoenix" master 10.97.0.1 --foreground --data-dir "$work/master" \
     --wireguard userspace >"$work/master.log" 2>&1 &

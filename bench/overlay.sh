@@ -40,19 +40,9 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM HUP
 
-ip netns add $sw
-ip -n $sw link add br0 type bridge
-ip -n $sw link set br0 up
-i=1
-for h in $h1 $h2; do
-    ip netns add $h
-    ip -n $sw link add v$i type veth peer name eth0 netns $h
-    ip -n $sw link set v$i master br0 up
-    ip -n $h addr add 10.96.0.$i/24 dev eth0
-    ip -n $h link set eth0 up
-    ip -n $h link set lo up
-    i=$((i + 1))
-done
+# shellcheck source=bench/netns.sh
+. "$root/bench/netns.sh"
+bridge_hosts $sw 10.96.0 $h1 $h2
 
 # A TCP ping-pong: the median round trip of 2000 one-byte exchanges, in µs.
 cat >"$work/rtt.py" <<'EOF'

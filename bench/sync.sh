@@ -70,26 +70,9 @@ trap cleanup EXIT
 trap 'exit 130' INT TERM HUP
 started=$(date +%s)
 
-ip netns add $sw
-ip -n $sw link add br0 type bridge
-ip -n $sw link set br0 up
-i=1
-for h in $h1 $h2; do
-    ip netns add $h
-    ip -n $sw link add v$i type veth peer name eth0 netns $h
-    ip -n $sw link set v$i master br0 up
-    ip -n $h addr add 10.96.0.$i/24 dev eth0
-    ip -n $h link set eth0 up
-    ip -n $h link set lo up
-    i=$((i + 1))
-done
-
-# waitfor SECONDS WHAT COMMAND...: polls every 0.1 s, fails with WHAT.
-waitfor() {
-    local secs=$1 what=$2; shift 2
-    for _ in $(seq $((secs * 10))); do "$@" >/dev/null 2>&1 && return 0; sleep 0.1; done
-    die "timed out after ${secs} s waiting for $what"
-}
+# shellcheck source=bench/netns.sh
+. "$root/bench/netns.sh"
+bridge_hosts $sw 10.96.0 $h1 $h2
 port_open() { ip netns exec "$1" bash -c "exec 3<>/dev/tcp/$2/$3"; }
 
 echo "sync.sh: generating $rounds rounds of data in $work" >&2

@@ -153,10 +153,8 @@ async fn push(
         })?;
     let chunks = hub
         .registry
-        .entries()
-        .into_iter()
-        .find(|(n, _)| *n == name)
-        .map_or(0, |(_, e)| e.index.chunks.len());
+        .entry(&name)
+        .map_or(0, |e| e.index.chunks.len());
     let body = json!({ "name": name, "hash": image.hash, "size": image.size, "chunks": chunks });
     hub.store()
         .write(|tx| tx.audit(who, "push", &name, None, Some(&body)))?;

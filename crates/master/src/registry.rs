@@ -398,6 +398,11 @@ impl Registry {
             .collect()
     }
 
+    /// The catalog entry of image `name`.
+    pub fn entry(&self, name: &str) -> Option<Entry> {
+        lock(&self.catalog).get(name).cloned()
+    }
+
     /// The catalog with each image's index.
     pub fn entries(&self) -> Vec<(String, Entry)> {
         lock(&self.catalog)

@@ -114,52 +114,33 @@ impl Net {
 
     /// Unplugs a host's cable (its side keeps its address, but no carrier).
     pub fn cut(&self, host: &str) {
-        run(&[
-            "-n",
-            &self.switch,
-            "link",
-            "set",
-            &format!("v-{host}"),
-            "down",
-        ]);
+        self.cable(host, "down");
     }
 
     pub fn heal(&self, host: &str) {
-        run(&[
-            "-n",
-            &self.switch,
-            "link",
-            "set",
-            &format!("v-{host}"),
-            "up",
-        ]);
+        self.cable(host, "up");
+    }
+
+    fn cable(&self, host: &str, state: &str) {
+        let port = format!("v-{host}");
+        run(&["-n", &self.switch, "link", "set", &port, state]);
     }
 
     /// Caps what a host sends (`rate` as tc takes it, e.g. `40mbit`).
     pub fn limit_rate(&self, host: &str, rate: &str) {
         let ns = &self.host(host).ns;
-        let out = Command::new("ip")
-            .args([
-                "netns", "exec", ns, "tc", "qdisc", "replace", "dev", "eth0", "root",
-            ])
-            .args(["tbf", "rate", rate, "burst", "64kb", "latency", "500ms"])
-            .output()
-            .expect("run tc");
-        assert!(
-            out.status.success(),
-            "tc on {host}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        run(&[
+            "netns", "exec", ns, "tc", "qdisc", "replace", "dev", "eth0", "root", "tbf", "rate",
+            rate, "burst", "64kb", "latency", "500ms",
+        ]);
     }
 
     /// Lifts [`Net::limit_rate`].
     pub fn unlimit_rate(&self, host: &str) {
         let ns = &self.host(host).ns;
-        let _ = Command::new("ip")
-            .args([
-                "netns", "exec", ns, "tc", "qdisc", "del", "dev", "eth0", "root",
-            ])
-            .output();
+        run(&[
+            "netns", "exec", ns, "tc", "qdisc", "del", "dev", "eth0", "root",
+        ]);
     }
 
     /// Drops everything on a host's `eth0` except WireGuard (UDP `wg`) and
