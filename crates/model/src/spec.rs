@@ -1,22 +1,56 @@
-//! The service spec (seed 000) and its validation.
+//! The service spec (seed 000): how it is read, and what makes it valid.
 //!
-//! Parsing is by hand from a `serde_json::Value` rather than through derive,
-//! so that every error can name the service, the field and the reason, and so
-//! that all errors of a file are reported at once. Checks that need cluster
-//! state (does the machine exist, is the image in the registry, is the address
-//! free) belong to the master and report through the same [`SpecError`].
+//! Reading is a pipeline of three steps, each with one job:
+//!
+//! 1. **Format.** Text becomes a document tree. JSON is the one format today;
+//!    its syntax errors say the line and column. A YAML or compose reader
+//!    will produce the same tree, or a [`RawSpec`] directly.
+//! 2. **Raw spec** (`spec/raw.rs`). Each spec of the tree becomes a [`RawSpec`]:
+//!    serde with unknown fields denied, so the known fields are the struct's
+//!    own. Errors carry their path (`env[2]`), an unknown field suggests the
+//!    known one it was probably meant to be, and a field that cannot be read
+//!    does not hide the others.
+//! 3. **Validation** ([`validate()`], `spec/validate.rs`). A raw spec becomes a [`Spec`] with
+//!    defaults filled in, or every reason it cannot.
+//!
+//! Every error names the spec (its place in the file and its name), the
+//! field and the reason, and a file is accepted or rejected whole, with all
+//! its errors at once. Checks that need cluster state (does the machine
+//! exist, is the image in the registry, is the address free) belong to the
+//! master and report through the same [`SpecError`]. The master stores each
+//! [`Spec`] as JSON and runs it through the same pipeline when it loads it
+//! ([`parse_stored`]), so a damaged store cannot hand a minion a spec that
+//! a user could not have deployed.
+
+mod raw;
+mod validate;
 
 use std::collections::HashSet;
 use std::fmt;
+use std::io;
 use std::net::Ipv6Addr;
 
 use serde::{Deserialize, Serialize};
-use serde_json::{Map, Value};
+use serde_json::Value;
 
-use crate::net;
+pub use raw::{RawSpec, Size, known_fields};
+pub use validate::{check_hostname_label, check_image_name, parse_size, validate};
 
 /// The port the proxy expects a service on when the spec does not say.
 pub const DEFAULT_PROXYPORT: u16 = 8000;
+
+/// The most specs one file may hold.
+pub const MAX_SPECS_PER_FILE: usize = 1000;
+
+/// The most bytes one spec may take as compact JSON (as the master stores it).
+pub const MAX_SPEC_BYTES: usize = 256 << 10;
+
+/// The most bytes `args` and `env` may take together, counting each string's
+/// terminating NUL. The kernel refuses to start a process whose arguments and
+/// environment exceed `ARG_MAX` (2 MiB on most hosts, less under a small
+/// stack limit) or any one string over 128 KiB; this stays well under both,
+/// leaving room for what Phoenix adds.
+pub const MAX_ARGS_ENV_BYTES: usize = 128 << 10;
 
 /// Environment variables Phoenix sets for every service; a spec may not set them.
 pub const RESERVED_ENV: [&str; 3] = ["PHOENIX_NAME", "PHOENIX_IP", "PORT"];
@@ -183,23 +217,6 @@ impl fmt::Display for SpecErrors {
     }
 }
 
-const FIELDS: [&str; 14] = [
-    "machine",
-    "name",
-    "image",
-    "type",
-    "duration",
-    "env",
-    "proxyname",
-    "proxyport",
-    "healthcheck",
-    "ip",
-    "args",
-    "link",
-    "memory",
-    "cpus",
-];
-
 /// Parses a file holding one spec object or an array of them.
 ///
 /// Every spec is checked on its own and against the others of the file
@@ -209,31 +226,58 @@ pub fn parse_specs(source: &str, text: &str) -> Result<Vec<Spec>, SpecErrors> {
         file: source.to_owned(),
         errors,
     };
-    let value: Value = serde_json::from_str(text).map_err(|e| {
-        fail(vec![SpecError::new(
-            None,
-            format!(
-                "not valid JSON: {e} (line {}, column {})",
-                e.line(),
-                e.column()
-            ),
-        )])
-    })?;
-    let (items, single) = match value {
+    // serde_json's message already ends with "at line L column C".
+    let document: Value = serde_json::from_str(text)
+        .map_err(|e| fail(vec![SpecError::new(None, format!("not valid JSON: {e}"))]))?;
+    specs_from_tree(document).map_err(fail)
+}
+
+/// Runs a spec as the master stores it (the JSON of a [`Spec`]) through the
+/// same checks as a deployed one, and checks that it is stored under its
+/// own name.
+pub fn parse_stored(name: &str, json: &str) -> Result<Spec, SpecErrors> {
+    let fail = |errors: Vec<SpecError>| SpecErrors {
+        file: format!("stored spec of service {name:?}"),
+        errors: errors.into_iter().map(|e| e.at(None, Some(name))).collect(),
+    };
+    let stored: Value = serde_json::from_str(json)
+        .map_err(|e| fail(vec![SpecError::new(None, format!("not valid JSON: {e}"))]))?;
+    let spec = spec_from_tree(&stored).map_err(fail)?;
+    if spec.name != name {
+        return Err(fail(vec![SpecError::new(
+            Some("name"),
+            format!("the spec names {:?} but is stored as {name:?}", spec.name),
+        )]));
+    }
+    Ok(spec)
+}
+
+/// The specs of a document tree: one spec object or an array of them.
+fn specs_from_tree(document: Value) -> Result<Vec<Spec>, Vec<SpecError>> {
+    let (items, single) = match document {
         Value::Array(items) => (items, false),
         v @ Value::Object(_) => (vec![v], true),
         other => {
-            return Err(fail(vec![SpecError::new(
+            return Err(vec![SpecError::new(
                 None,
                 format!(
                     "expected a spec object or an array of them, got {}",
-                    describe(&other)
+                    raw::describe(&other)
                 ),
-            )]));
+            )]);
         }
     };
     if items.is_empty() {
-        return Err(fail(vec![SpecError::new(None, "the array holds no specs")]));
+        return Err(vec![SpecError::new(None, "the array holds no specs")]);
+    }
+    if items.len() > MAX_SPECS_PER_FILE {
+        return Err(vec![SpecError::new(
+            None,
+            format!(
+                "the file holds {} specs; at most {MAX_SPECS_PER_FILE} are allowed in one file",
+                items.len()
+            ),
+        )]);
     }
     let mut errors = Vec::new();
     let mut specs = Vec::with_capacity(items.len());
@@ -241,7 +285,7 @@ pub fn parse_specs(source: &str, text: &str) -> Result<Vec<Spec>, SpecErrors> {
     let mut ips = HashSet::new();
     for (i, item) in items.iter().enumerate() {
         let index = (!single).then_some(i);
-        match parse_one(item) {
+        match spec_from_tree(item) {
             Ok(spec) => {
                 let at = |e: SpecError| e.at(index, Some(&spec.name));
                 if !names.insert(spec.name.clone()) {
@@ -261,6 +305,8 @@ pub fn parse_specs(source: &str, text: &str) -> Result<Vec<Spec>, SpecErrors> {
                 specs.push(spec);
             }
             Err(errs) => {
+                // Name the spec even when its name is invalid: it is how the
+                // user will find it in the file.
                 let name = item
                     .get("name")
                     .and_then(Value::as_str)
@@ -272,377 +318,66 @@ pub fn parse_specs(source: &str, text: &str) -> Result<Vec<Spec>, SpecErrors> {
     if errors.is_empty() {
         Ok(specs)
     } else {
-        Err(fail(errors))
+        Err(errors)
     }
 }
 
-/// Parses and validates one spec object.
-pub fn parse_one(value: &Value) -> Result<Spec, Vec<SpecError>> {
-    let Value::Object(obj) = value else {
+/// One spec of a document tree, read and validated. The errors name their
+/// field; the caller names the spec.
+fn spec_from_tree(item: &Value) -> Result<Spec, Vec<SpecError>> {
+    let Value::Object(object) = item else {
         return Err(vec![SpecError::new(
             None,
-            format!("expected an object, got {}", describe(value)),
+            format!("expected an object, got {}", raw::describe(item)),
         )]);
     };
-    let mut errs = Vec::new();
-    for key in obj.keys() {
-        if !FIELDS.contains(&key.as_str()) {
-            errs.push(SpecError::new(
-                Some(key),
-                format!("unknown field (known fields: {})", FIELDS.join(", ")),
-            ));
-        }
+    let bytes = json_size(item);
+    if bytes > MAX_SPEC_BYTES {
+        return Err(vec![SpecError::new(
+            None,
+            format!(
+                "the spec takes {bytes} bytes as JSON; at most {MAX_SPEC_BYTES} (256 KiB) are allowed"
+            ),
+        )]);
     }
-    let mut f = Fields {
-        obj,
-        errs: &mut errs,
-    };
-    let machine = f.string("machine", true).unwrap_or_default();
-    let name = f.string("name", true).unwrap_or_default();
-    let image = f.string("image", true).unwrap_or_default();
-    let kind = f.kind();
-    let duration = f.duration();
-    let env = f.strings("env");
-    let proxyname = f.string("proxyname", false);
-    let proxyport = f.port();
-    let healthcheck = f.string("healthcheck", false);
-    let ip = f.ip();
-    let args = f.strings("args");
-    let link = f.strings("link");
-    let memory = f.memory();
-    let cpus = f.cpus();
-
-    if !machine.is_empty() {
-        check_hostname_label(&machine)
-            .unwrap_or_else(|r| errs.push(SpecError::new(Some("machine"), r)));
-    }
-    if !name.is_empty() {
-        check_hostname_label(&name).unwrap_or_else(|r| errs.push(SpecError::new(Some("name"), r)));
-    }
-    if !image.is_empty() {
-        check_image_name(&image).unwrap_or_else(|r| errs.push(SpecError::new(Some("image"), r)));
-    }
-    if kind == Some(Kind::Vm) {
-        errs.push(SpecError::new(
-            Some("type"),
-            "type \"vm\" is not supported yet; this version runs \"binary\" and \"docker\"",
-        ));
-    }
-    if kind == Some(Kind::Binary) {
-        for (field, set) in [("memory", memory.is_some()), ("cpus", cpus.is_some())] {
-            if set {
-                errs.push(SpecError::new(
-                    Some(field),
-                    "limits apply to type \"docker\" only in this version",
-                ));
+    let reading = raw::read(object);
+    let mut errors = reading.errors;
+    if let Some(raw) = reading.raw {
+        match validate(raw) {
+            Ok(spec) if errors.is_empty() => return Ok(spec),
+            Ok(_) => {}
+            Err(found) => {
+                // A field that could not be read is absent to validation,
+                // which would only add "required field is missing".
+                let unread = |e: &SpecError| {
+                    e.field.as_deref().is_some_and(|f| {
+                        let top = f.split('[').next().unwrap_or(f);
+                        reading.unread.iter().any(|u| u == top)
+                    })
+                };
+                errors.extend(found.into_iter().filter(|e| !unread(e)));
             }
         }
     }
-    for (i, entry) in env.iter().enumerate() {
-        if let Err(r) = check_env(entry) {
-            errs.push(SpecError::new(Some(&format!("env[{i}]")), r));
-        }
-    }
-    if let Some(p) = &proxyname {
-        check_domain(p).unwrap_or_else(|r| errs.push(SpecError::new(Some("proxyname"), r)));
-    }
-    if let Some(h) = &healthcheck
-        && (!h.starts_with('/') || h.chars().any(|c| c.is_whitespace() || c.is_control()))
-    {
-        errs.push(SpecError::new(
-            Some("healthcheck"),
-            format!("{h:?} is not a URL path; it must start with '/' and hold no spaces, e.g. \"/health\""),
-        ));
-    }
-    for (i, l) in link.iter().enumerate() {
-        if let Err(r) = check_hostname_label(l) {
-            errs.push(SpecError::new(Some(&format!("link[{i}]")), r));
-        } else if *l == name {
-            errs.push(SpecError::new(
-                Some(&format!("link[{i}]")),
-                "a service need not link to itself",
-            ));
-        }
-    }
-    if !errs.is_empty() {
-        return Err(errs);
-    }
-    Ok(Spec {
-        machine,
-        name,
-        image,
-        kind: kind.unwrap_or(Kind::Binary),
-        duration: duration.unwrap_or_default(),
-        env,
-        proxyname,
-        proxyport: proxyport.unwrap_or(DEFAULT_PROXYPORT),
-        healthcheck,
-        ip,
-        args,
-        link,
-        memory,
-        cpus,
-    })
+    Err(errors)
 }
 
-/// Reads typed fields out of a spec object, recording what is wrong.
-struct Fields<'a> {
-    obj: &'a Map<String, Value>,
-    errs: &'a mut Vec<SpecError>,
-}
-
-impl Fields<'_> {
-    fn wrong(&mut self, field: &str, expected: &str, got: &Value) {
-        self.errs.push(SpecError::new(
-            Some(field),
-            format!("expected {expected}, got {}", describe(got)),
-        ));
-    }
-
-    fn string(&mut self, field: &str, required: bool) -> Option<String> {
-        match self.obj.get(field) {
-            None | Some(Value::Null) if required => {
-                self.errs
-                    .push(SpecError::new(Some(field), "required field is missing"));
-                None
-            }
-            None | Some(Value::Null) => None,
-            Some(Value::String(s)) if s.is_empty() => {
-                self.errs
-                    .push(SpecError::new(Some(field), "must not be empty"));
-                None
-            }
-            Some(Value::String(s)) => Some(s.clone()),
-            Some(v) => {
-                self.wrong(field, "a string", v);
-                None
-            }
+/// The length of a value as compact JSON, without building the text.
+fn json_size(value: &Value) -> usize {
+    struct Count(usize);
+    impl io::Write for Count {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.0 += buf.len();
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
         }
     }
-
-    fn strings(&mut self, field: &str) -> Vec<String> {
-        match self.obj.get(field) {
-            None | Some(Value::Null) => Vec::new(),
-            Some(Value::Array(items)) => {
-                let mut out = Vec::with_capacity(items.len());
-                for (i, item) in items.iter().enumerate() {
-                    match item {
-                        Value::String(s) => out.push(s.clone()),
-                        v => self.wrong(&format!("{field}[{i}]"), "a string", v),
-                    }
-                }
-                out
-            }
-            Some(v) => {
-                self.wrong(field, "an array of strings", v);
-                Vec::new()
-            }
-        }
-    }
-
-    fn kind(&mut self) -> Option<Kind> {
-        match self.string("type", true)?.as_str() {
-            "binary" => Some(Kind::Binary),
-            "docker" => Some(Kind::Docker),
-            "vm" => Some(Kind::Vm),
-            other => {
-                self.errs.push(SpecError::new(
-                    Some("type"),
-                    format!("{other:?} is not a type; use \"binary\", \"docker\" or \"vm\""),
-                ));
-                None
-            }
-        }
-    }
-
-    fn duration(&mut self) -> Option<Duration> {
-        match self.string("duration", false)?.as_str() {
-            "daemon" => Some(Duration::Daemon),
-            "oneshot" => Some(Duration::Oneshot),
-            other => {
-                self.errs.push(SpecError::new(
-                    Some("duration"),
-                    format!("{other:?} is not a duration; use \"daemon\" or \"oneshot\""),
-                ));
-                None
-            }
-        }
-    }
-
-    fn memory(&mut self) -> Option<u64> {
-        let v = self.obj.get("memory")?;
-        let parsed = match v {
-            Value::Number(n) => n.as_u64(),
-            Value::String(s) => parse_size(s),
-            _ => None,
-        };
-        match parsed {
-            Some(b) if b >= 4 << 20 => Some(b),
-            _ => {
-                self.wrong(
-                    "memory",
-                    "a size of at least 4M, like \"512M\", \"2G\" or a number of bytes",
-                    v,
-                );
-                None
-            }
-        }
-    }
-
-    fn cpus(&mut self) -> Option<f64> {
-        let v = self.obj.get("cpus")?;
-        match v.as_f64() {
-            Some(c) if (0.01..=1024.0).contains(&c) => Some(c),
-            _ => {
-                self.wrong("cpus", "a number of cores from 0.01 up, like 0.5 or 2", v);
-                None
-            }
-        }
-    }
-
-    fn port(&mut self) -> Option<u16> {
-        let v = self.obj.get("proxyport")?;
-        match v.as_u64() {
-            Some(p) if (1..=65535).contains(&p) => u16::try_from(p).ok(),
-            _ => {
-                self.wrong("proxyport", "a port number from 1 to 65535", v);
-                None
-            }
-        }
-    }
-
-    fn ip(&mut self) -> Option<Ipv6Addr> {
-        let s = self.string("ip", false)?;
-        let Ok(ip) = s.parse::<Ipv6Addr>() else {
-            self.errs.push(SpecError::new(
-                Some("ip"),
-                format!("{s:?} is not an IPv6 address"),
-            ));
-            return None;
-        };
-        if !net::in_cluster(ip) {
-            self.errs.push(SpecError::new(
-                Some("ip"),
-                format!("{ip} is outside the cluster's range fd38:dde8:32dd::/48"),
-            ));
-            return None;
-        }
-        if net::in_node_range(ip) {
-            self.errs.push(SpecError::new(
-                Some("ip"),
-                format!("{ip} is in fd38:dde8:32dd::/64, which is reserved for nodes"),
-            ));
-            return None;
-        }
-        Some(ip)
-    }
-}
-
-/// A short description of a JSON value for error messages.
-fn describe(v: &Value) -> String {
-    let s = v.to_string();
-    let kind = match v {
-        Value::Null => return "null".into(),
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
-    };
-    if s.len() <= 40 {
-        format!("{kind} {s}")
-    } else {
-        kind.to_owned()
-    }
-}
-
-/// `"512M"`, `"2G"`, `"64k"`, `"1000"` (bytes) → bytes.
-pub fn parse_size(s: &str) -> Option<u64> {
-    let s = s.trim();
-    let (num, mult) = match s.char_indices().last()? {
-        (i, 'k' | 'K') => (&s[..i], 1u64 << 10),
-        (i, 'm' | 'M') => (&s[..i], 1 << 20),
-        (i, 'g' | 'G') => (&s[..i], 1 << 30),
-        _ => (s, 1),
-    };
-    num.trim().parse::<u64>().ok()?.checked_mul(mult)
-}
-
-/// A name that can be a hostname label (RFC 1123): 1 to 63 of `a-z`, `0-9`
-/// and `-`, not starting or ending with `-`. Lowercase only, so that two
-/// names never differ by case alone.
-pub fn check_hostname_label(s: &str) -> Result<(), String> {
-    if s.is_empty() {
-        return Err("must not be empty".into());
-    }
-    if s.len() > 63 {
-        return Err(format!(
-            "{s:?} is {} characters; a hostname label has at most 63",
-            s.len()
-        ));
-    }
-    if let Some(c) = s
-        .chars()
-        .find(|c| !(c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '-'))
-    {
-        return Err(format!(
-            "{s:?} cannot be a hostname: {c:?} is not allowed (use a-z, 0-9 and '-')"
-        ));
-    }
-    if s.starts_with('-') || s.ends_with('-') {
-        return Err(format!(
-            "{s:?} cannot be a hostname: it starts or ends with '-'"
-        ));
-    }
-    Ok(())
-}
-
-/// An image is a file name in the registry: no path separators, not hidden.
-pub fn check_image_name(s: &str) -> Result<(), String> {
-    if s.is_empty() {
-        return Err("must not be empty".into());
-    }
-    if s.contains('/') || s.contains('\0') || s.starts_with('.') || s.len() > 255 {
-        return Err(format!(
-            "{s:?} is not an image name: it names a file in the registry, without '/' and not starting with '.'"
-        ));
-    }
-    Ok(())
-}
-
-fn check_env(entry: &str) -> Result<(), String> {
-    let Some((key, _)) = entry.split_once('=') else {
-        return Err(format!("{entry:?} is not of the form KEY=VALUE"));
-    };
-    let mut chars = key.chars();
-    let valid = chars
-        .next()
-        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
-        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_');
-    if !valid {
-        return Err(format!(
-            "{key:?} is not a variable name (letters, digits and '_', not starting with a digit)"
-        ));
-    }
-    if RESERVED_ENV.contains(&key) {
-        return Err(format!(
-            "{key} is set by Phoenix for every service and cannot be overridden"
-        ));
-    }
-    Ok(())
-}
-
-fn check_domain(s: &str) -> Result<(), String> {
-    let lower = s.to_ascii_lowercase();
-    if s.len() > 253 || lower != s {
-        return Err(format!(
-            "{s:?} is not a lowercase domain name of at most 253 characters"
-        ));
-    }
-    for label in s.split('.') {
-        check_hostname_label(label).map_err(|r| format!("{s:?} is not a domain name: {r}"))?;
-    }
-    Ok(())
+    let mut count = Count(0);
+    // Writing a Value to a sink that never fails cannot fail.
+    let _ = serde_json::to_writer(&mut count, value);
+    count.0
 }
 
 #[cfg(test)]
@@ -790,14 +525,19 @@ mod tests {
         )
         .unwrap()[0];
         assert_eq!(bare.registry_file(), ("app.tar".into(), None));
+        // Binaries take limits too since issue 9 (the minion applies them
+        // through cgroups); only the malformed one is refused.
         let all = errs(
             r#"{"machine":"m","name":"b","image":"x","type":"binary","memory":"1G","cpus":"two"}"#,
         )
         .join("\n");
-        assert!(
-            all.contains("field `memory`: limits apply to type \"docker\" only"),
-            "{all}"
-        );
+        assert!(!all.contains("field `memory`"), "{all}");
+        let binary = &parse_specs(
+            "t",
+            r#"{"machine":"m","name":"b","image":"x","type":"binary","memory":"1G","cpus":0.5}"#,
+        )
+        .unwrap()[0];
+        assert_eq!((binary.memory, binary.cpus), (Some(1 << 30), Some(0.5)));
         assert!(
             all.contains("field `cpus`: expected a number of cores"),
             "{all}"
@@ -818,5 +558,312 @@ mod tests {
         assert!(check_hostname_label("-web").is_err());
         assert!(check_hostname_label(&"a".repeat(64)).is_err());
         assert!(check_hostname_label("wéb").is_err());
+    }
+
+    const WEB: &str = r#""machine":"m1","name":"web","image":"testy","type":"binary""#;
+
+    #[test]
+    fn unknown_field_suggests_the_closest_known_one() {
+        let all = errs(&format!(r#"{{{WEB},"helthcheck":"/health","Name":"x"}}"#)).join("\n");
+        assert!(
+            all.contains(
+                "spec \"web\": field `helthcheck`: unknown field; did you mean `healthcheck`?"
+            ),
+            "{all}"
+        );
+        assert!(
+            all.contains("field `Name`: unknown field; did you mean `name`?"),
+            "{all}"
+        );
+    }
+
+    #[test]
+    fn type_errors_name_their_path() {
+        let all = errs(&format!(
+            r#"{{{WEB},"env":["A=1","B=2",3],"link":[null],"duration":7}}"#
+        ))
+        .join("\n");
+        assert!(
+            all.contains("spec \"web\": field `env[2]`: expected a string, got a number 3"),
+            "{all}"
+        );
+        assert!(
+            all.contains("field `link[0]`: expected a string, got null"),
+            "{all}"
+        );
+        assert!(
+            all.contains("field `duration`: expected a string, got a number 7"),
+            "{all}"
+        );
+    }
+
+    #[test]
+    fn all_errors_of_a_file_come_at_once() {
+        // A type error in the first spec hides neither that spec's other
+        // errors nor those of the specs after it.
+        let e = errs(
+            r#"[{"machine":"m1","name":"a","image":"x","type":"binary","proxyport":"80","ip":"fd00::1"},
+                {"machine":"M1","name":"b","image":"x","type":"binary"},
+                {"machine":"m1","name":"c","image":"x","type":"binary","imgae":"y"},
+                {"name":"d","image":".hidden","type":"binary","cpus":[1]}]"#,
+        );
+        let all = e.join("\n");
+        for expected in [
+            "spec #1 (\"a\"): field `proxyport`: expected a port number from 1 to 65535, got a string \"80\"",
+            "spec #1 (\"a\"): field `ip`: fd00::1 is outside the cluster's range",
+            "spec #2 (\"b\"): field `machine`: \"M1\" cannot be a hostname",
+            "spec #3 (\"c\"): field `imgae`: unknown field; did you mean `image`?",
+            "spec #4 (\"d\"): field `cpus`: expected a number of cores from 0.01 up, like 0.5 or 2, got an array [1]",
+            "spec #4 (\"d\"): field `machine`: required field is missing",
+            "spec #4 (\"d\"): field `image`: \".hidden\" is not an image name",
+        ] {
+            assert!(all.contains(expected), "{expected}\nnot in\n{all}");
+        }
+        assert_eq!(e.len(), 7, "{all}");
+    }
+
+    #[test]
+    fn a_field_of_the_wrong_type_is_not_also_missing() {
+        let e = errs(r#"{"machine":5,"name":"a","image":"x","type":"binary"}"#);
+        assert_eq!(
+            e,
+            ["spec \"a\": field `machine`: expected a string, got a number 5"]
+        );
+    }
+
+    #[test]
+    fn json_syntax_errors_say_where_once() {
+        let e = errs("[\n  {\"name\": }\n]");
+        assert_eq!(e.len(), 1);
+        assert_eq!(e[0].matches("line").count(), 1, "{}", e[0]);
+        assert!(e[0].contains("at line 2 column 12"), "{}", e[0]);
+        assert!(e[0].starts_with("spec: not valid JSON: "), "{}", e[0]);
+    }
+
+    #[test]
+    fn nul_bytes_in_env_and_args_are_refused() {
+        let all = errs(&format!(
+            r#"{{{WEB},"env":["A=1","B=\u0000"],"args":["\u0000x"]}}"#
+        ))
+        .join("\n");
+        assert!(all.contains("field `env[1]`: holds a NUL byte"), "{all}");
+        assert!(all.contains("field `args[0]`: holds a NUL byte"), "{all}");
+    }
+
+    #[test]
+    fn args_and_env_are_limited_together() {
+        let arg = "x".repeat(70_000);
+        let all = errs(&format!(r#"{{{WEB},"args":["{arg}"],"env":["A={arg}"]}}"#)).join("\n");
+        assert!(
+            all.contains(
+                "field `args`: args and env together take 140004 bytes; at most 131072 (128 KiB)"
+            ),
+            "{all}"
+        );
+        assert!(parse_specs("t", &format!(r#"{{{WEB},"args":["{arg}"]}}"#)).is_ok());
+    }
+
+    #[test]
+    fn a_spec_over_256_kib_is_refused() {
+        let big = "x".repeat(MAX_SPEC_BYTES);
+        let text = format!(r#"[{{{WEB},"healthcheck":"/{big}"}}, {{"name":"b"}}]"#);
+        let all = errs(&text).join("\n");
+        let size = text.find(", {").unwrap() - 1;
+        assert!(
+            all.contains(&format!(
+                "spec #1 (\"web\"): the spec takes {size} bytes as JSON; at most 262144 (256 KiB) are allowed"
+            )),
+            "{all}"
+        );
+        // The spec after it is still checked.
+        assert!(
+            all.contains("spec #2 (\"b\"): field `machine`: required field is missing"),
+            "{all}"
+        );
+    }
+
+    #[test]
+    fn a_file_of_more_than_1000_specs_is_refused() {
+        let file = |n: usize| {
+            let specs: Vec<String> = (0..n)
+                .map(|i| format!(r#"{{"machine":"m","name":"s{i}","image":"x","type":"binary"}}"#))
+                .collect();
+            format!("[{}]", specs.join(","))
+        };
+        assert_eq!(parse_specs("t", &file(1000)).unwrap().len(), 1000);
+        assert_eq!(
+            errs(&file(1001)),
+            ["spec: the file holds 1001 specs; at most 1000 are allowed in one file"]
+        );
+    }
+
+    fn stored_web() -> (Spec, String) {
+        let text = format!(
+            r#"{{{WEB},"env":["A=1"],"ip":"fd38:dde8:32dd:5::7","memory":"64M","cpus":0.25,"link":["db"]}}"#
+        );
+        let spec = parse_specs("t", &text).unwrap().remove(0);
+        let json = serde_json::to_string(&spec).unwrap();
+        (spec, json)
+    }
+
+    #[test]
+    fn stored_specs_round_trip() {
+        let (spec, json) = stored_web();
+        assert_eq!(parse_stored("web", &json).unwrap(), spec);
+    }
+
+    #[test]
+    fn tampered_stored_specs_are_refused() {
+        let (_, json) = stored_web();
+        let tampered = |from: &str, to: &str| {
+            assert!(json.contains(from), "{json}");
+            parse_stored("web", &json.replacen(from, to, 1))
+                .unwrap_err()
+                .to_string()
+        };
+        let e = tampered(r#""A=1""#, r#""PORT=1""#);
+        assert!(
+            e.starts_with("stored spec of service \"web\": rejected"),
+            "{e}"
+        );
+        assert!(
+            e.contains("spec \"web\": field `env[0]`: PORT is set by Phoenix"),
+            "{e}"
+        );
+        let e = tampered(r#""image":"testy""#, r#""image":"../../etc/passwd""#);
+        assert!(e.contains("field `image`"), "{e}");
+        let e = tampered(r#""type":"binary""#, r#""type":"binary","privileged":true"#);
+        assert!(e.contains("field `privileged`: unknown field"), "{e}");
+        let e = tampered(r#""name":"web""#, r#""name":"other""#);
+        assert!(
+            e.contains("field `name`: the spec names \"other\" but is stored as \"web\""),
+            "{e}"
+        );
+        let e = tampered("}", "");
+        assert!(e.contains("not valid JSON: EOF while parsing"), "{e}");
+    }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+        use proptest::sample::select;
+
+        /// Any JSON, with keys that are often the known fields.
+        fn json() -> impl Strategy<Value = Value> {
+            let leaf = prop_oneof![
+                Just(Value::Null),
+                any::<bool>().prop_map(Value::from),
+                any::<i64>().prop_map(Value::from),
+                any::<u64>().prop_map(Value::from),
+                any::<f64>().prop_map(Value::from),
+                ".{0,12}".prop_map(Value::from),
+            ];
+            let key = prop_oneof![select(known_fields()).prop_map(str::to_owned), ".{0,12}",];
+            leaf.prop_recursive(4, 48, 8, move |inner| {
+                prop_oneof![
+                    prop::collection::vec(inner.clone(), 0..8).prop_map(Value::Array),
+                    prop::collection::btree_map(key.clone(), inner, 0..8)
+                        .prop_map(|m| Value::Object(m.into_iter().collect())),
+                ]
+            })
+        }
+
+        /// Objects close to a real spec, valid often enough to round-trip.
+        fn spec_like() -> impl Strategy<Value = Value> {
+            let names = "[a-z][a-z0-9-]{0,8}[a-z0-9]";
+            let required = (
+                select(vec!["m1", "node-2", "Bad"]),
+                names,
+                select(vec!["testy", "app:v2", "app.tar", ".x"]),
+                select(vec!["binary", "docker", "vm"]),
+                prop::option::of(select(vec!["daemon", "oneshot", "forever"])),
+                prop::collection::vec("[A-Z_][A-Z0-9_]{0,5}=[ -~]{0,8}", 0..3),
+                prop::option::of(select(vec!["example.com", "a.b-c.io", "No"])),
+            );
+            let optional = (
+                prop::option::of(0u64..70_000),
+                prop::option::of("/[a-z/]{0,8}"),
+                prop::option::of((1u16..4, any::<u16>())),
+                prop::collection::vec(".{0,10}", 0..3),
+                prop::collection::vec(names, 0..2),
+                prop::option::of(prop_oneof![
+                    any::<u64>().prop_map(Value::from),
+                    "[0-9]{1,5}[kKmMgG]?".prop_map(Value::from),
+                ]),
+                prop::option::of(0.0f64..2000.0),
+            );
+            (required, optional).prop_map(
+                |(
+                    (machine, name, image, kind, duration, env, proxyname),
+                    (proxyport, healthcheck, ip, args, link, memory, cpus),
+                )| {
+                    let mut o = serde_json::json!({
+                        "machine": machine, "name": name, "image": image,
+                        "type": kind, "env": env, "args": args, "link": link,
+                    });
+                    let o = o.as_object_mut().unwrap();
+                    let mut put = |k: &str, v: Option<Value>| {
+                        if let Some(v) = v {
+                            o.insert(k.to_owned(), v);
+                        }
+                    };
+                    put("duration", duration.map(Value::from));
+                    put("proxyname", proxyname.map(Value::from));
+                    put("proxyport", proxyport.map(Value::from));
+                    put("healthcheck", healthcheck.map(Value::from));
+                    put(
+                        "ip",
+                        ip.map(|(net, host)| {
+                            Value::from(format!("fd38:dde8:32dd:{net:x}::{host:x}"))
+                        }),
+                    );
+                    put("memory", memory);
+                    put("cpus", cpus.map(Value::from));
+                    Value::Object(o.clone())
+                },
+            )
+        }
+
+        proptest! {
+            #[test]
+            fn any_text_is_answered_without_panicking(text in ".{0,200}") {
+                let _ = parse_specs("t", &text);
+                let _ = parse_stored("t", &text);
+            }
+
+            #[test]
+            fn any_json_is_answered_without_panicking(value in json()) {
+                let text = value.to_string();
+                let _ = parse_specs("t", &text);
+                let _ = parse_stored("t", &text);
+            }
+
+            #[test]
+            fn accepted_specs_reparse_to_themselves(value in spec_like()) {
+                if let Ok(specs) = parse_specs("t", &value.to_string()) {
+                    let spec = &specs[0];
+                    let json = serde_json::to_string(spec).unwrap();
+                    prop_assert_eq!(&parse_specs("t", &json).unwrap(), &specs);
+                    prop_assert_eq!(&parse_stored(&spec.name, &json).unwrap(), spec);
+                }
+            }
+        }
+
+        /// The round trip above means something only if the strategy makes
+        /// valid specs often; this keeps it honest.
+        #[test]
+        fn spec_like_is_often_valid() {
+            use proptest::strategy::ValueTree;
+            use proptest::test_runner::TestRunner;
+            let mut runner = TestRunner::deterministic();
+            let strategy = spec_like();
+            let valid = (0..200)
+                .filter(|_| {
+                    let value = strategy.new_tree(&mut runner).unwrap().current();
+                    parse_specs("t", &value.to_string()).is_ok()
+                })
+                .count();
+            assert!(valid >= 20, "only {valid} of 200 were valid");
+        }
     }
 }

@@ -1,0 +1,459 @@
+//! The validation pass: a [`RawSpec`] whose fields have the right shapes
+//! becomes a [`Spec`], or every reason it cannot.
+//!
+//! This pass knows nothing of formats: a raw spec read from JSON, or built by
+//! an importer, is judged by the same rules. It reports every problem of the
+//! spec, each naming its field; the caller names the spec. Rules that need
+//! the cluster (does the machine exist, is the address free) are the
+//! master's.
+
+use std::net::Ipv6Addr;
+
+use super::raw::{RawSpec, Size};
+use super::{DEFAULT_PROXYPORT, Duration, Kind, MAX_ARGS_ENV_BYTES, RESERVED_ENV, Spec, SpecError};
+use crate::net;
+
+/// The smallest memory limit: less than this and a service cannot even start.
+const MIN_MEMORY: u64 = 4 << 20;
+
+/// The accepted CPU limits, in cores.
+const CPUS: std::ops::RangeInclusive<f64> = 0.01..=1024.0;
+
+const MEMORY_EXPECTED: &str = "a size of at least 4M, like \"512M\", \"2G\" or a number of bytes";
+const CPUS_EXPECTED: &str = "a number of cores from 0.01 up, like 0.5 or 2";
+
+/// Checks a raw spec and fills in defaults.
+///
+/// The errors name their field but not the spec: the caller knows which
+/// spec of its file this is (see [`SpecError::at`]).
+pub fn validate(raw: RawSpec) -> Result<Spec, Vec<SpecError>> {
+    let mut errs = Vec::new();
+    let mut err = |field: &str, reason: String| errs.push(SpecError::new(Some(field), reason));
+
+    let machine = text(&mut err, "machine", raw.machine, true);
+    let name = text(&mut err, "name", raw.name, true);
+    let image = text(&mut err, "image", raw.image, true);
+    let kind = text(&mut err, "type", raw.kind, true).and_then(|k| match k.as_str() {
+        "binary" => Some(Kind::Binary),
+        "docker" => Some(Kind::Docker),
+        "vm" => Some(Kind::Vm),
+        other => {
+            err(
+                "type",
+                format!("{other:?} is not a type; use \"binary\", \"docker\" or \"vm\""),
+            );
+            None
+        }
+    });
+    let duration = text(&mut err, "duration", raw.duration, false).and_then(|d| match d.as_str() {
+        "daemon" => Some(Duration::Daemon),
+        "oneshot" => Some(Duration::Oneshot),
+        other => {
+            err(
+                "duration",
+                format!("{other:?} is not a duration; use \"daemon\" or \"oneshot\""),
+            );
+            None
+        }
+    });
+    let proxyname = text(&mut err, "proxyname", raw.proxyname, false);
+    let healthcheck = text(&mut err, "healthcheck", raw.healthcheck, false);
+    let ip = text(&mut err, "ip", raw.ip, false).and_then(|s| match check_ip(&s) {
+        Ok(ip) => Some(ip),
+        Err(r) => {
+            err("ip", r);
+            None
+        }
+    });
+    let memory = raw.memory.and_then(|size| {
+        match size.bytes() {
+            Some(b) if b >= MIN_MEMORY => return Some(b),
+            _ => err(
+                "memory",
+                format!("expected {MEMORY_EXPECTED}, got {}", size.describe()),
+            ),
+        }
+        None
+    });
+    let cpus = raw.cpus.and_then(|c| {
+        if CPUS.contains(&c) {
+            return Some(c);
+        }
+        err(
+            "cpus",
+            format!("expected {CPUS_EXPECTED}, got a number {c}"),
+        );
+        None
+    });
+
+    if let Some(m) = &machine {
+        check_hostname_label(m).unwrap_or_else(|r| err("machine", r));
+    }
+    if let Some(n) = &name {
+        check_hostname_label(n).unwrap_or_else(|r| err("name", r));
+    }
+    if let Some(i) = &image {
+        check_image_name(i).unwrap_or_else(|r| err("image", r));
+    }
+    if kind == Some(Kind::Vm) {
+        err(
+            "type",
+            "type \"vm\" is not supported yet; this version runs \"binary\" and \"docker\"".into(),
+        );
+    }
+    for (i, entry) in raw.env.iter().enumerate() {
+        check_env(entry).unwrap_or_else(|r| err(&format!("env[{i}]"), r));
+    }
+    for (i, arg) in raw.args.iter().enumerate() {
+        if arg.contains('\0') {
+            err(
+                &format!("args[{i}]"),
+                "holds a NUL byte, which a process argument cannot".into(),
+            );
+        }
+    }
+    let exec_bytes = exec_bytes(&raw.args, &raw.env);
+    if exec_bytes > MAX_ARGS_ENV_BYTES {
+        err(
+            if raw.args.is_empty() { "env" } else { "args" },
+            format!(
+                "args and env together take {exec_bytes} bytes; at most {MAX_ARGS_ENV_BYTES} \
+                 (128 KiB) are allowed, to stay well under the kernel's limit for a new process"
+            ),
+        );
+    }
+    if let Some(p) = &proxyname {
+        check_domain(p).unwrap_or_else(|r| err("proxyname", r));
+    }
+    if let Some(h) = &healthcheck
+        && (!h.starts_with('/') || h.chars().any(|c| c.is_whitespace() || c.is_control()))
+    {
+        err(
+            "healthcheck",
+            format!(
+                "{h:?} is not a URL path; it must start with '/' and hold no spaces, e.g. \"/health\""
+            ),
+        );
+    }
+    for (i, l) in raw.link.iter().enumerate() {
+        if let Err(r) = check_hostname_label(l) {
+            err(&format!("link[{i}]"), r);
+        } else if name.as_deref() == Some(l) {
+            err(
+                &format!("link[{i}]"),
+                "a service need not link to itself".into(),
+            );
+        }
+    }
+
+    match (machine, name, image, kind) {
+        (Some(machine), Some(name), Some(image), Some(kind)) if errs.is_empty() => Ok(Spec {
+            machine,
+            name,
+            image,
+            kind,
+            duration: duration.unwrap_or_default(),
+            env: raw.env,
+            proxyname,
+            proxyport: raw.proxyport.unwrap_or(DEFAULT_PROXYPORT),
+            healthcheck,
+            ip,
+            args: raw.args,
+            link: raw.link,
+            memory,
+            cpus,
+        }),
+        // A required field that is absent has already been reported.
+        _ => Err(errs),
+    }
+}
+
+/// A text field: absent is fine unless `required`, empty never is.
+fn text(
+    err: &mut impl FnMut(&str, String),
+    field: &str,
+    value: Option<String>,
+    required: bool,
+) -> Option<String> {
+    match value {
+        None if required => {
+            err(field, "required field is missing".into());
+            None
+        }
+        Some(s) if s.is_empty() => {
+            err(field, "must not be empty".into());
+            None
+        }
+        other => other,
+    }
+}
+
+/// What `args` and `env` take of the kernel's room for a new process: each
+/// string and its terminating NUL.
+fn exec_bytes(args: &[String], env: &[String]) -> usize {
+    args.iter().chain(env).map(|s| s.len() + 1).sum()
+}
+
+fn check_ip(s: &str) -> Result<Ipv6Addr, String> {
+    let Ok(ip) = s.parse::<Ipv6Addr>() else {
+        return Err(format!("{s:?} is not an IPv6 address"));
+    };
+    if !net::in_cluster(ip) {
+        return Err(format!(
+            "{ip} is outside the cluster's range fd38:dde8:32dd::/48"
+        ));
+    }
+    if net::in_node_range(ip) {
+        return Err(format!(
+            "{ip} is in fd38:dde8:32dd::/64, which is reserved for nodes"
+        ));
+    }
+    Ok(ip)
+}
+
+impl Size {
+    /// The size in bytes, if it is one.
+    fn bytes(&self) -> Option<u64> {
+        match self {
+            Size::Bytes(b) => Some(*b),
+            Size::Text(s) => parse_size(s),
+        }
+    }
+
+    /// How the size was given, for error messages.
+    fn describe(&self) -> String {
+        match self {
+            Size::Bytes(b) => format!("a number {b}"),
+            Size::Text(s) => format!("a string {s:?}"),
+        }
+    }
+}
+
+/// `"512M"`, `"2G"`, `"64k"`, `"1000"` (bytes) → bytes.
+pub fn parse_size(s: &str) -> Option<u64> {
+    let s = s.trim();
+    let (num, mult) = match s.char_indices().last()? {
+        (i, 'k' | 'K') => (&s[..i], 1u64 << 10),
+        (i, 'm' | 'M') => (&s[..i], 1 << 20),
+        (i, 'g' | 'G') => (&s[..i], 1 << 30),
+        _ => (s, 1),
+    };
+    num.trim().parse::<u64>().ok()?.checked_mul(mult)
+}
+
+/// A name that can be a hostname label (RFC 1123): 1 to 63 of `a-z`, `0-9`
+/// and `-`, not starting or ending with `-`. Lowercase only, so that two
+/// names never differ by case alone.
+pub fn check_hostname_label(s: &str) -> Result<(), String> {
+    if s.is_empty() {
+        return Err("must not be empty".into());
+    }
+    if s.len() > 63 {
+        return Err(format!(
+            "{s:?} is {} characters; a hostname label has at most 63",
+            s.len()
+        ));
+    }
+    if let Some(c) = s
+        .chars()
+        .find(|c| !(c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '-'))
+    {
+        return Err(format!(
+            "{s:?} cannot be a hostname: {c:?} is not allowed (use a-z, 0-9 and '-')"
+        ));
+    }
+    if s.starts_with('-') || s.ends_with('-') {
+        return Err(format!(
+            "{s:?} cannot be a hostname: it starts or ends with '-'"
+        ));
+    }
+    Ok(())
+}
+
+/// An image is a file name in the registry: no path separators, not hidden.
+pub fn check_image_name(s: &str) -> Result<(), String> {
+    if s.is_empty() {
+        return Err("must not be empty".into());
+    }
+    if s.contains('/') || s.contains('\0') || s.starts_with('.') || s.len() > 255 {
+        return Err(format!(
+            "{s:?} is not an image name: it names a file in the registry, without '/' and not starting with '.'"
+        ));
+    }
+    Ok(())
+}
+
+fn check_env(entry: &str) -> Result<(), String> {
+    if entry.contains('\0') {
+        return Err("holds a NUL byte, which an environment variable cannot".into());
+    }
+    let Some((key, _)) = entry.split_once('=') else {
+        return Err(format!("{entry:?} is not of the form KEY=VALUE"));
+    };
+    let mut chars = key.chars();
+    let valid = chars
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_');
+    if !valid {
+        return Err(format!(
+            "{key:?} is not a variable name (letters, digits and '_', not starting with a digit)"
+        ));
+    }
+    if RESERVED_ENV.contains(&key) {
+        return Err(format!(
+            "{key} is set by Phoenix for every service and cannot be overridden"
+        ));
+    }
+    Ok(())
+}
+
+fn check_domain(s: &str) -> Result<(), String> {
+    let lower = s.to_ascii_lowercase();
+    if s.len() > 253 || lower != s {
+        return Err(format!(
+            "{s:?} is not a lowercase domain name of at most 253 characters"
+        ));
+    }
+    for label in s.split('.') {
+        check_hostname_label(label).map_err(|r| format!("{s:?} is not a domain name: {r}"))?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn minimal() -> RawSpec {
+        RawSpec {
+            machine: Some("m1".into()),
+            name: Some("web".into()),
+            image: Some("testy".into()),
+            kind: Some("binary".into()),
+            ..RawSpec::default()
+        }
+    }
+
+    fn reasons(raw: RawSpec) -> Vec<String> {
+        validate(raw)
+            .unwrap_err()
+            .iter()
+            .map(ToString::to_string)
+            .collect()
+    }
+
+    #[test]
+    fn a_raw_spec_from_an_importer_is_validated_without_any_format() {
+        let spec = validate(RawSpec {
+            memory: Some(Size::Text("512M".into())),
+            cpus: Some(1.5),
+            ..minimal()
+        })
+        .unwrap();
+        assert_eq!(spec.memory, Some(512 << 20));
+        assert_eq!(spec.cpus, Some(1.5));
+        assert_eq!(spec.proxyport, DEFAULT_PROXYPORT);
+    }
+
+    #[test]
+    fn binaries_take_limits_now() {
+        let spec = validate(RawSpec {
+            memory: Some(Size::Bytes(64 << 20)),
+            cpus: Some(0.25),
+            ..minimal()
+        })
+        .unwrap();
+        assert_eq!((spec.memory, spec.cpus), (Some(64 << 20), Some(0.25)));
+    }
+
+    #[test]
+    fn limits_out_of_range() {
+        let all = reasons(RawSpec {
+            memory: Some(Size::Bytes(1000)),
+            cpus: Some(5000.0),
+            ..minimal()
+        })
+        .join("\n");
+        assert!(
+            all.contains("field `memory`: expected a size of at least 4M, like \"512M\", \"2G\" or a number of bytes, got a number 1000"),
+            "{all}"
+        );
+        assert!(
+            all.contains("field `cpus`: expected a number of cores from 0.01 up, like 0.5 or 2, got a number 5000"),
+            "{all}"
+        );
+        let all = reasons(RawSpec {
+            memory: Some(Size::Text("lots".into())),
+            ..minimal()
+        })
+        .join("\n");
+        assert!(all.contains("got a string \"lots\""), "{all}");
+    }
+
+    #[test]
+    fn nul_bytes_are_refused_by_index() {
+        let all = reasons(RawSpec {
+            env: vec!["A=1".into(), "B=x\0y".into()],
+            args: vec!["ok".into(), "also".into(), "b\0d".into()],
+            ..minimal()
+        })
+        .join("\n");
+        assert!(all.contains("field `env[1]`: holds a NUL byte"), "{all}");
+        assert!(all.contains("field `args[2]`: holds a NUL byte"), "{all}");
+        assert!(!all.contains("env[0]") && !all.contains("args[0]"), "{all}");
+    }
+
+    #[test]
+    fn args_and_env_share_one_limit() {
+        // Each half fits; together they do not.
+        let half = "x".repeat(MAX_ARGS_ENV_BYTES / 2);
+        let all = reasons(RawSpec {
+            env: vec![format!("A={half}")],
+            args: vec![half.clone()],
+            ..minimal()
+        })
+        .join("\n");
+        let expected = format!(
+            "field `args`: args and env together take {} bytes; at most 131072 (128 KiB)",
+            2 * half.len() + 4
+        );
+        assert!(all.contains(&expected), "{all}");
+        assert!(
+            validate(RawSpec {
+                args: vec![half],
+                ..minimal()
+            })
+            .is_ok()
+        );
+    }
+
+    #[test]
+    fn empty_and_missing_are_told_apart() {
+        let all = reasons(RawSpec {
+            name: Some(String::new()),
+            healthcheck: Some(String::new()),
+            machine: None,
+            ..minimal()
+        })
+        .join("\n");
+        assert!(
+            all.contains("field `machine`: required field is missing"),
+            "{all}"
+        );
+        assert!(all.contains("field `name`: must not be empty"), "{all}");
+        assert!(
+            all.contains("field `healthcheck`: must not be empty"),
+            "{all}"
+        );
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("64k"), Some(65536));
+        assert_eq!(parse_size(" 3 M "), Some(3 << 20));
+        assert_eq!(parse_size("1000"), Some(1000));
+        assert_eq!(parse_size("99999999999G"), None);
+        assert_eq!(parse_size(""), None);
+    }
+}
