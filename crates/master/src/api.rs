@@ -1,17 +1,22 @@
 //! The API on the master's Unix socket: what the CLI talks to.
 //!
 //! One [`Request`] per connection, answered by one final [`Reply`] (`Ok` or
-//! `Error`), with `Log` replies before it for log streams. The socket is
+//! `Error`), with `Log` replies before it for log streams. Handlers return
+//! typed replies (`phoenix_model::proto::{Applied, Deleted, ...}`) or an
+//! [`ApiError`], whose kind travels with its message; this module only turns
+//! them into frames. The socket is
 //! mode 0600 in the data dir: whoever can open it administers the cluster.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use phoenix_model::proto::{MAX_FRAME, Reply, Request, read_frame, write_frame};
-use serde_json::json;
+use phoenix_model::proto::{
+    AuditEntry, MAX_FRAME, Pushed, Reply, Request, read_frame, write_frame,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
 
+use crate::BoxError;
 use crate::hub::{ApiError, Apply, Hub, LogEvent};
 
 pub async fn serve(hub: Arc<Hub>, listener: UnixListener) {
@@ -52,8 +57,6 @@ fn actor(stream: &UnixStream) -> String {
     }
 }
 
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
-
 async fn connection(hub: Arc<Hub>, mut stream: UnixStream) -> Result<(), BoxError> {
     let Some(req) = read_frame::<_, Request>(&mut stream, MAX_FRAME).await? else {
         return Ok(());
@@ -63,56 +66,64 @@ async fn connection(hub: Arc<Hub>, mut stream: UnixStream) -> Result<(), BoxErro
         Request::Logs { name, tail, follow } => {
             return logs(&hub, stream, &name, tail, follow).await;
         }
-        Request::Push { name, size } => push(&hub, &mut stream, &who, name, size).await,
+        Request::Push { name, size } => reply(push(&hub, &mut stream, &who, name, size).await),
         Request::Accept { name } => {
             let h = hub.clone();
             let w = who.clone();
-            match tokio::task::spawn_blocking(move || h.accept(&w, &name)).await? {
-                Ok(node) => hub.admit(&node).await,
-                Err(e) => Err(e),
-            }
+            let accepted = match tokio::task::spawn_blocking(move || h.accept(&w, &name)).await {
+                Ok(Ok(node)) => hub.admit(&node).await,
+                Ok(Err(e)) => Err(e),
+                Err(e) => Err(ApiError::Internal(format!("accept: {e}"))),
+            };
+            reply(accepted)
         }
-        Request::Forget { name } => hub.forget(&who, &name).await,
-        Request::Wait { names, timeout_ms } => hub
-            .wait(&names, Duration::from_millis(timeout_ms))
-            .await
-            .map(|v| json!(v)),
+        Request::Forget { name } => reply(hub.forget(&who, &name).await),
+        Request::Wait { names, timeout_ms } => {
+            reply(hub.wait(&names, Duration::from_millis(timeout_ms)).await)
+        }
         req => {
             let hub = hub.clone();
-            tokio::task::spawn_blocking(move || handle(&hub, &who, req)).await?
+            tokio::task::spawn_blocking(move || handle(&hub, &who, req))
+                .await
+                .unwrap_or_else(|e| reply::<()>(Err(ApiError::Internal(format!("request: {e}")))))
         }
-    };
-    let reply = match reply {
-        Ok(body) => Reply::Ok { body },
-        Err(e) => Reply::Error {
-            message: e.to_string(),
-        },
     };
     write_frame(&mut stream, &reply).await?;
     Ok(())
 }
 
+/// The final reply for a handler's typed result.
+fn reply<T: serde::Serialize>(result: Result<T, ApiError>) -> Reply {
+    Reply::of(result.map_err(ApiError::into_wire))
+}
+
 /// The requests that only touch the store (blocking).
-fn handle(hub: &Hub, who: &str, req: Request) -> Result<serde_json::Value, ApiError> {
+fn handle(hub: &Hub, who: &str, req: Request) -> Reply {
     match req {
-        Request::MasterInfo => Ok(json!(hub.master_info()?)),
-        Request::Waiting => Ok(json!(hub.waiting()?)),
-        Request::Reject { name } => hub.reject(who, &name),
-        Request::Deploy { source, text } => hub.apply(who, Apply::Deploy, &source, &text),
-        Request::Update { source, text } => hub.apply(who, Apply::Update, &source, &text),
-        Request::Del { name } => hub.delete(who, &name),
-        Request::Status { name } => Ok(json!(hub.status(&name)?)),
-        Request::Info { name } => hub.info(&name),
-        Request::Services => Ok(json!(hub.services()?)),
-        Request::Nodes => Ok(json!(hub.nodes()?)),
-        Request::Images => Ok(json!(hub.images()?)),
-        Request::Audit { limit } => Ok(json!(hub.store().read()?.audit_log(limit)?)),
+        Request::MasterInfo => reply(hub.master_info()),
+        Request::Waiting => reply(hub.waiting()),
+        Request::Reject { name } => reply(hub.reject(who, &name)),
+        Request::Deploy { source, text } => reply(hub.apply(who, Apply::Deploy, &source, &text)),
+        Request::Update { source, text } => reply(hub.apply(who, Apply::Update, &source, &text)),
+        Request::Del { name } => reply(hub.delete(who, &name)),
+        Request::Status { name } => reply(hub.status(&name)),
+        Request::Info { name } => reply(hub.info(&name)),
+        Request::Services => reply(hub.services()),
+        Request::Nodes => reply(hub.nodes()),
+        Request::Images => reply(hub.images()),
+        Request::Audit { limit } => reply(audit(hub, limit)),
         Request::Logs { .. }
         | Request::Push { .. }
         | Request::Wait { .. }
         | Request::Accept { .. }
-        | Request::Forget { .. } => Err(ApiError::Refused("request handled elsewhere".into())),
+        | Request::Forget { .. } => {
+            reply::<()>(Err(ApiError::Internal("request handled elsewhere".into())))
+        }
     }
+}
+
+fn audit(hub: &Hub, limit: usize) -> Result<Vec<AuditEntry>, ApiError> {
+    Ok(hub.store().read()?.audit_log(limit)?)
 }
 
 async fn push(
@@ -121,7 +132,7 @@ async fn push(
     who: &str,
     name: String,
     size: u64,
-) -> Result<serde_json::Value, ApiError> {
+) -> Result<Pushed, ApiError> {
     let (tmp, file) = hub.registry.staging(&name)?;
     let mut file = tokio::fs::File::from_std(file);
     let copied = tokio::io::copy(&mut (&mut *stream).take(size), &mut file).await;
@@ -131,13 +142,13 @@ async fn push(
         Ok(n) if n == size => {}
         Ok(n) => {
             let _ = std::fs::remove_file(&tmp);
-            return Err(ApiError::Refused(format!(
+            return Err(ApiError::Invalid(format!(
                 "upload of {name:?} ended after {n} of {size} bytes; nothing was changed"
             )));
         }
         Err(e) => {
             let _ = std::fs::remove_file(&tmp);
-            return Err(ApiError::Refused(format!(
+            return Err(ApiError::Internal(format!(
                 "upload of {name:?} failed: {e}; nothing was changed"
             )));
         }
@@ -146,7 +157,7 @@ async fn push(
     let (h, n, t) = (hub.clone(), name.clone(), tmp.clone());
     let image = tokio::task::spawn_blocking(move || h.registry.commit(&t, &n))
         .await
-        .map_err(|e| ApiError::Refused(format!("indexing {name:?}: {e}")))
+        .map_err(|e| ApiError::Internal(format!("indexing {name:?}: {e}")))
         .and_then(|r| r.map_err(ApiError::from))
         .inspect_err(|_| {
             let _ = std::fs::remove_file(&tmp);
@@ -155,10 +166,16 @@ async fn push(
         .registry
         .entry(&name)
         .map_or(0, |e| e.index.chunks.len());
-    let body = json!({ "name": name, "hash": image.hash, "size": image.size, "chunks": chunks });
+    let pushed = Pushed {
+        name,
+        hash: image.hash,
+        size: image.size,
+        chunks,
+    };
+    let audited = serde_json::to_value(&pushed).unwrap_or_default();
     hub.store()
-        .write(|tx| tx.audit(who, "push", &name, None, Some(&body)))?;
-    Ok(body)
+        .write(|tx| tx.audit(who, "push", &pushed.name, None, Some(&audited)))?;
+    Ok(pushed)
 }
 
 async fn logs(
@@ -171,13 +188,7 @@ async fn logs(
     let (id, node, mut rx) = match hub.open_logs(name, tail, follow) {
         Ok(v) => v,
         Err(e) => {
-            write_frame(
-                &mut stream,
-                &Reply::Error {
-                    message: e.to_string(),
-                },
-            )
-            .await?;
+            write_frame(&mut stream, &reply::<()>(Err(e))).await?;
             return Ok(());
         }
     };
@@ -187,8 +198,11 @@ async fn logs(
         tokio::select! {
             ev = rx.recv() => match ev {
                 Some(LogEvent::Data(data)) => write_frame(&mut wr, &Reply::Log { data }).await?,
-                Some(LogEvent::End(None)) | None => break Reply::Ok { body: json!(null) },
-                Some(LogEvent::End(Some(message))) => break Reply::Error { message },
+                Some(LogEvent::End(None)) | None => break reply(Ok(())),
+                // The minion could not serve it, or its link went away.
+                Some(LogEvent::End(Some(message))) => {
+                    break reply::<()>(Err(ApiError::Unavailable(message)));
+                }
             },
             // The CLI went away (e.g. Ctrl-C on `logs -f`).
             _ = rd.read(&mut probe) => {

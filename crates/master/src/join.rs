@@ -74,7 +74,7 @@ impl RateLimit {
 
     /// Whether a request from `ip` may go ahead now.
     pub fn allow(&self, ip: IpAddr, now: Instant) -> bool {
-        let mut per_ip = self.per_ip.lock().unwrap_or_else(|p| p.into_inner());
+        let mut per_ip = crate::lock(&self.per_ip);
         if per_ip.len() > 10_000 {
             // Forget sources that have refilled completely.
             let full = self.every.mul_f64(self.burst);
@@ -87,7 +87,7 @@ impl RateLimit {
         if !Self::take(b, self.burst, self.every, now) {
             return false;
         }
-        let mut g = self.global.lock().unwrap_or_else(|p| p.into_inner());
+        let mut g = crate::lock(&self.global);
         Self::take(&mut g, self.global_burst, self.global_every, now)
     }
 }

@@ -8,11 +8,14 @@
 //!   pushes each minion its whole desired set and receives observed state.
 //!
 //! [`hub`] ties them together: operations, in-memory observed state, links.
+//! What each node should run is decided in one place, the pure
+//! [`reconcile`], which the hub feeds from the store on every change.
 
 pub mod api;
 pub mod hub;
 pub mod join;
 pub mod link;
+pub mod reconcile;
 pub mod registry;
 pub mod store;
 pub mod watch;
@@ -77,6 +80,16 @@ pub enum MasterError {
     Key(#[from] phoenix_model::keys::KeyError),
     #[error(transparent)]
     Overlay(#[from] phoenix_overlay::OverlayError),
+}
+
+/// A connection task's error, logged when the connection ends.
+pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Locks a mutex of the master's in-memory state. A panic while holding one
+/// leaves plain data behind, still consistent enough to serve; it must not
+/// poison the whole master.
+pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// The CLI socket's path in a data dir.

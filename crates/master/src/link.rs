@@ -11,6 +11,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 
+use crate::BoxError;
 use crate::hub::{Hub, LogEvent};
 use crate::store::Node;
 
@@ -33,8 +34,6 @@ pub async fn serve(hub: Arc<Hub>, listener: TcpListener) {
         });
     }
 }
-
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// Chunk batches being encoded at once, over all fetches.
 static ENCODERS: std::sync::OnceLock<tokio::sync::Semaphore> = std::sync::OnceLock::new();
@@ -133,7 +132,7 @@ async fn link(
     let (mut rd, mut wr) = stream.into_split();
     let (tx, mut rx) = mpsc::unbounded_channel::<ToMinion>();
     let conn = hub.connect(&name, &version, tx);
-    hub.push_desired(&name);
+    hub.push_desired([name.as_str()]);
     hub.send(
         &name,
         ToMinion::Catalog {

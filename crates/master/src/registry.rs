@@ -12,12 +12,14 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::File;
 use std::io::{self, Read};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
 use phoenix_chunks::Index;
 use phoenix_model::proto::CatalogEntry;
 use phoenix_model::spec::check_image_name;
+
+use crate::lock;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RegistryError {
@@ -95,10 +97,6 @@ pub struct Registry {
     previous: Mutex<HashMap<String, Arc<Index>>>,
     /// Bumped whenever the catalog changes.
     changes: tokio::sync::watch::Sender<u64>,
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl Registry {

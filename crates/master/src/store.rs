@@ -4,14 +4,19 @@
 //! their specs and addresses, per-node revisions of the desired set, and the
 //! audit log. Every change goes through one transaction that also writes its
 //! audit row, so the log cannot miss a change.
+//!
+//! The store loads and saves rows; it decides nothing. What a node should
+//! run is computed from these rows by [`crate::reconcile`]. A stored spec is
+//! checked again as it is loaded ([`parse_stored`]), so a row written by an
+//! older master, or edited by hand, cannot reach a minion unchecked.
 
 use std::collections::HashSet;
 use std::net::{IpAddr, Ipv6Addr};
 use std::path::Path;
 
 use phoenix_model::net;
-use phoenix_model::proto::{Assignment, AuditEntry, DesiredSet};
-use phoenix_model::spec::Spec;
+use phoenix_model::proto::AuditEntry;
+use phoenix_model::spec::{Spec, parse_stored};
 use phoenix_model::status::now_ms;
 use rusqlite::{Connection, OptionalExtension, Transaction, params};
 
@@ -26,6 +31,8 @@ pub enum StoreError {
     Sql(#[from] rusqlite::Error),
     #[error("store holds a malformed {what}: {detail}")]
     Corrupt { what: &'static str, detail: String },
+    #[error("store: {0}; fix the service with `phoenix update` or remove it with `phoenix del`")]
+    BadSpec(#[from] phoenix_model::spec::SpecErrors),
 }
 
 type Result<T, E = StoreError> = std::result::Result<T, E>;
@@ -102,16 +109,6 @@ pub struct Service {
 }
 
 impl Service {
-    pub fn assignment(&self) -> Assignment {
-        Assignment {
-            spec: self.spec.clone(),
-            ip: self.ip,
-            image_hash: self.image_hash.clone(),
-            image_size: self.image_size,
-            generation: self.generation,
-        }
-    }
-
     /// The spec as `info` and the audit log show it: with its address.
     pub fn to_json(&self) -> serde_json::Value {
         let mut spec = self.spec.clone();
@@ -202,7 +199,7 @@ fn node_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<[String; 6]> {
 }
 
 const NODE_COLS: &str = "name, key, state, public_ip, private_ip, overlay_ip, version, requested_at, accepted_at, revision, wg_port, token_proof";
-const SERVICE_COLS: &str = "spec, ip, image_hash, image_size, generation";
+const SERVICE_COLS: &str = "name, spec, ip, image_hash, image_size, generation";
 
 impl Tx<'_> {
     // ------------------------------------------------------------ nodes
@@ -328,11 +325,11 @@ impl Tx<'_> {
         ))?;
         let map = |r: &rusqlite::Row<'_>| {
             Ok((
-                r.get::<_, String>(0)?,
-                r.get::<_, String>(1)?,
+                [r.get::<_, String>(0)?, r.get::<_, String>(1)?],
                 r.get::<_, String>(2)?,
-                r.get::<_, i64>(3)?,
+                r.get::<_, String>(3)?,
                 r.get::<_, i64>(4)?,
+                r.get::<_, i64>(5)?,
             ))
         };
         let rows = match arg {
@@ -344,12 +341,9 @@ impl Tx<'_> {
                 .collect::<rusqlite::Result<Vec<_>>>()?,
         };
         rows.into_iter()
-            .map(|(spec, ip, image_hash, size, generation)| {
+            .map(|([name, spec], ip, image_hash, size, generation)| {
                 Ok(Service {
-                    spec: serde_json::from_str(&spec).map_err(|e| StoreError::Corrupt {
-                        what: "spec",
-                        detail: e.to_string(),
-                    })?,
+                    spec: parse_stored(&name, &spec)?,
                     ip: parse("service ip", &ip)?,
                     image_hash,
                     image_size: size as u64,
@@ -365,10 +359,6 @@ impl Tx<'_> {
 
     pub fn services(&self) -> Result<Vec<Service>> {
         self.services_where("", None)
-    }
-
-    pub fn services_on(&self, machine: &str) -> Result<Vec<Service>> {
-        self.services_where("WHERE machine = ?1", Some(machine))
     }
 
     pub fn used_ips(&self) -> Result<HashSet<Ipv6Addr>> {
@@ -409,19 +399,6 @@ impl Tx<'_> {
         self.tx
             .execute("DELETE FROM services WHERE name = ?1", [name])?;
         Ok(())
-    }
-
-    /// The desired set of one node, at its current revision.
-    pub fn desired_set(&self, machine: &str) -> Result<DesiredSet> {
-        let revision = self.node(machine)?.map_or(0, |n| n.revision);
-        Ok(DesiredSet {
-            revision,
-            services: self
-                .services_on(machine)?
-                .iter()
-                .map(Service::assignment)
-                .collect(),
-        })
     }
 
     // ------------------------------------------------------------ audit
@@ -552,12 +529,46 @@ mod tests {
         let tx = store.read().unwrap();
         assert_eq!(tx.nodes(true).unwrap().len(), 1);
         assert_eq!(tx.nodes(false).unwrap()[0].name, "m2");
-        let set = tx.desired_set("m1").unwrap();
+        let set =
+            crate::reconcile::desired_set("m1", &tx.nodes(true).unwrap(), &tx.services().unwrap());
         assert_eq!(set.revision, 1);
         assert_eq!(set.services[0].spec.name, "a");
         assert!(tx.used_ips().unwrap().contains(&net::service_ip(0)));
         let log = tx.audit_log(10).unwrap();
         assert_eq!(log.len(), 1);
         assert_eq!(log[0].new.as_ref().unwrap()["ip"], "fd38:dde8:32dd:1::1");
+    }
+
+    #[test]
+    fn a_stored_spec_is_checked_again_when_loaded() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open(&dir.path().join("s.db")).unwrap();
+        let spec = parse_specs(
+            "t",
+            r#"{"machine":"m1","name":"a","image":"x","type":"binary"}"#,
+        )
+        .unwrap();
+        let svc = Service {
+            spec: spec[0].clone(),
+            ip: net::service_ip(0),
+            image_hash: "h".into(),
+            image_size: 3,
+            generation: 1,
+        };
+        store.write(|tx| tx.put_service(&svc)).unwrap();
+        assert_eq!(store.read().unwrap().services().unwrap(), [svc]);
+        // A row edited by hand (or written by a master with looser checks).
+        store
+            .conn
+            .execute(
+                "UPDATE services SET spec = ?1 WHERE name = 'a'",
+                [r#"{"machine":"m1","name":"a","image":"x","type":"binary","duration":"daemon","proxyport":0}"#],
+            )
+            .unwrap();
+        let err = store.read().unwrap().service("a").unwrap_err();
+        let message = err.to_string();
+        assert!(matches!(err, StoreError::BadSpec(_)), "{message}");
+        assert!(message.contains(r#"service "a""#), "{message}");
+        assert!(message.contains("proxyport"), "{message}");
     }
 }

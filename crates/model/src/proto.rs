@@ -262,57 +262,46 @@ pub struct Assignment {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 #[serde(tag = "req", rename_all = "snake_case")]
 pub enum Request {
+    /// → [`MasterInfo`]
     MasterInfo,
+    /// → `Vec<`[`WaitingNode`]`>`
     Waiting,
-    Accept {
-        name: String,
-    },
-    Reject {
-        name: String,
-    },
-    /// Removes an accepted node, its overlay peer and its key.
-    Forget {
-        name: String,
-    },
+    /// → [`Accepted`]
+    Accept { name: String },
+    /// → [`Rejected`]
+    Reject { name: String },
+    /// Removes an accepted node, its overlay peer and its key. → [`Forgotten`]
+    Forget { name: String },
     /// `source` names the file in error messages; `text` is its content.
-    Deploy {
-        source: String,
-        text: String,
-    },
-    Update {
-        source: String,
-        text: String,
-    },
-    Del {
-        name: String,
-    },
-    Status {
-        name: String,
-    },
-    Info {
-        name: String,
-    },
+    /// → `Vec<`[`Applied`]`>`
+    Deploy { source: String, text: String },
+    /// → `Vec<`[`Applied`]`>`
+    Update { source: String, text: String },
+    /// → [`Deleted`]
+    Del { name: String },
+    /// → [`ServiceView`]
+    Status { name: String },
+    /// The spec as stored, with its address. → [`Spec`]
+    Info { name: String },
+    /// → `Vec<`[`ServiceView`]`>`
     Services,
+    /// → `Vec<`[`NodeView`]`>`
     Nodes,
-    Audit {
-        limit: usize,
-    },
-    /// `size` bytes of image follow this frame on the same stream.
-    Push {
-        name: String,
-        size: u64,
-    },
+    /// → `Vec<`[`AuditEntry`]`>`
+    Audit { limit: usize },
+    /// `size` bytes of image follow this frame on the same stream. → [`Pushed`]
+    Push { name: String, size: u64 },
+    /// `Log` replies, then `null`.
     Logs {
         name: String,
         tail: usize,
         follow: bool,
     },
     /// Waits until the named services run (or fail), up to `timeout_ms`.
-    Wait {
-        names: Vec<String>,
-        timeout_ms: u64,
-    },
+    /// → `Vec<`[`ServiceView`]`>`
+    Wait { names: Vec<String>, timeout_ms: u64 },
     /// The registry's images and each node's copy of them.
+    /// → `Vec<`[`ImageView`]`>`
     Images,
 }
 
@@ -348,12 +337,116 @@ pub struct ImageNodeView {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(tag = "reply", rename_all = "snake_case")]
 pub enum Reply {
-    /// Final: the request succeeded; the body's shape depends on the request.
+    /// Final: the request succeeded. The body is the JSON of the request's
+    /// reply type (named on each [`Request`] variant); it stays JSON on the
+    /// wire so that a newer master can add fields an older CLI ignores.
     Ok { body: serde_json::Value },
     /// Final: the request failed and changed nothing.
-    Error { message: String },
+    Error {
+        message: String,
+        /// What kind of failure; a master from before kinds sends none.
+        #[serde(default)]
+        kind: ErrorKind,
+    },
     /// Not final: some log output.
     Log { data: String },
+}
+
+impl Reply {
+    /// The final reply for a request's outcome.
+    pub fn of<T: Serialize>(result: Result<T, (ErrorKind, String)>) -> Reply {
+        match result.map(serde_json::to_value) {
+            Ok(Ok(body)) => Reply::Ok { body },
+            Ok(Err(e)) => Reply::Error {
+                message: format!("cannot encode the reply: {e}"),
+                kind: ErrorKind::Internal,
+            },
+            Err((kind, message)) => Reply::Error { message, kind },
+        }
+    }
+}
+
+/// Why a request failed, so that a caller (and the CLI's exit code) can
+/// tell a typo from a conflict from a machine that is down.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorKind {
+    /// The input is malformed or fails validation (spec errors).
+    Invalid,
+    /// What the request names does not exist.
+    NotFound,
+    /// The request contradicts the cluster's state (already accepted,
+    /// still in use).
+    Conflict,
+    /// A machine it needs is not connected, or waiting timed out.
+    Unavailable,
+    /// The master failed (its store, its disk); also any kind this CLI does
+    /// not know yet.
+    #[default]
+    #[serde(other)]
+    Internal,
+}
+
+impl ErrorKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorKind::Invalid => "invalid",
+            ErrorKind::NotFound => "not found",
+            ErrorKind::Conflict => "conflict",
+            ErrorKind::Unavailable => "unavailable",
+            ErrorKind::Internal => "internal",
+        }
+    }
+}
+
+// ---------------------------------------------------------------- replies
+//
+// The typed bodies of `Reply::Ok` for changes; reads reply with the views
+// below (`MasterInfo`, `Vec<ServiceView>`, ...).
+
+/// One service written by `deploy` or `update` (the reply is a list).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct Applied {
+    pub name: String,
+    pub machine: String,
+    pub ip: Ipv6Addr,
+    pub generation: u64,
+}
+
+/// `del`'s reply.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct Deleted {
+    pub deleted: String,
+    pub machine: String,
+}
+
+/// `accept`'s reply: the node is a member with this overlay address.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct Accepted {
+    pub name: String,
+    pub overlay_ip: Ipv6Addr,
+}
+
+/// `reject`'s reply.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct Rejected {
+    pub rejected: String,
+}
+
+/// `forget`'s reply.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct Forgotten {
+    pub forgotten: String,
+}
+
+/// `push`'s reply: the image as the registry indexed it.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct Pushed {
+    pub name: String,
+    /// BLAKE3 of the file, hex.
+    pub hash: String,
+    pub size: u64,
+    pub chunks: usize,
 }
 
 // ---------------------------------------------------------------- views
@@ -439,6 +532,40 @@ pub struct AuditEntry {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn error_replies_carry_their_kind_and_old_ones_read_as_internal() {
+        let r = Reply::of::<()>(Err((ErrorKind::NotFound, "no service \"web\"".into())));
+        let text = serde_json::to_string(&r).unwrap();
+        assert_eq!(
+            text,
+            r#"{"reply":"error","message":"no service \"web\"","kind":"not_found"}"#
+        );
+        assert_eq!(serde_json::from_str::<Reply>(&text).unwrap(), r);
+        // A master from before kinds, and a kind from a newer master.
+        for old in [
+            r#"{"reply":"error","message":"m"}"#,
+            r#"{"reply":"error","message":"m","kind":"quota"}"#,
+        ] {
+            assert_eq!(
+                serde_json::from_str::<Reply>(old).unwrap(),
+                Reply::Error {
+                    message: "m".into(),
+                    kind: ErrorKind::Internal
+                }
+            );
+        }
+        let ok = Reply::of::<Deleted>(Ok(Deleted {
+            deleted: "web".into(),
+            machine: "m1".into(),
+        }));
+        assert_eq!(
+            ok,
+            Reply::Ok {
+                body: serde_json::json!({"deleted": "web", "machine": "m1"})
+            }
+        );
+    }
 
     #[tokio::test]
     async fn frames_round_trip_and_are_bounded() {

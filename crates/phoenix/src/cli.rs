@@ -17,7 +17,10 @@ pub const DEFAULT_MINION_DIR: &str = "/var/lib/phoenix/minion";
     long_about = "A multi-server process supervisor: installer, master, minion and CLI in one binary.\n\n\
         Set up a master with `phoenix master <public-ip>`, join minions with `phoenix minion ...`, \
         accept them with `phoenix accept <name>`, then `phoenix deploy spec.json`.\n\
-        Commands other than master/minion talk to the master through the Unix socket in its data dir."
+        Commands other than master/minion talk to the master through the Unix socket in its data dir.",
+    after_help = "Exit status: 0 ok, 1 failure (a service failed, an internal error), 2 usage, \
+        3 invalid input (spec errors), 4 not found, 5 conflict (already accepted, still in use), \
+        6 unavailable (the master or a machine is not reachable, or waiting timed out)."
 )]
 pub struct Cli {
     #[command(subcommand)]

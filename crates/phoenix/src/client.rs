@@ -1,21 +1,106 @@
-//! The CLI's side of the master's Unix socket.
+//! The CLI's side of the master's Unix socket, and what its failures mean
+//! for the exit code.
+//!
+//! A request gets one typed reply (`phoenix_model::proto::{Applied, Deleted,
+//! ...}`, decoded from the JSON body) or a [`MasterRefused`] carrying the
+//! error's kind, which [`exit_code`] maps to a distinct exit status.
 
+use std::fmt;
 use std::io::IsTerminal;
 use std::path::Path;
 
 use anyhow::{Context, Result, anyhow, bail};
-use phoenix_model::proto::{MAX_FRAME, Reply, Request, read_frame, write_frame};
+use phoenix_model::proto::{ErrorKind, MAX_FRAME, Pushed, Reply, Request, read_frame, write_frame};
+use phoenix_model::spec::SpecErrors;
 use serde::de::DeserializeOwned;
 use tokio::io::AsyncWriteExt;
 use tokio::net::UnixStream;
 
+/// The CLI's exit statuses on failure; `phoenix --help` and the README
+/// list them. 0 is success, and 2 is clap's for bad arguments.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Exit {
+    /// Anything else: a failed service, an internal error of the master.
+    Failure = 1,
+    /// The input is invalid (a spec error), locally or on the master.
+    Invalid = 3,
+    NotFound = 4,
+    Conflict = 5,
+    /// The master, or a machine the request needs, is not reachable, or
+    /// waiting for services timed out.
+    Unavailable = 6,
+}
+
+/// The master answered a request with an error.
+#[derive(Debug)]
+pub struct MasterRefused {
+    pub kind: ErrorKind,
+    pub message: String,
+}
+
+impl fmt::Display for MasterRefused {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for MasterRefused {}
+
+/// The master's socket does not answer.
+#[derive(Debug)]
+pub struct MasterUnreachable {
+    pub socket: String,
+    pub source: std::io::Error,
+}
+
+impl fmt::Display for MasterUnreachable {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "cannot reach the master at {} (is `phoenix master` running? point --data-dir or PHOENIX_DATA_DIR at its data dir)",
+            self.socket
+        )
+    }
+}
+
+impl std::error::Error for MasterUnreachable {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.source)
+    }
+}
+
+/// The exit status for an error: the first cause in its chain that says
+/// what kind of failure it is decides.
+pub fn exit_code(err: &anyhow::Error) -> Exit {
+    for cause in err.chain() {
+        if let Some(refused) = cause.downcast_ref::<MasterRefused>() {
+            return match refused.kind {
+                ErrorKind::Invalid => Exit::Invalid,
+                ErrorKind::NotFound => Exit::NotFound,
+                ErrorKind::Conflict => Exit::Conflict,
+                ErrorKind::Unavailable => Exit::Unavailable,
+                ErrorKind::Internal => Exit::Failure,
+            };
+        }
+        if cause.is::<SpecErrors>() {
+            return Exit::Invalid;
+        }
+        if cause.is::<MasterUnreachable>() {
+            return Exit::Unavailable;
+        }
+    }
+    Exit::Failure
+}
+
 pub async fn connect(data_dir: &Path) -> Result<UnixStream> {
     let path = phoenix_master::socket_path(data_dir);
-    UnixStream::connect(&path).await.with_context(|| {
-        format!(
-            "cannot reach the master at {} (is `phoenix master` running? point --data-dir or PHOENIX_DATA_DIR at its data dir)",
-            path.display()
-        )
+    UnixStream::connect(&path).await.map_err(|source| {
+        MasterUnreachable {
+            socket: path.display().to_string(),
+            source,
+        }
+        .into()
     })
 }
 
@@ -33,7 +118,9 @@ async fn finish<T: DeserializeOwned>(s: &mut UnixStream) -> Result<T> {
                 return serde_json::from_value(body)
                     .context("the master's answer has an unexpected shape");
             }
-            Some(Reply::Error { message }) => bail!("{message}"),
+            Some(Reply::Error { message, kind }) => {
+                return Err(MasterRefused { kind, message }.into());
+            }
             Some(Reply::Log { data }) => print!("{data}"),
             None => bail!("the master closed the connection without an answer"),
         }
@@ -52,12 +139,11 @@ pub async fn logs(data_dir: &Path, name: &str, tail: usize, follow: bool) -> Res
         },
     )
     .await?;
-    let _: serde_json::Value = finish(&mut s).await?;
-    Ok(())
+    finish(&mut s).await
 }
 
 /// Uploads a file to the registry, showing progress on a terminal.
-pub async fn push(data_dir: &Path, file: &Path, name: &str) -> Result<serde_json::Value> {
+pub async fn push(data_dir: &Path, file: &Path, name: &str) -> Result<Pushed> {
     let mut f = tokio::fs::File::open(file)
         .await
         .with_context(|| format!("cannot open {}", file.display()))?;
@@ -103,4 +189,77 @@ pub async fn push(data_dir: &Path, file: &Path, name: &str) -> Result<serde_json
         );
     }
     finish(&mut s).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use phoenix_model::spec::SpecError;
+
+    fn refused(kind: ErrorKind) -> anyhow::Error {
+        MasterRefused {
+            kind,
+            message: "m".into(),
+        }
+        .into()
+    }
+
+    #[test]
+    fn each_kind_of_failure_has_its_exit_code() {
+        let cases = [
+            (ErrorKind::Invalid, 3),
+            (ErrorKind::NotFound, 4),
+            (ErrorKind::Conflict, 5),
+            (ErrorKind::Unavailable, 6),
+            (ErrorKind::Internal, 1),
+        ];
+        for (kind, code) in cases {
+            assert_eq!(exit_code(&refused(kind)) as u8, code, "{kind:?}");
+        }
+        // Context on top (as `deploy` adds to its wait) keeps the kind.
+        let waited = refused(ErrorKind::Unavailable).context("the change is stored, but");
+        assert_eq!(exit_code(&waited), Exit::Unavailable);
+        // A spec refused locally, before the master is asked.
+        let local = anyhow::Error::from(SpecErrors {
+            file: "web.json".into(),
+            errors: vec![SpecError::new(Some("name"), "empty")],
+        });
+        assert_eq!(exit_code(&local), Exit::Invalid);
+        let down = anyhow::Error::from(MasterUnreachable {
+            socket: "/x/phoenix.sock".into(),
+            source: std::io::ErrorKind::NotFound.into(),
+        });
+        assert_eq!(exit_code(&down), Exit::Unavailable);
+        assert!(down.to_string().contains("/x/phoenix.sock"), "{down}");
+        assert_eq!(exit_code(&anyhow!("failed: job")), Exit::Failure);
+    }
+
+    #[tokio::test]
+    async fn an_error_reply_keeps_its_kind_and_message() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = phoenix_master::socket_path(dir.path());
+        let listener = tokio::net::UnixListener::bind(&sock).unwrap();
+        let master = tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let _: Option<Request> = read_frame(&mut s, MAX_FRAME).await.unwrap();
+            let reply = Reply::Error {
+                message: "no service \"web\" (see `phoenix services`)".into(),
+                kind: ErrorKind::NotFound,
+            };
+            write_frame(&mut s, &reply).await.unwrap();
+        });
+        let err = call::<()>(dir.path(), &Request::Del { name: "web".into() })
+            .await
+            .unwrap_err();
+        master.await.unwrap();
+        assert_eq!(exit_code(&err), Exit::NotFound);
+        assert_eq!(
+            err.to_string(),
+            "no service \"web\" (see `phoenix services`)"
+        );
+        let gone = call::<()>(dir.path(), &Request::Services)
+            .await
+            .unwrap_err();
+        assert_eq!(exit_code(&gone), Exit::Unavailable);
+    }
 }

@@ -204,7 +204,7 @@ async fn demo(
         println!("accepted {m}");
     }
     let pushed = client::push(&master_dir, testy, "testy").await?;
-    println!("pushed testy ({} bytes)", pushed["size"]);
+    println!("pushed testy ({} bytes)", pushed.size);
     let specs = json!([
         {"machine": "m1", "name": "web", "image": "testy", "type": "binary",
          "proxyport": free_port()?, "healthcheck": "/health"},

@@ -18,9 +18,10 @@ use clap::Parser;
 use cli::{ApplyArgs, Cli, Command};
 use output::{ago, bytes, table, utc};
 use phoenix_model::proto::{
-    AuditEntry, ImageView, MasterInfo, NodeView, Request, ServiceView, WaitingNode,
+    Accepted, Applied, AuditEntry, Deleted, Forgotten, ImageView, MasterInfo, NodeView, Rejected,
+    Request, ServiceView, WaitingNode,
 };
-use serde_json::Value;
+use phoenix_model::spec::Spec;
 
 fn main() {
     let cli = Cli::parse();
@@ -35,7 +36,7 @@ fn main() {
         .init();
     if let Err(e) = run(cli) {
         eprintln!("error: {e:#}");
-        std::process::exit(1);
+        std::process::exit(i32::from(client::exit_code(&e) as u8));
     }
 }
 
@@ -251,29 +252,29 @@ async fn command(cmd: Command) -> Result<()> {
             );
         }
         Command::Accept { name, target } => {
-            let node: Value =
+            let node: Accepted =
                 client::call(&target.data_dir, &Request::Accept { name: name.clone() }).await?;
-            println!(
-                "accepted {name} (overlay ip {})",
-                node["overlay_ip"].as_str().unwrap_or("-")
-            );
+            println!("accepted {} (overlay ip {})", node.name, node.overlay_ip);
         }
         Command::Reject { name, target } => {
-            let _: Value =
+            let r: Rejected =
                 client::call(&target.data_dir, &Request::Reject { name: name.clone() }).await?;
-            println!("rejected {name}");
+            println!("rejected {}", r.rejected);
         }
         Command::Forget { name, target } => {
-            let _: Value =
+            let f: Forgotten =
                 client::call(&target.data_dir, &Request::Forget { name: name.clone() }).await?;
-            println!("forgot {name}: its key and overlay peer are removed");
+            println!(
+                "forgot {}: its key and overlay peer are removed",
+                f.forgotten
+            );
         }
         Command::Deploy(a) => apply(a, false).await?,
         Command::Update(a) => apply(a, true).await?,
         Command::Del { name, target } => {
-            let _: Value =
+            let d: Deleted =
                 client::call(&target.data_dir, &Request::Del { name: name.clone() }).await?;
-            println!("deleted {name}");
+            println!("deleted {}", d.deleted);
         }
         Command::Status { name, target, json } => {
             let v: ServiceView = client::call(&target.data_dir, &Request::Status { name }).await?;
@@ -311,8 +312,8 @@ async fn command(cmd: Command) -> Result<()> {
             }
         }
         Command::Info { name, target } => {
-            let v: Value = client::call(&target.data_dir, &Request::Info { name }).await?;
-            print_json(&v)?;
+            let spec: Spec = client::call(&target.data_dir, &Request::Info { name }).await?;
+            print_json(&spec)?;
         }
         Command::Services { target, json } => {
             let list: Vec<ServiceView> = client::call(&target.data_dir, &Request::Services).await?;
@@ -408,10 +409,11 @@ async fn command(cmd: Command) -> Result<()> {
             };
             let v = client::push(&target.data_dir, &file, &name).await?;
             println!(
-                "pushed {name} ({}, {} chunks, blake3 {}); minions fetch it now (`phoenix images` shows where)",
-                bytes(v["size"].as_u64().unwrap_or(0)),
-                v["chunks"].as_u64().unwrap_or(0),
-                v["hash"].as_str().unwrap_or("?")
+                "pushed {} ({}, {} chunks, blake3 {}); minions fetch it now (`phoenix images` shows where)",
+                v.name,
+                bytes(v.size),
+                v.chunks,
+                v.hash
             );
         }
         Command::Logs {
@@ -453,19 +455,16 @@ async fn apply(a: ApplyArgs, update: bool) -> Result<()> {
     } else {
         Request::Deploy { source, text }
     };
-    let applied: Vec<Value> = client::call(&a.target.data_dir, &req).await?;
-    let names: Vec<String> = applied
-        .iter()
-        .filter_map(|v| v["name"].as_str().map(str::to_owned))
-        .collect();
+    let applied: Vec<Applied> = client::call(&a.target.data_dir, &req).await?;
+    let names: Vec<String> = applied.iter().map(|v| v.name.clone()).collect();
     if !a.json.json {
         for v in &applied {
             println!(
                 "{} {} on {} at {}",
                 if update { "updated" } else { "deployed" },
-                v["name"].as_str().unwrap_or("?"),
-                v["machine"].as_str().unwrap_or("?"),
-                v["ip"].as_str().unwrap_or("?")
+                v.name,
+                v.machine,
+                v.ip
             );
         }
     }

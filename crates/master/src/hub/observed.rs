@@ -1,0 +1,254 @@
+//! Observed state: what the minions report, kept in memory.
+//!
+//! Service statuses and each node's last contact, version, load and image
+//! cache live under one lock: they arrive together on a link and are read
+//! together by the views. Nothing here is durable; a restarted master learns
+//! it again from the minions' full reports on reconnect.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use phoenix_model::proto::{ImageSync, ServiceView};
+use phoenix_model::spec::Duration as SpecDuration;
+use phoenix_model::status::{NodeStats, ServiceState, ServiceStatus, now_ms};
+use tokio::sync::watch;
+
+use super::{ApiError, Hub, desired_sets};
+use crate::lock;
+use crate::store::Service;
+
+/// What a minion reported last about itself.
+#[derive(Clone, Debug, Default)]
+pub struct NodeSeen {
+    pub last_seen: u64,
+    pub version: Option<String>,
+    pub stats: Option<NodeStats>,
+    /// Its image cache, as last reported.
+    pub images: Option<ImageSync>,
+}
+
+/// Everything the minions reported.
+#[derive(Default)]
+struct Observed {
+    /// service name → its last reported status.
+    statuses: HashMap<String, ServiceStatus>,
+    /// node name → what it said about itself.
+    seen: HashMap<String, NodeSeen>,
+}
+
+impl Observed {
+    fn seen_mut(&mut self, node: &str) -> &mut NodeSeen {
+        let s = self.seen.entry(node.to_owned()).or_default();
+        s.last_seen = now_ms();
+        s
+    }
+}
+
+pub(super) struct ObservedState {
+    state: Mutex<Observed>,
+    /// Bumped whenever a reported status changes (for `wait`).
+    changes: watch::Sender<u64>,
+}
+
+impl Default for ObservedState {
+    fn default() -> Self {
+        ObservedState {
+            state: Mutex::default(),
+            changes: watch::channel(0).0,
+        }
+    }
+}
+
+impl Hub {
+    /// A status report; `full` replaces all that is known of the node's
+    /// services.
+    pub fn report_status(&self, node: &str, services: Vec<ServiceStatus>, full: bool) {
+        // Which services are the node's: the reconciler says (read before
+        // taking the observed lock, which is never held with another).
+        let mine: Vec<String> = if full {
+            self.store()
+                .read()
+                .and_then(|tx| desired_sets(&tx))
+                .map(|mut sets| sets.remove(node).unwrap_or_default().services)
+                .map(|v| v.into_iter().map(|a| a.spec.name).collect())
+                .unwrap_or_default()
+        } else {
+            Vec::new()
+        };
+        {
+            let mut o = lock(&self.observed.state);
+            for name in mine {
+                o.statuses.remove(&name);
+            }
+            for s in services {
+                o.statuses.insert(s.name.clone(), s);
+            }
+            o.seen_mut(node);
+        }
+        self.status_changed();
+    }
+
+    pub fn report_gone(&self, node: &str, names: Vec<String>) {
+        let mut o = lock(&self.observed.state);
+        for n in names {
+            o.statuses.remove(&n);
+        }
+        o.seen_mut(node);
+    }
+
+    pub fn report_images(&self, node: &str, images: ImageSync) {
+        lock(&self.observed.state).seen_mut(node).images = Some(images);
+    }
+
+    pub fn report_node(&self, node: &str, stats: NodeStats) {
+        lock(&self.observed.state).seen_mut(node).stats = Some(stats);
+    }
+
+    /// Notes that a node was heard from.
+    pub fn touch(&self, node: &str) {
+        lock(&self.observed.state).seen_mut(node);
+    }
+
+    pub(super) fn seen_connect(&self, node: &str, version: &str, at: u64) {
+        let mut o = lock(&self.observed.state);
+        let s = o.seen.entry(node.to_owned()).or_default();
+        s.last_seen = at;
+        s.version = Some(version.to_owned());
+    }
+
+    pub(super) fn forget_seen(&self, node: &str) {
+        lock(&self.observed.state).seen.remove(node);
+    }
+
+    pub(super) fn forget_status(&self, service: &str) {
+        lock(&self.observed.state).statuses.remove(service);
+    }
+
+    /// What a node last said about itself (empty if nothing yet).
+    pub fn seen(&self, node: &str) -> NodeSeen {
+        lock(&self.observed.state)
+            .seen
+            .get(node)
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    pub(super) fn all_seen(&self) -> HashMap<String, NodeSeen> {
+        lock(&self.observed.state).seen.clone()
+    }
+
+    /// Wakes `wait`ers to look again.
+    pub(super) fn status_changed(&self) {
+        self.observed.changes.send_modify(|n| *n += 1);
+    }
+
+    pub fn status(&self, name: &str) -> Result<ServiceView, ApiError> {
+        let svc = self
+            .store()
+            .read()?
+            .service(name)?
+            .ok_or_else(|| ApiError::no_service(name))?;
+        Ok(self.view(&svc))
+    }
+
+    pub fn services(&self) -> Result<Vec<ServiceView>, ApiError> {
+        let services = self.store().read()?.services()?;
+        Ok(services.iter().map(|s| self.view(s)).collect())
+    }
+
+    fn view(&self, svc: &Service) -> ServiceView {
+        let st = lock(&self.observed.state)
+            .statuses
+            .get(&svc.spec.name)
+            .cloned();
+        let reachable = self.is_connected(&svc.spec.machine);
+        ServiceView {
+            name: svc.spec.name.clone(),
+            machine: svc.spec.machine.clone(),
+            kind: svc.spec.kind.as_str().into(),
+            duration: svc.spec.duration.as_str().into(),
+            ip: svc.ip,
+            image: svc.spec.image.clone(),
+            generation: svc.generation,
+            state: st.as_ref().map_or("pending", |s| s.state.as_str()).into(),
+            pid: st.as_ref().and_then(|s| s.pid),
+            restarts: st.as_ref().map_or(0, |s| s.restarts),
+            health: st.as_ref().map_or("-", |s| s.health.as_str()).into(),
+            last_exit: st.as_ref().and_then(|s| s.last_exit),
+            limits: st.as_ref().and_then(|s| s.limits.clone()),
+            since: st.as_ref().map(|s| s.since),
+            message: st.and_then(|s| s.message),
+            node_reachable: reachable,
+        }
+    }
+
+    /// Waits until every named service reports its current generation as
+    /// settled (see below), or the timeout passes.
+    pub async fn wait(
+        &self,
+        names: &[String],
+        timeout: std::time::Duration,
+    ) -> Result<Vec<ServiceView>, ApiError> {
+        let mut changes = self.observed.changes.subscribe();
+        let deadline = tokio::time::Instant::now() + timeout;
+        // What "settled" means per service, read from the store once.
+        let wanted: Vec<(String, u64, bool)> = {
+            let mut store = self.store();
+            let tx = store.read()?;
+            names
+                .iter()
+                .map(|n| {
+                    let s = tx.service(n)?.ok_or_else(|| ApiError::no_service(n))?;
+                    Ok((
+                        s.spec.name,
+                        s.generation,
+                        s.spec.duration == SpecDuration::Oneshot,
+                    ))
+                })
+                .collect::<Result<_, ApiError>>()?
+        };
+        let pending = || -> Vec<String> {
+            let o = lock(&self.observed.state);
+            wanted
+                .iter()
+                .filter(|(name, generation, oneshot)| {
+                    // A daemon has settled once it runs; a oneshot once it ended.
+                    let done: &[ServiceState] = if *oneshot {
+                        &[ServiceState::Exited, ServiceState::Failed]
+                    } else {
+                        &[ServiceState::Running, ServiceState::Failed]
+                    };
+                    !o.statuses
+                        .get(name)
+                        .is_some_and(|s| s.generation == *generation && done.contains(&s.state))
+                })
+                .map(|(name, _, _)| name.clone())
+                .collect()
+        };
+        loop {
+            let left = pending();
+            if left.is_empty() {
+                return names.iter().map(|n| self.status(n)).collect();
+            }
+            match tokio::time::timeout_at(deadline, changes.changed()).await {
+                Ok(Ok(())) => {}
+                _ => {
+                    let detail: Vec<String> = left
+                        .iter()
+                        .map(|n| {
+                            format!(
+                                "{n} ({})",
+                                self.status(n).map(|v| v.state).unwrap_or_default()
+                            )
+                        })
+                        .collect();
+                    return Err(ApiError::Unavailable(format!(
+                        "timed out after {} ms waiting for: {}",
+                        timeout.as_millis(),
+                        detail.join(", ")
+                    )));
+                }
+            }
+        }
+    }
+}
