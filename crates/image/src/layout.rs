@@ -1,8 +1,9 @@
 //! Reading an OCI image layout, from a directory or from a tar file.
 //!
-//! [`open`] finds `index.json`, follows it (through nested image indexes,
-//! picking this host's platform) to one image manifest, and reads the
-//! manifest and the image config. Every blob read is checked against its
+//! [`open`] finds `index.json` (without one, a tar with Docker's
+//! `manifest.json` goes to [`crate::docker_archive`]), follows it (through
+//! nested image indexes, picking this host's platform) to one image
+//! manifest, and reads the manifest and the image config. Every blob read is checked against its
 //! descriptor's size and sha256 digest; layers are only located and
 //! size-checked here, their digests are checked as they are unpacked (or by
 //! [`Image::verify`]).
@@ -22,7 +23,7 @@ use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
 /// Largest JSON document (index, manifest, config) we read into memory.
-const MAX_JSON_BYTES: u64 = 16 << 20;
+pub(crate) const MAX_JSON_BYTES: u64 = 16 << 20;
 /// How deep nested image indexes may go.
 const MAX_INDEX_DEPTH: usize = 4;
 
@@ -48,14 +49,41 @@ pub enum ImageError {
     #[error("{path} is {kind}-compressed; decompress it first (an image archive is a plain tar)")]
     Compressed { path: PathBuf, kind: &'static str },
     #[error(
-        "{path} is a legacy docker image archive (manifest.json, no OCI index.json); phoenix needs an OCI image: \
-         save it with docker >= 25 (`docker image save IMAGE:TAG -o image.tar`), or convert it with \
-         `skopeo copy docker-archive:{path} oci-archive:image-oci.tar`"
+        "{path}: manifest.json names {entry:?}, which {problem}; the archive is damaged or was not \
+         written by `docker save`"
     )]
-    LegacyDocker { path: PathBuf },
+    DockerArchiveEntry {
+        path: PathBuf,
+        entry: String,
+        problem: &'static str,
+    },
     #[error(
-        "{path} is not an OCI image layout (no index.json); use `docker image save` (docker >= 25), \
-         `podman save --format oci-archive` or `skopeo copy ... oci-archive:FILE`"
+        "{path}: image config {config:?} lists {diff_ids} layer digests (rootfs.diff_ids) but \
+         manifest.json lists {layers} layers for it"
+    )]
+    DockerArchiveLayerCount {
+        path: PathBuf,
+        config: String,
+        diff_ids: usize,
+        layers: usize,
+    },
+    #[error(
+        "{entry} in {path} is corrupt: its content has digest {actual}, the image says {expected}"
+    )]
+    DockerArchiveCorrupt {
+        path: PathBuf,
+        entry: String,
+        expected: String,
+        actual: String,
+    },
+    #[error(
+        "{path} is an unpacked legacy docker archive (a directory with manifest.json); give the tar \
+         file `docker save` wrote instead"
+    )]
+    DockerArchiveDirectory { path: PathBuf },
+    #[error(
+        "{path} is not an image archive (no OCI index.json, no docker manifest.json); use \
+         `docker image save`, `podman save --format oci-archive` or `skopeo copy ... oci-archive:FILE`"
     )]
     NotOci { path: PathBuf },
     #[error("{path}: unsupported image layout version {version:?}")]
@@ -89,8 +117,12 @@ pub enum ImageError {
         path: PathBuf,
         actual: String,
     },
-    #[error("{path} holds no image (its index.json lists no manifest)")]
-    Empty { path: PathBuf },
+    #[error("{path} holds no image (its {listing} lists none)")]
+    Empty {
+        path: PathBuf,
+        /// The file that should list the images: index.json or manifest.json.
+        listing: &'static str,
+    },
     #[error("{path} holds several images; pick one by name or tag: {available}")]
     Several { path: PathBuf, available: String },
     #[error("no image {reference:?} in {path}; available: {available}")]
@@ -121,16 +153,32 @@ pub enum ImageError {
     TooDeep { digest: String },
 }
 
-/// An image found in an OCI layout: its manifest, its config, its layers,
+/// An image found in an image file: its manifest, its config, its layers,
 /// and where to read its blobs from.
 #[derive(Clone, Debug)]
 pub struct Image {
-    /// `sha256:...` of the image manifest: the image's identity.
+    /// The image's identity, `sha256:<64 hex digits>`. For an OCI image,
+    /// the digest of its manifest. A legacy Docker archive has no manifest:
+    /// there it is the sha256 of a marker and the image config (see
+    /// [`crate::docker_archive`]), which no OCI manifest digest can equal.
     pub manifest_digest: String,
     pub config: ImageConfig,
     /// Bottom layer first.
     pub layers: Vec<Layer>,
-    blobs: Blobs,
+    pub(crate) blobs: Blobs,
+    pub(crate) layer_files: LayerFiles,
+}
+
+/// How a layer is found, and what its digest covers.
+#[derive(Clone, Debug)]
+pub(crate) enum LayerFiles {
+    /// OCI: a blob named by its digest, which covers the blob as stored
+    /// (compressed or not).
+    Blobs,
+    /// Legacy Docker archive: a tar member named in manifest.json, found
+    /// by the layer's digest, which is its diff_id: the sha256 of the
+    /// *uncompressed* layer tar.
+    DockerArchive(Arc<HashMap<String, String>>),
 }
 
 /// What the image config says about running the image.
@@ -152,7 +200,8 @@ pub struct ImageConfig {
 /// One layer's descriptor, as the manifest lists it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Layer {
-    /// `sha256:...` of the (possibly compressed) blob.
+    /// `sha256:...` of the (possibly compressed) blob; in a legacy Docker
+    /// archive, of the uncompressed layer tar (its diff_id).
     pub digest: String,
     pub media_type: String,
     /// Size of the blob in bytes.
@@ -161,7 +210,7 @@ pub struct Layer {
 
 /// Where blobs live.
 #[derive(Clone, Debug)]
-enum Blobs {
+pub(crate) enum Blobs {
     /// An OCI layout directory: `DIR/blobs/sha256/HEX`.
     Dir(PathBuf),
     /// A tar file, kept open, with the position of each member.
@@ -174,7 +223,7 @@ enum Blobs {
 
 /// Where a tar member's data is.
 #[derive(Clone, Copy, Debug)]
-struct Member {
+pub(crate) struct Member {
     offset: u64,
     size: u64,
 }
@@ -186,6 +235,13 @@ pub(crate) struct BlobReader {
     file: Arc<File>,
     pos: u64,
     end: u64,
+}
+
+impl BlobReader {
+    /// Bytes between the reader's position and its end.
+    pub(crate) fn len(&self) -> u64 {
+        self.end - self.pos
+    }
 }
 
 impl Read for BlobReader {
@@ -240,9 +296,12 @@ impl<R: Read> Read for HashingReader<R> {
     }
 }
 
-/// Opens the OCI image at `path` (a tar file or a layout directory). With
-/// several images in it, `reference` picks one: a tag (`v2`), a name
-/// (`myapp:v2`, `docker.io/library/myapp:v2`) or a manifest digest.
+/// Opens the image at `path`: an OCI layout (a tar file or a directory),
+/// or a legacy Docker archive (a tar with `manifest.json` and no
+/// `index.json`, read by [`crate::docker_archive`]). With several images
+/// in it, `reference` picks one: a tag (`v2`), a name (`myapp:v2`,
+/// `docker.io/library/myapp:v2`) or a digest (OCI: the manifest's; legacy:
+/// Docker's image id).
 pub fn open(path: &Path, reference: Option<&str>) -> Result<Image, ImageError> {
     let io_err = |source| ImageError::Io {
         path: path.to_owned(),
@@ -263,10 +322,8 @@ pub fn open(path: &Path, reference: Option<&str>) -> Result<Image, ImageError> {
     };
 
     if !blobs.has_file("index.json") {
-        if blobs.has_file("manifest.json") || blobs.has_file("repositories") {
-            return Err(ImageError::LegacyDocker {
-                path: path.to_owned(),
-            });
+        if blobs.has_file(crate::docker_archive::MANIFEST) {
+            return crate::docker_archive::open(blobs, reference);
         }
         return Err(ImageError::NotOci {
             path: path.to_owned(),
@@ -287,7 +344,15 @@ pub fn open(path: &Path, reference: Option<&str>) -> Result<Image, ImageError> {
     let bytes = blobs.read_file("index.json")?;
     let index: Index = blobs.parse_json("index.json", &bytes)?;
 
-    let chosen = choose(path, &index.manifests, reference)?;
+    let candidates: Vec<Candidate<'_>> = index
+        .manifests
+        .iter()
+        .map(|d| Candidate {
+            names: names_of(d),
+            id: &d.digest,
+        })
+        .collect();
+    let chosen = &index.manifests[choose(path, "index.json", &candidates, reference)?];
     let manifest_desc = blobs.resolve_manifest(chosen, 0)?;
     let bytes = blobs.read_json_blob(&manifest_desc, "manifest")?;
     let manifest: Manifest =
@@ -316,6 +381,7 @@ pub fn open(path: &Path, reference: Option<&str>) -> Result<Image, ImageError> {
         config: config_file.into_config(),
         layers,
         blobs,
+        layer_files: LayerFiles::Blobs,
     })
 }
 
@@ -323,26 +389,65 @@ impl Image {
     /// Opens a layer's blob for reading (size already checked; the digest
     /// is the reader's to check).
     pub(crate) fn layer_reader(&self, layer: &Layer) -> Result<BlobReader, ImageError> {
-        self.blobs.open_blob(&layer.digest, layer.size)
+        match &self.layer_files {
+            LayerFiles::Blobs => self.blobs.open_blob(&layer.digest, layer.size),
+            LayerFiles::DockerArchive(files) => {
+                crate::docker_archive::layer_reader(&self.blobs, files, layer)
+            }
+        }
     }
 
-    /// Reads every layer blob through and checks its sha256 digest, without
-    /// unpacking anything (the index, manifest and config were checked by
-    /// [`open`]). [`crate::unpack()`] checks the same as it goes.
-    pub fn verify(&self) -> Result<(), ImageError> {
-        for layer in &self.layers {
-            let mut reader = HashingReader::new(self.layer_reader(layer)?);
-            io::copy(&mut reader, &mut io::sink()).map_err(|source| ImageError::Io {
+    /// Whether a layer's digest covers its uncompressed tar (a legacy
+    /// Docker archive's diff_ids) rather than the blob as stored.
+    pub(crate) fn digests_uncompressed(&self) -> bool {
+        matches!(self.layer_files, LayerFiles::DockerArchive(_))
+    }
+
+    /// The error for a layer whose content does not have its digest.
+    pub(crate) fn corrupt_layer(&self, layer: &Layer, actual: String) -> ImageError {
+        match &self.layer_files {
+            LayerFiles::Blobs => ImageError::DigestMismatch {
+                digest: layer.digest.clone(),
                 path: self.blobs.path().to_owned(),
-                source,
-            })?;
-            let (actual, _) = reader.finish();
+                actual,
+            },
+            LayerFiles::DockerArchive(files) => ImageError::DockerArchiveCorrupt {
+                path: self.blobs.path().to_owned(),
+                entry: files.get(&layer.digest).cloned().unwrap_or_default(),
+                expected: layer.digest.clone(),
+                actual,
+            },
+        }
+    }
+
+    /// Reads every layer through and checks its sha256 digest, without
+    /// unpacking anything (the index, manifest and config were checked by
+    /// [`open`]). [`crate::unpack()`] checks the same as it goes. A legacy
+    /// Docker archive's layers are decompressed on the way when they are
+    /// compressed, since their digests cover the uncompressed tar.
+    pub fn verify(&self) -> Result<(), ImageError> {
+        let read_err = |source| ImageError::Io {
+            path: self.blobs.path().to_owned(),
+            source,
+        };
+        for layer in &self.layers {
+            let reader = self.layer_reader(layer)?;
+            let actual = if self.digests_uncompressed() {
+                let decoded = crate::unpack::decompressed(layer, io::BufReader::new(reader))
+                    .map_err(|e| match e {
+                        crate::UnpackError::Image(e) => e,
+                        other => read_err(io::Error::other(other.to_string())),
+                    })?;
+                let mut hashed = HashingReader::new(decoded);
+                io::copy(&mut hashed, &mut io::sink()).map_err(read_err)?;
+                hashed.finish().0
+            } else {
+                let mut hashed = HashingReader::new(reader);
+                io::copy(&mut hashed, &mut io::sink()).map_err(read_err)?;
+                hashed.finish().0
+            };
             if actual != layer.digest {
-                return Err(ImageError::DigestMismatch {
-                    digest: layer.digest.clone(),
-                    path: self.blobs.path().to_owned(),
-                    actual,
-                });
+                return Err(self.corrupt_layer(layer, actual));
             }
         }
         Ok(())
@@ -392,7 +497,7 @@ fn check_not_compressed(path: &Path, file: &mut File) -> Result<(), ImageError> 
 
 /// A member name as a lookup key: `./` prefixes, leading `/` and repeated
 /// slashes dropped, `..` applied lexically. `None` if it climbs out.
-fn member_key(name: &str) -> Option<String> {
+pub(crate) fn member_key(name: &str) -> Option<String> {
     let mut parts: Vec<&str> = Vec::new();
     for part in name.split('/') {
         match part {
@@ -471,13 +576,13 @@ fn index_tar(path: &Path, file: &mut File) -> Result<HashMap<String, Member>, Im
 }
 
 impl Blobs {
-    fn path(&self) -> &Path {
+    pub(crate) fn path(&self) -> &Path {
         match self {
             Blobs::Dir(path) | Blobs::Tar { path, .. } => path,
         }
     }
 
-    fn has_file(&self, name: &str) -> bool {
+    pub(crate) fn has_file(&self, name: &str) -> bool {
         match self {
             Blobs::Dir(dir) => dir.join(name).is_file(),
             Blobs::Tar { members, .. } => members.contains_key(name),
@@ -486,7 +591,7 @@ impl Blobs {
 
     /// Opens a layout file or blob by its path in the layout; the size is
     /// what is there.
-    fn open_member(&self, name: &str) -> Result<Option<BlobReader>, ImageError> {
+    pub(crate) fn open_member(&self, name: &str) -> Result<Option<BlobReader>, ImageError> {
         match self {
             Blobs::Dir(dir) => {
                 let path = dir.join(name);
@@ -517,7 +622,7 @@ impl Blobs {
     }
 
     /// Reads a small layout file (index.json, oci-layout) whole.
-    fn read_file(&self, name: &str) -> Result<Vec<u8>, ImageError> {
+    pub(crate) fn read_file(&self, name: &str) -> Result<Vec<u8>, ImageError> {
         let reader = self.open_member(name)?.ok_or_else(|| ImageError::NotOci {
             path: self.path().to_owned(),
         })?;
@@ -539,7 +644,7 @@ impl Blobs {
         Ok(bytes)
     }
 
-    fn parse_json<T: for<'de> Deserialize<'de>>(
+    pub(crate) fn parse_json<T: for<'de> Deserialize<'de>>(
         &self,
         what: &str,
         bytes: &[u8],
@@ -735,47 +840,62 @@ fn split_tag(name: &str) -> (&str, Option<&str>) {
     }
 }
 
-fn matches(reference: &str, desc: &Descriptor) -> bool {
+/// One image a file holds, as [`choose`] sees it: the names it is known
+/// by, and its identity (the OCI manifest digest; for a legacy Docker
+/// archive, the image id where its config's file name gives it).
+pub(crate) struct Candidate<'a> {
+    pub(crate) names: Vec<&'a str>,
+    pub(crate) id: &'a str,
+}
+
+fn matches(reference: &str, candidate: &Candidate<'_>) -> bool {
     if reference.starts_with("sha256:") {
-        return desc.digest == reference;
+        return candidate.id == reference;
     }
     let bare_tag = !reference.contains(['/', ':', '@']);
-    names_of(desc).into_iter().any(|name| {
+    candidate.names.iter().any(|&name| {
         name == reference
             || normalize(name) == normalize(reference)
             || (bare_tag && split_tag(name).1 == Some(reference))
     })
 }
 
-/// Picks the top-level descriptor `reference` names (or the only image).
-fn choose<'a>(
+/// Picks the image `reference` names (or the only image): its position in
+/// `candidates`. `listing` is the file that lists them, for the errors.
+pub(crate) fn choose(
     path: &Path,
-    manifests: &'a [Descriptor],
+    listing: &'static str,
+    candidates: &[Candidate<'_>],
     reference: Option<&str>,
-) -> Result<&'a Descriptor, ImageError> {
-    let describe = |descs: &[&Descriptor]| -> String {
+) -> Result<usize, ImageError> {
+    let describe = |chosen: &[usize]| -> String {
         let mut seen = BTreeSet::new();
-        for d in descs {
-            let names = names_of(d);
-            seen.insert(if names.is_empty() {
-                d.digest.clone()
+        for &i in chosen {
+            let c = &candidates[i];
+            seen.insert(if c.names.is_empty() {
+                c.id.to_owned()
             } else {
-                names.join(" = ")
+                c.names.join(" = ")
             });
         }
         seen.into_iter().collect::<Vec<_>>().join(", ")
     };
-    let all: Vec<&Descriptor> = manifests.iter().collect();
-    let candidates: Vec<&Descriptor> = match reference {
+    let all: Vec<usize> = (0..candidates.len()).collect();
+    let found: Vec<usize> = match reference {
         None => all.clone(),
-        Some(r) => all.iter().copied().filter(|d| matches(r, d)).collect(),
+        Some(r) => all
+            .iter()
+            .copied()
+            .filter(|&i| matches(r, &candidates[i]))
+            .collect(),
     };
     // The same image saved under several names is one image.
-    let digests: BTreeSet<&str> = candidates.iter().map(|d| d.digest.as_str()).collect();
-    match (digests.len(), reference) {
-        (1, _) => Ok(candidates[0]),
+    let ids: BTreeSet<&str> = found.iter().map(|&i| candidates[i].id).collect();
+    match (ids.len(), reference) {
+        (1, _) => Ok(found[0]),
         (0, None) => Err(ImageError::Empty {
             path: path.to_owned(),
+            listing,
         }),
         (0, Some(r)) => Err(ImageError::NoMatch {
             reference: r.to_owned(),
@@ -793,7 +913,7 @@ fn choose<'a>(
         (_, Some(r)) => Err(ImageError::Ambiguous {
             reference: r.to_owned(),
             path: path.to_owned(),
-            available: describe(&candidates),
+            available: describe(&found),
         }),
     }
 }
@@ -840,13 +960,24 @@ struct Manifest {
 }
 
 #[derive(Deserialize)]
-struct ConfigFile {
+pub(crate) struct ConfigFile {
     #[serde(default)]
     architecture: String,
     #[serde(default)]
     os: String,
     #[serde(default)]
     config: Option<RunConfig>,
+    /// Read for legacy Docker archives only, where the diff_ids are what
+    /// layers are checked against (OCI layers have blob digests).
+    #[serde(default)]
+    pub(crate) rootfs: Option<RootFs>,
+}
+
+/// The image config's list of uncompressed layer digests, bottom first.
+#[derive(Deserialize)]
+pub(crate) struct RootFs {
+    #[serde(default)]
+    pub(crate) diff_ids: Vec<String>,
 }
 
 /// The `config` object of an image config (Docker's capitalized names).
@@ -862,7 +993,7 @@ struct RunConfig {
 }
 
 impl ConfigFile {
-    fn into_config(self) -> ImageConfig {
+    pub(crate) fn into_config(self) -> ImageConfig {
         let run = self.config.unwrap_or_default();
         let mut exposed_ports: Vec<String> =
             run.exposed_ports.unwrap_or_default().into_keys().collect();

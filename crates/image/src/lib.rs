@@ -1,10 +1,9 @@
-//! OCI images for Phoenix: open the image file a user has, check it, and
-//! unpack it into a root filesystem on disk, safely.
+//! Container images for Phoenix: open the image file a user has, check it,
+//! and unpack it into a root filesystem on disk, safely.
 //!
 //! # What is accepted
 //!
-//! Phoenix accepts OCI images only, in the three shapes people actually
-//! have:
+//! The image files people actually have:
 //!
 //! - `docker image save IMAGE:TAG -o image.tar` from Docker >= 25: a tar
 //!   holding an OCI image layout (`oci-layout`, `index.json`,
@@ -14,12 +13,15 @@
 //!   oci-archive`, `skopeo copy ... oci-archive:FILE`, `buildah push ...
 //!   oci-archive:FILE`.
 //! - An OCI layout as a directory (`skopeo copy ... oci:DIR`).
+//! - A legacy Docker archive: what `docker save` writes before Docker 25
+//!   (Debian's and Ubuntu's packaged Docker still do), and `skopeo copy
+//!   ... docker-archive:FILE`: `manifest.json` listing each image's config
+//!   file and layer tars, no `index.json`. Module [`docker_archive`] reads
+//!   it into the same [`Image`], its layers checked against the config's
+//!   `rootfs.diff_ids`, and unpacked by the same code.
 //!
-//! A legacy Docker archive (older `docker save`: `manifest.json` and
-//! `repositories`, no `index.json`) is refused with an error that says how
-//! to get an OCI one (Docker >= 25, or `skopeo copy docker-archive:X
-//! oci-archive:Y`). A compressed archive (`image.tar.gz`) is refused with
-//! "decompress it first": blobs are read in place, which needs a plain tar.
+//! A compressed archive (`image.tar.gz`) is refused with "decompress it
+//! first": blobs are read in place, which needs a plain tar.
 //!
 //! # Opening ([`open`], module [`layout`])
 //!
@@ -31,7 +33,9 @@
 //! or full name (`myapp:v2`, `docker.io/library/myapp:v2`, compared after
 //! Docker's normalization), or a manifest digest. Without one, the file must
 //! hold exactly one image (the same image under several names counts once);
-//! otherwise the error lists the names there are.
+//! otherwise the error lists the names there are. A legacy archive's
+//! images are chosen the same way, by the names in its `manifest.json`
+//! (`RepoTags`, e.g. `myapp:v2`) or by Docker's image id.
 //!
 //! An entry may point to an image index instead of a manifest (multi-
 //! platform images, and Docker's containerd image store): it is followed,
@@ -55,8 +59,10 @@
 //! Layers are applied bottom first into a new directory, streaming: blob →
 //! sha256 → decompression (gzip with flate2, zstd with libzstd; chosen by
 //! media type, with the data's magic bytes as the fallback and the
-//! arbiter) → tar parser → the filesystem. The `tar` crate only parses;
-//! every entry is applied by our code, so that the one rule below holds.
+//! arbiter) → tar parser → the filesystem (for a legacy archive's layer,
+//! whose digest is a diff_id, the sha256 comes after the decompression).
+//! The `tar` crate only parses; every entry is applied by our code, so
+//! that the one rule below holds.
 //!
 //! **Nothing is written outside the destination.** The destination is
 //! opened once as an `O_PATH` descriptor (the root). For each entry:
@@ -118,10 +124,13 @@
 //! - Paths through a symlink are refused, not resolved inside the root the
 //!   way containerd does (`RESOLVE_IN_ROOT` would be the switch); layers
 //!   built by Docker and buildah never need it.
-//! - The config's `rootfs.diff_ids` (digests of the uncompressed layers)
-//!   are not checked: the layer blob digests already cover the content.
+//! - In OCI images the config's `rootfs.diff_ids` (digests of the
+//!   uncompressed layers) are not checked: the layer blob digests already
+//!   cover the content. (A legacy Docker archive has nothing else, and
+//!   there they are checked.)
 //! - Sparse files are written out in full.
 
+pub mod docker_archive;
 pub mod layout;
 mod sys;
 pub mod unpack;

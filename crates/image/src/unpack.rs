@@ -387,6 +387,26 @@ fn compression(layer: &Layer, magic: &[u8]) -> Result<Compression, UnpackError> 
     }
 }
 
+/// The layer's tar stream: `raw` decompressed as its first bytes (and its
+/// media type) say.
+pub(crate) fn decompressed<'a, R: BufRead + 'a>(
+    layer: &Layer,
+    mut raw: R,
+) -> Result<Box<dyn Read + 'a>, UnpackError> {
+    let read_err = |source| UnpackError::Read {
+        digest: layer.digest.clone(),
+        source,
+    };
+    let magic = raw.fill_buf().map_err(read_err)?;
+    Ok(match compression(layer, magic)? {
+        Compression::None => Box::new(raw),
+        Compression::Gzip => Box::new(flate2::bufread::MultiGzDecoder::new(raw)),
+        Compression::Zstd => {
+            Box::new(zstd::stream::read::Decoder::with_buffer(raw).map_err(read_err)?)
+        }
+    })
+}
+
 /// Caps how far the tar parser may read: an entry's data plus
 /// [`MAX_META_BYTES`] of headers before the next entry. Without it a layer
 /// could declare a PAX header of gigabytes, which the tar crate would read
@@ -517,13 +537,17 @@ impl Unpacker {
     }
 
     fn layer(&mut self, image: &Image, layer: &Layer) -> Result<(), UnpackError> {
+        if image.digests_uncompressed() {
+            return self.layer_by_diff_id(image, layer);
+        }
         let digest = layer.digest.as_str();
         let read_err = |source| UnpackError::Read {
             digest: digest.to_owned(),
             source,
         };
         let mut hashed = HashingReader::new(image.layer_reader(layer)?);
-        let applied = self.apply_layer(layer, &mut hashed);
+        let applied = decompressed(layer, BufReader::with_capacity(COPY_BUF, &mut hashed))
+            .and_then(|tar| self.apply_layer(layer, tar));
         // The tar may end before the blob does (padding, trailing zeros),
         // and a failure may stop anywhere: the digest covers the whole
         // blob, so read the rest through. A corrupt blob is reported as
@@ -539,24 +563,45 @@ impl Unpacker {
         applied.and(drained.map(drop))
     }
 
-    fn apply_layer<R: Read>(&mut self, layer: &Layer, blob: &mut R) -> Result<(), UnpackError> {
+    /// A legacy Docker archive's layer: its digest (the diff_id) covers
+    /// the uncompressed tar, so the hash is taken after decompression.
+    fn layer_by_diff_id(&mut self, image: &Image, layer: &Layer) -> Result<(), UnpackError> {
         let digest = layer.digest.as_str();
         let read_err = |source| UnpackError::Read {
             digest: digest.to_owned(),
             source,
         };
-        let mut buffered = BufReader::with_capacity(COPY_BUF, blob);
-        let magic = buffered.fill_buf().map_err(read_err)?;
-        let decoder: Box<dyn Read + '_> = match compression(layer, magic)? {
-            Compression::None => Box::new(buffered),
-            Compression::Gzip => Box::new(flate2::bufread::MultiGzDecoder::new(buffered)),
-            Compression::Zstd => {
-                Box::new(zstd::stream::read::Decoder::with_buffer(buffered).map_err(read_err)?)
-            }
+        let raw = BufReader::with_capacity(COPY_BUF, image.layer_reader(layer)?);
+        let mut hashed = HashingReader::new(decompressed(layer, raw)?);
+        let applied = self.apply_layer(layer, &mut hashed);
+        // As above, the digest covers the whole tar stream, so read the
+        // rest through; but the rest is decompressed data now, which a
+        // small file can make huge: it counts against the layer limit.
+        let cap = self.limits.max_layer_bytes;
+        let drained = io::copy(&mut (&mut hashed).take(cap + 1), &mut io::sink()).map_err(read_err);
+        if drained.as_ref().is_ok_and(|&n| n > cap) {
+            return Err(UnpackError::LayerLimit {
+                digest: digest.to_owned(),
+                entry: "(data after the end of the tar)".to_owned(),
+                limit: cap,
+            });
+        }
+        let (actual, _) = hashed.finish();
+        if drained.is_ok() && actual != layer.digest {
+            return Err(image.corrupt_layer(layer, actual).into());
+        }
+        applied.and(drained.map(drop))
+    }
+
+    fn apply_layer<R: Read>(&mut self, layer: &Layer, tar: R) -> Result<(), UnpackError> {
+        let digest = layer.digest.as_str();
+        let read_err = |source| UnpackError::Read {
+            digest: digest.to_owned(),
+            source,
         };
         let limit = Rc::new(Cell::new(MAX_META_BYTES));
         let mut archive = tar::Archive::new(Guard {
-            inner: decoder,
+            inner: tar,
             pos: 0,
             limit: Rc::clone(&limit),
         });

@@ -298,30 +298,6 @@ fn gzip_media_type_over_plain_tar_is_an_error() {
 }
 
 #[test]
-fn legacy_docker_archive_is_refused_with_advice() {
-    let tmp = tempfile::tempdir().unwrap();
-    let path = tmp.path().join("old.tar");
-    let manifest = br#"[{"Config":"abc.json","RepoTags":["myapp:v1"],"Layers":["abc/layer.tar"]}]"#;
-    std::fs::write(
-        &path,
-        tar(&[
-            Entry::file("manifest.json", manifest),
-            Entry::file("repositories", br#"{"myapp":{"v1":"abc"}}"#),
-            Entry::file("abc.json", b"{}"),
-            Entry::dir("abc/"),
-            Entry::file("abc/layer.tar", &tar(&[Entry::file("x", b"x")])),
-        ]),
-    )
-    .unwrap();
-    let err = open(&path, None).unwrap_err();
-    assert!(matches!(err, ImageError::LegacyDocker { .. }), "{err}");
-    let msg = err.to_string();
-    assert!(msg.contains("docker >= 25"), "{msg}");
-    assert!(msg.contains("skopeo copy docker-archive:"), "{msg}");
-    assert!(msg.contains("oci-archive:"), "{msg}");
-}
-
-#[test]
 fn not_an_image_at_all() {
     let tmp = tempfile::tempdir().unwrap();
     let path = tmp.path().join("junk.tar");

@@ -457,3 +457,76 @@ impl Sandbox {
         );
     }
 }
+
+/// A legacy `docker save` archive (Docker < 25) being built: its members
+/// and its manifest.json entries, both open to tampering by the tests.
+#[derive(Default)]
+pub struct DockerArchive {
+    pub files: Vec<(String, Vec<u8>)>,
+    pub manifest: Vec<Value>,
+}
+
+impl DockerArchive {
+    /// Adds an image the way Docker 20.10 writes it: each layer as
+    /// `<id>/layer.tar` (compressed as its spec says, which Docker never
+    /// does but other writers of the format may), the config's
+    /// `rootfs.diff_ids` set to the uncompressed tars' digests, the config
+    /// as `<its sha256>.json`. Returns the config's sha256 hex.
+    pub fn image(&mut self, tags: &[&str], layers: &[LayerSpec], mut config: Value) -> String {
+        let mut paths = Vec::new();
+        let mut diff_ids = Vec::new();
+        for (i, layer) in layers.iter().enumerate() {
+            let id = hex::encode(Sha256::digest(
+                format!("{}/{i}/{:?}", self.manifest.len(), tags).as_bytes(),
+            ));
+            let path = format!("{id}/layer.tar");
+            self.files
+                .push((path.clone(), compress(&layer.tar, layer.comp)));
+            self.files.push((format!("{id}/VERSION"), b"1.0".to_vec()));
+            paths.push(path);
+            diff_ids.push(sha256(&layer.tar));
+        }
+        config["rootfs"] = json!({"type": "layers", "diff_ids": diff_ids});
+        let bytes = serde_json::to_vec(&config).unwrap();
+        let hex = hex::encode(Sha256::digest(&bytes));
+        self.files.push((format!("{hex}.json"), bytes));
+        self.manifest.push(json!({
+            "Config": format!("{hex}.json"),
+            "RepoTags": tags,
+            "Layers": paths,
+        }));
+        hex
+    }
+
+    /// One image with the default config, these tags.
+    pub fn single(tags: &[&str], layers: &[LayerSpec]) -> DockerArchive {
+        let mut archive = DockerArchive::default();
+        archive.image(tags, layers, default_config());
+        archive
+    }
+
+    /// The tar's entries, manifest.json and repositories last, as Docker
+    /// writes them.
+    pub fn entries(&self) -> Vec<Entry> {
+        let mut entries = Vec::new();
+        for (name, data) in &self.files {
+            if let Some((dir, _)) = name.rsplit_once('/') {
+                let dir = format!("{dir}/");
+                if !entries.iter().any(|e: &Entry| e.path == dir.as_bytes()) {
+                    entries.push(Entry::dir(&dir));
+                }
+            }
+            entries.push(Entry::file(name, data));
+        }
+        entries.push(Entry::file(
+            "manifest.json",
+            &serde_json::to_vec(&self.manifest).unwrap(),
+        ));
+        entries.push(Entry::file("repositories", b"{}"));
+        entries
+    }
+
+    pub fn write_tar(&self, path: &Path) {
+        std::fs::write(path, tar(&self.entries())).unwrap();
+    }
+}
