@@ -5,13 +5,13 @@
 //! 1. **Format.** Text becomes a document tree. JSON is the one format today;
 //!    its syntax errors say the line and column. A YAML or compose reader
 //!    will produce the same tree, or a [`RawSpec`] directly.
-//! 2. **Raw spec** (`spec/raw.rs`). Each spec of the tree becomes a [`RawSpec`]:
-//!    serde with unknown fields denied, so the known fields are the struct's
-//!    own. Errors carry their path (`env[2]`), an unknown field suggests the
+//! 2. **Raw spec** (`spec/raw.rs`). Each spec of the tree becomes a
+//!    [`RawSpec`]: serde with unknown fields denied, so the known fields are
+//!    the struct's own. Errors carry their path (`env[2]`), an unknown field suggests the
 //!    known one it was probably meant to be, and a field that cannot be read
 //!    does not hide the others.
-//! 3. **Validation** ([`validate()`], `spec/validate.rs`). A raw spec becomes a [`Spec`] with
-//!    defaults filled in, or every reason it cannot.
+//! 3. **Validation** ([`validate()`], `spec/validate.rs`). A raw spec
+//!    becomes a [`Spec`] with defaults filled in, or every reason it cannot.
 //!
 //! Every error names the spec (its place in the file and its name), the
 //! field and the reason, and a file is accepted or rejected whole, with all
@@ -325,22 +325,18 @@ fn specs_from_tree(document: Value) -> Result<Vec<Spec>, Vec<SpecError>> {
 /// One spec of a document tree, read and validated. The errors name their
 /// field; the caller names the spec.
 fn spec_from_tree(item: &Value) -> Result<Spec, Vec<SpecError>> {
-    let Value::Object(object) = item else {
-        return Err(vec![SpecError::new(
-            None,
-            format!("expected an object, got {}", raw::describe(item)),
-        )]);
-    };
-    let bytes = json_size(item);
-    if bytes > MAX_SPEC_BYTES {
-        return Err(vec![SpecError::new(
-            None,
-            format!(
-                "the spec takes {bytes} bytes as JSON; at most {MAX_SPEC_BYTES} (256 KiB) are allowed"
-            ),
-        )]);
+    if item.is_object() {
+        let bytes = json_size(item);
+        if bytes > MAX_SPEC_BYTES {
+            return Err(vec![SpecError::new(
+                None,
+                format!(
+                    "the spec takes {bytes} bytes as JSON; at most {MAX_SPEC_BYTES} (256 KiB) are allowed"
+                ),
+            )]);
+        }
     }
-    let reading = raw::read(object);
+    let reading = raw::read(item);
     let mut errors = reading.errors;
     if let Some(raw) = reading.raw {
         match validate(raw) {

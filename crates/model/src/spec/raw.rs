@@ -216,10 +216,19 @@ pub struct Reading {
 }
 
 /// Reads one spec object, reporting every field that cannot be read.
-pub fn read(object: &Map<String, Value>) -> Reading {
+pub fn read(item: &Value) -> Reading {
+    let Value::Object(object) = item else {
+        return Reading {
+            raw: None,
+            errors: vec![SpecError::new(
+                None,
+                format!("expected an object, got {}", describe(item)),
+            )],
+            unread: Vec::new(),
+        };
+    };
     // The common case: the whole spec reads at once.
-    let whole = Value::Object(object.clone());
-    if let Ok(raw) = serde_path_to_error::deserialize::<_, RawSpec>(&whole) {
+    if let Ok(raw) = serde_path_to_error::deserialize::<_, RawSpec>(item) {
         return Reading {
             raw: Some(raw),
             errors: Vec::new(),
@@ -363,7 +372,7 @@ mod tests {
     use serde_json::json;
 
     fn reading(v: Value) -> Reading {
-        read(v.as_object().unwrap())
+        read(&v)
     }
 
     #[test]
@@ -424,6 +433,16 @@ mod tests {
         assert_eq!(
             unread,
             ["args", "cpus", "env", "helthcheck", "memory", "proxyport"]
+        );
+    }
+
+    #[test]
+    fn a_spec_is_an_object() {
+        let r = reading(json!(["machine"]));
+        assert!(r.raw.is_none());
+        assert_eq!(
+            r.errors[0].reason,
+            "expected an object, got an array [\"machine\"]"
         );
     }
 
