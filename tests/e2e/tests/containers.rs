@@ -1,7 +1,7 @@
 //! Containers (type "docker") run by crun. Needs root and crun; skips otherwise.
 
 use std::path::Path;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use phoenix_e2e::oci::{self, Layer};
 use phoenix_e2e::{Cluster, alive, free_port, is_root, wait_for};
@@ -271,7 +271,9 @@ fn a_broken_or_hostile_image_fails_the_service_with_a_clear_message() {
         .unwrap_or_default();
     assert!(left.is_empty(), "{left:?}");
 
-    // A legacy Docker tar is refused with the way out.
+    // A damaged legacy Docker tar (a manifest.json naming files it does not
+    // hold) is refused at deploy, at once, naming the spec, the field, the
+    // registry file and the fix; nothing is stored.
     let legacy = c.dir.path().join("legacy.tar");
     let mut b = tar::Builder::new(std::fs::File::create(&legacy).unwrap());
     let manifest = br#"[{"Config":"c.json","RepoTags":["x:1"],"Layers":[]}]"#;
@@ -282,14 +284,27 @@ fn a_broken_or_hostile_image_fails_the_service_with_a_clear_message() {
         .unwrap();
     b.into_inner().unwrap();
     c.ok(&["push", legacy.to_str().unwrap(), "legacy.tar"]);
-    c.phoenix_stdin(
-        &["deploy", "-", "--detach"],
+    let started = Instant::now();
+    let out = c.phoenix_stdin(
+        &["deploy", "-"],
         &container("old", "legacy", &[]).to_string(),
     );
-    let s = c.wait_status("old", "refused", |s| {
-        s["message"].as_str().is_some_and(|m| m.contains("OCI"))
-    });
-    assert_ne!(s["state"], "running");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "invalid input: {err}");
+    assert!(started.elapsed() < Duration::from_secs(10), "{err}");
+    for part in [
+        r#"spec "old": field `image`"#,
+        r#"registry file "legacy.tar""#,
+        "`phoenix push FILE legacy.tar`",
+    ] {
+        assert!(err.contains(part), "{part:?} missing from: {err}");
+    }
+    assert!(
+        !err.contains(c.master_dir().to_str().unwrap()),
+        "the master's own path leaked: {err}"
+    );
+    let missing = c.phoenix(&["status", "old"]);
+    assert_eq!(missing.status.code(), Some(4), "nothing was stored");
 }
 
 #[test]
