@@ -273,7 +273,6 @@ impl Cgroups {
     fn empty(&self, name: &str) -> ServiceCgroup {
         ServiceCgroup {
             host: self.host.clone(),
-            root: self.root.clone(),
             mode: self.mode,
             name: name.to_owned(),
             dirs: Vec::new(),
@@ -309,41 +308,37 @@ impl Cgroups {
         // subtree_control before its files appear in the service's cgroup.
         let mut enabled = Vec::new();
         if wanted.iter().any(|(_, w)| *w) {
-            let available = h.read_file(&self.root.join("cgroup.controllers"));
-            if let Err(e) = h.create_dir(&parent) {
-                cg.not_applied.push(format!("limits NOT applied: {e}"));
-            }
+            let ready = h
+                .read_file(&self.root.join("cgroup.controllers"))
+                .and_then(|available| h.create_dir(&parent).map(|()| available))
+                .map_err(|e| e.to_string());
             for (controller, _) in wanted.iter().filter(|(_, w)| *w) {
-                let limit = if *controller == "cpu" {
-                    "cpu"
-                } else {
-                    "memory"
-                };
-                let result = match &available {
-                    Ok(list) if !list.split_whitespace().any(|c| c == *controller) => Err(format!(
-                        "the host's cgroup v2 has no {controller} controller"
-                    )),
-                    Err(e) => Err(e.to_string()),
-                    Ok(_) => [&self.root, &parent]
+                let result = ready.clone().and_then(|available| {
+                    if !available.split_whitespace().any(|c| c == *controller) {
+                        return Err(format!(
+                            "the host's cgroup v2 has no {controller} controller"
+                        ));
+                    }
+                    [&self.root, &parent]
                         .iter()
                         .try_for_each(|dir| {
                             let control = dir.join("cgroup.subtree_control");
                             h.write_file(&control, format!("+{controller}").as_bytes())
                         })
-                        .map_err(|e| e.to_string()),
-                };
+                        .map_err(|e| e.to_string())
+                });
                 match result {
                     Ok(()) => enabled.push(*controller),
                     Err(e) => cg
                         .not_applied
-                        .push(format!("{limit} limit NOT applied: {e}")),
+                        .push(format!("{controller} limit NOT applied: {e}")),
                 }
             }
         }
         let dir = match self.make_dir(Hierarchy::Unified, &cg.name) {
             Ok(dir) => dir,
             Err(e) => {
-                cg.not_applied.push(format!("cgroup NOT created: {e}"));
+                cg.not_applied.push(format!("processes NOT tracked: {e}"));
                 return;
             }
         };
@@ -479,7 +474,6 @@ fn show_bytes(bytes: u64) -> String {
 /// One service's cgroups.
 pub struct ServiceCgroup {
     host: Arc<dyn Host>,
-    root: PathBuf,
     mode: CgroupMode,
     name: String,
     /// Every cgroup of the service, those that list every process first.
@@ -699,7 +693,6 @@ impl ServiceCgroup {
         }
         for (_, dir) in &self.dirs {
             let Some(parent) = dir.parent() else { continue };
-            debug_assert!(parent.starts_with(&self.root));
             // Another service's cgroup inside: EBUSY (cgroupfs) or
             // ENOTEMPTY; gone already: ENOENT. All mean "leave it".
             match self.host.remove_dir(parent) {
@@ -928,6 +921,22 @@ mod tests {
                  /sys/fs/cgroup/phoenix/web/cpu.max: Permission denied (os error 13)"
             )
         );
+    }
+
+    #[test]
+    fn v2_without_a_phoenix_cgroup_applies_nothing_and_says_so() {
+        let h = v2_host(true);
+        h.fail_path("/sys/fs/cgroup/phoenix", EACCES);
+        let cg = cgroups(&h).create("web", &LIMITS).unwrap();
+        let why = "cannot create directory /sys/fs/cgroup/phoenix: Permission denied (os error 13)";
+        assert_eq!(
+            cg.description().unwrap(),
+            format!(
+                "memory limit NOT applied: {why}; cpu limit NOT applied: {why}; processes NOT tracked: {why}"
+            )
+        );
+        assert!(!cg.is_tracked());
+        assert!(h.writes().is_empty());
     }
 
     #[test]
