@@ -16,7 +16,7 @@ use std::path::Path;
 
 use phoenix_model::net;
 use phoenix_model::proto::AuditEntry;
-use phoenix_model::spec::{Spec, parse_stored};
+use phoenix_model::spec::{Spec, SpecErrors, parse_stored};
 use phoenix_model::status::now_ms;
 use rusqlite::{Connection, OptionalExtension, Transaction, params};
 
@@ -31,11 +31,21 @@ pub enum StoreError {
     Sql(#[from] rusqlite::Error),
     #[error("store holds a malformed {what}: {detail}")]
     Corrupt { what: &'static str, detail: String },
-    #[error("store: {0}; fix the service with `phoenix update` or remove it with `phoenix del`")]
-    BadSpec(#[from] phoenix_model::spec::SpecErrors),
+    /// A stored spec no longer passes the checks (written by an older
+    /// master with looser ones, or edited by hand).
+    #[error(
+        "the stored spec of service {name:?} no longer passes the checks: {}; remove it with `phoenix del {name}` and deploy it again",
+        reasons(.errors)
+    )]
+    BadSpec { name: String, errors: SpecErrors },
 }
 
 type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+fn reasons(errors: &SpecErrors) -> String {
+    let all: Vec<String> = errors.errors.iter().map(ToString::to_string).collect();
+    all.join("; ")
+}
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS meta (
@@ -343,7 +353,8 @@ impl Tx<'_> {
         rows.into_iter()
             .map(|([name, spec], ip, image_hash, size, generation)| {
                 Ok(Service {
-                    spec: parse_stored(&name, &spec)?,
+                    spec: parse_stored(&name, &spec)
+                        .map_err(|errors| StoreError::BadSpec { name, errors })?,
                     ip: parse("service ip", &ip)?,
                     image_hash,
                     image_size: size as u64,
@@ -393,6 +404,19 @@ impl Tx<'_> {
             ],
         )?;
         Ok(())
+    }
+
+    /// The machine a service's row names, read without its spec (so that
+    /// a service whose stored spec fails the checks can still be deleted).
+    pub fn service_machine(&self, name: &str) -> Result<Option<String>> {
+        Ok(self
+            .tx
+            .query_row(
+                "SELECT machine FROM services WHERE name = ?1",
+                [name],
+                |r| r.get(0),
+            )
+            .optional()?)
     }
 
     pub fn delete_service(&self, name: &str) -> Result<()> {
@@ -567,8 +591,13 @@ mod tests {
             .unwrap();
         let err = store.read().unwrap().service("a").unwrap_err();
         let message = err.to_string();
-        assert!(matches!(err, StoreError::BadSpec(_)), "{message}");
+        assert!(matches!(err, StoreError::BadSpec { .. }), "{message}");
         assert!(message.contains(r#"service "a""#), "{message}");
-        assert!(message.contains("proxyport"), "{message}");
+        assert!(message.contains("field `proxyport`"), "{message}");
+        assert!(message.contains("`phoenix del a`"), "{message}");
+        // Its row can still be found, to delete it.
+        let tx = store.read().unwrap();
+        assert_eq!(tx.service_machine("a").unwrap().as_deref(), Some("m1"));
+        assert_eq!(tx.service_machine("b").unwrap(), None);
     }
 }

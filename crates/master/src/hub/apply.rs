@@ -26,7 +26,7 @@ use phoenix_model::spec::{Kind, Spec, SpecError, SpecErrors, parse_specs};
 use super::{ApiError, Hub};
 use crate::lock;
 use crate::registry::ImageRef;
-use crate::store::Service;
+use crate::store::{Service, StoreError};
 
 /// Whether a deploy creates services or changes existing ones.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -267,22 +267,32 @@ impl Hub {
             })
     }
 
+    /// Deletes a service, also one whose stored spec fails the checks
+    /// (deleting it is the way out the error names).
     pub fn delete(&self, actor: &str, name: &str) -> Result<Deleted, ApiError> {
-        let svc = self.store().write(|tx| -> Result<Service, ApiError> {
-            let svc = tx
-                .service(name)?
-                .ok_or_else(|| ApiError::no_service(name))?;
+        let machine = self.store().write(|tx| -> Result<String, ApiError> {
+            let (machine, old) = match tx.service(name) {
+                Ok(Some(svc)) => (svc.spec.machine.clone(), Some(svc.to_json())),
+                Ok(None) => return Err(ApiError::no_service(name)),
+                Err(StoreError::BadSpec { .. }) => {
+                    let machine = tx
+                        .service_machine(name)?
+                        .ok_or_else(|| ApiError::no_service(name))?;
+                    (machine, None)
+                }
+                Err(e) => return Err(e.into()),
+            };
             tx.delete_service(name)?;
-            tx.bump_revision(&svc.spec.machine)?;
-            tx.audit(actor, "del", name, Some(&svc.to_json()), None)?;
-            Ok(svc)
+            tx.bump_revision(&machine)?;
+            tx.audit(actor, "del", name, old.as_ref(), None)?;
+            Ok(machine)
         })?;
         self.forget_status(name);
-        self.push_desired([svc.spec.machine.as_str()]);
+        self.push_desired([machine.as_str()]);
         self.request_collection();
         Ok(Deleted {
             deleted: name.to_owned(),
-            machine: svc.spec.machine,
+            machine,
         })
     }
 
@@ -509,6 +519,25 @@ mod tests {
             &spec("b", "m1", "junk.tar", "binary"),
         )
         .unwrap();
+    }
+
+    #[test]
+    fn a_service_whose_stored_spec_fails_the_checks_can_be_deleted() {
+        let dir = tempfile::tempdir().unwrap();
+        let hub = hub(dir.path());
+        let web = spec("web", "m1", "app", "binary");
+        hub.apply("root", Apply::Deploy, "web.json", &web).unwrap();
+        // As a master with looser checks might have stored it.
+        let mut svc = hub.store().read().unwrap().service("web").unwrap().unwrap();
+        svc.spec.proxyport = 0;
+        hub.store().write(|tx| tx.put_service(&svc)).unwrap();
+
+        let e = hub.services().unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Internal);
+        assert!(e.to_string().contains("`phoenix del web`"), "{e}");
+        let deleted = hub.delete("root", "web").unwrap();
+        assert_eq!(deleted.machine, "m1");
+        assert!(hub.services().unwrap().is_empty());
     }
 
     #[test]
