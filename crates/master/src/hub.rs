@@ -1,19 +1,19 @@
 //! The master's shared state and the operations on it, by concern.
 //!
 //! Durable facts live in the [`Store`]; what minions report lives in memory
-//! ([`observed`]) and is rebuilt from their reports after a master restart.
+//! (`hub/observed.rs`) and is rebuilt from their reports after a master restart.
 //! What each node should run is decided by one pure function,
-//! [`crate::reconcile`], fed by the store; [`links`] pushes its output to
+//! [`crate::reconcile`], fed by the store; `hub/links.rs` pushes its output to
 //! the connected minions.
 //!
 //! | module | what | state |
 //! |---|---|---|
-//! | [`membership`] | join requests, accept/reject/forget, `nodes` | store, `membership` signal |
-//! | [`apply`] | deploy/update/del/info, checks against the cluster and the images | store |
-//! | [`observed`] | reported statuses, node stats, image sync, `wait` | one lock: [`observed::Observed`] |
-//! | [`links`] | connected minions, send/broadcast, desired-set pushes | one lock: node → [`Link`] |
-//! | [`logs`] | log streams between a minion and a CLI | one lock: stream → CLI |
-//! | [`images`] | `images`, registry upkeep and garbage collection | the [`Registry`] |
+//! | `hub/membership.rs` | join requests, accept/reject/forget, `nodes` | store, `membership` signal |
+//! | `hub/apply.rs` | deploy/update/del/info, checks against the cluster and the images | store |
+//! | `hub/observed.rs` | reported statuses, node stats, image sync, `wait` | one lock: statuses and node reports together |
+//! | `hub/links.rs` | connected minions, send/broadcast, desired-set pushes | one lock: node → [`Link`] |
+//! | `hub/logs.rs` | log streams between a minion and a CLI | one lock: stream → CLI |
+//! | `hub/images.rs` | `images`, registry upkeep and garbage collection | the [`Registry`] |
 //!
 //! Lock order, where two are held at once: store, then links (a desired
 //! set is sent under the store lock so that sets go out in revision order);
