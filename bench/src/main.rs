@@ -87,6 +87,8 @@ pub struct Config {
     pub repeats: usize,
     pub sup_lanes: usize,
     pub deploys: usize,
+    /// SIGKILLs of a health-checked service (crash → healthy).
+    pub heal_kills: usize,
     pub procs: usize,
     pub phoenix: PathBuf,
     pub testy: PathBuf,
@@ -104,6 +106,9 @@ pub struct Side {
     pub deploy_first: Summary,
     /// A `status` query of one service through the CLI.
     pub cli_rtt: Summary,
+    /// Phoenix only: SIGKILL of a health-checked service → its status says
+    /// running and healthy again (with a new pid), seen through the CLI.
+    pub crash_healthy: Summary,
     /// The CLI's `--help`, which does not contact the server: its start-up.
     pub cli_startup: Summary,
     /// RSS in KiB of the supervisor with nothing to supervise.
@@ -209,6 +214,7 @@ fn real_main(args: Args) -> Result<()> {
             .unwrap_or(if quick { 2 } else { 4 })
             .clamp(1, services),
         deploys: args.deploys.unwrap_or(if quick { 10 } else { 30 }).max(1),
+        heal_kills: if quick { 3 } else { 6 },
         procs: args.procs.unwrap_or(if quick { 250 } else { 1000 }).max(1),
         phoenix: pick(args.phoenix, "phoenix")?,
         testy: pick(args.testy, "testy")?,
@@ -469,6 +475,8 @@ fn phoenix_measure(cfg: &Config, cl: &mut phoenix::Cluster, side: &mut Side) -> 
         ));
     }
 
+    side.crash_healthy = crash_to_healthy(cl, &specs, cfg.heal_kills)?;
+
     // Deploy → running.
     say!("phoenix: deploy -> running ({} deploys)", cfg.deploys);
     let shared: &phoenix::Cluster = cl;
@@ -519,6 +527,53 @@ fn phoenix_measure(cfg: &Config, cl: &mut phoenix::Cluster, side: &mut Side) -> 
         .filter(|s| s["machine"] == "m2" && s["state"] == "running")
         .count();
     Ok(())
+}
+
+/// Kills a health-checked service `n` times: milliseconds from each SIGKILL
+/// until `phoenix status` shows it running and healthy with a new pid. The
+/// CLI is polled as fast as it answers (about 2 ms a round trip), so that is
+/// the resolution.
+fn crash_to_healthy(cl: &phoenix::Cluster, specs: &Path, n: usize) -> Result<Summary> {
+    say!("phoenix: crash -> healthy ({n} kills of a health-checked service)");
+    let port = free_ports(24000, 1)?[0];
+    let spec = json!({
+        "machine": "m1", "name": "heal", "image": "testy", "type": "binary",
+        "proxyport": port, "healthcheck": "/health",
+    });
+    let file = specs.join("heal.json");
+    write(&file, &json!([spec]).to_string())?;
+    cl.deploy(&file, Duration::from_secs(60))?;
+    let healthy_pid = |not: Option<u64>| -> Option<u64> {
+        let s = cl.json(&["status", "heal", "--json"]).ok()?;
+        let pid = s["pid"].as_u64()?;
+        (s["state"] == "running" && s["health"] == "healthy" && Some(pid) != not).then_some(pid)
+    };
+    let mut pid = until(
+        "the health-checked service to be healthy",
+        Duration::from_secs(30),
+        Duration::from_millis(20),
+        || healthy_pid(None),
+    )?;
+    let mut samples = Vec::with_capacity(n);
+    for _ in 0..n {
+        // Past the stable-run time, so every crash is a first crash
+        // (restarted at once, no backoff): the case this measures.
+        thread::sleep(Duration::from_millis(10_500));
+        let t0 = Instant::now();
+        // SAFETY: kill(2) with plain integers; the pid is the service's.
+        unsafe {
+            libc::kill(pid as libc::pid_t, libc::SIGKILL);
+        }
+        pid = until(
+            "the killed service to be healthy again",
+            Duration::from_secs(30),
+            Duration::ZERO,
+            || healthy_pid(Some(pid)),
+        )?;
+        samples.push(t0.elapsed().as_secs_f64() * 1e3);
+    }
+    cl.cli(&["del", "heal"], Duration::from_secs(30))?;
+    Ok(summarize(&samples))
 }
 
 /// A deploy to time: builds its spec or config, returns the command to run.

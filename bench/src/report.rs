@@ -206,6 +206,14 @@ fn rows(c: &Context, p: &Side, s: &Side) -> Vec<Row> {
         p50,
         c.repeats,
     );
+    let heals = p.crash_healthy.n;
+    lat_row(
+        format!("SIGKILL → running and healthy again (health-checked), p50 (n={heals})"),
+        &p.crash_healthy,
+        &s.crash_healthy,
+        p50,
+        heals,
+    );
     lat_row(
         format!("Deploy → running (CLI returns), p50 (n={})", c.deploys),
         &p.deploy_cli,
@@ -471,6 +479,12 @@ pub fn markdown(c: &Context, p: &Side, s: &Side) -> String {
             &format!("{who}: restart, 2nd crash 1.5 s later"),
             &side.restart.repeat,
         ));
+        if side.crash_healthy.n > 0 {
+            t.push_str(&details(
+                &format!("{who}: SIGKILL → healthy again"),
+                &side.crash_healthy,
+            ));
+        }
         t.push_str(&details(
             &format!("{who}: deploy → CLI returns"),
             &side.deploy_cli,
