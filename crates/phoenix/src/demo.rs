@@ -1,6 +1,8 @@
 //! `phoenix demo`: a master and two minions on loopback, with testy deployed
 //! in a few unreliable ways, shown live until Ctrl-C; then all of it removed.
 
+use std::io::{IsTerminal, Write};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -8,10 +10,13 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use phoenix_model::proto::{MasterInfo, Request, ServiceView, WaitingNode};
 use serde_json::{Value, json};
+use tokio::signal::unix::{Signal, SignalKind, signal};
 
 use crate::client;
 
-/// Daemons started by the demo; stopped when dropped.
+/// Daemons started by the demo; stopped when dropped. Each runs in a
+/// process group of its own, so a Ctrl-C in the terminal reaches only the
+/// demo, which then deletes its services before it stops the daemons.
 struct Daemons(Vec<Child>);
 
 impl Drop for Daemons {
@@ -25,6 +30,25 @@ impl Drop for Daemons {
         for c in &mut self.0 {
             let _ = c.wait();
         }
+    }
+}
+
+/// Where the demo prints. A write that fails (the reader of a pipe went
+/// away) is an error like any other, so the demo stops and cleans up
+/// instead of dying on SIGPIPE or a panic.
+struct Screen {
+    /// Redraw the status in place (a terminal) or print it as lines.
+    redraw: bool,
+}
+
+impl Screen {
+    fn say(&self, text: &str) -> std::io::Result<()> {
+        let mut out = std::io::stdout().lock();
+        out.write_all(text.as_bytes())?;
+        if !text.ends_with('\n') {
+            out.write_all(b"\n")?;
+        }
+        out.flush()
     }
 }
 
@@ -47,6 +71,8 @@ fn spawn(exe: &Path, args: &[String], log: &Path) -> Result<Child> {
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log)
+        // Out of the terminal's process group: Ctrl-C is the demo's to handle.
+        .process_group(0)
         .spawn()
         .with_context(|| format!("cannot start {}", exe.display()))
 }
@@ -68,8 +94,47 @@ async fn until<T>(
     }
 }
 
+/// The signals that end the demo. Once these handlers exist, a second
+/// Ctrl-C no longer kills the process, so the clean-up always finishes.
+struct StopSignals([Signal; 3]);
+
+impl StopSignals {
+    fn new() -> Result<Self> {
+        let sig = |k| signal(k).context("cannot handle signals");
+        Ok(StopSignals([
+            sig(SignalKind::interrupt())?,
+            sig(SignalKind::terminate())?,
+            sig(SignalKind::hangup())?,
+        ]))
+    }
+
+    async fn recv(&mut self) -> &'static str {
+        let [int, term, hup] = &mut self.0;
+        tokio::select! {
+            _ = int.recv() => "SIGINT",
+            _ = term.recv() => "SIGTERM",
+            _ = hup.recv() => "SIGHUP",
+        }
+    }
+}
+
+/// How to run the CLI against the demo's master from another terminal:
+/// `phoenix` if that is this binary on PATH, its full path otherwise.
+fn cli_hint(exe: &Path, master_dir: &Path) -> String {
+    let on_path = std::env::var_os("PATH").is_some_and(|path| {
+        std::env::split_paths(&path)
+            .any(|d| std::fs::canonicalize(d.join("phoenix")).is_ok_and(|p| p == exe))
+    });
+    let cli = if on_path {
+        "phoenix".to_owned()
+    } else {
+        exe.display().to_string()
+    };
+    format!("PHOENIX_DATA_DIR={} {cli} services", master_dir.display())
+}
+
 pub fn run(dir: &Path, testy: Option<PathBuf>, seconds: Option<u64>) -> Result<()> {
-    let exe = std::env::current_exe()?;
+    let exe = std::fs::canonicalize(std::env::current_exe()?)?;
     let testy = testy.unwrap_or_else(|| exe.with_file_name("testy"));
     if !testy.exists() {
         bail!(
@@ -84,8 +149,26 @@ pub fn run(dir: &Path, testy: Option<PathBuf>, seconds: Option<u64>) -> Result<(
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
+    let screen = Screen {
+        redraw: std::io::stdout().is_terminal(),
+    };
     let mut daemons = Daemons(Vec::new());
-    let result = rt.block_on(demo(&exe, &testy, dir, seconds, &mut daemons));
+    let result = rt.block_on(async {
+        let mut signals = StopSignals::new()?;
+        tokio::select! {
+            r = demo(&exe, &testy, dir, seconds, &mut daemons, &screen) => match r {
+                Err(e) if is_closed_output(&e) => Ok("the output was closed"),
+                r => r,
+            },
+            why = signals.recv() => Ok(why),
+        }
+    });
+    if let Ok(why) = &result {
+        // The reader may be gone (a closed pipe): nothing to do about that.
+        let _ = screen.say(&format!(
+            "stopping the demo ({why}): deleting its services, then its daemons"
+        ));
+    }
     let master_dir = dir.join("master");
     // Delete every service so that the minions stop them, then stop the daemons.
     rt.block_on(async {
@@ -94,9 +177,6 @@ pub fn run(dir: &Path, testy: Option<PathBuf>, seconds: Option<u64>) -> Result<(
                 let _ = client::call::<Value>(&master_dir, &Request::Del { name: s.name }).await;
             }
             let _ = until("services to stop", Duration::from_secs(15), async || {
-                let nodes: Vec<phoenix_model::proto::NodeView> =
-                    client::call(&master_dir, &Request::Nodes).await.ok()?;
-                let _ = nodes;
                 let left = ["m1", "m2"].iter().any(|m| {
                     std::fs::read_dir(dir.join(m).join("run")).is_ok_and(|mut d| d.next().is_some())
                 });
@@ -107,7 +187,13 @@ pub fn run(dir: &Path, testy: Option<PathBuf>, seconds: Option<u64>) -> Result<(
     });
     drop(daemons);
     let _ = std::fs::remove_dir_all(dir);
-    result
+    result.map(|_| ())
+}
+
+/// Whether an error is a write to a closed pipe.
+fn is_closed_output(e: &anyhow::Error) -> bool {
+    e.downcast_ref::<std::io::Error>()
+        .is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe)
 }
 
 async fn demo(
@@ -116,7 +202,8 @@ async fn demo(
     dir: &Path,
     seconds: Option<u64>,
     daemons: &mut Daemons,
-) -> Result<()> {
+    screen: &Screen,
+) -> Result<&'static str> {
     let (join, link) = (free_port()?, free_port()?);
     // The overlay needs root (TUN devices). Without it, run the links in
     // clear text on loopback and say so.
@@ -136,16 +223,16 @@ async fn demo(
         }
     };
     if !overlay {
-        println!(
-            "not root: running WITHOUT the WireGuard overlay (links in clear text on loopback)"
-        );
+        screen.say(
+            "not root: running WITHOUT the WireGuard overlay (links in clear text on loopback)",
+        )?;
     }
     let master_dir = dir.join("master");
     let s = |v: &str| v.to_owned();
-    println!(
+    screen.say(&format!(
         "starting a master on 127.0.0.1 (join port {join}, link port {link}) in {}",
         master_dir.display()
-    );
+    ))?;
     let mut args = vec![
         s("master"),
         s("127.0.0.1"),
@@ -163,9 +250,9 @@ async fn demo(
         client::call(&master_dir, &Request::MasterInfo).await.ok()
     })
     .await?;
-    println!("master key {}", info.key);
+    screen.say(&format!("master key {}", info.key))?;
     for m in ["m1", "m2"] {
-        println!("starting minion {m}");
+        screen.say(&format!("starting minion {m}"))?;
         let mut args = vec![
             s("minion"),
             s(m),
@@ -201,10 +288,10 @@ async fn demo(
     .await?;
     for m in ["m1", "m2"] {
         let _: Value = client::call(&master_dir, &Request::Accept { name: m.into() }).await?;
-        println!("accepted {m}");
+        screen.say(&format!("accepted {m}"))?;
     }
     let pushed = client::push(&master_dir, testy, "testy").await?;
-    println!("pushed testy ({} bytes)", pushed.size);
+    screen.say(&format!("pushed testy ({} bytes)", pushed.size))?;
     let specs = json!([
         {"machine": "m1", "name": "web", "image": "testy", "type": "binary",
          "proxyport": free_port()?, "healthcheck": "/health"},
@@ -223,38 +310,47 @@ async fn demo(
         },
     )
     .await?;
-    println!(
-        "deployed: web (health-checked), flaky (crashes at random), sickly (turns unhealthy), once (a oneshot)"
+    screen.say("deployed")?;
+    let hint = cli_hint(exe, &master_dir);
+    let mut header = format!(
+        "Phoenix demo: a master and minions m1, m2 in {}\n\
+         web (health-checked), flaky (crashes at random), sickly (turns unhealthy), once (a oneshot)\n\
+         try in another terminal: {hint}\n\
+         Ctrl-C stops the demo and removes everything.\n",
+        dir.display()
     );
-    println!(
-        "try in another terminal: PHOENIX_DATA_DIR={} phoenix services",
-        master_dir.display()
-    );
-    println!("Ctrl-C stops the demo and removes everything.\n");
+    if !screen.redraw {
+        screen.say(&header)?;
+        header.clear();
+    }
     let deadline = seconds.map(|s| Instant::now() + Duration::from_secs(s));
     let mut ticker = tokio::time::interval(Duration::from_secs(2));
-    let mut first = true;
+    let mut images_shown = false;
     loop {
-        tokio::select! {
-            _ = ticker.tick() => {}
-            _ = tokio::signal::ctrl_c() => break,
-        }
+        ticker.tick().await;
         let list: Vec<ServiceView> = client::call(&master_dir, &Request::Services).await?;
-        println!("{}", crate::output::utc(phoenix_model::status::now_ms()));
-        crate::output::services_table(&list);
-        println!();
-        if first && list.iter().all(|s| s.state != "starting") {
-            // The registry image, by now on both minions.
+        let mut frame = String::new();
+        if screen.redraw {
+            // Home and clear: the status stays in place instead of scrolling.
+            frame.push_str("\x1b[H\x1b[2J");
+            frame.push_str(&header);
+            frame.push('\n');
+        }
+        frame.push_str(&crate::output::utc(phoenix_model::status::now_ms()));
+        frame.push('\n');
+        frame.push_str(&crate::output::services_text(&list));
+        // The registry image, on both minions once they have synced it: on a
+        // terminal it stays on screen; as lines, it is printed once.
+        if (screen.redraw || !images_shown) && list.iter().all(|s| s.state != "starting") {
             let images: Vec<phoenix_model::proto::ImageView> =
                 client::call(&master_dir, &Request::Images).await?;
-            crate::output::images_table(&images);
-            println!();
-            first = false;
+            frame.push('\n');
+            frame.push_str(&crate::output::images_text(&images));
+            images_shown = true;
         }
+        screen.say(&frame)?;
         if deadline.is_some_and(|d| Instant::now() >= d) {
-            break;
+            return Ok("time is up");
         }
     }
-    println!("stopping the demo");
-    Ok(())
 }

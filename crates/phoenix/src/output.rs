@@ -37,6 +37,11 @@ pub fn render(header: &[&str], rows: &[Vec<String>]) -> String {
 /// The services table of `phoenix services` (and the demo). A `?` after the
 /// state marks the last known state of a service whose machine is unreachable.
 pub fn services_table(list: &[phoenix_model::proto::ServiceView]) {
+    print!("{}", services_text(list));
+}
+
+/// [`services_table`] as text.
+pub fn services_text(list: &[phoenix_model::proto::ServiceView]) -> String {
     let dash = || "-".to_owned();
     let rows: Vec<Vec<String>> = list
         .iter()
@@ -57,7 +62,7 @@ pub fn services_table(list: &[phoenix_model::proto::ServiceView]) {
             ]
         })
         .collect();
-    table(
+    render(
         &[
             "NAME",
             "MACHINE",
@@ -69,17 +74,18 @@ pub fn services_table(list: &[phoenix_model::proto::ServiceView]) {
             "LAST EXIT",
         ],
         &rows,
-    );
+    )
 }
 
-/// "3s ago", "5m ago", "2h ago", "4d ago".
 /// `phoenix images`: one row per image, then why any node failed.
 pub fn images_table(list: &[phoenix_model::proto::ImageView]) {
+    print!("{}", images_text(list));
+}
+
+/// [`images_table`] as text.
+pub fn images_text(list: &[phoenix_model::proto::ImageView]) -> String {
     if list.is_empty() {
-        println!(
-            "no images; add one with `phoenix push FILE [NAME]` or copy it into the registry folder"
-        );
-        return;
+        return "no images; add one with `phoenix push FILE [NAME]` or copy it into the registry folder\n".into();
     }
     let mut failures = Vec::new();
     let rows: Vec<Vec<String>> = list
@@ -114,15 +120,18 @@ pub fn images_table(list: &[phoenix_model::proto::ImageView]) {
             ]
         })
         .collect();
-    table(
+    let mut out = render(
         &["NAME", "SIZE", "CHUNKS", "UNIQUE", "HASH", "NODES"],
         &rows,
     );
     for f in failures {
-        println!("{f}");
+        out.push_str(&f);
+        out.push('\n');
     }
+    out
 }
 
+/// "3s ago", "5m ago", "2h ago", "4d ago".
 pub fn ago(ms: u64) -> String {
     let secs = now_ms().saturating_sub(ms) / 1000;
     match secs {
