@@ -621,7 +621,7 @@ fn collect(
             .any(|e| {
                 e.file_name()
                     .to_str()
-                    .and_then(|n| n.strip_prefix(crate::container::ROOTFS_MARK))
+                    .and_then(|n| n.strip_prefix(crate::driver::oci::ROOTFS_MARK))
                     .is_some_and(|h| keep.contains(h))
             });
         if !used && std::fs::remove_dir_all(&place).is_ok() {
@@ -777,7 +777,7 @@ mod tests {
             let place = dir.join("rootfs").join(format!("digest{seed}"));
             std::fs::create_dir_all(&place).unwrap();
             std::fs::write(
-                place.join(format!("{}{h}", crate::container::ROOTFS_MARK)),
+                place.join(format!("{}{h}", crate::driver::oci::ROOTFS_MARK)),
                 b"",
             )
             .unwrap();

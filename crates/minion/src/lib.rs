@@ -1,9 +1,12 @@
 //! The Phoenix minion daemon: runs what the master assigns, and keeps
 //! running it when the master is away.
 //!
-//! - [`supervisor`]: a task per service (start, watch, health-check,
-//!   restart with backoff, stop), converging on the desired set;
-//! - [`process`]: process groups, pidfds, adoption after a minion restart;
+//! - [`supervisor`]: a task runner per service, converging on the desired set;
+//! - [`task`]: the task runner (start, watch, health-check, restart with
+//!   backoff, stop, adopt), the same for every kind of workload;
+//! - [`driver`]: how each kind runs (`exec` for binaries, `oci` for
+//!   containers): prepare, start, recover, stop, destroy;
+//! - [`process`], [`reaper`]: process groups, pidfds, start times, reaping;
 //! - [`health`], [`logs`], [`images`]: health checks, log files, image cache;
 //! - [`state`]: what the minion keeps on disk to run cut off from the master;
 //! - [`link`]: the join request and the long-lived connection to the master.
@@ -11,7 +14,7 @@
 //! On start the minion applies the desired set saved on disk before it even
 //! tries to reach the master, adopting processes a previous run started.
 
-pub mod container;
+pub mod driver;
 pub mod health;
 pub mod images;
 pub mod link;
@@ -20,6 +23,7 @@ pub mod process;
 pub mod reaper;
 pub mod state;
 pub mod supervisor;
+pub mod task;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -145,7 +149,8 @@ pub async fn run(cfg: MinionConfig) -> Result<(), MinionError> {
             path: cfg.data_dir.join("chunks").display().to_string(),
             source: std::io::Error::other(e),
         })?,
-        runtime: container::Runtime::new(&cfg.data_dir),
+        drivers: driver::Drivers::on_host(&cfg.data_dir),
+        probe: Arc::new(health::HttpProbe),
         desired_writer: state.desired_writer(),
         logs: files.clone(),
         log_cmds: log_tx,

@@ -1,4 +1,6 @@
 //! Processes: start one in its own process group, wait for it, end it.
+//! With [`crate::reaper`], this is where the drivers' signals, pidfds and
+//! process start times meet the host.
 //!
 //! Every binary service runs as the leader of a new process group, so that
 //! stopping it (and cleaning up after it exits) reaches every process it
@@ -16,6 +18,7 @@ use std::time::Duration;
 use phoenix_model::status::{Exit, now_ms};
 use tokio::io::unix::AsyncFd;
 
+use crate::driver::{BoxFuture, RunningTask};
 use crate::reaper;
 
 /// What to run.
@@ -119,17 +122,17 @@ impl Proc {
 
     /// Stops the process: SIGTERM, then SIGKILL after `timeout`.
     pub async fn stop(&mut self, timeout: Duration) -> Exit {
-        self.signal(libc::SIGTERM);
-        match tokio::time::timeout(timeout, self.wait()).await {
-            Ok(exit) => {
-                self.signal(libc::SIGKILL);
-                exit
-            }
-            Err(_) => {
-                self.signal(libc::SIGKILL);
-                self.wait().await
-            }
-        }
+        crate::driver::stop_with_escalation(self, timeout).await
+    }
+}
+
+impl RunningTask for Proc {
+    fn wait(&mut self) -> BoxFuture<'_, Exit> {
+        Box::pin(Proc::wait(self))
+    }
+
+    fn signal(&self, signal: i32) {
+        Proc::signal(self, signal);
     }
 }
 

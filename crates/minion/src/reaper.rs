@@ -86,7 +86,11 @@ fn deliver(pid: u32, exit: Exit) {
     let mut t = lock();
     match t.waiting.remove(&pid) {
         Some(tx) => {
-            let _ = tx.send(exit);
+            // The waiter may have given up (a cancelled wait, as in a
+            // `select!`): keep the exit for its next ask, or it is lost.
+            if let Err(exit) = tx.send(exit) {
+                t.early.insert(pid, exit);
+            }
         }
         None => {
             if t.early.len() >= 4096 {
@@ -142,4 +146,28 @@ fn tempfile_in_memory() -> std::io::Result<std::fs::File> {
     }
     // SAFETY: a fresh descriptor that nothing else owns.
     Ok(unsafe { std::fs::File::from_raw_fd(fd) })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::future::Future;
+
+    #[tokio::test]
+    async fn an_exit_that_comes_after_a_cancelled_wait_is_kept() {
+        // Not a real pid: no child of the test process can have it.
+        let pid = u32::MAX - 7;
+        let mut wait = Box::pin(exit_of(pid));
+        // Registered, then given up, as a `select!` does with its losers.
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        assert!(wait.as_mut().poll(&mut cx).is_pending());
+        drop(wait);
+        let exit = Exit {
+            code: Some(3),
+            signal: None,
+            at: 1,
+        };
+        deliver(pid, exit);
+        assert_eq!(exit_of(pid).await, exit);
+    }
 }

@@ -5,7 +5,7 @@
 //! - `minion.key`: the minion's WireGuard private key;
 //! - `overlay-ip`: the overlay address the master gave when it accepted us;
 //! - `desired.json`: the last desired set received;
-//! - `run/NAME.json`: the running process (pid, start time, generation);
+//! - `run/NAME.json`: the running task (pid, start time, generation, driver);
 //! - `run/NAME.done.json`: how a oneshot of a generation ended;
 //! - `logs/`, `images/`, `work/NAME/` (the service's working directory).
 
@@ -16,16 +16,50 @@ use phoenix_model::proto::DesiredSet;
 use phoenix_model::status::Exit;
 use serde::{Deserialize, Serialize};
 
-/// The process a service runs, as recorded at its start.
+use crate::driver::DriverName;
+
+/// The task a service runs, as recorded at its start: enough for the
+/// driver that started it to recover it after a minion restart.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(from = "StoredRunRecord")]
 pub struct RunRecord {
     pub pid: u32,
     pub start_time: u64,
     pub generation: u64,
     pub restarts: u64,
-    /// A container's init (signalled alone), not a process group leader.
+    /// The driver that started it, and that recovers and cleans up after it.
+    pub driver: DriverName,
+}
+
+/// A run record as any version of the minion wrote it: before drivers, a
+/// container was `"container": true` and a binary had no such field.
+#[derive(Deserialize)]
+struct StoredRunRecord {
+    pid: u32,
+    start_time: u64,
+    generation: u64,
+    restarts: u64,
     #[serde(default)]
-    pub container: bool,
+    driver: Option<DriverName>,
+    #[serde(default)]
+    container: bool,
+}
+
+impl From<StoredRunRecord> for RunRecord {
+    fn from(r: StoredRunRecord) -> RunRecord {
+        let driver = r.driver.unwrap_or(if r.container {
+            DriverName::Oci
+        } else {
+            DriverName::Exec
+        });
+        RunRecord {
+            pid: r.pid,
+            start_time: r.start_time,
+            generation: r.generation,
+            restarts: r.restarts,
+            driver,
+        }
+    }
 }
 
 /// How a oneshot ended.
@@ -160,5 +194,58 @@ impl LocalState {
             (!base.ends_with(".done")).then(|| base.to_owned())
         })
         .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn run_records_name_their_driver_and_old_ones_still_load() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = LocalState::new(dir.path().to_owned()).unwrap();
+        let old = |name: &str, json: &str| {
+            std::fs::write(dir.path().join(format!("run/{name}.json")), json).unwrap();
+            state.run_record(name).unwrap()
+        };
+        let box_ = old(
+            "box",
+            r#"{"pid":10,"start_time":20,"generation":3,"restarts":4,"container":true}"#,
+        );
+        assert_eq!(
+            box_,
+            RunRecord {
+                pid: 10,
+                start_time: 20,
+                generation: 3,
+                restarts: 4,
+                driver: DriverName::Oci,
+            }
+        );
+        let bin = old(
+            "bin",
+            r#"{"pid":11,"start_time":21,"generation":1,"restarts":0,"container":false}"#,
+        );
+        assert_eq!(bin.driver, DriverName::Exec);
+        let older = old(
+            "older",
+            r#"{"pid":12,"start_time":22,"generation":1,"restarts":0}"#,
+        );
+        assert_eq!(older.driver, DriverName::Exec);
+        assert_eq!(older.pid, 12);
+
+        // What is written now names the driver, and reads back the same.
+        state.save_run("box", &box_).unwrap();
+        let text = std::fs::read_to_string(dir.path().join("run/box.json")).unwrap();
+        assert!(text.contains(r#""driver":"oci""#), "{text}");
+        assert!(!text.contains("container"), "{text}");
+        assert_eq!(state.run_record("box").unwrap(), box_);
+        let exec = RunRecord {
+            driver: DriverName::Exec,
+            ..box_
+        };
+        state.save_run("bin", &exec).unwrap();
+        assert_eq!(state.run_record("bin").unwrap(), exec);
     }
 }

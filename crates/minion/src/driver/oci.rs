@@ -1,14 +1,16 @@
-//! OCI containers, run by crun, with no process of ours left beside them.
+//! The `oci` driver: OCI containers, run by crun, with no process of ours
+//! left beside them.
 //!
-//! A start is: the image file (fetched and hash-checked like any image) is
+//! Prepare: the image file (fetched and hash-checked like any image) is
 //! unpacked once per manifest digest into `images/rootfs/<digest>/rootfs`
-//! (shared by every service using it); the service gets an overlayfs with
-//! that as its lower layer and a fresh upper layer (a copy where overlayfs
-//! is missing), so each start begins from the image; `crun create` sets the
-//! container up and exits, leaving the container's init as the minion's
-//! child (the minion is a subreaper, see [`crate::reaper`]); limits are
-//! applied; `crun start` lets it run. Stopping signals the init (ending it
-//! ends its PID namespace), then `crun delete` and an unmount clean up.
+//! (shared by every service using it), its settings beside it. Start: the
+//! service gets an overlayfs with that as its lower layer and a fresh upper
+//! layer (a copy where overlayfs is missing), so each start begins from the
+//! image; `crun create` sets the container up and exits, leaving the
+//! container's init as the minion's child (the minion is a subreaper, see
+//! [`crate::reaper`]); limits are applied; `crun start` lets it run. Stop
+//! signals the init alone (ending it ends its PID namespace). Destroy: `crun
+//! delete`, an unmount, the writable layer and the v1 cgroups go.
 //!
 //! cgroups. crun's own cgroup handling works on pure v2 hosts and on v1
 //! hosts, and there Phoenix passes limits in the runtime config. crun 1.8
@@ -18,6 +20,9 @@
 //! `--cgroup-manager=disabled`, and the minion applies limits itself through
 //! the v1 memory and cpu controllers between `create` and `start`. Where a
 //! limit cannot be applied, the service's status says so.
+//!
+//! Host operations (statfs, mount, umount2, cgroup v1 writes) are the
+//! functions at the end of this file, under "Host operations".
 
 use std::ffi::CString;
 use std::os::unix::process::CommandExt;
@@ -27,7 +32,13 @@ use std::process::{Command, Stdio};
 use phoenix_model::proto::Assignment;
 use serde_json::{Value, json};
 
+use super::{
+    Artifact, BoxFuture, Capabilities, Driver, DriverError, DriverName, TaskConfig, TaskDir,
+    TaskHandle,
+};
+use crate::process::{Proc, Target};
 use crate::reaper;
+use crate::state::RunRecord;
 
 /// How the host's cgroups are mounted.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -40,15 +51,6 @@ pub enum CgroupMode {
 }
 
 const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
-
-fn fs_type(path: &str) -> Option<i64> {
-    let c = CString::new(path).ok()?;
-    // SAFETY: statfs fills the zeroed struct we own from a valid C string.
-    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
-    // SAFETY: as above.
-    let ret = unsafe { libc::statfs(c.as_ptr(), &mut st) };
-    (ret == 0).then_some(st.f_type as i64)
-}
 
 impl CgroupMode {
     pub fn detect() -> CgroupMode {
@@ -75,7 +77,7 @@ pub struct ImageSettings {
 }
 
 /// Where containers live and how crun is run.
-pub struct Runtime {
+pub struct OciDriver {
     /// One unpack at a time per image file, however many services share it.
     unpacking: std::sync::Mutex<
         std::collections::HashMap<PathBuf, std::sync::Arc<tokio::sync::Mutex<()>>>,
@@ -84,13 +86,6 @@ pub struct Runtime {
     state_dir: PathBuf,
     rootfs_dir: PathBuf,
     pub mode: CgroupMode,
-}
-
-/// A started container.
-pub struct Started {
-    pub pid: u32,
-    /// What became of `memory` / `cpus`, for the status.
-    pub limits: Option<String>,
 }
 
 const CRUN_HELP: &str = "crun is not installed on this minion; install it (Debian/Ubuntu: apt-get install crun, Alpine: apk add crun) to run services of type docker";
@@ -107,9 +102,9 @@ pub fn container_id(name: &str) -> String {
     format!("phoenix-{name}")
 }
 
-impl Runtime {
-    pub fn new(data_dir: &Path) -> Runtime {
-        let rt = Runtime {
+impl OciDriver {
+    pub fn new(data_dir: &Path) -> OciDriver {
+        let rt = OciDriver {
             unpacking: Default::default(),
             crun: find_in_path("crun"),
             state_dir: data_dir.join("crun"),
@@ -179,13 +174,10 @@ impl Runtime {
         }
     }
 
-    /// The unpacked root filesystem of `image` (a file in the image cache),
-    /// unpacking it first if this digest has not been unpacked yet.
-    pub async fn rootfs(
-        &self,
-        image: &Path,
-        tag: Option<&str>,
-    ) -> Result<(PathBuf, ImageSettings), String> {
+    /// The unpacked image of `image` (a file in the image cache): its
+    /// directory, holding `rootfs` and `settings.json`. Unpacks it first if
+    /// this digest has not been unpacked yet.
+    pub async fn unpacked(&self, image: &Path, tag: Option<&str>) -> Result<PathBuf, String> {
         let lock = self
             .unpacking
             .lock()
@@ -202,21 +194,18 @@ impl Runtime {
             .map_err(|e| e.to_string())?
     }
 
-    /// Sets up and starts the container of `a`.
-    pub async fn start(
-        &self,
-        a: &Assignment,
-        image: &Path,
-        work: &Path,
-        log: &std::fs::File,
-        extra_env: &[(String, String)],
-    ) -> Result<Started, String> {
+    /// Sets up and starts the container of `task`, from the unpacked image
+    /// [`Self::unpacked`] made.
+    async fn start_container(&self, task: TaskConfig<'_>) -> Result<TaskHandle, String> {
         if self.crun.is_none() {
             return Err(CRUN_HELP.into());
         }
+        let a = task.assignment;
+        let work = task.work_dir;
+        let log = &task.log;
         let spec = &a.spec;
-        let (_, tag) = spec.registry_file();
-        let (lower, settings) = self.rootfs(image, tag.as_deref()).await?;
+        let lower = task.artifact.path.join("rootfs");
+        let settings = load_settings(&task.artifact.path)?;
         self.cleanup(&spec.name, work).await;
         let bundle = work.join("bundle");
         let rootfs = bundle.join("rootfs");
@@ -238,7 +227,7 @@ impl Runtime {
                 return Err(format!("copy rootfs: {}", err.trim()));
             }
         }
-        let config = runtime_config(a, &settings, &lower, extra_env, self.mode)?;
+        let config = runtime_config(a, &settings, &lower, task.env, self.mode)?;
         let config_path = bundle.join("config.json");
         std::fs::write(
             &config_path,
@@ -283,7 +272,12 @@ impl Runtime {
             self.cleanup(&spec.name, work).await;
             return Err(e);
         }
-        Ok(Started { pid, limits })
+        Ok(TaskHandle {
+            pid,
+            start_time: crate::process::process_start_time(pid).unwrap_or(0),
+            limits,
+            process: Box::new(Proc::child(pid, Target::Single)),
+        })
     }
 
     /// Removes what a container run leaves behind: crun's state, the
@@ -296,26 +290,66 @@ impl Runtime {
                 .crun_run(&["delete", "--force", &container_id(name)], "delete")
                 .await;
         }
-        let rootfs = work.join("bundle").join("rootfs");
-        if let Ok(c) = CString::new(rootfs.as_os_str().as_encoded_bytes()) {
-            // SAFETY: umount2 with a valid C string; failure (not mounted) is fine.
-            unsafe {
-                libc::umount2(c.as_ptr(), libc::MNT_DETACH);
-            }
-        }
+        unmount(&work.join("bundle").join("rootfs"));
         for d in ["upper", "ovlwork", "bundle"] {
             let _ = std::fs::remove_dir_all(work.join(d));
         }
         if self.mode == CgroupMode::Hybrid {
-            for ctl in ["memory", "cpu"] {
-                let _ = std::fs::remove_dir(
-                    Path::new("/sys/fs/cgroup")
-                        .join(ctl)
-                        .join("phoenix")
-                        .join(name),
-                );
-            }
+            remove_v1_cgroups(name);
         }
+    }
+}
+
+impl Driver for OciDriver {
+    fn name(&self) -> DriverName {
+        DriverName::Oci
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            artifact_in_image_cache: true,
+        }
+    }
+
+    fn prepare<'a>(
+        &'a self,
+        image: &'a Path,
+        a: &'a Assignment,
+    ) -> BoxFuture<'a, Result<Artifact, DriverError>> {
+        Box::pin(async move {
+            if self.crun.is_none() {
+                return Err(DriverError::Container(CRUN_HELP.into()));
+            }
+            let (_, tag) = a.spec.registry_file();
+            let path = self
+                .unpacked(image, tag.as_deref())
+                .await
+                .map_err(DriverError::Container)?;
+            Ok(Artifact { path })
+        })
+    }
+
+    fn start<'a>(&'a self, task: TaskConfig<'a>) -> BoxFuture<'a, Result<TaskHandle, DriverError>> {
+        Box::pin(async move {
+            self.start_container(task)
+                .await
+                .map_err(DriverError::Container)
+        })
+    }
+
+    fn recover(&self, record: &RunRecord) -> Option<TaskHandle> {
+        // The init alone: its PID namespace ends with it.
+        let proc = Proc::adopt(record.pid, record.start_time, Target::Single)?;
+        Some(TaskHandle {
+            pid: record.pid,
+            start_time: record.start_time,
+            limits: None,
+            process: Box::new(proc),
+        })
+    }
+
+    fn destroy<'a>(&'a self, dir: TaskDir<'a>, _task: Option<TaskHandle>) -> BoxFuture<'a, ()> {
+        Box::pin(self.cleanup(dir.name, dir.work_dir))
     }
 }
 
@@ -326,42 +360,21 @@ fn last_line(s: &str) -> &str {
         .unwrap_or("(no message)")
 }
 
-fn mount_overlay(lower: &Path, upper: &Path, work: &Path, target: &Path) -> Result<(), String> {
-    let opts = format!(
-        "lowerdir={},upperdir={},workdir={}",
-        lower.display(),
-        upper.display(),
-        work.display()
-    );
-    let c = |p: &Path| CString::new(p.as_os_str().as_encoded_bytes()).map_err(|e| e.to_string());
-    let (target, opts) = (c(target)?, CString::new(opts).map_err(|e| e.to_string())?);
-    // SAFETY: mount(2) with valid C strings that outlive the call.
-    let ret = unsafe {
-        libc::mount(
-            c"overlay".as_ptr(),
-            target.as_ptr(),
-            c"overlay".as_ptr(),
-            0,
-            opts.as_ptr().cast(),
-        )
-    };
-    if ret != 0 {
-        return Err(std::io::Error::last_os_error().to_string());
-    }
-    Ok(())
-}
-
 /// A file `from-<image hash>` in an unpacked image's directory names a
 /// cached image it came from.
 pub const ROOTFS_MARK: &str = "from-";
 
+/// The settings [`unpack_cached`] kept beside an unpacked image.
+fn load_settings(place: &Path) -> Result<ImageSettings, String> {
+    let path = place.join("settings.json");
+    let text = std::fs::read(&path).map_err(|e| format!("read {}: {e}", path.display()))?;
+    serde_json::from_slice(&text).map_err(|e| format!("read {}: {e}", path.display()))
+}
+
 /// Unpacks an image once per manifest digest, atomically (into a temporary
 /// directory renamed into place), and remembers its settings beside it.
-fn unpack_cached(
-    image: &Path,
-    tag: Option<&str>,
-    dir: &Path,
-) -> Result<(PathBuf, ImageSettings), String> {
+/// The directory holding both.
+fn unpack_cached(image: &Path, tag: Option<&str>, dir: &Path) -> Result<PathBuf, String> {
     let img = phoenix_image::open(image, tag).map_err(|e| e.to_string())?;
     let digest = img.manifest_digest.trim_start_matches("sha256:").to_owned();
     let place = dir.join(&digest);
@@ -375,11 +388,11 @@ fn unpack_cached(
         }
     };
     if let Ok(text) = std::fs::read(&settings_path)
-        && let Ok(settings) = serde_json::from_slice(&text)
+        && serde_json::from_slice::<ImageSettings>(&text).is_ok()
         && rootfs.is_dir()
     {
         mark(&place);
-        return Ok((rootfs, settings));
+        return Ok(place);
     }
     std::fs::create_dir_all(dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
     let tmp = dir.join(format!(".unpack-{digest}-{}", std::process::id()));
@@ -414,7 +427,7 @@ fn unpack_cached(
     }
     mark(&place);
     tracing::info!(digest = %digest, "image unpacked");
-    Ok((rootfs, settings))
+    Ok(place)
 }
 
 /// Resolves the image's `User` ("name", "uid", "uid:gid", "name:group")
@@ -594,6 +607,55 @@ fn describe_limits(memory: Option<u64>, cpus: Option<f64>, mode: CgroupMode) -> 
     })
 }
 
+// ------------------------------------------------------------ host operations
+//
+// Everything below touches the host directly (filesystem types, mounts,
+// cgroup v1 files); the rest of the driver goes through these functions.
+
+fn fs_type(path: &str) -> Option<i64> {
+    let c = CString::new(path).ok()?;
+    // SAFETY: statfs fills the zeroed struct we own from a valid C string.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    let ret = unsafe { libc::statfs(c.as_ptr(), &mut st) };
+    (ret == 0).then_some(st.f_type as i64)
+}
+
+fn mount_overlay(lower: &Path, upper: &Path, work: &Path, target: &Path) -> Result<(), String> {
+    let opts = format!(
+        "lowerdir={},upperdir={},workdir={}",
+        lower.display(),
+        upper.display(),
+        work.display()
+    );
+    let c = |p: &Path| CString::new(p.as_os_str().as_encoded_bytes()).map_err(|e| e.to_string());
+    let (target, opts) = (c(target)?, CString::new(opts).map_err(|e| e.to_string())?);
+    // SAFETY: mount(2) with valid C strings that outlive the call.
+    let ret = unsafe {
+        libc::mount(
+            c"overlay".as_ptr(),
+            target.as_ptr(),
+            c"overlay".as_ptr(),
+            0,
+            opts.as_ptr().cast(),
+        )
+    };
+    if ret != 0 {
+        return Err(std::io::Error::last_os_error().to_string());
+    }
+    Ok(())
+}
+
+/// Detaches the mount at `path`; nothing mounted there is fine.
+fn unmount(path: &Path) {
+    if let Ok(c) = CString::new(path.as_os_str().as_encoded_bytes()) {
+        // SAFETY: umount2 with a valid C string; failure (not mounted) is fine.
+        unsafe {
+            libc::umount2(c.as_ptr(), libc::MNT_DETACH);
+        }
+    }
+}
+
 /// On a hybrid host: puts `pid` into v1 memory and cpu cgroups with the
 /// limits, and says what worked.
 fn v1_limits(name: &str, pid: u32, memory: Option<u64>, cpus: Option<f64>) -> Option<String> {
@@ -630,6 +692,18 @@ fn v1_limits(name: &str, pid: u32, memory: Option<u64>, cpus: Option<f64>) -> Op
         }
     }
     (!notes.is_empty()).then(|| notes.join("; "))
+}
+
+/// Removes a service's v1 cgroups (they must be empty: its init has ended).
+fn remove_v1_cgroups(name: &str) {
+    for ctl in ["memory", "cpu"] {
+        let _ = std::fs::remove_dir(
+            Path::new("/sys/fs/cgroup")
+                .join(ctl)
+                .join("phoenix")
+                .join(name),
+        );
+    }
 }
 
 #[cfg(test)]

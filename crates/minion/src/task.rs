@@ -1,0 +1,1177 @@
+//! The task runner: one per service, the same for every kind of workload.
+//!
+//! It owns the policy; the [driver](crate::driver) of the service's type
+//! owns the mechanics. A runner: fetches the image if missing → has the
+//! driver prepare and start the task → watches it (its exit, commands from
+//! the supervisor, health probes) → has the driver destroy what the run left
+//! → daemon: restarts it (the first restart at once, then 100 ms doubling to
+//! 30 s, reset by a run of 10 s); oneshot: records the result and waits for
+//! a new generation. Stopping is the driver's SIGTERM, then SIGKILL after
+//! the stop timeout. After a minion restart, the runner first asks the
+//! driver named in the service's run record to recover the task.
+//!
+//! Every state change goes to the link as a [`Report`]. Nothing here knows
+//! which kind of task runs; the runner's tests run it with a fake driver.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use phoenix_model::proto::Assignment;
+use phoenix_model::spec::Duration as Lifetime;
+use phoenix_model::status::{Exit, Health, ServiceState, ServiceStatus, now_ms};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+use crate::driver::{BoxFuture, Driver, TaskConfig, TaskDir, TaskHandle};
+use crate::health;
+use crate::logs::LogCmd;
+use crate::state::{DoneRecord, RunRecord};
+use crate::supervisor::{Ctx, Report};
+
+/// A run this long resets the backoff.
+pub const STABLE_RUN: Duration = Duration::from_secs(10);
+/// The longest wait between restarts.
+pub const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// Consecutive failed health checks that make a service unhealthy.
+pub const HEALTH_FAILURES: u32 = 2;
+
+/// The wait before the `n`th consecutive restart (n ≥ 1).
+pub fn backoff(n: u32) -> Duration {
+    if n <= 1 {
+        return Duration::ZERO;
+    }
+    let ms = 100u64.saturating_mul(1 << (n - 2).min(20));
+    Duration::from_millis(ms).min(MAX_BACKOFF)
+}
+
+/// What the supervisor tells a service's runner.
+pub enum Cmd {
+    Replace(Box<Assignment>),
+    /// The image of this newer assignment could not be fetched (why): a
+    /// running task keeps running; a stopped one tries the new one.
+    Held(Box<Assignment>, String),
+    Stop,
+}
+
+/// A task that runs, and the driver that started or recovered it.
+struct Running {
+    driver: Arc<dyn Driver>,
+    handle: TaskHandle,
+}
+
+/// How a supervised run ended.
+enum Ended {
+    Exited(Exit),
+    Unhealthy(Exit),
+    /// A command came in; the task is already stopped (unless the command
+    /// is `None`: the minion is shutting down and the task runs on).
+    Command(Option<Cmd>),
+}
+
+/// What a runner does next after a command.
+enum Next {
+    /// Start (again) with the current assignment.
+    Start,
+    /// The service is gone or the minion is shutting down.
+    Return,
+}
+
+pub fn initial_status(a: &Assignment) -> ServiceStatus {
+    ServiceStatus {
+        name: a.spec.name.clone(),
+        generation: a.generation,
+        state: ServiceState::Starting,
+        pid: None,
+        restarts: 0,
+        last_exit: None,
+        limits: None,
+        health: if a.spec.healthcheck.is_some() {
+            Health::Pending
+        } else {
+            Health::None
+        },
+        since: now_ms(),
+        message: None,
+    }
+}
+
+/// Waits for the probe in flight, if there is one (never ends otherwise).
+async fn probe_result(
+    probe: Option<&mut BoxFuture<'static, Result<(), String>>>,
+) -> Result<(), String> {
+    match probe {
+        Some(p) => p.await,
+        None => std::future::pending().await,
+    }
+}
+
+pub struct TaskRunner {
+    ctx: Arc<Ctx>,
+    a: Assignment,
+    cmds: mpsc::UnboundedReceiver<Cmd>,
+    status: ServiceStatus,
+    /// Crashes since the last stable run.
+    consecutive: u32,
+}
+
+impl TaskRunner {
+    pub fn new(ctx: Arc<Ctx>, a: Assignment, cmds: mpsc::UnboundedReceiver<Cmd>) -> Self {
+        TaskRunner {
+            status: initial_status(&a),
+            ctx,
+            a,
+            cmds,
+            consecutive: 0,
+        }
+    }
+
+    fn name(&self) -> &str {
+        &self.a.spec.name
+    }
+
+    fn set(&mut self, state: ServiceState, message: Option<String>) {
+        if self.status.state != state {
+            self.status.since = now_ms();
+        }
+        self.status.state = state;
+        self.status.message = message;
+        self.report();
+    }
+
+    fn report(&self) {
+        let _ = self.ctx.reports.send(Report::Status(self.status.clone()));
+    }
+
+    /// The state of a task that has just started or been recovered.
+    fn started_state(&self) -> ServiceState {
+        if self.a.spec.healthcheck.is_some() {
+            ServiceState::Starting
+        } else {
+            ServiceState::Running
+        }
+    }
+
+    /// Handles a command that arrived while no task runs.
+    fn command(&mut self, cmd: Option<Cmd>) -> Next {
+        match cmd {
+            Some(Cmd::Replace(a) | Cmd::Held(a, _)) => {
+                self.a = *a;
+                self.status = initial_status(&self.a);
+                self.consecutive = 0;
+                Next::Start
+            }
+            Some(Cmd::Stop) => {
+                self.ctx.state.forget(self.name());
+                self.ctx.logs.remove(self.name());
+                let _ = self
+                    .ctx
+                    .log_cmds
+                    .send(LogCmd::Unwatch(self.name().to_owned()));
+                let _ = self.ctx.reports.send(Report::Gone(self.name().to_owned()));
+                Next::Return
+            }
+            // The supervisor is gone: the minion is shutting down, and its
+            // services keep running for the next minion to adopt.
+            None => Next::Return,
+        }
+    }
+
+    /// Waits `d`, or less if a command comes.
+    async fn pause(&mut self, d: Duration) -> Option<Next> {
+        tokio::select! {
+            _ = tokio::time::sleep(d) => None,
+            cmd = self.cmds.recv() => Some(self.command(cmd)),
+        }
+    }
+
+    /// Waits for the next command while nothing runs.
+    async fn command_wait(&mut self) -> Next {
+        let cmd = self.cmds.recv().await;
+        self.command(cmd)
+    }
+
+    pub async fn run(mut self) {
+        let mut running = self.recover().await;
+        if running.is_none()
+            && self.a.spec.duration == Lifetime::Oneshot
+            && let Some(done) = self
+                .ctx
+                .state
+                .done_record(self.name())
+                .filter(|d| d.generation == self.a.generation)
+        {
+            // This generation already ran to its end; never again.
+            self.status.restarts = done.restarts;
+            self.finish_oneshot(done.exit);
+            match self.command_wait().await {
+                Next::Start => {}
+                Next::Return => return,
+            }
+        }
+        loop {
+            let mut run = match running.take() {
+                Some(r) => r,
+                None => match self.start().await {
+                    Ok(r) => r,
+                    Err(Some(Next::Start)) => continue,
+                    Err(Some(Next::Return)) => return,
+                    Err(None) => {
+                        // Could not start: back off like a crash.
+                        if let Some(Next::Return) = self.after_exit(None).await {
+                            return;
+                        }
+                        continue;
+                    }
+                },
+            };
+            let started = Instant::now();
+            let ended = self.supervise(&mut run).await;
+            // Not when the minion is merely shutting down: then the task
+            // keeps running for the next minion to adopt.
+            if !matches!(ended, Ended::Command(None)) {
+                let work = self.ctx.state.work_dir(self.name());
+                let dir = TaskDir {
+                    name: self.name(),
+                    work_dir: &work,
+                };
+                run.driver.destroy(dir, Some(run.handle)).await;
+            }
+            let exit = match ended {
+                Ended::Command(cmd) => match self.command(cmd) {
+                    Next::Start => continue,
+                    Next::Return => return,
+                },
+                Ended::Exited(exit) | Ended::Unhealthy(exit) => exit,
+            };
+            if started.elapsed() >= STABLE_RUN {
+                self.consecutive = 0;
+            }
+            self.status.last_exit = Some(exit);
+            self.status.pid = None;
+            if self.a.spec.duration == Lifetime::Oneshot {
+                let done = DoneRecord {
+                    generation: self.a.generation,
+                    exit,
+                    restarts: self.status.restarts,
+                };
+                if let Err(e) = self.ctx.state.save_done(self.name(), &done) {
+                    tracing::warn!(service = %self.name(), "cannot record oneshot result: {e}");
+                }
+                self.finish_oneshot(exit);
+                match self.command_wait().await {
+                    Next::Start => continue,
+                    Next::Return => return,
+                }
+            }
+            if let Some(Next::Return) = self.after_exit(Some(exit)).await {
+                return;
+            }
+        }
+    }
+
+    fn finish_oneshot(&mut self, exit: Exit) {
+        self.status.last_exit = Some(exit);
+        let state = if exit.code == Some(0) {
+            ServiceState::Exited
+        } else {
+            ServiceState::Failed
+        };
+        self.set(state, None);
+    }
+
+    /// Counts a restart (if a task ended) and waits its backoff. `Some(next)`
+    /// if a command came during the wait.
+    async fn after_exit(&mut self, exit: Option<Exit>) -> Option<Next> {
+        // A restart is of a task that ran; a start that failed before (an
+        // image that could not be fetched) only backs off.
+        if exit.is_some() {
+            self.status.restarts += 1;
+        }
+        self.consecutive += 1;
+        let delay = backoff(self.consecutive);
+        if delay.is_zero() {
+            return None;
+        }
+        let why = match exit {
+            Some(e) => format!("exited with {e}"),
+            None => self
+                .status
+                .message
+                .clone()
+                .unwrap_or_else(|| "could not start".into()),
+        };
+        self.set(
+            ServiceState::Backoff,
+            Some(format!("{why}; restarting in {} ms", delay.as_millis())),
+        );
+        self.pause(delay).await
+    }
+
+    /// Takes over the task a previous minion run started, if it still runs
+    /// and is of this generation. One of another generation (the spec
+    /// changed while the minion was down) is killed and cleaned up.
+    async fn recover(&mut self) -> Option<Running> {
+        let rec = self.ctx.state.run_record(self.name())?;
+        let driver = self.ctx.drivers.named(rec.driver).clone();
+        let handle = driver.recover(&rec);
+        if rec.generation != self.a.generation {
+            if let Some(h) = &handle {
+                h.process.signal(libc::SIGKILL);
+            }
+            let work = self.ctx.state.work_dir(self.name());
+            let dir = TaskDir {
+                name: self.name(),
+                work_dir: &work,
+            };
+            driver.destroy(dir, handle).await;
+            return None;
+        }
+        let handle = handle?;
+        tracing::info!(service = %self.name(), pid = rec.pid, driver = %rec.driver, "adopted running task");
+        self.status.pid = Some(rec.pid);
+        self.status.restarts = rec.restarts;
+        let _ = self
+            .ctx
+            .log_cmds
+            .send(LogCmd::Watch(self.name().to_owned()));
+        self.set(self.started_state(), None);
+        Some(Running { driver, handle })
+    }
+
+    /// Fetches the image and starts the task. `Err(Some(next))` when a
+    /// command came first, `Err(None)` when it could not start.
+    async fn start(&mut self) -> Result<Running, Option<Next>> {
+        self.status.health = if self.a.spec.healthcheck.is_some() {
+            Health::Pending
+        } else {
+            Health::None
+        };
+        if !self.ctx.images.path(&self.a.image_hash).exists() {
+            self.set(
+                ServiceState::Starting,
+                Some(format!("fetching image {:?}", self.a.spec.image)),
+            );
+        }
+        let ctx = self.ctx.clone();
+        let (file, hash) = (self.a.spec.registry_file().0, self.a.image_hash.clone());
+        let image = tokio::select! {
+            r = ctx.images.ensure(&file, &hash) => r,
+            cmd = self.cmds.recv() => return Err(Some(self.command(cmd))),
+        };
+        let image = match image {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::warn!(service = %self.name(), "{e}");
+                self.status.message = Some(e);
+                return Err(None);
+            }
+        };
+        match self.launch(&image).await {
+            Ok(r) => Ok(r),
+            Err(e) => {
+                let msg = format!("cannot start {:?}: {e}", self.a.spec.image);
+                tracing::warn!(service = %self.name(), "{msg}");
+                if self.a.spec.duration == Lifetime::Oneshot {
+                    self.set(ServiceState::Failed, Some(msg));
+                    return Err(Some(self.command_wait().await));
+                }
+                self.status.message = Some(msg);
+                Err(None)
+            }
+        }
+    }
+
+    /// Has the service's driver prepare and start the task, and records it.
+    async fn launch(&mut self, image: &Path) -> Result<Running, String> {
+        let ctx = self.ctx.clone();
+        let a = &self.a;
+        let driver = ctx
+            .drivers
+            .for_kind(a.spec.kind)
+            .map_err(|e| e.to_string())?
+            .clone();
+        let work_dir = ctx.state.work_dir(&a.spec.name);
+        std::fs::create_dir_all(&work_dir)
+            .map_err(|e| format!("create {}: {e}", work_dir.display()))?;
+        let env = [
+            ("PHOENIX_NAME".to_owned(), a.spec.name.clone()),
+            ("PHOENIX_IP".to_owned(), a.ip.to_string()),
+            ("PORT".to_owned(), a.spec.proxyport.to_string()),
+        ];
+        let log = ctx
+            .logs
+            .open_append(&a.spec.name)
+            .map_err(|e| format!("open log: {e}"))?;
+        let handle = {
+            // No collection while files prepared in the image cache are
+            // made and used.
+            let _no_collection = match driver.capabilities().artifact_in_image_cache {
+                true => Some(ctx.images.hold().await),
+                false => None,
+            };
+            let artifact = driver.prepare(image, a).await.map_err(|e| e.to_string())?;
+            driver
+                .start(TaskConfig {
+                    assignment: a,
+                    artifact: &artifact,
+                    work_dir: &work_dir,
+                    env: &env,
+                    log,
+                })
+                .await
+                .map_err(|e| e.to_string())?
+        };
+        let rec = RunRecord {
+            pid: handle.pid,
+            start_time: handle.start_time,
+            generation: a.generation,
+            restarts: self.status.restarts,
+            driver: driver.name(),
+        };
+        if let Err(e) = ctx.state.save_run(&a.spec.name, &rec) {
+            tracing::warn!(service = %a.spec.name, "cannot record pid: {e}");
+        }
+        let _ = ctx.log_cmds.send(LogCmd::Watch(a.spec.name.clone()));
+        self.status.pid = Some(handle.pid);
+        self.status.limits = handle.limits.clone();
+        self.status.since = now_ms();
+        self.status.state = self.started_state();
+        self.status.message = None;
+        self.report();
+        Ok(Running { driver, handle })
+    }
+
+    /// Watches a running task: its exit, commands, health probes.
+    async fn supervise(&mut self, run: &mut Running) -> Ended {
+        let timing = self.ctx.health;
+        let check = self.a.spec.healthcheck.clone();
+        let port = self.a.spec.proxyport;
+        let started = Instant::now();
+        let mut probes = 0u32;
+        let mut passed = false;
+        let mut failures = 0u32;
+        let mut next_probe = started + health::probe_delay(&timing, 0, Duration::ZERO, false);
+        // The probe in flight and when it began; exits and commands are
+        // handled while it runs.
+        let mut probe: Option<BoxFuture<'static, Result<(), String>>> = None;
+        let mut probe_began = started;
+        loop {
+            tokio::select! {
+                // A stop that arrives with an exit wins: no restart then.
+                biased;
+                cmd = self.cmds.recv() => {
+                    if let Some(Cmd::Held(a, why)) = &cmd {
+                        self.status.message = Some(format!(
+                            "generation {} keeps running: generation {} is held back: {why}",
+                            self.a.generation, a.generation
+                        ));
+                        self.report();
+                        continue;
+                    }
+                    if let Some(Cmd::Replace(_) | Cmd::Stop) = &cmd {
+                        self.set(ServiceState::Exited, Some("stopping".into()));
+                        let exit = run.driver.stop(&mut run.handle, self.ctx.stop_timeout).await;
+                        self.status.last_exit = Some(exit);
+                        self.status.pid = None;
+                    }
+                    // With no command sender the minion is shutting down;
+                    // the task stays for the next minion to adopt.
+                    return Ended::Command(cmd);
+                }
+                exit = run.handle.process.wait() => return Ended::Exited(exit),
+                result = probe_result(probe.as_mut()) => {
+                    probe = None;
+                    probes += 1;
+                    let since_start = probe_began - started;
+                    match result {
+                        Ok(()) => {
+                            passed = true;
+                            failures = 0;
+                            if self.status.health != Health::Healthy || self.status.state != ServiceState::Running {
+                                self.status.health = Health::Healthy;
+                                self.set(ServiceState::Running, None);
+                            }
+                        }
+                        Err(e) if health::failure_counts(&timing, since_start) => {
+                            failures += 1;
+                            if failures >= HEALTH_FAILURES {
+                                tracing::info!(service = %self.name(), "unhealthy: {e}; restarting");
+                                self.status.health = Health::Unhealthy;
+                                self.set(ServiceState::Unhealthy, Some(e));
+                                let exit = run.driver.stop(&mut run.handle, self.ctx.stop_timeout).await;
+                                return Ended::Unhealthy(exit);
+                            }
+                        }
+                        // Still in its start-up grace.
+                        Err(_) => {}
+                    }
+                    next_probe = Instant::now() + health::probe_delay(&timing, probes, since_start, passed);
+                }
+                _ = tokio::time::sleep_until(next_probe), if probe.is_none() && check.is_some() => {
+                    let path = check.as_deref().unwrap_or("/");
+                    probe_began = Instant::now();
+                    probe = Some(self.ctx.probe.probe(port, path, timing.timeout));
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The runner against a fake driver and a fake health probe, in paused
+    //! time: what is asserted is the policy, to the millisecond.
+
+    use std::collections::{HashMap, VecDeque};
+    use std::sync::Mutex;
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    use tokio::sync::watch;
+
+    use super::*;
+    use crate::driver::{Artifact, DriverError, DriverName, Drivers, RunningTask};
+    use crate::health::{HealthProbe, HealthTiming};
+    use crate::images::ImageCache;
+    use crate::logs::LogFiles;
+    use crate::state::LocalState;
+
+    const MS: Duration = Duration::from_millis(1);
+    const STOP_TIMEOUT: Duration = Duration::from_secs(3);
+    const IMAGE_HASH: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+
+    /// What a fake task does once started.
+    #[derive(Clone, Copy, Debug, Default)]
+    struct Behaviour {
+        /// Exits by itself this long after its start, with this code.
+        exits_after: Option<(Duration, i32)>,
+        /// Only SIGKILL ends it.
+        ignores_term: bool,
+    }
+
+    #[derive(Clone, Debug, PartialEq, Eq)]
+    enum Event {
+        Start(u32),
+        Signal(u32, i32),
+        Destroy(Option<u32>),
+    }
+
+    type Events = Arc<Mutex<Vec<(Instant, Event)>>>;
+
+    fn record(events: &Events, e: Event) {
+        events.lock().unwrap().push((Instant::now(), e));
+    }
+
+    struct FakeTask {
+        pid: u32,
+        behaviour: Behaviour,
+        started: Instant,
+        ended: Arc<watch::Sender<Option<Exit>>>,
+        events: Events,
+    }
+
+    fn exit(code: Option<i32>, signal: Option<i32>) -> Exit {
+        Exit {
+            code,
+            signal,
+            at: now_ms(),
+        }
+    }
+
+    impl RunningTask for FakeTask {
+        fn wait(&mut self) -> BoxFuture<'_, Exit> {
+            let mut ended = self.ended.subscribe();
+            let by_itself = self
+                .behaviour
+                .exits_after
+                .map(|(after, code)| (self.started + after, code));
+            Box::pin(async move {
+                let own_end = async {
+                    match by_itself {
+                        Some((at, code)) => {
+                            tokio::time::sleep_until(at).await;
+                            exit(Some(code), None)
+                        }
+                        None => std::future::pending().await,
+                    }
+                };
+                tokio::select! {
+                    e = ended.wait_for(Option::is_some) => e.unwrap().unwrap(),
+                    e = own_end => e,
+                }
+            })
+        }
+
+        fn signal(&self, signal: i32) {
+            record(&self.events, Event::Signal(self.pid, signal));
+            if signal == libc::SIGKILL || (signal == libc::SIGTERM && !self.behaviour.ignores_term)
+            {
+                end(&self.ended, exit(None, Some(signal)));
+            }
+        }
+    }
+
+    fn end(ended: &watch::Sender<Option<Exit>>, e: Exit) {
+        ended.send_if_modified(|x| {
+            let first = x.is_none();
+            if first {
+                *x = Some(e);
+            }
+            first
+        });
+    }
+
+    #[derive(Default)]
+    struct FakeDriver {
+        /// What each start does, in order; past the end, a task that runs
+        /// until signalled. `Err`: the start fails with that message.
+        script: Mutex<VecDeque<Result<Behaviour, String>>>,
+        /// Tasks a previous minion left running, by pid.
+        survivors: Mutex<HashMap<u32, Behaviour>>,
+        /// The end of each task started or recovered, by pid.
+        live: Mutex<HashMap<u32, Arc<watch::Sender<Option<Exit>>>>>,
+        next_pid: AtomicU32,
+        events: Events,
+    }
+
+    impl FakeDriver {
+        fn handle(&self, pid: u32, behaviour: Behaviour) -> TaskHandle {
+            let ended = Arc::new(watch::Sender::new(None));
+            self.live.lock().unwrap().insert(pid, ended.clone());
+            TaskHandle {
+                pid,
+                start_time: u64::from(pid) * 10,
+                limits: None,
+                process: Box::new(FakeTask {
+                    pid,
+                    behaviour,
+                    started: Instant::now(),
+                    ended,
+                    events: self.events.clone(),
+                }),
+            }
+        }
+
+        /// Makes task `pid` exit with `code`, as a crash would.
+        fn crash(&self, pid: u32, code: i32) {
+            end(&self.live.lock().unwrap()[&pid], exit(Some(code), None));
+        }
+
+        fn events(&self) -> Vec<(Instant, Event)> {
+            self.events.lock().unwrap().clone()
+        }
+
+        fn starts(&self) -> Vec<Instant> {
+            self.events()
+                .into_iter()
+                .filter_map(|(at, e)| matches!(e, Event::Start(_)).then_some(at))
+                .collect()
+        }
+    }
+
+    impl Driver for FakeDriver {
+        fn name(&self) -> DriverName {
+            DriverName::Exec
+        }
+
+        fn prepare<'a>(
+            &'a self,
+            image: &'a Path,
+            _a: &'a Assignment,
+        ) -> BoxFuture<'a, Result<Artifact, DriverError>> {
+            Box::pin(std::future::ready(Ok(Artifact {
+                path: image.to_owned(),
+            })))
+        }
+
+        fn start<'a>(
+            &'a self,
+            _task: TaskConfig<'a>,
+        ) -> BoxFuture<'a, Result<TaskHandle, DriverError>> {
+            let step = self.script.lock().unwrap().pop_front();
+            let result = match step.unwrap_or(Ok(Behaviour::default())) {
+                Ok(behaviour) => {
+                    let pid = 1000 + self.next_pid.fetch_add(1, Ordering::SeqCst);
+                    record(&self.events, Event::Start(pid));
+                    Ok(self.handle(pid, behaviour))
+                }
+                Err(why) => Err(DriverError::Container(why)),
+            };
+            Box::pin(std::future::ready(result))
+        }
+
+        fn recover(&self, record: &RunRecord) -> Option<TaskHandle> {
+            let behaviour = self.survivors.lock().unwrap().remove(&record.pid)?;
+            (record.start_time == u64::from(record.pid) * 10)
+                .then(|| self.handle(record.pid, behaviour))
+        }
+
+        fn destroy<'a>(&'a self, _dir: TaskDir<'a>, task: Option<TaskHandle>) -> BoxFuture<'a, ()> {
+            record(&self.events, Event::Destroy(task.map(|t| t.pid)));
+            Box::pin(std::future::ready(()))
+        }
+    }
+
+    /// Answers from a function of the time since the test began.
+    struct FakeProbe {
+        began: Instant,
+        healthy: Mutex<Box<dyn Fn(Duration) -> bool + Send>>,
+    }
+
+    impl HealthProbe for FakeProbe {
+        fn probe(
+            &self,
+            _port: u16,
+            path: &str,
+            _timeout: Duration,
+        ) -> BoxFuture<'static, Result<(), String>> {
+            let ok = (self.healthy.lock().unwrap())(self.began.elapsed());
+            let result = if ok {
+                Ok(())
+            } else {
+                Err(format!("GET {path}: connection refused"))
+            };
+            Box::pin(std::future::ready(result))
+        }
+    }
+
+    struct Harness {
+        ctx: Arc<Ctx>,
+        driver: Arc<FakeDriver>,
+        probe: Arc<FakeProbe>,
+        reports: mpsc::UnboundedReceiver<Report>,
+        began: Instant,
+        _dir: tempfile::TempDir,
+    }
+
+    fn assignment(spec: serde_json::Value, generation: u64) -> Assignment {
+        let mut json =
+            serde_json::json!({"machine": "m1", "name": "svc", "type": "binary", "image": "img"});
+        json.as_object_mut()
+            .unwrap()
+            .extend(spec.as_object().unwrap().clone());
+        let spec = phoenix_model::spec::parse_specs("t", &json.to_string())
+            .unwrap()
+            .remove(0);
+        Assignment {
+            spec,
+            ip: phoenix_model::net::service_ip(0),
+            image_hash: IMAGE_HASH.into(),
+            image_size: 0,
+            generation,
+        }
+    }
+
+    impl Harness {
+        fn new() -> Harness {
+            let dir = tempfile::tempdir().unwrap();
+            let state = LocalState::new(dir.path().to_owned()).unwrap();
+            let images = ImageCache::new(
+                dir.path().join("images"),
+                "127.0.0.1:9".parse().unwrap(),
+                "m1".into(),
+                "key".into(),
+                None,
+            )
+            .unwrap();
+            std::fs::write(images.path(IMAGE_HASH), b"").unwrap();
+            let driver = Arc::new(FakeDriver::default());
+            let began = Instant::now();
+            let probe = Arc::new(FakeProbe {
+                began,
+                healthy: Mutex::new(Box::new(|_| true)),
+            });
+            let (reports_tx, reports) = mpsc::unbounded_channel();
+            let (log_cmds, _) = mpsc::unbounded_channel();
+            let ctx = Arc::new(Ctx {
+                images,
+                desired_writer: std::sync::mpsc::channel().0,
+                drivers: Drivers::new(driver.clone(), driver.clone()),
+                probe: probe.clone(),
+                logs: LogFiles {
+                    dir: dir.path().join("logs"),
+                    max_bytes: 1 << 20,
+                    keep: 1,
+                },
+                log_cmds,
+                state,
+                health: HealthTiming {
+                    grace: Duration::from_secs(1),
+                    interval: Duration::from_secs(2),
+                    timeout: Duration::from_millis(500),
+                },
+                stop_timeout: STOP_TIMEOUT,
+                reports: reports_tx,
+            });
+            Harness {
+                ctx,
+                driver,
+                probe,
+                reports,
+                began,
+                _dir: dir,
+            }
+        }
+
+        /// Starts a runner for `a`; its command channel.
+        fn run(&self, a: &Assignment) -> mpsc::UnboundedSender<Cmd> {
+            let (tx, rx) = mpsc::unbounded_channel();
+            tokio::spawn(TaskRunner::new(self.ctx.clone(), a.clone(), rx).run());
+            tx
+        }
+
+        /// The time since the test began.
+        fn now(&self) -> Duration {
+            self.began.elapsed()
+        }
+
+        /// The next report (a test that waits in vain fails, it does not hang).
+        async fn next(&mut self) -> Report {
+            tokio::time::timeout(Duration::from_secs(3600), self.reports.recv())
+                .await
+                .expect("no report within an hour")
+                .expect("reports closed")
+        }
+
+        /// Skips status reports until one satisfies `pred`.
+        async fn until(&mut self, pred: impl Fn(&ServiceStatus) -> bool) -> ServiceStatus {
+            loop {
+                if let Report::Status(s) = self.next().await
+                    && pred(&s)
+                {
+                    return s;
+                }
+            }
+        }
+
+        /// The statuses reported until one satisfies `pred` (included).
+        async fn collect(&mut self, pred: impl Fn(&ServiceStatus) -> bool) -> Vec<ServiceStatus> {
+            let mut seen = Vec::new();
+            loop {
+                if let Report::Status(s) = self.next().await {
+                    let done = pred(&s);
+                    seen.push(s);
+                    if done {
+                        return seen;
+                    }
+                }
+            }
+        }
+    }
+
+    fn running(s: &ServiceStatus) -> bool {
+        s.state == ServiceState::Running
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_crash_restarts_at_once_then_with_growing_backoff() {
+        let mut h = Harness::new();
+        let a = assignment(serde_json::json!({}), 1);
+        let _cmds = h.run(&a);
+        let first = h.until(running).await;
+        assert_eq!((first.restarts, first.health), (0, Health::None));
+
+        let mut pid = first.pid.unwrap();
+        let mut waits = Vec::new();
+        for restarts in 1..=4 {
+            let crashed_at = h.now();
+            h.driver.crash(pid, 1);
+            let s = h.until(running).await;
+            assert_eq!(s.restarts, restarts);
+            assert_eq!(s.last_exit.unwrap().code, Some(1));
+            assert_ne!(s.pid, Some(pid));
+            pid = s.pid.unwrap();
+            waits.push(h.now() - crashed_at);
+        }
+        assert_eq!(waits, [Duration::ZERO, 100 * MS, 200 * MS, 400 * MS]);
+
+        // A run past STABLE_RUN resets the backoff: the next crash restarts
+        // at once again.
+        tokio::time::sleep(STABLE_RUN).await;
+        let crashed_at = h.now();
+        h.driver.crash(pid, 1);
+        let s = h.until(running).await;
+        assert_eq!((s.restarts, h.now() - crashed_at), (5, Duration::ZERO));
+        // Each run was destroyed once it ended.
+        let destroyed = h
+            .driver
+            .events()
+            .iter()
+            .filter(|(_, e)| matches!(e, Event::Destroy(Some(_))))
+            .count();
+        assert_eq!(destroyed, 5);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_crash_loop_is_reported_as_backoff_with_the_reason() {
+        let mut h = Harness::new();
+        let crashes = Behaviour {
+            exits_after: Some((10 * MS, 3)),
+            ..Behaviour::default()
+        };
+        h.driver
+            .script
+            .lock()
+            .unwrap()
+            .extend(std::iter::repeat_n(Ok(crashes), 5));
+        let a = assignment(serde_json::json!({}), 1);
+        let _cmds = h.run(&a);
+        let seen = h.collect(|s| running(s) && s.restarts == 5).await;
+        let backoffs: Vec<&str> = seen
+            .iter()
+            .filter(|s| s.state == ServiceState::Backoff)
+            .map(|s| s.message.as_deref().unwrap())
+            .collect();
+        assert_eq!(
+            backoffs,
+            [
+                "exited with code 3; restarting in 100 ms",
+                "exited with code 3; restarting in 200 ms",
+                "exited with code 3; restarting in 400 ms",
+                "exited with code 3; restarting in 800 ms",
+            ]
+        );
+        let starts = h.driver.starts();
+        let gaps: Vec<Duration> = starts.windows(2).map(|w| w[1] - w[0]).collect();
+        // 10 ms of running, then the backoff.
+        assert_eq!(gaps, [10 * MS, 110 * MS, 210 * MS, 410 * MS, 810 * MS]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_start_backs_off_without_counting_a_restart() {
+        let mut h = Harness::new();
+        h.driver.script.lock().unwrap().extend([
+            Err("crun create failed (code 1): no rootfs".to_owned()),
+            Err("crun create failed (code 1): no rootfs".to_owned()),
+            Ok(Behaviour::default()),
+        ]);
+        let a = assignment(serde_json::json!({}), 1);
+        let _cmds = h.run(&a);
+        let seen = h.collect(running).await;
+        let backoff = seen
+            .iter()
+            .find(|s| s.state == ServiceState::Backoff)
+            .expect("a backoff before the start that worked");
+        assert_eq!(
+            backoff.message.as_deref(),
+            Some(
+                "cannot start \"img\": crun create failed (code 1): no rootfs; restarting in 100 ms"
+            )
+        );
+        let s = seen.last().unwrap();
+        assert_eq!((s.restarts, s.last_exit), (0, None));
+        // First failure: retried at once; second: after 100 ms.
+        assert_eq!(h.now(), 100 * MS);
+        assert_eq!(h.driver.starts(), [h.began + 100 * MS]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stop_that_hangs_escalates_to_sigkill_after_the_stop_timeout() {
+        let mut h = Harness::new();
+        h.driver.script.lock().unwrap().push_back(Ok(Behaviour {
+            ignores_term: true,
+            ..Behaviour::default()
+        }));
+        let a = assignment(serde_json::json!({}), 1);
+        let cmds = h.run(&a);
+        let pid = h.until(running).await.pid.unwrap();
+        assert!(h.ctx.state.run_record("svc").is_some());
+        let stop_at = h.began.elapsed();
+        cmds.send(Cmd::Stop).ok().unwrap();
+        let stopping = h.until(|s| s.state == ServiceState::Exited).await;
+        assert_eq!(stopping.message.as_deref(), Some("stopping"));
+        loop {
+            if let Report::Gone(name) = h.next().await {
+                assert_eq!(name, "svc");
+                break;
+            }
+        }
+        let events: Vec<(Duration, Event)> = h
+            .driver
+            .events()
+            .into_iter()
+            .map(|(at, e)| (at - h.began - stop_at, e))
+            .filter(|(_, e)| !matches!(e, Event::Start(_)))
+            .collect();
+        assert_eq!(
+            events,
+            [
+                (Duration::ZERO, Event::Signal(pid, libc::SIGTERM)),
+                (STOP_TIMEOUT, Event::Signal(pid, libc::SIGKILL)),
+                (STOP_TIMEOUT, Event::Destroy(Some(pid))),
+            ]
+        );
+        // A stopped service is forgotten and never restarted.
+        assert!(h.ctx.state.run_record("svc").is_none());
+        assert_eq!(h.driver.starts().len(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn oneshots_end_exited_or_failed_and_never_run_twice_per_generation() {
+        let mut h = Harness::new();
+        let job = |code| {
+            Ok(Behaviour {
+                exits_after: Some((50 * MS, code)),
+                ..Behaviour::default()
+            })
+        };
+        h.driver.script.lock().unwrap().extend([job(0), job(4)]);
+        let a = assignment(serde_json::json!({"duration": "oneshot"}), 1);
+        let cmds = h.run(&a);
+        let s = h.until(|s| s.state == ServiceState::Exited).await;
+        assert_eq!(s.last_exit.unwrap().code, Some(0));
+        assert_eq!(s.restarts, 0);
+        assert_eq!(h.ctx.state.done_record("svc").unwrap().generation, 1);
+
+        // The minion restarts: the same generation is not run again.
+        drop(cmds);
+        let cmds = h.run(&a);
+        let s = h.until(|_| true).await;
+        assert_eq!(s.state, ServiceState::Exited);
+        assert_eq!(s.last_exit.unwrap().code, Some(0));
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        assert_eq!(h.driver.starts().len(), 1);
+
+        // A new generation runs; a non-zero exit is a failure, not restarted.
+        let a2 = assignment(serde_json::json!({"duration": "oneshot"}), 2);
+        cmds.send(Cmd::Replace(Box::new(a2))).ok().unwrap();
+        let s = h.until(|s| s.state == ServiceState::Failed).await;
+        assert_eq!((s.generation, s.last_exit.unwrap().code), (2, Some(4)));
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        assert_eq!(h.driver.starts().len(), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_task_that_survived_a_minion_restart_is_adopted() {
+        let mut h = Harness::new();
+        let a = assignment(serde_json::json!({}), 7);
+        h.ctx
+            .state
+            .save_run(
+                "svc",
+                &RunRecord {
+                    pid: 4242,
+                    start_time: 42420,
+                    generation: 7,
+                    restarts: 5,
+                    driver: DriverName::Exec,
+                },
+            )
+            .unwrap();
+        h.driver
+            .survivors
+            .lock()
+            .unwrap()
+            .insert(4242, Behaviour::default());
+        let cmds = h.run(&a);
+        let s = h.until(running).await;
+        assert_eq!((s.pid, s.restarts), (Some(4242), 5));
+        assert!(
+            h.driver.starts().is_empty(),
+            "an adopted task is not started"
+        );
+
+        // Its crash is a restart like any other, counted on from the record.
+        h.driver.crash(4242, 9);
+        let s = h.until(running).await;
+        assert_eq!(s.restarts, 6);
+        let rec = h.ctx.state.run_record("svc").unwrap();
+        assert_eq!((rec.pid, rec.restarts), (s.pid.unwrap(), 6));
+
+        // The minion shuts down: the task runs on, untouched, for the next.
+        let before = h.driver.events().len();
+        drop(cmds);
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        assert_eq!(h.driver.events().len(), before);
+        assert!(h.ctx.state.run_record("svc").is_some());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_task_of_another_generation_is_killed_and_replaced() {
+        let mut h = Harness::new();
+        h.ctx
+            .state
+            .save_run(
+                "svc",
+                &RunRecord {
+                    pid: 4242,
+                    start_time: 42420,
+                    generation: 1,
+                    restarts: 5,
+                    driver: DriverName::Exec,
+                },
+            )
+            .unwrap();
+        h.driver
+            .survivors
+            .lock()
+            .unwrap()
+            .insert(4242, Behaviour::default());
+        let _cmds = h.run(&assignment(serde_json::json!({}), 2));
+        let s = h.until(running).await;
+        assert_eq!(s.restarts, 0);
+        let events: Vec<Event> = h.driver.events().into_iter().map(|(_, e)| e).collect();
+        assert_eq!(
+            events,
+            [
+                Event::Signal(4242, libc::SIGKILL),
+                Event::Destroy(Some(4242)),
+                Event::Start(s.pid.unwrap()),
+            ]
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_restarted_service_that_answers_at_once_is_healthy_within_milliseconds() {
+        let mut h = Harness::new();
+        let a = assignment(serde_json::json!({"healthcheck": "/health"}), 1);
+        let _cmds = h.run(&a);
+        let s = h.until(running).await;
+        assert_eq!(s.health, Health::Healthy);
+        assert_eq!(h.now(), 10 * MS);
+
+        h.driver.crash(s.pid.unwrap(), 1);
+        let crashed_at = h.now();
+        let restarted = h.until(|s| s.restarts == 1).await;
+        assert_eq!(
+            (restarted.state, restarted.health),
+            (ServiceState::Starting, Health::Pending)
+        );
+        let s = h.until(running).await;
+        assert_eq!((s.restarts, s.health), (1, Health::Healthy));
+        assert_eq!(h.now() - crashed_at, 10 * MS);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn failed_probes_count_only_after_the_grace_then_restart_the_service() {
+        let mut h = Harness::new();
+        // Refuses until 400 ms, serves until 5 s, then fails for good.
+        *h.probe.healthy.lock().unwrap() =
+            Box::new(|t| t >= 400 * MS && t < Duration::from_secs(5));
+        let a = assignment(serde_json::json!({"healthcheck": "/health"}), 1);
+        let _cmds = h.run(&a);
+        let s = h.until(running).await;
+        assert_eq!((s.health, s.restarts), (Health::Healthy, 0));
+        // Probed at 10, 30, 70, 150, 250, 350, 450 ms: healthy at the first
+        // probe after it began to serve, with its failures forgiven.
+        assert_eq!(h.now(), 450 * MS);
+        let pid = s.pid.unwrap();
+
+        // Then every 2 s: 2450, 4450 pass; 6450 and 8450 fail.
+        let s = h.until(|s| s.state == ServiceState::Unhealthy).await;
+        assert_eq!(h.now(), 8450 * MS);
+        assert_eq!(s.health, Health::Unhealthy);
+        assert_eq!(
+            s.message.as_deref(),
+            Some("GET /health: connection refused")
+        );
+        let s = h.until(|s| s.restarts == 1).await;
+        assert_eq!(s.last_exit.unwrap().signal, Some(libc::SIGTERM));
+        assert!(
+            h.driver
+                .events()
+                .iter()
+                .any(|(_, e)| *e == Event::Signal(pid, libc::SIGTERM))
+        );
+    }
+}
