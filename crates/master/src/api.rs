@@ -18,6 +18,7 @@ use tokio::net::{UnixListener, UnixStream};
 
 use crate::BoxError;
 use crate::hub::{ApiError, Apply, Hub, LogEvent};
+use crate::registry::{self, FileFormat, NotRunnable};
 
 pub async fn serve(hub: Arc<Hub>, listener: UnixListener) {
     loop {
@@ -70,17 +71,29 @@ async fn connection(hub: Arc<Hub>, mut stream: UnixStream) -> Result<(), BoxErro
         Request::Accept { name } => {
             let h = hub.clone();
             let w = who.clone();
-            let accepted = match tokio::task::spawn_blocking(move || h.accept(&w, &name)).await {
-                Ok(Ok(node)) => hub.admit(&node).await,
+            let n = name.clone();
+            let accepted = match tokio::task::spawn_blocking(move || h.accept(&w, &n)).await {
+                Ok(Ok(node)) => hub.admit(&node).await.inspect_err(|e| {
+                    // The store says accepted, but the node cannot get in:
+                    // the log must not read as a plain `accept`.
+                    audit_failed_accept(&hub, &who, &name, e);
+                }),
                 Ok(Err(e)) => Err(e),
                 Err(e) => Err(ApiError::Internal(format!("accept: {e}"))),
             };
+            if let Err(e) = &accepted {
+                tracing::warn!(node = %name, "accept failed: {e}");
+            }
             reply(accepted)
         }
         Request::Forget { name } => reply(hub.forget(&who, &name).await),
         Request::Wait { names, timeout_ms } => {
             reply(hub.wait(&names, Duration::from_millis(timeout_ms)).await)
         }
+        Request::WaitGone { names, timeout_ms } => reply(
+            hub.wait_gone(&names, Duration::from_millis(timeout_ms))
+                .await,
+        ),
         req => {
             let hub = hub.clone();
             tokio::task::spawn_blocking(move || handle(&hub, &who, req))
@@ -106,6 +119,7 @@ fn handle(hub: &Hub, who: &str, req: Request) -> Reply {
         Request::Deploy { source, text } => reply(hub.apply(who, Apply::Deploy, &source, &text)),
         Request::Update { source, text } => reply(hub.apply(who, Apply::Update, &source, &text)),
         Request::Del { name } => reply(hub.delete(who, &name)),
+        Request::Restart { names } => reply(hub.restart(who, &names)),
         Request::Status { name } => reply(hub.status(&name)),
         Request::Info { name } => reply(hub.info(&name)),
         Request::Services => reply(hub.services()),
@@ -115,6 +129,7 @@ fn handle(hub: &Hub, who: &str, req: Request) -> Reply {
         Request::Logs { .. }
         | Request::Push { .. }
         | Request::Wait { .. }
+        | Request::WaitGone { .. }
         | Request::Accept { .. }
         | Request::Forget { .. } => {
             reply::<()>(Err(ApiError::Internal("request handled elsewhere".into())))
@@ -124,6 +139,46 @@ fn handle(hub: &Hub, who: &str, req: Request) -> Reply {
 
 fn audit(hub: &Hub, limit: usize) -> Result<Vec<AuditEntry>, ApiError> {
     Ok(hub.store().read()?.audit_log(limit)?)
+}
+
+/// Records an `accept` that was stored but could not be completed.
+fn audit_failed_accept(hub: &Hub, who: &str, name: &str, e: &ApiError) {
+    let detail = serde_json::json!({ "error": e.to_string() });
+    if let Err(err) = hub
+        .store()
+        .write(|tx| tx.audit(who, "accept-failed", name, None, Some(&detail)))
+    {
+        tracing::error!(node = %name, "cannot audit the failed accept: {err}");
+    }
+}
+
+/// What an upload is, or why it is refused (it is removed then).
+fn check_format(tmp: &std::path::Path, name: &str) -> Result<FileFormat, ApiError> {
+    let head = std::fs::File::open(tmp)
+        .and_then(|mut f| registry::probe(&mut f))
+        .map_err(|e| ApiError::Internal(format!("reading the upload of {name:?}: {e}")))?;
+    registry::file_format(&head).map_err(|what| {
+        ApiError::Invalid(
+            NotRunnable {
+                file: format!("image {name:?}"),
+                what,
+            }
+            .to_string(),
+        )
+    })
+}
+
+/// Services that use registry file `name` but run another version than
+/// `hash`.
+fn stale_services(hub: &Hub, name: &str, hash: &str) -> Result<Vec<String>, ApiError> {
+    Ok(hub
+        .store()
+        .read()?
+        .services()?
+        .into_iter()
+        .filter(|s| s.spec.registry_file().0 == name && s.image_hash != hash)
+        .map(|s| s.spec.name)
+        .collect())
 }
 
 async fn push(
@@ -153,24 +208,36 @@ async fn push(
             )));
         }
     }
-    // Chunking the upload reads it once more; off the async threads.
+    // Checking and chunking the upload read it once more; off the async
+    // threads.
     let (h, n, t) = (hub.clone(), name.clone(), tmp.clone());
-    let image = tokio::task::spawn_blocking(move || h.registry.commit(&t, &n))
-        .await
-        .map_err(|e| ApiError::Internal(format!("indexing {name:?}: {e}")))
-        .and_then(|r| r.map_err(ApiError::from))
-        .inspect_err(|_| {
-            let _ = std::fs::remove_file(&tmp);
-        })?;
+    let (format, image) = tokio::task::spawn_blocking(move || {
+        let format = check_format(&t, &n)?;
+        Ok((format, h.registry.commit(&t, &n)?))
+    })
+    .await
+    .map_err(|e| ApiError::Internal(format!("indexing {name:?}: {e}")))
+    .and_then(|r: Result<_, ApiError>| r)
+    .inspect_err(|_| {
+        let _ = std::fs::remove_file(&tmp);
+    })?;
     let chunks = hub
         .registry
         .entry(&name)
         .map_or(0, |e| e.index.chunks.len());
+    let stale = {
+        let (h, n, hash) = (hub.clone(), name.clone(), image.hash.clone());
+        tokio::task::spawn_blocking(move || stale_services(&h, &n, &hash))
+            .await
+            .map_err(|e| ApiError::Internal(format!("services of {name:?}: {e}")))??
+    };
     let pushed = Pushed {
         name,
         hash: image.hash,
         size: image.size,
         chunks,
+        format: format.as_str().into(),
+        stale_services: stale,
     };
     let audited = serde_json::to_value(&pushed).unwrap_or_default();
     hub.store()

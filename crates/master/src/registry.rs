@@ -549,6 +549,95 @@ impl Registry {
     }
 }
 
+/// What a pushed file is, judged by its first bytes ([`FORMAT_PROBE_LEN`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FileFormat {
+    /// An ELF executable.
+    Elf,
+    /// A script with a `#!` line.
+    Script,
+    /// A tar: an OCI layout or a `docker image save` archive.
+    Tar,
+    /// A zstd-compressed file (`.zst`).
+    Zstd,
+}
+
+impl FileFormat {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FileFormat::Elf => "executable (ELF)",
+            FileFormat::Script => "script",
+            FileFormat::Tar => "OCI/Docker archive",
+            FileFormat::Zstd => "zstd archive",
+        }
+    }
+}
+
+/// How many leading bytes [`file_format`] needs: a tar's magic is at 257.
+pub const FORMAT_PROBE_LEN: usize = 512;
+
+/// A file `push` refuses: nothing could run it.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "{file} is {what}, neither an executable (ELF, or a script starting with `#!`) \
+     nor a container image (an OCI or Docker archive tar, or a .zst); nothing was pushed"
+)]
+pub struct NotRunnable {
+    /// The file as the user named it.
+    pub file: String,
+    /// What it is instead.
+    pub what: &'static str,
+}
+
+/// What a file is, from its first [`FORMAT_PROBE_LEN`] bytes (fewer for a
+/// shorter file), or what it is instead when it is nothing a minion can
+/// run: a binary service runs the file itself, so it must be an
+/// executable; a container image must be an archive. Refusing the rest at
+/// `push` spares a user the wait for a service that cannot start.
+pub fn file_format(head: &[u8]) -> Result<FileFormat, &'static str> {
+    match head {
+        [0x7f, b'E', b'L', b'F', ..] => return Ok(FileFormat::Elf),
+        [b'#', b'!', ..] => return Ok(FileFormat::Script),
+        [0x28, 0xb5, 0x2f, 0xfd, ..] => return Ok(FileFormat::Zstd),
+        _ => {}
+    }
+    if head.get(257..262) == Some(b"ustar") {
+        return Ok(FileFormat::Tar);
+    }
+    Err(match head {
+        [] => "an empty file",
+        [0x1f, 0x8b, ..] => "gzip-compressed (decompress it: images are plain tars)",
+        [b'B', b'Z', b'h', ..] => "bzip2-compressed (decompress it: images are plain tars)",
+        [0xfd, b'7', b'z', b'X', b'Z', 0, ..] => {
+            "xz-compressed (decompress it: images are plain tars)"
+        }
+        [b'P', b'K', 3, 4, ..] => "a zip archive",
+        [b'%', b'P', b'D', b'F', ..] => "a PDF document",
+        _ if looks_like_text(head) => "a text file without a `#!` line",
+        _ => "data of a format phoenix does not know",
+    })
+}
+
+/// Printable UTF-8 (a character cut off at the end of the probe allowed).
+fn looks_like_text(head: &[u8]) -> bool {
+    let text = match std::str::from_utf8(head) {
+        Ok(t) => t,
+        Err(e) if e.error_len().is_none() => {
+            std::str::from_utf8(&head[..e.valid_up_to()]).unwrap_or_default()
+        }
+        Err(_) => return false,
+    };
+    text.chars()
+        .all(|c| !c.is_control() || matches!(c, '\n' | '\r' | '\t'))
+}
+
+/// Reads up to [`FORMAT_PROBE_LEN`] bytes from the start of a file.
+pub fn probe(r: &mut impl Read) -> io::Result<Vec<u8>> {
+    let mut head = Vec::with_capacity(FORMAT_PROBE_LEN);
+    r.take(FORMAT_PROBE_LEN as u64).read_to_end(&mut head)?;
+    Ok(head)
+}
+
 /// Whether a file in the registry folder is an image: temporary files
 /// (a dot first, as `push` and most editors make) are not.
 pub fn is_image_file_name(name: &str) -> bool {
@@ -595,6 +684,50 @@ pub fn hash_reader(r: &mut impl Read) -> io::Result<String> {
 mod tests {
     use super::*;
     use std::io::Write;
+
+    #[test]
+    fn push_knows_executables_and_images_and_says_what_else_a_file_is() {
+        let mut tar = vec![0u8; 1024];
+        tar[257..263].copy_from_slice(b"ustar\0");
+        let cases: [(&[u8], Result<FileFormat, &str>); 10] = [
+            (b"\x7fELF\x02\x01", Ok(FileFormat::Elf)),
+            (b"#!/bin/sh\necho hi\n", Ok(FileFormat::Script)),
+            (&tar, Ok(FileFormat::Tar)),
+            (&[0x28, 0xb5, 0x2f, 0xfd, 0], Ok(FileFormat::Zstd)),
+            (b"", Err("an empty file")),
+            (
+                b"server {\n  listen 80;\n}\n",
+                Err("a text file without a `#!` line"),
+            ),
+            (
+                &[0x1f, 0x8b, 8, 0],
+                Err("gzip-compressed (decompress it: images are plain tars)"),
+            ),
+            (b"PK\x03\x04rest", Err("a zip archive")),
+            (
+                &[0, 1, 2, 3, 0xff],
+                Err("data of a format phoenix does not know"),
+            ),
+            // A multi-byte character cut off by the probe is still text.
+            (
+                "caf\u{e9}".as_bytes().split_last().unwrap().1,
+                Err("a text file without a `#!` line"),
+            ),
+        ];
+        for (head, want) in cases {
+            assert_eq!(file_format(head), want, "{head:?}");
+        }
+        let e = NotRunnable {
+            file: "./notes.txt".into(),
+            what: "a text file without a `#!` line",
+        };
+        assert!(
+            e.to_string().starts_with("./notes.txt is a text file"),
+            "{e}"
+        );
+        let mut big = std::io::Cursor::new(vec![7u8; 4096]);
+        assert_eq!(probe(&mut big).unwrap().len(), FORMAT_PROBE_LEN);
+    }
 
     #[test]
     fn push_resolve_and_missing() {

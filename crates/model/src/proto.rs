@@ -279,6 +279,13 @@ pub enum Request {
     Update { source: String, text: String },
     /// → [`Deleted`]
     Del { name: String },
+    /// Restarts services where they are: each one's generation is bumped
+    /// and its image resolved again (so a newly pushed version is used).
+    /// → `Vec<`[`Applied`]`>`
+    Restart { names: Vec<String> },
+    /// Waits until the minions report the named (deleted) services stopped,
+    /// up to `timeout_ms`. → `Vec<String>`: the names, once all are gone.
+    WaitGone { names: Vec<String>, timeout_ms: u64 },
     /// → [`ServiceView`]
     Status { name: String },
     /// The spec as stored, with its address. → [`Spec`]
@@ -418,6 +425,10 @@ pub struct Applied {
 pub struct Deleted {
     pub deleted: String,
     pub machine: String,
+    /// Whether its minion has reported it stopped: false from the master
+    /// (it has only stored the change); a `del` that waits sets it.
+    #[serde(default)]
+    pub stopped: bool,
 }
 
 /// `accept`'s reply: the node is a member with this overlay address.
@@ -447,6 +458,14 @@ pub struct Pushed {
     pub hash: String,
     pub size: u64,
     pub chunks: usize,
+    /// What the file is: `executable (ELF)`, `script`, `OCI/Docker archive`
+    /// or `zstd archive`.
+    #[serde(default)]
+    pub format: String,
+    /// Services that use this image but run another version of it; the new
+    /// one reaches them with `phoenix restart` or `phoenix update`.
+    #[serde(default)]
+    pub stale_services: Vec<String>,
 }
 
 // ---------------------------------------------------------------- views
@@ -503,6 +522,18 @@ pub struct ServiceView {
     pub duration: String,
     pub ip: Ipv6Addr,
     pub image: String,
+    /// BLAKE3 of the image version the service runs (chosen at deploy,
+    /// update or restart), hex.
+    #[serde(default)]
+    pub image_hash: String,
+    /// When that version reached the registry (Unix ms), if the registry
+    /// still holds it.
+    #[serde(default)]
+    pub image_pushed_at: Option<u64>,
+    /// The registry's version of the image when it differs from the one the
+    /// service runs (a newer push not rolled out yet).
+    #[serde(default)]
+    pub registry_hash: Option<String>,
     pub generation: u64,
     /// The reported state, or `pending` before the minion has reported.
     pub state: String,
@@ -558,11 +589,12 @@ mod tests {
         let ok = Reply::of::<Deleted>(Ok(Deleted {
             deleted: "web".into(),
             machine: "m1".into(),
+            stopped: false,
         }));
         assert_eq!(
             ok,
             Reply::Ok {
-                body: serde_json::json!({"deleted": "web", "machine": "m1"})
+                body: serde_json::json!({"deleted": "web", "machine": "m1", "stopped": false})
             }
         );
     }

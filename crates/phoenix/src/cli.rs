@@ -9,10 +9,13 @@ use clap::{Args, Parser, Subcommand};
 pub const DEFAULT_MASTER_DIR: &str = "/var/lib/phoenix/master";
 pub const DEFAULT_MINION_DIR: &str = "/var/lib/phoenix/minion";
 
+/// This build's version, as `phoenix version` and `--version` print it.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
 #[derive(Parser, Debug)]
 #[command(
     name = "phoenix",
-    version,
+    version = VERSION,
     about = "A multi-server process supervisor: installer, master, minion and CLI in one binary",
     long_about = "A multi-server process supervisor: installer, master, minion and CLI in one binary.\n\n\
         Set up a master with `phoenix master <public-ip>`, join minions with `phoenix minion ...`, \
@@ -27,18 +30,119 @@ pub struct Cli {
     pub command: Command,
 }
 
+/// Parses the command line, exiting with clap's usage error (2) on a bad
+/// one. An unknown subcommand gets our suggestions: clap's similarity
+/// measure offers odd neighbours (`version` for `servcies`).
+pub fn parse() -> Cli {
+    Cli::try_parse().unwrap_or_else(|e| with_close_subcommands(e).exit())
+}
+
+fn with_close_subcommands(mut e: clap::Error) -> clap::Error {
+    use clap::CommandFactory;
+    use clap::error::{ContextKind, ContextValue, ErrorKind};
+    if e.kind() != ErrorKind::InvalidSubcommand {
+        return e;
+    }
+    let Some(ContextValue::String(typo)) = e.get(ContextKind::InvalidSubcommand).cloned() else {
+        return e;
+    };
+    let cmd = Cli::command();
+    let names = cmd
+        .get_subcommands()
+        .flat_map(|s| std::iter::once(s.get_name()).chain(s.get_visible_aliases()));
+    let close = close_names(&typo, names);
+    if close.is_empty() {
+        e.remove(ContextKind::SuggestedSubcommand);
+    } else {
+        e.insert(
+            ContextKind::SuggestedSubcommand,
+            ContextValue::Strings(close),
+        );
+    }
+    e
+}
+
+/// The names a typo is likely to mean, closest first: within one edit
+/// (an insertion, deletion, substitution or swap of neighbours) per three
+/// letters.
+fn close_names<'a>(typo: &str, names: impl Iterator<Item = &'a str>) -> Vec<String> {
+    let mut close: Vec<(usize, &str)> = names
+        .filter_map(|name| {
+            let d = edit_distance(typo, name);
+            let allowed = (name.len().max(typo.len()) / 3).max(1);
+            (d <= allowed).then_some((d, name))
+        })
+        .collect();
+    close.sort();
+    close.dedup();
+    close.into_iter().map(|(_, n)| n.to_owned()).collect()
+}
+
+/// Optimal string alignment distance: Levenshtein plus swaps of two
+/// neighbouring characters (the commonest typo) as one edit.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let (a, b): (Vec<char>, Vec<char>) = (a.chars().collect(), b.chars().collect());
+    let mut d = vec![vec![0usize; b.len() + 1]; a.len() + 1];
+    for (i, row) in d.iter_mut().enumerate() {
+        row[0] = i;
+    }
+    for (j, cell) in d[0].iter_mut().enumerate() {
+        *cell = j;
+    }
+    for i in 1..=a.len() {
+        for j in 1..=b.len() {
+            let cost = usize::from(a[i - 1] != b[j - 1]);
+            let mut best = (d[i - 1][j] + 1)
+                .min(d[i][j - 1] + 1)
+                .min(d[i - 1][j - 1] + cost);
+            if i > 1 && j > 1 && a[i - 1] == b[j - 2] && a[i - 2] == b[j - 1] {
+                best = best.min(d[i - 2][j - 2] + 1);
+            }
+            d[i][j] = best;
+        }
+    }
+    d[a.len()][b.len()]
+}
+
 #[derive(Args, Debug, Clone)]
 pub struct Target {
-    /// The master's data dir, which holds its CLI socket.
-    #[arg(long, env = "PHOENIX_DATA_DIR", default_value = DEFAULT_MASTER_DIR, global = true)]
+    /// The master's data dir, which holds its CLI socket; also set by
+    /// the environment variable PHOENIX_DATA_DIR.
+    // The variable's name is in the text because clap renders the env
+    // with its current value (`[env: PHOENIX_DATA_DIR=]` when unset).
+    #[arg(
+        long,
+        env = "PHOENIX_DATA_DIR",
+        hide_env = true,
+        default_value = DEFAULT_MASTER_DIR,
+        global = true
+    )]
     pub data_dir: PathBuf,
 }
 
 #[derive(Args, Debug, Clone, Copy)]
 pub struct Json {
-    /// Print JSON instead of a table.
+    /// Print JSON instead of text.
     #[arg(long)]
     pub json: bool,
+}
+
+/// Waiting for a change to take effect on the minions.
+#[derive(Args, Debug, Clone, Copy)]
+pub struct Waiting {
+    /// Return once the master has stored the change, without waiting for
+    /// the minions to carry it out.
+    #[arg(long)]
+    pub detach: bool,
+    /// How long to wait for the minions, in seconds.
+    // `--timeout` was the flag's name before every time flag named its unit.
+    #[arg(
+        long = "timeout-s",
+        alias = "timeout",
+        default_value_t = 60,
+        value_name = "SECONDS"
+    )]
+    pub timeout_s: u64,
 }
 
 #[derive(Subcommand, Debug)]
@@ -75,19 +179,28 @@ pub enum Command {
     },
     /// Admit a waiting machine to the cluster (check its key fingerprint first).
     Accept {
+        /// The machine's name, as `phoenix waiting` lists it.
         name: String,
+        #[command(flatten)]
+        json: Json,
         #[command(flatten)]
         target: Target,
     },
     /// Refuse a waiting machine's join request.
     Reject {
+        /// The machine's name, as `phoenix waiting` lists it.
         name: String,
+        #[command(flatten)]
+        json: Json,
         #[command(flatten)]
         target: Target,
     },
     /// Remove an accepted machine, its overlay peer and its key (it must run no services).
     Forget {
+        /// The machine's name, as `phoenix nodes` lists it.
         name: String,
+        #[command(flatten)]
+        json: Json,
         #[command(flatten)]
         target: Target,
     },
@@ -95,14 +208,33 @@ pub enum Command {
     Deploy(ApplyArgs),
     /// Change existing services (or restart them unchanged); all or nothing.
     Update(ApplyArgs),
-    /// Stop and remove a service.
+    /// Stop and remove a service; waits until its machine has stopped it.
     Del {
+        /// The service's name.
         name: String,
         #[command(flatten)]
+        waiting: Waiting,
+        #[command(flatten)]
         target: Target,
+        #[command(flatten)]
+        json: Json,
     },
-    /// Show a service's state, pid, restarts and health.
+    /// Restart services on their machines, with the registry's current
+    /// version of their image; waits until they run.
+    Restart {
+        /// The services' names.
+        #[arg(required = true, value_name = "NAME")]
+        names: Vec<String>,
+        #[command(flatten)]
+        waiting: Waiting,
+        #[command(flatten)]
+        target: Target,
+        #[command(flatten)]
+        json: Json,
+    },
+    /// Show a service's state, pid, restarts, health and image version.
     Status {
+        /// The service's name.
         name: String,
         #[command(flatten)]
         target: Target,
@@ -111,11 +243,16 @@ pub enum Command {
     },
     /// Print a service's spec (with its address) as JSON.
     Info {
+        /// The service's name.
         name: String,
         #[command(flatten)]
         target: Target,
+        /// Accepted for uniformity: the spec is always JSON.
+        #[command(flatten)]
+        json: Json,
     },
     /// List services.
+    #[command(visible_alias = "ps")]
     Services {
         #[command(flatten)]
         target: Target,
@@ -137,7 +274,8 @@ pub enum Command {
         #[command(flatten)]
         json: Json,
     },
-    /// Show the audit log: every change, who made it, old and new spec.
+    /// Show the audit log: every change, who made it, and the fields it
+    /// changed (--json: old and new spec whole).
     Audit {
         /// How many of the newest entries to show.
         #[arg(short = 'n', long, default_value_t = 50)]
@@ -147,16 +285,22 @@ pub enum Command {
         #[command(flatten)]
         json: Json,
     },
-    /// Add an image (a file) to the master's registry.
+    /// Add an image to the master's registry: an executable (ELF, or a
+    /// script starting with `#!`) or a container image (an OCI or Docker
+    /// archive tar, or a .zst).
     Push {
+        /// The file to upload.
         file: PathBuf,
         /// The image's name in the registry (default: the file's name).
         name: Option<String>,
         #[command(flatten)]
         target: Target,
+        #[command(flatten)]
+        json: Json,
     },
     /// Print a service's output (stdout and stderr).
     Logs {
+        /// The service's name.
         name: String,
         /// Keep printing new output.
         #[arg(short, long)]
@@ -178,6 +322,17 @@ pub enum Command {
         /// Stop after this many seconds instead of at Ctrl-C.
         #[arg(long)]
         seconds: Option<u64>,
+    },
+    /// Print this program's version.
+    Version {
+        #[command(flatten)]
+        json: Json,
+    },
+    /// Print a shell completion script: `phoenix completions bash >
+    /// /etc/bash_completion.d/phoenix`.
+    Completions {
+        /// The shell to complete in.
+        shell: clap_complete::Shell,
     },
 }
 
@@ -231,10 +386,19 @@ pub struct OverlayArgs {
 pub struct MinionArgs {
     /// This machine's name in the cluster (a hostname label).
     pub name: String,
+    /// The master's public IP: where its join endpoint and WireGuard port
+    /// are reached (`phoenix master-info` prints it).
     pub master_public_ip: IpAddr,
     /// The master's public key, as `phoenix master-info` prints it.
     pub master_key: String,
+    /// This machine's public IP: where the master reaches its WireGuard
+    /// port.
     pub minion_public_ip: IpAddr,
+    /// This machine's address on a private network it shares with the
+    /// other machines (give the public IP again if there is none). It is
+    /// recorded and shown (`phoenix waiting`, `phoenix nodes`) for traffic
+    /// between machines that should stay off the public network; nothing
+    /// sends to it yet.
     pub minion_private_ip: IpAddr,
     /// Run the daemon in this terminal instead of installing a system service.
     #[arg(long)]
@@ -283,14 +447,123 @@ pub struct MinionArgs {
 pub struct ApplyArgs {
     /// The spec file (JSON: one spec or an array of them); `-` reads stdin.
     pub file: PathBuf,
-    /// Return once the master has stored the change, without waiting for the services to run.
-    #[arg(long)]
-    pub detach: bool,
-    /// How long to wait for the services to run, in seconds.
-    #[arg(long, default_value_t = 60)]
-    pub timeout: u64,
+    #[command(flatten)]
+    pub waiting: Waiting,
     #[command(flatten)]
     pub target: Target,
     #[command(flatten)]
     pub json: Json,
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::*;
+
+    /// Every subcommand, with its path (`phoenix minion`).
+    fn all_commands() -> Vec<(String, clap::Command)> {
+        let mut out = Vec::new();
+        let mut todo = vec![("phoenix".to_owned(), Cli::command())];
+        while let Some((path, cmd)) = todo.pop() {
+            for sub in cmd.get_subcommands() {
+                todo.push((format!("{path} {}", sub.get_name()), sub.clone()));
+            }
+            out.push((path, cmd));
+        }
+        out
+    }
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn every_positional_argument_is_described() {
+        for (path, cmd) in all_commands() {
+            for arg in cmd.get_positionals() {
+                assert!(
+                    arg.get_help().is_some(),
+                    "`{path}` has an undescribed positional {}",
+                    arg.get_id()
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn every_time_flag_names_its_unit() {
+        let times = ["timeout", "grace", "interval", "seconds", "delay", "every"];
+        for (path, cmd) in all_commands() {
+            for arg in cmd.get_arguments() {
+                let Some(long) = arg.get_long() else { continue };
+                if times.iter().any(|t| long.contains(t)) {
+                    assert!(
+                        long.ends_with("-ms") || long.ends_with("-s") || long == "seconds",
+                        "`{path} --{long}` is a time without its unit in its name"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_typo_suggests_the_verbs_it_is_close_to_and_nothing_odd() {
+        let names = || {
+            let cmd = Cli::command();
+            cmd.get_subcommands()
+                .flat_map(|s| {
+                    std::iter::once(s.get_name().to_owned())
+                        .chain(s.get_visible_aliases().map(str::to_owned))
+                })
+                .collect::<Vec<String>>()
+        };
+        let close = |typo: &str| close_names(typo, names().iter().map(String::as_str));
+        assert_eq!(close("servcies"), ["services"]);
+        assert_eq!(close("statsu"), ["status"]);
+        assert_eq!(close("restrat"), ["restart"]);
+        assert_eq!(close("imgaes"), ["images"]);
+        assert_eq!(close("node"), ["nodes"]);
+        assert!(close("frobnicate").is_empty());
+        assert_eq!(edit_distance("version", "services"), 5);
+        assert_eq!(edit_distance("statsu", "status"), 1);
+
+        let e = Cli::try_parse_from(["phoenix", "servcies"]).unwrap_err();
+        let text = with_close_subcommands(e).to_string();
+        assert!(
+            text.contains("a similar subcommand exists: 'services'"),
+            "{text}"
+        );
+        let e = Cli::try_parse_from(["phoenix", "frobnicate"]).unwrap_err();
+        let text = with_close_subcommands(e).to_string();
+        assert!(!text.contains("similar"), "{text}");
+    }
+
+    #[test]
+    fn everyday_verbs_parse() {
+        let cli = Cli::try_parse_from(["phoenix", "restart", "a", "b", "--detach"]).unwrap();
+        let Command::Restart { names, waiting, .. } = cli.command else {
+            panic!("not restart");
+        };
+        assert_eq!(
+            (names, waiting.detach),
+            (vec!["a".into(), "b".into()], true)
+        );
+        assert!(Cli::try_parse_from(["phoenix", "restart"]).is_err());
+        // `--timeout` (seconds) still works for scripts written before `-s`.
+        let cli = Cli::try_parse_from(["phoenix", "del", "web", "--timeout", "5"]).unwrap();
+        let Command::Del { waiting, .. } = cli.command else {
+            panic!("not del");
+        };
+        assert_eq!(waiting.timeout_s, 5);
+        let cli = Cli::try_parse_from(["phoenix", "ps", "--json"]).unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::Services {
+                json: Json { json: true },
+                ..
+            }
+        ));
+    }
 }

@@ -70,6 +70,20 @@ impl std::error::Error for MasterUnreachable {
     }
 }
 
+/// Input the CLI refuses before asking the master (a directory to
+/// `push`, a file nothing could run): exit code 3, like the master's
+/// refusals of invalid input.
+#[derive(Debug)]
+pub struct InvalidInput(pub String);
+
+impl fmt::Display for InvalidInput {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for InvalidInput {}
+
 /// The exit status for an error: the first cause in its chain that says
 /// what kind of failure it is decides.
 pub fn exit_code(err: &anyhow::Error) -> Exit {
@@ -83,7 +97,7 @@ pub fn exit_code(err: &anyhow::Error) -> Exit {
                 ErrorKind::Internal => Exit::Failure,
             };
         }
-        if cause.is::<SpecErrors>() {
+        if cause.is::<SpecErrors>() || cause.is::<InvalidInput>() {
             return Exit::Invalid;
         }
         if cause.is::<MasterUnreachable>() {
@@ -142,8 +156,41 @@ pub async fn logs(data_dir: &Path, name: &str, tail: usize, follow: bool) -> Res
     finish(&mut s).await
 }
 
+/// Checks that `file` is something the registry takes (the master checks
+/// again): a regular file that is an executable or an image.
+pub fn check_pushable(file: &Path) -> Result<()> {
+    let meta =
+        std::fs::metadata(file).with_context(|| format!("cannot open {}", file.display()))?;
+    if meta.is_dir() {
+        return Err(InvalidInput(format!(
+            "{} is a directory; push takes one file (an OCI layout directory goes in as a tar: \
+             `tar -cf image.tar -C {} .`)",
+            file.display(),
+            file.display()
+        ))
+        .into());
+    }
+    if !meta.is_file() {
+        return Err(InvalidInput(format!("{} is not a regular file", file.display())).into());
+    }
+    let head = std::fs::File::open(file)
+        .and_then(|mut f| phoenix_master::registry::probe(&mut f))
+        .with_context(|| format!("cannot read {}", file.display()))?;
+    phoenix_master::registry::file_format(&head).map_err(|what| {
+        InvalidInput(
+            phoenix_master::registry::NotRunnable {
+                file: file.display().to_string(),
+                what,
+            }
+            .to_string(),
+        )
+    })?;
+    Ok(())
+}
+
 /// Uploads a file to the registry, showing progress on a terminal.
 pub async fn push(data_dir: &Path, file: &Path, name: &str) -> Result<Pushed> {
+    check_pushable(file)?;
     let mut f = tokio::fs::File::open(file)
         .await
         .with_context(|| format!("cannot open {}", file.display()))?;
@@ -232,6 +279,34 @@ mod tests {
         assert_eq!(exit_code(&down), Exit::Unavailable);
         assert!(down.to_string().contains("/x/phoenix.sock"), "{down}");
         assert_eq!(exit_code(&anyhow!("failed: job")), Exit::Failure);
+    }
+
+    #[test]
+    fn push_refuses_a_directory_and_a_file_nothing_can_run_by_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = check_pushable(dir.path()).unwrap_err();
+        assert_eq!(exit_code(&err), Exit::Invalid);
+        assert!(
+            err.to_string()
+                .starts_with(&format!("{} is a directory", dir.path().display())),
+            "{err}"
+        );
+        let notes = dir.path().join("notes.txt");
+        std::fs::write(&notes, "remember the milk\n").unwrap();
+        let err = check_pushable(&notes).unwrap_err();
+        assert_eq!(exit_code(&err), Exit::Invalid);
+        assert!(
+            err.to_string().starts_with(&format!(
+                "{} is a text file without a `#!` line",
+                notes.display()
+            )),
+            "{err}"
+        );
+        let script = dir.path().join("run.sh");
+        std::fs::write(&script, "#!/bin/sh\nexec sleep 1\n").unwrap();
+        check_pushable(&script).unwrap();
+        let missing = check_pushable(&dir.path().join("nope")).unwrap_err();
+        assert!(missing.to_string().contains("cannot open"), "{missing}");
     }
 
     #[tokio::test]

@@ -14,17 +14,17 @@ use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use clap::Parser;
-use cli::{ApplyArgs, Cli, Command};
+use cli::{ApplyArgs, Cli, Command, Waiting};
 use output::{ago, bytes, table, utc};
 use phoenix_model::proto::{
     Accepted, Applied, AuditEntry, Deleted, Forgotten, ImageView, MasterInfo, NodeView, Rejected,
     Request, ServiceView, WaitingNode,
 };
+
 use phoenix_model::spec::Spec;
 
 fn main() {
-    let cli = Cli::parse();
+    let cli = cli::parse();
     let level = std::env::var("PHOENIX_LOG")
         .ok()
         .and_then(|l| l.parse().ok())
@@ -151,6 +151,21 @@ fn run(cli: Cli) -> Result<()> {
             testy,
             seconds,
         } => demo::run(&dir, testy, seconds),
+        Command::Version { json } => {
+            if json.json {
+                return print_json(&serde_json::json!({
+                    "version": cli::VERSION,
+                    "protocol": phoenix_model::proto::PROTOCOL_VERSION,
+                }));
+            }
+            println!("phoenix {}", cli::VERSION);
+            Ok(())
+        }
+        Command::Completions { shell } => {
+            let mut cmd = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut cmd, "phoenix", &mut std::io::stdout());
+            Ok(())
+        }
         other => {
             // A CLI command writing into a closed pipe (`phoenix services |
             // head`) should end quietly, as Unix tools do, not panic.
@@ -222,6 +237,10 @@ async fn command(cmd: Command) -> Result<()> {
             if json.json {
                 return print_json(&nodes);
             }
+            if nodes.is_empty() {
+                print!("{}", output::NO_WAITING);
+                return Ok(());
+            }
             let rows: Vec<Vec<String>> = nodes
                 .iter()
                 .map(|n| {
@@ -251,19 +270,28 @@ async fn command(cmd: Command) -> Result<()> {
                 &rows,
             );
         }
-        Command::Accept { name, target } => {
+        Command::Accept { name, target, json } => {
             let node: Accepted =
                 client::call(&target.data_dir, &Request::Accept { name: name.clone() }).await?;
+            if json.json {
+                return print_json(&node);
+            }
             println!("accepted {} (overlay ip {})", node.name, node.overlay_ip);
         }
-        Command::Reject { name, target } => {
+        Command::Reject { name, target, json } => {
             let r: Rejected =
                 client::call(&target.data_dir, &Request::Reject { name: name.clone() }).await?;
+            if json.json {
+                return print_json(&r);
+            }
             println!("rejected {}", r.rejected);
         }
-        Command::Forget { name, target } => {
+        Command::Forget { name, target, json } => {
             let f: Forgotten =
                 client::call(&target.data_dir, &Request::Forget { name: name.clone() }).await?;
+            if json.json {
+                return print_json(&f);
+            }
             println!(
                 "forgot {}: its key and overlay peer are removed",
                 f.forgotten
@@ -271,10 +299,29 @@ async fn command(cmd: Command) -> Result<()> {
         }
         Command::Deploy(a) => apply(a, false).await?,
         Command::Update(a) => apply(a, true).await?,
-        Command::Del { name, target } => {
-            let d: Deleted =
-                client::call(&target.data_dir, &Request::Del { name: name.clone() }).await?;
-            println!("deleted {}", d.deleted);
+        Command::Del {
+            name,
+            waiting,
+            target,
+            json,
+        } => delete(&target.data_dir, &name, waiting, json.json).await?,
+        Command::Restart {
+            names,
+            waiting,
+            target,
+            json,
+        } => {
+            let applied: Vec<Applied> =
+                client::call(&target.data_dir, &Request::Restart { names }).await?;
+            if !json.json {
+                for v in &applied {
+                    println!(
+                        "restarting {} on {} (generation {})",
+                        v.name, v.machine, v.generation
+                    );
+                }
+            }
+            wait_running(&target.data_dir, &applied, waiting, json.json).await?;
         }
         Command::Status { name, target, json } => {
             let v: ServiceView = client::call(&target.data_dir, &Request::Status { name }).await?;
@@ -294,7 +341,7 @@ async fn command(cmd: Command) -> Result<()> {
             println!("machine:     {}", v.machine);
             println!("ip:          {}", v.ip);
             println!("type:        {} {}", v.kind, v.duration);
-            println!("image:       {}", v.image);
+            println!("image:       {}", output::image_detail(&v));
             println!("pid:         {}", opt(v.pid));
             println!("restarts:    {}", v.restarts);
             println!("health:      {}", v.health);
@@ -311,7 +358,11 @@ async fn command(cmd: Command) -> Result<()> {
                 println!("message:     {m}");
             }
         }
-        Command::Info { name, target } => {
+        Command::Info {
+            name,
+            target,
+            json: _,
+        } => {
             let spec: Spec = client::call(&target.data_dir, &Request::Info { name }).await?;
             print_json(&spec)?;
         }
@@ -320,12 +371,20 @@ async fn command(cmd: Command) -> Result<()> {
             if json.json {
                 return print_json(&list);
             }
+            if list.is_empty() {
+                print!("{}", output::NO_SERVICES);
+                return Ok(());
+            }
             output::services_table(&list);
         }
         Command::Nodes { target, json } => {
             let list: Vec<NodeView> = client::call(&target.data_dir, &Request::Nodes).await?;
             if json.json {
                 return print_json(&list);
+            }
+            if list.is_empty() {
+                print!("{}", output::NO_NODES);
+                return Ok(());
             }
             let rows: Vec<Vec<String>> = list
                 .iter()
@@ -388,15 +447,17 @@ async fn command(cmd: Command) -> Result<()> {
                     e.subject,
                     e.actor
                 );
-                if let Some(old) = &e.old {
-                    println!("    old: {old}");
-                }
-                if let Some(new) = &e.new {
-                    println!("    new: {new}");
+                for change in output::audit_changes(e.old.as_ref(), e.new.as_ref()) {
+                    println!("    {change}");
                 }
             }
         }
-        Command::Push { file, name, target } => {
+        Command::Push {
+            file,
+            name,
+            target,
+            json,
+        } => {
             let name = match name {
                 Some(n) => n,
                 None => file
@@ -408,13 +469,27 @@ async fn command(cmd: Command) -> Result<()> {
                     })?,
             };
             let v = client::push(&target.data_dir, &file, &name).await?;
+            if json.json {
+                return print_json(&v);
+            }
             println!(
-                "pushed {} ({}, {} chunks, blake3 {}); minions fetch it now (`phoenix images` shows where)",
+                "pushed {} ({}, {}, {} chunks, blake3 {}); minions fetch it now (`phoenix images` shows where)",
                 v.name,
+                v.format,
                 bytes(v.size),
                 v.chunks,
                 v.hash
             );
+            if !v.stale_services.is_empty() {
+                println!(
+                    "{} run{} the previous version of {}; roll this one out with `phoenix restart {}` \
+                     (or `phoenix update SPEC` with a changed spec)",
+                    v.stale_services.join(", "),
+                    if v.stale_services.len() == 1 { "s" } else { "" },
+                    v.name,
+                    v.stale_services.join(" ")
+                );
+            }
         }
         Command::Logs {
             name,
@@ -425,7 +500,9 @@ async fn command(cmd: Command) -> Result<()> {
         Command::Master(_)
         | Command::Minion(_)
         | Command::Uninstall { .. }
-        | Command::Demo { .. } => {
+        | Command::Demo { .. }
+        | Command::Version { .. }
+        | Command::Completions { .. } => {
             bail!("not a client command")
         }
     }
@@ -456,7 +533,6 @@ async fn apply(a: ApplyArgs, update: bool) -> Result<()> {
         Request::Deploy { source, text }
     };
     let applied: Vec<Applied> = client::call(&a.target.data_dir, &req).await?;
-    let names: Vec<String> = applied.iter().map(|v| v.name.clone()).collect();
     if !a.json.json {
         for v in &applied {
             println!(
@@ -468,20 +544,31 @@ async fn apply(a: ApplyArgs, update: bool) -> Result<()> {
             );
         }
     }
-    if a.detach {
-        if a.json.json {
+    wait_running(&a.target.data_dir, &applied, a.waiting, a.json.json).await
+}
+
+/// Waits until services a change touched run (or settle failed), unless
+/// `--detach`; prints them, and fails if any failed.
+async fn wait_running(
+    data_dir: &Path,
+    applied: &[Applied],
+    waiting: Waiting,
+    json: bool,
+) -> Result<()> {
+    if waiting.detach {
+        if json {
             print_json(&applied)?;
         }
         return Ok(());
     }
     let wait = Request::Wait {
-        names,
-        timeout_ms: a.timeout * 1000,
+        names: applied.iter().map(|v| v.name.clone()).collect(),
+        timeout_ms: waiting.timeout_s.saturating_mul(1000),
     };
-    let views: Vec<ServiceView> = client::call(&a.target.data_dir, &wait)
+    let views: Vec<ServiceView> = client::call(data_dir, &wait)
         .await
         .context("the change is stored, but the services did not settle")?;
-    if a.json.json {
+    if json {
         return print_json(&views);
     }
     let mut failed = Vec::new();
@@ -493,6 +580,32 @@ async fn apply(a: ApplyArgs, update: bool) -> Result<()> {
     }
     if !failed.is_empty() {
         bail!("failed: {}", failed.join(", "));
+    }
+    Ok(())
+}
+
+/// `del`: removes the service, then (unless `--detach`) waits until its
+/// minion has stopped it.
+async fn delete(data_dir: &Path, name: &str, waiting: Waiting, json: bool) -> Result<()> {
+    let mut d: Deleted = client::call(data_dir, &Request::Del { name: name.into() }).await?;
+    if !waiting.detach {
+        let wait = Request::WaitGone {
+            names: vec![d.deleted.clone()],
+            timeout_ms: waiting.timeout_s.saturating_mul(1000),
+        };
+        let _: Vec<String> = client::call(data_dir, &wait).await?;
+        d.stopped = true;
+    }
+    if json {
+        return print_json(&d);
+    }
+    if d.stopped {
+        println!("deleted {}: stopped on {}", d.deleted, d.machine);
+    } else {
+        println!(
+            "deleted {}; {} stops it now (`phoenix del` without --detach waits for that)",
+            d.deleted, d.machine
+        );
     }
     Ok(())
 }

@@ -40,6 +40,89 @@ pub fn services_table(list: &[phoenix_model::proto::ServiceView]) {
     print!("{}", services_text(list));
 }
 
+/// What `phoenix services` says when there is nothing to list.
+pub const NO_SERVICES: &str =
+    "no services; deploy one with `phoenix deploy SPEC.json` (README: \"Run something\")\n";
+/// What `phoenix nodes` says when no machine has joined.
+pub const NO_NODES: &str = "no machines have joined; on each machine run \
+    `phoenix minion NAME ...` (the command is in `phoenix master-info`), \
+    then `phoenix waiting` and `phoenix accept NAME` here\n";
+/// What `phoenix waiting` says when no join request waits.
+pub const NO_WAITING: &str = "no machines are waiting to join; start one with \
+    `phoenix minion NAME ...` (the command is in `phoenix master-info`)\n";
+
+/// A short image hash, as tables show it.
+pub fn short_hash(hash: &str) -> String {
+    hash.chars().take(12).collect()
+}
+
+/// The image version a service runs: `app@3f2a9c1b0d4e`, with a `*` when
+/// the registry holds a newer version it does not run yet.
+pub fn image_version(v: &phoenix_model::proto::ServiceView) -> String {
+    if v.image_hash.is_empty() {
+        return v.image.clone();
+    }
+    let newer = if v.registry_hash.is_some() { "*" } else { "" };
+    format!("{}@{}{newer}", v.image, short_hash(&v.image_hash))
+}
+
+/// `status`'s image line: the version, when it was pushed, and how to run
+/// a newer one.
+pub fn image_detail(v: &phoenix_model::proto::ServiceView) -> String {
+    let mut s = v.image.clone();
+    if !v.image_hash.is_empty() {
+        s.push_str(&format!(" (version {}", short_hash(&v.image_hash)));
+        if let Some(at) = v.image_pushed_at {
+            s.push_str(&format!(", pushed {}", ago(at)));
+        }
+        s.push(')');
+    }
+    if let Some(newer) = &v.registry_hash {
+        s.push_str(&format!(
+            "; the registry holds a newer version {}: `phoenix restart {}` runs it",
+            short_hash(newer),
+            v.name
+        ));
+    }
+    s
+}
+
+/// The fields an audited change touched, one line each: `+ field: value`
+/// (added), `- field: value` (removed), `~ field: old -> new` (changed).
+/// Values are compact JSON; a change without a before or after lists all
+/// of its fields as added or removed.
+pub fn audit_changes(
+    old: Option<&serde_json::Value>,
+    new: Option<&serde_json::Value>,
+) -> Vec<String> {
+    use serde_json::{Map, Value};
+    let empty = Map::new();
+    let fields = |v: Option<&Value>| -> Option<Map<String, Value>> {
+        match v {
+            None => Some(empty.clone()),
+            Some(Value::Object(m)) => Some(m.clone()),
+            Some(_) => None,
+        }
+    };
+    let (Some(before), Some(after)) = (fields(old), fields(new)) else {
+        // Not objects: show them whole.
+        let show = |v: Option<&Value>| v.map_or_else(|| "-".into(), Value::to_string);
+        return vec![format!("~ {} -> {}", show(old), show(new))];
+    };
+    let mut names: Vec<&String> = before.keys().chain(after.keys()).collect();
+    names.sort();
+    names.dedup();
+    names
+        .into_iter()
+        .filter_map(|k| match (before.get(k), after.get(k)) {
+            (None, Some(b)) => Some(format!("+ {k}: {b}")),
+            (Some(a), None) => Some(format!("- {k}: {a}")),
+            (Some(a), Some(b)) if a != b => Some(format!("~ {k}: {a} -> {b}")),
+            _ => None,
+        })
+        .collect()
+}
+
 /// [`services_table`] as text.
 pub fn services_text(list: &[phoenix_model::proto::ServiceView]) -> String {
     let dash = || "-".to_owned();
@@ -58,11 +141,12 @@ pub fn services_text(list: &[phoenix_model::proto::ServiceView]) -> String {
                 v.restarts.to_string(),
                 v.health.clone(),
                 v.ip.to_string(),
+                image_version(v),
                 v.last_exit.map_or_else(dash, |e| e.to_string()),
             ]
         })
         .collect();
-    render(
+    let mut out = render(
         &[
             "NAME",
             "MACHINE",
@@ -71,10 +155,18 @@ pub fn services_text(list: &[phoenix_model::proto::ServiceView]) -> String {
             "RESTARTS",
             "HEALTH",
             "IP",
+            "IMAGE",
             "LAST EXIT",
         ],
         &rows,
-    )
+    );
+    if list.iter().any(|v| v.registry_hash.is_some()) {
+        out.push_str(
+            "* a newer version of the image is in the registry: \
+             `phoenix restart NAME` (or `phoenix update`) runs it\n",
+        );
+    }
+    out
 }
 
 /// `phoenix images`: one row per image, then why any node failed.
@@ -111,7 +203,7 @@ pub fn images_text(list: &[phoenix_model::proto::ImageView]) -> String {
                 bytes(i.size),
                 i.chunks.to_string(),
                 bytes(i.unique_bytes),
-                i.hash.chars().take(12).collect(),
+                short_hash(&i.hash),
                 if nodes.is_empty() {
                     "-".into()
                 } else {
@@ -200,5 +292,66 @@ mod tests {
             render(&["NAME", "STATE"], &[vec!["web".into(), "running".into()]]),
             "NAME  STATE\nweb   running\n"
         );
+    }
+
+    #[test]
+    fn audit_shows_only_the_fields_a_change_touched() {
+        let old =
+            serde_json::json!({"name": "web", "env": ["A=1"], "proxyport": 8000, "args": ["-v"]});
+        let new =
+            serde_json::json!({"name": "web", "env": ["A=2"], "proxyport": 8000, "cpus": 0.5});
+        assert_eq!(
+            audit_changes(Some(&old), Some(&new)),
+            [
+                r#"- args: ["-v"]"#,
+                "+ cpus: 0.5",
+                r#"~ env: ["A=1"] -> ["A=2"]"#,
+            ]
+        );
+        assert_eq!(
+            audit_changes(None, Some(&serde_json::json!({"name": "web"}))),
+            [r#"+ name: "web""#]
+        );
+        assert_eq!(
+            audit_changes(Some(&serde_json::json!({"name": "web"})), None),
+            [r#"- name: "web""#]
+        );
+        assert!(audit_changes(Some(&old), Some(&old)).is_empty());
+    }
+
+    fn view(registry_hash: Option<&str>) -> phoenix_model::proto::ServiceView {
+        serde_json::from_value(serde_json::json!({
+            "name": "web", "machine": "m1", "type": "binary", "duration": "daemon",
+            "ip": "fd38:dde8:32dd:1::", "image": "app",
+            "image_hash": "3f2a9c1b0d4e5f60718293a4b5c6d7e8", "image_pushed_at": now_ms() - 120_000,
+            "registry_hash": registry_hash, "generation": 1, "state": "running",
+            "pid": 42, "restarts": 0, "health": "-", "last_exit": null, "limits": null,
+            "since": null, "message": null, "node_reachable": true
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn a_service_shows_its_image_version_and_a_newer_one() {
+        let current = view(None);
+        assert_eq!(image_version(&current), "app@3f2a9c1b0d4e");
+        assert_eq!(
+            image_detail(&current),
+            "app (version 3f2a9c1b0d4e, pushed 2m ago)"
+        );
+        let table = services_text(&[current]);
+        assert!(table.contains("app@3f2a9c1b0d4e"), "{table}");
+        assert!(!table.contains("newer"), "{table}");
+
+        let behind = view(Some("9999aaaabbbbccccdddd"));
+        assert_eq!(image_version(&behind), "app@3f2a9c1b0d4e*");
+        assert!(
+            image_detail(&behind)
+                .ends_with("newer version 9999aaaabbbb: `phoenix restart web` runs it"),
+            "{}",
+            image_detail(&behind)
+        );
+        let table = services_text(&[behind]);
+        assert!(table.contains("`phoenix restart NAME`"), "{table}");
     }
 }

@@ -663,8 +663,9 @@ fn back_to_back_deletes_each_get_their_grace_period() {
     );
     let ga = pid(&c.wait_status("ga", "running", |s| s["state"] == "running"));
     let gb = pid(&c.wait_status("gb", "running", |s| s["state"] == "running"));
-    c.ok(&["del", "ga"]);
-    c.ok(&["del", "gb"]);
+    // `--detach`: `del` would otherwise wait out each stop in turn.
+    c.ok(&["del", "ga", "--detach"]);
+    c.ok(&["del", "gb", "--detach"]);
     // Both ignore SIGTERM, so both must still be there well inside the
     // harness's 1.5 s stop timeout: no shortcut to SIGKILL for either.
     std::thread::sleep(Duration::from_millis(700));

@@ -21,7 +21,9 @@ use std::sync::Mutex;
 
 use phoenix_model::net;
 use phoenix_model::proto::{Applied, Deleted};
-use phoenix_model::spec::{Kind, Spec, SpecError, SpecErrors, parse_specs};
+use phoenix_model::spec::{
+    Duration as SpecDuration, Kind, Spec, SpecError, SpecErrors, parse_specs,
+};
 
 use super::{ApiError, Hub};
 use crate::lock;
@@ -33,6 +35,75 @@ use crate::store::{Service, StoreError};
 pub enum Apply {
     Deploy,
     Update,
+    /// Stored specs applied again: a new generation and the registry's
+    /// current image, nothing else changed.
+    Restart,
+}
+
+impl Apply {
+    /// The action as the audit log names it.
+    fn action(self) -> &'static str {
+        match self {
+            Apply::Deploy => "deploy",
+            Apply::Update => "update",
+            Apply::Restart => "restart",
+        }
+    }
+}
+
+/// Services share their minion's network until each gets a network
+/// namespace of its own (a later issue); until then two daemons on one
+/// machine cannot both bind their `proxyport`. Set to false when they no
+/// longer share it, and [`proxyport_clashes`] finds nothing.
+const SERVICES_SHARE_NODE_NETWORK: bool = true;
+
+/// The port clashes a spec file would create on its machines, as
+/// (index of the spec in the file, why). Only daemons count: a oneshot is
+/// not expected to listen. `stored` are the services the file leaves as
+/// they are or replaces (by name).
+fn proxyport_clashes(specs: &[Spec], stored: &[Service]) -> Vec<(usize, String)> {
+    if !SERVICES_SHARE_NODE_NETWORK {
+        return Vec::new();
+    }
+    let listens = |s: &Spec| s.duration == SpecDuration::Daemon;
+    // (machine, port) → the service that holds it, stored ones first.
+    let mut holder: HashMap<(&str, u16), &str> = HashMap::new();
+    for svc in stored {
+        let replaced = specs.iter().any(|s| s.name == svc.spec.name);
+        if !replaced && listens(&svc.spec) {
+            holder.insert((&svc.spec.machine, svc.spec.proxyport), &svc.spec.name);
+        }
+    }
+    let mut clashes = Vec::new();
+    for (i, spec) in specs.iter().enumerate().filter(|(_, s)| listens(s)) {
+        let key = (spec.machine.as_str(), spec.proxyport);
+        match holder.get(&key) {
+            Some(other) => clashes.push((
+                i,
+                format!(
+                    "port {} on machine {:?} is also the proxyport of service {other:?}; \
+                     services share the machine's network (until each gets its own), \
+                     so only one of them can listen on it: give one another `proxyport`",
+                    spec.proxyport, spec.machine
+                ),
+            )),
+            None => {
+                holder.insert(key, &spec.name);
+            }
+        }
+    }
+    clashes
+}
+
+/// A service as the audit log records it: its spec with its address, and
+/// the image version and generation (what a restart changes).
+fn audited(svc: &Service) -> serde_json::Value {
+    let mut v = svc.to_json();
+    if let Some(o) = v.as_object_mut() {
+        o.insert("image_hash".into(), svc.image_hash.clone().into());
+        o.insert("generation".into(), svc.generation.into());
+    }
+    v
 }
 
 /// Verdicts on container image files: (file hash, tag) → why it cannot run,
@@ -83,7 +154,40 @@ impl Hub {
         text: &str,
     ) -> Result<Vec<Applied>, ApiError> {
         let specs = parse_specs(source, text)?;
-        let images = self.resolve_images(&specs);
+        self.apply_specs(actor, mode, source, &specs)
+    }
+
+    /// Restarts services on their machines: a new generation each, with
+    /// the registry's current version of its image. All or nothing.
+    pub fn restart(&self, actor: &str, names: &[String]) -> Result<Vec<Applied>, ApiError> {
+        let specs = {
+            let mut store = self.store();
+            let tx = store.read()?;
+            names
+                .iter()
+                .map(|n| {
+                    tx.service(n)?
+                        .map(|s| s.spec)
+                        .ok_or_else(|| ApiError::no_service(n))
+                })
+                .collect::<Result<Vec<Spec>, ApiError>>()?
+        };
+        if specs.is_empty() {
+            return Err(ApiError::Invalid(
+                "name at least one service to restart".into(),
+            ));
+        }
+        self.apply_specs(actor, Apply::Restart, "restart", &specs)
+    }
+
+    fn apply_specs(
+        &self,
+        actor: &str,
+        mode: Apply,
+        source: &str,
+        specs: &[Spec],
+    ) -> Result<Vec<Applied>, ApiError> {
+        let images = self.resolve_images(specs);
         let fail = |errors| {
             ApiError::from(SpecErrors {
                 file: source.to_owned(),
@@ -112,7 +216,7 @@ impl Hub {
                             spec.name
                         ),
                     ),
-                    (Apply::Update, None) => err(
+                    (Apply::Update | Apply::Restart, None) => err(
                         "name",
                         format!("no service {:?}; use `phoenix deploy` to create it", spec.name),
                     ),
@@ -158,6 +262,14 @@ impl Hub {
                 }
                 existing.push(old);
             }
+            if mode != Apply::Restart {
+                for (i, why) in proxyport_clashes(specs, &tx.services()?) {
+                    let index = (specs.len() > 1).then_some(i);
+                    errors.push(
+                        SpecError::new(Some("proxyport"), why).at(index, Some(&specs[i].name)),
+                    );
+                }
+            }
             if !errors.is_empty() {
                 return Err(fail(errors));
             }
@@ -197,13 +309,12 @@ impl Hub {
                 {
                     touched.insert(o.spec.machine.clone());
                 }
-                let action = if old.is_some() { "update" } else { "deploy" };
                 tx.audit(
                     actor,
-                    action,
+                    mode.action(),
                     &spec.name,
-                    old.as_ref().map(Service::to_json).as_ref(),
-                    Some(&svc.to_json()),
+                    old.as_ref().map(audited).as_ref(),
+                    Some(&audited(&svc)),
                 )?;
                 applied.push(Applied {
                     name: spec.name.clone(),
@@ -287,12 +398,13 @@ impl Hub {
             tx.audit(actor, "del", name, old.as_ref(), None)?;
             Ok(machine)
         })?;
-        self.forget_status(name);
+        self.forget_status(name, &machine);
         self.push_desired([machine.as_str()]);
         self.request_collection();
         Ok(Deleted {
             deleted: name.to_owned(),
             machine,
+            stopped: false,
         })
     }
 
@@ -425,7 +537,8 @@ mod tests {
             hub.delete("root", "web").unwrap(),
             Deleted {
                 deleted: "web".into(),
-                machine: "m1".into()
+                machine: "m1".into(),
+                stopped: false,
             }
         );
         assert_eq!(desired(&mut rx), Some((3, vec![])));
@@ -538,6 +651,228 @@ mod tests {
         let deleted = hub.delete("root", "web").unwrap();
         assert_eq!(deleted.machine, "m1");
         assert!(hub.services().unwrap().is_empty());
+    }
+
+    fn spec_on_port(name: &str, port: u16, duration: &str) -> String {
+        format!(
+            r#"{{"machine":"m1","name":"{name}","image":"app","type":"binary","proxyport":{port},"duration":"{duration}"}}"#
+        )
+    }
+
+    #[test]
+    fn two_daemons_on_one_machine_may_not_share_a_proxyport() {
+        let dir = tempfile::tempdir().unwrap();
+        let hub = hub(dir.path());
+        hub.apply(
+            "root",
+            Apply::Deploy,
+            "a.json",
+            &spec_on_port("a", 9000, "daemon"),
+        )
+        .unwrap();
+
+        let e = hub
+            .apply(
+                "root",
+                Apply::Deploy,
+                "b.json",
+                &spec_on_port("b", 9000, "daemon"),
+            )
+            .unwrap_err();
+        let message = e.to_string();
+        assert_eq!(e.kind(), ErrorKind::Invalid, "{message}");
+        assert!(
+            message.contains(r#"spec "b": field `proxyport`"#),
+            "{message}"
+        );
+        assert!(
+            message.contains(r#"port 9000 on machine "m1" is also the proxyport of service "a""#),
+            "{message}"
+        );
+        // Two in one file: the second is refused, naming the first.
+        let both = format!(
+            "[{}, {}]",
+            spec_on_port("c", 9100, "daemon"),
+            spec_on_port("d", 9100, "daemon")
+        );
+        let e = hub
+            .apply("root", Apply::Deploy, "cd.json", &both)
+            .unwrap_err();
+        assert!(e.to_string().contains(r#"spec #2 ("d")"#), "{e}");
+        assert!(e.to_string().contains(r#"service "c""#), "{e}");
+        assert_eq!(
+            hub.services().unwrap().len(),
+            1,
+            "nothing of a refused file is stored"
+        );
+
+        // A service keeps its own port across an update, a oneshot does not
+        // listen, and a port moved away is free again.
+        hub.apply(
+            "root",
+            Apply::Update,
+            "a.json",
+            &spec_on_port("a", 9000, "daemon"),
+        )
+        .unwrap();
+        hub.apply(
+            "root",
+            Apply::Deploy,
+            "j.json",
+            &spec_on_port("j", 9000, "oneshot"),
+        )
+        .unwrap();
+        let swap = format!(
+            "[{}, {}]",
+            spec_on_port("a", 9001, "daemon"),
+            spec_on_port("b", 9000, "daemon")
+        );
+        let e = hub
+            .apply("root", Apply::Update, "swap.json", &swap)
+            .unwrap_err();
+        assert!(
+            !e.to_string().contains("proxyport"),
+            "only b is unknown: {e}"
+        );
+        hub.apply(
+            "root",
+            Apply::Update,
+            "a.json",
+            &spec_on_port("a", 9001, "daemon"),
+        )
+        .unwrap();
+        hub.apply(
+            "root",
+            Apply::Deploy,
+            "b.json",
+            &spec_on_port("b", 9000, "daemon"),
+        )
+        .unwrap();
+    }
+
+    #[test]
+    fn restart_bumps_the_generation_takes_the_pushed_version_and_is_audited() {
+        let dir = tempfile::tempdir().unwrap();
+        let hub = hub(dir.path());
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        hub.connect("m1", "0", tx);
+        hub.apply(
+            "root",
+            Apply::Deploy,
+            "web.json",
+            &spec("web", "m1", "app", "binary"),
+        )
+        .unwrap();
+        assert_eq!(desired(&mut rx), Some((1, vec!["web".to_owned()])));
+        let first = hub.status("web").unwrap();
+        assert_eq!(
+            first.image_hash,
+            hub.registry.entry("app").unwrap().index.file_hash
+        );
+        assert!(first.image_pushed_at.is_some());
+        assert_eq!(first.registry_hash, None);
+
+        // A new version of the image: the service still runs the old one,
+        // and its status says a newer one waits.
+        std::fs::write(dir.path().join("registry/app"), b"#!/bin/sh\nexec true\n").unwrap();
+        let new = hub.registry.resolve("app").unwrap().hash;
+        let before = hub.status("web").unwrap();
+        assert_eq!(before.image_hash, first.image_hash);
+        assert_eq!(before.registry_hash.as_deref(), Some(new.as_str()));
+        assert_eq!(
+            before.image_pushed_at, None,
+            "the registry no longer holds it"
+        );
+
+        let restarted = hub.restart("alice", &["web".to_owned()]).unwrap();
+        assert_eq!(restarted[0].generation, 2);
+        assert_eq!(desired(&mut rx), Some((2, vec!["web".to_owned()])));
+        let after = hub.status("web").unwrap();
+        assert_eq!(
+            (after.image_hash.as_str(), after.registry_hash),
+            (new.as_str(), None)
+        );
+        let log = hub.store().read().unwrap().audit_log(1).unwrap();
+        assert_eq!(
+            (log[0].action.as_str(), log[0].actor.as_str()),
+            ("restart", "alice")
+        );
+        assert_eq!(log[0].new.as_ref().unwrap()["image_hash"], new.as_str());
+
+        let e = hub
+            .restart("alice", &["web".to_owned(), "ghost".to_owned()])
+            .unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::NotFound);
+        assert_eq!(hub.status("web").unwrap().generation, 2, "all or nothing");
+    }
+
+    fn running(name: &str, generation: u64) -> phoenix_model::status::ServiceStatus {
+        phoenix_model::status::ServiceStatus {
+            name: name.into(),
+            generation,
+            state: phoenix_model::status::ServiceState::Running,
+            pid: Some(42),
+            restarts: 0,
+            last_exit: None,
+            limits: None,
+            health: phoenix_model::status::Health::None,
+            since: 1,
+            message: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_deleted_service_is_gone_once_its_minion_says_so() {
+        let dir = tempfile::tempdir().unwrap();
+        let hub = hub(dir.path());
+        let (tx, _rx) = mpsc::unbounded_channel();
+        let conn = hub.connect("m1", "0", tx);
+        let all = format!(
+            "[{}, {}]",
+            spec_on_port("web", 9000, "daemon"),
+            spec_on_port("new", 9001, "daemon")
+        );
+        hub.apply("root", Apply::Deploy, "all.json", &all).unwrap();
+        hub.report_status("m1", vec![running("web", 1)], false);
+        let short = std::time::Duration::from_millis(100);
+        let names = |n: &str| vec![n.to_owned()];
+
+        // Never reported by its minion: nothing to wait for.
+        hub.delete("root", "new").unwrap();
+        assert_eq!(hub.wait_gone(&names("new"), short).await.unwrap(), ["new"]);
+
+        hub.delete("root", "web").unwrap();
+        let e = hub.wait_gone(&names("web"), short).await.unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Unavailable);
+        assert!(e.to_string().contains("timed out"), "{e}");
+        let web = names("web");
+        let waiting = hub.wait_gone(&web, std::time::Duration::from_secs(5));
+        let (gone, ()) = tokio::join!(waiting, async {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            hub.report_gone("m1", names("web"));
+        });
+        assert_eq!(gone.unwrap(), ["web"]);
+
+        // A machine that is down is said to be down, at once.
+        hub.apply(
+            "root",
+            Apply::Deploy,
+            "web.json",
+            &spec_on_port("web", 9000, "daemon"),
+        )
+        .unwrap();
+        hub.report_status("m1", vec![running("web", 1)], false);
+        hub.delete("root", "web").unwrap();
+        hub.disconnect("m1", conn);
+        let e = hub
+            .wait_gone(&names("web"), std::time::Duration::from_secs(5))
+            .await
+            .unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Unavailable);
+        assert!(
+            e.to_string().contains(r#"machine "m1" is unreachable"#),
+            "{e}"
+        );
     }
 
     #[test]

@@ -34,6 +34,9 @@ struct Observed {
     statuses: HashMap<String, ServiceStatus>,
     /// node name → what it said about itself.
     seen: HashMap<String, NodeSeen>,
+    /// Deleted services their minion has not reported stopped yet:
+    /// service name → its node.
+    stopping: HashMap<String, String>,
 }
 
 impl Observed {
@@ -80,6 +83,13 @@ impl Hub {
             for name in mine {
                 o.statuses.remove(&name);
             }
+            if full {
+                // A full report that leaves out a service being stopped
+                // says it is gone (its `Gone` may have been lost with a link).
+                let reported: Vec<&str> = services.iter().map(|s| s.name.as_str()).collect();
+                o.stopping
+                    .retain(|name, n| n != node || reported.contains(&name.as_str()));
+            }
             for s in services {
                 o.statuses.insert(s.name.clone(), s);
             }
@@ -89,11 +99,17 @@ impl Hub {
     }
 
     pub fn report_gone(&self, node: &str, names: Vec<String>) {
-        let mut o = lock(&self.observed.state);
-        for n in names {
-            o.statuses.remove(&n);
+        {
+            let mut o = lock(&self.observed.state);
+            for n in names {
+                o.statuses.remove(&n);
+                if o.stopping.get(&n).is_some_and(|on| on == node) {
+                    o.stopping.remove(&n);
+                }
+            }
+            o.seen_mut(node);
         }
-        o.seen_mut(node);
+        self.status_changed();
     }
 
     pub fn report_images(&self, node: &str, images: ImageSync) {
@@ -117,11 +133,21 @@ impl Hub {
     }
 
     pub(super) fn forget_seen(&self, node: &str) {
-        lock(&self.observed.state).seen.remove(node);
+        let mut o = lock(&self.observed.state);
+        o.seen.remove(node);
+        o.stopping.retain(|_, n| n != node);
     }
 
-    pub(super) fn forget_status(&self, service: &str) {
-        lock(&self.observed.state).statuses.remove(service);
+    /// Forgets a deleted service's status; if its minion had reported it,
+    /// [`Hub::wait_gone`] waits for the minion to say it stopped.
+    pub(super) fn forget_status(&self, service: &str, node: &str) {
+        let mut o = lock(&self.observed.state);
+        if o.statuses.remove(service).is_some() {
+            o.stopping.insert(service.to_owned(), node.to_owned());
+        } else {
+            // Never reported: the minion never started it, or has not said.
+            o.stopping.remove(service);
+        }
     }
 
     /// What a node last said about itself (empty if nothing yet).
@@ -162,6 +188,19 @@ impl Hub {
             .get(&svc.spec.name)
             .cloned();
         let reachable = self.is_connected(&svc.spec.machine);
+        // The version the registry holds now, against the one this runs.
+        let registry = self.registry.entry(&svc.spec.registry_file().0);
+        let current = registry
+            .as_ref()
+            .filter(|e| e.index.file_hash == svc.image_hash);
+        let image_pushed_at = current.map(|e| {
+            e.mtime
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64)
+        });
+        let registry_hash = registry
+            .filter(|e| e.index.file_hash != svc.image_hash)
+            .map(|e| e.index.file_hash.clone());
         ServiceView {
             name: svc.spec.name.clone(),
             machine: svc.spec.machine.clone(),
@@ -169,6 +208,9 @@ impl Hub {
             duration: svc.spec.duration.as_str().into(),
             ip: svc.ip,
             image: svc.spec.image.clone(),
+            image_hash: svc.image_hash.clone(),
+            image_pushed_at,
+            registry_hash,
             generation: svc.generation,
             state: st.as_ref().map_or("pending", |s| s.state.as_str()).into(),
             pid: st.as_ref().and_then(|s| s.pid),
@@ -248,6 +290,53 @@ impl Hub {
                         detail.join(", ")
                     )));
                 }
+            }
+        }
+    }
+
+    /// Waits until the minions report the named deleted services stopped.
+    /// A service on a machine that is not connected cannot be waited for:
+    /// that is an error that says so (the deletion itself is stored).
+    pub async fn wait_gone(
+        &self,
+        names: &[String],
+        timeout: std::time::Duration,
+    ) -> Result<Vec<String>, ApiError> {
+        let mut changes = self.observed.changes.subscribe();
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let left: Vec<(String, String)> = {
+                let o = lock(&self.observed.state);
+                names
+                    .iter()
+                    .filter_map(|n| o.stopping.get(n).map(|m| (n.clone(), m.clone())))
+                    .collect()
+            };
+            if left.is_empty() {
+                return Ok(names.to_vec());
+            }
+            if let Some((name, machine)) = left.iter().find(|(_, m)| !self.is_connected(m)) {
+                return Err(ApiError::Unavailable(format!(
+                    "service {name:?} is deleted, but machine {machine:?} is unreachable; \
+                     it stops there when the machine reconnects"
+                )));
+            }
+            // A link that drops while we wait is noticed within a second.
+            let tick = tokio::time::Instant::now() + std::time::Duration::from_secs(1);
+            match tokio::time::timeout_at(deadline.min(tick), changes.changed()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => return Err(ApiError::Internal("the master is stopping".into())),
+                Err(_) if tokio::time::Instant::now() >= deadline => {
+                    let detail: Vec<String> =
+                        left.iter().map(|(n, m)| format!("{n} on {m}")).collect();
+                    return Err(ApiError::Unavailable(format!(
+                        "timed out after {} ms waiting for the minion to stop: {}; \
+                         the deletion is stored",
+                        timeout.as_millis(),
+                        detail.join(", ")
+                    )));
+                }
+                Err(_) => {}
             }
         }
     }
