@@ -68,19 +68,22 @@ async fn connection(hub: Arc<Hub>, mut stream: UnixStream) -> Result<(), BoxErro
             return logs(&hub, stream, &name, tail, follow).await;
         }
         Request::Push { name, size } => reply(push(&hub, &mut stream, &who, name, size).await),
-        Request::Accept { name } => {
+        Request::Accept { name, fingerprint } => {
             let h = hub.clone();
             let w = who.clone();
             let n = name.clone();
-            let accepted = match tokio::task::spawn_blocking(move || h.accept(&w, &n)).await {
-                Ok(Ok(node)) => hub.admit(&node).await.inspect_err(|e| {
-                    // The store says accepted, but the node cannot get in:
-                    // the log must not read as a plain `accept`.
-                    audit_failed_accept(&hub, &who, &name, e);
-                }),
-                Ok(Err(e)) => Err(e),
-                Err(e) => Err(ApiError::Internal(format!("accept: {e}"))),
-            };
+            let accepted =
+                match tokio::task::spawn_blocking(move || h.accept(&w, &n, fingerprint.as_deref()))
+                    .await
+                {
+                    Ok(Ok(node)) => hub.admit(&node).await.inspect_err(|e| {
+                        // The store says accepted, but the node cannot get in:
+                        // the log must not read as a plain `accept`.
+                        audit_failed_accept(&hub, &who, &name, e);
+                    }),
+                    Ok(Err(e)) => Err(e),
+                    Err(e) => Err(ApiError::Internal(format!("accept: {e}"))),
+                };
             if let Err(e) = &accepted {
                 tracing::warn!(node = %name, "accept failed: {e}");
             }
@@ -115,7 +118,9 @@ fn handle(hub: &Hub, who: &str, req: Request) -> Reply {
     match req {
         Request::MasterInfo => reply(hub.master_info()),
         Request::Waiting => reply(hub.waiting()),
-        Request::Reject { name } => reply(hub.reject(who, &name)),
+        Request::Reject { name, fingerprint } => {
+            reply(hub.reject(who, &name, fingerprint.as_deref()))
+        }
         Request::Deploy { source, text } => reply(hub.apply(who, Apply::Deploy, &source, &text)),
         Request::Update { source, text } => reply(hub.apply(who, Apply::Update, &source, &text)),
         Request::Del { name } => reply(hub.delete(who, &name)),

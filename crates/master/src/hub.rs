@@ -67,6 +67,8 @@ pub struct Hub {
     image_formats: apply::ImageFormats,
     /// Bumped whenever a node is accepted or rejected (for waiting links).
     membership: watch::Sender<u64>,
+    /// Join requests waiting for an admin (in memory: see `join::waiting`).
+    pub(crate) joins: Mutex<crate::join::waiting::WaitingRequests>,
     next_id: AtomicU64,
     /// Asks the registry watcher to collect garbage (after services change).
     collect: tokio::sync::Notify,
@@ -91,6 +93,9 @@ impl Hub {
             logs: logs::LogStreams::default(),
             image_formats: apply::ImageFormats::default(),
             membership: watch::channel(0).0,
+            joins: Mutex::new(crate::join::waiting::WaitingRequests::new(
+                crate::join::waiting::Limits::default(),
+            )),
             next_id: AtomicU64::new(1),
             collect: tokio::sync::Notify::new(),
         }

@@ -1,15 +1,37 @@
 //! The public join endpoint: the only clear-text port of the cluster.
 //!
 //! A connection carries one bounded [`JoinRequest`] (4 KiB, 5 s to arrive).
-//! Requests are rate-limited per source address and overall. The master
-//! answers `Waiting` and keeps the connection open (up to ten minutes, and at
-//! most [`MAX_HELD`] at once) so it can send `Accepted` with the minion's
-//! overlay address the moment an admin accepts, or `Refused` when the request
-//! is rejected. Nothing secret is ever sent: the overlay address and the
-//! master's public key are not secrets.
+//! At most [`MAX_READING`] connections are read at once (32 per source
+//! network); past that the oldest is dropped, so connections that send
+//! nothing cannot crowd out a minion, which sends its request at once.
+//!
+//! Then, in this order, each step cheap enough to run for a flood:
+//! 1. the name and key are checked, and the token proof if there is one (a
+//!    keyed BLAKE3): a wrong one is refused for good;
+//! 2. the request is charged to its budget ([`budget`]): requests with the
+//!    token have their own, anonymous ones are charged per source network
+//!    and together. The same minion asking again from the same address
+//!    (its request is waiting) is not charged;
+//! 3. a name accepted with this key is answered `Accepted`; with another key,
+//!    refused for good;
+//! 4. with `--auto-accept`, a request with the token is accepted now;
+//! 5. otherwise it joins the waiting list ([`waiting`]), in memory and capped,
+//!    and the master answers `Waiting` and holds the connection (TCP
+//!    keepalive finds a vanished minion; a `Waiting` every
+//!    [`WAITING_EVERY`] tells the minion the master is still there) until an
+//!    admin decides: `Accepted` with the overlay address, or `Refused`.
+//!
+//! Refusals say whether they are final ([`JoinReply::Refused`]'s
+//! `permanent`): only those that asking again cannot change are. Nothing
+//! secret is ever sent: the overlay address and the master's public key are
+//! not secrets.
 
-use std::collections::HashMap;
-use std::net::IpAddr;
+pub mod budget;
+pub mod waiting;
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -18,263 +40,406 @@ use phoenix_model::proto::{JoinReply, JoinRequest, MAX_JOIN_FRAME, read_frame, w
 use phoenix_model::spec::check_hostname_label;
 use phoenix_model::status::now_ms;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
+use tokio::sync::oneshot;
 
 use crate::hub::Hub;
-use crate::store::Node;
+use budget::{Budgets, Rates, SourceNet};
+use waiting::{Decision, taken};
 
-/// Join connections held open waiting for a decision.
-pub const MAX_HELD: usize = 256;
-/// How long a held connection waits before the minion must ask again.
-const HOLD: Duration = Duration::from_secs(600);
+/// Join connections being read at once.
+pub const MAX_READING: usize = 512;
+/// Of those, from one source network.
+const READING_PER_NET: usize = 32;
+/// How long a request may take to arrive.
+const READ_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often a held connection hears `Waiting` again.
+pub const WAITING_EVERY: Duration = Duration::from_secs(20);
 
-/// A token bucket: `burst` requests at once, then one per `every`.
-#[derive(Clone, Copy, Debug)]
-struct Bucket {
-    tokens: f64,
-    at: Instant,
+/// Connections being read, oldest first; a new one past the limit ends the
+/// oldest (of its own network first).
+#[derive(Default)]
+struct ReadingSlots {
+    inner: Mutex<ReadingInner>,
 }
 
-/// Rate limits: per source address, and for the endpoint as a whole.
-pub struct RateLimit {
-    per_ip: Mutex<HashMap<IpAddr, Bucket>>,
-    global: Mutex<Bucket>,
-    burst: f64,
-    every: Duration,
-    global_burst: f64,
-    global_every: Duration,
+#[derive(Default)]
+struct ReadingInner {
+    next: u64,
+    open: BTreeMap<u64, (SourceNet, oneshot::Sender<()>)>,
+    per_net: HashMap<SourceNet, usize>,
 }
 
-impl RateLimit {
-    pub fn new(burst: u32, every: Duration, global_burst: u32, global_every: Duration) -> Self {
-        RateLimit {
-            per_ip: Mutex::default(),
-            global: Mutex::new(Bucket {
-                tokens: f64::from(global_burst),
-                at: Instant::now(),
-            }),
-            burst: f64::from(burst),
-            every,
-            global_burst: f64::from(global_burst),
-            global_every,
+impl ReadingInner {
+    fn remove(&mut self, id: u64) {
+        if let Some((net, _ends_it)) = self.open.remove(&id)
+            && let Some(n) = self.per_net.get_mut(&net)
+        {
+            *n -= 1;
+            if *n == 0 {
+                self.per_net.remove(&net);
+            }
         }
     }
+}
 
-    fn take(b: &mut Bucket, burst: f64, every: Duration, now: Instant) -> bool {
-        let refill = now.duration_since(b.at).as_secs_f64() / every.as_secs_f64();
-        b.tokens = (b.tokens + refill).min(burst);
-        b.at = now;
-        if b.tokens >= 1.0 {
-            b.tokens -= 1.0;
-            true
-        } else {
-            false
-        }
-    }
+/// A connection being read; `dropped` fires if a newer one took its slot.
+struct Reading<'a> {
+    slots: &'a ReadingSlots,
+    id: u64,
+    dropped: oneshot::Receiver<()>,
+}
 
-    /// Whether a request from `ip` may go ahead now.
-    pub fn allow(&self, ip: IpAddr, now: Instant) -> bool {
-        let mut per_ip = crate::lock(&self.per_ip);
-        if per_ip.len() > 10_000 {
-            // Forget sources that have refilled completely.
-            let full = self.every.mul_f64(self.burst);
-            per_ip.retain(|_, b| now.duration_since(b.at) < full);
+impl ReadingSlots {
+    fn enter(&self, ip: IpAddr) -> Reading<'_> {
+        let net = SourceNet::of(ip);
+        let mut s = crate::lock(&self.inner);
+        if s.per_net.get(&net).copied().unwrap_or(0) >= READING_PER_NET {
+            let oldest = s
+                .open
+                .iter()
+                .find(|(_, (n, _))| *n == net)
+                .map(|(id, _)| *id);
+            if let Some(id) = oldest {
+                s.remove(id);
+            }
+        } else if s.open.len() >= MAX_READING
+            && let Some(id) = s.open.keys().next().copied()
+        {
+            s.remove(id);
         }
-        let b = per_ip.entry(ip).or_insert(Bucket {
-            tokens: self.burst,
-            at: now,
-        });
-        if !Self::take(b, self.burst, self.every, now) {
-            return false;
+        let id = s.next;
+        s.next += 1;
+        let (tx, dropped) = oneshot::channel();
+        s.open.insert(id, (net, tx));
+        *s.per_net.entry(net).or_default() += 1;
+        Reading {
+            slots: self,
+            id,
+            dropped,
         }
-        let mut g = crate::lock(&self.global);
-        Self::take(&mut g, self.global_burst, self.global_every, now)
     }
+}
+
+impl Drop for Reading<'_> {
+    fn drop(&mut self) {
+        crate::lock(&self.slots.inner).remove(self.id);
+    }
+}
+
+/// Refusals not logged one by one (a flood would fill the log), counted and
+/// summed up at most every 10 s.
+#[derive(Default)]
+struct QuietRefusals {
+    count: AtomicU64,
+    last_report: Mutex<Option<Instant>>,
+}
+
+impl QuietRefusals {
+    fn add(&self, now: Instant) {
+        self.count.fetch_add(1, Ordering::Relaxed);
+        let mut last = crate::lock(&self.last_report);
+        if last.is_none_or(|at| now.duration_since(at) >= Duration::from_secs(10)) {
+            *last = Some(now);
+            let n = self.count.swap(0, Ordering::Relaxed);
+            tracing::warn!(
+                "{n} join requests refused since the last report (over budget, waiting list full or malformed; see debug logs)"
+            );
+        }
+    }
+}
+
+/// The endpoint's shared state.
+struct Endpoint {
+    hub: Arc<Hub>,
+    budgets: Mutex<Budgets>,
+    reading: ReadingSlots,
+    quiet: QuietRefusals,
 }
 
 pub async fn serve(hub: Arc<Hub>, listener: TcpListener) {
-    // 10 requests at once per address, then one every 6 s; 100 at once
-    // overall, then 2 a second.
-    let limit = Arc::new(RateLimit::new(
-        10,
-        Duration::from_secs(6),
-        100,
-        Duration::from_millis(500),
-    ));
-    let held = Arc::new(Semaphore::new(MAX_HELD));
+    let endpoint = Arc::new(Endpoint {
+        hub,
+        budgets: Mutex::new(Budgets::new(Rates::default(), Instant::now())),
+        reading: ReadingSlots::default(),
+        quiet: QuietRefusals::default(),
+    });
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(c) => c,
             Err(e) => {
+                // Out of file descriptors, most likely: let some close.
                 tracing::warn!("join accept: {e}");
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 continue;
             }
         };
-        let hub = hub.clone();
-        let limit = limit.clone();
-        let held = held.clone();
-        tokio::spawn(async move {
-            let mut stream = stream;
-            if !limit.allow(peer.ip(), Instant::now()) {
-                tracing::warn!(%peer, "join request refused: rate limited");
-                let reply = JoinReply::Refused {
-                    reason: "too many join requests; try again in a minute".into(),
-                };
-                let _ = write_frame(&mut stream, &reply).await;
-                return;
-            }
-            if let Err(e) = handle(&hub, stream, &held).await {
-                tracing::warn!(%peer, "join request refused: {e}");
-            }
-        });
+        let endpoint = endpoint.clone();
+        tokio::spawn(async move { endpoint.connection(stream, peer).await });
     }
 }
 
-async fn handle(hub: &Hub, mut stream: TcpStream, held: &Semaphore) -> Result<(), String> {
-    let req: JoinRequest = tokio::time::timeout(
-        Duration::from_secs(5),
-        read_frame(&mut stream, MAX_JOIN_FRAME),
-    )
-    .await
-    .map_err(|_| "no request within 5 s".to_owned())?
-    .map_err(|e| e.to_string())?
-    .ok_or("connection closed before a request")?;
-    let mut reply = decide(hub, &req);
-    if let JoinReply::Waiting = reply
-        && hub.settings.auto_accept
-        && req.proof.is_some()
-    {
-        // decide() refused a wrong proof already: this one is right.
-        reply = match hub.accept("auto-accept (join token)", &req.name) {
-            Ok(node) => match hub.admit(&node).await {
-                Ok(_) => accepted(&node),
-                Err(e) => JoinReply::Refused {
-                    reason: e.to_string(),
+/// What the endpoint does with a request.
+enum Answer {
+    /// Reply and close. `loud`: worth a log line of its own.
+    Reply { reply: JoinReply, loud: bool },
+    /// Listed as waiting: reply `Waiting` and hold the connection.
+    Hold {
+        id: u64,
+        decision: oneshot::Receiver<Decision>,
+    },
+}
+
+fn refuse(reason: impl Into<String>, permanent: bool, loud: bool) -> Answer {
+    Answer::Reply {
+        reply: JoinReply::Refused {
+            reason: reason.into(),
+            permanent,
+        },
+        loud,
+    }
+}
+
+impl Endpoint {
+    async fn connection(&self, mut stream: TcpStream, peer: SocketAddr) {
+        let req = {
+            let mut reading = self.reading.enter(peer.ip());
+            tokio::select! {
+                r = tokio::time::timeout(READ_TIMEOUT, read_frame::<_, JoinRequest>(&mut stream, MAX_JOIN_FRAME)) => match r {
+                    Ok(Ok(Some(req))) => req,
+                    Ok(Ok(None)) => return,
+                    Ok(Err(e)) => {
+                        tracing::debug!(%peer, "join request unreadable: {e}");
+                        return self.quiet.add(Instant::now());
+                    }
+                    Err(_) => {
+                        tracing::debug!(%peer, "no join request within {READ_TIMEOUT:?}");
+                        return self.quiet.add(Instant::now());
+                    }
                 },
-            },
-            Err(e) => JoinReply::Refused {
-                reason: e.to_string(),
-            },
+                _ = &mut reading.dropped => {
+                    tracing::debug!(%peer, "join connection dropped unread: too many being read");
+                    return self.quiet.add(Instant::now());
+                }
+            }
         };
-    }
-    write_frame(&mut stream, &reply)
-        .await
-        .map_err(|e| e.to_string())?;
-    match reply {
-        JoinReply::Refused { reason } => return Err(format!("{:?}: {reason}", req.name)),
-        JoinReply::Accepted { .. } => return Ok(()),
-        JoinReply::Waiting => {}
-    }
-    // Hold the connection until an admin decides.
-    let Ok(_permit) = held.try_acquire() else {
-        return Ok(());
-    };
-    let mut membership = hub.membership();
-    let deadline = tokio::time::Instant::now() + HOLD;
-    loop {
-        let outcome = match hub.node(&req.name) {
-            Ok(Some(n)) if n.accepted && n.key == req.key => Some(accepted(&n)),
-            Ok(Some(n)) if n.key == req.key => None,
-            Ok(_) => Some(JoinReply::Refused {
-                reason: "the join request was rejected".into(),
-            }),
-            Err(e) => return Err(e.to_string()),
-        };
-        if let Some(reply) = outcome {
-            let _ = write_frame(&mut stream, &reply).await;
-            return Ok(());
+        match self.answer(&req, peer.ip()).await {
+            Answer::Reply { reply, loud } => {
+                if let JoinReply::Refused { reason, permanent } = &reply {
+                    if loud {
+                        tracing::warn!(%peer, node = %req.name, permanent, "join request refused: {reason}");
+                    } else {
+                        tracing::debug!(%peer, node = %req.name, "join request refused: {reason}");
+                        self.quiet.add(Instant::now());
+                    }
+                }
+                let _ = write_frame(&mut stream, &reply).await;
+            }
+            Answer::Hold { id, decision } => {
+                self.hold(&mut stream, peer, &req, decision).await;
+                crate::lock(&self.hub.joins).closed(id, Instant::now());
+            }
         }
-        tokio::select! {
-            changed = membership.changed() => if changed.is_err() { return Ok(()) },
-            _ = tokio::time::sleep_until(deadline) => return Ok(()),
-            // The minion hung up.
-            _ = stream.readable() => {
-                let mut probe = [0u8; 1];
-                match stream.try_read(&mut probe) {
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                    _ => return Ok(()),
+    }
+
+    /// Decides what to do with a request (steps 1 to 5 of the module doc).
+    async fn answer(&self, req: &JoinRequest, source: IpAddr) -> Answer {
+        let hub = &self.hub;
+        if let Err(r) = check_hostname_label(&req.name) {
+            return refuse(format!("name: {r}"), true, false);
+        }
+        if !is_valid_public_key(&req.key) {
+            return refuse("key is not a base64 WireGuard public key", true, false);
+        }
+        let proven = match &req.proof {
+            Some(p) if check_token_proof(&hub.info.token, &req.key, p) => true,
+            Some(_) => {
+                return refuse(
+                    "wrong join token proof; check the token from `phoenix master-info` and start the minion again",
+                    true,
+                    false,
+                );
+            }
+            None => false,
+        };
+        let now = Instant::now();
+        let repeat = crate::lock(&hub.joins).is_repeat(&req.name, &req.key, source);
+        if !repeat {
+            let mut budgets = crate::lock(&self.budgets);
+            let charged = if proven {
+                budgets.take_proven(now)
+            } else {
+                budgets.take_anonymous(source, now)
+            };
+            if let Err(e) = charged {
+                return refuse(format!("{e}; try again later"), false, false);
+            }
+        }
+        match hub.node(&req.name) {
+            Ok(Some(n)) if n.accepted && n.key == req.key => {
+                return match n.overlay_ip {
+                    Some(overlay_ip) => Answer::Reply {
+                        reply: JoinReply::Accepted { overlay_ip },
+                        loud: false,
+                    },
+                    None => refuse(
+                        "accepted without an overlay address (store damaged?)",
+                        false,
+                        true,
+                    ),
+                };
+            }
+            Ok(Some(n)) if n.accepted => return refuse(taken(&req.name, &n.key), true, true),
+            // A waiting row written by an older master: the list replaces it.
+            Ok(_) => {}
+            Err(e) => return refuse(format!("master error: {e}"), false, true),
+        }
+        if proven && hub.settings.auto_accept {
+            return match hub.accept_request(req, true).await {
+                Ok(overlay_ip) => Answer::Reply {
+                    reply: JoinReply::Accepted { overlay_ip },
+                    loud: false,
+                },
+                Err(e) => refuse(e.to_string(), false, true),
+            };
+        }
+        let listed = crate::lock(&hub.joins).insert(req.clone(), source, proven, now_ms(), now);
+        match listed {
+            Ok((candidate, decision)) => {
+                if !repeat {
+                    tracing::info!(
+                        node = %req.name, fingerprint = %fingerprint(&req.key), %source, token = proven,
+                        "join request waiting"
+                    );
+                }
+                Answer::Hold {
+                    id: candidate.id,
+                    decision,
+                }
+            }
+            Err(full) => refuse(format!("{full}; try again later"), false, false),
+        }
+    }
+
+    /// Holds a waiting request's connection until the decision, or until
+    /// either side goes away.
+    async fn hold(
+        &self,
+        stream: &mut TcpStream,
+        peer: SocketAddr,
+        req: &JoinRequest,
+        mut decision: oneshot::Receiver<Decision>,
+    ) {
+        keep_alive(stream);
+        let mut tick = tokio::time::interval(WAITING_EVERY);
+        loop {
+            tokio::select! {
+                d = &mut decision => {
+                    let reply = match d {
+                        Ok(Decision::Accepted(overlay_ip)) => JoinReply::Accepted { overlay_ip },
+                        Ok(Decision::Refused { reason, permanent }) => {
+                            tracing::info!(%peer, node = %req.name, permanent, "join request refused: {reason}");
+                            JoinReply::Refused { reason, permanent }
+                        }
+                        // Replaced by a newer connection of the same minion.
+                        Ok(Decision::Replaced) | Err(_) => return,
+                    };
+                    let _ = write_frame(stream, &reply).await;
+                    return;
+                }
+                // The first tick is at once: the first `Waiting`.
+                _ = tick.tick() => {
+                    if write_frame(stream, &JoinReply::Waiting).await.is_err() {
+                        return;
+                    }
+                }
+                // The minion hung up.
+                _ = stream.readable() => {
+                    let mut probe = [0u8; 1];
+                    match stream.try_read(&mut probe) {
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                        _ => return,
+                    }
                 }
             }
         }
     }
 }
 
-fn accepted(n: &Node) -> JoinReply {
-    match n.overlay_ip {
-        Some(overlay_ip) => JoinReply::Accepted { overlay_ip },
-        None => JoinReply::Refused {
-            reason: "accepted without an overlay address (store damaged?)".into(),
-        },
-    }
-}
-
-fn decide(hub: &Hub, req: &JoinRequest) -> JoinReply {
-    let refuse = |reason: String| JoinReply::Refused { reason };
-    if let Err(r) = check_hostname_label(&req.name) {
-        return refuse(format!("name: {r}"));
-    }
-    if !is_valid_public_key(&req.key) {
-        return refuse("key is not a base64 WireGuard public key".into());
-    }
-    let proved = match &req.proof {
-        Some(p) if check_token_proof(&hub.info.token, &req.key, p) => true,
-        Some(_) => {
-            return refuse(
-                "wrong join token proof; check the token from `phoenix master-info`".into(),
-            );
+/// TCP keepalive on a held connection: a minion that vanished without
+/// closing is found within about a minute, and its request then expires.
+fn keep_alive(stream: &TcpStream) {
+    use std::os::fd::AsRawFd;
+    let fd = stream.as_raw_fd();
+    let set = |level: libc::c_int, name: libc::c_int, value: libc::c_int| {
+        // SAFETY: setsockopt on a socket we own, with a pointer to an int
+        // that lives for the call and its exact size.
+        unsafe {
+            libc::setsockopt(
+                fd,
+                level,
+                name,
+                std::ptr::from_ref(&value).cast(),
+                size_of::<libc::c_int>() as libc::socklen_t,
+            )
         }
-        None => false,
     };
-    let result = hub.store().write(|tx| -> Result<JoinReply, crate::store::StoreError> {
-        Ok(match tx.node(&req.name)? {
-            Some(n) if n.key != req.key => refuse(format!(
-                "name {:?} is taken by a node with another key ({})",
-                req.name,
-                fingerprint(&n.key)
-            )),
-            Some(n) if n.accepted => accepted(&n),
-            Some(_) => JoinReply::Waiting,
-            None => {
-                tx.insert_waiting(&Node {
-                    name: req.name.clone(),
-                    key: req.key.clone(),
-                    accepted: false,
-                    public_ip: req.public_ip,
-                    private_ip: req.private_ip,
-                    overlay_ip: None,
-                    wg_port: req.wg_port,
-                    token_proof: proved,
-                    version: req.version.clone(),
-                    requested_at: now_ms(),
-                    accepted_at: None,
-                    revision: 0,
-                })?;
-                tracing::info!(node = %req.name, fingerprint = %fingerprint(&req.key), token = proved, "join request waiting");
-                JoinReply::Waiting
-            }
-        })
-    });
-    result.unwrap_or_else(|e| refuse(format!("master error: {e}")))
+    let ok = set(libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1) == 0
+        && set(libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, 30) == 0
+        && set(libc::IPPROTO_TCP, libc::TCP_KEEPINTVL, 10) == 0
+        && set(libc::IPPROTO_TCP, libc::TCP_KEEPCNT, 3) == 0;
+    if !ok {
+        tracing::debug!(
+            "join connection keepalive: {}",
+            std::io::Error::last_os_error()
+        );
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::sync::oneshot::error::TryRecvError;
+
+    /// Whether a newer connection took this one's slot.
+    fn dropped(r: &mut Reading<'_>) -> bool {
+        match r.dropped.try_recv() {
+            Err(TryRecvError::Closed) => true,
+            Err(TryRecvError::Empty) => false,
+            Ok(()) => unreachable!("nothing is ever sent"),
+        }
+    }
 
     #[test]
-    fn rate_limit_per_address_and_overall() {
-        let l = RateLimit::new(3, Duration::from_secs(6), 5, Duration::from_secs(1));
-        let t = Instant::now();
-        let a: IpAddr = "192.0.2.1".parse().unwrap();
-        let b: IpAddr = "192.0.2.2".parse().unwrap();
-        assert!((0..3).all(|_| l.allow(a, t)));
-        assert!(!l.allow(a, t), "a fourth at once from one address");
-        assert!(l.allow(b, t) && l.allow(b, t));
-        assert!(!l.allow(b, t), "the global bucket of 5 is empty");
-        // 6 s later each address has one more, and the global bucket refilled.
-        let later = t + Duration::from_secs(6);
-        assert!(l.allow(a, later));
-        assert!(!l.allow(a, later));
+    fn reading_slots_drop_the_oldest_of_a_busy_network_first() {
+        let slots = ReadingSlots::default();
+        let busy: IpAddr = "192.0.2.1".parse().unwrap();
+        let mut held: Vec<Reading<'_>> = (0..READING_PER_NET).map(|_| slots.enter(busy)).collect();
+        let other = slots.enter("198.51.100.1".parse().unwrap());
+        let newest = slots.enter(busy);
+        // The busy network's oldest was dropped, nobody else's.
+        assert!(dropped(&mut held[0]));
+        assert!(!dropped(&mut held[1]));
+        let mut other = other;
+        assert!(!dropped(&mut other));
+        drop(newest);
+        drop(held);
+        drop(other);
+        let s = crate::lock(&slots.inner);
+        assert!(s.open.is_empty() && s.per_net.is_empty());
+    }
+
+    #[test]
+    fn reading_slots_past_the_total_drop_the_oldest() {
+        let slots = ReadingSlots::default();
+        let mut all: Vec<Reading<'_>> = (0..MAX_READING)
+            .map(|i| {
+                let ip = IpAddr::V4(std::net::Ipv4Addr::from(0x0a00_0001 + ((i as u32) << 8)));
+                slots.enter(ip)
+            })
+            .collect();
+        let _late = slots.enter("192.0.2.1".parse().unwrap());
+        assert!(dropped(&mut all[0]));
+        assert!(!dropped(&mut all[1]));
+        assert_eq!(crate::lock(&slots.inner).open.len(), MAX_READING);
     }
 }

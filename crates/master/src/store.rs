@@ -147,6 +147,15 @@ impl Store {
         conn.busy_timeout(std::time::Duration::from_secs(5))
             .map_err(open_err)?;
         conn.execute_batch(SCHEMA).map_err(open_err)?;
+        // Join requests wait in memory, for as long as their minion holds its
+        // connection (`join::waiting`); rows an older master stored are junk
+        // after a restart, and the minions behind real ones ask again.
+        let dropped = conn
+            .execute("DELETE FROM nodes WHERE state = 'waiting'", [])
+            .map_err(open_err)?;
+        if dropped > 0 {
+            tracing::info!("dropped {dropped} stored join requests; their minions ask again");
+        }
         Ok(Store { conn })
     }
 
@@ -272,6 +281,8 @@ impl Tx<'_> {
         )
     }
 
+    /// Inserts a node not yet accepted; [`Tx::accept_node`] accepts it in the
+    /// same transaction. (Such a row left alone is dropped at the next open.)
     pub fn insert_waiting(&self, node: &Node) -> Result<()> {
         self.tx.execute(
             "INSERT INTO nodes (name, key, state, public_ip, private_ip, version, requested_at, wg_port, token_proof)
@@ -561,6 +572,26 @@ mod tests {
         let log = tx.audit_log(10).unwrap();
         assert_eq!(log.len(), 1);
         assert_eq!(log[0].new.as_ref().unwrap()["ip"], "fd38:dde8:32dd:1::1");
+    }
+
+    #[test]
+    fn join_requests_stored_by_an_older_master_are_dropped_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.db");
+        let mut store = Store::open(&path).unwrap();
+        store
+            .write(|tx| -> Result<()> {
+                for name in ["m1", "junk1", "junk2"] {
+                    tx.insert_waiting(&node(name))?;
+                }
+                tx.accept_node("m1", net::node_ip(1))
+            })
+            .unwrap();
+        drop(store);
+        let mut store = Store::open(&path).unwrap();
+        let tx = store.read().unwrap();
+        assert!(tx.nodes(false).unwrap().is_empty());
+        assert_eq!(tx.nodes(true).unwrap()[0].name, "m1");
     }
 
     #[test]

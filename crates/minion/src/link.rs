@@ -56,25 +56,67 @@ pub struct Identity {
 
 const VERSION: &str = env!("CARGO_PKG_VERSION");
 
+/// The first wait before asking to join again, and the longest.
+const JOIN_RETRY_FIRST: Duration = Duration::from_millis(500);
+const JOIN_RETRY_MAX: Duration = Duration::from_secs(30);
+/// A held join connection on which the master has said nothing for this
+/// long is given up and asked again (it sends `Waiting` every 20 s).
+const JOIN_SILENCE: Duration = Duration::from_secs(65);
+
 /// Asks to join and waits for the decision on the same connection (the
-/// master holds it open), reconnecting with backoff if it drops. Returns our
-/// overlay address once accepted.
+/// master holds it open). Never gives up on its own: a dropped connection,
+/// an unreachable master or a refusal that may pass (rate limits, a full
+/// waiting list, a master error) is retried with capped, jittered backoff.
+/// Only a refusal the master marks final ends it: a malformed request, a
+/// wrong join token, an admin's rejection, or the name accepted with
+/// another key. Returns our overlay address once accepted.
 pub async fn join(id: &Identity) -> Result<Ipv6Addr, LinkError> {
-    let mut delay = Duration::from_millis(200);
+    let fingerprint = phoenix_model::keys::fingerprint(&id.key);
+    let mut delay = JOIN_RETRY_FIRST;
+    let mut told_waiting = false;
     loop {
-        match join_once(id).await {
-            Ok(Some(ip)) => return Ok(ip),
-            Ok(None) => delay = Duration::from_millis(200),
-            Err(e @ LinkError::JoinRefused { .. }) => return Err(e),
-            Err(e) => tracing::warn!("join: {e}; retrying in {} ms", delay.as_millis()),
+        let mut waited = false;
+        let result = join_once(id, &mut waited, &fingerprint, &mut told_waiting).await;
+        // A connection that got as far as waiting was a good one: the next
+        // try starts over from the shortest wait.
+        if waited {
+            delay = JOIN_RETRY_FIRST;
         }
-        tokio::time::sleep(delay).await;
-        delay = (delay * 2).min(Duration::from_secs(10));
+        let pause = jittered(delay);
+        match result {
+            Ok(Some(ip)) => return Ok(ip),
+            Ok(None) => tracing::info!(
+                "join connection closed before a decision; asking again in {} ms",
+                pause.as_millis()
+            ),
+            Err(e @ LinkError::JoinRefused { .. }) => return Err(e),
+            Err(e) => tracing::warn!("join: {e}; asking again in {} ms", pause.as_millis()),
+        }
+        tokio::time::sleep(pause).await;
+        delay = (delay * 2).min(JOIN_RETRY_MAX);
     }
 }
 
-/// One join connection: `Ok(None)` if it ended before a decision.
-async fn join_once(id: &Identity) -> Result<Option<Ipv6Addr>, LinkError> {
+/// `base` scaled by a random factor in [0.5, 1.5), so minions refused
+/// together do not all ask again at the same moment.
+fn jittered(base: Duration) -> Duration {
+    use std::hash::{BuildHasher, Hasher};
+    // Each RandomState is seeded afresh: a random number without a crate.
+    let r = std::collections::hash_map::RandomState::new()
+        .build_hasher()
+        .finish();
+    base.mul_f64(0.5 + (r % 1024) as f64 / 1024.0)
+}
+
+/// One join connection: `Ok(None)` if it ended before a decision,
+/// `Err(JoinRefused)` only for a final refusal. Sets `waited` once the
+/// master has listed the request.
+async fn join_once(
+    id: &Identity,
+    waited: &mut bool,
+    fingerprint: &str,
+    told_waiting: &mut bool,
+) -> Result<Option<Ipv6Addr>, LinkError> {
     let err = |e: &dyn std::fmt::Display| LinkError::Connection {
         addr: id.join_addr,
         detail: e.to_string(),
@@ -97,23 +139,42 @@ async fn join_once(id: &Identity) -> Result<Option<Ipv6Addr>, LinkError> {
     };
     write_frame(&mut s, &req).await.map_err(|e| err(&e))?;
     loop {
-        match read_frame::<_, JoinReply>(&mut s, MAX_JOIN_FRAME)
-            .await
-            .map_err(|e| err(&e))?
-        {
+        let frame = tokio::time::timeout(
+            JOIN_SILENCE,
+            read_frame::<_, JoinReply>(&mut s, MAX_JOIN_FRAME),
+        )
+        .await
+        .map_err(|_| err(&format!("the master said nothing for {JOIN_SILENCE:?}")))?
+        .map_err(|e| err(&e))?;
+        match frame {
             Some(JoinReply::Waiting) => {
-                tracing::info!(master = %id.join_addr, "join request sent; waiting for `phoenix accept {}` on the master", id.name);
+                *waited = true;
+                if !*told_waiting {
+                    *told_waiting = true;
+                    tracing::info!(
+                        master = %id.join_addr, %fingerprint,
+                        "join request sent; waiting for `phoenix accept {}` on the master (compare this key fingerprint with `phoenix waiting`)",
+                        id.name
+                    );
+                }
             }
             Some(JoinReply::Accepted { overlay_ip }) => {
                 tracing::info!(%overlay_ip, "accepted into the cluster");
                 return Ok(Some(overlay_ip));
             }
-            Some(JoinReply::Refused { reason }) => {
+            Some(JoinReply::Refused {
+                reason,
+                permanent: true,
+            }) => {
                 return Err(LinkError::JoinRefused {
                     addr: id.join_addr,
                     reason,
                 });
             }
+            Some(JoinReply::Refused {
+                reason,
+                permanent: false,
+            }) => return Err(err(&format!("join request refused for now: {reason}"))),
             None => return Ok(None),
         }
     }
@@ -486,4 +547,81 @@ pub fn disk_space(path: &std::path::Path) -> Option<(u64, u64)> {
 /// Free bytes on the filesystem of `path`.
 pub fn disk_free(path: &std::path::Path) -> Option<u64> {
     disk_space(path).map(|(_, free)| free)
+}
+
+#[cfg(test)]
+mod join_tests {
+    use super::*;
+    use tokio::net::TcpListener;
+
+    fn identity(join_addr: SocketAddr) -> Identity {
+        Identity {
+            name: "m1".into(),
+            key: "key".into(),
+            master_key: "master".into(),
+            public_ip: "127.0.0.1".parse().unwrap(),
+            private_ip: "127.0.0.1".parse().unwrap(),
+            wg_port: 51820,
+            token: None,
+            join_addr,
+            link_addr: join_addr,
+        }
+    }
+
+    /// A master that answers each join connection with the next reply.
+    async fn master(replies: Vec<JoinReply>) -> (SocketAddr, tokio::task::JoinHandle<usize>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let served = tokio::spawn(async move {
+            let mut asked = 0;
+            for reply in replies {
+                let (mut s, _) = listener.accept().await.unwrap();
+                let _: Option<JoinRequest> = read_frame(&mut s, MAX_JOIN_FRAME).await.unwrap();
+                asked += 1;
+                write_frame(&mut s, &reply).await.unwrap();
+            }
+            asked
+        });
+        (addr, served)
+    }
+
+    #[tokio::test]
+    async fn a_refusal_that_may_pass_is_asked_again_until_accepted() {
+        let overlay_ip: Ipv6Addr = "fd38:dde8:32dd::2".parse().unwrap();
+        let busy = JoinReply::Refused {
+            reason: "too many join requests without the join token".into(),
+            permanent: false,
+        };
+        let (addr, served) =
+            master(vec![busy.clone(), busy, JoinReply::Accepted { overlay_ip }]).await;
+        let joined = tokio::time::timeout(Duration::from_secs(10), join(&identity(addr)))
+            .await
+            .expect("joined within the backoff");
+        assert_eq!(joined.unwrap(), overlay_ip);
+        assert_eq!(served.await.unwrap(), 3);
+    }
+
+    #[tokio::test]
+    async fn a_final_refusal_ends_joining_with_its_reason() {
+        let (addr, served) = master(vec![JoinReply::Refused {
+            reason: "an admin rejected the join request".into(),
+            permanent: true,
+        }])
+        .await;
+        let err = tokio::time::timeout(Duration::from_secs(5), join(&identity(addr)))
+            .await
+            .expect("ended at once")
+            .unwrap_err();
+        assert!(matches!(err, LinkError::JoinRefused { .. }), "{err}");
+        assert!(err.to_string().contains("an admin rejected"), "{err}");
+        assert_eq!(served.await.unwrap(), 1);
+    }
+
+    #[test]
+    fn jitter_stays_within_half_to_one_and_a_half() {
+        let base = Duration::from_secs(10);
+        let waits: Vec<Duration> = (0..50).map(|_| jittered(base)).collect();
+        assert!(waits.iter().all(|w| *w >= base / 2 && *w < base * 3 / 2));
+        assert!(waits.iter().any(|w| *w != waits[0]), "no jitter: {waits:?}");
+    }
 }

@@ -103,11 +103,17 @@ pub enum JoinReply {
     /// Recorded; an admin must `phoenix accept` it.
     Waiting,
     /// A member: this is its overlay address.
-    Accepted {
-        overlay_ip: Ipv6Addr,
-    },
+    Accepted { overlay_ip: Ipv6Addr },
     Refused {
         reason: String,
+        /// The refusal cannot change by asking again (the request is
+        /// malformed, its token proof is wrong, an admin rejected it, or the
+        /// name belongs to an accepted node with another key): the minion
+        /// stops. Otherwise (rate limits, a full waiting list, a master
+        /// error) it backs off and asks again. Absent from older masters,
+        /// so an older master's refusals are retried.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        permanent: bool,
     },
 }
 
@@ -266,10 +272,19 @@ pub enum Request {
     MasterInfo,
     /// → `Vec<`[`WaitingNode`]`>`
     Waiting,
-    /// → [`Accepted`]
-    Accept { name: String },
-    /// → [`Rejected`]
-    Reject { name: String },
+    /// → [`Accepted`]. `fingerprint` chooses among several waiting
+    /// requests for one name (their keys' fingerprints differ).
+    Accept {
+        name: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        fingerprint: Option<String>,
+    },
+    /// → [`Rejected`]. `fingerprint` as for `Accept`.
+    Reject {
+        name: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        fingerprint: Option<String>,
+    },
     /// Removes an accepted node, its overlay peer and its key. → [`Forgotten`]
     Forget { name: String },
     /// `source` names the file in error messages; `text` is its content.

@@ -181,6 +181,10 @@ pub enum Command {
     Accept {
         /// The machine's name, as `phoenix waiting` lists it.
         name: String,
+        /// The key fingerprint (from `phoenix waiting`) of the request meant,
+        /// when several wait under the name.
+        #[arg(long, value_name = "FP")]
+        fingerprint: Option<String>,
         #[command(flatten)]
         json: Json,
         #[command(flatten)]
@@ -190,6 +194,10 @@ pub enum Command {
     Reject {
         /// The machine's name, as `phoenix waiting` lists it.
         name: String,
+        /// The key fingerprint (from `phoenix waiting`) of the request meant,
+        /// when several wait under the name.
+        #[arg(long, value_name = "FP")]
+        fingerprint: Option<String>,
         #[command(flatten)]
         json: Json,
         #[command(flatten)]

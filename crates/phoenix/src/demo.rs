@@ -287,7 +287,14 @@ async fn demo(
     })
     .await?;
     for m in ["m1", "m2"] {
-        let _: Value = client::call(&master_dir, &Request::Accept { name: m.into() }).await?;
+        let _: Value = client::call(
+            &master_dir,
+            &Request::Accept {
+                name: m.into(),
+                fingerprint: None,
+            },
+        )
+        .await?;
         screen.say(&format!("accepted {m}"))?;
     }
     let pushed = client::push(&master_dir, testy, "testy").await?;

@@ -270,17 +270,39 @@ async fn command(cmd: Command) -> Result<()> {
                 &rows,
             );
         }
-        Command::Accept { name, target, json } => {
-            let node: Accepted =
-                client::call(&target.data_dir, &Request::Accept { name: name.clone() }).await?;
+        Command::Accept {
+            name,
+            fingerprint,
+            target,
+            json,
+        } => {
+            let node: Accepted = client::call(
+                &target.data_dir,
+                &Request::Accept {
+                    name: name.clone(),
+                    fingerprint,
+                },
+            )
+            .await?;
             if json.json {
                 return print_json(&node);
             }
             println!("accepted {} (overlay ip {})", node.name, node.overlay_ip);
         }
-        Command::Reject { name, target, json } => {
-            let r: Rejected =
-                client::call(&target.data_dir, &Request::Reject { name: name.clone() }).await?;
+        Command::Reject {
+            name,
+            fingerprint,
+            target,
+            json,
+        } => {
+            let r: Rejected = client::call(
+                &target.data_dir,
+                &Request::Reject {
+                    name: name.clone(),
+                    fingerprint,
+                },
+            )
+            .await?;
             if json.json {
                 return print_json(&r);
             }

@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
+pub mod joinflood;
 pub mod netns;
 pub mod oci;
 pub use netns::Net;

@@ -231,6 +231,14 @@ impl Hub {
                             spec.machine, spec.machine
                         ),
                     ),
+                    // A join request waits in memory, not in the store.
+                    None if self.is_waiting(&spec.machine) => err(
+                        "machine",
+                        format!(
+                            "machine {:?} has asked to join but is not accepted yet (`phoenix accept {}`)",
+                            spec.machine, spec.machine
+                        ),
+                    ),
                     None => {
                         let known: Vec<String> =
                             tx.nodes(true)?.into_iter().map(|n| n.name).collect();

@@ -49,12 +49,6 @@ impl ApiError {
     pub(crate) fn no_service(name: &str) -> ApiError {
         ApiError::NotFound(format!("no service {name:?} (see `phoenix services`)"))
     }
-
-    pub(crate) fn no_waiting(name: &str) -> ApiError {
-        ApiError::NotFound(format!(
-            "no join request from {name:?} is waiting (see `phoenix waiting`)"
-        ))
-    }
 }
 
 impl From<SpecErrors> for ApiError {

@@ -1,18 +1,24 @@
 //! Membership: join requests waiting for an admin, and the accepted nodes.
 //!
-//! A join request is recorded by [`crate::join`]; `accept` gives the node an
-//! overlay address in the store, then [`Hub::admit`] adds its WireGuard peer
+//! A join request waits in memory ([`crate::join::waiting`]) while its
+//! minion holds its connection; `accept` stores it as a node with an
+//! overlay address, then [`Hub::admit`] adds its WireGuard peer
 //! and wakes whoever waits on the decision (its held join connection, a
 //! waiting link) through the `membership` signal.
 
 use std::net::Ipv6Addr;
+use std::time::Instant;
 
-use phoenix_model::keys::fingerprint;
-use phoenix_model::proto::{Accepted, Forgotten, MasterInfo, NodeView, Rejected, WaitingNode};
+use phoenix_model::proto::{
+    Accepted, Forgotten, JoinRequest, MasterInfo, NodeView, Rejected, WaitingNode,
+};
+use phoenix_model::status::now_ms;
 use phoenix_overlay::PeerConfig;
 use tokio::sync::watch;
 
 use super::{ApiError, Hub, desired_sets};
+use crate::join::waiting::Choice;
+use crate::lock;
 use crate::store::Node;
 
 /// The overlay peer for an accepted node: its overlay address, reachable at
@@ -42,21 +48,27 @@ impl Hub {
         Ok(self.store().read()?.node(name)?)
     }
 
+    /// The waiting join requests, by name (a name may wait with several keys).
     pub fn waiting(&self) -> Result<Vec<WaitingNode>, ApiError> {
-        let nodes = self.store().read()?.nodes(false)?;
-        Ok(nodes
+        let list = lock(&self.joins).list(Instant::now());
+        Ok(list
             .into_iter()
-            .map(|n| WaitingNode {
-                fingerprint: fingerprint(&n.key),
-                token_proof: n.token_proof,
-                name: n.name,
-                key: n.key,
-                public_ip: n.public_ip,
-                private_ip: n.private_ip,
-                requested_at: n.requested_at,
-                version: n.version,
+            .map(|c| WaitingNode {
+                fingerprint: c.fingerprint(),
+                token_proof: c.proven,
+                name: c.request.name,
+                key: c.request.key,
+                public_ip: c.request.public_ip,
+                private_ip: c.request.private_ip,
+                requested_at: c.requested_at,
+                version: c.request.version,
             })
             .collect())
+    }
+
+    /// Whether a join request for `name` is waiting.
+    pub fn is_waiting(&self, name: &str) -> bool {
+        lock(&self.joins).has_name(name)
     }
 
     /// Changes whenever a node is accepted, rejected or forgotten.
@@ -64,28 +76,90 @@ impl Hub {
         self.membership.subscribe()
     }
 
-    /// Records a waiting node as accepted; [`Hub::admit`] then lets it in.
-    pub fn accept(&self, actor: &str, name: &str) -> Result<Node, ApiError> {
+    /// Records a waiting request as an accepted node (the one whose key has
+    /// `fingerprint` when several wait under the name); [`Hub::admit`] then
+    /// lets it in.
+    pub fn accept(
+        &self,
+        actor: &str,
+        name: &str,
+        fingerprint: Option<&str>,
+    ) -> Result<Node, ApiError> {
+        if let Some(n) = self.node(name)?
+            && n.accepted
+        {
+            return Err(ApiError::Conflict(format!(
+                "node {name:?} is already accepted"
+            )));
+        }
+        let chosen = lock(&self.joins).choose(name, fingerprint, Instant::now());
+        let candidate = chosen.map_err(|e| match e {
+            Choice::NoneWaiting { .. } | Choice::NoSuchKey { .. } => {
+                ApiError::NotFound(e.to_string())
+            }
+            Choice::Ambiguous { .. } => ApiError::Conflict(e.to_string()),
+        })?;
+        self.record_accepted(actor, &candidate.request, candidate.proven)
+    }
+
+    /// Accepts a join request at once (`--auto-accept` and the join token):
+    /// records it, lets it in, and returns its overlay address.
+    pub async fn accept_request(
+        &self,
+        request: &JoinRequest,
+        proven: bool,
+    ) -> Result<Ipv6Addr, ApiError> {
+        let node = self.record_accepted("auto-accept (join token)", request, proven)?;
+        Ok(self.admit(&node).await?.overlay_ip)
+    }
+
+    /// Stores a join request as an accepted node with the next overlay
+    /// address, and its audit row, in one transaction.
+    fn record_accepted(
+        &self,
+        actor: &str,
+        request: &JoinRequest,
+        proven: bool,
+    ) -> Result<Node, ApiError> {
+        let name = &request.name;
         self.store().write(|tx| -> Result<Node, ApiError> {
-            let node = match tx.node(name)? {
+            match tx.node(name)? {
                 Some(n) if n.accepted => {
                     return Err(ApiError::Conflict(format!(
                         "node {name:?} is already accepted"
                     )));
                 }
-                Some(n) => n,
-                None => return Err(ApiError::no_waiting(name)),
-            };
+                // A waiting row from an older master: the request replaces it.
+                Some(_) => tx.delete_node(name)?,
+                None => {}
+            }
             let ip = tx.next_node_ip()?;
+            tx.insert_waiting(&Node {
+                name: name.clone(),
+                key: request.key.clone(),
+                accepted: false,
+                public_ip: request.public_ip,
+                private_ip: request.private_ip,
+                overlay_ip: None,
+                wg_port: request.wg_port,
+                token_proof: proven,
+                version: request.version.clone(),
+                requested_at: now_ms(),
+                accepted_at: None,
+                revision: 0,
+            })?;
             tx.accept_node(name, ip)?;
-            let node = tx.node(name)?.unwrap_or(node);
+            let node = tx.node(name)?.ok_or_else(|| {
+                ApiError::Internal(format!("node {name:?} vanished while being accepted"))
+            })?;
             tx.audit(actor, "accept", name, None, Some(&audit_json(&node)))?;
             Ok(node)
         })
     }
 
     /// Adds an accepted node's overlay peer, then wakes whoever waits on its
-    /// admission (its held join connection, a waiting link).
+    /// admission (its held join connection, a waiting link); any other
+    /// request waiting under its name is refused.
     pub async fn admit(&self, node: &Node) -> Result<Accepted, ApiError> {
         if let Some(o) = &self.overlay {
             o.set_peer(&peer_config(node)).await.map_err(|e| {
@@ -95,11 +169,13 @@ impl Hub {
                 ))
             })?;
         }
+        let overlay_ip = node.overlay_ip.unwrap_or(Ipv6Addr::UNSPECIFIED);
+        lock(&self.joins).accepted(&node.name, &node.key, overlay_ip);
         self.membership.send_modify(|n| *n += 1);
         tracing::info!(node = %node.name, ip = ?node.overlay_ip, "node accepted");
         Ok(Accepted {
             name: node.name.clone(),
-            overlay_ip: node.overlay_ip.unwrap_or(Ipv6Addr::UNSPECIFIED),
+            overlay_ip,
         })
     }
 
@@ -154,20 +230,43 @@ impl Hub {
         })
     }
 
-    pub fn reject(&self, actor: &str, name: &str) -> Result<Rejected, ApiError> {
-        self.store().write(|tx| -> Result<(), ApiError> {
-            match tx.node(name)? {
-                Some(n) if !n.accepted => {
-                    tx.delete_node(name)?;
-                    tx.audit(actor, "reject", name, Some(&audit_json(&n)), None)?;
-                    Ok(())
+    /// Refuses a waiting request for good (the one whose key has
+    /// `fingerprint` when several wait under the name).
+    pub fn reject(
+        &self,
+        actor: &str,
+        name: &str,
+        fingerprint: Option<&str>,
+    ) -> Result<Rejected, ApiError> {
+        if let Some(n) = self.node(name)?
+            && n.accepted
+        {
+            return Err(ApiError::Conflict(format!(
+                "node {name:?} is already accepted; rejecting is for waiting requests"
+            )));
+        }
+        let rejected = {
+            let mut joins = lock(&self.joins);
+            let chosen = joins.choose(name, fingerprint, Instant::now());
+            match chosen {
+                Ok(c) => joins.reject(c.id),
+                Err(e @ Choice::Ambiguous { .. }) => {
+                    return Err(ApiError::Conflict(e.to_string()));
                 }
-                Some(_) => Err(ApiError::Conflict(format!(
-                    "node {name:?} is already accepted; rejecting is for waiting requests"
-                ))),
-                None => Err(ApiError::no_waiting(name)),
+                Err(e) => return Err(ApiError::NotFound(e.to_string())),
             }
-        })?;
+        };
+        if let Some(c) = rejected {
+            let record = serde_json::json!({
+                "name": c.request.name,
+                "key": c.request.key,
+                "public_ip": c.request.public_ip,
+                "source": c.source,
+                "token_proof": c.proven,
+            });
+            self.store()
+                .write(|tx| tx.audit(actor, "reject", name, Some(&record), None))?;
+        }
         self.membership.send_modify(|n| *n += 1);
         Ok(Rejected {
             rejected: name.to_owned(),
