@@ -168,6 +168,7 @@ mod tests {
             at: 1,
         };
         deliver(pid, exit);
-        assert_eq!(exit_of(pid).await, exit);
+        let asked_again = tokio::time::timeout(std::time::Duration::from_secs(5), exit_of(pid));
+        assert_eq!(asked_again.await.expect("the exit was lost"), exit);
     }
 }
