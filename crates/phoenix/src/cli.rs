@@ -428,10 +428,13 @@ pub struct MinionArgs {
     /// The cluster's join token (`phoenix master-info`); proves this minion may join.
     #[arg(long, env = "PHOENIX_JOIN_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
-    /// Start-up grace before the first health check, in ms.
+    /// Start-up grace in ms: failed health checks do not count during it.
+    /// Checks begin 10 ms after a (re)start and repeat every 100 ms until
+    /// one passes, so a service that answers at once is healthy at once.
     #[arg(long, default_value_t = 5000)]
     pub health_grace_ms: u64,
-    /// Time between health checks, in ms.
+    /// Time between health checks once a service is healthy (or its grace
+    /// is over), in ms.
     #[arg(long, default_value_t = 2000)]
     pub health_interval_ms: u64,
     /// How long a health check may take, in ms.

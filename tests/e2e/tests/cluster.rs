@@ -190,7 +190,7 @@ fn unaccepted_rejected_and_forgotten_minions_receive_nothing() {
     let mut err = String::new();
     std::io::Read::read_to_string(&mut waiting.stderr.take().unwrap(), &mut err).unwrap();
     assert!(
-        err.contains("refused the join request: the join request was rejected"),
+        err.contains("refused the join request: an admin rejected the join request"),
         "{err}"
     );
     assert!(!c.minion_dir("m1").join("desired.json").exists());
@@ -277,7 +277,7 @@ fn forged_joins_are_refused_and_a_token_auto_accepts() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        err.contains("name \"m1\" is taken by a node with another key"),
+        err.contains("name \"m1\" belongs to an accepted node with another key"),
         "{err}"
     );
     let master_log = c.log("master");
