@@ -14,6 +14,7 @@
 //! allowed IP, so a direct /128 wins over the /48 through the master.
 
 pub mod kernel;
+pub mod preflight;
 pub mod tun;
 
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
@@ -46,6 +47,14 @@ pub enum OverlayError {
     Device { port: u16, detail: String },
     #[error("{key:?} is not a base64 WireGuard public key")]
     BadKey { key: String },
+    #[error(
+        "UDP {port} is in use (is a master or another minion running here?): pick another with --wg-port"
+    )]
+    PortInUse { port: u16 },
+    #[error(
+        "interface {name} exists (is another phoenix daemon running here?): pick another with --tun-name"
+    )]
+    InterfaceExists { name: String },
 }
 
 /// One peer of this node.
@@ -100,6 +109,10 @@ enum Backend {
         /// gotatun binds its socket and starts its tasks only once it has a
         /// peer; a master that starts with none brings them up at the first.
         connected: std::sync::atomic::AtomicBool,
+        /// Until then these sockets hold the WireGuard port, so that a second
+        /// daemon on this machine finds it taken at its start, not the
+        /// master at its first `accept`.
+        reserved: std::sync::Mutex<Vec<std::net::UdpSocket>>,
     },
     Kernel(kernel::KernelWg),
 }
@@ -136,8 +149,27 @@ fn peer(p: &PeerConfig) -> Result<Peer, OverlayError> {
     Ok(peer)
 }
 
+/// A device error, saying plainly when the cause is a taken port.
+fn device_error(port: u16, e: gotatun::device::Error) -> OverlayError {
+    match e {
+        gotatun::device::Error::Bind(source, _)
+            if source.kind() == std::io::ErrorKind::AddrInUse =>
+        {
+            OverlayError::PortInUse { port }
+        }
+        e => OverlayError::Device {
+            port,
+            detail: e.to_string(),
+        },
+    }
+}
+
 impl Overlay {
+    /// Starts the overlay, after checking that its interface name and UDP
+    /// port are free ([`preflight::check_free`], which a daemon also calls
+    /// first thing, before it touches anything else).
     pub async fn start(cfg: OverlayConfig, mode: Mode) -> Result<Overlay, OverlayError> {
+        preflight::check_free(&cfg.tun_name, cfg.listen_port, &cfg.private_key)?;
         let kernel_why = match mode {
             Mode::Userspace => Some("userspace WireGuard was asked for".to_owned()),
             Mode::Auto | Mode::Kernel => kernel::create_link(&cfg.tun_name).err(),
@@ -176,13 +208,26 @@ impl Overlay {
 
     async fn userspace(cfg: &OverlayConfig) -> Result<Backend, OverlayError> {
         let tun = tun::Tun::create(&cfg.tun_name, cfg.address.map(|a| (a, 48)), MTU).map_err(
-            |source| OverlayError::Tun {
-                name: cfg.tun_name.clone(),
-                source,
+            |source| {
+                if source.kind() == std::io::ErrorKind::AddrInUse {
+                    OverlayError::InterfaceExists {
+                        name: cfg.tun_name.clone(),
+                    }
+                } else {
+                    OverlayError::Tun {
+                        name: cfg.tun_name.clone(),
+                        source,
+                    }
+                }
             },
         )?;
         let peers = cfg.peers.iter().map(peer).collect::<Result<Vec<_>, _>>()?;
         let connected = !peers.is_empty();
+        let reserved = if connected {
+            Vec::new()
+        } else {
+            preflight::bind_udp(cfg.listen_port)?
+        };
         let device = DeviceBuilder::new()
             .with_default_udp()
             // The default 208 KiB receive buffer overflows under a bulk
@@ -196,15 +241,13 @@ impl Overlay {
             .with_peers(peers)
             .build()
             .await
-            .map_err(|e| OverlayError::Device {
-                port: cfg.listen_port,
-                detail: e.to_string(),
-            })?;
+            .map_err(|e| device_error(cfg.listen_port, e))?;
         tracing::info!(tun = tun.name(), port = cfg.listen_port, address = ?cfg.address, "overlay up (userspace WireGuard)");
         Ok(Backend::Userspace {
             device,
             tun,
             connected: connected.into(),
+            reserved: std::sync::Mutex::new(reserved),
         })
     }
 
@@ -213,11 +256,8 @@ impl Overlay {
         matches!(self.backend, Backend::Kernel(_))
     }
 
-    fn device_err(&self, e: impl std::fmt::Display) -> OverlayError {
-        OverlayError::Device {
-            port: self.listen_port,
-            detail: e.to_string(),
-        }
+    fn device_err(&self, e: gotatun::device::Error) -> OverlayError {
+        device_error(self.listen_port, e)
     }
 
     /// Gives this node its overlay address (a minion, once accepted).
@@ -243,15 +283,24 @@ impl Overlay {
         match &self.backend {
             Backend::Kernel(k) => k.set_peer(p),
             Backend::Userspace {
-                device, connected, ..
+                device,
+                connected,
+                reserved,
+                ..
             } => {
                 device
                     .add_or_update_peer(peer(p)?)
                     .await
                     .map_err(|e| self.device_err(e))?;
                 if !connected.swap(true, std::sync::atomic::Ordering::SeqCst) {
-                    // The first peer: bring the device up now that it has one.
-                    self.restart().await?;
+                    // The first peer: bring the device up now that it has
+                    // one, on the port our reservation held until now.
+                    reserved.lock().unwrap_or_else(|e| e.into_inner()).clear();
+                    if let Err(e) = self.restart().await {
+                        // Not up: the next peer tries again.
+                        connected.store(false, std::sync::atomic::Ordering::SeqCst);
+                        return Err(e);
+                    }
                 }
                 Ok(())
             }
@@ -303,6 +352,92 @@ impl Overlay {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Root and a TUN device: what these tests need; they say SKIPPED
+    /// without.
+    fn can_make_tun() -> bool {
+        // SAFETY: geteuid has no preconditions.
+        let root = unsafe { libc::geteuid() } == 0;
+        if !root || !std::path::Path::new("/dev/net/tun").exists() {
+            eprintln!("SKIPPED: needs root and /dev/net/tun");
+            return false;
+        }
+        true
+    }
+
+    fn config(tun_name: &str, listen_port: u16) -> OverlayConfig {
+        OverlayConfig {
+            tun_name: tun_name.into(),
+            address: None,
+            listen_port,
+            private_key: [9; 32],
+            peers: Vec::new(),
+        }
+    }
+
+    fn free_udp_port() -> u16 {
+        let s = std::net::UdpSocket::bind("[::]:0").unwrap();
+        s.local_addr().unwrap().port()
+    }
+
+    #[tokio::test]
+    async fn a_taken_tun_name_is_named_not_blamed_on_the_kernel() {
+        if !can_make_tun() {
+            return;
+        }
+        let name = format!("phxt{}", std::process::id() % 100_000);
+        let first = Overlay::start(config(&name, free_udp_port()), Mode::Auto)
+            .await
+            .unwrap();
+        for mode in [Mode::Auto, Mode::Userspace] {
+            let err = Overlay::start(config(&name, free_udp_port()), mode)
+                .await
+                .err()
+                .expect("a second overlay on a taken name");
+            assert!(
+                matches!(&err, OverlayError::InterfaceExists { name: n } if *n == name),
+                "{err}"
+            );
+        }
+        drop(first);
+    }
+
+    #[tokio::test]
+    async fn a_master_without_peers_holds_its_port_and_lets_go_at_the_first_peer() {
+        if !can_make_tun() {
+            return;
+        }
+        let name = format!("phxu{}", std::process::id() % 100_000);
+        let port = free_udp_port();
+        let overlay = Overlay::start(config(&name, port), Mode::Userspace)
+            .await
+            .unwrap();
+        // A second daemon on this port is refused at its start.
+        assert!(matches!(
+            preflight::bind_udp(port),
+            Err(OverlayError::PortInUse { port: p }) if p == port
+        ));
+        let other = Overlay::start(config("phxnever0", port), Mode::Userspace)
+            .await
+            .err()
+            .expect("a second overlay on a taken port");
+        assert!(matches!(other, OverlayError::PortInUse { .. }), "{other}");
+        // The first peer brings the device up on that same port.
+        let key = STANDARD.encode(PublicKey::from(&StaticSecret::from([3; 32])).as_bytes());
+        overlay
+            .set_peer(&PeerConfig {
+                key,
+                allowed: vec![(Ipv6Addr::LOCALHOST, 128)],
+                endpoint: None,
+                keepalive: None,
+            })
+            .await
+            .unwrap();
+        assert!(matches!(
+            preflight::bind_udp(port),
+            Err(OverlayError::PortInUse { .. })
+        ));
+    }
 
     #[test]
     fn modes_parse() {

@@ -23,14 +23,22 @@ struct In6Ifreq {
     ifindex: libc::c_int,
 }
 
-fn ifreq(name: &str) -> io::Result<libc::ifreq> {
-    if name.is_empty() || name.len() >= libc::IFNAMSIZ || name.contains('\0') || name.contains('/')
-    {
+/// Refuses what cannot be an interface name.
+pub(crate) fn check_name(name: &str) -> io::Result<()> {
+    let bad = |c: char| c == '/' || c == ':' || c.is_whitespace() || c.is_control();
+    if name.is_empty() || name.len() >= libc::IFNAMSIZ || name.contains(bad) {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
-            format!("{name:?} is not an interface name (1 to 15 characters)"),
+            format!(
+                "{name:?} is not an interface name (1 to 15 characters, no '/', ':' or spaces)"
+            ),
         ));
     }
+    Ok(())
+}
+
+fn ifreq(name: &str) -> io::Result<libc::ifreq> {
+    check_name(name)?;
     // SAFETY: ifreq is plain old data; all zeroes is a valid value.
     let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
     for (dst, src) in req.ifr_name.iter_mut().zip(name.bytes()) {
@@ -88,6 +96,13 @@ impl Tun {
         req.ifr_ifru.ifru_flags = (libc::IFF_TUN | libc::IFF_NO_PI) as libc::c_short;
         // SAFETY: TUNSETIFF reads and writes the ifreq we own.
         let ret = unsafe { libc::ioctl(fd.as_raw_fd(), TUNSETIFF, &mut req) };
+        if ret < 0 && io::Error::last_os_error().raw_os_error() == Some(libc::EBUSY) {
+            // Another process holds a TUN of this name.
+            return Err(io::Error::new(
+                io::ErrorKind::AddrInUse,
+                format!("interface {name} is in use by another process"),
+            ));
+        }
         check(ret, "TUNSETIFF", name)?;
         // SAFETY: the kernel wrote a NUL-terminated name into ifr_name.
         let actual = unsafe { CStr::from_ptr(req.ifr_name.as_ptr()) }
