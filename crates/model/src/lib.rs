@@ -2,12 +2,15 @@
 //!
 //! - [`spec`]: the service spec users write (seed 000's JSON), with strict
 //!   validation whose errors name the service, the field and the reason.
+//! - [`framed`]: one framed connection with heartbeats and silence
+//!   detection, the link as both the master and the minions run it.
 //! - [`keys`]: WireGuard (X25519) key pairs and their fingerprints.
 //! - [`net`]: the cluster's IPv6 plan (fd38:dde8:32dd::/48).
 //! - [`proto`]: messages between CLI, master and minions, and the frame
 //!   format that carries them (a 4-byte big-endian length, then JSON).
 //! - [`status`]: observed state that minions report.
 
+pub mod framed;
 pub mod keys;
 pub mod net;
 pub mod proto;

@@ -31,25 +31,34 @@ pub const MAX_JOIN_FRAME: usize = 4 << 10;
 pub enum FrameError {
     #[error("connection: {0}")]
     Io(#[from] std::io::Error),
-    #[error("frame of {0} bytes is larger than the limit of {1}")]
+    #[error("a frame of {0} bytes is larger than the limit of {1}")]
     TooLarge(usize, usize),
     #[error("malformed message: {0}")]
     Json(#[from] serde_json::Error),
 }
 
-/// Writes one message as a frame.
+/// One message as a whole frame (length prefix included); a body over
+/// `limit` bytes is refused before anything is written.
+pub fn encode_frame<T: Serialize>(msg: &T, limit: usize) -> Result<Vec<u8>, FrameError> {
+    let mut buf = vec![0u8; 4];
+    serde_json::to_writer(&mut buf, msg)?;
+    let len = buf.len() - 4;
+    // A frame's length field is 32 bits, whatever the limit.
+    if len > limit || u32::try_from(len).is_err() {
+        return Err(FrameError::TooLarge(len, limit));
+    }
+    buf[..4].copy_from_slice(&(len as u32).to_be_bytes());
+    Ok(buf)
+}
+
+/// Writes one message as a frame; one over [`MAX_FRAME`] is an error and
+/// nothing is written.
 pub async fn write_frame<W, T>(w: &mut W, msg: &T) -> Result<(), FrameError>
 where
     W: AsyncWrite + Unpin,
     T: Serialize,
 {
-    let body = serde_json::to_vec(msg)?;
-    if body.len() > MAX_FRAME {
-        return Err(FrameError::TooLarge(body.len(), MAX_FRAME));
-    }
-    let mut buf = Vec::with_capacity(4 + body.len());
-    buf.extend_from_slice(&(body.len() as u32).to_be_bytes());
-    buf.extend_from_slice(&body);
+    let buf = encode_frame(msg, MAX_FRAME)?;
     w.write_all(&buf).await?;
     w.flush().await?;
     Ok(())
