@@ -70,6 +70,8 @@ pub enum MasterError {
         what: &'static str,
         source: std::io::Error,
     },
+    #[error("TCP {port} is in use (is a master running here?): pick another with {flag}")]
+    PortInUse { port: u16, flag: &'static str },
     #[error("another master is already running with data dir {0}")]
     AlreadyRunning(String),
     #[error(transparent)]
@@ -97,17 +99,94 @@ pub fn socket_path(data_dir: &std::path::Path) -> PathBuf {
     data_dir.join("phoenix.sock")
 }
 
+/// One of the master's TCP ports: what it is and the flag that moves it.
+#[derive(Clone, Copy)]
+struct TcpPort {
+    port: u16,
+    what: &'static str,
+    flag: &'static str,
+}
+
+impl TcpPort {
+    fn error(self, addr: SocketAddr) -> impl FnOnce(std::io::Error) -> MasterError {
+        move |source| {
+            if source.kind() == std::io::ErrorKind::AddrInUse {
+                MasterError::PortInUse {
+                    port: self.port,
+                    flag: self.flag,
+                }
+            } else {
+                MasterError::Listen {
+                    addr: addr.to_string(),
+                    what: self.what,
+                    source,
+                }
+            }
+        }
+    }
+
+    /// Fails if something listens on this port at any address. The link
+    /// listens on the overlay address, which exists only once the overlay
+    /// is up: this says so before anything is touched.
+    fn check_free(self) -> Result<(), MasterError> {
+        let any = SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), self.port);
+        match std::net::TcpListener::bind(any) {
+            Ok(_) => Ok(()),
+            Err(e) if e.raw_os_error() == Some(libc::EAFNOSUPPORT) => {
+                let any = SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), self.port);
+                std::net::TcpListener::bind(any)
+                    .map(drop)
+                    .map_err(self.error(any))
+            }
+            Err(e) => Err(self.error(any)(e)),
+        }
+    }
+}
+
+/// Holds the data dir's lock (`master.lock`) for the life of the master,
+/// so a second master on it is refused before it changes anything.
+struct DataDirLock {
+    _file: std::fs::File,
+}
+
+impl DataDirLock {
+    fn take(data_dir: &std::path::Path) -> Result<DataDirLock, MasterError> {
+        use std::os::fd::AsRawFd;
+        use std::os::unix::fs::OpenOptionsExt;
+        let path = data_dir.join("master.lock");
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .mode(0o600)
+            .open(&path)
+            .map_err(|source| MasterError::DataDir {
+                path: path.display().to_string(),
+                source,
+            })?;
+        // SAFETY: flock on a descriptor we own; the lock goes with it.
+        let ret = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+        if ret != 0 {
+            let e = std::io::Error::last_os_error();
+            return Err(if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+                MasterError::AlreadyRunning(data_dir.display().to_string())
+            } else {
+                MasterError::DataDir {
+                    path: path.display().to_string(),
+                    source: e,
+                }
+            });
+        }
+        Ok(DataDirLock { _file: file })
+    }
+}
+
 /// Binds `ip:port`, or the unspecified address of the same family if `ip` is
 /// not on this machine (a VPS behind 1:1 NAT knows its public IP but does not
 /// hold it).
-async fn bind(ip: IpAddr, port: u16, what: &'static str) -> Result<TcpListener, MasterError> {
-    let err = |addr: SocketAddr| {
-        move |source| MasterError::Listen {
-            addr: addr.to_string(),
-            what,
-            source,
-        }
-    };
+async fn bind(ip: IpAddr, port: TcpPort) -> Result<TcpListener, MasterError> {
+    let err = |addr: SocketAddr| port.error(addr);
+    let port = port.port;
     let addr = SocketAddr::new(ip, port);
     match TcpListener::bind(addr).await {
         Ok(l) => Ok(l),
@@ -132,7 +211,33 @@ pub async fn run(cfg: MasterConfig) -> Result<(), MasterError> {
     std::fs::create_dir_all(&cfg.data_dir).map_err(dir_err)?;
     std::fs::set_permissions(&cfg.data_dir, std::fs::Permissions::from_mode(0o700))
         .map_err(dir_err)?;
+    // Everything that can refuse the start comes before anything changes:
+    // a master already on this data dir, a port or interface in use.
+    let _lock = DataDirLock::take(&cfg.data_dir)?;
+    let sock = socket_path(&cfg.data_dir);
+    if tokio::net::UnixStream::connect(&sock).await.is_ok() {
+        return Err(MasterError::AlreadyRunning(
+            cfg.data_dir.display().to_string(),
+        ));
+    }
+    let join_port = TcpPort {
+        port: cfg.join_port,
+        what: "join endpoint",
+        flag: "--join-port",
+    };
+    let link_port = TcpPort {
+        port: cfg.link_port,
+        what: "minion link",
+        flag: "--link-port",
+    };
+    let join = bind(cfg.public_ip, join_port).await?;
+    if cfg.link_port != 0 {
+        link_port.check_free()?;
+    }
     let key = KeyPair::load_or_create(&cfg.data_dir.join("master.key"))?;
+    if let Some(o) = &cfg.overlay {
+        phoenix_overlay::preflight::check_free(&o.tun_name, o.wg_port, &key.secret_bytes())?;
+    }
     let mut store = store::Store::open(&cfg.data_dir.join("phoenix.db"))?;
     store.set_meta("public_ip", &cfg.public_ip.to_string())?;
     let token = match store.meta("join_token")? {
@@ -146,12 +251,6 @@ pub async fn run(cfg: MasterConfig) -> Result<(), MasterError> {
     let members = store.read()?.nodes(true)?;
     let registry = registry::Registry::open(cfg.data_dir.join("registry"))?;
 
-    let sock = socket_path(&cfg.data_dir);
-    if tokio::net::UnixStream::connect(&sock).await.is_ok() {
-        return Err(MasterError::AlreadyRunning(
-            cfg.data_dir.display().to_string(),
-        ));
-    }
     let _ = std::fs::remove_file(&sock);
     let api = UnixListener::bind(&sock).map_err(|source| MasterError::Listen {
         addr: sock.display().to_string(),
@@ -159,7 +258,6 @@ pub async fn run(cfg: MasterConfig) -> Result<(), MasterError> {
         source,
     })?;
     std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o600)).map_err(dir_err)?;
-    let join = bind(cfg.public_ip, cfg.join_port, "join endpoint").await?;
 
     // The overlay comes up first: with it, the minion links listen on the
     // master's overlay address only, never on the public one.
@@ -184,7 +282,7 @@ pub async fn run(cfg: MasterConfig) -> Result<(), MasterError> {
     } else {
         cfg.public_ip
     };
-    let link = bind(link_ip, cfg.link_port, "minion link").await?;
+    let link = bind(link_ip, link_port).await?;
 
     let info = MasterInfo {
         public_ip: cfg.public_ip,
@@ -218,4 +316,87 @@ pub async fn run(cfg: MasterConfig) -> Result<(), MasterError> {
     tokio::spawn(watch::run(hub.clone()));
     api::serve(hub, api).await;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(data_dir: &std::path::Path, public_ip: &str, join_port: u16) -> MasterConfig {
+        MasterConfig {
+            data_dir: data_dir.to_owned(),
+            public_ip: public_ip.parse().unwrap(),
+            join_port,
+            link_port: 0,
+            overlay: None,
+            auto_accept: false,
+            node_timeout: std::time::Duration::from_secs(6),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_second_master_on_one_data_dir_is_refused_before_it_changes_anything() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = tokio::spawn(run(config(dir.path(), "127.0.0.1", 0)));
+        let sock = socket_path(dir.path());
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while tokio::net::UnixStream::connect(&sock).await.is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the first master never came up"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+
+        let second = run(config(dir.path(), "127.0.0.2", 0)).await.unwrap_err();
+        assert!(matches!(second, MasterError::AlreadyRunning(_)), "{second}");
+        assert!(
+            second
+                .to_string()
+                .contains("another master is already running"),
+            "{second}"
+        );
+        first.abort();
+        let _ = first.await;
+        let store = store::Store::open(&dir.path().join("phoenix.db")).unwrap();
+        assert_eq!(
+            store.meta("public_ip").unwrap().as_deref(),
+            Some("127.0.0.1")
+        );
+    }
+
+    #[tokio::test]
+    async fn a_join_port_in_use_is_named_with_its_flag_and_nothing_is_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = taken.local_addr().unwrap().port();
+        let err = run(config(dir.path(), "127.0.0.1", port))
+            .await
+            .unwrap_err();
+        let msg = err.to_string();
+        assert_eq!(
+            msg,
+            format!(
+                "TCP {port} is in use (is a master running here?): pick another with --join-port"
+            )
+        );
+        assert!(!dir.path().join("phoenix.db").exists());
+        assert!(!dir.path().join("master.key").exists());
+    }
+
+    #[tokio::test]
+    async fn a_link_port_in_use_is_named_with_its_flag() {
+        let dir = tempfile::tempdir().unwrap();
+        let taken = std::net::TcpListener::bind("[::]:0").unwrap();
+        let port = taken.local_addr().unwrap().port();
+        let mut cfg = config(dir.path(), "127.0.0.1", 0);
+        cfg.link_port = port;
+        let err = run(cfg).await.unwrap_err();
+        assert!(
+            err.to_string().contains(&format!("TCP {port} is in use")),
+            "{err}"
+        );
+        assert!(err.to_string().contains("--link-port"), "{err}");
+        assert!(!dir.path().join("phoenix.db").exists());
+    }
 }

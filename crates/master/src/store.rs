@@ -27,6 +27,11 @@ pub enum StoreError {
         path: String,
         source: rusqlite::Error,
     },
+    #[error("store {path}: cannot make it private (mode 0600): {source}")]
+    Mode {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("store: {0}")]
     Sql(#[from] rusqlite::Error),
     #[error("store holds a malformed {what}: {detail}")]
@@ -41,6 +46,32 @@ pub enum StoreError {
 }
 
 type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// The database and its `-wal` and `-shm` files hold the join token: only
+/// their owner may read them. Creates the database file 0600 if missing.
+fn make_private(db: &Path) -> Result<()> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let mode_err = |path: &Path| {
+        let path = path.display().to_string();
+        move |source| StoreError::Mode { path, source }
+    };
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(db)
+        .map_err(mode_err(db))?;
+    for suffix in ["", "-wal", "-shm"] {
+        let mut file = db.as_os_str().to_owned();
+        file.push(suffix);
+        let file = Path::new(&file);
+        match std::fs::set_permissions(file, std::fs::Permissions::from_mode(0o600)) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            r => r.map_err(mode_err(file))?,
+        }
+    }
+    Ok(())
+}
 
 fn reasons(errors: &SpecErrors) -> String {
     let all: Vec<String> = errors.errors.iter().map(ToString::to_string).collect();
@@ -137,9 +168,13 @@ impl Store {
             path: path.display().to_string(),
             source,
         };
+        make_private(path)?;
         let conn = Connection::open(path).map_err(open_err)?;
         conn.pragma_update(None, "journal_mode", "WAL")
             .map_err(open_err)?;
+        // SQLite gives `-wal` and `-shm` the database's mode, but files left
+        // by an older master keep theirs.
+        make_private(path)?;
         conn.pragma_update(None, "synchronous", "NORMAL")
             .map_err(open_err)?;
         conn.pragma_update(None, "foreign_keys", "ON")
@@ -498,6 +533,42 @@ impl Tx<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn mode(path: &str) -> u32 {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::metadata(path).unwrap().permissions().mode() & 0o777
+    }
+
+    #[test]
+    fn the_database_and_its_wal_and_shm_are_private_also_when_an_older_master_left_them_open() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("phoenix.db");
+        let files = |suffix: &str| format!("{}{suffix}", db.display());
+        {
+            let store = Store::open(&db).unwrap();
+            store.set_meta("join_token", "secret").unwrap();
+            for suffix in ["", "-wal", "-shm"] {
+                assert_eq!(mode(&files(suffix)), 0o600, "phoenix.db{suffix}");
+            }
+        }
+        // As an older master left them.
+        for suffix in ["", "-wal", "-shm"] {
+            let path = files(suffix);
+            if std::path::Path::new(&path).exists() {
+                std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+            }
+        }
+        let store = Store::open(&db).unwrap();
+        store.set_meta("join_token", "secret2").unwrap();
+        for suffix in ["", "-wal", "-shm"] {
+            assert_eq!(
+                mode(&files(suffix)),
+                0o600,
+                "phoenix.db{suffix} after reopening"
+            );
+        }
+    }
     use phoenix_model::spec::parse_specs;
 
     fn node(name: &str) -> Node {

@@ -159,15 +159,57 @@ impl Hub {
 
     /// Adds an accepted node's overlay peer, then wakes whoever waits on its
     /// admission (its held join connection, a waiting link); any other
-    /// request waiting under its name is refused.
+    /// request waiting under its name is refused. If the peer cannot be
+    /// added, the acceptance is rolled back: a node the overlay cannot reach
+    /// must not look accepted, and its request still waits.
     pub async fn admit(&self, node: &Node) -> Result<Accepted, ApiError> {
-        if let Some(o) = &self.overlay {
-            o.set_peer(&peer_config(node)).await.map_err(|e| {
-                ApiError::Internal(format!(
-                    "node {:?} is accepted, but its overlay peer failed: {e}",
-                    node.name
-                ))
-            })?;
+        let peer_added = match &self.overlay {
+            Some(o) => {
+                let added = o.set_peer(&peer_config(node)).await;
+                if added.is_err() {
+                    // Whatever of the peer got in goes too.
+                    let _ = o.remove_peer(&node.key).await;
+                }
+                added.map_err(|e| e.to_string())
+            }
+            None => Ok(()),
+        };
+        self.admit_after(node, peer_added)
+    }
+
+    /// The rest of [`Hub::admit`], once adding the peer succeeded or failed.
+    fn admit_after(
+        &self,
+        node: &Node,
+        peer_added: Result<(), String>,
+    ) -> Result<Accepted, ApiError> {
+        if let Err(e) = peer_added {
+            let name = &node.name;
+            let rolled_back = self.store().write(|tx| -> Result<(), ApiError> {
+                match tx.node(name)? {
+                    Some(n) if n.key == node.key => tx.delete_node(name)?,
+                    _ => {}
+                }
+                let detail = serde_json::json!({ "error": e });
+                tx.audit(
+                    "master",
+                    "accept-rolled-back",
+                    name,
+                    Some(&audit_json(node)),
+                    Some(&detail),
+                )?;
+                Ok(())
+            });
+            let outcome = match rolled_back {
+                Ok(()) => "it is not accepted and still waits".to_owned(),
+                Err(r) => {
+                    format!("rolling the acceptance back failed too ({r}); `phoenix forget {name}`")
+                }
+            };
+            tracing::warn!(node = %name, "accept failed: overlay peer: {e}; {outcome}");
+            return Err(ApiError::Internal(format!(
+                "cannot accept node {name:?}: adding its WireGuard peer failed: {e}; {outcome}"
+            )));
         }
         let overlay_ip = node.overlay_ip.unwrap_or(Ipv6Addr::UNSPECIFIED);
         lock(&self.joins).accepted(&node.name, &node.key, overlay_ip);
@@ -298,9 +340,93 @@ impl Hub {
                     last_seen: (seen.last_seen > 0).then_some(seen.last_seen),
                     version: seen.version,
                     stats: seen.stats,
+                    last_drop: self.last_drop(&n.name),
                     name: n.name,
                 }
             })
             .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use phoenix_model::net;
+    use phoenix_model::proto::MasterInfo;
+
+    use super::*;
+    use crate::hub::Settings;
+    use crate::registry::Registry;
+    use crate::store::Store;
+
+    fn hub(dir: &std::path::Path) -> Hub {
+        let store = Store::open(&dir.join("phoenix.db")).unwrap();
+        let registry = Registry::open(dir.join("registry")).unwrap();
+        let info = MasterInfo {
+            public_ip: "10.0.0.1".parse().unwrap(),
+            key: "master-key".into(),
+            overlay_ip: net::MASTER_IP,
+            next_minion_ip: net::node_ip(1),
+            join_port: 1,
+            link_port: 2,
+            wg_port: Some(51820),
+            token: "t".into(),
+            version: "0".into(),
+        };
+        let settings = Settings {
+            auto_accept: false,
+            node_timeout: std::time::Duration::from_secs(6),
+        };
+        Hub::new(store, registry, info, None, settings)
+    }
+
+    fn request(name: &str) -> JoinRequest {
+        JoinRequest {
+            name: name.into(),
+            key: format!("key-of-{name}"),
+            public_ip: "10.0.0.2".parse().unwrap(),
+            private_ip: "10.1.0.2".parse().unwrap(),
+            wg_port: 51820,
+            version: "0".into(),
+            proof: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn an_accept_whose_overlay_peer_fails_is_rolled_back_and_the_request_still_waits() {
+        let dir = tempfile::tempdir().unwrap();
+        let hub = hub(dir.path());
+        let (_candidate, mut decision) = lock(&hub.joins)
+            .insert(
+                request("web1"),
+                "10.0.0.2".parse().unwrap(),
+                false,
+                now_ms(),
+                Instant::now(),
+            )
+            .unwrap();
+
+        let node = hub.accept("root", "web1", None).unwrap();
+        let err = hub
+            .admit_after(&node, Err("UDP 51820 is in use".into()))
+            .unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("cannot accept node \"web1\""), "{msg}");
+        assert!(msg.contains("UDP 51820 is in use"), "{msg}");
+        assert!(msg.contains("still waits"), "{msg}");
+        // Not half-accepted: no node, the request waits, nobody was told.
+        assert!(hub.node("web1").unwrap().is_none());
+        assert!(hub.is_waiting("web1"));
+        assert!(decision.try_recv().is_err());
+        let audit = hub.store().read().unwrap().audit_log(10).unwrap();
+        let actions: Vec<&str> = audit.iter().map(|a| a.action.as_str()).collect();
+        assert_eq!(actions, ["accept", "accept-rolled-back"]);
+
+        // Once the overlay takes the peer, the same request is accepted,
+        // with the address the failed attempt did not keep.
+        let node = hub.accept("root", "web1", None).unwrap();
+        let accepted = hub.admit_after(&node, Ok(())).unwrap();
+        assert_eq!(accepted.overlay_ip, net::node_ip(1));
+        assert!(hub.node("web1").unwrap().unwrap().accepted);
+        assert!(!hub.is_waiting("web1"));
     }
 }
