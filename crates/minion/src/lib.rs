@@ -114,6 +114,11 @@ pub async fn run(cfg: MinionConfig) -> Result<(), MinionError> {
     std::fs::create_dir_all(&cfg.data_dir).map_err(data_err)?;
     let keys = KeyPair::load_or_create(&cfg.data_dir.join("minion.key"))?;
     let key = keys.public();
+    // A taken interface name or WireGuard port (another daemon on this
+    // machine) is refused here, before any saved service is resumed.
+    if let Some(o) = &cfg.overlay {
+        phoenix_overlay::preflight::check_free(&o.tun_name, o.wg_port, &keys.secret_bytes())?;
+    }
     let state = state::LocalState::new(cfg.data_dir.clone()).map_err(data_err)?;
     let link_addr = match cfg.overlay {
         Some(_) => SocketAddr::new(IpAddr::V6(net::MASTER_IP), cfg.master_link_port),

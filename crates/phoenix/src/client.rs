@@ -190,6 +190,10 @@ pub fn check_pushable(file: &Path) -> Result<()> {
 
 /// Uploads a file to the registry, showing progress on a terminal.
 pub async fn push(data_dir: &Path, file: &Path, name: &str) -> Result<Pushed> {
+    // The master checks the name as well; checking it here says why before
+    // a byte is sent.
+    phoenix_model::spec::check_image_name(name)
+        .map_err(|reason| InvalidInput(format!("cannot push {}: {reason}", file.display())))?;
     check_pushable(file)?;
     let mut f = tokio::fs::File::open(file)
         .await
@@ -213,9 +217,14 @@ pub async fn push(data_dir: &Path, file: &Path, name: &str) -> Result<Pushed> {
         if n == 0 {
             break;
         }
-        s.write_all(&buf[..n])
-            .await
-            .map_err(|e| anyhow!("upload interrupted: {e}"))?;
+        if let Err(e) = s.write_all(&buf[..n]).await {
+            // The master stops reading when it refuses the upload: its
+            // answer says why, which a bare broken pipe does not.
+            return match finish::<Pushed>(&mut s).await {
+                Err(refused) if refused.is::<MasterRefused>() => Err(refused),
+                _ => Err(anyhow!("upload interrupted: {e}")),
+            };
+        }
         sent += n as u64;
         let pct = sent * 100 / size.max(1);
         if show && pct != last_pct {
@@ -307,6 +316,44 @@ mod tests {
         check_pushable(&script).unwrap();
         let missing = check_pushable(&dir.path().join("nope")).unwrap_err();
         assert!(missing.to_string().contains("cannot open"), "{missing}");
+    }
+
+    #[tokio::test]
+    async fn push_refuses_an_image_name_with_a_newline_or_a_leading_dot_before_sending() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("app");
+        std::fs::write(&file, "#!/bin/sh\nexec sleep 1\n").unwrap();
+        // No master listens: the name alone must refuse it, with exit 3.
+        for name in ["web\nx", ".hidden", "a/b"] {
+            let err = push(dir.path(), &file, name).await.unwrap_err();
+            assert_eq!(exit_code(&err), Exit::Invalid, "{name:?}: {err}");
+            assert!(err.to_string().contains("is not an image name"), "{err}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_push_the_master_refuses_midway_says_why_not_broken_pipe() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("big");
+        let mut body = b"#!/bin/sh\n".to_vec();
+        body.resize(32 << 20, b'#');
+        std::fs::write(&file, &body).unwrap();
+        let sock = phoenix_master::socket_path(dir.path());
+        let listener = tokio::net::UnixListener::bind(&sock).unwrap();
+        let master = tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let _: Option<Request> = read_frame(&mut s, MAX_FRAME).await.unwrap();
+            let reply = Reply::Error {
+                message: "image \"big\" is refused".into(),
+                kind: ErrorKind::Invalid,
+            };
+            write_frame(&mut s, &reply).await.unwrap();
+            // Closed without reading the upload.
+        });
+        let err = push(dir.path(), &file, "big").await.unwrap_err();
+        master.await.unwrap();
+        assert_eq!(exit_code(&err), Exit::Invalid, "{err}");
+        assert_eq!(err.to_string(), "image \"big\" is refused");
     }
 
     #[tokio::test]

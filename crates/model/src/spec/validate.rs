@@ -275,9 +275,16 @@ pub fn check_image_name(s: &str) -> Result<(), String> {
     if s.is_empty() {
         return Err("must not be empty".into());
     }
-    if s.contains('/') || s.contains('\0') || s.starts_with('.') || s.len() > 255 {
+    if s.contains('/') || s.starts_with('.') || s.len() > 255 {
         return Err(format!(
             "{s:?} is not an image name: it names a file in the registry, without '/' and not starting with '.'"
+        ));
+    }
+    // A newline or other control character (NUL included) would break
+    // every listing that shows the name, and no one types one on purpose.
+    if s.chars().any(char::is_control) {
+        return Err(format!(
+            "{s:?} is not an image name: it holds a control character (a newline, a tab, NUL...)"
         ));
     }
     Ok(())
