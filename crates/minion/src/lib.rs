@@ -57,6 +57,9 @@ pub struct MinionConfig {
     pub token: Option<String>,
     pub health: health::HealthTiming,
     pub stop_timeout: Duration,
+    /// How long a daemon without a health check must stay up to count as
+    /// running (0: at once).
+    pub min_uptime: Duration,
     pub log_max_bytes: u64,
     /// Disk space pre-caching must leave free (`None`: a tenth, ≤ 1 GiB).
     pub keep_free: Option<u64>,
@@ -162,6 +165,7 @@ pub async fn run(cfg: MinionConfig) -> Result<(), MinionError> {
         state: state.clone(),
         health: cfg.health,
         stop_timeout: cfg.stop_timeout,
+        min_uptime: cfg.min_uptime,
         reports: report_tx,
     });
     let watcher = tokio::spawn(logs::watcher(files, log_rx));

@@ -45,6 +45,9 @@ pub struct Ctx {
     pub state: LocalState,
     pub health: HealthTiming,
     pub stop_timeout: Duration,
+    /// How long a daemon without a health check must stay up to count as
+    /// running.
+    pub min_uptime: Duration,
     pub reports: mpsc::UnboundedSender<Report>,
 }
 

@@ -143,9 +143,16 @@ impl TaskRunner {
         let _ = self.ctx.reports.send(Report::Status(self.status.clone()));
     }
 
-    /// The state of a task that has just started or been recovered.
-    fn started_state(&self) -> ServiceState {
-        if self.a.spec.healthcheck.is_some() {
+    /// The state of a task that has just started, or been recovered
+    /// (`adopted`). It is `running` only once a health check passed or,
+    /// for a daemon without one, once it has stayed up for the minimum
+    /// uptime (an adopted task has shown that already): a service that
+    /// exits at once must never look as if it runs.
+    fn started_state(&self, adopted: bool) -> ServiceState {
+        let on_probation = !adopted
+            && self.a.spec.duration == Lifetime::Daemon
+            && !self.ctx.min_uptime.is_zero();
+        if self.a.spec.healthcheck.is_some() || on_probation {
             ServiceState::Starting
         } else {
             ServiceState::Running
@@ -335,7 +342,7 @@ impl TaskRunner {
             .ctx
             .log_cmds
             .send(LogCmd::Watch(self.name().to_owned()));
-        self.set(self.started_state(), None);
+        self.set(self.started_state(true), None);
         Some(Running { driver, handle })
     }
 
@@ -436,7 +443,7 @@ impl TaskRunner {
         self.status.pid = Some(handle.pid);
         self.status.limits = handle.limits.clone();
         self.status.since = now_ms();
-        self.status.state = self.started_state();
+        self.status.state = self.started_state(false);
         self.status.message = None;
         self.report();
         Ok(Running { driver, handle })
@@ -456,6 +463,10 @@ impl TaskRunner {
         // handled while it runs.
         let mut probe: Option<BoxFuture<'static, Result<(), String>>> = None;
         let mut probe_began = started;
+        // Without a health check, a daemon on probation (see
+        // `started_state`) runs once it has stayed up this long.
+        let mut on_probation = check.is_none() && self.status.state == ServiceState::Starting;
+        let probation_ends = started + self.ctx.min_uptime;
         loop {
             tokio::select! {
                 // A stop that arrives with an exit wins: no restart then.
@@ -507,6 +518,10 @@ impl TaskRunner {
                         Err(_) => {}
                     }
                     next_probe = Instant::now() + health::probe_delay(&timing, probes, since_start, passed);
+                }
+                _ = tokio::time::sleep_until(probation_ends), if on_probation => {
+                    on_probation = false;
+                    self.set(ServiceState::Running, None);
                 }
                 _ = tokio::time::sleep_until(next_probe), if probe.is_none() && check.is_some() => {
                     let path = check.as_deref().unwrap_or("/");
@@ -763,7 +778,13 @@ mod tests {
     }
 
     impl Harness {
+        /// Daemons without a health check run at once, as the policy
+        /// tests below assume; see `with_min_uptime`.
         fn new() -> Harness {
+            Harness::with_min_uptime(Duration::ZERO)
+        }
+
+        fn with_min_uptime(min_uptime: Duration) -> Harness {
             let dir = tempfile::tempdir().unwrap();
             let state = LocalState::new(dir.path().to_owned()).unwrap();
             let images = ImageCache::new(
@@ -801,6 +822,7 @@ mod tests {
                     timeout: Duration::from_millis(500),
                 },
                 stop_timeout: STOP_TIMEOUT,
+                min_uptime,
                 reports: reports_tx,
             });
             Harness {
@@ -1173,5 +1195,69 @@ mod tests {
                 .iter()
                 .any(|(_, e)| *e == Event::Signal(pid, libc::SIGTERM))
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_daemon_without_a_health_check_runs_only_after_its_minimum_uptime() {
+        let mut h = Harness::with_min_uptime(Duration::from_secs(1));
+        // Exits with 2 after 500 ms, twice; then stays up.
+        let early = Behaviour {
+            exits_after: Some((500 * MS, 2)),
+            ..Behaviour::default()
+        };
+        h.driver
+            .script
+            .lock()
+            .unwrap()
+            .extend([Ok(early), Ok(early)]);
+        let a = assignment(serde_json::json!({}), 1);
+        let _cmds = h.run(&a);
+        let seen = h.collect(running).await;
+        // Never reported running before it stayed up: starting, then the
+        // first crash restarts at once, the second backs off (which is what
+        // fails a deploy).
+        let states: Vec<ServiceState> = seen.iter().map(|s| s.state).collect();
+        assert_eq!(
+            states,
+            [
+                ServiceState::Starting,
+                ServiceState::Starting,
+                ServiceState::Backoff,
+                ServiceState::Starting,
+                ServiceState::Running,
+            ]
+        );
+        assert_eq!(
+            seen[2].message.as_deref(),
+            Some("exited with code 2; restarting in 100 ms")
+        );
+        // 500 + 500 ms of crashing, a 100 ms backoff, then 1 s of uptime
+        // (and whatever the starts themselves take).
+        assert!((2100 * MS..2110 * MS).contains(&h.now()), "{:?}", h.now());
+
+        // A task adopted after a minion restart has shown it stays up.
+        let mut h = Harness::with_min_uptime(Duration::from_secs(1));
+        h.ctx
+            .state
+            .save_run(
+                "svc",
+                &RunRecord {
+                    pid: 4242,
+                    start_time: 42420,
+                    generation: 1,
+                    restarts: 0,
+                    driver: DriverName::Exec,
+                },
+            )
+            .unwrap();
+        h.driver
+            .survivors
+            .lock()
+            .unwrap()
+            .insert(4242, Behaviour::default());
+        let _cmds = h.run(&a);
+        let s = h.next().await;
+        assert!(matches!(&s, Report::Status(s) if running(s)));
+        assert_eq!(h.now(), Duration::ZERO);
     }
 }

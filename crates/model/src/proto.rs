@@ -328,8 +328,11 @@ pub enum Request {
         tail: usize,
         follow: bool,
     },
-    /// Waits until the named services run (or fail), up to `timeout_ms`.
-    /// → `Vec<`[`ServiceView`]`>`
+    /// Waits until each named service has a [`Verdict`] for its current
+    /// generation (it runs, a oneshot ended, it failed to start, or its
+    /// machine is unreachable), up to `timeout_ms` (then an `unavailable`
+    /// error). → `Vec<`[`Settled`]`>` (a [`ServiceView`] with its verdict,
+    /// so a CLI that reads `Vec<ServiceView>` still can).
     Wait { names: Vec<String>, timeout_ms: u64 },
     /// The registry's images and each node's copy of them.
     /// → `Vec<`[`ImageView`]`>`
@@ -570,6 +573,49 @@ pub struct ServiceView {
     pub message: Option<String>,
     /// Whether the service's node is connected to the master now.
     pub node_reachable: bool,
+}
+
+/// How a change to a service ended, as `Wait` judges it.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Verdict {
+    /// No verdict yet (only in a timed-out wait's message).
+    Waiting,
+    /// A daemon runs this generation: healthy, or without a health check
+    /// up for the minion's minimum uptime.
+    Running,
+    /// A oneshot of this generation ended with status 0.
+    Exited,
+    /// This generation did not start: it went into backoff, turned
+    /// unhealthy, a oneshot failed, or its image is held back. `reason`
+    /// says why; the change stays stored and the minion keeps trying.
+    Failed,
+    /// Its machine is not connected; the change is stored and runs when the
+    /// machine reconnects.
+    Unreachable,
+}
+
+impl Verdict {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Verdict::Waiting => "waiting",
+            Verdict::Running => "running",
+            Verdict::Exited => "exited",
+            Verdict::Failed => "failed",
+            Verdict::Unreachable => "unreachable",
+        }
+    }
+}
+
+/// One service at the end of a `Wait`.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct Settled {
+    #[serde(flatten)]
+    pub view: ServiceView,
+    pub verdict: Verdict,
+    /// Why it failed or cannot be waited for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]

@@ -21,9 +21,10 @@ pub const VERSION: &str = env!("CARGO_PKG_VERSION");
         Set up a master with `phoenix master <public-ip>`, join minions with `phoenix minion ...`, \
         accept them with `phoenix accept <name>`, then `phoenix deploy spec.json`.\n\
         Commands other than master/minion talk to the master through the Unix socket in its data dir.",
-    after_help = "Exit status: 0 ok, 1 failure (a service failed, an internal error), 2 usage, \
+    after_help = "Exit status: 0 ok, 1 failure (an internal error), 2 usage, \
         3 invalid input (spec errors), 4 not found, 5 conflict (already accepted, still in use), \
-        6 unavailable (the master or a machine is not reachable, or waiting timed out)."
+        6 unavailable (the master or a machine is not reachable, or waiting timed out), \
+        7 not started (the change is stored, but a service did not start)."
 )]
 pub struct Cli {
     #[command(subcommand)]
@@ -443,6 +444,11 @@ pub struct MinionArgs {
     /// How long a service has to exit after SIGTERM before SIGKILL, in ms.
     #[arg(long, default_value_t = 10000)]
     pub stop_timeout_ms: u64,
+    /// How long a daemon without a health check must stay up before it
+    /// counts as running, in ms (0: at once). A crash before then is a
+    /// failed start, which `deploy` reports.
+    #[arg(long, default_value_t = 1000)]
+    pub min_uptime_ms: u64,
     /// Rotate a service's log file when it grows past this many bytes.
     #[arg(long, default_value_t = 10 << 20)]
     pub log_max_bytes: u64,

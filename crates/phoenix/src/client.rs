@@ -21,7 +21,7 @@ use tokio::net::UnixStream;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u8)]
 pub enum Exit {
-    /// Anything else: a failed service, an internal error of the master.
+    /// Anything else: an internal error of the master, a failure here.
     Failure = 1,
     /// The input is invalid (a spec error), locally or on the master.
     Invalid = 3,
@@ -30,6 +30,9 @@ pub enum Exit {
     /// The master, or a machine the request needs, is not reachable, or
     /// waiting for services timed out.
     Unavailable = 6,
+    /// The change is stored, but a service it touched did not start (a
+    /// crash loop, an exec error, a failed oneshot, unhealthy).
+    NotStarted = 7,
 }
 
 /// The master answered a request with an error.
@@ -84,6 +87,18 @@ impl fmt::Display for InvalidInput {
 
 impl std::error::Error for InvalidInput {}
 
+/// Services a stored change touched that did not start: exit code 7.
+#[derive(Debug)]
+pub struct NotStarted(pub String);
+
+impl fmt::Display for NotStarted {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for NotStarted {}
+
 /// The exit status for an error: the first cause in its chain that says
 /// what kind of failure it is decides.
 pub fn exit_code(err: &anyhow::Error) -> Exit {
@@ -102,6 +117,9 @@ pub fn exit_code(err: &anyhow::Error) -> Exit {
         }
         if cause.is::<MasterUnreachable>() {
             return Exit::Unavailable;
+        }
+        if cause.is::<NotStarted>() {
+            return Exit::NotStarted;
         }
     }
     Exit::Failure
@@ -154,6 +172,32 @@ pub async fn logs(data_dir: &Path, name: &str, tail: usize, follow: bool) -> Res
     )
     .await?;
     finish(&mut s).await
+}
+
+/// The last `tail` lines of a service's log, as text (what `phoenix logs
+/// -n` prints).
+pub async fn log_tail(data_dir: &Path, name: &str, tail: usize) -> Result<String> {
+    let mut s = connect(data_dir).await?;
+    write_frame(
+        &mut s,
+        &Request::Logs {
+            name: name.into(),
+            tail,
+            follow: false,
+        },
+    )
+    .await?;
+    let mut text = String::new();
+    loop {
+        match read_frame::<_, Reply>(&mut s, MAX_FRAME).await? {
+            Some(Reply::Log { data }) => text.push_str(&data),
+            Some(Reply::Ok { .. }) => return Ok(text),
+            Some(Reply::Error { message, kind }) => {
+                return Err(MasterRefused { kind, message }.into());
+            }
+            None => bail!("the master closed the connection without an answer"),
+        }
+    }
 }
 
 /// Checks that `file` is something the registry takes (the master checks
@@ -288,6 +332,8 @@ mod tests {
         assert_eq!(exit_code(&down), Exit::Unavailable);
         assert!(down.to_string().contains("/x/phoenix.sock"), "{down}");
         assert_eq!(exit_code(&anyhow!("failed: job")), Exit::Failure);
+        let crashed = anyhow::Error::from(NotStarted("job did not start".into()));
+        assert_eq!(exit_code(&crashed.context("deploy")), Exit::NotStarted);
     }
 
     #[test]

@@ -8,6 +8,7 @@ mod client;
 mod demo;
 mod install;
 mod output;
+mod progress;
 
 use std::io::Read;
 use std::path::Path;
@@ -18,7 +19,7 @@ use cli::{ApplyArgs, Cli, Command, Waiting};
 use output::{ago, bytes, table, utc};
 use phoenix_model::proto::{
     Accepted, Applied, AuditEntry, Deleted, Forgotten, ImageView, MasterInfo, NodeView, Rejected,
-    Request, ServiceView, WaitingNode,
+    Request, ServiceView, Settled, Verdict, WaitingNode,
 };
 
 use phoenix_model::spec::Spec;
@@ -119,6 +120,7 @@ fn run(cli: Cli) -> Result<()> {
                     timeout: Duration::from_millis(a.health_timeout_ms.max(10)),
                 },
                 stop_timeout: Duration::from_millis(a.stop_timeout_ms),
+                min_uptime: Duration::from_millis(a.min_uptime_ms),
                 log_max_bytes: a.log_max_bytes,
                 keep_free: a.keep_free_mb.map(|mb| mb << 20),
                 stats_every: Duration::from_secs(5),
@@ -569,8 +571,17 @@ async fn apply(a: ApplyArgs, update: bool) -> Result<()> {
     wait_running(&a.target.data_dir, &applied, a.waiting, a.json.json).await
 }
 
-/// Waits until services a change touched run (or settle failed), unless
-/// `--detach`; prints them, and fails if any failed.
+/// How often a wait's progress is looked at.
+const PROGRESS_EVERY: Duration = Duration::from_millis(300);
+/// The log lines shown of a service that did not start.
+const FAILED_LOG_LINES: usize = 10;
+/// How long the log of a failed service may take to arrive.
+const LOG_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Waits until the services a change touched have a verdict (unless
+/// `--detach`), showing progress meanwhile; prints each one, with the
+/// reason and its last log lines when it did not start. Fails with exit
+/// code 7 if any did not start, 6 if a machine is unreachable.
 async fn wait_running(
     data_dir: &Path,
     applied: &[Applied],
@@ -583,27 +594,126 @@ async fn wait_running(
         }
         return Ok(());
     }
+    let names: Vec<String> = applied.iter().map(|v| v.name.clone()).collect();
     let wait = Request::Wait {
-        names: applied.iter().map(|v| v.name.clone()).collect(),
+        names: names.clone(),
         timeout_ms: waiting.timeout_s.saturating_mul(1000),
     };
-    let views: Vec<ServiceView> = client::call(data_dir, &wait)
-        .await
-        .context("the change is stored, but the services did not settle")?;
-    if json {
-        return print_json(&views);
+    let mut progress = (!json).then(progress::Progress::on_stderr);
+    let settled = {
+        let call = client::call::<Vec<Settled>>(data_dir, &wait);
+        tokio::pin!(call);
+        let mut tick = tokio::time::interval(PROGRESS_EVERY);
+        loop {
+            tokio::select! {
+                r = &mut call => break r,
+                _ = tick.tick(), if progress.is_some() => {
+                    // Progress is a courtesy: a failed look shows nothing.
+                    if let (Some(p), Ok(all)) = (
+                        progress.as_mut(),
+                        client::call::<Vec<ServiceView>>(data_dir, &Request::Services).await,
+                    ) {
+                        p.show(all.iter().filter(|v| names.contains(&v.name)));
+                    }
+                }
+            }
+        }
+    };
+    if let Some(p) = progress.as_mut() {
+        p.clear();
     }
-    let mut failed = Vec::new();
-    for v in &views {
-        println!("  {:<24} {:<8} pid {}", v.name, v.state, opt(v.pid));
-        if v.state == "failed" {
-            failed.push(v.name.clone());
+    let settled = settled.context("the change is stored, but the services did not settle")?;
+    if json {
+        print_json(&settled)?;
+    } else {
+        for s in &settled {
+            print_settled(data_dir, s).await;
         }
     }
+    let failed: Vec<String> = settled
+        .iter()
+        .filter(|s| s.verdict == Verdict::Failed)
+        .map(|s| {
+            format!(
+                "{} failed: {}",
+                s.view.name,
+                s.reason.as_deref().unwrap_or("did not start")
+            )
+        })
+        .collect();
     if !failed.is_empty() {
-        bail!("failed: {}", failed.join(", "));
+        let hint: Vec<&str> = settled
+            .iter()
+            .filter(|s| s.verdict == Verdict::Failed)
+            .map(|s| s.view.name.as_str())
+            .collect();
+        return Err(client::NotStarted(format!(
+            "{}; the change is stored and its machine keeps trying (`phoenix status {}`, \
+             `phoenix logs {}`)",
+            failed.join("; "),
+            hint[0],
+            hint[0]
+        ))
+        .into());
+    }
+    let unreachable: Vec<&str> = settled
+        .iter()
+        .filter(|s| s.verdict == Verdict::Unreachable)
+        .filter_map(|s| s.reason.as_deref())
+        .collect();
+    if !unreachable.is_empty() {
+        let mut reasons = unreachable;
+        reasons.dedup();
+        return Err(client::MasterRefused {
+            kind: phoenix_model::proto::ErrorKind::Unavailable,
+            message: reasons.join("; "),
+        }
+        .into());
     }
     Ok(())
+}
+
+/// One service's line after a wait; for one that did not start, its last
+/// log lines too.
+async fn print_settled(data_dir: &Path, s: &Settled) {
+    let v = &s.view;
+    match s.verdict {
+        Verdict::Running | Verdict::Exited | Verdict::Waiting => {
+            println!("  {:<24} {:<11} pid {}", v.name, s.verdict.as_str(), opt(v.pid));
+        }
+        Verdict::Unreachable => println!(
+            "  {:<24} {:<11} {}",
+            v.name,
+            s.verdict.as_str(),
+            s.reason.as_deref().unwrap_or("")
+        ),
+        Verdict::Failed => {
+            println!(
+                "  {:<24} {:<11} {} ({}, restarts {})",
+                v.name,
+                s.verdict.as_str(),
+                s.reason.as_deref().unwrap_or("did not start"),
+                v.state,
+                v.restarts
+            );
+            let tail = tokio::time::timeout(
+                LOG_TIMEOUT,
+                client::log_tail(data_dir, &v.name, FAILED_LOG_LINES),
+            )
+            .await;
+            match tail {
+                Ok(Ok(text)) if text.trim().is_empty() => println!("    (its log is empty)"),
+                Ok(Ok(text)) => {
+                    println!("    last lines of its log:");
+                    for line in text.lines() {
+                        println!("    | {line}");
+                    }
+                }
+                Ok(Err(e)) => println!("    (its log cannot be read: {e:#})"),
+                Err(_) => println!("    (its log did not arrive within {LOG_TIMEOUT:?})"),
+            }
+        }
+    }
 }
 
 /// `del`: removes the service, then (unless `--detach`) waits until its

@@ -207,9 +207,14 @@ fn oneshot_is_not_restarted_and_keeps_its_exit_code() {
     );
     bad["duration"] = json!("oneshot");
     let out = c.phoenix_stdin(&["deploy", "-"], &json!([ok, bad]).to_string());
-    // deploy waits for the services to settle, and says which failed.
-    assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("failed: job-bad"));
+    // deploy waits for the services to settle, and says which failed
+    // (exit code 7: stored, but not started).
+    assert_eq!(out.status.code(), Some(7));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("job-bad failed: exited with code 3"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     std::thread::sleep(Duration::from_secs(2));
     let s = c.status("job-ok");
     assert_eq!(

@@ -8,7 +8,7 @@
 use std::collections::HashMap;
 use std::sync::Mutex;
 
-use phoenix_model::proto::{ImageSync, ServiceView};
+use phoenix_model::proto::{ImageSync, ServiceView, Settled, Verdict};
 use phoenix_model::spec::Duration as SpecDuration;
 use phoenix_model::status::{NodeStats, ServiceState, ServiceStatus, now_ms};
 use tokio::sync::watch;
@@ -16,6 +16,96 @@ use tokio::sync::watch;
 use super::{ApiError, Hub, desired_sets};
 use crate::lock;
 use crate::store::Service;
+
+/// A machine disconnected this long during a wait makes its services'
+/// verdict `unreachable`: long enough for a minion that is just connecting
+/// (a restart) to come up, short enough to answer a deploy to a machine that
+/// is down within a couple of seconds.
+pub const UNREACHABLE_AFTER: std::time::Duration = std::time::Duration::from_secs(1);
+/// How often a wait looks at reachability when nothing is reported.
+const WAIT_TICK: std::time::Duration = std::time::Duration::from_millis(250);
+
+/// What a wait is about for one service: its generation at the change.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Wanted {
+    pub generation: u64,
+    pub oneshot: bool,
+}
+
+/// The verdict on one service for a wait, from its last report and, when
+/// its machine has been disconnected for [`UNREACHABLE_AFTER`], that
+/// machine's name; with the reason for a failure.
+///
+/// The rules (the README's deploy section says them too):
+/// - a daemon has settled once this generation runs: the minion reports
+///   `running` only after a health check passed or, without one, after its
+///   minimum uptime, so a service that exits at once never counts;
+/// - a oneshot has settled once this generation ended: `exited` (status 0)
+///   is success, `failed` is failure;
+/// - `backoff` of this generation fails the wait at once: the minion
+///   restarts a first crash immediately and backs off only from the second
+///   consecutive one (or a start that failed twice: an exec error, an image
+///   that cannot be fetched or unpacked), so a daemon that crashes once and
+///   then runs still succeeds, while a crash loop fails within its first
+///   two runs; so do `unhealthy` and `failed`;
+/// - a running older generation whose status says this one is held back
+///   (its new image cannot be fetched) fails the wait with that message;
+/// - anything else is still waiting, unless the machine is unreachable.
+///
+/// A report of a newer generation than the one waited for (another change
+/// came meanwhile) is judged as if it were the one.
+pub fn judge(
+    want: &Wanted,
+    status: Option<&ServiceStatus>,
+    unreachable: Option<&str>,
+) -> (Verdict, Option<String>) {
+    let waiting = |status: Option<&ServiceStatus>| match unreachable {
+        Some(machine) => (
+            Verdict::Unreachable,
+            Some(match status {
+                Some(s) if s.generation >= want.generation => format!(
+                    "machine {machine:?} is unreachable (last known: {}); the change is stored \
+                     and takes effect when the machine reconnects",
+                    s.state.as_str()
+                ),
+                _ => format!(
+                    "machine {machine:?} is unreachable; the change is stored and takes effect \
+                     when the machine reconnects"
+                ),
+            }),
+        ),
+        None => (Verdict::Waiting, None),
+    };
+    let Some(s) = status else {
+        return waiting(None);
+    };
+    if s.generation < want.generation {
+        let held = format!("generation {} is held back", want.generation);
+        return match &s.message {
+            Some(m) if m.contains(&held) => (Verdict::Failed, Some(m.clone())),
+            _ => waiting(Some(s)),
+        };
+    }
+    let why = |fallback: String| Some(s.message.clone().unwrap_or(fallback));
+    match s.state {
+        ServiceState::Running if !want.oneshot => (Verdict::Running, None),
+        ServiceState::Exited if want.oneshot => (Verdict::Exited, None),
+        ServiceState::Failed => (
+            Verdict::Failed,
+            why(match s.last_exit {
+                Some(e) => format!("exited with {e}"),
+                None => "failed".into(),
+            }),
+        ),
+        ServiceState::Backoff => (Verdict::Failed, why("backing off".into())),
+        ServiceState::Unhealthy => (Verdict::Failed, why("unhealthy".into())),
+        // Starting; a oneshot that runs; a daemon being stopped for the
+        // change.
+        ServiceState::Starting
+        | ServiceState::Running
+        | ServiceState::Exited => waiting(Some(s)),
+    }
+}
 
 /// What a minion reported last about itself.
 #[derive(Clone, Debug, Default)]
@@ -224,64 +314,87 @@ impl Hub {
         }
     }
 
-    /// Waits until every named service reports its current generation as
-    /// settled (see below), or the timeout passes.
+    /// Waits until every named service has a verdict for its current
+    /// generation ([`judge`]), or the timeout passes (an `unavailable`
+    /// error naming where each one stands).
     pub async fn wait(
         &self,
         names: &[String],
         timeout: std::time::Duration,
-    ) -> Result<Vec<ServiceView>, ApiError> {
+    ) -> Result<Vec<Settled>, ApiError> {
         let mut changes = self.observed.changes.subscribe();
         let deadline = tokio::time::Instant::now() + timeout;
-        // What "settled" means per service, read from the store once.
-        let wanted: Vec<(String, u64, bool)> = {
+        // What each service's verdict is about, read from the store once.
+        let wanted: Vec<(Wanted, String)> = {
             let mut store = self.store();
             let tx = store.read()?;
             names
                 .iter()
                 .map(|n| {
                     let s = tx.service(n)?.ok_or_else(|| ApiError::no_service(n))?;
-                    Ok((
-                        s.spec.name,
-                        s.generation,
-                        s.spec.duration == SpecDuration::Oneshot,
-                    ))
+                    let want = Wanted {
+                        generation: s.generation,
+                        oneshot: s.spec.duration == SpecDuration::Oneshot,
+                    };
+                    Ok((want, s.spec.machine))
                 })
                 .collect::<Result<_, ApiError>>()?
         };
-        let pending = || -> Vec<String> {
-            let o = lock(&self.observed.state);
-            wanted
-                .iter()
-                .filter(|(name, generation, oneshot)| {
-                    // A daemon has settled once it runs; a oneshot once it ended.
-                    let done: &[ServiceState] = if *oneshot {
-                        &[ServiceState::Exited, ServiceState::Failed]
-                    } else {
-                        &[ServiceState::Running, ServiceState::Failed]
-                    };
-                    !o.statuses
-                        .get(name)
-                        .is_some_and(|s| s.generation == *generation && done.contains(&s.state))
-                })
-                .map(|(name, _, _)| name.clone())
-                .collect()
-        };
+        // Machine → since when this wait has seen it disconnected.
+        let mut disconnected: HashMap<String, tokio::time::Instant> = HashMap::new();
         loop {
-            let left = pending();
-            if left.is_empty() {
-                return names.iter().map(|n| self.status(n)).collect();
+            let now = tokio::time::Instant::now();
+            for (_, machine) in &wanted {
+                if self.is_connected(machine) {
+                    disconnected.remove(machine);
+                } else {
+                    disconnected.entry(machine.clone()).or_insert(now);
+                }
             }
-            match tokio::time::timeout_at(deadline, changes.changed()).await {
+            let verdicts: Vec<(Verdict, Option<String>)> = {
+                let o = lock(&self.observed.state);
+                names
+                    .iter()
+                    .zip(&wanted)
+                    .map(|(name, (want, machine))| {
+                        let unreachable = disconnected
+                            .get(machine)
+                            .is_some_and(|since| now - *since >= UNREACHABLE_AFTER)
+                            .then_some(machine.as_str());
+                        judge(want, o.statuses.get(name), unreachable)
+                    })
+                    .collect()
+            };
+            if verdicts.iter().all(|(v, _)| *v != Verdict::Waiting) {
+                return names
+                    .iter()
+                    .zip(verdicts)
+                    .map(|(n, (verdict, reason))| {
+                        Ok(Settled {
+                            view: self.status(n)?,
+                            verdict,
+                            reason,
+                        })
+                    })
+                    .collect();
+            }
+            // Reachability is polled: a link that drops, or one that has
+            // not come up, is noticed within a tick.
+            let tick = now + WAIT_TICK;
+            match tokio::time::timeout_at(deadline.min(tick), changes.changed()).await {
                 Ok(Ok(())) => {}
-                _ => {
-                    let detail: Vec<String> = left
+                Ok(Err(_)) => return Err(ApiError::Internal("the master is stopping".into())),
+                Err(_) if tokio::time::Instant::now() >= deadline => {
+                    let detail: Vec<String> = names
                         .iter()
-                        .map(|n| {
-                            format!(
-                                "{n} ({})",
-                                self.status(n).map(|v| v.state).unwrap_or_default()
-                            )
+                        .zip(&verdicts)
+                        .filter(|(_, (v, _))| *v == Verdict::Waiting)
+                        .map(|(n, _)| match self.status(n) {
+                            Ok(v) => match v.message {
+                                Some(m) => format!("{n} ({}: {m})", v.state),
+                                None => format!("{n} ({})", v.state),
+                            },
+                            Err(_) => n.clone(),
                         })
                         .collect();
                     return Err(ApiError::Unavailable(format!(
@@ -290,6 +403,7 @@ impl Hub {
                         detail.join(", ")
                     )));
                 }
+                Err(_) => {}
             }
         }
     }
@@ -339,5 +453,169 @@ impl Hub {
                 Err(_) => {}
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use phoenix_model::status::{Exit, Health};
+
+    use super::*;
+
+    const DAEMON: Wanted = Wanted {
+        generation: 2,
+        oneshot: false,
+    };
+    const ONESHOT: Wanted = Wanted {
+        generation: 2,
+        oneshot: true,
+    };
+
+    fn status(generation: u64, state: ServiceState, message: Option<&str>) -> ServiceStatus {
+        ServiceStatus {
+            name: "web".into(),
+            generation,
+            state,
+            pid: None,
+            restarts: 0,
+            last_exit: None,
+            limits: None,
+            health: Health::None,
+            since: 0,
+            message: message.map(str::to_owned),
+        }
+    }
+
+    fn verdict(want: &Wanted, s: Option<&ServiceStatus>) -> Verdict {
+        judge(want, s, None).0
+    }
+
+    #[test]
+    fn a_daemon_settles_when_this_generation_runs_and_fails_on_backoff() {
+        use ServiceState::*;
+        assert_eq!(verdict(&DAEMON, None), Verdict::Waiting);
+        // The old generation running says nothing about the new one.
+        assert_eq!(
+            verdict(&DAEMON, Some(&status(1, Running, None))),
+            Verdict::Waiting
+        );
+        for (state, expected) in [
+            (Starting, Verdict::Waiting),
+            (Exited, Verdict::Waiting),
+            (Running, Verdict::Running),
+            (Backoff, Verdict::Failed),
+            (Unhealthy, Verdict::Failed),
+            (Failed, Verdict::Failed),
+        ] {
+            assert_eq!(
+                verdict(&DAEMON, Some(&status(2, state, None))),
+                expected,
+                "{state:?}"
+            );
+        }
+        // The minion's reason is the verdict's.
+        let crashing = status(2, Backoff, Some("exited with code 2; restarting in 100 ms"));
+        assert_eq!(
+            judge(&DAEMON, Some(&crashing), None),
+            (
+                Verdict::Failed,
+                Some("exited with code 2; restarting in 100 ms".into())
+            )
+        );
+        // A newer generation than the one waited for is judged the same.
+        assert_eq!(
+            verdict(&DAEMON, Some(&status(3, Running, None))),
+            Verdict::Running
+        );
+    }
+
+    #[test]
+    fn a_oneshot_settles_when_it_ends_and_fails_on_a_nonzero_exit() {
+        use ServiceState::*;
+        assert_eq!(
+            verdict(&ONESHOT, Some(&status(2, Running, None))),
+            Verdict::Waiting
+        );
+        assert_eq!(
+            verdict(&ONESHOT, Some(&status(2, Exited, None))),
+            Verdict::Exited
+        );
+        assert_eq!(
+            verdict(&ONESHOT, Some(&status(1, Exited, None))),
+            Verdict::Waiting
+        );
+        let mut failed = status(2, Failed, None);
+        failed.last_exit = Some(Exit {
+            code: Some(1),
+            signal: None,
+            at: 0,
+        });
+        assert_eq!(
+            judge(&ONESHOT, Some(&failed), None),
+            (Verdict::Failed, Some("exited with code 1".into()))
+        );
+        // An image it cannot fetch backs it off: a failure too.
+        assert_eq!(
+            verdict(&ONESHOT, Some(&status(2, Backoff, Some("no space")))),
+            Verdict::Failed
+        );
+    }
+
+    #[test]
+    fn a_held_back_generation_fails_with_the_minions_message() {
+        let held = status(
+            1,
+            ServiceState::Running,
+            Some("generation 1 keeps running: generation 2 is held back: disk full"),
+        );
+        assert_eq!(
+            judge(&DAEMON, Some(&held), None),
+            (
+                Verdict::Failed,
+                Some("generation 1 keeps running: generation 2 is held back: disk full".into())
+            )
+        );
+        // Held back for another generation: not this wait's business.
+        let other = status(
+            1,
+            ServiceState::Running,
+            Some("generation 1 keeps running: generation 22 is held back: disk full"),
+        );
+        assert_eq!(verdict(&DAEMON, Some(&other)), Verdict::Waiting);
+    }
+
+    #[test]
+    fn an_unreachable_machine_ends_only_a_wait_without_a_verdict() {
+        let (v, why) = judge(&DAEMON, None, Some("m9"));
+        assert_eq!(v, Verdict::Unreachable);
+        let why = why.unwrap();
+        assert!(why.starts_with("machine \"m9\" is unreachable"), "{why}");
+        assert!(why.contains("the change is stored"), "{why}");
+        let (v, why) = judge(
+            &DAEMON,
+            Some(&status(2, ServiceState::Starting, None)),
+            Some("m9"),
+        );
+        assert_eq!(v, Verdict::Unreachable);
+        assert!(why.unwrap().contains("last known: starting"));
+        // What it reported before it went away stands.
+        assert_eq!(
+            judge(
+                &DAEMON,
+                Some(&status(2, ServiceState::Running, None)),
+                Some("m9")
+            )
+            .0,
+            Verdict::Running
+        );
+        assert_eq!(
+            judge(
+                &DAEMON,
+                Some(&status(2, ServiceState::Backoff, None)),
+                Some("m9")
+            )
+            .0,
+            Verdict::Failed
+        );
     }
 }
