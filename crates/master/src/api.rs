@@ -45,13 +45,9 @@ fn actor(stream: &UnixStream) -> String {
         return "unknown".into();
     };
     let uid = cred.uid();
-    let user = std::fs::read_to_string("/etc/passwd").ok().and_then(|p| {
-        p.lines().find_map(|l| {
-            let mut f = l.split(':');
-            let name = f.next()?;
-            (f.nth(1)? == uid.to_string()).then(|| name.to_owned())
-        })
-    });
+    let user = std::fs::read_to_string("/etc/passwd")
+        .ok()
+        .and_then(|p| phoenix_host::users::user_by_uid(&p, uid).map(|u| u.name.to_owned()));
     match user {
         Some(u) => format!("uid {uid} ({u})"),
         None => format!("uid {uid}"),

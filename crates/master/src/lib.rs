@@ -87,12 +87,9 @@ pub enum MasterError {
 /// A connection task's error, logged when the connection ends.
 pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-/// Locks a mutex of the master's in-memory state. A panic while holding one
-/// leaves plain data behind, still consistent enough to serve; it must not
-/// poison the whole master.
-pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
+/// Locks a mutex of the master's in-memory state (a panic while holding
+/// one must not poison the whole master).
+pub(crate) use phoenix_model::lock;
 
 /// The CLI socket's path in a data dir.
 pub fn socket_path(data_dir: &std::path::Path) -> PathBuf {

@@ -6,6 +6,7 @@
 
 use std::sync::Arc;
 
+use phoenix_model::framed::{self, LinkDrop, LinkTiming, SendError};
 use phoenix_model::proto::{MAX_FRAME, ToMaster, ToMinion, read_frame, write_frame};
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
@@ -121,15 +122,24 @@ async fn link(
         }
     }
     let timeout = hub.settings.node_timeout;
-    let heartbeat = timeout / 3;
+    // Both sides speak at least every third of the timeout; a minion silent
+    // for the whole of it is gone (cut off, or its host is down).
+    let timing = LinkTiming {
+        heartbeat: timeout / 3,
+        silence: timeout,
+    };
     let welcome = ToMinion::Welcome {
         master_key: hub.info.key.clone(),
-        heartbeat_ms: heartbeat.as_millis() as u64,
+        heartbeat_ms: timing.heartbeat.as_millis() as u64,
     };
     write_frame(&mut stream, &welcome).await?;
     tracing::info!(node = %name, revision, "minion connected");
 
-    let (mut rd, mut wr) = stream.into_split();
+    let (rd, wr) = stream.into_split();
+    let (to_minion, mut from_minion) =
+        framed::spawn::<ToMaster, _, _, _>(rd, wr, &ToMinion::Heartbeat, timing, MAX_FRAME)?;
+    // The hub queues messages here; they are encoded onto the link below,
+    // where one too large for a frame is logged and skipped.
     let (tx, mut rx) = mpsc::unbounded_channel::<ToMinion>();
     let conn = hub.connect(&name, &version, tx);
     hub.push_desired([name.as_str()]);
@@ -139,56 +149,90 @@ async fn link(
             images: hub.registry.catalog(),
         },
     );
-    let writer = tokio::spawn(async move {
-        let mut beat = tokio::time::interval(heartbeat);
-        loop {
-            let msg = tokio::select! {
-                msg = rx.recv() => match msg {
-                    Some(m) => m,
-                    None => break,
+    let reason = loop {
+        tokio::select! {
+            queued = rx.recv() => match queued {
+                Some(msg) => match to_minion.send(&msg) {
+                    Ok(()) => {}
+                    Err(SendError::Encode(e)) => tracing::error!(
+                        node = %name,
+                        "{} not sent: {e}",
+                        describe(&msg)
+                    ),
+                    // The link ended: its receiver says why.
+                    Err(SendError::Closed) => {}
                 },
-                _ = beat.tick() => ToMinion::Heartbeat,
-            };
-            if write_frame(&mut wr, &msg).await.is_err() {
-                break;
-            }
-        }
-        let _ = wr.shutdown().await;
-    });
-    let result = async {
-        loop {
-            // A minion heartbeats every third of the timeout; silence this
-            // long means it is gone (cut off, or its host is down).
-            let msg =
-                match tokio::time::timeout(timeout, read_frame::<_, ToMaster>(&mut rd, MAX_FRAME))
-                    .await
-                {
-                    Ok(Ok(Some(m))) => m,
-                    Ok(Ok(None)) => return Ok(()),
-                    Ok(Err(e)) => return Err(e.into()),
-                    Err(_) => {
-                        return Err(format!("no heartbeat for {} ms", timeout.as_millis()).into());
-                    }
-                };
-            match msg {
-                ToMaster::Heartbeat => hub.touch(&name),
-                ToMaster::Status { services, full } => hub.report_status(&name, services, full),
-                ToMaster::Gone { names } => hub.report_gone(&name, names),
-                ToMaster::Node(stats) => hub.report_node(&name, stats),
-                ToMaster::Images(sync) => hub.report_images(&name, sync),
-                ToMaster::LogData { stream, data } => hub.log_event(stream, LogEvent::Data(data)),
-                ToMaster::LogEnd { stream, error } => hub.log_event(stream, LogEvent::End(error)),
-                other => {
-                    return Err::<(), BoxError>(format!("unexpected message {other:?}").into());
+                None => {
+                    break "closed by the master (a newer connection from the node, or the node was forgotten)".to_owned();
                 }
-            }
+            },
+            frame = from_minion.recv() => match frame {
+                Ok(msg) => {
+                    if let Err(unexpected) = handle(&hub, &name, msg) {
+                        break unexpected;
+                    }
+                }
+                Err(LinkDrop::PeerClosed) => break "the minion closed the connection".to_owned(),
+                Err(drop) => break drop.to_string(),
+            },
         }
+    };
+    hub.disconnect(&name, conn, &reason);
+    drop(from_minion);
+    tracing::warn!(node = %name, "minion link dropped: {reason}");
+    Ok(())
+}
+
+/// Takes in one message from a connected minion; one it should not send
+/// ends the link, with this reason.
+fn handle(hub: &Hub, name: &str, msg: ToMaster) -> Result<(), String> {
+    match msg {
+        ToMaster::Heartbeat => hub.touch(name),
+        ToMaster::Status { services, full } => hub.report_status(name, services, full),
+        ToMaster::Gone { names } => hub.report_gone(name, names),
+        ToMaster::Node(stats) => hub.report_node(name, stats),
+        ToMaster::Images(sync) => hub.report_images(name, sync),
+        ToMaster::LogData { stream, data } => hub.log_event(stream, LogEvent::Data(data)),
+        ToMaster::LogEnd { stream, error } => hub.log_event(stream, LogEvent::End(error)),
+        other => return Err(format!("unexpected message {}", describe_up(&other))),
     }
-    .await;
-    hub.disconnect(&name, conn);
-    writer.abort();
-    tracing::info!(node = %name, "minion disconnected");
-    result
+    Ok(())
+}
+
+/// A message to a minion, named for a log line (not its whole content: a
+/// desired set can be megabytes).
+fn describe(msg: &ToMinion) -> String {
+    match msg {
+        ToMinion::Desired(set) => format!(
+            "desired set of revision {} ({} services)",
+            set.revision,
+            set.services.len()
+        ),
+        ToMinion::Catalog { images } => format!("catalog of {} images", images.len()),
+        ToMinion::Logs { service, .. } => format!("log request for {service:?}"),
+        ToMinion::Welcome { .. } => "welcome".into(),
+        ToMinion::Heartbeat => "heartbeat".into(),
+        ToMinion::Refused { .. } => "refusal".into(),
+        ToMinion::LogsCancel { .. } => "log cancel".into(),
+        ToMinion::Index { .. } => "index".into(),
+        ToMinion::Chunks { .. } => "chunk batch".into(),
+    }
+}
+
+/// A minion's message, named for a log line.
+fn describe_up(msg: &ToMaster) -> &'static str {
+    match msg {
+        ToMaster::Hello { .. } => "hello",
+        ToMaster::Heartbeat => "heartbeat",
+        ToMaster::Status { .. } => "status",
+        ToMaster::Gone { .. } => "gone",
+        ToMaster::Node(_) => "node stats",
+        ToMaster::LogData { .. } => "log data",
+        ToMaster::LogEnd { .. } => "log end",
+        ToMaster::FetchIndex { .. } => "fetch index",
+        ToMaster::FetchChunks { .. } => "fetch chunks",
+        ToMaster::Images(_) => "images",
+    }
 }
 
 /// Serves one image fetch: its index, then the chunks the minion lacks, in

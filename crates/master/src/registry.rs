@@ -199,10 +199,9 @@ impl Registry {
             .collect();
         let saved = SavedCatalog { files, previous };
         let path = self.indexes_dir.join("catalog.json");
-        let tmp = self.indexes_dir.join(".catalog.tmp");
         let text = serde_json::to_vec(&saved).unwrap_or_default();
-        if let Err(e) = std::fs::write(&tmp, text).and_then(|()| std::fs::rename(&tmp, &path)) {
-            tracing::warn!("cannot save {}: {e}", path.display());
+        if let Err(e) = phoenix_host::fs::write_atomic(&path, &text) {
+            tracing::warn!("cannot save the registry catalog: {e}");
         }
     }
 
@@ -331,10 +330,8 @@ impl Registry {
         if saved.exists() {
             return Ok(());
         }
-        let tmp = self.indexes_dir.join(format!(".{}.tmp", index.file_hash));
-        std::fs::write(&tmp, index.to_json())
-            .and_then(|()| std::fs::rename(&tmp, &saved))
-            .map_err(Self::io(&saved))
+        phoenix_host::fs::write_atomic(&saved, index.to_json().as_bytes())
+            .map_err(|e| Self::io(&saved)(e.into()))
     }
 
     fn load_index(&self, hash: &str) -> Option<Index> {
@@ -533,6 +530,11 @@ impl Registry {
         let meta = f.metadata().map_err(Self::io(tmp))?;
         let (size, mtime) = (meta.len(), meta.modified().map_err(Self::io(tmp))?);
         std::fs::rename(tmp, &path).map_err(Self::io(&path))?;
+        // The rename is an entry in the registry directory: synced, so an
+        // acknowledged push survives a crash (the data was synced above).
+        File::open(&self.dir)
+            .and_then(|d| d.sync_all())
+            .map_err(Self::io(&self.dir))?;
         let r = ImageRef {
             hash: index.file_hash.clone(),
             size,

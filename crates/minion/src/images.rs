@@ -1,7 +1,7 @@
 //! The minion's image cache: files named by their BLAKE3 hash.
 //!
 //! The master sends its catalog (every registry image) on connect and on
-//! every change; [`prefetch`] fetches what this minion lacks, the images of
+//! every change; [`ImageCache::prefetch`] fetches what this minion lacks, the images of
 //! its own services first, so a deploy finds its image already here. An
 //! image is synced over a link connection of its own: first its index (the
 //! ordered chunk list, `phoenix-chunks`, saved in `DATA_DIR/indexes`), then
@@ -19,7 +19,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use phoenix_chunks::{Index, Seeds};
@@ -29,7 +29,10 @@ use phoenix_model::proto::{
 use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 
-use crate::supervisor::Ctx;
+use phoenix_host::Host;
+use phoenix_model::lock;
+
+use crate::backoff::Backoff;
 
 /// Chunks asked for per round trip (about 8 MiB at the 128 KiB average).
 const BATCH_CHUNKS: usize = 64;
@@ -37,9 +40,12 @@ const BATCH_CHUNKS: usize = 64;
 /// Room left free on the minion's disk beyond what an image needs.
 const MARGIN: u64 = 8 << 20;
 
-/// A failed pre-fetch is tried again after this long (or on the next
+/// A failed fetch is tried again after this long at most (or on the next
 /// catalog or desired set).
 pub const RETRY: Duration = Duration::from_secs(30);
+/// The first wait before trying a failed pre-fetch again; it doubles up to
+/// [`RETRY`] while fetches keep failing.
+const RETRY_FIRST: Duration = Duration::from_secs(2);
 
 pub struct ImageCache {
     pub dir: PathBuf,
@@ -68,14 +74,12 @@ pub struct ImageCache {
     wanted: Mutex<BTreeMap<String, String>>,
     /// What the master is told (`ToMaster::Images`).
     sync: tokio::sync::watch::Sender<ImageSync>,
-    /// Wakes [`prefetch`] (catalog or desired set changed).
+    /// Wakes [`ImageCache::prefetch`] (catalog or desired set changed).
     wake: tokio::sync::Notify,
     /// What pre-caching leaves free (`None`: a tenth of the disk, ≤ 1 GiB).
     keep_free: Option<u64>,
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
+    /// Where free disk space is asked.
+    host: Arc<dyn Host>,
 }
 
 impl ImageCache {
@@ -109,6 +113,7 @@ impl ImageCache {
             sync: tokio::sync::watch::Sender::new(ImageSync::default()),
             wake: tokio::sync::Notify::new(),
             keep_free,
+            host: Arc::new(phoenix_host::Linux),
         };
         cache.sync.send_modify(|s| s.held = cache.held());
         Ok(cache)
@@ -259,12 +264,11 @@ impl ImageCache {
         // Saved first: its chunks are then kept by a collection even if
         // this fetch is cut off, and the next one resumes from them.
         let saved = self.indexes_dir.join(format!("{hash}.json"));
-        let tmp = self.indexes_dir.join(format!(".{hash}.tmp"));
-        std::fs::write(&tmp, json)
-            .and_then(|()| std::fs::rename(&tmp, &saved))
+        phoenix_host::fs::write_atomic(&saved, json.as_bytes())
+            .map_err(std::io::Error::from)
             .map_err(|e| {
                 if matches!(e.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT)) {
-                    ctx(&full_disk(&self.dir, index.size, 0))
+                    ctx(&self.full_disk(index.size, 0))
                 } else {
                     ctx(&e)
                 }
@@ -281,7 +285,7 @@ impl ImageCache {
                 let _ = self.chunks.remove(h);
             }
             let _ = std::fs::remove_file(&assembled_at);
-            ctx(&full_disk(&self.dir, need, 0))
+            ctx(&self.full_disk(need, 0))
         };
         for attempt in 0..2 {
             // Chunks of the images already here are read from their files.
@@ -292,11 +296,11 @@ impl ImageCache {
             // The missing chunks, then the assembled file: refuse at once
             // what cannot fit rather than fill the disk first.
             let need = total + index.size;
-            let free = crate::link::disk_free(&self.dir);
+            let free = self.disk_free();
             tracing::debug!(image, need, ?free, "fetching chunks");
             if free.is_some_and(|free| free < need + reserve) {
                 let _ = std::fs::remove_file(&assembled_at);
-                return Err(ctx(&full_disk(&self.dir, need, reserve)));
+                return Err(ctx(&self.full_disk(need, reserve)));
             }
             let mut done = 0u64;
             let progress = |done: u64| {
@@ -398,6 +402,9 @@ impl ImageCache {
         let tmp = assembled_at;
         std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755))
             .and_then(|()| std::fs::rename(&tmp, self.path(hash)))
+            // The rename is an entry in the directory: without this a crash
+            // could lose it (the file's data was synced when assembled).
+            .and_then(|()| std::fs::File::open(&self.dir)?.sync_all())
             .map_err(|e| ctx(&e))?;
         tracing::info!(image = %image, size = index.size, moved, "image synced");
         Ok(())
@@ -658,65 +665,78 @@ fn collect(
     Ok(stats)
 }
 
-fn full_disk(dir: &Path, need: u64, reserve: u64) -> String {
-    let free =
-        crate::link::disk_free(dir).map_or_else(|| "?".into(), |b| format!("{} MB", b >> 20));
-    let keep = if reserve > 0 {
-        format!(" and {} MB must stay free", reserve >> 20)
-    } else {
-        String::new()
-    };
-    format!(
-        "no space left on the minion's disk: {} has {free} free, this image needs up to {} MB more{keep}; the images already here stay in use",
-        dir.display(),
-        need.div_ceil(1 << 20)
-    )
-}
+impl ImageCache {
+    /// Free bytes (for unprivileged users) on the cache's filesystem.
+    fn disk_free(&self) -> Option<u64> {
+        self.host.disk_space(&self.dir).ok().map(|d| d.free)
+    }
 
-/// Fetches the catalog's images this minion lacks, those of its own
-/// services first, one at a time; then collects. Runs for the minion's life.
-pub async fn prefetch(ctx: Arc<Ctx>) {
-    let cache = &ctx.images;
-    loop {
-        let todo: Vec<(String, String)> = {
-            let wanted = lock(&cache.wanted).clone();
-            let catalog = lock(&cache.catalog).clone().unwrap_or_default();
-            let mut todo: Vec<(String, String)> = wanted
-                .into_iter()
-                .map(|(hash, name)| (name, hash))
-                .collect();
-            todo.extend(catalog.into_iter().map(|e| (e.name, e.hash)));
-            let mut seen = HashSet::new();
-            todo.retain(|(_, hash)| seen.insert(hash.clone()) && !cache.path(hash).exists());
-            todo
-        };
-        let mut failed = false;
-        // Images no service here uses yet are cached only while a tenth of
-        // the disk (at most 1 GiB) stays free for the services themselves.
-        let reserve = cache.keep_free.unwrap_or_else(|| {
-            crate::link::disk_space(&cache.dir)
-                .map_or(MARGIN, |(total, _)| (total / 10).min(1 << 30))
-        });
-        let reserve = reserve.max(MARGIN);
-        for (name, hash) in &todo {
-            let wanted = lock(&cache.wanted).contains_key(hash);
-            let leave = if wanted { MARGIN } else { reserve };
-            if let Err(e) = cache.ensure_leaving(name, hash, leave).await {
-                tracing::warn!(image = %name, "pre-fetch: {e}");
-                failed = true;
-            }
-        }
-        match cache.collect().await {
-            Ok(s) if s.removed > 0 => {
-                tracing::info!(files = s.removed, bytes = s.bytes, "image cache collected");
-            }
-            Ok(_) => {}
-            Err(e) => tracing::warn!("image cache collection: {e}"),
-        }
-        if failed {
-            let _ = tokio::time::timeout(RETRY, cache.wake.notified()).await;
+    fn full_disk(&self, need: u64, reserve: u64) -> String {
+        let free = self
+            .disk_free()
+            .map_or_else(|| "?".into(), |b| format!("{} MB", b >> 20));
+        let keep = if reserve > 0 {
+            format!(" and {} MB must stay free", reserve >> 20)
         } else {
-            cache.wake.notified().await;
+            String::new()
+        };
+        format!(
+            "no space left on the minion's disk: {} has {free} free, this image needs up to {} MB more{keep}; the images already here stay in use",
+            self.dir.display(),
+            need.div_ceil(1 << 20)
+        )
+    }
+
+    /// Fetches the catalog's images this minion lacks, those of its own
+    /// services first, one at a time; then collects. Runs for the minion's
+    /// life; after a pass with a failure it tries again with backoff (or at
+    /// once on a new catalog or desired set).
+    pub async fn prefetch(&self) {
+        let mut retry = Backoff::new(RETRY_FIRST, 2, RETRY);
+        loop {
+            let todo: Vec<(String, String)> = {
+                let wanted = lock(&self.wanted).clone();
+                let catalog = lock(&self.catalog).clone().unwrap_or_default();
+                let mut todo: Vec<(String, String)> = wanted
+                    .into_iter()
+                    .map(|(hash, name)| (name, hash))
+                    .collect();
+                todo.extend(catalog.into_iter().map(|e| (e.name, e.hash)));
+                let mut seen = HashSet::new();
+                todo.retain(|(_, hash)| seen.insert(hash.clone()) && !self.path(hash).exists());
+                todo
+            };
+            let mut failed = false;
+            // Images no service here uses yet are cached only while a tenth
+            // of the disk (at most 1 GiB) stays free for the services
+            // themselves.
+            let reserve = self.keep_free.unwrap_or_else(|| {
+                self.host
+                    .disk_space(&self.dir)
+                    .map_or(MARGIN, |d| (d.total / 10).min(1 << 30))
+            });
+            let reserve = reserve.max(MARGIN);
+            for (name, hash) in &todo {
+                let wanted = lock(&self.wanted).contains_key(hash);
+                let leave = if wanted { MARGIN } else { reserve };
+                if let Err(e) = self.ensure_leaving(name, hash, leave).await {
+                    tracing::warn!(image = %name, "pre-fetch: {e}");
+                    failed = true;
+                }
+            }
+            match self.collect().await {
+                Ok(s) if s.removed > 0 => {
+                    tracing::info!(files = s.removed, bytes = s.bytes, "image cache collected");
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!("image cache collection: {e}"),
+            }
+            if failed {
+                let _ = tokio::time::timeout(retry.next_wait(), self.wake.notified()).await;
+            } else {
+                retry.reset();
+                self.wake.notified().await;
+            }
         }
     }
 }

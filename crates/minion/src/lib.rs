@@ -14,6 +14,7 @@
 //! On start the minion applies the desired set saved on disk before it even
 //! tries to reach the master, adopting processes a previous run started.
 
+mod backoff;
 pub mod driver;
 pub mod health;
 pub mod images;
@@ -169,7 +170,10 @@ pub async fn run(cfg: MinionConfig) -> Result<(), MinionError> {
         reports: report_tx,
     });
     let watcher = tokio::spawn(logs::watcher(files, log_rx));
-    tokio::spawn(images::prefetch(ctx.clone()));
+    tokio::spawn({
+        let ctx = ctx.clone();
+        async move { ctx.images.prefetch().await }
+    });
     let mut sup = supervisor::Supervisor::new(ctx.clone());
     let mut revision = 0;
     // Run what we ran before, master or no master.

@@ -15,10 +15,12 @@ use phoenix_model::proto::{
     write_frame,
 };
 use phoenix_model::status::{NodeStats, ServiceStatus};
-use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 
+use phoenix_model::framed::{self, LinkDrop, LinkTiming, SendError};
+
+use crate::backoff::Backoff;
 use crate::logs::LogCmd;
 use crate::supervisor::{Ctx, Report, Supervisor};
 
@@ -59,6 +61,9 @@ const VERSION: &str = env!("CARGO_PKG_VERSION");
 /// The first wait before asking to join again, and the longest.
 const JOIN_RETRY_FIRST: Duration = Duration::from_millis(500);
 const JOIN_RETRY_MAX: Duration = Duration::from_secs(30);
+/// The first wait before dialling the link again, and the longest.
+const RECONNECT_FIRST: Duration = Duration::from_millis(100);
+const RECONNECT_MAX: Duration = Duration::from_secs(5);
 /// A held join connection on which the master has said nothing for this
 /// long is given up and asked again (it sends `Waiting` every 20 s).
 const JOIN_SILENCE: Duration = Duration::from_secs(65);
@@ -72,7 +77,7 @@ const JOIN_SILENCE: Duration = Duration::from_secs(65);
 /// another key. Returns our overlay address once accepted.
 pub async fn join(id: &Identity) -> Result<Ipv6Addr, LinkError> {
     let fingerprint = phoenix_model::keys::fingerprint(&id.key);
-    let mut delay = JOIN_RETRY_FIRST;
+    let mut backoff = Backoff::new(JOIN_RETRY_FIRST, 2, JOIN_RETRY_MAX).with_jitter();
     let mut told_waiting = false;
     loop {
         let mut waited = false;
@@ -80,9 +85,9 @@ pub async fn join(id: &Identity) -> Result<Ipv6Addr, LinkError> {
         // A connection that got as far as waiting was a good one: the next
         // try starts over from the shortest wait.
         if waited {
-            delay = JOIN_RETRY_FIRST;
+            backoff.reset();
         }
-        let pause = jittered(delay);
+        let pause = backoff.next_wait();
         match result {
             Ok(Some(ip)) => return Ok(ip),
             Ok(None) => tracing::info!(
@@ -93,19 +98,7 @@ pub async fn join(id: &Identity) -> Result<Ipv6Addr, LinkError> {
             Err(e) => tracing::warn!("join: {e}; asking again in {} ms", pause.as_millis()),
         }
         tokio::time::sleep(pause).await;
-        delay = (delay * 2).min(JOIN_RETRY_MAX);
     }
-}
-
-/// `base` scaled by a random factor in [0.5, 1.5), so minions refused
-/// together do not all ask again at the same moment.
-fn jittered(base: Duration) -> Duration {
-    use std::hash::{BuildHasher, Hasher};
-    // Each RandomState is seeded afresh: a random number without a crate.
-    let r = std::collections::hash_map::RandomState::new()
-        .build_hasher()
-        .finish();
-    base.mul_f64(0.5 + (r % 1024) as f64 / 1024.0)
 }
 
 /// One join connection: `Ok(None)` if it ended before a decision,
@@ -190,9 +183,9 @@ pub async fn run(
     stats_every: Duration,
 ) -> Result<(), LinkError> {
     let mut latest: HashMap<String, ServiceStatus> = HashMap::new();
-    let mut delay = Duration::from_millis(100);
+    let mut backoff = Backoff::new(RECONNECT_FIRST, 2, RECONNECT_MAX);
     loop {
-        match session(
+        let ended = session(
             &id,
             &ctx,
             &mut sup,
@@ -200,10 +193,12 @@ pub async fn run(
             &mut reports,
             &mut latest,
             stats_every,
+            &mut backoff,
         )
-        .await
-        {
-            Ok(()) => delay = Duration::from_millis(100),
+        .await;
+        let delay = backoff.next_wait();
+        match ended {
+            Ok(()) => {}
             Err(e @ LinkError::WrongMaster { .. }) => return Err(e),
             Err(e) => tracing::warn!("link: {e}; reconnecting in {} ms", delay.as_millis()),
         }
@@ -221,7 +216,6 @@ pub async fn run(
                 },
             }
         }
-        delay = (delay * 2).min(Duration::from_secs(5));
     }
 }
 
@@ -237,6 +231,7 @@ fn absorb(latest: &mut HashMap<String, ServiceStatus>, r: &Report) {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn session(
     id: &Identity,
     ctx: &Arc<Ctx>,
@@ -245,6 +240,7 @@ async fn session(
     reports: &mut mpsc::UnboundedReceiver<Report>,
     latest: &mut HashMap<String, ServiceStatus>,
     stats_every: Duration,
+    backoff: &mut Backoff,
 ) -> Result<(), LinkError> {
     let addr = id.link_addr;
     let err = |e: &dyn std::fmt::Display| LinkError::Connection {
@@ -283,8 +279,20 @@ async fn session(
         other => return Err(err(&format!("unexpected answer {other:?}"))),
     };
     tracing::info!(master = %addr, "connected to the master");
+    // Welcomed: a later drop reconnects from the shortest wait.
+    backoff.reset();
 
-    let (mut rd, mut wr) = s.into_split();
+    // The master heartbeats as often as we do; three missed means it is gone.
+    let timing = LinkTiming {
+        heartbeat,
+        silence: heartbeat * 3,
+    };
+    let (rd, wr) = s.into_split();
+    let (link, mut frames) =
+        framed::spawn::<ToMinion, _, _, _>(rd, wr, &ToMaster::Heartbeat, timing, MAX_FRAME)
+            .map_err(|e| err(&e))?;
+    // Log streams and request handlers queue their messages here; they go
+    // onto the link from the loop below.
     let (out_tx, mut out_rx) = mpsc::unbounded_channel::<ToMaster>();
     let _ = out_tx.send(ToMaster::Node(node_stats(ctx)));
     let mut sync = ctx.images.sync_state();
@@ -293,55 +301,28 @@ async fn session(
         services: latest.values().cloned().collect(),
         full: true,
     });
-    let writer = tokio::spawn(async move {
-        let mut beat = tokio::time::interval(heartbeat);
-        loop {
-            let msg = tokio::select! {
-                msg = out_rx.recv() => match msg {
-                    Some(m) => m,
-                    None => break,
-                },
-                _ = beat.tick() => ToMaster::Heartbeat,
-            };
-            if write_frame(&mut wr, &msg).await.is_err() {
-                break;
-            }
-        }
-        let _ = wr.shutdown().await;
-    });
-    // The master heartbeats as often as we do; three missed means it is gone.
-    let silence = heartbeat * 3;
-    // Frames are read in a task of their own: reading is not cancel-safe,
-    // so it must not be a branch of the select below.
-    let (frames_tx, mut frames) = mpsc::channel(16);
-    let reader = tokio::spawn(async move {
-        loop {
-            let r = read_frame::<_, ToMinion>(&mut rd, MAX_FRAME).await;
-            let end = !matches!(r, Ok(Some(_)));
-            if frames_tx.send(r).await.is_err() || end {
-                break;
-            }
-        }
-    });
     let mut stats = tokio::time::interval(stats_every);
     stats.tick().await;
-    let mut heard = tokio::time::Instant::now();
     let mut fresh = true;
-    let result = loop {
+    loop {
         tokio::select! {
             msg = frames.recv() => match msg {
-                Some(Ok(Some(msg))) => {
-                    heard = tokio::time::Instant::now();
-                    handle(ctx, sup, revision, &mut fresh, msg, &out_tx).await;
+                Ok(msg) => handle(ctx, sup, revision, &mut fresh, msg, &out_tx).await,
+                Err(LinkDrop::PeerClosed) => return Err(err(&"the master closed the connection")),
+                Err(LinkDrop::Silent(d)) => {
+                    return Err(err(&format!("no heartbeat from the master for {} ms", d.as_millis())));
                 }
-                Some(Ok(None)) | None => break Err(err(&"connection closed")),
-                Some(Err(e)) => break Err(err(&e)),
+                Err(drop) => return Err(err(&drop)),
             },
-            _ = tokio::time::sleep_until(heard + silence) => {
-                break Err(err(&format!("no heartbeat from the master for {} ms", silence.as_millis())));
-            }
+            Some(msg) = out_rx.recv() => match link.send(&msg) {
+                Ok(()) => {}
+                // Too large for a frame: said here, and the link goes on.
+                Err(SendError::Encode(e)) => tracing::error!("not sent to the master: {e}"),
+                // The link ended: `frames` says why.
+                Err(SendError::Closed) => {}
+            },
             r = reports.recv() => {
-                let Some(r) = r else { break Ok(()) };
+                let Some(r) = r else { return Ok(()) };
                 // Coalesce: send everything already queued in one frame.
                 let mut changed = Vec::new();
                 let mut gone = Vec::new();
@@ -382,10 +363,7 @@ async fn session(
                 let _ = out_tx.send(ToMaster::Node(node_stats(ctx)));
             }
         }
-    };
-    writer.abort();
-    reader.abort();
-    result
+    }
 }
 
 async fn handle(
@@ -526,27 +504,11 @@ pub fn node_stats(ctx: &Ctx) -> NodeStats {
             }
         }
     }
-    if let Some((total, free)) = disk_space(data_dir) {
-        s.disk_total = total;
-        s.disk_available = free;
+    if let Ok(space) = phoenix_host::Host::disk_space(&phoenix_host::Linux, data_dir) {
+        s.disk_total = space.total;
+        s.disk_available = space.free;
     }
     s
-}
-
-/// Size and free bytes (for unprivileged users) of the filesystem of `path`.
-pub fn disk_space(path: &std::path::Path) -> Option<(u64, u64)> {
-    let path = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).ok()?;
-    // SAFETY: statvfs fills the zeroed struct we own from a valid C string.
-    unsafe {
-        let mut st: libc::statvfs = std::mem::zeroed();
-        (libc::statvfs(path.as_ptr(), &mut st) == 0)
-            .then(|| (st.f_blocks * st.f_frsize, st.f_bavail * st.f_frsize))
-    }
-}
-
-/// Free bytes on the filesystem of `path`.
-pub fn disk_free(path: &std::path::Path) -> Option<u64> {
-    disk_space(path).map(|(_, free)| free)
 }
 
 #[cfg(test)]
@@ -615,13 +577,5 @@ mod join_tests {
         assert!(matches!(err, LinkError::JoinRefused { .. }), "{err}");
         assert!(err.to_string().contains("an admin rejected"), "{err}");
         assert_eq!(served.await.unwrap(), 1);
-    }
-
-    #[test]
-    fn jitter_stays_within_half_to_one_and_a_half() {
-        let base = Duration::from_secs(10);
-        let waits: Vec<Duration> = (0..50).map(|_| jittered(base)).collect();
-        assert!(waits.iter().all(|w| *w >= base / 2 && *w < base * 3 / 2));
-        assert!(waits.iter().any(|w| *w != waits[0]), "no jitter: {waits:?}");
     }
 }

@@ -16,3 +16,11 @@ pub mod net;
 pub mod proto;
 pub mod spec;
 pub mod status;
+
+/// Locks a mutex of in-memory state, taking over one whose holder
+/// panicked: the data is plain values, still consistent enough to serve,
+/// and one panic must not take down every later caller (the master's hub,
+/// the minion's image cache).
+pub fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}

@@ -24,6 +24,12 @@ pub const PROTOCOL_VERSION: u32 = 1;
 /// The largest frame accepted (a desired set of thousands of services fits).
 pub const MAX_FRAME: usize = 64 << 20;
 
+/// The largest desired set the master sends a minion, serialized. Well
+/// under [`MAX_FRAME`], so a set that passed the deploy check always fits
+/// in a frame (with room for a newer master's additions to it); a change
+/// that would go past it is refused at deploy.
+pub const MAX_DESIRED_SET: usize = MAX_FRAME / 4;
+
 /// The largest join request accepted on the public endpoint.
 pub const MAX_JOIN_FRAME: usize = 4 << 10;
 
@@ -538,6 +544,19 @@ pub struct NodeView {
     pub version: Option<String>,
     pub services: usize,
     pub stats: Option<NodeStats>,
+    /// Why the node's last link ended, and when; None if it has not
+    /// dropped since the master started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_drop: Option<LinkDropView>,
+}
+
+/// One end of a minion's link, as the master saw it.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct LinkDropView {
+    /// e.g. `no heartbeat for 6000 ms`.
+    pub reason: String,
+    /// Unix ms.
+    pub at: u64,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]

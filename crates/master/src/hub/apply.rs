@@ -15,12 +15,12 @@
 //! Every refusal reports all errors at once and changes nothing. After a
 //! commit, the nodes whose sets changed get them from the reconciler.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::Ipv6Addr;
 use std::sync::Mutex;
 
 use phoenix_model::net;
-use phoenix_model::proto::{Applied, Deleted};
+use phoenix_model::proto::{Applied, Deleted, DesiredSet, MAX_DESIRED_SET};
 use phoenix_model::spec::{
     Duration as SpecDuration, Kind, Spec, SpecError, SpecErrors, parse_specs,
 };
@@ -93,6 +93,58 @@ fn proxyport_clashes(specs: &[Spec], stored: &[Service]) -> Vec<(usize, String)>
         }
     }
     clashes
+}
+
+/// Refuses a change after which one of `machines` would get a desired
+/// set of more than `limit` bytes (as JSON, as it is sent): the set must
+/// always fit in one link frame. Names each machine, its size and the limit.
+fn desired_sets_fit(
+    sets: &BTreeMap<String, DesiredSet>,
+    machines: &BTreeSet<String>,
+    limit: usize,
+) -> Result<(), ApiError> {
+    let too_large: Vec<String> = machines
+        .iter()
+        .filter_map(|m| {
+            let size = serialized_size(sets.get(m)?);
+            (size > limit).then(|| {
+                format!(
+                    "the desired set of machine {m:?} would be {size} bytes ({}), over the limit of {limit} bytes ({})",
+                    mib(size),
+                    mib(limit)
+                )
+            })
+        })
+        .collect();
+    if too_large.is_empty() {
+        return Ok(());
+    }
+    Err(ApiError::Invalid(format!(
+        "{}; nothing was changed: make the specs smaller (large args or env) or place some services on another machine",
+        too_large.join("; ")
+    )))
+}
+
+/// Bytes of `value` as JSON, counted without keeping them.
+fn serialized_size(value: &impl serde::Serialize) -> usize {
+    struct Count(usize);
+    impl std::io::Write for Count {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0 += buf.len();
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut count = Count(0);
+    // Serializing plain data into a writer that never fails cannot fail.
+    let _ = serde_json::to_writer(&mut count, value);
+    count.0
+}
+
+fn mib(bytes: usize) -> String {
+    format!("{:.1} MiB", bytes as f64 / f64::from(1 << 20))
 }
 
 /// A service as the audit log records it: its spec with its address, and
@@ -334,6 +386,9 @@ impl Hub {
             for m in &touched {
                 tx.bump_revision(m)?;
             }
+            // Checked on the sets as they would be sent; an error here rolls
+            // the whole change back.
+            desired_sets_fit(&super::desired_sets(tx)?, &touched, MAX_DESIRED_SET)?;
             Ok(applied)
         })?;
         self.push_desired(touched.iter().map(String::as_str));
@@ -430,7 +485,7 @@ impl Hub {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use std::cell::Cell;
     use std::path::Path;
 
@@ -444,7 +499,8 @@ mod tests {
 
     /// A hub with one accepted machine `m1`, one waiting `m2`, and a binary
     /// `app` in its registry.
-    fn hub(dir: &Path) -> Hub {
+    /// A hub with m1 accepted and m2 waiting, and an `app` image.
+    pub(in crate::hub) fn hub(dir: &Path) -> Hub {
         let mut store = Store::open(&dir.join("phoenix.db")).unwrap();
         store
             .write(|tx| -> Result<(), crate::store::StoreError> {
@@ -871,7 +927,7 @@ mod tests {
         .unwrap();
         hub.report_status("m1", vec![running("web", 1)], false);
         hub.delete("root", "web").unwrap();
-        hub.disconnect("m1", conn);
+        hub.disconnect("m1", conn, "no heartbeat for 6000 ms");
         let e = hub
             .wait_gone(&names("web"), std::time::Duration::from_secs(5))
             .await
@@ -904,5 +960,89 @@ mod tests {
         assert_eq!(formats.check("h1", Some("v2"), open(Ok(()))), Ok(()));
         assert_eq!(formats.check("h2", None, open(Ok(()))), Ok(()));
         assert_eq!(opened.get(), 3);
+    }
+
+    #[test]
+    fn a_desired_set_over_the_limit_is_refused_naming_machine_size_and_limit() {
+        let set = DesiredSet {
+            revision: 7,
+            services: Vec::new(),
+        };
+        let size = serialized_size(&set);
+        assert_eq!(size, serde_json::to_vec(&set).unwrap().len());
+        let sets = BTreeMap::from([("m1".to_owned(), set.clone()), ("m2".to_owned(), set)]);
+        let m1 = BTreeSet::from(["m1".to_owned()]);
+        desired_sets_fit(&sets, &m1, size).expect("a set of exactly the limit fits");
+        let e = desired_sets_fit(&sets, &m1, size - 1).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Invalid);
+        let text = e.to_string();
+        assert!(text.contains(r#"machine "m1""#), "{text}");
+        assert!(text.contains(&format!("{size} bytes")), "{text}");
+        assert!(
+            text.contains(&format!("limit of {} bytes", size - 1)),
+            "{text}"
+        );
+        assert!(
+            !text.contains("m2"),
+            "only the machines the change touches: {text}"
+        );
+    }
+
+    #[test]
+    fn deploys_adding_up_past_the_desired_set_limit_are_refused_and_change_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let hub = hub(dir.path());
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        hub.connect("m1", "0", tx);
+        // Specs as large as a spec may be (args and env at their limit),
+        // enough of them to fill most of the limit in one file.
+        let arg = "a".repeat(phoenix_model::spec::MAX_ARGS_ENV_BYTES - 1024);
+        let per_spec = arg.len();
+        let file = |prefix: &str, n: usize| {
+            let specs: Vec<String> = (0..n)
+                .map(|i| {
+                    format!(
+                        r#"{{"machine":"m1","name":"{prefix}{i}","image":"app","type":"binary","duration":"oneshot","args":["{arg}"]}}"#
+                    )
+                })
+                .collect();
+            format!("[{}]", specs.join(","))
+        };
+        let half = MAX_DESIRED_SET / 2 / per_spec + 1;
+        hub.apply("root", Apply::Deploy, "a.json", &file("a", half))
+            .unwrap();
+        assert_eq!(desired(&mut rx).map(|(_, names)| names.len()), Some(half));
+        let e = hub
+            .apply("root", Apply::Deploy, "b.json", &file("b", half))
+            .unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Invalid);
+        let text = e.to_string();
+        assert!(text.contains(r#"machine "m1""#), "{text}");
+        assert!(
+            text.contains(&format!("limit of {MAX_DESIRED_SET} bytes")),
+            "{text}"
+        );
+        assert_eq!(desired(&mut rx), None, "a refusal pushes nothing");
+        {
+            let mut store = hub.store();
+            let tx = store.read().unwrap();
+            assert_eq!(
+                tx.services().unwrap().len(),
+                half,
+                "nothing of b.json stored"
+            );
+        }
+        // A small change still goes through.
+        hub.apply(
+            "root",
+            Apply::Deploy,
+            "c.json",
+            &spec("c", "m1", "app", "binary"),
+        )
+        .unwrap();
+        assert_eq!(
+            desired(&mut rx).map(|(_, names)| names.len()),
+            Some(half + 1)
+        );
     }
 }

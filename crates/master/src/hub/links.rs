@@ -9,7 +9,7 @@
 use std::collections::HashMap;
 use std::sync::Mutex;
 
-use phoenix_model::proto::ToMinion;
+use phoenix_model::proto::{LinkDropView, ToMinion};
 use phoenix_model::status::now_ms;
 use tokio::sync::mpsc;
 
@@ -23,25 +23,37 @@ pub struct Link {
     pub tx: mpsc::UnboundedSender<ToMinion>,
 }
 
-/// node name → its link.
+/// The connected minions, and why each one's last link ended.
 #[derive(Default)]
-pub(super) struct Links(Mutex<HashMap<String, Link>>);
+pub(super) struct Links {
+    /// node name → its link.
+    live: Mutex<HashMap<String, Link>>,
+    /// node name → how its last link ended (kept in memory, for `nodes`).
+    drops: Mutex<HashMap<String, LinkDropView>>,
+}
 
 impl Hub {
     /// Registers a minion's connection, replacing an older one.
     pub fn connect(&self, name: &str, version: &str, tx: mpsc::UnboundedSender<ToMinion>) -> u64 {
         let conn = self.next_id();
-        lock(&self.links.0).insert(name.to_owned(), Link { conn, tx });
+        lock(&self.links.live).insert(name.to_owned(), Link { conn, tx });
         self.seen_connect(name, version, now_ms());
         conn
     }
 
-    /// Unregisters a connection (unless a newer one replaced it) and ends
-    /// the log streams it carried.
-    pub fn disconnect(&self, name: &str, conn: u64) {
-        let mut links = lock(&self.links.0);
+    /// Unregisters a connection (unless a newer one replaced it), notes
+    /// why it ended, and ends the log streams it carried.
+    pub fn disconnect(&self, name: &str, conn: u64, reason: &str) {
+        let mut links = lock(&self.links.live);
         if links.get(name).is_some_and(|l| l.conn == conn) {
             links.remove(name);
+            lock(&self.links.drops).insert(
+                name.to_owned(),
+                LinkDropView {
+                    reason: reason.to_owned(),
+                    at: now_ms(),
+                },
+            );
             self.end_streams_of(name);
         }
         drop(links);
@@ -49,24 +61,31 @@ impl Hub {
         self.status_changed();
     }
 
-    /// Drops a node's link, which closes its connection.
+    /// Drops a node's link, which closes its connection (a forgotten node:
+    /// nothing about its links is kept).
     pub(super) fn drop_link(&self, name: &str) {
-        lock(&self.links.0).remove(name);
+        lock(&self.links.live).remove(name);
+        lock(&self.links.drops).remove(name);
+    }
+
+    /// How a node's last link ended, if one did since the master started.
+    pub fn last_drop(&self, node: &str) -> Option<LinkDropView> {
+        lock(&self.links.drops).get(node).cloned()
     }
 
     pub fn is_connected(&self, node: &str) -> bool {
-        lock(&self.links.0).contains_key(node)
+        lock(&self.links.live).contains_key(node)
     }
 
     pub fn send(&self, node: &str, msg: ToMinion) -> bool {
-        lock(&self.links.0)
+        lock(&self.links.live)
             .get(node)
             .is_some_and(|l| l.tx.send(msg).is_ok())
     }
 
     /// Sends a message to every connected minion.
     pub fn broadcast(&self, msg: &ToMinion) {
-        for link in lock(&self.links.0).values() {
+        for link in lock(&self.links.live).values() {
             let _ = link.tx.send(msg.clone());
         }
     }
@@ -96,5 +115,49 @@ impl Hub {
             self.send(node, ToMinion::Desired(set));
         }
         drop(store);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_dropped_link_is_shown_with_its_reason_until_the_node_is_forgotten() {
+        let dir = tempfile::tempdir().unwrap();
+        let hub = super::super::apply::tests::hub(dir.path());
+        let view = |hub: &Hub| {
+            hub.nodes()
+                .unwrap()
+                .into_iter()
+                .find(|n| n.name == "m1")
+                .unwrap()
+        };
+        assert_eq!(view(&hub).last_drop, None);
+
+        let (tx, _rx) = mpsc::unbounded_channel();
+        let old = hub.connect("m1", "0", tx);
+        // A newer connection replaces it: the old one's end is no drop.
+        let (tx, _rx2) = mpsc::unbounded_channel();
+        let new = hub.connect("m1", "0", tx);
+        hub.disconnect("m1", old, "closed by the master");
+        assert_eq!(view(&hub).last_drop, None);
+        assert_eq!(view(&hub).state, "reachable");
+
+        let before = now_ms();
+        hub.disconnect("m1", new, "no heartbeat for 6000 ms");
+        let node = view(&hub);
+        assert_eq!(node.state, "unreachable");
+        let drop = node.last_drop.expect("the drop is shown");
+        assert_eq!(drop.reason, "no heartbeat for 6000 ms");
+        assert!(drop.at >= before, "{drop:?}");
+        let json = serde_json::to_value(view(&hub)).unwrap();
+        assert_eq!(
+            json["last_drop"]["reason"],
+            serde_json::json!("no heartbeat for 6000 ms")
+        );
+
+        hub.drop_link("m1");
+        assert_eq!(view(&hub).last_drop, None);
     }
 }
