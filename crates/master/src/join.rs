@@ -178,6 +178,24 @@ pub async fn serve(hub: Arc<Hub>, listener: TcpListener) {
     }
 }
 
+/// Step 1, pure and cheap: whether a request is well-formed, and whether
+/// it proves the join token (`Ok(true)`) or carries no proof (`Ok(false)`).
+/// Every refusal here is final: asking again cannot change it.
+pub fn check_request(req: &JoinRequest, token: &str) -> Result<bool, String> {
+    check_hostname_label(&req.name).map_err(|r| format!("name: {r}"))?;
+    if !is_valid_public_key(&req.key) {
+        return Err("key is not a base64 WireGuard public key".into());
+    }
+    match &req.proof {
+        Some(p) if check_token_proof(token, &req.key, p) => Ok(true),
+        Some(_) => Err(
+            "wrong join token proof; check the token from `phoenix master-info` and start the minion again"
+                .into(),
+        ),
+        None => Ok(false),
+    }
+}
+
 /// What the endpoint does with a request.
 enum Answer {
     /// Reply and close. `loud`: worth a log line of its own.
@@ -244,22 +262,9 @@ impl Endpoint {
     /// Decides what to do with a request (steps 1 to 5 of the module doc).
     async fn answer(&self, req: &JoinRequest, source: IpAddr) -> Answer {
         let hub = &self.hub;
-        if let Err(r) = check_hostname_label(&req.name) {
-            return refuse(format!("name: {r}"), true, false);
-        }
-        if !is_valid_public_key(&req.key) {
-            return refuse("key is not a base64 WireGuard public key", true, false);
-        }
-        let proven = match &req.proof {
-            Some(p) if check_token_proof(&hub.info.token, &req.key, p) => true,
-            Some(_) => {
-                return refuse(
-                    "wrong join token proof; check the token from `phoenix master-info` and start the minion again",
-                    true,
-                    false,
-                );
-            }
-            None => false,
+        let proven = match check_request(req, &hub.info.token) {
+            Ok(proven) => proven,
+            Err(reason) => return refuse(reason, true, false),
         };
         let now = Instant::now();
         let repeat = crate::lock(&hub.joins).is_repeat(&req.name, &req.key, source);
