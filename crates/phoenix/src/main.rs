@@ -445,6 +445,13 @@ async fn command(cmd: Command) -> Result<()> {
                 ],
                 &rows,
             );
+            // Why each node's last link ended: the answer to "why is it
+            // unreachable" (or why it was, a moment ago).
+            for n in &list {
+                if let Some(d) = &n.last_drop {
+                    println!("{}: link dropped {}: {}", n.name, ago(d.at), d.reason);
+                }
+            }
         }
         Command::Images { target, json } => {
             let list: Vec<ImageView> = client::call(&target.data_dir, &Request::Images).await?;
