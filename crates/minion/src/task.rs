@@ -149,9 +149,8 @@ impl TaskRunner {
     /// uptime (an adopted task has shown that already): a service that
     /// exits at once must never look as if it runs.
     fn started_state(&self, adopted: bool) -> ServiceState {
-        let on_probation = !adopted
-            && self.a.spec.duration == Lifetime::Daemon
-            && !self.ctx.min_uptime.is_zero();
+        let on_probation =
+            !adopted && self.a.spec.duration == Lifetime::Daemon && !self.ctx.min_uptime.is_zero();
         if self.a.spec.healthcheck.is_some() || on_probation {
             ServiceState::Starting
         } else {

@@ -686,7 +686,12 @@ async fn print_settled(data_dir: &Path, s: &Settled) {
     let v = &s.view;
     match s.verdict {
         Verdict::Running | Verdict::Exited | Verdict::Waiting => {
-            println!("  {:<24} {:<11} pid {}", v.name, s.verdict.as_str(), opt(v.pid));
+            println!(
+                "  {:<24} {:<11} pid {}",
+                v.name,
+                s.verdict.as_str(),
+                opt(v.pid)
+            );
         }
         Verdict::Unreachable => println!(
             "  {:<24} {:<11} {}",

@@ -56,7 +56,10 @@ fn a_service_that_exits_at_once_fails_the_deploy_with_its_reason_and_log() {
     );
     assert!(stderr.contains("`phoenix logs quitter`"), "{stderr}");
     // The status message and the service's own last words.
-    assert!(stdout.contains("exited with code 2; restarting in"), "{stdout}");
+    assert!(
+        stdout.contains("exited with code 2; restarting in"),
+        "{stdout}"
+    );
     assert!(stdout.contains("| testy: stderr hello"), "{stdout}");
     // The spec is stored, and the minion keeps trying.
     assert_eq!(c.status("quitter")["state"], "backoff");
@@ -92,12 +95,21 @@ fn exec_errors_fail_fast_naming_the_error_for_each_service() {
     let alien_part = &stdout[stdout.find("  alien ").expect(&stdout)..];
     let orphan_part = &stdout[stdout.find("  orphan ").expect(&stdout)..];
     let (alien_part, orphan_part) = if alien_part.len() > orphan_part.len() {
-        (&alien_part[..alien_part.len() - orphan_part.len()], orphan_part)
+        (
+            &alien_part[..alien_part.len() - orphan_part.len()],
+            orphan_part,
+        )
     } else {
-        (alien_part, &orphan_part[..orphan_part.len() - alien_part.len()])
+        (
+            alien_part,
+            &orphan_part[..orphan_part.len() - alien_part.len()],
+        )
     };
     assert!(alien_part.contains("Exec format error"), "{stdout}");
-    assert!(orphan_part.contains("No such file or directory"), "{stdout}");
+    assert!(
+        orphan_part.contains("No such file or directory"),
+        "{stdout}"
+    );
 }
 
 #[test]
@@ -127,7 +139,11 @@ fn a_oneshot_that_fails_fails_the_deploy() {
     job["duration"] = json!("oneshot");
     let (out, took) = deploy(&c, &job, &[]);
     let (stdout, stderr) = failed_fast(&out, took, NOT_STARTED);
-    assert!(stderr.contains("job failed: exited with code 1"), "{stderr}");
+    assert!(
+        stderr.contains("job failed: exited with code 1"),
+        "{stderr}"
+    );
+    // Its own last words, though it ended at once.
     assert!(stdout.contains("| testy: stderr hello"), "{stdout}");
 }
 

@@ -101,9 +101,7 @@ pub fn judge(
         ServiceState::Unhealthy => (Verdict::Failed, why("unhealthy".into())),
         // Starting; a oneshot that runs; a daemon being stopped for the
         // change.
-        ServiceState::Starting
-        | ServiceState::Running
-        | ServiceState::Exited => waiting(Some(s)),
+        ServiceState::Starting | ServiceState::Running | ServiceState::Exited => waiting(Some(s)),
     }
 }
 
