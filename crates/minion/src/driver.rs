@@ -23,13 +23,14 @@
 //! 5. after a minion restart, [`Driver::recover`] takes the task back from
 //!    its run record, if that process still runs.
 //!
-//! Host operations (signals, pidfds, process start times) go through
-//! [`crate::process`]; the `oci` driver's mounts and cgroup writes are in
-//! its own module's host section. Those are the only places that touch the
-//! host, so pointing them at a host-operations crate changes no driver
-//! logic. Per-service resources (cgroups today, a network namespace next)
-//! belong around [`Driver::start`] in the runner, applied to the pid the
-//! handle names, for every kind of task alike.
+//! Host operations (signals, pidfds, process start times, mounts) go
+//! through the minion's [`phoenix_host::Host`], so the drivers are tested
+//! against its recording fake. Per-service resources are not the drivers'
+//! business: the runner puts every task in its service's cgroups
+//! ([`phoenix_host::cgroup`]) around [`Driver::start`], for every kind of
+//! task alike, and a driver only has the process it starts join them
+//! before exec ([`TaskConfig::cgroup`]). A network namespace goes the same
+//! way next.
 //!
 //! Methods that wait return boxed futures, so that drivers are trait
 //! objects ([`Drivers`] holds one per kind) and a fake driver can stand in
@@ -44,6 +45,8 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
+use phoenix_host::Host;
+use phoenix_host::cgroup::{CgroupJoin, CgroupMode};
 use phoenix_model::proto::Assignment;
 use phoenix_model::spec::Kind;
 use phoenix_model::status::Exit;
@@ -134,6 +137,11 @@ pub struct TaskConfig<'a> {
     pub env: &'a [(String, String)],
     /// The service's log file, opened for append: its stdout and stderr.
     pub log: std::fs::File,
+    /// The service's cgroups, opened for joining: the driver has the
+    /// process it starts (a binary; crun, whose container inherits them)
+    /// join them between fork and exec. `None` where the host tracks no
+    /// processes.
+    pub cgroup: Option<Arc<CgroupJoin>>,
 }
 
 impl TaskConfig<'_> {
@@ -165,8 +173,6 @@ pub struct TaskHandle {
     /// With the pid, names the process across pid reuse; persisted so a
     /// restarted minion can recover the task.
     pub start_time: u64,
-    /// What became of `memory` / `cpus`, for the status.
-    pub limits: Option<String>,
     pub process: Box<dyn RunningTask>,
 }
 
@@ -235,11 +241,15 @@ impl Drivers {
         Drivers { exec, oci }
     }
 
-    /// The real drivers, keeping their state under `data_dir`.
-    pub fn on_host(data_dir: &Path) -> Drivers {
+    /// The real drivers, keeping their state under `data_dir`, on a host
+    /// whose cgroups are mounted as `cgroups` says.
+    pub fn on_host(data_dir: &Path, host: Arc<dyn Host>, cgroups: CgroupMode) -> Drivers {
         Drivers::new(
-            Arc::new(exec::ExecDriver),
-            Arc::new(oci::OciDriver::new(data_dir)),
+            Arc::new(exec::ExecDriver::new(
+                host.clone(),
+                Some(data_dir.join("programs")),
+            )),
+            Arc::new(oci::OciDriver::new(data_dir, host, cgroups)),
         )
     }
 

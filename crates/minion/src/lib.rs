@@ -6,6 +6,7 @@
 //!   backoff, stop, adopt), the same for every kind of workload;
 //! - [`driver`]: how each kind runs (`exec` for binaries, `oci` for
 //!   containers): prepare, start, recover, stop, destroy;
+//! - [`hooks`]: per-service resources around every driver (cgroups);
 //! - [`process`], [`reaper`]: process groups, pidfds, start times, reaping;
 //! - [`health`], [`logs`], [`images`]: health checks, log files, image cache;
 //! - [`state`]: what the minion keeps on disk to run cut off from the master;
@@ -17,6 +18,7 @@
 mod backoff;
 pub mod driver;
 pub mod health;
+pub mod hooks;
 pub mod images;
 pub mod link;
 pub mod logs;
@@ -146,6 +148,12 @@ pub async fn run(cfg: MinionConfig) -> Result<(), MinionError> {
     };
     let (log_tx, log_rx) = mpsc::unbounded_channel();
     let (report_tx, report_rx) = mpsc::unbounded_channel();
+    let host: Arc<dyn phoenix_host::Host> = Arc::new(phoenix_host::Linux);
+    let cgroups = hooks::ServiceCgroups::new(
+        phoenix_host::cgroup::Cgroups::detect(host.clone()),
+        &keys.public(),
+    );
+    tracing::info!(mode = ?cgroups.mode(), "services' cgroups");
     let ctx = Arc::new(supervisor::Ctx {
         images: images::ImageCache::new(
             cfg.data_dir.join("images"),
@@ -158,7 +166,9 @@ pub async fn run(cfg: MinionConfig) -> Result<(), MinionError> {
             path: cfg.data_dir.join("chunks").display().to_string(),
             source: std::io::Error::other(e),
         })?,
-        drivers: driver::Drivers::on_host(&cfg.data_dir),
+        drivers: driver::Drivers::on_host(&cfg.data_dir, host.clone(), cgroups.mode()),
+        host,
+        cgroups,
         probe: Arc::new(health::HttpProbe),
         desired_writer: state.desired_writer(),
         logs: files.clone(),

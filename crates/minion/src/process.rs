@@ -1,6 +1,6 @@
 //! Processes: start one in its own process group, wait for it, end it.
-//! With [`crate::reaper`], this is where the drivers' signals, pidfds and
-//! process start times meet the host.
+//! Signals, pidfds and process start times go through the minion's
+//! [`Host`]; waiting for our own children goes through [`crate::reaper`].
 //!
 //! Every binary service runs as the leader of a new process group, so that
 //! stopping it (and cleaning up after it exits) reaches every process it
@@ -9,12 +9,16 @@
 //! process adopted after a minion restart is no longer our child, so its end
 //! is noticed through a pidfd and its exit status is unknown.
 
+use std::ffi::OsStr;
 use std::io;
-use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::os::unix::process::CommandExt;
 use std::process::Stdio;
+use std::sync::Arc;
 use std::time::Duration;
 
+use phoenix_host::cgroup::CgroupJoin;
+use phoenix_host::{Host, Signal};
 use phoenix_model::status::{Exit, now_ms};
 use tokio::io::unix::AsyncFd;
 
@@ -23,12 +27,19 @@ use crate::reaper;
 
 /// What to run.
 pub struct Launch<'a> {
+    /// The file to execute.
     pub program: &'a std::path::Path,
+    /// What the program sees as its name (`argv[0]`); the program's path
+    /// when `None`.
+    pub arg0: Option<&'a OsStr>,
     pub args: &'a [String],
     pub env: Vec<(String, String)>,
     pub cwd: &'a std::path::Path,
     /// Where stdout and stderr go (opened for append).
     pub log: std::fs::File,
+    /// The service's cgroups, joined between fork and exec so that the
+    /// program and everything it forks are in them from the start.
+    pub cgroup: Option<Arc<CgroupJoin>>,
 }
 
 /// How a process is signalled.
@@ -49,30 +60,40 @@ enum Waiter {
 
 /// A running service process.
 pub struct Proc {
+    host: Arc<dyn Host>,
     pid: u32,
     target: Target,
     waiter: Waiter,
 }
 
 impl Proc {
-    pub fn spawn(l: Launch<'_>) -> io::Result<Proc> {
+    pub fn spawn(host: Arc<dyn Host>, l: Launch<'_>) -> io::Result<Proc> {
         let err_log = l.log.try_clone()?;
-        let child = std::process::Command::new(l.program)
-            .args(l.args)
+        let mut cmd = std::process::Command::new(l.program);
+        if let Some(arg0) = l.arg0 {
+            cmd.arg0(arg0);
+        }
+        cmd.args(l.args)
             .env_clear()
             .envs(l.env)
             .current_dir(l.cwd)
             .stdin(Stdio::null())
             .stdout(Stdio::from(l.log))
             .stderr(Stdio::from(err_log))
-            .process_group(0)
-            .spawn()?;
-        Ok(Proc::child(child.id(), Target::Group))
+            .process_group(0);
+        if let Some(join) = l.cgroup {
+            // SAFETY: join_self only writes to descriptors opened before the
+            // fork (one write(2) each, no allocation): async-signal-safe.
+            unsafe { cmd.pre_exec(move || join.join_self()) };
+        }
+        let child = cmd.spawn()?;
+        Ok(Proc::child(host, child.id(), Target::Group))
     }
 
     /// A child of ours (also one reparented to us) to wait for.
-    pub fn child(pid: u32, target: Target) -> Proc {
+    pub fn child(host: Arc<dyn Host>, pid: u32, target: Target) -> Proc {
         Proc {
+            host,
             pid,
             target,
             waiter: Waiter::Child,
@@ -81,16 +102,17 @@ impl Proc {
 
     /// Takes over a process started by an earlier run of the minion, if it is
     /// still the same process (same pid and start time).
-    pub fn adopt(pid: u32, start_time: u64, target: Target) -> Option<Proc> {
-        if process_start_time(pid)? != start_time {
+    pub fn adopt(host: Arc<dyn Host>, pid: u32, start_time: u64, target: Target) -> Option<Proc> {
+        if host.process_start_time(pid)? != start_time {
             return None;
         }
-        let fd = pidfd_open(pid).ok()?;
+        let fd = host.pidfd_open(pid).ok()?;
         // SAFETY: `fd` is an OwnedFd we just opened; the AsyncFd owns it for
         // its whole life and nothing else closes or replaces it.
         let fd =
             unsafe { AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE) }.ok()?;
         Some(Proc {
+            host,
             pid,
             target,
             waiter: Waiter::Pidfd(fd),
@@ -113,11 +135,17 @@ impl Proc {
         }
     }
 
+    /// Sends signal number `sig` to the process (or its group). Errors (it
+    /// is already gone) are of no interest: its end is seen by `wait`.
     pub fn signal(&self, sig: i32) {
-        match self.target {
-            Target::Group => kill_group(self.pid, sig),
-            Target::Single => kill_one(self.pid, sig),
-        }
+        let Some(sig) = Signal::from_raw(sig) else {
+            tracing::warn!(pid = self.pid, "not a signal: {sig}");
+            return;
+        };
+        let _ = match self.target {
+            Target::Group => self.host.signal_group(self.pid, sig),
+            Target::Single => self.host.signal(self.pid, sig),
+        };
     }
 
     /// Stops the process: SIGTERM, then SIGKILL after `timeout`.
@@ -142,70 +170,6 @@ fn unknown_exit() -> Exit {
         signal: None,
         at: now_ms(),
     }
-}
-
-/// Sends `sig` to one process.
-pub fn kill_one(pid: u32, sig: i32) {
-    let Ok(pid) = libc::pid_t::try_from(pid) else {
-        return;
-    };
-    if pid <= 1 {
-        return;
-    }
-    // SAFETY: kill(2) takes plain integers and touches no memory of ours.
-    unsafe {
-        libc::kill(pid, sig);
-    }
-}
-
-/// Sends `sig` to every process of the group led by `pgid`. Errors (the
-/// group is already gone) are of no interest.
-pub fn kill_group(pgid: u32, sig: i32) {
-    let Ok(pgid) = libc::pid_t::try_from(pgid) else {
-        return;
-    };
-    if pgid <= 1 {
-        return;
-    }
-    // SAFETY: kill(2) with a negative pid signals a process group; it takes
-    // plain integers and touches no memory of ours.
-    unsafe {
-        libc::kill(-pgid, sig);
-    }
-}
-
-/// Whether any process of the group led by `pgid` is alive.
-pub fn group_alive(pgid: u32) -> bool {
-    let Ok(pgid) = libc::pid_t::try_from(pgid) else {
-        return false;
-    };
-    // SAFETY: signal 0 only checks for existence and permission.
-    unsafe { libc::kill(-pgid, 0) == 0 }
-}
-
-fn pidfd_open(pid: u32) -> io::Result<OwnedFd> {
-    // SAFETY: pidfd_open(2) takes a pid and flags and returns a new file
-    // descriptor or -1; it reads no memory of ours.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: the syscall returned a fresh descriptor that nothing else owns.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
-}
-
-/// The start time of a process in clock ticks since boot (`/proc/PID/stat`
-/// field 22); with the pid it names one process, even across pid reuse.
-pub fn process_start_time(pid: u32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name (field 2) may hold spaces and ')'; fields after the
-    // last ')' are plain. Field 3 is the first after it; 22 is the 20th.
-    let rest = &stat[stat.rfind(')')? + 1..];
-    let state = rest.split_whitespace().next()?;
-    if state == "Z" || state == "X" {
-        return None;
-    }
-    rest.split_whitespace().nth(19)?.parse().ok()
 }
 
 /// Raises the open-file limit to its hard maximum: every service holds a
@@ -242,34 +206,32 @@ fn page_size() -> u64 {
 mod tests {
     use super::*;
 
-    #[test]
-    fn start_time_of_self() {
-        let me = std::process::id();
-        let t = process_start_time(me).unwrap();
-        assert_eq!(process_start_time(me), Some(t));
-        assert_eq!(process_start_time(u32::MAX), None);
-    }
-
     #[tokio::test]
     async fn spawn_wait_and_group_stop() {
         let dir = tempfile::tempdir().unwrap();
         let log = std::fs::File::create(dir.path().join("log")).unwrap();
         let args: Vec<String> = vec!["-c".into(), "sleep 30 & sleep 30; echo never".into()];
         let _ = crate::reaper::start();
-        let mut p = Proc::spawn(Launch {
-            program: std::path::Path::new("/bin/sh"),
-            args: &args,
-            env: vec![("PATH".into(), "/usr/bin:/bin".into())],
-            cwd: dir.path(),
-            log,
-        })
+        let host: Arc<dyn Host> = Arc::new(phoenix_host::Linux);
+        let mut p = Proc::spawn(
+            host.clone(),
+            Launch {
+                program: std::path::Path::new("/bin/sh"),
+                arg0: None,
+                args: &args,
+                env: vec![("PATH".into(), "/usr/bin:/bin".into())],
+                cwd: dir.path(),
+                log,
+                cgroup: None,
+            },
+        )
         .unwrap();
         let pid = p.pid().unwrap();
-        assert!(group_alive(pid));
-        let start = process_start_time(pid).unwrap();
+        assert!(host.group_alive(pid));
+        let start = host.process_start_time(pid).unwrap();
         // The adopted view of the same process sees it end too.
-        let mut adopted = Proc::adopt(pid, start, Target::Group).unwrap();
-        assert!(Proc::adopt(pid, start + 1, Target::Group).is_none());
+        let mut adopted = Proc::adopt(host.clone(), pid, start, Target::Group).unwrap();
+        assert!(Proc::adopt(host.clone(), pid, start + 1, Target::Group).is_none());
         let exit = p.stop(Duration::from_secs(5)).await;
         assert_eq!(exit.signal, Some(libc::SIGTERM));
         tokio::time::timeout(Duration::from_secs(5), adopted.wait())
@@ -277,7 +239,7 @@ mod tests {
             .unwrap();
         // The background sleep of the group is gone too.
         for _ in 0..50 {
-            if !group_alive(pid) {
+            if !host.group_alive(pid) {
                 return;
             }
             tokio::time::sleep(Duration::from_millis(20)).await;

@@ -7,7 +7,9 @@
 //! - `desired.json`: the last desired set received;
 //! - `run/NAME.json`: the running task (pid, start time, generation, driver);
 //! - `run/NAME.done.json`: how a oneshot of a generation ended;
-//! - `logs/`, `images/`, `work/NAME/` (the service's working directory).
+//! - `logs/`, `images/`, `work/NAME/` (the service's working directory);
+//! - `programs/NAME/IMAGE`: a binary service's program, by its image's name
+//!   (a symlink into `images/`, see [`crate::driver::exec`]).
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -29,6 +31,10 @@ pub struct RunRecord {
     pub restarts: u64,
     /// The driver that started it, and that recovers and cleans up after it.
     pub driver: DriverName,
+    /// What its cgroups applied of `memory` and `cpus` (the status line),
+    /// shown again after a minion restart.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limits: Option<String>,
 }
 
 /// A run record as any version of the minion wrote it: before drivers, a
@@ -43,6 +49,8 @@ struct StoredRunRecord {
     driver: Option<DriverName>,
     #[serde(default)]
     container: bool,
+    #[serde(default)]
+    limits: Option<String>,
 }
 
 impl From<StoredRunRecord> for RunRecord {
@@ -58,6 +66,7 @@ impl From<StoredRunRecord> for RunRecord {
             generation: r.generation,
             restarts: r.restarts,
             driver,
+            limits: r.limits,
         }
     }
 }
@@ -136,6 +145,11 @@ impl LocalState {
         tx
     }
 
+    /// Where service `name`'s run record is.
+    pub fn run_path(&self, name: &str) -> PathBuf {
+        self.dir.join("run").join(format!("{name}.json"))
+    }
+
     pub fn run_record(&self, name: &str) -> Option<RunRecord> {
         self.read(&format!("run/{name}.json"))
     }
@@ -163,6 +177,7 @@ impl LocalState {
         let _ = std::fs::remove_file(self.dir.join(format!("run/{name}.json")));
         let _ = std::fs::remove_file(self.dir.join(format!("run/{name}.done.json")));
         let _ = std::fs::remove_dir_all(self.work_dir(name));
+        let _ = std::fs::remove_dir_all(self.dir.join("programs").join(name));
     }
 
     pub fn work_dir(&self, name: &str) -> PathBuf {
@@ -221,6 +236,7 @@ mod tests {
                 generation: 3,
                 restarts: 4,
                 driver: DriverName::Oci,
+                limits: None,
             }
         );
         let bin = old(
@@ -243,6 +259,7 @@ mod tests {
         assert_eq!(state.run_record("box").unwrap(), box_);
         let exec = RunRecord {
             driver: DriverName::Exec,
+            limits: Some("memory 64 MiB (cgroup v1)".into()),
             ..box_
         };
         state.save_run("bin", &exec).unwrap();

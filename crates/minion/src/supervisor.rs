@@ -13,12 +13,14 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use phoenix_host::Host;
 use phoenix_model::proto::{Assignment, DesiredSet};
 use phoenix_model::status::ServiceStatus;
 use tokio::sync::mpsc;
 
 use crate::driver::{Drivers, TaskDir};
 use crate::health::{HealthProbe, HealthTiming};
+use crate::hooks::ServiceCgroups;
 use crate::images::ImageCache;
 use crate::logs::{LogCmd, LogFiles};
 use crate::state::LocalState;
@@ -38,6 +40,10 @@ pub struct Ctx {
     pub desired_writer: std::sync::mpsc::Sender<DesiredSet>,
     /// One driver per kind of workload.
     pub drivers: Drivers,
+    /// The host's kernel interface (the recording fake in tests).
+    pub host: Arc<dyn Host>,
+    /// Where services' cgroups are (see [`crate::hooks`]).
+    pub cgroups: ServiceCgroups,
     /// How health checks reach a service.
     pub probe: Arc<dyn HealthProbe>,
     pub logs: LogFiles,
@@ -85,9 +91,20 @@ impl Supervisor {
         // still stopping, which must not be raced.
         if !self.applied {
             self.applied = true;
-            for name in self.ctx.state.recorded_services() {
+            let recorded = self.ctx.state.recorded_services();
+            for name in &recorded {
                 if !wanted.contains_key(name.as_str()) {
-                    stop_orphan(&self.ctx, &name);
+                    stop_orphan(&self.ctx, name);
+                }
+            }
+            // Cgroups of services neither wanted nor recorded (a run record
+            // that was never written): their processes go too.
+            for name in self.ctx.cgroups.services() {
+                if !wanted.contains_key(name.as_str()) && !recorded.contains(&name) {
+                    let ctx = self.ctx.clone();
+                    tokio::spawn(async move {
+                        ctx.cgroups.clear_leftover(&name).await;
+                    });
                 }
             }
         }
@@ -199,6 +216,7 @@ fn stop_orphan(ctx: &Arc<Ctx>, name: &str) {
             };
             driver.destroy(dir, handle).await;
         }
+        ctx2.cgroups.clear_leftover(&name2).await;
         ctx2.state.forget(&name2);
     });
     ctx.logs.remove(name);

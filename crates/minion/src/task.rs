@@ -23,8 +23,11 @@ use phoenix_model::status::{Exit, Health, ServiceState, ServiceStatus, now_ms};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
+use phoenix_host::cgroup::ServiceCgroup;
+
 use crate::driver::{BoxFuture, Driver, TaskConfig, TaskDir, TaskHandle};
 use crate::health;
+use crate::hooks;
 use crate::logs::LogCmd;
 use crate::state::{DoneRecord, RunRecord};
 use crate::supervisor::{Ctx, Report};
@@ -54,10 +57,12 @@ pub enum Cmd {
     Stop,
 }
 
-/// A task that runs, and the driver that started or recovered it.
+/// A task that runs, the driver that started or recovered it, and the
+/// service's cgroups it runs in.
 struct Running {
     driver: Arc<dyn Driver>,
     handle: TaskHandle,
+    cgroup: ServiceCgroup,
 }
 
 /// How a supervised run ended.
@@ -242,6 +247,9 @@ impl TaskRunner {
                     work_dir: &work,
                 };
                 run.driver.destroy(dir, Some(run.handle)).await;
+                // What left the process group (a double fork, `setsid`)
+                // is still in the cgroup.
+                hooks::clear(&run.cgroup).await;
             }
             let exit = match ended {
                 Ended::Command(cmd) => match self.command(cmd) {
@@ -318,31 +326,66 @@ impl TaskRunner {
     /// and is of this generation. One of another generation (the spec
     /// changed while the minion was down) is killed and cleaned up.
     async fn recover(&mut self) -> Option<Running> {
-        let rec = self.ctx.state.run_record(self.name())?;
-        let driver = self.ctx.drivers.named(rec.driver).clone();
+        let ctx = self.ctx.clone();
+        let Some(rec) = ctx.state.run_record(self.name()) else {
+            // No record, but maybe processes (a record that could not be
+            // written, a crash in between): none may run beside the start.
+            ctx.cgroups.clear_leftover(self.name()).await;
+            return None;
+        };
+        let driver = ctx.drivers.named(rec.driver).clone();
         let handle = driver.recover(&rec);
+        let cgroup = match ctx.cgroups.open(self.name()) {
+            Ok(cg) => Some(cg),
+            Err(e) => {
+                tracing::warn!(service = %self.name(), "{e}");
+                None
+            }
+        };
         if rec.generation != self.a.generation {
             if let Some(h) = &handle {
                 h.process.signal(libc::SIGKILL);
             }
-            let work = self.ctx.state.work_dir(self.name());
+            let work = ctx.state.work_dir(self.name());
             let dir = TaskDir {
                 name: self.name(),
                 work_dir: &work,
             };
             driver.destroy(dir, handle).await;
+            if let Some(cg) = &cgroup {
+                hooks::clear(cg).await;
+            }
             return None;
         }
-        let handle = handle?;
+        // Counted on across minion restarts, whatever became of the task.
+        self.status.restarts = rec.restarts;
+        let (handle, cgroup) = match (handle, cgroup) {
+            (Some(handle), Some(cgroup)) => (handle, cgroup),
+            (handle, _) => {
+                // It ended while the minion was down (or, with a name no
+                // cgroup can have, cannot be tracked): what it left behind
+                // goes before it starts again, which is a restart.
+                if let Some(h) = handle {
+                    h.process.signal(libc::SIGKILL);
+                }
+                ctx.cgroups.clear_leftover(self.name()).await;
+                self.status.restarts += 1;
+                return None;
+            }
+        };
         tracing::info!(service = %self.name(), pid = rec.pid, driver = %rec.driver, "adopted running task");
         self.status.pid = Some(rec.pid);
-        self.status.restarts = rec.restarts;
+        self.status.limits = rec.limits.clone();
         let _ = self
             .ctx
             .log_cmds
             .send(LogCmd::Watch(self.name().to_owned()));
         self.set(self.started_state(true), None);
-        Some(Running { driver, handle })
+        Some(Running {
+            driver,
+            handle,
+            cgroup,
+        })
     }
 
     /// Fetches the image and starts the task. `Err(Some(next))` when a
@@ -409,43 +452,77 @@ impl TaskRunner {
             .logs
             .open_append(&a.spec.name)
             .map_err(|e| format!("open log: {e}"))?;
-        let handle = {
+        // The cgroup hook: the task joins its service's cgroups before it
+        // runs (see `hooks`).
+        let (cgroup, join) = ctx.cgroups.enter(a)?;
+        let started = {
             // No collection while files prepared in the image cache are
             // made and used.
             let _no_collection = match driver.capabilities().artifact_in_image_cache {
                 true => Some(ctx.images.hold().await),
                 false => None,
             };
-            let artifact = driver.prepare(image, a).await.map_err(|e| e.to_string())?;
-            driver
-                .start(TaskConfig {
-                    assignment: a,
-                    artifact: &artifact,
-                    work_dir: &work_dir,
-                    env: &env,
-                    log,
-                })
-                .await
-                .map_err(|e| e.to_string())?
+            match driver.prepare(image, a).await {
+                Ok(artifact) => {
+                    driver
+                        .start(TaskConfig {
+                            assignment: a,
+                            artifact: &artifact,
+                            work_dir: &work_dir,
+                            env: &env,
+                            log,
+                            cgroup: join,
+                        })
+                        .await
+                }
+                Err(e) => Err(e),
+            }
         };
+        let mut handle = match started {
+            Ok(h) => h,
+            Err(e) => {
+                // A start that failed halfway may have left processes.
+                hooks::clear(&cgroup).await;
+                return Err(e.to_string());
+            }
+        };
+        let limits = cgroup.description();
         let rec = RunRecord {
             pid: handle.pid,
             start_time: handle.start_time,
             generation: a.generation,
             restarts: self.status.restarts,
             driver: driver.name(),
+            limits: limits.clone(),
         };
         if let Err(e) = ctx.state.save_run(&a.spec.name, &rec) {
-            tracing::warn!(service = %a.spec.name, "cannot record pid: {e}");
+            // Unrecorded, it would be started again beside itself after a
+            // minion restart, and escape `del` then: end it at once.
+            handle.process.signal(libc::SIGKILL);
+            let _ = tokio::time::timeout(ctx.stop_timeout, handle.process.wait()).await;
+            let dir = TaskDir {
+                name: &a.spec.name,
+                work_dir: &work_dir,
+            };
+            driver.destroy(dir, Some(handle)).await;
+            hooks::clear(&cgroup).await;
+            return Err(format!(
+                "cannot record its process in {}: {e}; stopped it, as it could not be found again after a minion restart",
+                ctx.state.run_path(&a.spec.name).display()
+            ));
         }
         let _ = ctx.log_cmds.send(LogCmd::Watch(a.spec.name.clone()));
         self.status.pid = Some(handle.pid);
-        self.status.limits = handle.limits.clone();
+        self.status.limits = limits;
         self.status.since = now_ms();
         self.status.state = self.started_state(false);
         self.status.message = None;
         self.report();
-        Ok(Running { driver, handle })
+        Ok(Running {
+            driver,
+            handle,
+            cgroup,
+        })
     }
 
     /// Watches a running task: its exit, commands, health probes.
@@ -549,6 +626,9 @@ mod tests {
     use crate::images::ImageCache;
     use crate::logs::LogFiles;
     use crate::state::LocalState;
+    use crate::hooks::ServiceCgroups;
+    use phoenix_host::cgroup::Cgroups;
+    use phoenix_host::{FsMagic, Host, Recording};
 
     const MS: Duration = Duration::from_millis(1);
     const STOP_TIMEOUT: Duration = Duration::from_secs(3);
@@ -561,6 +641,8 @@ mod tests {
         exits_after: Option<(Duration, i32)>,
         /// Only SIGKILL ends it.
         ignores_term: bool,
+        /// Forks a grandchild that leaves its process group (`setsid`).
+        forks_away: bool,
     }
 
     #[derive(Clone, Debug, PartialEq, Eq)]
@@ -646,6 +728,8 @@ mod tests {
         live: Mutex<HashMap<u32, Arc<watch::Sender<Option<Exit>>>>>,
         next_pid: AtomicU32,
         events: Events,
+        /// The fake host the runner's cgroups are on.
+        host: Option<Arc<Recording>>,
     }
 
     impl FakeDriver {
@@ -655,7 +739,6 @@ mod tests {
             TaskHandle {
                 pid,
                 start_time: u64::from(pid) * 10,
-                limits: None,
                 process: Box::new(FakeTask {
                     pid,
                     behaviour,
@@ -700,13 +783,28 @@ mod tests {
 
         fn start<'a>(
             &'a self,
-            _task: TaskConfig<'a>,
+            task: TaskConfig<'a>,
         ) -> BoxFuture<'a, Result<TaskHandle, DriverError>> {
             let step = self.script.lock().unwrap().pop_front();
             let result = match step.unwrap_or(Ok(Behaviour::default())) {
                 Ok(behaviour) => {
                     let pid = 1000 + self.next_pid.fetch_add(1, Ordering::SeqCst);
                     record(&self.events, Event::Start(pid));
+                    // What joining the cgroups before exec does on a real
+                    // host: the task, and what it forks, are in them.
+                    if let Some(host) = &self.host
+                        && task.cgroup.is_some()
+                    {
+                        let procs = cgroup_dir(task.name()).join("cgroup.procs");
+                        host.add_process(pid, pid, u64::from(pid) * 10);
+                        host.write_file(&procs, pid.to_string().as_bytes()).unwrap();
+                        if behaviour.forks_away {
+                            let away = pid + GRANDCHILD;
+                            host.add_process(away, away, 1);
+                            host.write_file(&procs, away.to_string().as_bytes())
+                                .unwrap();
+                        }
+                    }
                     Ok(self.handle(pid, behaviour))
                 }
                 Err(why) => Err(DriverError::Container(why)),
@@ -749,8 +847,39 @@ mod tests {
         }
     }
 
+    /// A pure cgroup v2 host with `cgroup.kill`, as the fake builds it.
+    fn cgroup_v2_host() -> Arc<Recording> {
+        let h = Arc::new(Recording::new());
+        h.cgroupfs(
+            "/sys/fs/cgroup",
+            FsMagic::CGROUP2,
+            &[
+                ("cgroup.procs", ""),
+                ("cgroup.kill", ""),
+                ("cgroup.subtree_control", ""),
+                ("memory.max", "max"),
+                ("cpu.max", "max 100000"),
+            ],
+        );
+        h.put_file("/sys/fs/cgroup/cgroup.controllers", "cpu memory pids\n");
+        h.put_file("/sys/fs/cgroup/cgroup.subtree_control", "");
+        h
+    }
+
+    /// Where the fake host has service `name`'s cgroup (the harness's
+    /// minion key is "key").
+    fn cgroup_dir(name: &str) -> std::path::PathBuf {
+        let minion = blake3::hash(b"key").to_hex();
+        Path::new("/sys/fs/cgroup/phoenix").join(format!("{name}@{}", &minion[..8]))
+    }
+
+    /// A fake task's grandchild that left its group has this pid + the
+    /// task's.
+    const GRANDCHILD: u32 = 50_000;
+
     struct Harness {
         ctx: Arc<Ctx>,
+        host: Arc<Recording>,
         driver: Arc<FakeDriver>,
         probe: Arc<FakeProbe>,
         reports: mpsc::UnboundedReceiver<Report>,
@@ -795,7 +924,11 @@ mod tests {
             )
             .unwrap();
             std::fs::write(images.path(IMAGE_HASH), b"").unwrap();
-            let driver = Arc::new(FakeDriver::default());
+            let host = cgroup_v2_host();
+            let driver = Arc::new(FakeDriver {
+                host: Some(host.clone()),
+                ..FakeDriver::default()
+            });
             let began = Instant::now();
             let probe = Arc::new(FakeProbe {
                 began,
@@ -807,6 +940,8 @@ mod tests {
                 images,
                 desired_writer: std::sync::mpsc::channel().0,
                 drivers: Drivers::new(driver.clone(), driver.clone()),
+                cgroups: ServiceCgroups::new(Cgroups::at(host.clone(), "/sys/fs/cgroup"), "key"),
+                host: host.clone(),
                 probe: probe.clone(),
                 logs: LogFiles {
                     dir: dir.path().join("logs"),
@@ -826,6 +961,7 @@ mod tests {
             });
             Harness {
                 ctx,
+                host,
                 driver,
                 probe,
                 reports,
@@ -1076,6 +1212,7 @@ mod tests {
                     generation: 7,
                     restarts: 5,
                     driver: DriverName::Exec,
+                    limits: Some("cpus 0.5 (cgroup v1)".into()),
                 },
             )
             .unwrap();
@@ -1087,6 +1224,7 @@ mod tests {
         let cmds = h.run(&a);
         let s = h.until(running).await;
         assert_eq!((s.pid, s.restarts), (Some(4242), 5));
+        assert_eq!(s.limits.as_deref(), Some("cpus 0.5 (cgroup v1)"));
         assert!(
             h.driver.starts().is_empty(),
             "an adopted task is not started"
@@ -1120,6 +1258,7 @@ mod tests {
                     generation: 1,
                     restarts: 5,
                     driver: DriverName::Exec,
+                    limits: None,
                 },
             )
             .unwrap();
@@ -1246,6 +1385,7 @@ mod tests {
                     generation: 1,
                     restarts: 0,
                     driver: DriverName::Exec,
+                    limits: None,
                 },
             )
             .unwrap();
@@ -1258,5 +1398,139 @@ mod tests {
         let s = h.next().await;
         assert!(matches!(&s, Report::Status(s) if running(s)));
         assert_eq!(h.now(), Duration::ZERO);
+    }
+
+    /// The pids the fake host lists in service `name`'s cgroup.
+    fn cgroup_pids(h: &Harness, name: &str) -> Vec<u32> {
+        h.host
+            .file(cgroup_dir(name).join("cgroup.procs"))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.parse().ok())
+            .collect()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn every_task_runs_in_its_cgroup_with_its_limits_and_nothing_outlives_a_run() {
+        let mut h = Harness::new();
+        let forks = Ok(Behaviour {
+            forks_away: true,
+            ..Behaviour::default()
+        });
+        h.driver
+            .script
+            .lock()
+            .unwrap()
+            .extend([forks.clone(), forks]);
+        let a = assignment(serde_json::json!({"memory": "64M", "cpus": 0.5}), 1);
+        let cmds = h.run(&a);
+        let s = h.until(running).await;
+        let limits = "memory 64 MiB, cpus 0.5 (cgroup v2)";
+        assert_eq!(s.limits.as_deref(), Some(limits));
+        let pid = s.pid.unwrap();
+        assert_eq!(cgroup_pids(&h, "svc"), [pid, pid + GRANDCHILD]);
+        assert_eq!(
+            h.host.file(cgroup_dir("svc").join("memory.max")).as_deref(),
+            Some("67108864")
+        );
+        // The status line is kept for a restarted minion.
+        let rec = h.ctx.state.run_record("svc").unwrap();
+        assert_eq!(rec.limits.as_deref(), Some(limits));
+
+        // A crash: the grandchild that left the group goes before the
+        // restart, which gets fresh cgroups.
+        h.driver.crash(pid, 1);
+        let s = h.until(|s| running(s) && s.restarts == 1).await;
+        assert!(
+            !h.host.is_running(pid + GRANDCHILD),
+            "the grandchild survived a crash"
+        );
+        let pid = s.pid.unwrap();
+        assert_eq!(cgroup_pids(&h, "svc"), [pid, pid + GRANDCHILD]);
+
+        // A stop (`del`): nothing of it is left, nor any cgroup folder.
+        cmds.send(Cmd::Stop).ok().unwrap();
+        loop {
+            if let Report::Gone(_) = h.next().await {
+                break;
+            }
+        }
+        assert!(
+            !h.host.is_running(pid + GRANDCHILD),
+            "the grandchild survived del"
+        );
+        assert!(!h.host.exists(cgroup_dir("svc")));
+        assert!(!h.host.exists("/sys/fs/cgroup/phoenix"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_task_whose_run_record_cannot_be_saved_is_stopped_at_once() {
+        let mut h = Harness::new();
+        // The record's temporary file cannot be written (as on a full disk).
+        let blocker = h.ctx.state.dir.join("run/svc.json.tmp");
+        std::fs::create_dir(&blocker).unwrap();
+        let a = assignment(serde_json::json!({}), 1);
+        let _cmds = h.run(&a);
+        let s = h.until(|s| s.state == ServiceState::Backoff).await;
+        let message = s.message.unwrap();
+        assert!(
+            message.starts_with("cannot start \"img\": cannot record its process in "),
+            "{message}"
+        );
+        assert!(message.contains("run/svc.json"), "{message}");
+        let first = match h.driver.events()[0].1 {
+            Event::Start(pid) => pid,
+            ref e => panic!("{e:?}"),
+        };
+        assert!(
+            h.driver
+                .events()
+                .iter()
+                .any(|(_, e)| *e == Event::Signal(first, libc::SIGKILL)),
+            "the unrecorded task was not killed"
+        );
+        assert!(!h.host.is_running(first));
+        assert!(h.ctx.state.run_record("svc").is_none());
+
+        // Once the record can be written, it starts; no restart counted.
+        std::fs::remove_dir(&blocker).unwrap();
+        let s = h.until(running).await;
+        assert_eq!(s.restarts, 0);
+        assert_eq!(h.ctx.state.run_record("svc").unwrap().pid, s.pid.unwrap());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn what_a_task_that_died_while_the_minion_was_down_left_is_killed_first() {
+        let mut h = Harness::new();
+        h.ctx
+            .state
+            .save_run(
+                "svc",
+                &RunRecord {
+                    pid: 4242,
+                    start_time: 42420,
+                    generation: 3,
+                    restarts: 5,
+                    driver: DriverName::Exec,
+                    limits: None,
+                },
+            )
+            .unwrap();
+        // 4242 is gone; its child, in the service's cgroup, is not.
+        let cgroups = Cgroups::at(h.host.clone(), "/sys/fs/cgroup");
+        let left = cgroups
+            .create(&h.ctx.cgroups.cgroup_name("svc"), &phoenix_host::cgroup::Limits::default())
+            .unwrap();
+        h.host.add_process(777, 777, 1);
+        left.add(777).unwrap();
+        let _cmds = h.run(&assignment(serde_json::json!({}), 3));
+        let s = h.until(running).await;
+        assert!(
+            !h.host.is_running(777),
+            "a leftover child runs beside the restart"
+        );
+        // The count goes on from the record: its death was a restart.
+        assert_eq!(s.restarts, 6);
+        assert_eq!(cgroup_pids(&h, "svc"), [s.pid.unwrap()]);
     }
 }

@@ -3,25 +3,81 @@
 //!
 //! The program is the image file itself (nothing to prepare). The process
 //! gets a clean environment (`PATH`, the spec's `env`, then Phoenix's
-//! variables), the task's work directory, and its log file as stdout and
-//! stderr. Signals go to the whole group, so stopping a service reaches
-//! every process it started, and destroying a run kills what the leader
-//! left behind in its group.
+//! variables), the task's work directory, its log file as stdout and
+//! stderr, and joins the service's cgroups before exec. Signals go to the
+//! whole group; what left the group (a double fork, `setsid`) is the
+//! cgroup's to end, which the runner does after every run.
+//!
+//! Names. The cached file is named by its hash, which would make `argv[0]`
+//! and the process title (`/proc/PID/comm`, what `ps -e` and `top` show)
+//! a hash, and breaks multi-call binaries such as busybox that choose what
+//! to be by `argv[0]`. So the program runs through a symlink named after
+//! the image (`programs/SERVICE/IMAGE` under the data dir), which makes the
+//! title the image name, and `argv[0]` is the image name itself.
 
-use std::path::Path;
+use std::ffi::OsStr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
+use phoenix_host::{Host, Signal};
 use phoenix_model::proto::Assignment;
 
 use super::{
     Artifact, BoxFuture, Driver, DriverError, DriverName, TaskConfig, TaskDir, TaskHandle,
 };
-use crate::process::{self, Launch, Proc, Target};
+use crate::process::{Launch, Proc, Target};
 use crate::state::RunRecord;
 
 /// The `PATH` a binary service starts with, before the spec's `env`.
 pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
-pub struct ExecDriver;
+pub struct ExecDriver {
+    host: Arc<dyn Host>,
+    /// Where the symlinks named after images are (see the module header);
+    /// `None`: run the cached file by its own name.
+    programs_dir: Option<PathBuf>,
+}
+
+impl ExecDriver {
+    /// A driver whose programs are named through symlinks in
+    /// `programs_dir` (one folder per service).
+    pub fn new(host: Arc<dyn Host>, programs_dir: Option<PathBuf>) -> ExecDriver {
+        ExecDriver { host, programs_dir }
+    }
+
+    /// The path to execute `artifact` by: a symlink named `image` in the
+    /// service's folder, or the artifact itself when the link cannot be
+    /// made (the title is then the hash, nothing else changes).
+    fn named_program(&self, service: &str, image: &str, artifact: &Path) -> PathBuf {
+        let Some(dir) = &self.programs_dir else {
+            return artifact.to_owned();
+        };
+        let dir = dir.join(service);
+        let link = dir.join(image);
+        let made = std::fs::create_dir_all(&dir).and_then(|()| {
+            match std::fs::remove_file(&link) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+                _ => {}
+            }
+            std::os::unix::fs::symlink(artifact, &link)
+        });
+        match made {
+            Ok(()) => link,
+            Err(e) => {
+                tracing::warn!(service, "cannot name the program {}: {e}", link.display());
+                artifact.to_owned()
+            }
+        }
+    }
+}
+
+/// The name a binary service's program runs under: the image's file name
+/// (registry names are one path component; anything else falls back).
+pub fn program_name(a: &Assignment) -> Option<&str> {
+    let image = a.spec.image.as_str();
+    let name = image.rsplit('/').next().unwrap_or(image);
+    (!name.is_empty() && name != "." && name != ".." && !name.contains('\0')).then_some(name)
+}
 
 impl Driver for ExecDriver {
     fn name(&self) -> DriverName {
@@ -40,48 +96,64 @@ impl Driver for ExecDriver {
 
     fn start<'a>(&'a self, task: TaskConfig<'a>) -> BoxFuture<'a, Result<TaskHandle, DriverError>> {
         // Spawning is synchronous: no await, the future is ready at once.
-        Box::pin(std::future::ready(spawn(task)))
+        Box::pin(std::future::ready(self.spawn(task)))
     }
 
     fn recover(&self, record: &RunRecord) -> Option<TaskHandle> {
-        let proc = Proc::adopt(record.pid, record.start_time, Target::Group)?;
+        let proc = Proc::adopt(
+            self.host.clone(),
+            record.pid,
+            record.start_time,
+            Target::Group,
+        )?;
         Some(TaskHandle {
             pid: record.pid,
             start_time: record.start_time,
-            limits: None,
             process: Box::new(proc),
         })
     }
 
     fn destroy<'a>(&'a self, _dir: TaskDir<'a>, task: Option<TaskHandle>) -> BoxFuture<'a, ()> {
-        // Whatever the leader left behind in its group goes with it.
+        // Whatever the leader left behind in its group goes with it (the
+        // runner's cgroup kill reaches what left the group).
         if let Some(task) = task {
-            process::kill_group(task.pid, libc::SIGKILL);
+            let _ = self.host.signal_group(task.pid, Signal::KILL);
         }
         Box::pin(std::future::ready(()))
     }
 }
 
-fn spawn(task: TaskConfig<'_>) -> Result<TaskHandle, DriverError> {
-    let spec = &task.assignment.spec;
-    let mut env = vec![("PATH".to_owned(), DEFAULT_PATH.to_owned())];
-    env.extend(spec.env_pairs().map(|(k, v)| (k.to_owned(), v.to_owned())));
-    env.extend(task.env.iter().cloned());
-    let proc = Proc::spawn(Launch {
-        program: &task.artifact.path,
-        args: &spec.args,
-        env,
-        cwd: task.work_dir,
-        log: task.log,
-    })
-    .map_err(DriverError::Spawn)?;
-    let pid = proc.pid().unwrap_or(0);
-    Ok(TaskHandle {
-        pid,
-        start_time: process::process_start_time(pid).unwrap_or(0),
-        limits: None,
-        process: Box::new(proc),
-    })
+impl ExecDriver {
+    fn spawn(&self, task: TaskConfig<'_>) -> Result<TaskHandle, DriverError> {
+        let spec = &task.assignment.spec;
+        let mut env = vec![("PATH".to_owned(), DEFAULT_PATH.to_owned())];
+        env.extend(spec.env_pairs().map(|(k, v)| (k.to_owned(), v.to_owned())));
+        env.extend(task.env.iter().cloned());
+        let name = program_name(task.assignment);
+        let program = match name {
+            Some(image) => self.named_program(&spec.name, image, &task.artifact.path),
+            None => task.artifact.path.clone(),
+        };
+        let proc = Proc::spawn(
+            self.host.clone(),
+            Launch {
+                program: &program,
+                arg0: name.map(OsStr::new),
+                args: &spec.args,
+                env,
+                cwd: task.work_dir,
+                log: task.log,
+                cgroup: task.cgroup,
+            },
+        )
+        .map_err(DriverError::Spawn)?;
+        let pid = proc.pid().unwrap_or(0);
+        Ok(TaskHandle {
+            pid,
+            start_time: self.host.process_start_time(pid).unwrap_or(0),
+            process: Box::new(proc),
+        })
+    }
 }
 
 #[cfg(test)]
@@ -89,13 +161,14 @@ mod tests {
     use super::*;
     use std::time::Duration;
 
-    fn assignment(args: &[&str]) -> Assignment {
+    fn assignment(image: &str, args: &[&str]) -> Assignment {
         let mut spec = phoenix_model::spec::parse_specs(
             "t",
             r#"{"machine":"m","name":"job","type":"binary","image":"sh","env":["GREETING=hi"]}"#,
         )
         .unwrap()
         .remove(0);
+        spec.image = image.to_owned();
         spec.args = args.iter().map(|s| s.to_string()).collect();
         Assignment {
             spec,
@@ -106,13 +179,33 @@ mod tests {
         }
     }
 
+    fn linux() -> Arc<dyn Host> {
+        Arc::new(phoenix_host::Linux)
+    }
+
+    async fn wait_for_log(path: &Path, want: &str) -> String {
+        let mut text = String::new();
+        for _ in 0..250 {
+            text = std::fs::read_to_string(path).unwrap_or_default();
+            if text == want {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        text
+    }
+
     #[tokio::test]
     async fn starts_recovers_and_destroys_a_process_group() {
         let _ = crate::reaper::start();
         let dir = tempfile::tempdir().unwrap();
+        let host = linux();
         // The echo comes after the background sleep has been forked.
-        let a = assignment(&["-c", "sleep 30 & echo \"$GREETING $PORT\"; sleep 30"]);
-        let driver = ExecDriver;
+        let a = assignment(
+            "sh",
+            &["-c", "sleep 30 & echo \"$GREETING $PORT\"; sleep 30"],
+        );
+        let driver = ExecDriver::new(host.clone(), None);
         let artifact = driver.prepare(Path::new("/bin/sh"), &a).await.unwrap();
         assert_eq!(artifact.path, Path::new("/bin/sh"));
         let log_path = dir.path().join("log");
@@ -124,16 +217,18 @@ mod tests {
                 work_dir: dir.path(),
                 env: &env,
                 log: std::fs::File::create(&log_path).unwrap(),
+                cgroup: None,
             })
             .await
             .unwrap();
-        assert!(process::group_alive(handle.pid));
+        assert!(host.group_alive(handle.pid));
         let record = RunRecord {
             pid: handle.pid,
             start_time: handle.start_time,
             generation: 1,
             restarts: 0,
             driver: DriverName::Exec,
+            limits: None,
         };
         let mut recovered = driver.recover(&record).expect("the process runs");
         let stale = RunRecord {
@@ -141,21 +236,16 @@ mod tests {
             ..record.clone()
         };
         assert!(driver.recover(&stale).is_none());
-        for _ in 0..250 {
-            if std::fs::read_to_string(&log_path).unwrap() == "hi 8123\n" {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        wait_for_log(&log_path, "hi 8123\n").await;
         // Ending the leader leaves its background sleep; destroy ends it.
-        process::kill_one(handle.pid, libc::SIGKILL);
+        host.signal(handle.pid, Signal::KILL).unwrap();
         let exit = handle.process.wait().await;
         assert_eq!(exit.signal, Some(libc::SIGKILL));
         tokio::time::timeout(Duration::from_secs(5), recovered.process.wait())
             .await
             .unwrap();
         let pgid = handle.pid;
-        assert!(process::group_alive(pgid));
+        assert!(host.group_alive(pgid));
         driver
             .destroy(
                 TaskDir {
@@ -166,7 +256,7 @@ mod tests {
             )
             .await;
         for _ in 0..50 {
-            if !process::group_alive(pgid) {
+            if !host.group_alive(pgid) {
                 assert_eq!(std::fs::read_to_string(&log_path).unwrap(), "hi 8123\n");
                 return;
             }
@@ -175,20 +265,67 @@ mod tests {
         panic!("process group {pgid} survived destroy");
     }
 
+    /// A multi-call binary picks its part by `argv[0]`, and `ps` shows the
+    /// process title: both are the image's name, not the cached file's hash.
+    #[tokio::test]
+    async fn the_program_runs_under_the_image_name() {
+        let _ = crate::reaper::start();
+        let dir = tempfile::tempdir().unwrap();
+        // A cached image file, named by a hash like the real ones.
+        let cached = dir.path().join("77f562aa");
+        std::fs::copy("/bin/sh", &cached).unwrap();
+        let a = assignment(
+            "greeter",
+            &[
+                "-c",
+                "tr '\\0' ' ' < /proc/$$/cmdline; echo; cat /proc/$$/comm",
+            ],
+        );
+        let host = linux();
+        let driver = ExecDriver::new(host, Some(dir.path().join("programs")));
+        let artifact = driver.prepare(&cached, &a).await.unwrap();
+        let log_path = dir.path().join("log");
+        let mut handle = driver
+            .start(TaskConfig {
+                assignment: &a,
+                artifact: &artifact,
+                work_dir: dir.path(),
+                env: &[],
+                log: std::fs::File::create(&log_path).unwrap(),
+                cgroup: None,
+            })
+            .await
+            .unwrap();
+        let exit = tokio::time::timeout(Duration::from_secs(10), handle.process.wait())
+            .await
+            .unwrap();
+        assert_eq!(exit.code, Some(0));
+        let log = std::fs::read_to_string(&log_path).unwrap();
+        let mut lines = log.lines();
+        let cmdline = lines.next().unwrap_or_default();
+        assert!(cmdline.starts_with("greeter -c "), "{log}");
+        assert_eq!(lines.next(), Some("greeter"), "{log}");
+        assert_eq!(
+            std::fs::read_link(dir.path().join("programs/job/greeter")).unwrap(),
+            cached
+        );
+    }
+
     #[tokio::test]
     async fn a_missing_program_is_a_start_error() {
         let dir = tempfile::tempdir().unwrap();
-        let a = assignment(&[]);
+        let a = assignment("sh", &[]);
         let artifact = Artifact {
             path: dir.path().join("nothing-here"),
         };
-        let err = ExecDriver
+        let err = ExecDriver::new(linux(), Some(dir.path().join("programs")))
             .start(TaskConfig {
                 assignment: &a,
                 artifact: &artifact,
                 work_dir: dir.path(),
                 env: &[],
                 log: std::fs::File::create(dir.path().join("log")).unwrap(),
+                cgroup: None,
             })
             .await
             .err()

@@ -8,27 +8,32 @@
 //! layer (a copy where overlayfs is missing), so each start begins from the
 //! image; `crun create` sets the container up and exits, leaving the
 //! container's init as the minion's child (the minion is a subreaper, see
-//! [`crate::reaper`]); limits are applied; `crun start` lets it run. Stop
-//! signals the init alone (ending it ends its PID namespace). Destroy: `crun
-//! delete`, an unmount, the writable layer and the v1 cgroups go.
+//! [`crate::reaper`]); `crun start` lets it run. Stop signals the init alone
+//! (ending it ends its PID namespace). Destroy: `crun delete`, an unmount
+//! and the writable layer go.
 //!
-//! cgroups. crun's own cgroup handling works on pure v2 hosts and on v1
-//! hosts, and there Phoenix passes limits in the runtime config. crun 1.8
-//! refuses "hybrid" hosts (v1 controllers plus a v2 mount at
-//! /sys/fs/cgroup/unified). There every crun command runs in a private mount
-//! namespace whose /sys/fs/cgroup is a fresh cgroup2 mount, with
-//! `--cgroup-manager=disabled`, and the minion applies limits itself through
-//! the v1 memory and cpu controllers between `create` and `start`. Where a
-//! limit cannot be applied, the service's status says so.
+//! cgroups are not crun's: the runner owns every service's cgroups, for
+//! containers and binaries alike ([`phoenix_host::cgroup`]). `crun create`
+//! joins them before it runs, so the container's init and everything in it
+//! inherit them, and every crun command runs with
+//! `--cgroup-manager=disabled` and a runtime config without
+//! `linux.resources` or `cgroupsPath`. crun 1.8 still refuses "hybrid"
+//! hosts (v1 controllers plus a cgroup2 mount at /sys/fs/cgroup/unified):
+//! there each crun command runs in a private mount namespace whose
+//! /sys/fs/cgroup is a fresh cgroup2 mount, entered after the join
+//! ([`phoenix_host::pre_exec::private_cgroup2_mount`]), so the minion never
+//! changes namespace itself.
 //!
-//! Host operations (statfs, mount, umount2, cgroup v1 writes) are the
-//! functions at the end of this file, under "Host operations".
+//! Host operations (statfs, overlay mounts, unmounts, signals, pidfds) go
+//! through the driver's [`Host`].
 
-use std::ffi::CString;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::Arc;
 
+use phoenix_host::cgroup::{CgroupJoin, CgroupMode};
+use phoenix_host::{Host, OverlayMount};
 use phoenix_model::proto::Assignment;
 use serde_json::{Value, json};
 
@@ -39,32 +44,6 @@ use super::{
 use crate::process::{Proc, Target};
 use crate::reaper;
 use crate::state::RunRecord;
-
-/// How the host's cgroups are mounted.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum CgroupMode {
-    V2,
-    /// v1 controllers with a v2 mount beside them.
-    Hybrid,
-    V1,
-    None,
-}
-
-const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
-
-impl CgroupMode {
-    pub fn detect() -> CgroupMode {
-        if fs_type("/sys/fs/cgroup") == Some(CGROUP2_SUPER_MAGIC) {
-            CgroupMode::V2
-        } else if fs_type("/sys/fs/cgroup/unified") == Some(CGROUP2_SUPER_MAGIC) {
-            CgroupMode::Hybrid
-        } else if Path::new("/sys/fs/cgroup/memory").is_dir() {
-            CgroupMode::V1
-        } else {
-            CgroupMode::None
-        }
-    }
-}
 
 /// Image settings the runtime config is made from.
 #[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
@@ -85,7 +64,9 @@ pub struct OciDriver {
     crun: Option<PathBuf>,
     state_dir: PathBuf,
     rootfs_dir: PathBuf,
-    pub mode: CgroupMode,
+    host: Arc<dyn Host>,
+    /// crun must see a cgroup2-only /sys/fs/cgroup (a hybrid host).
+    private_cgroup2: bool,
 }
 
 const CRUN_HELP: &str = "crun is not installed on this minion; install it (Debian/Ubuntu: apt-get install crun, Alpine: apk add crun) to run services of type docker";
@@ -103,66 +84,51 @@ pub fn container_id(name: &str) -> String {
 }
 
 impl OciDriver {
-    pub fn new(data_dir: &Path) -> OciDriver {
+    /// The driver on `host`, whose cgroups are mounted as `cgroups` says,
+    /// keeping crun's state and unpacked images under `data_dir`.
+    pub fn new(data_dir: &Path, host: Arc<dyn Host>, cgroups: CgroupMode) -> OciDriver {
         let rt = OciDriver {
             unpacking: Default::default(),
             crun: find_in_path("crun"),
             state_dir: data_dir.join("crun"),
             rootfs_dir: data_dir.join("images").join("rootfs"),
-            mode: CgroupMode::detect(),
+            host,
+            private_cgroup2: cgroups == CgroupMode::Hybrid,
         };
         match &rt.crun {
-            Some(p) => tracing::info!(crun = %p.display(), cgroups = ?rt.mode, "container runtime"),
+            Some(p) => tracing::info!(crun = %p.display(), ?cgroups, "container runtime"),
             None => tracing::warn!("{CRUN_HELP}"),
         }
         rt
     }
 
-    /// A crun command, set up for this host's cgroups.
-    fn crun(&self) -> Result<Command, String> {
+    /// A crun command, set up for this host's cgroups; `join`: the
+    /// service's cgroups, which crun (and the container it creates) joins
+    /// before it runs.
+    fn crun(&self, join: Option<Arc<CgroupJoin>>) -> Result<Command, String> {
         let bin = self.crun.as_ref().ok_or(CRUN_HELP)?;
         let mut cmd = Command::new(bin);
-        cmd.arg("--root").arg(&self.state_dir);
-        if self.mode == CgroupMode::Hybrid {
-            cmd.arg("--cgroup-manager=disabled");
-            // SAFETY: the closure runs in the forked child before exec and
-            // makes only async-signal-safe system calls (unshare, mount).
-            unsafe {
-                cmd.pre_exec(|| {
-                    if libc::unshare(libc::CLONE_NEWNS) != 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                    let none = std::ptr::null();
-                    if libc::mount(
-                        none,
-                        c"/".as_ptr(),
-                        none,
-                        libc::MS_REC | libc::MS_PRIVATE,
-                        std::ptr::null(),
-                    ) != 0
-                    {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                    if libc::mount(
-                        c"cgroup2".as_ptr(),
-                        c"/sys/fs/cgroup".as_ptr(),
-                        c"cgroup2".as_ptr(),
-                        0,
-                        std::ptr::null(),
-                    ) != 0
-                    {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                    Ok(())
-                });
-            }
+        cmd.arg("--root")
+            .arg(&self.state_dir)
+            .arg("--cgroup-manager=disabled");
+        // pre_exec hooks run in the order they are added: join first, while
+        // the real /sys/fs/cgroup is still the one the descriptors are on.
+        if let Some(join) = join {
+            // SAFETY: join_self only writes to descriptors opened before the
+            // fork (one write(2) each, no allocation): async-signal-safe.
+            unsafe { cmd.pre_exec(move || join.join_self()) };
+        }
+        if self.private_cgroup2 {
+            // SAFETY: private_cgroup2_mount makes only async-signal-safe
+            // system calls on static strings (unshare, mount).
+            unsafe { cmd.pre_exec(phoenix_host::pre_exec::private_cgroup2_mount) };
         }
         Ok(cmd)
     }
 
     /// Runs a crun subcommand to its end; its error text on failure.
     async fn crun_run(&self, args: &[&str], what: &str) -> Result<(), String> {
-        let mut cmd = self.crun()?;
+        let mut cmd = self.crun(None)?;
         cmd.args(args).stdout(Stdio::null());
         let (exit, err) = reaper::run(&mut cmd)
             .await
@@ -214,7 +180,13 @@ impl OciDriver {
         for d in [&rootfs, &upper, &ovl] {
             std::fs::create_dir_all(d).map_err(|e| format!("create {}: {e}", d.display()))?;
         }
-        if let Err(e) = mount_overlay(&lower, &upper, &ovl, &rootfs) {
+        let overlay = OverlayMount {
+            lower: vec![lower.clone()],
+            upper: upper.clone(),
+            work: ovl.clone(),
+            target: rootfs.clone(),
+        };
+        if let Err(e) = self.host.mount_overlay(&overlay) {
             tracing::info!(service = %spec.name, "overlayfs unavailable ({e}); copying the image instead");
             let mut cp = Command::new("cp");
             cp.arg("-a")
@@ -227,7 +199,7 @@ impl OciDriver {
                 return Err(format!("copy rootfs: {}", err.trim()));
             }
         }
-        let config = runtime_config(a, &settings, &lower, task.env, self.mode)?;
+        let config = runtime_config(a, &settings, &lower, task.env)?;
         let config_path = bundle.join("config.json");
         std::fs::write(
             &config_path,
@@ -241,7 +213,7 @@ impl OciDriver {
         let _ = std::fs::remove_file(&pid_file);
         let _ = std::fs::remove_file(&crun_log);
         // The container inherits crun's stdout and stderr: the service log.
-        let mut create = self.crun()?;
+        let mut create = self.crun(task.cgroup.clone())?;
         create
             .arg(format!("--log=file:{}", crun_log.display()))
             .args(["create", "--bundle"])
@@ -263,25 +235,19 @@ impl OciDriver {
             .ok()
             .and_then(|p| p.trim().parse().ok())
             .ok_or_else(|| format!("crun create wrote no pid to {}", pid_file.display()))?;
-        let limits = if self.mode == CgroupMode::Hybrid {
-            v1_limits(&spec.name, pid, spec.memory, spec.cpus)
-        } else {
-            describe_limits(spec.memory, spec.cpus, self.mode)
-        };
         if let Err(e) = self.crun_run(&["start", &id], "start").await {
             self.cleanup(&spec.name, work).await;
             return Err(e);
         }
         Ok(TaskHandle {
             pid,
-            start_time: crate::process::process_start_time(pid).unwrap_or(0),
-            limits,
-            process: Box::new(Proc::child(pid, Target::Single)),
+            start_time: self.host.process_start_time(pid).unwrap_or(0),
+            process: Box::new(Proc::child(self.host.clone(), pid, Target::Single)),
         })
     }
 
     /// Removes what a container run leaves behind: crun's state, the
-    /// overlay mount, the writable layer, the v1 cgroups.
+    /// overlay mount, the writable layer.
     pub async fn cleanup(&self, name: &str, work: &Path) {
         // crun keeps a directory per container in its state dir: no
         // directory, nothing to delete (and one process start saved).
@@ -290,12 +256,13 @@ impl OciDriver {
                 .crun_run(&["delete", "--force", &container_id(name)], "delete")
                 .await;
         }
-        unmount(&work.join("bundle").join("rootfs"));
+        // Nothing mounted there (a copied rootfs, a start that failed
+        // early) is fine.
+        let _ = self
+            .host
+            .unmount_detach(&work.join("bundle").join("rootfs"));
         for d in ["upper", "ovlwork", "bundle"] {
             let _ = std::fs::remove_dir_all(work.join(d));
-        }
-        if self.mode == CgroupMode::Hybrid {
-            remove_v1_cgroups(name);
         }
     }
 }
@@ -339,11 +306,15 @@ impl Driver for OciDriver {
 
     fn recover(&self, record: &RunRecord) -> Option<TaskHandle> {
         // The init alone: its PID namespace ends with it.
-        let proc = Proc::adopt(record.pid, record.start_time, Target::Single)?;
+        let proc = Proc::adopt(
+            self.host.clone(),
+            record.pid,
+            record.start_time,
+            Target::Single,
+        )?;
         Some(TaskHandle {
             pid: record.pid,
             start_time: record.start_time,
-            limits: None,
             process: Box::new(proc),
         })
     }
@@ -483,7 +454,6 @@ fn runtime_config(
     img: &ImageSettings,
     rootfs: &Path,
     extra_env: &[(String, String)],
-    mode: CgroupMode,
 ) -> Result<Value, String> {
     let spec = &a.spec;
     let mut args = img.entrypoint.clone();
@@ -536,15 +506,6 @@ fn runtime_config(
         "CAP_KILL",
         "CAP_AUDIT_WRITE",
     ];
-    let mut resources = json!({ "devices": [{ "allow": false, "access": "rwm" }] });
-    if matches!(mode, CgroupMode::V2 | CgroupMode::V1) {
-        if let Some(m) = spec.memory {
-            resources["memory"] = json!({ "limit": m });
-        }
-        if let Some(c) = spec.cpus {
-            resources["cpu"] = json!({ "quota": (c * 100_000.0) as i64, "period": 100_000 });
-        }
-    }
     let mut mounts = vec![
         json!({"destination": "/proc", "type": "proc", "source": "proc"}),
         json!({"destination": "/dev", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "strictatime", "mode=755", "size=65536k"]}),
@@ -562,16 +523,14 @@ fn runtime_config(
             );
         }
     }
-    let mut linux = json!({
+    // No `resources` and no `cgroupsPath`: the service's cgroups are
+    // Phoenix's, joined before `crun create` (see the module header).
+    let linux = json!({
         "namespaces": [{"type": "pid"}, {"type": "ipc"}, {"type": "uts"}, {"type": "mount"}],
-        "resources": resources,
         "maskedPaths": ["/proc/acpi", "/proc/asound", "/proc/kcore", "/proc/keys", "/proc/latency_stats",
                         "/proc/timer_list", "/proc/timer_stats", "/proc/sched_debug", "/sys/firmware", "/proc/scsi"],
         "readonlyPaths": ["/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger"],
     });
-    if matches!(mode, CgroupMode::V2 | CgroupMode::V1) {
-        linux["cgroupsPath"] = json!(format!("/phoenix/{}", spec.name));
-    }
     Ok(json!({
         "ociVersion": "1.0.2",
         "process": {
@@ -588,122 +547,6 @@ fn runtime_config(
         "mounts": mounts,
         "linux": linux,
     }))
-}
-
-fn describe_limits(memory: Option<u64>, cpus: Option<f64>, mode: CgroupMode) -> Option<String> {
-    if memory.is_none() && cpus.is_none() {
-        return None;
-    }
-    Some(match mode {
-        CgroupMode::None => "limits not applied: this host has no cgroups".into(),
-        _ => format!(
-            "limits applied by crun ({:?} cgroups):{}{}",
-            mode,
-            memory
-                .map(|m| format!(" memory {} MiB", m >> 20))
-                .unwrap_or_default(),
-            cpus.map(|c| format!(" cpus {c}")).unwrap_or_default()
-        ),
-    })
-}
-
-// ------------------------------------------------------------ host operations
-//
-// Everything below touches the host directly (filesystem types, mounts,
-// cgroup v1 files); the rest of the driver goes through these functions.
-
-fn fs_type(path: &str) -> Option<i64> {
-    let c = CString::new(path).ok()?;
-    // SAFETY: statfs fills the zeroed struct we own from a valid C string.
-    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
-    // SAFETY: as above.
-    let ret = unsafe { libc::statfs(c.as_ptr(), &mut st) };
-    (ret == 0).then_some(st.f_type as i64)
-}
-
-fn mount_overlay(lower: &Path, upper: &Path, work: &Path, target: &Path) -> Result<(), String> {
-    let opts = format!(
-        "lowerdir={},upperdir={},workdir={}",
-        lower.display(),
-        upper.display(),
-        work.display()
-    );
-    let c = |p: &Path| CString::new(p.as_os_str().as_encoded_bytes()).map_err(|e| e.to_string());
-    let (target, opts) = (c(target)?, CString::new(opts).map_err(|e| e.to_string())?);
-    // SAFETY: mount(2) with valid C strings that outlive the call.
-    let ret = unsafe {
-        libc::mount(
-            c"overlay".as_ptr(),
-            target.as_ptr(),
-            c"overlay".as_ptr(),
-            0,
-            opts.as_ptr().cast(),
-        )
-    };
-    if ret != 0 {
-        return Err(std::io::Error::last_os_error().to_string());
-    }
-    Ok(())
-}
-
-/// Detaches the mount at `path`; nothing mounted there is fine.
-fn unmount(path: &Path) {
-    if let Ok(c) = CString::new(path.as_os_str().as_encoded_bytes()) {
-        // SAFETY: umount2 with a valid C string; failure (not mounted) is fine.
-        unsafe {
-            libc::umount2(c.as_ptr(), libc::MNT_DETACH);
-        }
-    }
-}
-
-/// On a hybrid host: puts `pid` into v1 memory and cpu cgroups with the
-/// limits, and says what worked.
-fn v1_limits(name: &str, pid: u32, memory: Option<u64>, cpus: Option<f64>) -> Option<String> {
-    let mut notes = Vec::new();
-    let join = |ctl: &str, files: &[(&str, String)]| -> Result<(), String> {
-        let dir = Path::new("/sys/fs/cgroup")
-            .join(ctl)
-            .join("phoenix")
-            .join(name);
-        std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-        for (f, v) in files {
-            std::fs::write(dir.join(f), v).map_err(|e| format!("{}/{f}: {e}", dir.display()))?;
-        }
-        std::fs::write(dir.join("cgroup.procs"), pid.to_string())
-            .map_err(|e| format!("{}/cgroup.procs: {e}", dir.display()))
-    };
-    if let Some(m) = memory {
-        match join("memory", &[("memory.limit_in_bytes", m.to_string())]) {
-            Ok(()) => notes.push(format!("memory {} MiB (cgroup v1)", m >> 20)),
-            Err(e) => notes.push(format!("memory limit NOT applied: {e}")),
-        }
-    }
-    if let Some(c) = cpus {
-        let quota = ((c * 100_000.0) as i64).max(1000);
-        match join(
-            "cpu",
-            &[
-                ("cpu.cfs_period_us", "100000".into()),
-                ("cpu.cfs_quota_us", quota.to_string()),
-            ],
-        ) {
-            Ok(()) => notes.push(format!("cpus {c} (cgroup v1)")),
-            Err(e) => notes.push(format!("cpu limit NOT applied: {e}")),
-        }
-    }
-    (!notes.is_empty()).then(|| notes.join("; "))
-}
-
-/// Removes a service's v1 cgroups (they must be empty: its init has ended).
-fn remove_v1_cgroups(name: &str) {
-    for ctl in ["memory", "cpu"] {
-        let _ = std::fs::remove_dir(
-            Path::new("/sys/fs/cgroup")
-                .join(ctl)
-                .join("phoenix")
-                .join(name),
-        );
-    }
 }
 
 #[cfg(test)]
@@ -757,14 +600,7 @@ mod tests {
             user: None,
         };
         let dir = tempfile::tempdir().unwrap();
-        let c = runtime_config(
-            &a,
-            &img,
-            dir.path(),
-            &[("PORT".into(), "8000".into())],
-            CgroupMode::V2,
-        )
-        .unwrap();
+        let c = runtime_config(&a, &img, dir.path(), &[("PORT".into(), "8000".into())]).unwrap();
         assert_eq!(c["process"]["args"], json!(["/bin/app", "--default"]));
         let env: Vec<&str> = c["process"]["env"]
             .as_array()
@@ -778,7 +614,9 @@ mod tests {
         );
         assert_eq!(c["process"]["cwd"], "/srv");
         assert_eq!(c["hostname"], "web");
-        assert_eq!(c["linux"]["resources"]["memory"]["limit"], 64 << 20);
+        // Limits are the runner's cgroups', never crun's.
+        assert!(c["linux"].get("resources").is_none(), "{c}");
+        assert!(c["linux"].get("cgroupsPath").is_none(), "{c}");
         assert!(
             c["linux"]["namespaces"]
                 .as_array()
