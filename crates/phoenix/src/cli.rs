@@ -352,7 +352,8 @@ pub struct MasterArgs {
     /// Run the daemon in this terminal instead of installing a system service.
     #[arg(long)]
     pub foreground: bool,
-    /// Where the master keeps its state.
+    /// Where the master keeps its state; one master per data dir (a second
+    /// one is refused).
     #[arg(long, default_value = DEFAULT_MASTER_DIR)]
     pub data_dir: PathBuf,
     /// TCP port of the public join endpoint.
@@ -374,10 +375,12 @@ pub struct MasterArgs {
 /// The overlay flags, the same for master and minion.
 #[derive(Args, Debug)]
 pub struct OverlayArgs {
-    /// This node's WireGuard UDP port.
+    /// This node's WireGuard UDP port. Daemons on one machine each need
+    /// their own (e.g. 51830 for a minion beside a master).
     #[arg(long, default_value_t = phoenix_overlay::DEFAULT_WG_PORT)]
     pub wg_port: u16,
-    /// Name of the overlay's network interface.
+    /// Name of the overlay's network interface. Daemons on one machine
+    /// each need their own (e.g. phoenix1 for a minion beside a master).
     #[arg(long, default_value = "phoenix0")]
     pub tun_name: String,
     /// Which WireGuard carries the overlay: auto (the kernel's where the
