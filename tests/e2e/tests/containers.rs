@@ -119,7 +119,10 @@ fn a_container_is_supervised_like_a_binary() {
                 .find_map(|l| {
                     let (_, rest) = l.split_once(':')?;
                     let (controllers, path) = rest.split_once(':')?;
-                    controllers.split(',').any(|c| c == hierarchy).then_some(path)
+                    controllers
+                        .split(',')
+                        .any(|c| c == hierarchy)
+                        .then_some(path)
                 })
                 .unwrap_or_else(|| panic!("no {hierarchy} cgroup: {of_init}"));
             assert!(path.starts_with("/phoenix/box@"), "{of_init}");
