@@ -219,6 +219,6 @@ fn stop_orphan(ctx: &Arc<Ctx>, name: &str) {
         ctx2.cgroups.clear_leftover(&name2).await;
         ctx2.state.forget(&name2);
     });
-    ctx.logs.remove(name);
+    let _ = ctx.log_cmds.send(LogCmd::Remove(name.to_owned()));
     let _ = ctx.reports.send(Report::Gone(name.to_owned()));
 }

@@ -174,11 +174,10 @@ impl TaskRunner {
             }
             Some(Cmd::Stop) => {
                 self.ctx.state.forget(self.name());
-                self.ctx.logs.remove(self.name());
                 let _ = self
                     .ctx
                     .log_cmds
-                    .send(LogCmd::Unwatch(self.name().to_owned()));
+                    .send(LogCmd::Remove(self.name().to_owned()));
                 let _ = self.ctx.reports.send(Report::Gone(self.name().to_owned()));
                 Next::Return
             }
@@ -450,7 +449,7 @@ impl TaskRunner {
         ];
         let log = ctx
             .logs
-            .open_append(&a.spec.name)
+            .open_output(&a.spec.name)
             .map_err(|e| format!("open log: {e}"))?;
         // The cgroup hook: the task joins its service's cgroups before it
         // runs (see `hooks`).
@@ -623,10 +622,10 @@ mod tests {
     use super::*;
     use crate::driver::{Artifact, DriverError, DriverName, Drivers, RunningTask};
     use crate::health::{HealthProbe, HealthTiming};
-    use crate::hooks::ServiceCgroups;
     use crate::images::ImageCache;
     use crate::logs::LogFiles;
     use crate::state::LocalState;
+    use crate::hooks::ServiceCgroups;
     use phoenix_host::cgroup::Cgroups;
     use phoenix_host::{FsMagic, Host, Recording};
 
@@ -1519,10 +1518,7 @@ mod tests {
         // 4242 is gone; its child, in the service's cgroup, is not.
         let cgroups = Cgroups::at(h.host.clone(), "/sys/fs/cgroup");
         let left = cgroups
-            .create(
-                &h.ctx.cgroups.cgroup_name("svc"),
-                &phoenix_host::cgroup::Limits::default(),
-            )
+            .create(&h.ctx.cgroups.cgroup_name("svc"), &phoenix_host::cgroup::Limits::default())
             .unwrap();
         h.host.add_process(777, 777, 1);
         left.add(777).unwrap();
