@@ -110,14 +110,32 @@ fn a_container_is_supervised_like_a_binary() {
     );
     if Path::new("/sys/fs/cgroup/unified").is_dir() {
         // Hybrid host: the minion put the container into v1 cgroups itself.
-        let cg = |f: &str| std::fs::read_to_string(format!("/sys/fs/cgroup/{f}")).unwrap();
-        let procs = cg("memory/phoenix/box/cgroup.procs");
+        // The init is in the service's cgroup (`box@<minion id>`) of
+        // each hierarchy.
+        let of_init = std::fs::read_to_string(format!("/proc/{first}/cgroup")).unwrap();
+        let cg = |hierarchy: &str, f: &str| {
+            let path = of_init
+                .lines()
+                .find_map(|l| {
+                    let (_, rest) = l.split_once(':')?;
+                    let (controllers, path) = rest.split_once(':')?;
+                    controllers
+                        .split(',')
+                        .any(|c| c == hierarchy)
+                        .then_some(path)
+                })
+                .unwrap_or_else(|| panic!("no {hierarchy} cgroup: {of_init}"));
+            assert!(path.starts_with("/phoenix/box@"), "{of_init}");
+            let file = format!("/sys/fs/cgroup/{hierarchy}{path}/{f}");
+            std::fs::read_to_string(&file).unwrap_or_else(|e| panic!("{file}: {e}"))
+        };
+        let procs = cg("memory", "cgroup.procs");
         assert!(procs.lines().any(|p| p == first.to_string()), "{procs}");
         assert_eq!(
-            cg("memory/phoenix/box/memory.limit_in_bytes").trim(),
+            cg("memory", "memory.limit_in_bytes").trim(),
             (64u64 << 20).to_string()
         );
-        assert_eq!(cg("cpu/phoenix/box/cpu.cfs_quota_us").trim(), "50000");
+        assert_eq!(cg("cpu", "cpu.cfs_quota_us").trim(), "50000");
     }
 
     // kill -9: restarted from the image, with a fresh writable layer.
@@ -392,7 +410,10 @@ fn a_oneshot_container_keeps_its_exit_code_and_is_not_restarted() {
     job["duration"] = json!("oneshot");
     job.as_object_mut().unwrap().remove("healthcheck");
     let out = c.phoenix_stdin(&["deploy", "-"], &job.to_string());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("failed: job"));
+    let err = String::from_utf8_lossy(&out.stderr);
+    // Stored but did not succeed: exit 7, with the reason.
+    assert_eq!(out.status.code(), Some(7), "{err}");
+    assert!(err.contains("job failed: exited with code 4"), "{err}");
     std::thread::sleep(Duration::from_secs(2));
     let s = c.status("job");
     assert_eq!(

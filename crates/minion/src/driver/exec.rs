@@ -89,9 +89,10 @@ impl Driver for ExecDriver {
         image: &'a Path,
         _a: &'a Assignment,
     ) -> BoxFuture<'a, Result<Artifact, DriverError>> {
-        Box::pin(std::future::ready(Ok(Artifact {
+        let checked = check_runnable(image).map(|()| Artifact {
             path: image.to_owned(),
-        })))
+        });
+        Box::pin(std::future::ready(checked))
     }
 
     fn start<'a>(&'a self, task: TaskConfig<'a>) -> BoxFuture<'a, Result<TaskHandle, DriverError>> {
@@ -121,6 +122,46 @@ impl Driver for ExecDriver {
         }
         Box::pin(std::future::ready(()))
     }
+}
+
+/// ELF machines (`e_machine`) this host's kernel runs, by the architecture
+/// this minion was built for.
+fn native_machines() -> &'static [u16] {
+    match std::env::consts::ARCH {
+        // x86-64, and i386 through the kernel's 32-bit emulation.
+        "x86_64" => &[62, 3],
+        // AArch64, and 32-bit ARM where the CPU has it.
+        "aarch64" => &[183, 40],
+        "riscv64" => &[243],
+        _ => &[],
+    }
+}
+
+/// Refuses an ELF file built for another machine before it is run. The
+/// kernel would answer `execve` with ENOEXEC, and the C library's `execvp`
+/// (which std's spawn uses when it must run code between fork and exec)
+/// then hands the file to `/bin/sh`, whose "not found" hides the cause.
+fn check_runnable(image: &Path) -> Result<(), DriverError> {
+    use std::io::Read;
+    let mut head = [0u8; 20];
+    let n = std::fs::File::open(image)
+        .and_then(|mut f| f.read(&mut head))
+        .map_err(DriverError::Spawn)?;
+    if n < head.len() || head[..4] != *b"\x7fELF" {
+        return Ok(());
+    }
+    let machine = match head[5] {
+        2 => u16::from_be_bytes([head[18], head[19]]),
+        _ => u16::from_le_bytes([head[18], head[19]]),
+    };
+    let native = native_machines();
+    if native.is_empty() || native.contains(&machine) {
+        return Ok(());
+    }
+    Err(DriverError::Spawn(std::io::Error::other(format!(
+        "an ELF executable for machine {machine:#06x}, which this {} machine cannot run (Exec format error)",
+        std::env::consts::ARCH
+    ))))
 }
 
 impl ExecDriver {
@@ -193,6 +234,27 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         text
+    }
+
+    #[test]
+    fn an_elf_for_another_machine_is_refused_before_exec() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut elf = vec![0u8; 64];
+        elf[..6].copy_from_slice(&[0x7f, b'E', b'L', b'F', 2, 1]);
+        elf[18..20].copy_from_slice(&0x4242u16.to_le_bytes());
+        let alien = dir.path().join("alien");
+        std::fs::write(&alien, &elf).unwrap();
+        let err = check_runnable(&alien).unwrap_err().to_string();
+        assert!(
+            err.contains("machine 0x4242") && err.contains("Exec format error"),
+            "{err}"
+        );
+        // This machine's own programs, scripts and short files pass.
+        let me = std::env::current_exe().unwrap();
+        assert!(check_runnable(&me).is_ok());
+        let script = dir.path().join("script");
+        std::fs::write(&script, "#!/bin/sh\necho hi\n").unwrap();
+        assert!(check_runnable(&script).is_ok());
     }
 
     #[tokio::test]
