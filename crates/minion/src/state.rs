@@ -11,8 +11,7 @@
 //! - `programs/NAME/IMAGE`: a binary service's program, by its image's name
 //!   (a symlink into `images/`, see [`crate::driver::exec`]).
 
-use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use phoenix_model::proto::DesiredSet;
 use phoenix_model::status::Exit;
@@ -84,15 +83,6 @@ pub struct LocalState {
     pub dir: PathBuf,
 }
 
-/// Writes a file atomically: a temporary beside it, fsync, rename.
-pub fn write_atomic(path: &Path, data: &[u8]) -> std::io::Result<()> {
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::File::create(&tmp)?;
-    f.write_all(data)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)
-}
-
 impl LocalState {
     pub fn new(dir: PathBuf) -> std::io::Result<Self> {
         std::fs::create_dir_all(dir.join("run"))?;
@@ -109,7 +99,7 @@ impl LocalState {
 
     fn write<T: Serialize>(&self, rel: &str, value: &T) -> std::io::Result<()> {
         let data = serde_json::to_vec(value).map_err(std::io::Error::other)?;
-        write_atomic(&self.dir.join(rel), &data)
+        Ok(phoenix_host::fs::write_atomic(&self.dir.join(rel), &data)?)
     }
 
     pub fn desired(&self) -> Option<DesiredSet> {
@@ -194,7 +184,10 @@ impl LocalState {
     }
 
     pub fn set_overlay_ip(&self, ip: std::net::Ipv6Addr) -> std::io::Result<()> {
-        write_atomic(&self.dir.join("overlay-ip"), ip.to_string().as_bytes())
+        Ok(phoenix_host::fs::write_atomic(
+            &self.dir.join("overlay-ip"),
+            ip.to_string().as_bytes(),
+        )?)
     }
 
     /// Names of services that have a run record (for cleaning up services

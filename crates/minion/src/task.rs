@@ -622,10 +622,10 @@ mod tests {
     use super::*;
     use crate::driver::{Artifact, DriverError, DriverName, Drivers, RunningTask};
     use crate::health::{HealthProbe, HealthTiming};
+    use crate::hooks::ServiceCgroups;
     use crate::images::ImageCache;
     use crate::logs::LogFiles;
     use crate::state::LocalState;
-    use crate::hooks::ServiceCgroups;
     use phoenix_host::cgroup::Cgroups;
     use phoenix_host::{FsMagic, Host, Recording};
 
@@ -1518,7 +1518,10 @@ mod tests {
         // 4242 is gone; its child, in the service's cgroup, is not.
         let cgroups = Cgroups::at(h.host.clone(), "/sys/fs/cgroup");
         let left = cgroups
-            .create(&h.ctx.cgroups.cgroup_name("svc"), &phoenix_host::cgroup::Limits::default())
+            .create(
+                &h.ctx.cgroups.cgroup_name("svc"),
+                &phoenix_host::cgroup::Limits::default(),
+            )
             .unwrap();
         h.host.add_process(777, 777, 1);
         left.add(777).unwrap();

@@ -33,6 +33,7 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 
 use phoenix_host::cgroup::{CgroupJoin, CgroupMode};
+use phoenix_host::users::UserError;
 use phoenix_host::{Host, OverlayMount};
 use phoenix_model::proto::Assignment;
 use serde_json::{Value, json};
@@ -404,48 +405,25 @@ fn unpack_cached(image: &Path, tag: Option<&str>, dir: &Path) -> Result<PathBuf,
 /// Resolves the image's `User` ("name", "uid", "uid:gid", "name:group")
 /// against the image's own /etc/passwd and /etc/group.
 fn resolve_user(user: Option<&str>, rootfs: &Path) -> Result<(u32, u32), String> {
-    let Some(user) = user.filter(|u| !u.is_empty()) else {
-        return Ok((0, 0));
-    };
-    let (u, g) = match user.split_once(':') {
-        Some((u, g)) => (u, Some(g)),
-        None => (user, None),
-    };
-    let lookup = |file: &str, name: &str| -> Option<(u32, Option<u32>)> {
-        // The image controls these paths: never follow a symlink out of it.
-        let etc = rootfs.join("etc");
+    // The image controls these paths: never follow a symlink out of it.
+    let read = |file: &str| -> Option<String> {
+        let plain =
+            |p: &Path| std::fs::symlink_metadata(p).is_ok_and(|m| m.is_dir() || m.is_file());
         let path = rootfs.join(file);
-        if [&etc, &path]
-            .iter()
-            .any(|p| std::fs::symlink_metadata(p).map_or(true, |m| !m.is_dir() && !m.is_file()))
-        {
-            return None;
-        }
-        let text = std::fs::read_to_string(path).ok()?;
-        text.lines().find_map(|l| {
-            let f: Vec<&str> = l.split(':').collect();
-            if f.first() != Some(&name) {
-                return None;
+        (plain(&rootfs.join("etc")) && plain(&path))
+            .then(|| std::fs::read_to_string(path).ok())
+            .flatten()
+    };
+    let (passwd, group) = (read("etc/passwd"), read("etc/group"));
+    phoenix_host::users::resolve_user(user.unwrap_or(""), passwd.as_deref(), group.as_deref())
+        .map_err(|e| match e {
+            UserError::UnknownUser(u) => {
+                format!("image user {u:?} is not in the image's /etc/passwd")
             }
-            let id = f.get(2)?.parse().ok()?;
-            Some((id, f.get(3).and_then(|g| g.parse().ok())))
+            UserError::UnknownGroup(g) => {
+                format!("image group {g:?} is not in the image's /etc/group")
+            }
         })
-    };
-    let (uid, primary_gid) = match u.parse::<u32>() {
-        Ok(uid) => (uid, None),
-        Err(_) => lookup("etc/passwd", u)
-            .ok_or_else(|| format!("image user {u:?} is not in the image's /etc/passwd"))?,
-    };
-    let gid = match g {
-        Some(g) => match g.parse::<u32>() {
-            Ok(gid) => gid,
-            Err(_) => lookup("etc/group", g)
-                .map(|(id, _)| id)
-                .ok_or_else(|| format!("image group {g:?} is not in the image's /etc/group"))?,
-        },
-        None => primary_gid.unwrap_or(0),
-    };
-    Ok((uid, gid))
 }
 
 /// The OCI runtime config for a service's container.
