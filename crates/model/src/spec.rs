@@ -33,7 +33,7 @@ use std::net::Ipv6Addr;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-pub use raw::{RawSpec, Size, known_fields};
+pub use raw::{RawSpec, Size, edit_distance, known_fields};
 pub use validate::{check_hostname_label, check_image_name, parse_size, validate};
 
 /// The port the proxy expects a service on when the spec does not say.

@@ -69,7 +69,7 @@ fn with_close_subcommands(mut e: clap::Error) -> clap::Error {
 fn close_names<'a>(typo: &str, names: impl Iterator<Item = &'a str>) -> Vec<String> {
     let mut close: Vec<(usize, &str)> = names
         .filter_map(|name| {
-            let d = edit_distance(typo, name);
+            let d = phoenix_model::spec::edit_distance(typo, name);
             let allowed = (name.len().max(typo.len()) / 3).max(1);
             (d <= allowed).then_some((d, name))
         })
@@ -77,32 +77,6 @@ fn close_names<'a>(typo: &str, names: impl Iterator<Item = &'a str>) -> Vec<Stri
     close.sort();
     close.dedup();
     close.into_iter().map(|(_, n)| n.to_owned()).collect()
-}
-
-/// Optimal string alignment distance: Levenshtein plus swaps of two
-/// neighbouring characters (the commonest typo) as one edit.
-fn edit_distance(a: &str, b: &str) -> usize {
-    let (a, b): (Vec<char>, Vec<char>) = (a.chars().collect(), b.chars().collect());
-    let mut d = vec![vec![0usize; b.len() + 1]; a.len() + 1];
-    for (i, row) in d.iter_mut().enumerate() {
-        row[0] = i;
-    }
-    for (j, cell) in d[0].iter_mut().enumerate() {
-        *cell = j;
-    }
-    for i in 1..=a.len() {
-        for j in 1..=b.len() {
-            let cost = usize::from(a[i - 1] != b[j - 1]);
-            let mut best = (d[i - 1][j] + 1)
-                .min(d[i][j - 1] + 1)
-                .min(d[i - 1][j - 1] + cost);
-            if i > 1 && j > 1 && a[i - 1] == b[j - 2] && a[i - 2] == b[j - 1] {
-                best = best.min(d[i - 2][j - 2] + 1);
-            }
-            d[i][j] = best;
-        }
-    }
-    d[a.len()][b.len()]
 }
 
 #[derive(Args, Debug, Clone)]
@@ -546,8 +520,7 @@ mod tests {
         assert_eq!(close("imgaes"), ["images"]);
         assert_eq!(close("node"), ["nodes"]);
         assert!(close("frobnicate").is_empty());
-        assert_eq!(edit_distance("version", "services"), 5);
-        assert_eq!(edit_distance("statsu", "status"), 1);
+        assert_eq!(phoenix_model::spec::edit_distance("version", "services"), 5);
 
         let e = Cli::try_parse_from(["phoenix", "servcies"]).unwrap_err();
         let text = with_close_subcommands(e).to_string();

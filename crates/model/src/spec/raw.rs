@@ -324,7 +324,7 @@ fn unknown_field(key: &str, known: &[&str]) -> String {
 /// Edit distance with transpositions (optimal string alignment): the fewest
 /// insertions, deletions, substitutions and swaps of adjacent characters
 /// that turn `a` into `b`. Swaps count once, as typists make them.
-fn edit_distance(a: &str, b: &str) -> usize {
+pub fn edit_distance(a: &str, b: &str) -> usize {
     let a: Vec<char> = a.chars().collect();
     let b: Vec<char> = b.chars().collect();
     // d[i][j]: the distance between a[..i] and b[..j].
