@@ -75,7 +75,11 @@ fn deploys_past_the_desired_set_limit_are_refused_and_the_node_stays_reachable()
         .iter()
         .filter_map(|s| s["name"].as_str())
         .collect();
-    assert_eq!(names.len(), 70, "the refused file stored something: {names:?}");
+    assert_eq!(
+        names.len(),
+        70,
+        "the refused file stored something: {names:?}"
+    );
     assert!(names.iter().all(|n| n.starts_with('a')), "{names:?}");
 
     // The node holds its link well past the heartbeat timeout (6 s): its
@@ -89,7 +93,11 @@ fn deploys_past_the_desired_set_limit_are_refused_and_the_node_stays_reachable()
     }
 
     // And it still takes changes.
-    let out = deploy(&c, &json!([testy("m1", "small", &[])]), &["--timeout-s", "30"]);
+    let out = deploy(
+        &c,
+        &json!([testy("m1", "small", &[])]),
+        &["--timeout-s", "30"],
+    );
     assert!(
         out.status.success(),
         "a small deploy after the refusal failed: {}{}",
