@@ -396,6 +396,14 @@ async fn handle(
             tail,
             follow,
         } => {
+            // What the service wrote before now (a oneshot's last words a
+            // moment ago) is moved from its pipe into the file first.
+            let (done, flushed) = tokio::sync::oneshot::channel();
+            let _ = ctx.log_cmds.send(LogCmd::Flush {
+                name: service.clone(),
+                done,
+            });
+            let _ = flushed.await;
             let files = ctx.logs.clone();
             let name = service.clone();
             let tailed = tokio::task::spawn_blocking(move || files.tail(&name, tail)).await;

@@ -27,14 +27,14 @@ mod pump;
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom};
-use std::os::fd::BorrowedFd;
+use std::os::fd::{BorrowedFd, OwnedFd};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use phoenix_model::proto::ToMaster;
 use rustix::fs::{FileType, Mode, OFlags};
 use rustix::io::Errno;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 
 use pump::Pump;
 
@@ -82,6 +82,15 @@ impl LogFiles {
             .truncate(false)
             .open(self.path(name))?;
         Ok(File::from(fd))
+    }
+
+    /// The minion's end of the service's FIFO, opened before the service
+    /// starts and handed to the pump with [`LogCmd::Watch`]. A FIFO keeps
+    /// its data only while someone holds it open: a service that writes and
+    /// exits before the minion's end is open would take its last words
+    /// with it.
+    pub fn open_collector(&self, name: &str) -> io::Result<OwnedFd> {
+        pump::open_minion_end(self, name)
     }
 
     /// Deletes the service's files; the watcher does it once its pump has
@@ -169,8 +178,12 @@ fn raise_pipe_size(fd: BorrowedFd<'_>, name: &str) {
 /// Requests to the log watcher.
 pub enum LogCmd {
     /// Start collecting a service's output (after its task started or was
-    /// adopted).
-    Watch(String),
+    /// adopted), through `fifo` when the starter already opened the
+    /// minion's end ([`LogFiles::open_collector`]).
+    Watch {
+        name: String,
+        fifo: Option<OwnedFd>,
+    },
     /// The service is deleted: stop collecting, end its followers, delete
     /// its files.
     Remove(String),
@@ -184,6 +197,12 @@ pub enum LogCmd {
     Cancel(u64),
     /// The link to the master dropped: every follower goes.
     CancelAll,
+    /// Answer `done` once what the service has written so far is in its
+    /// log file (before a tail is read).
+    Flush {
+        name: String,
+        done: oneshot::Sender<()>,
+    },
 }
 
 struct Follower {
@@ -205,11 +224,11 @@ pub async fn watcher(files: LogFiles, mut cmds: mpsc::UnboundedReceiver<LogCmd>)
         tokio::select! {
             cmd = cmds.recv() => match cmd {
                 None => return Ok(()),
-                Some(LogCmd::Watch(name)) => {
+                Some(LogCmd::Watch { name, fifo }) => {
                     if pumps.contains_key(&name) {
                         continue;
                     }
-                    match Pump::start(&files, &name, wrote_tx.clone()) {
+                    match Pump::start(&files, &name, fifo, wrote_tx.clone()) {
                         Ok(p) => {
                             pumps.insert(name, p);
                         }
@@ -239,6 +258,12 @@ pub async fn watcher(files: LogFiles, mut cmds: mpsc::UnboundedReceiver<LogCmd>)
                     followers.remove(&stream);
                 }
                 Some(LogCmd::CancelAll) => followers.clear(),
+                Some(LogCmd::Flush { name, done }) => match pumps.get(&name) {
+                    Some(p) => p.flush(done),
+                    None => {
+                        let _ = done.send(());
+                    }
+                },
             },
             Some(name) = wrote.recv() => {
                 for (id, f) in followers.iter_mut().filter(|(_, f)| f.name == name) {
@@ -441,7 +466,11 @@ mod tests {
         let watcher = tokio::spawn(watcher(files.clone(), rx));
         let mut service = files.open_output("web").unwrap();
         service.write_all(lines(0, 3).as_bytes()).unwrap();
-        cmds.send(LogCmd::Watch("web".into())).unwrap();
+        cmds.send(LogCmd::Watch {
+            name: "web".into(),
+            fifo: None,
+        })
+        .unwrap();
         let (out, mut follow) = mpsc::unbounded_channel();
         cmds.send(LogCmd::Follow {
             stream: 7,

@@ -375,10 +375,10 @@ impl TaskRunner {
         tracing::info!(service = %self.name(), pid = rec.pid, driver = %rec.driver, "adopted running task");
         self.status.pid = Some(rec.pid);
         self.status.limits = rec.limits.clone();
-        let _ = self
-            .ctx
-            .log_cmds
-            .send(LogCmd::Watch(self.name().to_owned()));
+        let _ = self.ctx.log_cmds.send(LogCmd::Watch {
+            name: self.name().to_owned(),
+            fifo: None,
+        });
         self.set(self.started_state(true), None);
         Some(Running {
             driver,
@@ -451,6 +451,10 @@ impl TaskRunner {
             .logs
             .open_output(&a.spec.name)
             .map_err(|e| format!("open log: {e}"))?;
+        let collector = ctx
+            .logs
+            .open_collector(&a.spec.name)
+            .map_err(|e| format!("open log: {e}"))?;
         // The cgroup hook: the task joins its service's cgroups before it
         // runs (see `hooks`).
         let (cgroup, join) = ctx.cgroups.enter(a)?;
@@ -510,7 +514,10 @@ impl TaskRunner {
                 ctx.state.run_path(&a.spec.name).display()
             ));
         }
-        let _ = ctx.log_cmds.send(LogCmd::Watch(a.spec.name.clone()));
+        let _ = ctx.log_cmds.send(LogCmd::Watch {
+            name: a.spec.name.clone(),
+            fifo: Some(collector),
+        });
         self.status.pid = Some(handle.pid);
         self.status.limits = limits;
         self.status.since = now_ms();

@@ -202,6 +202,8 @@ pub(super) fn open_minion_end(files: &LogFiles, name: &str) -> io::Result<OwnedF
 /// A running pump: one per service whose output the minion is collecting.
 pub(super) struct Pump {
     stop: oneshot::Sender<()>,
+    /// Asks for a drain now, answered once what the pipe held is in the log.
+    flush: mpsc::UnboundedSender<oneshot::Sender<()>>,
     task: JoinHandle<()>,
 }
 
@@ -211,9 +213,13 @@ impl Pump {
     pub fn start(
         files: &LogFiles,
         name: &str,
+        fifo: Option<OwnedFd>,
         wrote: mpsc::UnboundedSender<String>,
     ) -> io::Result<Pump> {
-        let fifo = open_minion_end(files, name)?;
+        let fifo = match fifo {
+            Some(fd) => fd,
+            None => open_minion_end(files, name)?,
+        };
         let log = LiveLog::open(files, name)?;
         // SAFETY: the `AsyncFd` owns an `Arc` of the `OwnedFd`, so the
         // descriptor stays open, and the same, for as long as it is
@@ -221,8 +227,18 @@ impl Pump {
         let fifo = unsafe { AsyncFd::register_with_interest(Arc::new(fifo), Interest::READABLE) }
             .map_err(|e| e.into_parts().1)?;
         let (stop, stopped) = oneshot::channel();
-        let task = tokio::spawn(pump(fifo, log, stopped, wrote));
-        Ok(Pump { stop, task })
+        let (flush, flushes) = mpsc::unbounded_channel();
+        let task = tokio::spawn(pump(fifo, log, stopped, flushes, wrote));
+        Ok(Pump { stop, flush, task })
+    }
+
+    /// Answers `done` once everything the service wrote before this call is
+    /// in its log (or the pump is gone): a tail read afterwards sees a
+    /// service's last words even when it exited a moment ago.
+    pub fn flush(&self, done: oneshot::Sender<()>) {
+        if let Err(e) = self.flush.send(done) {
+            let _ = e.0.send(());
+        }
     }
 
     /// Stops the pump once its drain in flight, if any, is done: afterwards
@@ -237,18 +253,21 @@ async fn pump(
     fifo: AsyncFd<Arc<OwnedFd>>,
     mut log: LiveLog,
     mut stopped: oneshot::Receiver<()>,
+    mut flushes: mpsc::UnboundedReceiver<oneshot::Sender<()>>,
     wrote: mpsc::UnboundedSender<String>,
 ) {
     let mut warned: Option<Instant> = None;
     loop {
-        let mut ready = tokio::select! {
+        // Either the pipe has data, or someone wants it in the log now.
+        let (ready, flushed) = tokio::select! {
             r = fifo.readable() => match r {
-                Ok(r) => r,
+                Ok(r) => (Some(r), None),
                 Err(e) => {
                     tracing::warn!(service = %log.name, "log pipe failed: {e}");
                     return;
                 }
             },
+            Some(done) = flushes.recv() => (None, Some(done)),
             _ = &mut stopped => return,
         };
         let pipe = fifo.get_ref().clone();
@@ -277,9 +296,14 @@ async fn pump(
         if drained.moved > 0 {
             let _ = wrote.send(log.name.clone());
         }
-        if drained.empty {
+        if drained.empty
+            && let Some(mut ready) = ready
+        {
             // Only clears readiness that no newer event has set since.
             ready.clear_ready();
+        }
+        if let Some(done) = flushed {
+            let _ = done.send(());
         }
     }
 }
