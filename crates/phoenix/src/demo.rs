@@ -170,19 +170,27 @@ pub fn run(dir: &Path, testy: Option<PathBuf>, seconds: Option<u64>) -> Result<(
         ));
     }
     let master_dir = dir.join("master");
-    // Delete every service so that the minions stop them, then stop the daemons.
+    // Delete every service and wait until the minions say they stopped
+    // them (a service deployed a moment ago may still be starting), then
+    // stop the daemons.
     rt.block_on(async {
         if let Ok(list) = client::call::<Vec<ServiceView>>(&master_dir, &Request::Services).await {
+            let mut names = Vec::new();
             for s in list {
-                let _ = client::call::<Value>(&master_dir, &Request::Del { name: s.name }).await;
+                let del = Request::Del {
+                    name: s.name.clone(),
+                };
+                if client::call::<Value>(&master_dir, &del).await.is_ok() {
+                    names.push(s.name);
+                }
             }
-            let _ = until("services to stop", Duration::from_secs(15), async || {
-                let left = ["m1", "m2"].iter().any(|m| {
-                    std::fs::read_dir(dir.join(m).join("run")).is_ok_and(|mut d| d.next().is_some())
-                });
-                (!left).then_some(())
-            })
-            .await;
+            let gone = Request::WaitGone {
+                names,
+                timeout_ms: 15_000,
+            };
+            if let Err(e) = client::call::<Value>(&master_dir, &gone).await {
+                let _ = screen.say(&format!("not every service stopped: {e:#}"));
+            }
         }
     });
     drop(daemons);

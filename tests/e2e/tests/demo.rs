@@ -95,6 +95,27 @@ fn stop_the_demo(how: Stop) {
             "{how:?}: no deploy within 60 s"
         );
     }
+    // The command it suggests for another terminal works as printed.
+    let hint = loop {
+        let line = lines
+            .next()
+            .unwrap_or_else(|| panic!("{how:?}: the demo ended before its hint"))
+            .expect("read demo output");
+        if let Some(cmd) = line.strip_prefix("try in another terminal: ") {
+            break cmd.to_owned();
+        }
+    };
+    let out = Command::new("sh")
+        .args(["-c", &hint])
+        .env("PATH", "/usr/bin:/bin")
+        .output()
+        .expect("run the demo's hint");
+    let listed = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && listed.contains("web"),
+        "{how:?}: `{hint}` printed {listed} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     // Three daemons run in the demo folder (their data dirs) and three of
     // the four services (the oneshot ends): web, flaky and sickly.
     wait_for(
@@ -115,7 +136,13 @@ fn stop_the_demo(how: Stop) {
     });
     drop(reader);
     assert!(status.success(), "{how:?}: the demo exited with {status}");
-    let left = processes_in(&demo.dir);
+    let left: Vec<String> = processes_in(&demo.dir)
+        .into_iter()
+        .map(|pid| {
+            let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            format!("{pid} {}", String::from_utf8_lossy(&cmd).replace('\0', " "))
+        })
+        .collect();
     assert!(
         left.is_empty(),
         "{how:?}: processes left behind in {}: {left:?}",

@@ -901,8 +901,13 @@ pub(super) mod tests {
         let short = std::time::Duration::from_millis(100);
         let names = |n: &str| vec![n.to_owned()];
 
-        // Never reported by its minion: nothing to wait for.
+        // Not reported yet, but its connected minion was sent it (it may be
+        // starting there): waited for until the minion says it is gone, or
+        // a full report leaves it out.
         hub.delete("root", "new").unwrap();
+        let e = hub.wait_gone(&names("new"), short).await.unwrap_err();
+        assert!(e.to_string().contains("timed out"), "{e}");
+        hub.report_status("m1", vec![running("web", 1)], true);
         assert_eq!(hub.wait_gone(&names("new"), short).await.unwrap(), ["new"]);
 
         hub.delete("root", "web").unwrap();

@@ -226,14 +226,19 @@ impl Hub {
         o.stopping.retain(|_, n| n != node);
     }
 
-    /// Forgets a deleted service's status; if its minion had reported it,
-    /// [`Hub::wait_gone`] waits for the minion to say it stopped.
+    /// Forgets a deleted service's status; [`Hub::wait_gone`] then waits
+    /// for its minion to say it stopped it, if the minion has it: it
+    /// reported the service, or it is connected and so was sent the set
+    /// that held it (a service deleted a moment after its deploy may be
+    /// starting there unreported). A full report that leaves it out also
+    /// ends the wait, so a set lost with a link cannot hold it forever.
     pub(super) fn forget_status(&self, service: &str, node: &str) {
+        let connected = self.is_connected(node);
         let mut o = lock(&self.observed.state);
-        if o.statuses.remove(service).is_some() {
+        if o.statuses.remove(service).is_some() || connected {
             o.stopping.insert(service.to_owned(), node.to_owned());
         } else {
-            // Never reported: the minion never started it, or has not said.
+            // Never reported, and no link to have sent it on.
             o.stopping.remove(service);
         }
     }
