@@ -88,6 +88,11 @@ impl Cluster {
                 join.to_string(),
                 s("--master-link-port"),
                 link.to_string(),
+                // Running means started, as supervisord's startsecs=0 here:
+                // without a health check a service otherwise counts as
+                // running only after a second of uptime.
+                s("--min-uptime-ms"),
+                s("0"),
             ];
             if no_overlay {
                 args.push(s("--no-overlay"));

@@ -534,7 +534,8 @@ master↔minion messages, none of the restart path). supervisord is the distribu
 in separate instances ({w} for latency, one for memory) and driven through `supervisorctl`, with its default \
 log level. Each memory figure comes from a supervisor that has supervised nothing else. Every supervisord program uses `autorestart=true`, \
 `startsecs=0`, `startretries=1000000`, `redirect_stderr=true` and a log file (Phoenix also writes each service's \
-output to a file).
+output to a file); to match `startsecs=0`, the minions run with `--min-uptime-ms 0`. Every Phoenix service, binaries \
+included, runs in cgroups of its own, joined before exec.
 
 #### 1. Restart latency
 
