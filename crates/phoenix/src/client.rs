@@ -5,7 +5,6 @@
 //! ...}`, decoded from the JSON body) or a [`MasterRefused`] carrying the
 //! error's kind, which [`exit_code`] maps to a distinct exit status.
 
-use std::fmt;
 use std::io::IsTerminal;
 use std::path::Path;
 
@@ -36,68 +35,34 @@ pub enum Exit {
 }
 
 /// The master answered a request with an error.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
 pub struct MasterRefused {
     pub kind: ErrorKind,
     pub message: String,
 }
 
-impl fmt::Display for MasterRefused {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.message)
-    }
-}
-
-impl std::error::Error for MasterRefused {}
-
 /// The master's socket does not answer.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "cannot reach the master at {socket} (is `phoenix master` running? point --data-dir or PHOENIX_DATA_DIR at its data dir)"
+)]
 pub struct MasterUnreachable {
     pub socket: String,
     pub source: std::io::Error,
 }
 
-impl fmt::Display for MasterUnreachable {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "cannot reach the master at {} (is `phoenix master` running? point --data-dir or PHOENIX_DATA_DIR at its data dir)",
-            self.socket
-        )
-    }
-}
-
-impl std::error::Error for MasterUnreachable {
-    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        Some(&self.source)
-    }
-}
-
 /// Input the CLI refuses before asking the master (a directory to
 /// `push`, a file nothing could run): exit code 3, like the master's
 /// refusals of invalid input.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
 pub struct InvalidInput(pub String);
 
-impl fmt::Display for InvalidInput {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl std::error::Error for InvalidInput {}
-
 /// Services a stored change touched that did not start: exit code 7.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
 pub struct NotStarted(pub String);
-
-impl fmt::Display for NotStarted {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl std::error::Error for NotStarted {}
 
 /// The exit status for an error: the first cause in its chain that says
 /// what kind of failure it is decides.
