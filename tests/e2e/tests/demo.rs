@@ -166,4 +166,40 @@ fn the_demo_cleans_up_however_it_is_stopped() {
     ] {
         stop_the_demo(how);
     }
+    on_a_terminal_the_status_is_redrawn_in_place();
+}
+
+/// On a terminal (a pseudo-terminal from `script`), each status replaces
+/// the last one: cursor home and clear screen before every frame.
+fn on_a_terminal_the_status_is_redrawn_in_place() {
+    let dir = std::env::temp_dir().join(format!("phoenix-demo-tty-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let demo = format!(
+        "{} demo --dir {} --testy {} --seconds 5",
+        bin("phoenix").display(),
+        dir.display(),
+        bin("testy").display()
+    );
+    let child = Command::new("script")
+        .args(["-qec", &demo, "/dev/null"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .process_group(0)
+        .spawn()
+        .expect("run the demo under script(1)");
+    let mut demo = Demo { child, dir };
+    let status = wait_for(
+        "the demo on a terminal to end",
+        Duration::from_secs(60),
+        || demo.child.try_wait().expect("wait for the demo"),
+    );
+    let mut out = String::new();
+    std::io::Read::read_to_string(&mut demo.child.stdout.take().unwrap(), &mut out).unwrap();
+    assert!(
+        status.success(),
+        "the demo on a terminal exited with {status}: {out}"
+    );
+    let frames = out.matches("\x1b[H\x1b[2J").count();
+    assert!(frames >= 2, "{frames} redraws in: {out}");
+    assert!(!demo.dir.exists(), "{} was not removed", demo.dir.display());
 }
