@@ -66,20 +66,18 @@ async fn connection(hub: Arc<Hub>, mut stream: UnixStream) -> Result<(), BoxErro
         Request::Push { name, size } => reply(push(&hub, &mut stream, &who, name, size).await),
         Request::Accept { name, fingerprint } => {
             let h = hub.clone();
-            let w = who.clone();
             let n = name.clone();
-            let accepted =
-                match tokio::task::spawn_blocking(move || h.accept(&w, &n, fingerprint.as_deref()))
-                    .await
-                {
-                    Ok(Ok(node)) => hub.admit(&node).await.inspect_err(|e| {
-                        // The store says accepted, but the node cannot get in:
-                        // the log must not read as a plain `accept`.
-                        audit_failed_accept(&hub, &who, &name, e);
-                    }),
-                    Ok(Err(e)) => Err(e),
-                    Err(e) => Err(ApiError::Internal(format!("accept: {e}"))),
-                };
+            let accepted = match tokio::task::spawn_blocking(move || {
+                h.accept(&who, &n, fingerprint.as_deref())
+            })
+            .await
+            {
+                // A node that cannot get in is rolled back, and audited
+                // as such (`accept-rolled-back`), by `admit` itself.
+                Ok(Ok(node)) => hub.admit(&node).await,
+                Ok(Err(e)) => Err(e),
+                Err(e) => Err(ApiError::Internal(format!("accept: {e}"))),
+            };
             if let Err(e) = &accepted {
                 tracing::warn!(node = %name, "accept failed: {e}");
             }
@@ -140,17 +138,6 @@ fn handle(hub: &Hub, who: &str, req: Request) -> Reply {
 
 fn audit(hub: &Hub, limit: usize) -> Result<Vec<AuditEntry>, ApiError> {
     Ok(hub.store().read()?.audit_log(limit)?)
-}
-
-/// Records an `accept` that was stored but could not be completed.
-fn audit_failed_accept(hub: &Hub, who: &str, name: &str, e: &ApiError) {
-    let detail = serde_json::json!({ "error": e.to_string() });
-    if let Err(err) = hub
-        .store()
-        .write(|tx| tx.audit(who, "accept-failed", name, None, Some(&detail)))
-    {
-        tracing::error!(node = %name, "cannot audit the failed accept: {err}");
-    }
 }
 
 /// What an upload is, or why it is refused (it is removed then).
