@@ -43,6 +43,12 @@ Endpoints:
   POST /healthy    turn health back on (GET works too)
   GET  /env        the environment as sorted K=V lines
   POST /crash      reply, then exit with ?code=N (default 1) (GET works too)
+  GET  /get?to=HOST:PORT&path=/P
+                   GET http://HOST:PORT/P from inside this service (HOST may be
+                   a name from /etc/hosts, or [v6]); 200 with the body it got,
+                   502 with the error (connect timeout 2 s)
+  GET  /file?path=/etc/hosts
+                   the contents of a file, as this service sees it
 ";
 
 /// Options that take a value; `FLAG_OPTS` are booleans.
@@ -262,8 +268,45 @@ fn route(req: &RequestLine) -> (u16, String, Option<i32>) {
             Some(Ok(c @ 0..=255)) => (200, format!("crashing with code {c}\n"), Some(c)),
             Some(_) => (400, "bad code (want 0-255)\n".into(), None),
         },
+        ("GET", "/get") => match (query_param(req.query, "to"), query_param(req.query, "path")) {
+            (Some(to), path) => match get_from(to, path.unwrap_or("/")) {
+                Ok(body) => ok(&body),
+                Err(e) => (502, format!("GET {to}: {e}\n"), None),
+            },
+            (None, _) => (400, "want ?to=HOST:PORT\n".into(), None),
+        },
+        ("GET", "/file") => match query_param(req.query, "path").map(fs::read_to_string) {
+            Some(Ok(text)) => ok(&text),
+            Some(Err(e)) => (404, format!("{e}\n"), None),
+            None => (400, "want ?path=FILE\n".into(), None),
+        },
         _ => (404, "not found\n".into(), None),
     }
+}
+
+/// A plain HTTP GET from this process: what a service reaches, and how.
+fn get_from(to: &str, path: &str) -> io::Result<String> {
+    let mut last = io::Error::other(format!("{to} resolves to no address"));
+    for addr in to.to_socket_addrs()? {
+        match TcpStream::connect_timeout(&addr, Duration::from_secs(2)) {
+            Ok(mut s) => {
+                s.set_read_timeout(Some(Duration::from_secs(5)))?;
+                write!(s, "GET {path} HTTP/1.1\r\nHost: {to}\r\nConnection: close\r\n\r\n")?;
+                let mut reply = String::new();
+                s.read_to_string(&mut reply)?;
+                return match reply.split_once("\r\n\r\n") {
+                    Some((head, body)) if head.starts_with("HTTP/1.1 200") => Ok(body.to_owned()),
+                    Some((head, _)) => Err(io::Error::other(format!(
+                        "{addr} answered {:?}",
+                        head.lines().next().unwrap_or("")
+                    ))),
+                    None => Err(io::Error::other(format!("{addr}: no HTTP reply"))),
+                };
+            }
+            Err(e) => last = io::Error::new(e.kind(), format!("{addr}: {e}")),
+        }
+    }
+    Err(last)
 }
 
 /// Reads the request head and discards any body (unread input would make
