@@ -1,0 +1,523 @@
+//! The minion's nftables table: `link` enforced at the source, anti-spoofing,
+//! and masquerade for egress.
+//!
+//! [`ruleset`] is pure (state in, the `nft -j` document out);
+//! [`apply_firewall`] loads it in one transaction that deletes and re-adds
+//! the table, so the rules change atomically and the load works the same
+//! whether the table exists or not.
+
+use std::collections::{BTreeSet, HashMap};
+use std::io::Write;
+use std::net::{Ipv4Addr, Ipv6Addr};
+use std::process::{Command, Stdio};
+
+use serde_json::{Value, json};
+
+use crate::NetError;
+use crate::plan::{EGRESS4, EGRESS4_PREFIX};
+
+/// The cluster range, `fd38:dde8:32dd::/48`.
+const CLUSTER6: &str = "fd38:dde8:32dd::";
+const CLUSTER6_PREFIX: u8 = 48;
+
+/// One service of this minion, as the firewall sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FwService {
+    /// The host end of its veth.
+    pub host_if: String,
+    /// Its cluster address (the only IPv6 source it may use).
+    pub ipv6: Ipv6Addr,
+    /// Its node-local IPv4 address (the only IPv4 source it may use).
+    pub ipv4: Ipv4Addr,
+    /// The cluster addresses it may open connections to (its `link`s,
+    /// resolved; see [`FwService::resolve_links`]).
+    pub allowed: Vec<Ipv6Addr>,
+}
+
+impl FwService {
+    /// The addresses of the services `links` names, from a directory of
+    /// service name → address; names not in it (deleted, not deployed yet)
+    /// are simply absent.
+    pub fn resolve_links(links: &[String], directory: &HashMap<String, Ipv6Addr>) -> Vec<Ipv6Addr> {
+        let set: BTreeSet<Ipv6Addr> = links
+            .iter()
+            .filter_map(|l| directory.get(l))
+            .copied()
+            .collect();
+        set.into_iter().collect()
+    }
+}
+
+/// Everything the firewall of one minion is built from.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FirewallState {
+    pub services: Vec<FwService>,
+}
+
+/// The table of minion `minion_id`: `phoenix_` and the id with anything
+/// but ASCII letters, digits and `_` made `_`.
+pub fn table_name(minion_id: &str) -> String {
+    let id: String = minion_id
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    format!("phoenix_{id}")
+}
+
+fn meta(key: &str) -> Value {
+    json!({ "meta": { "key": key } })
+}
+
+fn payload(protocol: &str, field: &str) -> Value {
+    json!({ "payload": { "protocol": protocol, "field": field } })
+}
+
+fn matches(op: &str, left: Value, right: Value) -> Value {
+    json!({ "match": { "op": op, "left": left, "right": right } })
+}
+
+fn prefix(addr: &str, len: u8) -> Value {
+    json!({ "prefix": { "addr": addr, "len": len } })
+}
+
+fn concat(items: Vec<Value>) -> Value {
+    json!({ "concat": items })
+}
+
+fn from_service() -> Value {
+    matches("==", meta("iifname"), json!("@service_ifs"))
+}
+
+fn in_cluster6(field: &str, op: &str) -> Value {
+    matches(op, payload("ip6", field), prefix(CLUSTER6, CLUSTER6_PREFIX))
+}
+
+fn egress4(field: &str) -> Value {
+    matches(
+        "==",
+        payload("ip", field),
+        prefix(&EGRESS4.to_string(), EGRESS4_PREFIX),
+    )
+}
+
+fn established() -> Value {
+    matches(
+        "in",
+        json!({ "ct": { "key": "state" } }),
+        json!(["established", "related"]),
+    )
+}
+
+fn reject6() -> Value {
+    json!({ "reject": { "type": "icmpv6", "expr": "admin-prohibited" } })
+}
+
+fn reject4() -> Value {
+    json!({ "reject": { "type": "icmp", "expr": "admin-prohibited" } })
+}
+
+/// The `nft -j` document that replaces minion `minion_id`'s table with the
+/// rules for `state`:
+///
+/// - **forward** (policy accept): from a service's host end, an IPv6 or IPv4
+///   source other than the service's own is dropped (anti-spoofing, before
+///   anything else); established and related traffic is accepted; to an
+///   address in `fd38:dde8:32dd::/48`, new traffic is accepted only if the
+///   pair (host end, destination) is in the `allowed6` set built from
+///   `allowed`, and rejected with ICMPv6 administratively-prohibited
+///   otherwise (a connect fails at once, `EACCES`); to another service's
+///   node-local IPv4 address (`100.64.0.0/10`) it is rejected likewise,
+///   since that would bypass `link`. Everything else (egress, traffic from
+///   the overlay to services) is accepted.
+/// - **input** (policy accept): after established and related traffic, new
+///   traffic from a service's host end to an address of the /48 (the
+///   node's own cluster address) is rejected. Neighbour discovery uses
+///   link-local and multicast addresses, outside the /48, so it keeps
+///   working.
+/// - **postrouting** (nat): IPv4 from `100.64.0.0/10`, and IPv6 from the /48
+///   to outside it, leaving by an interface that is not a service's veth,
+///   is masqueraded. (IPv6 to outside the /48 never takes the overlay's
+///   TUN, whose route is the /48, so the TUN needs no rule of its own.)
+pub fn ruleset(minion_id: &str, state: &FirewallState) -> Value {
+    let table = table_name(minion_id);
+    let family = "inet";
+    let ifs: BTreeSet<&str> = state.services.iter().map(|s| s.host_if.as_str()).collect();
+    let own6: BTreeSet<(&str, Ipv6Addr)> = state
+        .services
+        .iter()
+        .map(|s| (s.host_if.as_str(), s.ipv6))
+        .collect();
+    let own4: BTreeSet<(&str, Ipv4Addr)> = state
+        .services
+        .iter()
+        .map(|s| (s.host_if.as_str(), s.ipv4))
+        .collect();
+    let allowed: BTreeSet<(&str, Ipv6Addr)> = state
+        .services
+        .iter()
+        .flat_map(|s| s.allowed.iter().map(move |a| (s.host_if.as_str(), *a)))
+        .collect();
+
+    let set = |name: &str, ty: Value, elems: Vec<Value>| -> Value {
+        let mut s = json!({ "family": family, "table": table, "name": name, "type": ty });
+        if !elems.is_empty() {
+            s["elem"] = Value::Array(elems);
+        }
+        json!({ "add": { "set": s } })
+    };
+    let pair = |i: &str, a: String| concat(vec![json!(i), json!(a)]);
+    let chain = |name: &str, ty: &str, hook: &str, prio: i32| -> Value {
+        json!({ "add": { "chain": {
+            "family": family, "table": table, "name": name,
+            "type": ty, "hook": hook, "prio": prio, "policy": "accept"
+        } } })
+    };
+    let rule = |chain: &str, expr: Vec<Value>| -> Value {
+        json!({ "add": { "rule": {
+            "family": family, "table": table, "chain": chain, "expr": expr
+        } } })
+    };
+    let table_obj = json!({ "table": { "family": family, "name": table } });
+
+    let cmds = vec![
+        json!({ "metainfo": { "json_schema_version": 1 } }),
+        // Add first, so that the delete succeeds when there is none yet.
+        json!({ "add": table_obj }),
+        json!({ "delete": table_obj }),
+        json!({ "add": table_obj }),
+        set(
+            "service_ifs",
+            json!("ifname"),
+            ifs.iter().map(|i| json!(i)).collect(),
+        ),
+        set(
+            "own6",
+            json!(["ifname", "ipv6_addr"]),
+            own6.iter().map(|(i, a)| pair(i, a.to_string())).collect(),
+        ),
+        set(
+            "own4",
+            json!(["ifname", "ipv4_addr"]),
+            own4.iter().map(|(i, a)| pair(i, a.to_string())).collect(),
+        ),
+        set(
+            "allowed6",
+            json!(["ifname", "ipv6_addr"]),
+            allowed
+                .iter()
+                .map(|(i, a)| pair(i, a.to_string()))
+                .collect(),
+        ),
+        chain("forward", "filter", "forward", 0),
+        rule(
+            "forward",
+            vec![
+                from_service(),
+                matches(
+                    "!=",
+                    concat(vec![meta("iifname"), payload("ip6", "saddr")]),
+                    json!("@own6"),
+                ),
+                json!({ "drop": null }),
+            ],
+        ),
+        rule(
+            "forward",
+            vec![
+                from_service(),
+                matches(
+                    "!=",
+                    concat(vec![meta("iifname"), payload("ip", "saddr")]),
+                    json!("@own4"),
+                ),
+                json!({ "drop": null }),
+            ],
+        ),
+        rule("forward", vec![established(), json!({ "accept": null })]),
+        rule(
+            "forward",
+            vec![
+                from_service(),
+                in_cluster6("daddr", "=="),
+                matches(
+                    "==",
+                    concat(vec![meta("iifname"), payload("ip6", "daddr")]),
+                    json!("@allowed6"),
+                ),
+                json!({ "accept": null }),
+            ],
+        ),
+        rule(
+            "forward",
+            vec![from_service(), in_cluster6("daddr", "=="), reject6()],
+        ),
+        rule("forward", vec![from_service(), egress4("daddr"), reject4()]),
+        chain("input", "filter", "input", 0),
+        rule("input", vec![established(), json!({ "accept": null })]),
+        rule(
+            "input",
+            vec![from_service(), in_cluster6("daddr", "=="), reject6()],
+        ),
+        chain("postrouting", "nat", "postrouting", 100),
+        rule(
+            "postrouting",
+            vec![
+                egress4("saddr"),
+                matches("!=", meta("oifname"), json!("@service_ifs")),
+                json!({ "masquerade": null }),
+            ],
+        ),
+        rule(
+            "postrouting",
+            vec![
+                in_cluster6("saddr", "=="),
+                in_cluster6("daddr", "!="),
+                matches("!=", meta("oifname"), json!("@service_ifs")),
+                json!({ "masquerade": null }),
+            ],
+        ),
+    ];
+    json!({ "nftables": cmds })
+}
+
+/// Runs `nft ARGS` with `input` on its standard input.
+pub(crate) fn nft_run(args: &[&str], input: &str, what: &str) -> Result<(), NetError> {
+    let mut child = Command::new("nft")
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|source| NetError::NftablesMissing { source })?;
+    let written = child
+        .stdin
+        .take()
+        .map(|mut stdin| stdin.write_all(input.as_bytes()));
+    let out = child.wait_with_output().map_err(|e| NetError::Nft {
+        what: what.to_owned(),
+        stderr: format!("waiting for nft: {e}"),
+    })?;
+    if !out.status.success() {
+        return Err(NetError::Nft {
+            what: what.to_owned(),
+            stderr: format!(
+                "{}: {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            ),
+        });
+    }
+    if let Some(Err(e)) = written {
+        return Err(NetError::Nft {
+            what: what.to_owned(),
+            stderr: format!("writing the ruleset to nft: {e}"),
+        });
+    }
+    Ok(())
+}
+
+/// Replaces minion `minion_id`'s table with the rules for `state`, in one
+/// transaction (`nft -j -f -`): either the whole new table is in place or
+/// the old one is untouched. Blocking (it runs `nft`, a few milliseconds).
+pub fn apply_firewall(minion_id: &str, state: &FirewallState) -> Result<(), NetError> {
+    let doc = ruleset(minion_id, state);
+    nft_run(
+        &["-j", "-f", "-"],
+        &doc.to_string(),
+        &format!("table inet {}", table_name(minion_id)),
+    )
+}
+
+/// Deletes minion `minion_id`'s table, if there is one.
+pub fn remove_firewall(minion_id: &str) -> Result<(), NetError> {
+    let table = json!({ "table": { "family": "inet", "name": table_name(minion_id) } });
+    let doc = json!({ "nftables": [ { "add": table }, { "delete": table } ] });
+    nft_run(
+        &["-j", "-f", "-"],
+        &doc.to_string(),
+        &format!("deleting table inet {}", table_name(minion_id)),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use phoenix_model::net::service_ip;
+
+    fn svc(host_if: &str, n: u64, allowed: &[u64]) -> FwService {
+        FwService {
+            host_if: host_if.into(),
+            ipv6: service_ip(n),
+            ipv4: Ipv4Addr::new(100, 64, 0, n as u8 + 1),
+            allowed: allowed.iter().map(|a| service_ip(*a)).collect(),
+        }
+    }
+
+    /// The elements of set `name` as text: `if . addr` or `if`.
+    fn elements(doc: &Value, name: &str) -> Vec<String> {
+        let cmds = doc["nftables"].as_array().unwrap();
+        let set = cmds
+            .iter()
+            .find_map(|c| c["add"]["set"].as_object().filter(|s| s["name"] == name))
+            .unwrap_or_else(|| panic!("no set {name}"));
+        let Some(elems) = set.get("elem") else {
+            return vec![];
+        };
+        elems
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| match e.get("concat") {
+                Some(c) => c
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|p| p.as_str().unwrap())
+                    .collect::<Vec<_>>()
+                    .join(" . "),
+                None => e.as_str().unwrap().to_owned(),
+            })
+            .collect()
+    }
+
+    fn rules(doc: &Value, chain: &str) -> Vec<Value> {
+        doc["nftables"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|c| c["add"]["rule"]["chain"] == chain)
+            .map(|c| c["add"]["rule"]["expr"].clone())
+            .collect()
+    }
+
+    /// Dry-runs the document with `nft -j -c` inside a throwaway network
+    /// namespace; skipped when not root or nft is absent.
+    fn nft_accepts(doc: &Value) {
+        if !rustix::process::geteuid().is_root() {
+            eprintln!("skipped: the nft dry run needs root");
+            return;
+        }
+        if Command::new("nft").arg("--version").output().is_err() {
+            eprintln!("skipped: nft is not installed");
+            return;
+        }
+        let text = doc.to_string();
+        std::thread::spawn(move || {
+            // SAFETY: only CLONE_NEWNET; the descriptor table stays shared.
+            unsafe { rustix::thread::unshare_unsafe(rustix::thread::UnshareFlags::NEWNET) }
+                .unwrap();
+            nft_run(&["-j", "-c", "-f", "-"], &text, "test").unwrap();
+        })
+        .join()
+        .unwrap();
+    }
+
+    #[test]
+    fn links_are_directional() {
+        // a may connect to b; b to nobody.
+        let state = FirewallState {
+            services: vec![svc("pha", 0, &[1]), svc("phb", 1, &[])],
+        };
+        let doc = ruleset("m1", &state);
+        assert_eq!(
+            elements(&doc, "allowed6"),
+            vec![format!("pha . {}", service_ip(1))]
+        );
+        assert_eq!(elements(&doc, "service_ifs"), vec!["pha", "phb"]);
+        assert_eq!(
+            elements(&doc, "own6"),
+            vec![
+                format!("pha . {}", service_ip(0)),
+                format!("phb . {}", service_ip(1))
+            ]
+        );
+        assert_eq!(
+            elements(&doc, "own4"),
+            vec!["pha . 100.64.0.1", "phb . 100.64.0.2"]
+        );
+        nft_accepts(&doc);
+    }
+
+    #[test]
+    fn dangling_links_are_absent() {
+        let directory: HashMap<String, Ipv6Addr> = [
+            ("db".to_owned(), service_ip(7)),
+            ("cache".to_owned(), service_ip(3)),
+        ]
+        .into();
+        let links = ["db", "gone", "cache", "db"].map(String::from);
+        assert_eq!(
+            FwService::resolve_links(&links, &directory),
+            vec![service_ip(3), service_ip(7)]
+        );
+        let state = FirewallState {
+            services: vec![svc("pha", 0, &[7, 7])],
+        };
+        assert_eq!(
+            elements(&ruleset("m1", &state), "allowed6"),
+            vec![format!("pha . {}", service_ip(7))],
+            "duplicates collapse"
+        );
+    }
+
+    #[test]
+    fn empty_state_is_valid() {
+        let doc = ruleset("m1", &FirewallState::default());
+        for set in ["service_ifs", "own6", "own4", "allowed6"] {
+            assert!(elements(&doc, set).is_empty(), "{set}");
+        }
+        assert_eq!(rules(&doc, "forward").len(), 6);
+        nft_accepts(&doc);
+    }
+
+    #[test]
+    fn replaces_its_own_table_atomically() {
+        let doc = ruleset("minion-1.x", &FirewallState::default());
+        let cmds = doc["nftables"].as_array().unwrap();
+        let table = json!({ "table": { "family": "inet", "name": "phoenix_minion_1_x" } });
+        assert_eq!(cmds[1], json!({ "add": table }));
+        assert_eq!(cmds[2], json!({ "delete": table }));
+        assert_eq!(cmds[3], json!({ "add": table }));
+        // Nothing outside the table.
+        for c in &cmds[4..] {
+            let (_, obj) = c["add"].as_object().unwrap().iter().next().unwrap();
+            assert_eq!(obj["table"], "phoenix_minion_1_x", "{c}");
+        }
+    }
+
+    #[test]
+    fn spoofing_is_checked_before_established_traffic() {
+        let doc = ruleset("m1", &FirewallState::default());
+        let fwd = rules(&doc, "forward");
+        let text: Vec<String> = fwd.iter().map(|r| r.to_string()).collect();
+        assert!(text[0].contains("@own6") && text[0].contains("drop"));
+        assert!(text[1].contains("@own4") && text[1].contains("drop"));
+        assert!(text[2].contains("established"));
+        assert!(text[3].contains("@allowed6") && text[3].contains("accept"));
+        assert!(text[4].contains("admin-prohibited") && text[4].contains("fd38:dde8:32dd::"));
+        assert!(text[5].contains("100.64.0.0"));
+        let input: Vec<String> = rules(&doc, "input").iter().map(|r| r.to_string()).collect();
+        assert!(input[0].contains("established"));
+        assert!(input[1].contains("admin-prohibited"));
+        let nat: Vec<String> = rules(&doc, "postrouting")
+            .iter()
+            .map(|r| r.to_string())
+            .collect();
+        assert!(
+            nat.iter()
+                .all(|r| r.contains("masquerade") && r.contains("@service_ifs"))
+        );
+    }
+
+    #[test]
+    fn table_names() {
+        assert_eq!(table_name("m1"), "phoenix_m1");
+        assert_eq!(table_name("a-b c"), "phoenix_a_b_c");
+    }
+}

@@ -1,0 +1,367 @@
+//! A service's network namespace, held by a descriptor, and its veth.
+
+use std::collections::HashSet;
+use std::fs::File;
+use std::io;
+use std::net::IpAddr;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+
+use rustix::thread::{LinkNameSpaceType, UnshareFlags, move_into_link_name_space};
+
+use crate::netlink::{self, CREATE_EXCL, CREATE_REPLACE, Netlink, Request};
+use crate::plan::{GATEWAY4, GATEWAY6, NetPlan, SERVICE_IF};
+use crate::{NetError, host_err};
+
+/// A service's network namespace and the veth that joins it to the host.
+///
+/// The namespace lives as long as this handle's descriptor or any process
+/// inside it. Dropping the handle only closes the descriptor; [`destroy`]
+/// (`ServiceNet::destroy`) removes the veth at once.
+///
+/// "The host" is always the network namespace of the thread that calls
+/// these functions: the minion's own, or a test's throwaway one.
+#[derive(Debug)]
+pub struct ServiceNet {
+    plan: NetPlan,
+    ns: OwnedFd,
+}
+
+fn svc_err(plan: &NetPlan, what: impl Into<String>, source: io::Error) -> NetError {
+    NetError::Service {
+        service: plan.service.clone(),
+        what: what.into(),
+        source,
+    }
+}
+
+fn failed(plan: &NetPlan, f: netlink::Failed) -> NetError {
+    svc_err(plan, f.what, f.source)
+}
+
+/// Opens the network namespace of the calling thread.
+fn own_netns() -> io::Result<OwnedFd> {
+    Ok(File::open("/proc/thread-self/ns/net")?.into())
+}
+
+/// Runs `f` on a fresh thread (which inherits the caller's network
+/// namespace) and waits for it; the thread may change namespace freely, as
+/// it ends with `f`.
+fn on_thread<T: Send>(
+    plan: &NetPlan,
+    f: impl FnOnce() -> Result<T, NetError> + Send,
+) -> Result<T, NetError> {
+    std::thread::scope(|s| {
+        let handle = std::thread::Builder::new()
+            .name("phoenix-netns".into())
+            .spawn_scoped(s, f)
+            .map_err(|e| svc_err(plan, "starting a namespace thread", e))?;
+        handle.join().map_err(|_| {
+            svc_err(
+                plan,
+                "namespace thread",
+                io::Error::other("the thread panicked"),
+            )
+        })?
+    })
+}
+
+/// Runs `f` on a short-lived thread inside the network namespace `ns` and
+/// returns its result; the calling thread never changes namespace. Sockets
+/// opened and processes spawned in `f` belong to `ns`.
+pub fn run_in<T: Send>(ns: BorrowedFd<'_>, f: impl FnOnce() -> T + Send) -> io::Result<T> {
+    std::thread::scope(|s| {
+        let handle = std::thread::Builder::new()
+            .name("phoenix-netns".into())
+            .spawn_scoped(s, move || -> io::Result<T> {
+                move_into_link_name_space(ns, Some(LinkNameSpaceType::Network))?;
+                Ok(f())
+            })?;
+        handle
+            .join()
+            .map_err(|_| io::Error::other("the namespace thread panicked"))?
+    })
+}
+
+fn write_sysctl(plan: &NetPlan, path: &str, value: &str) -> Result<(), NetError> {
+    std::fs::write(path, value).map_err(|e| svc_err(plan, format!("writing {value} to {path}"), e))
+}
+
+/// Builds the veth and everything on it. Runs on a thread inside the
+/// service's namespace; `host` is a socket in the host namespace and
+/// `host_ns` that namespace.
+fn plumb(
+    plan: &NetPlan,
+    host_ns: BorrowedFd<'_>,
+    host: &mut Netlink,
+    inner: &mut Netlink,
+) -> Result<(), NetError> {
+    // Sysctls under /proc/sys/net belong to the opener's namespace: these
+    // are the service's. No duplicate address detection (its link-local
+    // address is usable at once), no router solicitations (nobody sends
+    // advertisements on this link).
+    write_sysctl(plan, "/proc/sys/net/ipv6/conf/all/accept_dad", "0")?;
+    write_sysctl(plan, "/proc/sys/net/ipv6/conf/default/accept_dad", "0")?;
+    write_sysctl(
+        plan,
+        "/proc/sys/net/ipv6/conf/default/router_solicitations",
+        "0",
+    )?;
+
+    let veth = || {
+        Request::new(
+            netlink::new_veth(SERVICE_IF, 0, &plan.host_if, host_ns),
+            CREATE_EXCL,
+            format!("creating veth {SERVICE_IF} / {}", plan.host_if),
+        )
+    };
+    if let Err(e) = inner.request(veth()) {
+        if e.source.raw_os_error() != Some(rustix::io::Errno::EXIST.raw_os_error()) {
+            return Err(failed(plan, e));
+        }
+        // A host end left by an earlier namespace of this service (a minion
+        // killed before it could destroy it): it is stale, replace it.
+        tracing::warn!(service = %plan.service, host_if = %plan.host_if, "replacing a stale veth");
+        host.request(Request::new(
+            netlink::del_link(&plan.host_if),
+            0,
+            format!("deleting stale {}", plan.host_if),
+        ))
+        .map_err(|e| failed(plan, e))?;
+        inner.request(veth()).map_err(|e| failed(plan, e))?;
+    }
+    let eth0 = inner
+        .link_index(SERVICE_IF)
+        .map_err(|e| svc_err(plan, format!("looking up {SERVICE_IF}"), e))?
+        .ok_or_else(|| {
+            svc_err(
+                plan,
+                format!("looking up {SERVICE_IF}"),
+                io::Error::from(io::ErrorKind::NotFound),
+            )
+        })?;
+    inner
+        .batch(vec![
+            Request::new(netlink::set_up(1), 0, "bringing lo up"),
+            Request::new(
+                netlink::new_addr(eth0, IpAddr::V6(plan.ipv6), 128),
+                CREATE_REPLACE,
+                format!("adding {}/128 to {SERVICE_IF}", plan.ipv6),
+            ),
+            Request::new(
+                netlink::new_addr(eth0, IpAddr::V4(plan.ipv4), 32),
+                CREATE_REPLACE,
+                format!("adding {}/32 to {SERVICE_IF}", plan.ipv4),
+            ),
+            Request::new(
+                netlink::new_default6(GATEWAY6, eth0),
+                CREATE_REPLACE,
+                format!("adding the route default via {GATEWAY6}"),
+            ),
+            Request::new(
+                netlink::new_default4(GATEWAY4, eth0),
+                CREATE_REPLACE,
+                format!("adding the route default via {GATEWAY4}"),
+            ),
+        ])
+        .map_err(|e| failed(plan, e))?;
+    host_side(plan, host)
+}
+
+/// The host end's addresses and routes; idempotent (it also repairs).
+fn host_side(plan: &NetPlan, host: &mut Netlink) -> Result<(), NetError> {
+    let index = host
+        .link_index(&plan.host_if)
+        .map_err(|e| svc_err(plan, format!("looking up {}", plan.host_if), e))?
+        .ok_or_else(|| {
+            svc_err(
+                plan,
+                format!("looking up {}", plan.host_if),
+                io::Error::from(io::ErrorKind::NotFound),
+            )
+        })?;
+    let dev = &plan.host_if;
+    host.batch(vec![
+        Request::new(netlink::set_up(index), 0, format!("bringing {dev} up")),
+        Request::new(
+            netlink::new_addr(index, IpAddr::V6(GATEWAY6), 64),
+            CREATE_REPLACE,
+            format!("adding {GATEWAY6}/64 to {dev}"),
+        ),
+        Request::new(
+            netlink::new_addr(index, IpAddr::V4(GATEWAY4), 32),
+            CREATE_REPLACE,
+            format!("adding {GATEWAY4}/32 to {dev}"),
+        ),
+        Request::new(
+            netlink::new_dev_route(IpAddr::V6(plan.ipv6), 128, index),
+            CREATE_REPLACE,
+            format!("adding the route {}/128 dev {dev}", plan.ipv6),
+        ),
+        Request::new(
+            netlink::new_dev_route(IpAddr::V4(plan.ipv4), 32, index),
+            CREATE_REPLACE,
+            format!("adding the route {}/32 dev {dev}", plan.ipv4),
+        ),
+    ])
+    .map_err(|e| failed(plan, e))
+}
+
+/// The namespace a descriptor refers to, as (device, inode).
+fn ns_id(fd: BorrowedFd<'_>) -> io::Result<(u64, u64)> {
+    let st = rustix::fs::fstat(fd)?;
+    Ok((st.st_dev, st.st_ino))
+}
+
+impl ServiceNet {
+    /// Creates the service's namespace with its veth, addresses and routes.
+    ///
+    /// Blocking (a few milliseconds): call it off an async runtime. The
+    /// work happens on a short-lived thread, so the caller's thread never
+    /// changes namespace.
+    pub fn create(plan: &NetPlan) -> Result<ServiceNet, NetError> {
+        let ns = on_thread(plan, || {
+            let host_ns =
+                own_netns().map_err(|e| svc_err(plan, "opening the host namespace", e))?;
+            let mut host = Netlink::open()
+                .map_err(|e| svc_err(plan, "opening a netlink socket in the host namespace", e))?;
+            // SAFETY: only CLONE_NEWNET is unshared (not CLONE_FILES), so
+            // this thread keeps sharing the process's descriptor table and
+            // every descriptor stays valid for every thread.
+            unsafe { rustix::thread::unshare_unsafe(UnshareFlags::NEWNET) }
+                .map_err(|e| svc_err(plan, "creating a network namespace", e.into()))?;
+            let ns = own_netns().map_err(|e| svc_err(plan, "opening the new namespace", e))?;
+            let mut inner = Netlink::open()
+                .map_err(|e| svc_err(plan, "opening a netlink socket in the new namespace", e))?;
+            plumb(plan, host_ns.as_fd(), &mut host, &mut inner)?;
+            Ok(ns)
+        })?;
+        Ok(ServiceNet {
+            plan: plan.clone(),
+            ns,
+        })
+    }
+
+    /// Takes over the namespace of a running service after a minion
+    /// restart: opens `/proc/PID/ns/net`, checks that the host end of the
+    /// veth is there and repairs its addresses and routes (or, if the veth
+    /// is gone, builds it again inside that namespace).
+    pub fn adopt(pid: u32, plan: &NetPlan) -> Result<ServiceNet, NetError> {
+        let path = format!("/proc/{pid}/ns/net");
+        let ns: OwnedFd = File::open(&path)
+            .map_err(|e| svc_err(plan, format!("opening {path}"), e))?
+            .into();
+        let here = own_netns().map_err(|e| svc_err(plan, "opening the host namespace", e))?;
+        let same = ns_id(ns.as_fd()).and_then(|a| Ok(a == ns_id(here.as_fd())?));
+        if same.map_err(|e| svc_err(plan, format!("reading {path}"), e))? {
+            return Err(svc_err(
+                plan,
+                format!("adopting process {pid}"),
+                io::Error::other("it is in the host's own network namespace"),
+            ));
+        }
+        let mut host = Netlink::open()
+            .map_err(|e| svc_err(plan, "opening a netlink socket in the host namespace", e))?;
+        let link = host
+            .link(&plan.host_if)
+            .map_err(|e| svc_err(plan, format!("looking up {}", plan.host_if), e))?;
+        match link {
+            Some(l) if netlink::is_veth(&l) => host_side(plan, &mut host)?,
+            Some(_) => {
+                return Err(svc_err(
+                    plan,
+                    format!("adopting {}", plan.host_if),
+                    io::Error::other("a link of that name exists and is not a veth"),
+                ));
+            }
+            None => {
+                tracing::warn!(service = %plan.service, host_if = %plan.host_if, "veth gone: building it again");
+                let target = ns.as_fd();
+                on_thread(plan, move || {
+                    let host_ns =
+                        own_netns().map_err(|e| svc_err(plan, "opening the host namespace", e))?;
+                    let mut host = Netlink::open().map_err(|e| {
+                        svc_err(plan, "opening a netlink socket in the host namespace", e)
+                    })?;
+                    move_into_link_name_space(target, Some(LinkNameSpaceType::Network))
+                        .map_err(|e| svc_err(plan, format!("entering {path}"), e.into()))?;
+                    let mut inner = Netlink::open().map_err(|e| {
+                        svc_err(
+                            plan,
+                            "opening a netlink socket in the service's namespace",
+                            e,
+                        )
+                    })?;
+                    plumb(plan, host_ns.as_fd(), &mut host, &mut inner)
+                })?;
+            }
+        }
+        Ok(ServiceNet {
+            plan: plan.clone(),
+            ns,
+        })
+    }
+
+    /// The namespace, for the spawner to join (`setns`) before exec.
+    pub fn netns(&self) -> BorrowedFd<'_> {
+        self.ns.as_fd()
+    }
+
+    /// What this network was built from.
+    pub fn plan(&self) -> &NetPlan {
+        &self.plan
+    }
+
+    /// Removes the veth now (deleting the host end takes the pair, and with
+    /// it the service's only way out, at once) and closes the namespace's
+    /// descriptor. A veth already gone is not an error.
+    pub fn destroy(self) -> Result<(), NetError> {
+        let mut host =
+            Netlink::open().map_err(|e| svc_err(&self.plan, "opening a netlink socket", e))?;
+        match host.request(Request::new(
+            netlink::del_link(&self.plan.host_if),
+            0,
+            format!("deleting {}", self.plan.host_if),
+        )) {
+            Err(e) if e.source.raw_os_error() != Some(netlink::libc_enodev()) => {
+                Err(failed(&self.plan, e))
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+/// Deletes the host ends of veths whose name starts with `prefix` (this
+/// minion's, [`host_if_prefix`](crate::host_if_prefix)) and that are not in
+/// `keep`: what a minion killed before it could destroy them left. Returns
+/// the names deleted. Used at minion start, once the services it adopts are
+/// known.
+pub fn cleanup_orphans(prefix: &str, keep: &HashSet<String>) -> Result<Vec<String>, NetError> {
+    if prefix.is_empty() {
+        return Err(host_err(
+            "cleaning up orphan veths",
+            io::Error::new(io::ErrorKind::InvalidInput, "empty name prefix"),
+        ));
+    }
+    let mut nl = Netlink::open().map_err(|e| host_err("opening a netlink socket", e))?;
+    let links = nl.links().map_err(|e| host_err("listing links", e))?;
+    let mut deleted = Vec::new();
+    for l in &links {
+        let Some(name) = netlink::link_name(l) else {
+            continue;
+        };
+        if !name.starts_with(prefix) || keep.contains(name) || !netlink::is_veth(l) {
+            continue;
+        }
+        match nl.request(Request::new(
+            netlink::del_link(name),
+            0,
+            format!("deleting orphan veth {name}"),
+        )) {
+            Ok(()) => deleted.push(name.to_owned()),
+            // Gone meanwhile (its namespace was torn down): fine.
+            Err(e) if e.source.raw_os_error() == Some(netlink::libc_enodev()) => {}
+            Err(e) => return Err(host_err(e.what, e.source)),
+        }
+    }
+    Ok(deleted)
+}
