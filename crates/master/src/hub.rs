@@ -14,6 +14,7 @@
 //! | `hub/links.rs` | connected minions, send/broadcast, desired-set pushes | one lock: node → [`Link`] |
 //! | `hub/logs.rs` | log streams between a minion and a CLI | one lock: stream → CLI |
 //! | `hub/images.rs` | `images`, registry upkeep and garbage collection | the [`Registry`] |
+//! | `hub/mesh.rs` | changes that reach every node they touch; the master's WireGuard peers | store |
 //!
 //! Lock order, where two are held at once: store, then links (a desired
 //! set is sent under the store lock so that sets go out in revision order);
@@ -26,6 +27,7 @@ mod images;
 mod links;
 mod logs;
 mod membership;
+mod mesh;
 mod observed;
 
 use std::collections::BTreeMap;
@@ -45,6 +47,7 @@ pub use error::ApiError;
 pub use links::Link;
 pub use logs::LogEvent;
 pub use membership::peer_config;
+pub use mesh::{allowed_ips, master_peer, master_peers};
 pub use observed::NodeSeen;
 
 /// Policy knobs from the master's command line.
@@ -72,6 +75,9 @@ pub struct Hub {
     next_id: AtomicU64,
     /// Asks the registry watcher to collect garbage (after services change).
     collect: tokio::sync::Notify,
+    /// Wakes [`Hub::keep_overlay_peers`]: what a minion serves may have
+    /// changed.
+    mesh_changed: tokio::sync::Notify,
 }
 
 impl Hub {
@@ -98,6 +104,7 @@ impl Hub {
             )),
             next_id: AtomicU64::new(1),
             collect: tokio::sync::Notify::new(),
+            mesh_changed: tokio::sync::Notify::new(),
         }
     }
 

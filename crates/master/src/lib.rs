@@ -245,7 +245,18 @@ pub async fn run(cfg: MasterConfig) -> Result<(), MasterError> {
             t
         }
     };
-    let members = store.read()?.nodes(true)?;
+    // The master's peers: every accepted minion, allowed its overlay
+    // address and its services' (a stored spec that no longer passes the
+    // checks leaves the services out until it is deleted).
+    let peers = {
+        let tx = store.read()?;
+        let members = tx.nodes(true)?;
+        let services = tx.services().unwrap_or_else(|e| {
+            tracing::error!("{e}; the master's WireGuard peers start without services' addresses");
+            Vec::new()
+        });
+        hub::master_peers(&members, &services)
+    };
     let registry = registry::Registry::open(cfg.data_dir.join("registry"))?;
 
     let _ = std::fs::remove_file(&sock);
@@ -266,7 +277,7 @@ pub async fn run(cfg: MasterConfig) -> Result<(), MasterError> {
                     address: Some(net::MASTER_IP),
                     listen_port: o.wg_port,
                     private_key: key.secret_bytes(),
-                    peers: members.iter().map(hub::peer_config).collect(),
+                    peers,
                 },
                 o.mode,
             )
@@ -311,6 +322,10 @@ pub async fn run(cfg: MasterConfig) -> Result<(), MasterError> {
     tokio::spawn(join::serve(hub.clone(), join));
     tokio::spawn(link::serve(hub.clone(), link));
     tokio::spawn(watch::run(hub.clone()));
+    tokio::spawn({
+        let hub = hub.clone();
+        async move { hub.keep_overlay_peers().await }
+    });
     api::serve(hub, api).await;
     Ok(())
 }

@@ -15,10 +15,15 @@
 //! several assignments on several nodes). The output shape already allows
 //! both: a node's set is a list of assignments, and a service may appear in
 //! any number of sets.
+//!
+//! The mesh is decided here too: which addresses each node serves (its
+//! overlay address and its services'), so every minion gets every other as
+//! a direct WireGuard peer, and `link` names resolve to addresses.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+use std::net::{Ipv6Addr, SocketAddr};
 
-use phoenix_model::proto::{Assignment, DesiredSet};
+use phoenix_model::proto::{Assignment, DesiredSet, MeshPeer};
 
 use crate::store::{Node, Service};
 
@@ -29,7 +34,13 @@ use crate::store::{Node, Service};
 /// Each set carries its node's revision, which the store bumps in the same
 /// transaction as any change to the set, so a minion can tell a newer set
 /// from a stale one.
+///
+/// Besides its services, a set lists the node's mesh peers: every other
+/// accepted minion with the addresses it serves ([`mesh`]). Each
+/// assignment carries the addresses of the services its spec links to
+/// (those that exist). Both are sorted, so equal input gives equal sets.
 pub fn desired_sets(nodes: &[Node], services: &[Service]) -> BTreeMap<String, DesiredSet> {
+    let mesh = mesh(nodes, services);
     let mut sets: BTreeMap<String, DesiredSet> = nodes
         .iter()
         .filter(|n| n.accepted)
@@ -37,13 +48,18 @@ pub fn desired_sets(nodes: &[Node], services: &[Service]) -> BTreeMap<String, De
             let set = DesiredSet {
                 revision: n.revision,
                 services: Vec::new(),
+                peers: mesh.iter().filter(|p| p.node != n.name).cloned().collect(),
             };
             (n.name.clone(), set)
         })
         .collect();
+    let addresses: HashMap<&str, Ipv6Addr> = services
+        .iter()
+        .map(|s| (s.spec.name.as_str(), s.ip))
+        .collect();
     for svc in services {
         if let Some(set) = sets.get_mut(&svc.spec.machine) {
-            set.services.push(assignment(svc));
+            set.services.push(assignment(svc, &addresses));
         }
     }
     for set in sets.values_mut() {
@@ -60,14 +76,53 @@ pub fn desired_set(node: &str, nodes: &[Node], services: &[Service]) -> DesiredS
         .unwrap_or_default()
 }
 
-/// What a minion needs to run one service.
-fn assignment(svc: &Service) -> Assignment {
+/// Every accepted minion as a WireGuard peer, by name: its key, overlay
+/// address, endpoint, and the addresses of the services placed on it. A
+/// minion's set lists all of them but itself; the master's own peer for
+/// each minion allows the same addresses.
+pub fn mesh(nodes: &[Node], services: &[Service]) -> Vec<MeshPeer> {
+    let mut peers: Vec<MeshPeer> = nodes
+        .iter()
+        .filter(|n| n.accepted)
+        .filter_map(|n| {
+            Some(MeshPeer {
+                node: n.name.clone(),
+                key: n.key.clone(),
+                overlay_ip: n.overlay_ip?,
+                // A minion without the overlay joined with port 0.
+                endpoint: (n.wg_port != 0).then(|| SocketAddr::new(n.public_ip, n.wg_port)),
+                services: Vec::new(),
+            })
+        })
+        .collect();
+    peers.sort_by(|a, b| a.node.cmp(&b.node));
+    for svc in services {
+        if let Ok(i) = peers.binary_search_by(|p| p.node.as_str().cmp(&svc.spec.machine)) {
+            peers[i].services.push(svc.ip);
+        }
+    }
+    for p in &mut peers {
+        p.services.sort();
+        p.services.dedup();
+    }
+    peers
+}
+
+/// What a minion needs to run one service; `addresses` are every stored
+/// service's, by name.
+fn assignment(svc: &Service, addresses: &HashMap<&str, Ipv6Addr>) -> Assignment {
     Assignment {
         spec: svc.spec.clone(),
         ip: svc.ip,
         image_hash: svc.image_hash.clone(),
         image_size: svc.image_size,
         generation: svc.generation,
+        links: svc
+            .spec
+            .link
+            .iter()
+            .filter_map(|name| Some((name.clone(), *addresses.get(name.as_str())?)))
+            .collect(),
     }
 }
 
@@ -84,7 +139,7 @@ mod tests {
             accepted,
             public_ip: "10.0.0.2".parse().unwrap(),
             private_ip: "10.1.0.2".parse().unwrap(),
-            overlay_ip: accepted.then(|| net::node_ip(1)),
+            overlay_ip: accepted.then(|| net::node_ip(name[1..].parse().unwrap_or(9))),
             wg_port: 51820,
             token_proof: false,
             version: "0".into(),
@@ -95,8 +150,14 @@ mod tests {
     }
 
     fn service(name: &str, machine: &str, n: u64) -> Service {
-        let text =
-            format!(r#"{{"machine":"{machine}","name":"{name}","image":"app","type":"binary"}}"#);
+        linking(name, machine, n, &[])
+    }
+
+    fn linking(name: &str, machine: &str, n: u64, links: &[&str]) -> Service {
+        let text = format!(
+            r#"{{"machine":"{machine}","name":"{name}","image":"app","type":"binary","link":{}}}"#,
+            serde_json::to_string(links).unwrap()
+        );
         Service {
             spec: parse_specs("t", &text).unwrap().remove(0),
             ip: net::service_ip(n),
@@ -170,5 +231,123 @@ mod tests {
         let sets = desired_sets(&nodes, &[web]);
         assert!(sets["m1"].services.is_empty());
         assert_eq!(sets["m2"].services[0].generation, 2);
+    }
+
+    fn peer_services<'a>(set: &'a DesiredSet, node: &str) -> &'a [Ipv6Addr] {
+        &set.peers
+            .iter()
+            .find(|p| p.node == node)
+            .unwrap_or_else(|| panic!("no peer {node} in {set:?}"))
+            .services
+    }
+
+    #[test]
+    fn links_resolve_to_the_addresses_of_services_that_exist() {
+        let nodes = [node("m1", true, 1), node("m2", true, 1)];
+        let services = [
+            linking("web", "m1", 0, &["db", "gone", "cache"]),
+            service("db", "m2", 1),
+            // Stored but placed nowhere: it exists, so the link resolves.
+            service("cache", "m9", 2),
+        ];
+        let sets = desired_sets(&nodes, &services);
+        let web = &sets["m1"].services[0];
+        assert_eq!(
+            web.links,
+            BTreeMap::from([
+                ("cache".to_owned(), net::service_ip(2)),
+                ("db".to_owned(), net::service_ip(1)),
+            ]),
+            "the dangling name is simply absent"
+        );
+        assert!(sets["m2"].services[0].links.is_empty());
+    }
+
+    #[test]
+    fn every_node_has_every_other_accepted_node_as_a_peer_but_not_itself() {
+        let nodes = [
+            node("m1", true, 1),
+            node("m2", true, 1),
+            node("m3", true, 1),
+            node("m4", false, 0),
+        ];
+        let services = [
+            service("web", "m1", 0),
+            service("api", "m1", 5),
+            service("db", "m2", 1),
+        ];
+        let sets = desired_sets(&nodes, &services);
+        for (me, others) in [
+            ("m1", ["m2", "m3"]),
+            ("m2", ["m1", "m3"]),
+            ("m3", ["m1", "m2"]),
+        ] {
+            let names: Vec<&str> = sets[me].peers.iter().map(|p| p.node.as_str()).collect();
+            assert_eq!(names, others, "{me}'s peers, in name order");
+        }
+        let m1 = &sets["m2"].peers[0];
+        assert_eq!(m1.key, "key-m1");
+        assert_eq!(m1.overlay_ip, net::node_ip(1));
+        assert_eq!(m1.endpoint, Some("10.0.0.2:51820".parse().unwrap()));
+        assert_eq!(m1.services, [net::service_ip(0), net::service_ip(5)]);
+        assert_eq!(peer_services(&sets["m1"], "m2"), [net::service_ip(1)]);
+        // A node without services is a peer all the same.
+        assert!(peer_services(&sets["m1"], "m3").is_empty());
+        // The whole mesh, as the master's peers see it.
+        let all: Vec<String> = mesh(&nodes, &services)
+            .into_iter()
+            .map(|p| p.node)
+            .collect();
+        assert_eq!(all, ["m1", "m2", "m3"]);
+    }
+
+    #[test]
+    fn a_moved_service_changes_the_peers_of_every_other_node() {
+        let nodes = [
+            node("m1", true, 1),
+            node("m2", true, 1),
+            node("m3", true, 1),
+        ];
+        let before = desired_sets(&nodes, &[service("web", "m1", 0)]);
+        let after = desired_sets(&nodes, &[service("web", "m2", 0)]);
+        let web = [net::service_ip(0)];
+        assert_eq!(peer_services(&before["m3"], "m1"), web);
+        assert!(peer_services(&before["m3"], "m2").is_empty());
+        assert!(peer_services(&after["m3"], "m1").is_empty());
+        assert_eq!(peer_services(&after["m3"], "m2"), web);
+        assert_eq!(peer_services(&after["m1"], "m2"), web);
+        assert!(peer_services(&after["m2"], "m1").is_empty());
+        for n in ["m1", "m2", "m3"] {
+            assert_ne!(before[n], after[n], "{n}'s set changed");
+        }
+    }
+
+    #[test]
+    fn equal_input_gives_equal_sets_whatever_the_order() {
+        let nodes = [node("m2", true, 1), node("m1", true, 1)];
+        let services = [
+            service("b", "m1", 3),
+            linking("a", "m2", 1, &["c", "b"]),
+            service("c", "m1", 2),
+        ];
+        let mut reversed_nodes = nodes.clone();
+        reversed_nodes.reverse();
+        let mut reversed = services.clone();
+        reversed.reverse();
+        let one = desired_sets(&nodes, &services);
+        assert_eq!(one, desired_sets(&nodes, &services));
+        assert_eq!(one, desired_sets(&reversed_nodes, &reversed));
+        assert_eq!(
+            peer_services(&one["m2"], "m1"),
+            [net::service_ip(2), net::service_ip(3)]
+        );
+    }
+
+    #[test]
+    fn a_node_without_the_overlay_has_no_endpoint() {
+        let mut m2 = node("m2", true, 1);
+        m2.wg_port = 0;
+        let sets = desired_sets(&[node("m1", true, 1), m2], &[]);
+        assert_eq!(sets["m1"].peers[0].endpoint, None);
     }
 }

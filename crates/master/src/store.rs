@@ -418,6 +418,15 @@ impl Tx<'_> {
         self.services_where("", None)
     }
 
+    /// Every stored service's name (without reading, or checking, specs).
+    pub fn service_names(&self) -> Result<HashSet<String>> {
+        let mut stmt = self.tx.prepare_cached("SELECT name FROM services")?;
+        let names = stmt
+            .query_map([], |r| r.get(0))?
+            .collect::<rusqlite::Result<_>>()?;
+        Ok(names)
+    }
+
     pub fn used_ips(&self) -> Result<HashSet<Ipv6Addr>> {
         let mut stmt = self.tx.prepare_cached("SELECT ip FROM services")?;
         let ips: Vec<String> = stmt

@@ -198,6 +198,7 @@ mod tests {
                 image_hash: String::new(),
                 image_size: 0,
                 generation: 1,
+                links: Default::default(),
             }
         };
         let (web1, _) = one.enter(&a("web")).unwrap();

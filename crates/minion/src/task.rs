@@ -908,6 +908,7 @@ mod tests {
             image_hash: IMAGE_HASH.into(),
             image_size: 0,
             generation,
+            links: Default::default(),
         }
     }
 

@@ -9,7 +9,8 @@
 //!
 //! A frame is a 4-byte big-endian length followed by that many bytes of JSON.
 
-use std::net::{IpAddr, Ipv6Addr};
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -202,7 +203,7 @@ pub struct ImageSync {
     pub fetching: Option<Fetching>,
     /// Images whose last fetch failed: hash → why.
     #[serde(default)]
-    pub failed: std::collections::BTreeMap<String, String>,
+    pub failed: BTreeMap<String, String>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
@@ -262,6 +263,33 @@ pub enum ToMinion {
 pub struct DesiredSet {
     pub revision: u64,
     pub services: Vec<Assignment>,
+    /// Every other accepted minion, as this one's direct WireGuard peer
+    /// (the mesh): services' traffic goes straight from minion to minion,
+    /// never through the master, and keeps flowing while the master is
+    /// down. Sorted by node name. Absent from older masters' sets (and
+    /// from desired.json files they wrote): no mesh peers.
+    #[serde(default)]
+    pub peers: Vec<MeshPeer>,
+}
+
+/// Another minion, as a direct WireGuard peer of the minion that gets it.
+/// Listed whether or not it runs services (node-to-node traffic) and
+/// whether or not it is connected to the master now (its endpoint is
+/// still known).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct MeshPeer {
+    /// The node's name, for logs.
+    pub node: String,
+    /// Its WireGuard public key (base64).
+    pub key: String,
+    /// Its overlay address (`fd38:dde8:32dd::N`): a /128 it is allowed.
+    pub overlay_ip: Ipv6Addr,
+    /// Where its WireGuard listens: the public IP and WireGuard port it
+    /// joined with. None when it runs without the overlay.
+    pub endpoint: Option<SocketAddr>,
+    /// The addresses of the services it runs, each a /128 it is allowed;
+    /// sorted.
+    pub services: Vec<Ipv6Addr>,
 }
 
 /// One service placed on a minion.
@@ -275,6 +303,11 @@ pub struct Assignment {
     pub image_size: u64,
     /// Bumped by every `update`, so that even an unchanged spec restarts.
     pub generation: u64,
+    /// The addresses of the services the spec's `link` names, by name. A
+    /// name whose service does not exist (deleted since) is absent. Absent
+    /// from older masters' sets: no links.
+    #[serde(default)]
+    pub links: BTreeMap<String, Ipv6Addr>,
 }
 
 // ---------------------------------------------------------------- api
@@ -592,6 +625,10 @@ pub struct ServiceView {
     pub message: Option<String>,
     /// Whether the service's node is connected to the master now.
     pub node_reachable: bool,
+    /// Names in the spec's `link` that no service has (deleted after this
+    /// one was deployed); sorted. Absent when there are none.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub dangling_links: Vec<String>,
 }
 
 /// How a change to a service ended, as `Wait` judges it.

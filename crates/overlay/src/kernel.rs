@@ -139,6 +139,28 @@ impl KernelWg {
         self.set(peer(&k, p.keepalive, vec![WgPeerF::ReplaceAllowedIps]))
     }
 
+    /// Replaces a peer's allowed IPs; its endpoint and keepalive stay (a
+    /// peer given without them keeps the kernel's).
+    pub fn set_allowed_ips(
+        &self,
+        key: &str,
+        allowed: &[(Ipv6Addr, u8)],
+    ) -> Result<(), OverlayError> {
+        let k = Keys {
+            key: *crate::public_key(key)?.as_bytes(),
+            endpoint: None,
+            allowed: allowed
+                .iter()
+                .map(|(ip, len)| (IpAddr::V6(*ip), *len))
+                .collect(),
+        };
+        self.set(peer(
+            &k,
+            None,
+            vec![WgPeerF::ReplaceAllowedIps, WgPeerF::UpdateOnly],
+        ))
+    }
+
     pub fn remove_peer(&self, key: &str) -> Result<(), OverlayError> {
         let k = Keys {
             key: *crate::public_key(key)?.as_bytes(),

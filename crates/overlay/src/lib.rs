@@ -7,10 +7,10 @@
 //!
 //! Addresses (see `phoenix_model::net`): the master is `fd38:dde8:32dd::1`,
 //! minions `::2`, `::3`... Each node's TUN carries its address with a /48
-//! prefix, so the whole cluster range routes into the tunnel. A minion's only
-//! peer today is the master (allowed IPs: the /48); the master's peers are
-//! the minions (allowed IPs: each one's /128). Minion-to-minion peers can be
-//! added later beside the master peer: WireGuard picks the most specific
+//! prefix, so the whole cluster range routes into the tunnel. A minion's
+//! peers are the master (allowed IPs: the /48) and every other minion (a
+//! mesh; allowed IPs: its /128 and its services' /128s); the master's peers
+//! are the minions (the same /128s). WireGuard picks the most specific
 //! allowed IP, so a direct /128 wins over the /48 through the master.
 
 pub mod kernel;
@@ -273,7 +273,9 @@ impl Overlay {
         }
     }
 
-    /// Adds a peer, or replaces its settings.
+    /// Adds a peer, or replaces its settings: its allowed IPs are replaced,
+    /// not added to (by both backends), and an existing peer keeps its
+    /// sessions.
     pub async fn set_peer(&self, p: &PeerConfig) -> Result<(), OverlayError> {
         {
             let mut peers = self.peers.lock().unwrap_or_else(|e| e.into_inner());
@@ -329,6 +331,49 @@ impl Overlay {
         };
         device.suspend().await;
         device.resume().await.map_err(|e| self.device_err(e))
+    }
+
+    /// The peers as configured (the last [`Overlay::set_peer`] of each).
+    pub fn peers(&self) -> Vec<PeerConfig> {
+        self.peers.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Replaces a peer's allowed IPs and nothing else: its endpoint (also
+    /// one it roamed to), keepalive and sessions stay. Returns false, and
+    /// does nothing, if there is no such peer or it has these already.
+    pub async fn set_allowed_ips(
+        &self,
+        key: &str,
+        allowed: &[(Ipv6Addr, u8)],
+    ) -> Result<bool, OverlayError> {
+        {
+            let mut peers = self.peers.lock().unwrap_or_else(|e| e.into_inner());
+            match peers.iter_mut().find(|q| q.key == key) {
+                Some(q) if q.allowed != allowed => q.allowed = allowed.to_vec(),
+                _ => return Ok(false),
+            }
+        }
+        match &self.backend {
+            Backend::Kernel(k) => k.set_allowed_ips(key, allowed)?,
+            Backend::Userspace { device, .. } => {
+                let pk = public_key(key)?;
+                let nets: Vec<IpNetwork> = allowed
+                    .iter()
+                    .filter_map(|(ip, len)| IpNetwork::new(IpAddr::V6(*ip), *len).ok())
+                    .collect();
+                device
+                    .write(async |d| {
+                        d.modify_peer(&pk, |p| {
+                            p.clear_allowed_ips();
+                            p.add_allowed_ips(nets);
+                        })
+                        .await
+                    })
+                    .await
+                    .map_err(|e| self.device_err(e))?;
+            }
+        }
+        Ok(true)
     }
 
     pub async fn remove_peer(&self, key: &str) -> Result<(), OverlayError> {

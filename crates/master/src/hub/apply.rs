@@ -10,20 +10,21 @@
 //!    a large image is read once, not on every deploy;
 //! 3. against the cluster, in the store transaction that then writes it:
 //!    names exist or not as the verb wants, machines are accepted members,
-//!    addresses are free.
+//!    addresses are free, every `link` names a service that is stored or in
+//!    the same file (a restart does not ask: it applies the stored spec).
 //!
 //! Every refusal reports all errors at once and changes nothing. After a
-//! commit, the nodes whose sets changed get them from the reconciler.
+//! commit, every node whose set changed gets it from the reconciler (a
+//! service's address moving changes every other node's mesh peers, and its
+//! creation or deletion the links of those that name it: `hub/mesh.rs`).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::Ipv6Addr;
 use std::sync::Mutex;
 
 use phoenix_model::net;
-use phoenix_model::proto::{Applied, Deleted, DesiredSet, MAX_DESIRED_SET};
-use phoenix_model::spec::{
-    Duration as SpecDuration, Kind, Spec, SpecError, SpecErrors, parse_specs,
-};
+use phoenix_model::proto::{Applied, Deleted, DesiredSet};
+use phoenix_model::spec::{Kind, Spec, SpecError, SpecErrors, edit_distance, parse_specs};
 
 use super::{ApiError, Hub};
 use crate::lock;
@@ -51,54 +52,24 @@ impl Apply {
     }
 }
 
-/// Services share their minion's network until each gets a network
-/// namespace of its own (a later issue); until then two daemons on one
-/// machine cannot both bind their `proxyport`. Set to false when they no
-/// longer share it, and [`proxyport_clashes`] finds nothing.
-const SERVICES_SHARE_NODE_NETWORK: bool = true;
-
-/// The port clashes a spec file would create on its machines, as
-/// (index of the spec in the file, why). Only daemons count: a oneshot is
-/// not expected to listen. `stored` are the services the file leaves as
-/// they are or replaces (by name).
-fn proxyport_clashes(specs: &[Spec], stored: &[Service]) -> Vec<(usize, String)> {
-    if !SERVICES_SHARE_NODE_NETWORK {
-        return Vec::new();
+/// Why a `link` name is refused: no such service, and the closest name
+/// there is, if one is close enough to be a typo (a third of its letters).
+fn no_such_link(link: &str, names: &BTreeSet<String>) -> String {
+    let closest = names
+        .iter()
+        .map(|n| (edit_distance(link, n), n))
+        .min_by_key(|(d, _)| *d)
+        .filter(|(d, _)| *d <= (link.chars().count() / 3).max(1));
+    match closest {
+        Some((_, n)) => format!("no service named {link:?}; did you mean {n:?}?"),
+        None => format!("no service named {link:?}; deploy it first, or in the same file"),
     }
-    let listens = |s: &Spec| s.duration == SpecDuration::Daemon;
-    // (machine, port) → the service that holds it, stored ones first.
-    let mut holder: HashMap<(&str, u16), &str> = HashMap::new();
-    for svc in stored {
-        let replaced = specs.iter().any(|s| s.name == svc.spec.name);
-        if !replaced && listens(&svc.spec) {
-            holder.insert((&svc.spec.machine, svc.spec.proxyport), &svc.spec.name);
-        }
-    }
-    let mut clashes = Vec::new();
-    for (i, spec) in specs.iter().enumerate().filter(|(_, s)| listens(s)) {
-        let key = (spec.machine.as_str(), spec.proxyport);
-        match holder.get(&key) {
-            Some(other) => clashes.push((
-                i,
-                format!(
-                    "port {} on machine {:?} is also the proxyport of service {other:?}; \
-                     services share the machine's network (until each gets its own), \
-                     so only one of them can listen on it: give one another `proxyport`",
-                    spec.proxyport, spec.machine
-                ),
-            )),
-            None => {
-                holder.insert(key, &spec.name);
-            }
-        }
-    }
-    clashes
 }
 
 /// Refuses a change after which one of `machines` would get a desired
 /// set of more than `limit` bytes (as JSON, as it is sent): the set must
 /// always fit in one link frame. Names each machine, its size and the limit.
-fn desired_sets_fit(
+pub(super) fn desired_sets_fit(
     sets: &BTreeMap<String, DesiredSet>,
     machines: &BTreeSet<String>,
     limit: usize,
@@ -246,13 +217,16 @@ impl Hub {
                 errors,
             })
         };
-        let mut touched = BTreeSet::new();
-        let applied = self.store().write(|tx| -> Result<Vec<Applied>, ApiError> {
+        let (applied, changed) = self.write_change(|tx| {
+            let mut touched = BTreeSet::new();
             let mut errors = Vec::new();
             let mut existing = Vec::with_capacity(specs.len());
             let mut ip_owner: HashMap<Ipv6Addr, String> = HashMap::new();
+            // The services a `link` may name: stored ones and this file's.
+            let mut names: BTreeSet<String> = specs.iter().map(|s| s.name.clone()).collect();
             for s in tx.services()? {
-                ip_owner.insert(s.ip, s.spec.name);
+                ip_owner.insert(s.ip, s.spec.name.clone());
+                names.insert(s.spec.name);
             }
             for ((i, spec), image) in specs.iter().enumerate().zip(&images) {
                 let index = (specs.len() > 1).then_some(i);
@@ -320,15 +294,16 @@ impl Hub {
                         format!("address {ip} is already used by service {owner:?}"),
                     );
                 }
-                existing.push(old);
-            }
-            if mode != Apply::Restart {
-                for (i, why) in proxyport_clashes(specs, &tx.services()?) {
-                    let index = (specs.len() > 1).then_some(i);
-                    errors.push(
-                        SpecError::new(Some("proxyport"), why).at(index, Some(&specs[i].name)),
-                    );
+                // A restart applies the stored spec again, whatever became
+                // of what it links to; `status` shows a dangling link.
+                if mode != Apply::Restart {
+                    for (i, link) in spec.link.iter().enumerate() {
+                        if !names.contains(link) {
+                            err(&format!("link[{i}]"), no_such_link(link, &names));
+                        }
+                    }
                 }
+                existing.push(old);
             }
             if !errors.is_empty() {
                 return Err(fail(errors));
@@ -383,15 +358,9 @@ impl Hub {
                     generation: svc.generation,
                 });
             }
-            for m in &touched {
-                tx.bump_revision(m)?;
-            }
-            // Checked on the sets as they would be sent; an error here rolls
-            // the whole change back.
-            desired_sets_fit(&super::desired_sets(tx)?, &touched, MAX_DESIRED_SET)?;
-            Ok(applied)
+            Ok((applied, touched))
         })?;
-        self.push_desired(touched.iter().map(String::as_str));
+        self.publish(&changed);
         self.request_collection();
         Ok(applied)
     }
@@ -444,7 +413,7 @@ impl Hub {
     /// Deletes a service, also one whose stored spec fails the checks
     /// (deleting it is the way out the error names).
     pub fn delete(&self, actor: &str, name: &str) -> Result<Deleted, ApiError> {
-        let machine = self.store().write(|tx| -> Result<String, ApiError> {
+        let (machine, changed) = self.write_change(|tx| {
             let (machine, old) = match tx.service(name) {
                 Ok(Some(svc)) => (svc.spec.machine.clone(), Some(svc.to_json())),
                 Ok(None) => return Err(ApiError::no_service(name)),
@@ -457,12 +426,12 @@ impl Hub {
                 Err(e) => return Err(e.into()),
             };
             tx.delete_service(name)?;
-            tx.bump_revision(&machine)?;
             tx.audit(actor, "del", name, old.as_ref(), None)?;
-            Ok(machine)
+            let touched = BTreeSet::from([machine.clone()]);
+            Ok((machine, touched))
         })?;
         self.forget_status(name, &machine);
-        self.push_desired([machine.as_str()]);
+        self.publish(&changed);
         self.request_collection();
         Ok(Deleted {
             deleted: name.to_owned(),
@@ -489,7 +458,7 @@ pub(super) mod tests {
     use std::cell::Cell;
     use std::path::Path;
 
-    use phoenix_model::proto::{ErrorKind, MasterInfo, ToMinion};
+    use phoenix_model::proto::{ErrorKind, MAX_DESIRED_SET, MasterInfo, ToMinion};
     use tokio::sync::mpsc;
 
     use super::*;
@@ -723,95 +692,251 @@ pub(super) mod tests {
         )
     }
 
+    /// The next desired set sent down a link, whole.
+    fn next_set(rx: &mut mpsc::UnboundedReceiver<ToMinion>) -> Option<DesiredSet> {
+        match rx.try_recv().ok()? {
+            ToMinion::Desired(set) => Some(set),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    fn linking(name: &str, machine: &str, links: &[&str]) -> String {
+        format!(
+            r#"{{"machine":"{machine}","name":"{name}","image":"app","type":"binary","link":{}}}"#,
+            serde_json::to_string(links).unwrap()
+        )
+    }
+
     #[test]
-    fn two_daemons_on_one_machine_may_not_share_a_proxyport() {
+    fn a_link_to_no_service_is_refused_naming_it_with_the_closest_name() {
         let dir = tempfile::tempdir().unwrap();
         let hub = hub(dir.path());
         hub.apply(
             "root",
             Apply::Deploy,
-            "a.json",
-            &spec_on_port("a", 9000, "daemon"),
+            "db.json",
+            &linking("postgres", "m1", &[]),
         )
         .unwrap();
-
         let e = hub
             .apply(
                 "root",
                 Apply::Deploy,
-                "b.json",
-                &spec_on_port("b", 9000, "daemon"),
+                "web.json",
+                &linking("web", "m1", &["postgress", "cache"]),
             )
             .unwrap_err();
-        let message = e.to_string();
-        assert_eq!(e.kind(), ErrorKind::Invalid, "{message}");
+        assert_eq!(e.kind(), ErrorKind::Invalid);
+        let text = e.to_string();
         assert!(
-            message.contains(r#"spec "b": field `proxyport`"#),
-            "{message}"
+            text.contains(r#"spec "web": field `link[0]`: no service named "postgress"; did you mean "postgres"?"#),
+            "{text}"
         );
         assert!(
-            message.contains(r#"port 9000 on machine "m1" is also the proxyport of service "a""#),
-            "{message}"
+            text.contains(
+                r#"field `link[1]`: no service named "cache"; deploy it first, or in the same file"#
+            ),
+            "{text}"
         );
-        // Two in one file: the second is refused, naming the first.
-        let both = format!(
-            "[{}, {}]",
-            spec_on_port("c", 9100, "daemon"),
-            spec_on_port("d", 9100, "daemon")
-        );
-        let e = hub
-            .apply("root", Apply::Deploy, "cd.json", &both)
-            .unwrap_err();
-        assert!(e.to_string().contains(r#"spec #2 ("d")"#), "{e}");
-        assert!(e.to_string().contains(r#"service "c""#), "{e}");
         assert_eq!(
             hub.services().unwrap().len(),
             1,
-            "nothing of a refused file is stored"
+            "nothing of web.json is stored"
+        );
+        // An update may not break a link either.
+        let e = hub
+            .apply(
+                "root",
+                Apply::Update,
+                "db.json",
+                &linking("postgres", "m1", &["web"]),
+            )
+            .unwrap_err();
+        assert!(e.to_string().contains(r#"no service named "web""#), "{e}");
+        assert_eq!(hub.status("postgres").unwrap().generation, 1);
+
+        // Named in the same file, or stored: fine.
+        let both = format!(
+            "[{}, {}]",
+            linking("web", "m1", &["postgres", "cache"]),
+            linking("cache", "m1", &[])
+        );
+        hub.apply("root", Apply::Deploy, "both.json", &both)
+            .unwrap();
+        assert!(hub.status("web").unwrap().dangling_links.is_empty());
+    }
+
+    #[test]
+    fn a_linked_service_may_be_deleted_and_its_link_then_dangles() {
+        let dir = tempfile::tempdir().unwrap();
+        let hub = hub(dir.path());
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        hub.connect("m1", "0", tx);
+        let both = format!(
+            "[{}, {}]",
+            linking("web", "m1", &["db"]),
+            linking("db", "m1", &[])
+        );
+        hub.apply("root", Apply::Deploy, "both.json", &both)
+            .unwrap();
+        let set = next_set(&mut rx).unwrap();
+        let web = set.services.iter().find(|a| a.spec.name == "web").unwrap();
+        let db_ip = hub.status("db").unwrap().ip;
+        assert_eq!(web.links, BTreeMap::from([("db".to_owned(), db_ip)]));
+
+        hub.delete("root", "db").unwrap();
+        let set = next_set(&mut rx).unwrap();
+        assert!(set.services[0].links.is_empty(), "{set:?}");
+        let status = hub.status("web").unwrap();
+        assert_eq!(status.dangling_links, ["db"]);
+        assert_eq!(hub.services().unwrap()[0].dangling_links, ["db"]);
+        // A restart applies the stored spec, dangling link and all.
+        hub.restart("root", &["web".to_owned()]).unwrap();
+        // Deploying a db again resolves the link, at its new address.
+        hub.apply("root", Apply::Deploy, "db.json", &linking("db", "m1", &[]))
+            .unwrap();
+        assert!(hub.status("web").unwrap().dangling_links.is_empty());
+    }
+
+    /// The test hub with m2 accepted too, and both connected.
+    fn two_machines(
+        dir: &Path,
+    ) -> (
+        Hub,
+        mpsc::UnboundedReceiver<ToMinion>,
+        mpsc::UnboundedReceiver<ToMinion>,
+    ) {
+        let hub = hub(dir);
+        hub.store()
+            .write(|tx| tx.accept_node("m2", net::node_ip(2)))
+            .unwrap();
+        let (tx1, rx1) = mpsc::unbounded_channel();
+        hub.connect("m1", "0", tx1);
+        let (tx2, rx2) = mpsc::unbounded_channel();
+        hub.connect("m2", "0", tx2);
+        (hub, rx1, rx2)
+    }
+
+    #[test]
+    fn a_change_reaches_every_node_whose_set_it_changes_with_a_new_revision() {
+        let dir = tempfile::tempdir().unwrap();
+        let (hub, mut m1, mut m2) = two_machines(dir.path());
+
+        // A service on m1: m1 runs it, m2's peer m1 now serves its address.
+        hub.apply("root", Apply::Deploy, "db.json", &linking("db", "m1", &[]))
+            .unwrap();
+        let db_ip = hub.status("db").unwrap().ip;
+        let s1 = next_set(&mut m1).expect("m1 gets its set");
+        let s2 = next_set(&mut m2).expect("m2 gets its set: its peers changed");
+        assert_eq!(s1.services[0].spec.name, "db");
+        assert_eq!(s1.peers.len(), 1);
+        assert_eq!(
+            (s1.peers[0].node.as_str(), s1.peers[0].services.as_slice()),
+            ("m2", &[][..])
+        );
+        assert!(s2.services.is_empty());
+        assert_eq!(s2.peers[0].node, "m1");
+        assert_eq!(s2.peers[0].key, "key-m1");
+        assert_eq!(s2.peers[0].overlay_ip, net::node_ip(1));
+        assert_eq!(s2.peers[0].services, [db_ip]);
+        assert_eq!(
+            s2.peers[0].endpoint,
+            Some("10.0.0.2:51820".parse().unwrap())
         );
 
-        // A service keeps its own port across an update, a oneshot does not
-        // listen, and a port moved away is free again.
-        hub.apply(
-            "root",
-            Apply::Update,
-            "a.json",
-            &spec_on_port("a", 9000, "daemon"),
-        )
-        .unwrap();
+        // An update that changes nothing of the addresses touches only m1.
+        let (r1, r2) = (s1.revision, s2.revision);
+        hub.apply("root", Apply::Update, "db.json", &linking("db", "m1", &[]))
+            .unwrap();
+        assert!(next_set(&mut m1).unwrap().revision > r1);
+        assert_eq!(next_set(&mut m2), None, "m2's set did not change");
+
+        // A move: both get their sets at once, each with a newer revision.
+        let r1 = r1 + 1;
+        hub.apply("root", Apply::Update, "db.json", &linking("db", "m2", &[]))
+            .unwrap();
+        let s1 = next_set(&mut m1).unwrap();
+        let s2 = next_set(&mut m2).unwrap();
+        assert!(s1.revision > r1 && s2.revision > r2, "{s1:?} {s2:?}");
+        assert!(s1.services.is_empty());
+        assert_eq!(s1.peers[0].services, [db_ip]);
+        assert_eq!(s2.services[0].spec.name, "db");
+        assert!(s2.peers[0].services.is_empty());
+
+        // A service on m1 linking to db: its assignment carries db's address.
         hub.apply(
             "root",
             Apply::Deploy,
-            "j.json",
-            &spec_on_port("j", 9000, "oneshot"),
+            "web.json",
+            &linking("web", "m1", &["db"]),
         )
         .unwrap();
-        let swap = format!(
+        let s1 = next_set(&mut m1).unwrap();
+        assert_eq!(
+            s1.services[0].links,
+            BTreeMap::from([("db".to_owned(), db_ip)])
+        );
+        let web_ip = hub.status("web").unwrap().ip;
+        assert_eq!(next_set(&mut m2).unwrap().peers[0].services, [web_ip]);
+
+        // Deleting db changes m2 (it ran it) and m1 (its peer m2 no longer
+        // serves it, and web's link to it goes).
+        hub.delete("root", "db").unwrap();
+        let s1 = next_set(&mut m1).unwrap();
+        assert!(s1.services[0].links.is_empty());
+        assert!(s1.peers[0].services.is_empty());
+        assert!(next_set(&mut m2).unwrap().services.is_empty());
+    }
+
+    #[tokio::test]
+    async fn accepting_and_forgetting_a_node_changes_the_others_mesh() {
+        let dir = tempfile::tempdir().unwrap();
+        let hub = hub(dir.path());
+        let (tx, mut m1) = mpsc::unbounded_channel();
+        hub.connect("m1", "0", tx);
+        let r1 = hub.node("m1").unwrap().unwrap().revision;
+        let request = phoenix_model::proto::JoinRequest {
+            name: "m3".into(),
+            key: "key-m3".into(),
+            public_ip: "10.0.0.3".parse().unwrap(),
+            private_ip: "10.1.0.3".parse().unwrap(),
+            wg_port: 51999,
+            version: "0".into(),
+            proof: None,
+        };
+        hub.accept_request(&request, true).await.unwrap();
+        let s1 = next_set(&mut m1).expect("m1 learns of m3");
+        assert!(s1.revision > r1);
+        assert_eq!(s1.peers.len(), 1);
+        assert_eq!(s1.peers[0].node, "m3");
+        assert_eq!(
+            s1.peers[0].endpoint,
+            Some("10.0.0.3:51999".parse().unwrap())
+        );
+
+        hub.forget("root", "m3").await.unwrap();
+        let s1 = next_set(&mut m1).expect("m1 drops m3");
+        assert!(s1.peers.is_empty());
+    }
+
+    #[test]
+    fn daemons_on_one_machine_may_share_a_proxyport_each_in_its_own_network() {
+        let dir = tempfile::tempdir().unwrap();
+        let hub = hub(dir.path());
+        let both = format!(
             "[{}, {}]",
-            spec_on_port("a", 9001, "daemon"),
+            spec_on_port("a", 9000, "daemon"),
             spec_on_port("b", 9000, "daemon")
         );
-        let e = hub
-            .apply("root", Apply::Update, "swap.json", &swap)
-            .unwrap_err();
-        assert!(
-            !e.to_string().contains("proxyport"),
-            "only b is unknown: {e}"
-        );
-        hub.apply(
-            "root",
-            Apply::Update,
-            "a.json",
-            &spec_on_port("a", 9001, "daemon"),
-        )
-        .unwrap();
+        hub.apply("root", Apply::Deploy, "ab.json", &both).unwrap();
         hub.apply(
             "root",
             Apply::Deploy,
-            "b.json",
-            &spec_on_port("b", 9000, "daemon"),
+            "c.json",
+            &spec_on_port("c", 9000, "daemon"),
         )
         .unwrap();
+        assert_eq!(hub.services().unwrap().len(), 3);
     }
 
     #[test]
@@ -972,6 +1097,7 @@ pub(super) mod tests {
         let set = DesiredSet {
             revision: 7,
             services: Vec::new(),
+            peers: Vec::new(),
         };
         let size = serialized_size(&set);
         assert_eq!(size, serde_json::to_vec(&set).unwrap().len());

@@ -6,6 +6,7 @@
 //! and wakes whoever waits on the decision (its held join connection, a
 //! waiting link) through the `membership` signal.
 
+use std::collections::BTreeSet;
 use std::net::Ipv6Addr;
 use std::time::Instant;
 
@@ -122,7 +123,9 @@ impl Hub {
         proven: bool,
     ) -> Result<Node, ApiError> {
         let name = &request.name;
-        self.store().write(|tx| -> Result<Node, ApiError> {
+        // Every other node's set changes (a new mesh peer): their
+        // revisions are bumped here, and `admit` pushes them.
+        let (node, _changed) = self.write_change(|tx| {
             match tx.node(name)? {
                 Some(n) if n.accepted => {
                     return Err(ApiError::Conflict(format!(
@@ -153,8 +156,9 @@ impl Hub {
                 ApiError::Internal(format!("node {name:?} vanished while being accepted"))
             })?;
             tx.audit(actor, "accept", name, None, Some(&audit_json(&node)))?;
-            Ok(node)
-        })
+            Ok((node, BTreeSet::new()))
+        })?;
+        Ok(node)
     }
 
     /// Adds an accepted node's overlay peer, then wakes whoever waits on its
@@ -165,7 +169,13 @@ impl Hub {
     pub async fn admit(&self, node: &Node) -> Result<Accepted, ApiError> {
         let peer_added = match &self.overlay {
             Some(o) => {
-                let added = o.set_peer(&peer_config(node)).await;
+                // With the addresses it serves, should it have any.
+                let peer = self
+                    .master_peers()
+                    .ok()
+                    .and_then(|all| all.into_iter().find(|p| p.key == node.key))
+                    .unwrap_or_else(|| peer_config(node));
+                let added = o.set_peer(&peer).await;
                 if added.is_err() {
                     // Whatever of the peer got in goes too.
                     let _ = o.remove_peer(&node.key).await;
@@ -185,7 +195,7 @@ impl Hub {
     ) -> Result<Accepted, ApiError> {
         if let Err(e) = peer_added {
             let name = &node.name;
-            let rolled_back = self.store().write(|tx| -> Result<(), ApiError> {
+            let rolled_back = self.write_change(|tx| {
                 match tx.node(name)? {
                     Some(n) if n.key == node.key => tx.delete_node(name)?,
                     _ => {}
@@ -198,10 +208,13 @@ impl Hub {
                     Some(&audit_json(node)),
                     Some(&detail),
                 )?;
-                Ok(())
+                Ok(((), BTreeSet::new()))
             });
             let outcome = match rolled_back {
-                Ok(()) => "it is not accepted and still waits".to_owned(),
+                Ok(((), changed)) => {
+                    self.publish(&changed);
+                    "it is not accepted and still waits".to_owned()
+                }
                 Err(r) => {
                     format!("rolling the acceptance back failed too ({r}); `phoenix forget {name}`")
                 }
@@ -212,6 +225,21 @@ impl Hub {
             )));
         }
         let overlay_ip = node.overlay_ip.unwrap_or(Ipv6Addr::UNSPECIFIED);
+        // Every other minion gets it as a mesh peer (their revisions were
+        // bumped with the acceptance); it gets its own set when it connects.
+        let others: BTreeSet<String> = self
+            .store()
+            .read()
+            .and_then(|tx| tx.nodes(true))
+            .map(|nodes| {
+                nodes
+                    .into_iter()
+                    .filter(|n| n.accepted && n.name != node.name)
+                    .map(|n| n.name)
+                    .collect()
+            })
+            .unwrap_or_default();
+        self.publish(&others);
         lock(&self.joins).accepted(&node.name, &node.key, overlay_ip);
         self.membership.send_modify(|n| *n += 1);
         tracing::info!(node = %node.name, ip = ?node.overlay_ip, "node accepted");
@@ -224,7 +252,7 @@ impl Hub {
     /// Removes an accepted node, its key and its overlay peer; refused while
     /// services are placed on it.
     pub async fn forget(&self, actor: &str, name: &str) -> Result<Forgotten, ApiError> {
-        let node = self.store().write(|tx| -> Result<Node, ApiError> {
+        let (node, changed) = self.write_change(|tx| {
             let node = match tx.node(name)? {
                 Some(n) if n.accepted => n,
                 Some(_) => {
@@ -253,7 +281,7 @@ impl Hub {
             }
             tx.delete_node(name)?;
             tx.audit(actor, "forget", name, Some(&audit_json(&node)), None)?;
-            Ok(node)
+            Ok((node, BTreeSet::new()))
         })?;
         if let Some(o) = &self.overlay {
             o.remove_peer(&node.key).await.map_err(|e| {
@@ -264,6 +292,8 @@ impl Hub {
         }
         // Dropping the link's sender ends its writer and closes the connection.
         self.drop_link(name);
+        // The others drop it from their mesh.
+        self.publish(&changed);
         self.forget_seen(name);
         self.membership.send_modify(|n| *n += 1);
         tracing::info!(node = name, "node forgotten");

@@ -5,7 +5,7 @@
 //! together by the views. Nothing here is durable; a restarted master learns
 //! it again from the minions' full reports on reconnect.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
 
 use phoenix_model::proto::{ImageSync, ServiceView, Settled, Verdict};
@@ -30,6 +30,18 @@ const WAIT_TICK: std::time::Duration = std::time::Duration::from_millis(250);
 pub struct Wanted {
     pub generation: u64,
     pub oneshot: bool,
+}
+
+/// The names in `link` that no stored service has, sorted.
+pub fn dangling_links(link: &[String], names: &HashSet<String>) -> Vec<String> {
+    let mut dangling: Vec<String> = link
+        .iter()
+        .filter(|l| !names.contains(*l))
+        .cloned()
+        .collect();
+    dangling.sort();
+    dangling.dedup();
+    dangling
 }
 
 /// The verdict on one service for a wait, from its last report and, when
@@ -262,20 +274,26 @@ impl Hub {
     }
 
     pub fn status(&self, name: &str) -> Result<ServiceView, ApiError> {
-        let svc = self
-            .store()
-            .read()?
-            .service(name)?
-            .ok_or_else(|| ApiError::no_service(name))?;
-        Ok(self.view(&svc))
+        let (svc, names) = {
+            let mut store = self.store();
+            let tx = store.read()?;
+            let svc = tx
+                .service(name)?
+                .ok_or_else(|| ApiError::no_service(name))?;
+            (svc, tx.service_names()?)
+        };
+        Ok(self.view(&svc, &names))
     }
 
     pub fn services(&self) -> Result<Vec<ServiceView>, ApiError> {
         let services = self.store().read()?.services()?;
-        Ok(services.iter().map(|s| self.view(s)).collect())
+        let names: HashSet<String> = services.iter().map(|s| s.spec.name.clone()).collect();
+        Ok(services.iter().map(|s| self.view(s, &names)).collect())
     }
 
-    fn view(&self, svc: &Service) -> ServiceView {
+    /// A service as `status` and `services` show it; `names` are every
+    /// stored service's, for its dangling links.
+    fn view(&self, svc: &Service, names: &HashSet<String>) -> ServiceView {
         let st = lock(&self.observed.state)
             .statuses
             .get(&svc.spec.name)
@@ -314,6 +332,7 @@ impl Hub {
             since: st.as_ref().map(|s| s.since),
             message: st.and_then(|s| s.message),
             node_reachable: reachable,
+            dangling_links: dangling_links(&svc.spec.link, names),
         }
     }
 

@@ -569,6 +569,7 @@ mod tests {
             image_hash: String::new(),
             image_size: 0,
             generation: 1,
+            links: Default::default(),
         };
         let img = ImageSettings {
             entrypoint: vec!["/bin/app".into()],
