@@ -14,25 +14,33 @@
 //!   killing writes `cgroup.kill` where the kernel has it (5.14+),
 //!   otherwise freezes (`cgroup.freeze`), SIGKILLs every listed pid and
 //!   thaws;
-//! - v1, and hybrid (v1 controllers plus cgroup2 at `unified`, handled as
-//!   v1): `freezer/phoenix/NAME` and `pids/phoenix/NAME` always, so the
-//!   processes can be found and killed without any limit set, plus
-//!   `memory/phoenix/NAME` (`memory.limit_in_bytes`) and `cpu/phoenix/NAME`
-//!   (`cpu.cfs_period_us`, `cpu.cfs_quota_us`) when limited; killing
+//! - hybrid (v1 controllers plus a cgroup2 mount at `unified`): the
+//!   processes are tracked in `unified/phoenix/NAME` (a cgroup2 cgroup
+//!   without controllers, killed through `cgroup.kill` as on v2), and the
+//!   limits are v1's, below;
+//! - v1: `freezer/phoenix/NAME` and `pids/phoenix/NAME` always, so the
+//!   processes can be found and killed without any limit set; killing
 //!   freezes, SIGKILLs every listed pid and thaws, so nothing forks between
-//!   the listing and the kill;
+//!   the listing and the kill. On v1 and hybrid hosts alike, limits are
+//!   `memory/phoenix/NAME` (`memory.limit_in_bytes`) and `cpu/phoenix/NAME`
+//!   (`cpu.cfs_period_us`, `cpu.cfs_quota_us`), made only when asked for;
 //! - none: nothing is created, and the description says limits were not
 //!   applied.
 //!
 //! A process should enter its cgroups before it runs its program: moving
-//! it in after spawning leaves a window in which its children escape. See
-//! [`ServiceCgroup::prepare_join`].
+//! it in after spawning leaves a window in which its children escape. Best
+//! is to be born in them: [`ServiceCgroup::prepare_join`] opens the
+//! cgroup2 directory for `clone3(CLONE_INTO_CGROUP)` ([`crate::spawn`]),
+//! and only the v1 cgroups (on a hybrid host: just the limiting ones, when
+//! limits are set) are joined by writing `cgroup.procs` before `execve`.
+//! Such a write migrates the process, which takes a kernel-wide lock and
+//! waits an RCU grace period (milliseconds); a birth in the cgroup does not.
 //!
 //! Everything goes through [`Host`], so each mode is tested here against
 //! the `Recording` fake; one test (root only) runs on the real
 //! host.
 
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -54,8 +62,8 @@ const CPU_MIN_QUOTA_US: u64 = 1_000;
 pub enum CgroupMode {
     /// `/sys/fs/cgroup` is a cgroup2 mount.
     V2,
-    /// v1 controllers with a cgroup2 mount at `unified` beside them; used
-    /// as v1.
+    /// v1 controllers with a cgroup2 mount at `unified` beside them:
+    /// processes tracked in the cgroup2 one, limits through v1.
     Hybrid,
     V1,
     None,
@@ -185,9 +193,34 @@ impl Cgroups {
         self.mode
     }
 
+    /// Where hierarchy `h` is mounted.
+    fn hierarchy_root(&self, h: Hierarchy) -> PathBuf {
+        match (h, self.mode) {
+            (Hierarchy::Unified, CgroupMode::Hybrid) => self.root.join("unified"),
+            _ => self.root.join(h.dir_name()),
+        }
+    }
+
     /// `root/<hierarchy>/phoenix`.
     fn parent(&self, h: Hierarchy) -> PathBuf {
-        self.root.join(h.dir_name()).join(PARENT)
+        self.hierarchy_root(h).join(PARENT)
+    }
+
+    /// The hierarchies a service's cgroups may be in on this host: where
+    /// [`Cgroups::open`] and [`Cgroups::services`] look. On a hybrid host
+    /// that includes the v1 tracking ones (freezer, pids) that earlier
+    /// versions made, so that their leftovers are still found.
+    fn hierarchies(&self) -> Vec<Hierarchy> {
+        match self.mode {
+            CgroupMode::None => Vec::new(),
+            CgroupMode::V2 => vec![Hierarchy::Unified],
+            CgroupMode::V1 => self.v1_present(),
+            CgroupMode::Hybrid => {
+                let mut all = vec![Hierarchy::Unified];
+                all.extend(self.v1_present());
+                all
+            }
+        }
     }
 
     /// The v1 hierarchies this host has.
@@ -217,7 +250,8 @@ impl Cgroups {
                 }
             }
             CgroupMode::V2 => self.create_v2(&mut cg, limits),
-            CgroupMode::V1 | CgroupMode::Hybrid => self.create_v1(&mut cg, limits),
+            CgroupMode::V1 => self.create_v1(&mut cg, limits),
+            CgroupMode::Hybrid => self.create_hybrid(&mut cg, limits),
         }
         Ok(cg)
     }
@@ -227,12 +261,7 @@ impl Cgroups {
     pub fn open(&self, name: &str) -> Result<ServiceCgroup, CgroupError> {
         check_name(name)?;
         let mut cg = self.empty(name);
-        let hierarchies = match self.mode {
-            CgroupMode::None => Vec::new(),
-            CgroupMode::V2 => vec![Hierarchy::Unified],
-            CgroupMode::V1 | CgroupMode::Hybrid => self.v1_present(),
-        };
-        for h in hierarchies {
+        for h in self.hierarchies() {
             if self.has_cgroup(h, name) {
                 cg.dirs.push((h, self.parent(h).join(name)));
             }
@@ -243,12 +272,8 @@ impl Cgroups {
     /// The services that have a cgroup under `phoenix` in any hierarchy:
     /// what a restarted minion compares with its desired set to clean up.
     pub fn services(&self) -> Vec<String> {
-        let hierarchies = match self.mode {
-            CgroupMode::None => Vec::new(),
-            CgroupMode::V2 => vec![Hierarchy::Unified],
-            CgroupMode::V1 | CgroupMode::Hybrid => self.v1_present(),
-        };
-        let mut names: Vec<String> = hierarchies
+        let mut names: Vec<String> = self
+            .hierarchies()
             .into_iter()
             .flat_map(|h| {
                 let names = self.host.list_dir(&self.parent(h)).unwrap_or_default();
@@ -366,6 +391,30 @@ impl Cgroups {
 
     fn create_v1(&self, cg: &mut ServiceCgroup, limits: &Limits) {
         let present = self.v1_present();
+        self.track_v1(cg, &present);
+        self.limits_v1(cg, &present, limits);
+    }
+
+    /// Tracks the processes in the cgroup2 hierarchy at `unified` (a birth
+    /// there needs no migration), or in v1's freezer and pids where that
+    /// cgroup cannot be made; limits through v1.
+    fn create_hybrid(&self, cg: &mut ServiceCgroup, limits: &Limits) {
+        let present = self.v1_present();
+        match self.make_dir(Hierarchy::Unified, &cg.name) {
+            Ok(dir) => cg.dirs.push((Hierarchy::Unified, dir)),
+            Err(e) => {
+                tracing::warn!(
+                    service = %cg.name,
+                    "cannot track processes in the cgroup2 hierarchy ({e}); using v1's freezer and pids"
+                );
+                self.track_v1(cg, &present);
+            }
+        }
+        self.limits_v1(cg, &present, limits);
+    }
+
+    /// The v1 cgroups that list every process: freezer and pids.
+    fn track_v1(&self, cg: &mut ServiceCgroup, present: &[Hierarchy]) {
         if !present.contains(&Hierarchy::Freezer) && !present.contains(&Hierarchy::Pids) {
             cg.not_applied.push(
                 "processes NOT tracked: this host has neither the freezer nor the pids cgroup controller"
@@ -381,10 +430,14 @@ impl Cgroups {
                 Err(e) => cg.not_applied.push(format!("processes NOT tracked: {e}")),
             }
         }
+    }
+
+    /// The v1 cgroups that limit: memory and cpu, when asked for.
+    fn limits_v1(&self, cg: &mut ServiceCgroup, present: &[Hierarchy], limits: &Limits) {
         if let Some(bytes) = limits.memory {
             let files = vec![("memory.limit_in_bytes", bytes.to_string())];
             let shown = format!("memory {}", show_bytes(bytes));
-            self.limit_v1(cg, &present, Hierarchy::Memory, Ok(files), shown);
+            self.limit_v1(cg, present, Hierarchy::Memory, Ok(files), shown);
         }
         if let Some(cpus) = limits.cpus {
             let files = cpu_quota(cpus).map(|quota| {
@@ -393,7 +446,7 @@ impl Cgroups {
                     ("cpu.cfs_quota_us", quota.to_string()),
                 ]
             });
-            self.limit_v1(cg, &present, Hierarchy::Cpu, files, format!("cpus {cpus}"));
+            self.limit_v1(cg, present, Hierarchy::Cpu, files, format!("cpus {cpus}"));
         }
     }
 
@@ -548,41 +601,51 @@ impl ServiceCgroup {
         Ok(())
     }
 
-    /// Opens every cgroup's `cgroup.procs` now, so that a forked child can
-    /// join them before it runs its program, with no allocation and no
-    /// path lookup:
+    /// Opens the service's cgroups now for a process to be started in
+    /// them ([`crate::spawn::Spawn::cgroups`]), so that the child needs no
+    /// allocation and no path lookup: the cgroup2 directory, to be born in
+    /// (`clone3` with `CLONE_INTO_CGROUP`), and the `cgroup.procs` of each
+    /// v1 cgroup, for the child to write before `execve`. On a v2 host that
+    /// is the directory alone; on a hybrid host, the directory plus the v1
+    /// memory and cpu cgroups only when the service has those limits; on a
+    /// v1 host, `cgroup.procs` files only.
     ///
     /// ```no_run
-    /// use std::os::unix::process::CommandExt;
+    /// use std::os::fd::AsFd;
     /// use std::sync::Arc;
     /// use phoenix_host::cgroup::{Cgroups, Limits};
+    /// use phoenix_host::spawn::Spawn;
     ///
     /// let cgroups = Cgroups::detect(Arc::new(phoenix_host::Linux));
     /// let cgroup = cgroups.create("web", &Limits::default())?;
     /// let join = cgroup.prepare_join()?;
-    /// let mut command = std::process::Command::new("/usr/local/bin/web");
-    /// // SAFETY: join_self only writes to descriptors opened before the
-    /// // fork, which is async-signal-safe.
-    /// unsafe { command.pre_exec(move || join.join_self()) };
-    /// let child = command.spawn()?; // in the cgroups from its first instruction
+    /// let log = std::fs::File::create("/tmp/web.log")?;
+    /// let child = Spawn::new("/usr/local/bin/web".as_ref(), log.as_fd())
+    ///     .cgroups(&join)
+    ///     .spawn()?; // in the cgroups from its first instruction
     /// # Ok::<(), Box<dyn std::error::Error>>(())
     /// ```
     ///
-    /// The descriptors are close-on-exec and are closed when the `Command`
-    /// is dropped. A process started this way needs no [`ServiceCgroup::add`].
+    /// The descriptors are close-on-exec. A process started this way needs
+    /// no [`ServiceCgroup::add`].
     pub fn prepare_join(&self) -> Result<CgroupJoin, CgroupError> {
-        let mut procs = Vec::with_capacity(self.dirs.len());
-        for dir in self.dirs() {
-            let fd = self
-                .host
-                .open_write(&dir.join("cgroup.procs"))
-                .map_err(|source| CgroupError::PrepareJoin {
-                    service: self.name.clone(),
-                    source,
-                })?;
-            procs.push(fd);
+        let err = |source| CgroupError::PrepareJoin {
+            service: self.name.clone(),
+            source,
+        };
+        let mut join = CgroupJoin {
+            cgroup2: None,
+            procs: Vec::new(),
+        };
+        for (h, dir) in &self.dirs {
+            if *h == Hierarchy::Unified && join.cgroup2.is_none() {
+                join.cgroup2 = Some(self.host.open_dir(dir).map_err(err)?);
+            } else {
+                let procs = self.host.open_write(&dir.join("cgroup.procs"));
+                join.procs.push(procs.map_err(err)?);
+            }
         }
-        Ok(CgroupJoin { procs })
+        Ok(join)
     }
 
     /// The pids of every process of the service (empty when untracked).
@@ -612,12 +675,12 @@ impl ServiceCgroup {
             service: self.name.clone(),
             source,
         };
-        let Some(dir) = self.tracking() else {
+        let Some((tracking, dir)) = self.dirs.first() else {
             return Ok(());
         };
         let h = self.host.as_ref();
-        match self.mode {
-            CgroupMode::V2 => {
+        match tracking {
+            Hierarchy::Unified => {
                 let names = h.list_dir(dir).map_err(err)?;
                 if names.iter().any(|n| n == "cgroup.kill") {
                     return h.write_file(&dir.join("cgroup.kill"), b"1").map_err(err);
@@ -630,7 +693,7 @@ impl ServiceCgroup {
                 )
                 .map_err(err)
             }
-            CgroupMode::V1 | CgroupMode::Hybrid => {
+            _ => {
                 let freezer = self.dirs.iter().find(|(h, _)| *h == Hierarchy::Freezer);
                 match freezer {
                     Some((_, dir)) => {
@@ -646,7 +709,6 @@ impl ServiceCgroup {
                     None => self.kill_listed(dir).map_err(err),
                 }
             }
-            CgroupMode::None => Ok(()),
         }
     }
 
@@ -725,23 +787,27 @@ fn wait_frozen(host: &dyn Host, state: &Path) {
     }
 }
 
-/// The open `cgroup.procs` files of a service, for a forked child to join
-/// (see [`ServiceCgroup::prepare_join`]).
+/// A service's cgroups, opened for a process to start in them (see
+/// [`ServiceCgroup::prepare_join`]).
 #[derive(Debug)]
 pub struct CgroupJoin {
+    /// The cgroup2 directory, to be born in.
+    cgroup2: Option<OwnedFd>,
+    /// The `cgroup.procs` of each v1 cgroup to join before `execve`.
     procs: Vec<OwnedFd>,
 }
 
 impl CgroupJoin {
-    /// Moves the calling process into every cgroup of the service by
-    /// writing "0" (meaning "me") to each `cgroup.procs`. Async-signal-safe:
-    /// one write(2) per descriptor, no allocation, so it may run in a
-    /// `pre_exec` hook.
-    pub fn join_self(&self) -> std::io::Result<()> {
-        for fd in &self.procs {
-            rustix::io::write(fd, b"0")?;
-        }
-        Ok(())
+    /// The service's cgroup2 directory, for `clone3(CLONE_INTO_CGROUP)`.
+    pub fn cgroup2_dir(&self) -> Option<BorrowedFd<'_>> {
+        self.cgroup2.as_ref().map(|fd| fd.as_fd())
+    }
+
+    /// The `cgroup.procs` files (opened for writing) of the v1 cgroups the
+    /// process must still join by writing "0" before `execve`: empty on a
+    /// v2 host, and on a hybrid host for a service without limits.
+    pub fn v1_procs(&self) -> impl Iterator<Item = BorrowedFd<'_>> {
+        self.procs.iter().map(|fd| fd.as_fd())
     }
 }
 
@@ -798,7 +864,11 @@ mod tests {
             h.cgroupfs(
                 "/sys/fs/cgroup/unified",
                 FsMagic::CGROUP2,
-                &[("cgroup.procs", "")],
+                &[
+                    ("cgroup.procs", ""),
+                    ("cgroup.kill", ""),
+                    ("cgroup.freeze", "0"),
+                ],
             );
         }
         let hierarchies: [(&str, &[(&str, &str)]); 4] = [
@@ -1006,8 +1076,8 @@ mod tests {
 
     #[test]
     fn v1_tracks_every_service_and_limits_only_when_asked() {
-        for hybrid in [true, false] {
-            let h = v1_host(hybrid, &[]);
+        {
+            let h = v1_host(false, &[]);
             let cg = cgroups(&h).create("web", &LIMITS).unwrap();
             let made: Vec<_> = h
                 .calls()
@@ -1061,7 +1131,7 @@ mod tests {
             );
 
             // No limits: the tracking cgroups only, and nothing to say.
-            let h = v1_host(hybrid, &[]);
+            let h = v1_host(false, &[]);
             let cg = cgroups(&h).create("db", &Limits::default()).unwrap();
             assert_eq!(
                 cg.dirs().collect::<Vec<_>>(),
@@ -1076,8 +1146,99 @@ mod tests {
     }
 
     #[test]
-    fn v1_kill_freezes_kills_every_listed_pid_and_thaws() {
+    fn hybrid_tracks_in_cgroup2_and_limits_through_v1() {
         let h = v1_host(true, &[]);
+        let cgs = cgroups(&h);
+        let cg = cgs.create("web", &LIMITS).unwrap();
+        assert_eq!(
+            cg.dirs().collect::<Vec<_>>(),
+            [
+                Path::new("/sys/fs/cgroup/unified/phoenix/web"),
+                Path::new("/sys/fs/cgroup/memory/phoenix/web"),
+                Path::new("/sys/fs/cgroup/cpu/phoenix/web"),
+            ]
+        );
+        assert!(!h.exists("/sys/fs/cgroup/freezer/phoenix"));
+        assert!(!h.exists("/sys/fs/cgroup/pids/phoenix"));
+        assert_eq!(
+            cg.description().as_deref(),
+            Some("memory 256 MiB, cpus 0.5 (cgroup v1)")
+        );
+        // Killing goes through cgroup.kill of the cgroup2 one.
+        h.add_process(10, 10, 1);
+        cg.add(10).unwrap();
+        assert_eq!(cg.pids().unwrap(), [10]);
+        h.take_calls();
+        cg.kill_all().unwrap();
+        let dir = "/sys/fs/cgroup/unified/phoenix/web";
+        assert_eq!(
+            h.take_calls(),
+            [
+                Call::ListDir { path: p(dir) },
+                write(&format!("{dir}/cgroup.kill"), "1"),
+            ]
+        );
+        assert!(!h.is_running(10));
+        cg.remove().unwrap();
+        assert!(cgs.services().is_empty());
+        assert!(!h.exists("/sys/fs/cgroup/unified/phoenix"));
+
+        // No limits: the cgroup2 one alone, nothing in v1.
+        let h = v1_host(true, &[]);
+        let cg = cgroups(&h).create("db", &Limits::default()).unwrap();
+        assert_eq!(
+            cg.dirs().collect::<Vec<_>>(),
+            [Path::new("/sys/fs/cgroup/unified/phoenix/db")]
+        );
+        assert_eq!(cg.description(), None);
+        for ctl in ["freezer", "pids", "memory", "cpu"] {
+            assert!(!h.exists(format!("/sys/fs/cgroup/{ctl}/phoenix")), "{ctl}");
+        }
+    }
+
+    #[test]
+    fn hybrid_without_a_cgroup2_cgroup_tracks_in_v1() {
+        let h = v1_host(true, &[]);
+        h.fail_path("/sys/fs/cgroup/unified/phoenix", EACCES);
+        let cg = cgroups(&h).create("web", &Limits::default()).unwrap();
+        assert_eq!(
+            cg.dirs().collect::<Vec<_>>(),
+            [
+                Path::new("/sys/fs/cgroup/freezer/phoenix/web"),
+                Path::new("/sys/fs/cgroup/pids/phoenix/web"),
+            ]
+        );
+        assert!(cg.is_tracked());
+        assert_eq!(cg.description(), None);
+    }
+
+    /// Earlier versions tracked a hybrid host's services in v1's freezer
+    /// and pids: a restarted minion still finds, kills and removes those.
+    #[test]
+    fn hybrid_finds_what_v1_tracking_left() {
+        let h = v1_host(true, &[]);
+        h.add_process(10, 10, 1);
+        for ctl in ["freezer", "pids"] {
+            let dir = format!("/sys/fs/cgroup/{ctl}/phoenix/old");
+            h.create_dir(Path::new(&format!("/sys/fs/cgroup/{ctl}/phoenix")))
+                .unwrap();
+            h.create_dir(Path::new(&dir)).unwrap();
+            h.write_file(&p(&format!("{dir}/cgroup.procs")), b"10")
+                .unwrap();
+        }
+        let cgs = cgroups(&h);
+        assert_eq!(cgs.services(), ["old"]);
+        let old = cgs.open("old").unwrap();
+        assert_eq!(old.pids().unwrap(), [10]);
+        old.kill_all().unwrap();
+        assert!(!h.is_running(10));
+        old.remove().unwrap();
+        assert!(cgs.services().is_empty());
+    }
+
+    #[test]
+    fn v1_kill_freezes_kills_every_listed_pid_and_thaws() {
+        let h = v1_host(false, &[]);
         h.add_process(10, 10, 1);
         h.add_process(11, 99, 1);
         let cg = cgroups(&h).create("web", &LIMITS).unwrap();
@@ -1169,7 +1330,7 @@ mod tests {
 
     #[test]
     fn v1_limit_failures_are_described_and_leave_no_cgroup() {
-        let h = v1_host(true, &[]);
+        let h = v1_host(false, &[]);
         let file = "/sys/fs/cgroup/memory/phoenix/web/memory.limit_in_bytes";
         h.fail_path(file, EACCES);
         let cg = cgroups(&h).create("web", &LIMITS).unwrap();
@@ -1183,7 +1344,7 @@ mod tests {
         assert!(!cg.dirs().any(|d| d.starts_with("/sys/fs/cgroup/memory")));
 
         // Nothing tracked: said so, and kill/remove have nothing to do.
-        let h = v1_host(true, &[]);
+        let h = v1_host(false, &[]);
         h.fail_when(|c| matches!(c, Call::CreateDir { .. }), EACCES);
         let cg = cgroups(&h).create("web", &Limits::default()).unwrap();
         let text = cg.description().unwrap();
@@ -1203,7 +1364,7 @@ mod tests {
 
     #[test]
     fn removal_waits_for_the_processes_and_keeps_a_shared_parent() {
-        let h = v1_host(true, &[]);
+        let h = v1_host(false, &[]);
         h.add_process(10, 10, 1);
         let cgs = cgroups(&h);
         let web = cgs.create("web", &LIMITS).unwrap();
@@ -1237,7 +1398,7 @@ mod tests {
 
     #[test]
     fn a_restarted_minion_reopens_what_a_service_left() {
-        let h = v1_host(true, &[]);
+        let h = v1_host(false, &[]);
         h.add_process(10, 10, 1);
         let cgs = cgroups(&h);
         cgs.create("web", &LIMITS).unwrap().add(10).unwrap();
@@ -1312,18 +1473,53 @@ mod tests {
     }
 
     #[test]
-    fn joining_opens_every_procs_file_beforehand() {
-        let h = v1_host(true, &[]);
-        let cg = cgroups(&h).create("web", &LIMITS).unwrap();
-        h.take_calls();
-        let join = cg.prepare_join().unwrap();
+    fn joining_opens_the_cgroup2_directory_and_the_v1_procs_files() {
+        let opened = |h: &Arc<Recording>, limits: &Limits| {
+            let cg = cgroups(h).create("web", limits).unwrap();
+            h.take_calls();
+            let join = cg.prepare_join().unwrap();
+            (join, h.take_calls())
+        };
+        let open_dir = |d: &str| Call::OpenDir { path: p(d) };
+        let open_procs = |d: &str| Call::OpenWrite {
+            path: p(&format!("{d}/cgroup.procs")),
+        };
+
+        // v2: born in the cgroup, nothing to join.
+        let (join, calls) = opened(&v2_host(true), &LIMITS);
+        assert_eq!(calls, [open_dir("/sys/fs/cgroup/phoenix/web")]);
+        assert!(join.cgroup2_dir().is_some());
+        assert_eq!(join.v1_procs().count(), 0);
+
+        // Hybrid: born in the cgroup2 one; v1 only for the limits.
+        let (join, calls) = opened(&v1_host(true, &[]), &LIMITS);
         assert_eq!(
-            h.take_calls(),
-            ["freezer", "pids", "memory", "cpu"].map(|c| Call::OpenWrite {
-                path: p(&format!("/sys/fs/cgroup/{c}/phoenix/web/cgroup.procs"))
-            })
+            calls,
+            [
+                open_dir("/sys/fs/cgroup/unified/phoenix/web"),
+                open_procs("/sys/fs/cgroup/memory/phoenix/web"),
+                open_procs("/sys/fs/cgroup/cpu/phoenix/web"),
+            ]
         );
-        join.join_self().unwrap();
+        assert!(join.cgroup2_dir().is_some());
+        assert_eq!(join.v1_procs().count(), 2);
+        let (join, calls) = opened(&v1_host(true, &[]), &Limits::default());
+        assert_eq!(calls, [open_dir("/sys/fs/cgroup/unified/phoenix/web")]);
+        assert_eq!(join.v1_procs().count(), 0);
+
+        // v1: every cgroup joined by writing cgroup.procs.
+        let (join, calls) = opened(&v1_host(false, &[]), &LIMITS);
+        assert_eq!(
+            calls,
+            ["freezer", "pids", "memory", "cpu"]
+                .map(|c| open_procs(&format!("/sys/fs/cgroup/{c}/phoenix/web")))
+        );
+        assert!(join.cgroup2_dir().is_none());
+        assert_eq!(join.v1_procs().count(), 4);
+
+        // A failure names the file.
+        let h = v1_host(false, &[]);
+        let cg = cgroups(&h).create("web", &LIMITS).unwrap();
         h.fail_path("/sys/fs/cgroup/pids/phoenix/web/cgroup.procs", EACCES);
         let e = cg.prepare_join().unwrap_err();
         assert!(
@@ -1336,7 +1532,7 @@ mod tests {
     /// grandchild is killed whole, and its cgroups go.
     #[test]
     fn real_host_kills_a_process_tree_and_removes_the_cgroups() {
-        use std::os::unix::process::CommandExt;
+        use std::os::fd::AsFd;
         use std::time::Instant;
 
         if !rustix::process::geteuid().is_root() {
@@ -1375,14 +1571,20 @@ mod tests {
             }
         };
 
-        // Joined before exec, with a grandchild that sh forks.
+        // Started in them, with a grandchild that sh forks.
         let join = cg.prepare_join().unwrap();
-        let mut cmd = std::process::Command::new("sh");
-        cmd.args(["-c", "sleep 60 & sleep 60; true"]);
-        // SAFETY: join_self only writes to descriptors opened before the
-        // fork (see CgroupJoin::join_self).
-        unsafe { cmd.pre_exec(move || join.join_self()) };
-        let mut tree = cmd.spawn().unwrap();
+        let null = std::fs::File::create("/dev/null").unwrap();
+        let tree = crate::spawn::Spawn::new(Path::new("/bin/sh"), null.as_fd())
+            .args(["-c", "sleep 60 & sleep 60; true"])
+            .env("PATH", "/usr/bin:/bin")
+            .cgroups(&join)
+            .spawn()
+            .unwrap();
+        assert_eq!(
+            tree.born_in_cgroup,
+            cgs.mode() != CgroupMode::V1,
+            "{tree:?}"
+        );
         // And one moved in after it started.
         let mut added = std::process::Command::new("sleep")
             .arg("60")
@@ -1394,13 +1596,13 @@ mod tests {
         });
         let pids = cg.pids().unwrap();
         assert!(
-            pids.contains(&tree.id()) && pids.contains(&added.id()),
+            pids.contains(&tree.pid) && pids.contains(&added.id()),
             "{pids:?}"
         );
         for dir in cg.dirs() {
             let procs = std::fs::read_to_string(dir.join("cgroup.procs")).unwrap();
             assert!(
-                procs.contains(&tree.id().to_string()),
+                procs.contains(&tree.pid.to_string()),
                 "{} lacks sh",
                 dir.display()
             );
@@ -1408,7 +1610,14 @@ mod tests {
 
         cg.kill_all().unwrap();
         use std::os::unix::process::ExitStatusExt;
-        assert_eq!(tree.wait().unwrap().signal(), Some(9));
+        let status = rustix::process::waitpid(
+            rustix::process::Pid::from_raw(tree.pid as i32),
+            rustix::process::WaitOptions::empty(),
+        )
+        .unwrap()
+        .unwrap()
+        .1;
+        assert_eq!(status.terminating_signal(), Some(9));
         assert_eq!(added.wait().unwrap().signal(), Some(9));
         // The grandchildren are reaped by whoever inherited them.
         wait_until("every process of the cgroup to end", &|| {

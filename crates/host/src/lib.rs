@@ -19,7 +19,8 @@
 //!   another mount namespace runs in a forked child ([`pre_exec`]).
 //!
 //! Beside the trait: [`cgroup`] (per-service cgroups on v1, v2 and hybrid
-//! hosts), [`fs::write_atomic`] and [`users`] (`/etc/passwd` and
+//! hosts), [`spawn`] (starting a service's process inside its cgroup and
+//! namespaces), [`fs::write_atomic`] and [`users`] (`/etc/passwd` and
 //! `/etc/group` parsing).
 
 use std::os::fd::OwnedFd;
@@ -31,6 +32,7 @@ mod linux;
 pub mod pre_exec;
 #[cfg(any(test, feature = "fake"))]
 mod recording;
+pub mod spawn;
 pub mod users;
 
 pub use linux::{Linux, parse_start_time};
@@ -76,6 +78,9 @@ pub trait Host: Send + Sync {
     /// Opens an existing file write-only (close-on-exec), to be written
     /// later, e.g. from a forked child where opening would allocate.
     fn open_write(&self, path: &Path) -> Result<OwnedFd, HostError>;
+    /// Opens a directory read-only (close-on-exec): a cgroup2 directory to
+    /// start a process in ([`spawn::Spawn::into_cgroup`]).
+    fn open_dir(&self, path: &Path) -> Result<OwnedFd, HostError>;
 }
 
 /// A signal number that names a real signal.

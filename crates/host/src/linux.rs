@@ -135,6 +135,16 @@ impl Host for Linux {
             .map(OwnedFd::from)
             .map_err(path_err("open for writing", path))
     }
+
+    fn open_dir(&self, path: &Path) -> Result<OwnedFd, HostError> {
+        use rustix::fs::{Mode, OFlags};
+        rustix::fs::open(
+            path,
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(|e| HostError::path("open directory", path, e.into()))
+    }
 }
 
 /// The start time (field 22) from the text of `/proc/PID/stat`; None for a

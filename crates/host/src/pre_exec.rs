@@ -6,7 +6,8 @@
 //! Every function here is async-signal-safe — system calls on static C
 //! strings or descriptors opened before the fork, no allocation, no lock —
 //! as code between fork and exec in a multi-threaded process must be.
-//! Joining a service's cgroups is [`crate::cgroup::CgroupJoin::join_self`].
+//! Starting a process inside a service's cgroups and namespaces is
+//! [`crate::spawn`]'s, which needs no `pre_exec` hook.
 
 use rustix::mount::{MountFlags, MountPropagationFlags};
 use rustix::thread::UnshareFlags;

@@ -78,6 +78,9 @@ pub enum Call {
     OpenWrite {
         path: PathBuf,
     },
+    OpenDir {
+        path: PathBuf,
+    },
 }
 
 impl Call {
@@ -91,7 +94,8 @@ impl Call {
             | Call::ReadFile { path }
             | Call::RemoveDir { path }
             | Call::ListDir { path }
-            | Call::OpenWrite { path } => Some(path),
+            | Call::OpenWrite { path }
+            | Call::OpenDir { path } => Some(path),
             Call::UnmountDetach { target } => Some(target),
             Call::MountOverlay(m) => Some(&m.target),
             Call::Signal { .. }
@@ -122,6 +126,7 @@ impl Call {
                     Call::ReadFile { .. } => "read",
                     Call::RemoveDir { .. } => "remove directory",
                     Call::ListDir { .. } => "list",
+                    Call::OpenDir { .. } => "open directory",
                     _ => "open for writing",
                 };
                 let path = self.path().unwrap_or(Path::new("/"));
@@ -682,6 +687,20 @@ impl Host for Recording {
         std::fs::OpenOptions::new()
             .write(true)
             .open("/dev/null")
+            .map(OwnedFd::from)
+            .map_err(|e| HostError::path(op, path, e))
+    }
+
+    fn open_dir(&self, path: &Path) -> Result<OwnedFd, HostError> {
+        let op = "open directory";
+        let w = self.enter(Call::OpenDir {
+            path: path.to_path_buf(),
+        })?;
+        if !matches!(w.tree.get(path), Some(Node::Dir)) {
+            return Err(HostError::path(op, path, err(ENOENT)));
+        }
+        // A stand-in descriptor: the fake has no directories to open.
+        std::fs::File::open("/dev/null")
             .map(OwnedFd::from)
             .map_err(|e| HostError::path(op, path, e))
     }

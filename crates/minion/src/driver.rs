@@ -28,9 +28,10 @@
 //! against its recording fake. Per-service resources are not the drivers'
 //! business: the runner puts every task in its service's cgroups
 //! ([`phoenix_host::cgroup`]) around [`Driver::start`], for every kind of
-//! task alike, and a driver only has the process it starts join them
-//! before exec ([`TaskConfig::cgroup`]). A network namespace goes the same
-//! way next.
+//! task alike, and a driver only starts its process inside them
+//! ([`TaskConfig::cgroup`]). A service's network namespace and hosts file
+//! come the same way ([`TaskConfig::network`]): the driver's process is
+//! started in them.
 //!
 //! Methods that wait return boxed futures, so that drivers are trait
 //! objects ([`Drivers`] holds one per kind) and a fake driver can stand in
@@ -137,11 +138,24 @@ pub struct TaskConfig<'a> {
     pub env: &'a [(String, String)],
     /// The service's log file, opened for append: its stdout and stderr.
     pub log: std::fs::File,
-    /// The service's cgroups, opened for joining: the driver has the
-    /// process it starts (a binary; crun, whose container inherits them)
-    /// join them between fork and exec. `None` where the host tracks no
-    /// processes.
+    /// The service's cgroups, opened for joining: the driver starts its
+    /// process (a binary; crun, whose container inherits them) inside them
+    /// ([`phoenix_host::spawn::Spawn::cgroups`]). `None` where the host
+    /// tracks no processes.
     pub cgroup: Option<Arc<CgroupJoin>>,
+    /// The service's own network, when it has one: the driver starts its
+    /// process in that namespace, seeing `hosts_file` as `/etc/hosts`.
+    /// `None`: the minion's network and `/etc/hosts`.
+    pub network: Option<TaskNetwork<'a>>,
+}
+
+/// A service's network namespace and the hosts file its names resolve by.
+#[derive(Clone, Copy, Debug)]
+pub struct TaskNetwork<'a> {
+    /// The namespace (`/proc/PID/ns/net` or a bind mount of one).
+    pub netns: std::os::fd::BorrowedFd<'a>,
+    /// What the task sees as `/etc/hosts` (bound read-only over it).
+    pub hosts_file: &'a Path,
 }
 
 impl TaskConfig<'_> {

@@ -11,13 +11,12 @@
 
 use std::ffi::OsStr;
 use std::io;
-use std::os::fd::OwnedFd;
-use std::os::unix::process::CommandExt;
-use std::process::Stdio;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::Arc;
 use std::time::Duration;
 
 use phoenix_host::cgroup::CgroupJoin;
+use phoenix_host::spawn::Spawn;
 use phoenix_host::{Host, Signal};
 use phoenix_model::status::{Exit, now_ms};
 use tokio::io::unix::AsyncFd;
@@ -37,9 +36,14 @@ pub struct Launch<'a> {
     pub cwd: &'a std::path::Path,
     /// Where stdout and stderr go (opened for append).
     pub log: std::fs::File,
-    /// The service's cgroups, joined between fork and exec so that the
-    /// program and everything it forks are in them from the start.
-    pub cgroup: Option<Arc<CgroupJoin>>,
+    /// The service's cgroups: the program is born in them (see
+    /// [`phoenix_host::spawn`]), so it and everything it forks are in them
+    /// from the start.
+    pub cgroup: Option<&'a CgroupJoin>,
+    /// A network namespace to start the program in.
+    pub netns: Option<BorrowedFd<'a>>,
+    /// A file the program sees as `/etc/hosts`.
+    pub hosts_file: Option<&'a std::path::Path>,
 }
 
 /// How a process is signalled.
@@ -67,27 +71,27 @@ pub struct Proc {
 }
 
 impl Proc {
+    /// Starts `l` as the leader of a new process group, stdin from
+    /// `/dev/null`, stdout and stderr to its log, inside its cgroups and
+    /// namespaces from its first instruction. The error names the step
+    /// that failed (e.g. the program is missing).
     pub fn spawn(host: Arc<dyn Host>, l: Launch<'_>) -> io::Result<Proc> {
-        let err_log = l.log.try_clone()?;
-        let mut cmd = std::process::Command::new(l.program);
+        let mut s = Spawn::new(l.program, l.log.as_fd());
         if let Some(arg0) = l.arg0 {
-            cmd.arg0(arg0);
+            s.arg0(arg0);
         }
-        cmd.args(l.args)
-            .env_clear()
-            .envs(l.env)
-            .current_dir(l.cwd)
-            .stdin(Stdio::null())
-            .stdout(Stdio::from(l.log))
-            .stderr(Stdio::from(err_log))
-            .process_group(0);
+        s.args(l.args).envs(l.env).cwd(l.cwd);
         if let Some(join) = l.cgroup {
-            // SAFETY: join_self only writes to descriptors opened before the
-            // fork (one write(2) each, no allocation): async-signal-safe.
-            unsafe { cmd.pre_exec(move || join.join_self()) };
+            s.cgroups(join);
         }
-        let child = cmd.spawn()?;
-        Ok(Proc::child(host, child.id(), Target::Group))
+        if let Some(ns) = l.netns {
+            s.netns(ns);
+        }
+        if let Some(hosts) = l.hosts_file {
+            s.hosts_file(hosts);
+        }
+        let child = s.spawn()?;
+        Ok(Proc::child(host, child.pid, Target::Group))
     }
 
     /// A child of ours (also one reparented to us) to wait for.
@@ -223,6 +227,8 @@ mod tests {
                 cwd: dir.path(),
                 log,
                 cgroup: None,
+                netns: None,
+                hosts_file: None,
             },
         )
         .unwrap();

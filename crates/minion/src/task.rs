@@ -475,6 +475,7 @@ impl TaskRunner {
                             env: &env,
                             log,
                             cgroup: join,
+                            network: None,
                         })
                         .await
                 }

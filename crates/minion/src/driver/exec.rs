@@ -4,7 +4,9 @@
 //! The program is the image file itself (nothing to prepare). The process
 //! gets a clean environment (`PATH`, the spec's `env`, then Phoenix's
 //! variables), the task's work directory, its log file as stdout and
-//! stderr, and joins the service's cgroups before exec. Signals go to the
+//! stderr, and starts inside the service's cgroups and, when it has one,
+//! its network namespace with its hosts file as `/etc/hosts`
+//! ([`phoenix_host::spawn`]). Signals go to the
 //! whole group; what left the group (a double fork, `setsid`) is the
 //! cgroup's to end, which the runner does after every run.
 //!
@@ -184,7 +186,9 @@ impl ExecDriver {
                 env,
                 cwd: task.work_dir,
                 log: task.log,
-                cgroup: task.cgroup,
+                cgroup: task.cgroup.as_deref(),
+                netns: task.network.map(|n| n.netns),
+                hosts_file: task.network.map(|n| n.hosts_file),
             },
         )
         .map_err(DriverError::Spawn)?;
@@ -281,6 +285,7 @@ mod tests {
                 env: &env,
                 log: std::fs::File::create(&log_path).unwrap(),
                 cgroup: None,
+                network: None,
             })
             .await
             .unwrap();
@@ -356,6 +361,7 @@ mod tests {
                 env: &[],
                 log: std::fs::File::create(&log_path).unwrap(),
                 cgroup: None,
+                network: None,
             })
             .await
             .unwrap();
@@ -389,6 +395,7 @@ mod tests {
                 env: &[],
                 log: std::fs::File::create(dir.path().join("log")).unwrap(),
                 cgroup: None,
+                network: None,
             })
             .await
             .err()

@@ -14,25 +14,33 @@
 //!
 //! cgroups are not crun's: the runner owns every service's cgroups, for
 //! containers and binaries alike ([`phoenix_host::cgroup`]). `crun create`
-//! joins them before it runs, so the container's init and everything in it
-//! inherit them, and every crun command runs with
-//! `--cgroup-manager=disabled` and a runtime config without
+//! is started inside them ([`phoenix_host::spawn`]), so the container's
+//! init and everything in it inherit them, and every crun command runs
+//! with `--cgroup-manager=disabled` and a runtime config without
 //! `linux.resources` or `cgroupsPath`. crun 1.8 still refuses "hybrid"
 //! hosts (v1 controllers plus a cgroup2 mount at /sys/fs/cgroup/unified):
 //! there each crun command runs in a private mount namespace whose
 //! /sys/fs/cgroup is a fresh cgroup2 mount, entered after the join
-//! ([`phoenix_host::pre_exec::private_cgroup2_mount`]), so the minion never
-//! changes namespace itself.
+//! ([`phoenix_host::spawn::Spawn::private_cgroup2`] for `crun create`,
+//! [`phoenix_host::pre_exec::private_cgroup2_mount`] for the others), so
+//! the minion never changes namespace itself.
+//!
+//! A service with a network of its own ([`super::TaskNetwork`]): `crun
+//! create` is started in its network namespace, and the runtime config
+//! asks for no new one, so the container joins it; its hosts file is
+//! bound read-only over the container's `/etc/hosts`.
 //!
 //! Host operations (statfs, overlay mounts, unmounts, signals, pidfds) go
 //! through the driver's [`Host`].
 
+use std::os::fd::AsFd;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 
-use phoenix_host::cgroup::{CgroupJoin, CgroupMode};
+use phoenix_host::cgroup::CgroupMode;
+use phoenix_host::spawn::Spawn;
 use phoenix_host::users::UserError;
 use phoenix_host::{Host, OverlayMount};
 use phoenix_model::proto::Assignment;
@@ -103,22 +111,14 @@ impl OciDriver {
         rt
     }
 
-    /// A crun command, set up for this host's cgroups; `join`: the
-    /// service's cgroups, which crun (and the container it creates) joins
-    /// before it runs.
-    fn crun(&self, join: Option<Arc<CgroupJoin>>) -> Result<Command, String> {
+    /// A crun command (other than `create`), set up for this host's
+    /// cgroups.
+    fn crun(&self) -> Result<Command, String> {
         let bin = self.crun.as_ref().ok_or(CRUN_HELP)?;
         let mut cmd = Command::new(bin);
         cmd.arg("--root")
             .arg(&self.state_dir)
             .arg("--cgroup-manager=disabled");
-        // pre_exec hooks run in the order they are added: join first, while
-        // the real /sys/fs/cgroup is still the one the descriptors are on.
-        if let Some(join) = join {
-            // SAFETY: join_self only writes to descriptors opened before the
-            // fork (one write(2) each, no allocation): async-signal-safe.
-            unsafe { cmd.pre_exec(move || join.join_self()) };
-        }
         if self.private_cgroup2 {
             // SAFETY: private_cgroup2_mount makes only async-signal-safe
             // system calls on static strings (unshare, mount).
@@ -129,7 +129,7 @@ impl OciDriver {
 
     /// Runs a crun subcommand to its end; its error text on failure.
     async fn crun_run(&self, args: &[&str], what: &str) -> Result<(), String> {
-        let mut cmd = self.crun(None)?;
+        let mut cmd = self.crun()?;
         cmd.args(args).stdout(Stdio::null());
         let (exit, err) = reaper::run(&mut cmd)
             .await
@@ -200,7 +200,8 @@ impl OciDriver {
                 return Err(format!("copy rootfs: {}", err.trim()));
             }
         }
-        let config = runtime_config(a, &settings, &lower, task.env)?;
+        let hosts_file = task.network.map(|n| n.hosts_file);
+        let config = runtime_config(a, &settings, &lower, task.env, hosts_file)?;
         let config_path = bundle.join("config.json");
         std::fs::write(
             &config_path,
@@ -213,20 +214,31 @@ impl OciDriver {
         let crun_log = work.join("crun.log");
         let _ = std::fs::remove_file(&pid_file);
         let _ = std::fs::remove_file(&crun_log);
-        // The container inherits crun's stdout and stderr: the service log.
-        let mut create = self.crun(task.cgroup.clone())?;
+        // The container inherits crun's stdout and stderr (the service
+        // log), its cgroups and its network namespace.
+        let bin = self.crun.as_ref().ok_or(CRUN_HELP)?;
+        let mut create = Spawn::new(bin, log.as_fd());
         create
+            .arg("--root")
+            .arg(&self.state_dir)
+            .arg("--cgroup-manager=disabled")
             .arg(format!("--log=file:{}", crun_log.display()))
             .args(["create", "--bundle"])
             .arg(&bundle)
             .arg("--pid-file")
             .arg(&pid_file)
             .arg(&id)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().map_err(|e| e.to_string())?)
-            .stderr(log.try_clone().map_err(|e| e.to_string())?);
+            .envs(std::env::vars_os())
+            .process_group(false)
+            .private_cgroup2(self.private_cgroup2);
+        if let Some(join) = task.cgroup.as_deref() {
+            create.cgroups(join);
+        }
+        if let Some(network) = task.network {
+            create.netns(network.netns);
+        }
         let child = create.spawn().map_err(|e| format!("run crun: {e}"))?;
-        let exit = reaper::exit_of(child.id()).await;
+        let exit = reaper::exit_of(child.pid).await;
         if exit.code != Some(0) {
             let why = std::fs::read_to_string(&crun_log).unwrap_or_default();
             self.cleanup(&spec.name, work).await;
@@ -426,12 +438,15 @@ fn resolve_user(user: Option<&str>, rootfs: &Path) -> Result<(u32, u32), String>
         })
 }
 
-/// The OCI runtime config for a service's container.
+/// The OCI runtime config for a service's container; `hosts_file`: the
+/// service's own `/etc/hosts` (it has a network namespace of its own,
+/// which crun is started in).
 fn runtime_config(
     a: &Assignment,
     img: &ImageSettings,
     rootfs: &Path,
     extra_env: &[(String, String)],
+    hosts_file: Option<&Path>,
 ) -> Result<Value, String> {
     let spec = &a.spec;
     let mut args = img.entrypoint.clone();
@@ -490,19 +505,23 @@ fn runtime_config(
         json!({"destination": "/dev/pts", "type": "devpts", "source": "devpts", "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620"]}),
         json!({"destination": "/dev/shm", "type": "tmpfs", "source": "shm", "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"]}),
         json!({"destination": "/dev/mqueue", "type": "mqueue", "source": "mqueue", "options": ["nosuid", "noexec", "nodev"]}),
-        // The host's network is shared until per-service networking lands,
-        // so /sys comes from the host (read-only) rather than a new sysfs.
+        // /sys comes from the host (read-only) rather than a new sysfs.
         json!({"destination": "/sys", "type": "bind", "source": "/sys", "options": ["rbind", "nosuid", "noexec", "nodev", "ro"]}),
     ];
-    for f in ["/etc/resolv.conf", "/etc/hosts"] {
-        if Path::new(f).exists() {
-            mounts.push(
-                json!({"destination": f, "type": "bind", "source": f, "options": ["rbind", "ro"]}),
-            );
+    let hosts = hosts_file.unwrap_or(Path::new("/etc/hosts"));
+    for (dest, source) in [
+        ("/etc/resolv.conf", Path::new("/etc/resolv.conf")),
+        ("/etc/hosts", hosts),
+    ] {
+        if source.exists() {
+            mounts.push(json!({"destination": dest, "type": "bind", "source": source, "options": ["rbind", "ro"]}));
         }
     }
     // No `resources` and no `cgroupsPath`: the service's cgroups are
     // Phoenix's, joined before `crun create` (see the module header).
+    // No `network` namespace: the container shares crun's, which is the
+    // service's own when it has one (crun is started in it), else the
+    // minion's.
     let linux = json!({
         "namespaces": [{"type": "pid"}, {"type": "ipc"}, {"type": "uts"}, {"type": "mount"}],
         "maskedPaths": ["/proc/acpi", "/proc/asound", "/proc/kcore", "/proc/keys", "/proc/latency_stats",
@@ -579,7 +598,14 @@ mod tests {
             user: None,
         };
         let dir = tempfile::tempdir().unwrap();
-        let c = runtime_config(&a, &img, dir.path(), &[("PORT".into(), "8000".into())]).unwrap();
+        let c = runtime_config(
+            &a,
+            &img,
+            dir.path(),
+            &[("PORT".into(), "8000".into())],
+            None,
+        )
+        .unwrap();
         assert_eq!(c["process"]["args"], json!(["/bin/app", "--default"]));
         let env: Vec<&str> = c["process"]["env"]
             .as_array()
@@ -596,6 +622,37 @@ mod tests {
         // Limits are the runner's cgroups', never crun's.
         assert!(c["linux"].get("resources").is_none(), "{c}");
         assert!(c["linux"].get("cgroupsPath").is_none(), "{c}");
+        assert!(
+            c["linux"]["namespaces"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|n| n["type"] != "network")
+        );
+        let hosts_source = |c: &Value| {
+            c["mounts"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|m| m["destination"] == "/etc/hosts")
+                .map(|m| (m["source"].clone(), m["options"].clone()))
+        };
+        if Path::new("/etc/hosts").exists() {
+            assert_eq!(
+                hosts_source(&c),
+                Some((json!("/etc/hosts"), json!(["rbind", "ro"])))
+            );
+        }
+
+        // A service with a network of its own: its hosts file, and still
+        // no new network namespace (crun is started in the service's).
+        let hosts = dir.path().join("hosts");
+        std::fs::write(&hosts, "fd38:dde8:32dd:1::2 web\n").unwrap();
+        let c = runtime_config(&a, &img, dir.path(), &[], Some(&hosts)).unwrap();
+        assert_eq!(
+            hosts_source(&c),
+            Some((json!(hosts), json!(["rbind", "ro"])))
+        );
         assert!(
             c["linux"]["namespaces"]
                 .as_array()
