@@ -114,12 +114,25 @@ fn established() -> Value {
     )
 }
 
-fn reject6() -> Value {
-    json!({ "reject": { "type": "icmpv6", "expr": "admin-prohibited" } })
-}
-
-fn reject4() -> Value {
-    json!({ "reject": { "type": "icmp", "expr": "admin-prohibited" } })
+/// Refusals: TCP with a reset, the rest with an ICMP "administratively
+/// prohibited" of `icmp_type` (`icmpv6` or `icmp`).
+///
+/// Why a reset for TCP: on a node, the refusal comes back within
+/// microseconds, while `connect()` still holds its socket; the kernel then
+/// keeps an ICMP error as a soft error and only fails the connect when the
+/// SYN is retransmitted, a second later, whereas a reset waits in the
+/// socket's backlog and fails it (`ECONNREFUSED`) as soon as it is released.
+fn refusals(icmp_type: &str) -> [(Option<Value>, Value); 2] {
+    [
+        (
+            Some(matches("==", meta("l4proto"), json!("tcp"))),
+            json!({ "reject": { "type": "tcp reset" } }),
+        ),
+        (
+            None,
+            json!({ "reject": { "type": icmp_type, "expr": "admin-prohibited" } }),
+        ),
+    ]
 }
 
 /// The `nft -j` document that replaces minion `minion_id`'s table with the
@@ -130,14 +143,16 @@ fn reject4() -> Value {
 ///   anything else); established and related traffic is accepted; to an
 ///   address in `fd38:dde8:32dd::/48`, new traffic is accepted only if the
 ///   pair (host end, destination) is in the `allowed6` set built from
-///   `allowed`, and rejected with ICMPv6 administratively-prohibited
-///   otherwise (a connect fails at once, `EACCES`); to another service's
+///   `allowed`, and refused otherwise, at once: TCP with a reset (the
+///   connect fails with `ECONNREFUSED`), anything else with ICMPv6
+///   administratively-prohibited (see `refusals` for why not ICMP for
+///   TCP too); to another service's
 ///   node-local IPv4 address (`100.64.0.0/10`) it is rejected likewise,
 ///   since that would bypass `link`. Everything else (egress, traffic from
 ///   the overlay to services) is accepted.
 /// - **input** (policy accept): after established and related traffic, new
 ///   traffic from a service's host end to an address of the /48 (the
-///   node's own cluster address) is rejected. Neighbour discovery uses
+///   node's own cluster address) is refused the same way. Neighbour discovery uses
 ///   link-local and multicast addresses, outside the /48, so it keeps
 ///   working.
 /// - **postrouting** (nat): IPv4 from `100.64.0.0/10`, and IPv6 from the /48
@@ -185,7 +200,19 @@ pub fn ruleset(minion_id: &str, state: &FirewallState) -> Value {
     };
     let table_obj = json!({ "table": { "family": family, "name": table } });
 
-    let cmds = vec![
+    let refuse = |chain: &str, conditions: Vec<Value>, icmp_type: &str| -> Vec<Value> {
+        refusals(icmp_type)
+            .into_iter()
+            .map(|(proto, verdict)| {
+                let mut expr = conditions.clone();
+                expr.extend(proto);
+                expr.push(verdict);
+                rule(chain, expr)
+            })
+            .collect()
+    };
+
+    let mut cmds = vec![
         json!({ "metainfo": { "json_schema_version": 1 } }),
         // Add first, so that the delete succeeds when there is none yet.
         json!({ "add": table_obj }),
@@ -253,17 +280,28 @@ pub fn ruleset(minion_id: &str, state: &FirewallState) -> Value {
                 json!({ "accept": null }),
             ],
         ),
-        rule(
-            "forward",
-            vec![from_service(), in_cluster6("daddr", "=="), reject6()],
-        ),
-        rule("forward", vec![from_service(), egress4("daddr"), reject4()]),
-        chain("input", "filter", "input", 0),
-        rule("input", vec![established(), json!({ "accept": null })]),
-        rule(
-            "input",
-            vec![from_service(), in_cluster6("daddr", "=="), reject6()],
-        ),
+    ];
+    cmds.extend(refuse(
+        "forward",
+        vec![from_service(), in_cluster6("daddr", "==")],
+        "icmpv6",
+    ));
+    cmds.extend(refuse(
+        "forward",
+        vec![from_service(), egress4("daddr")],
+        "icmp",
+    ));
+    cmds.push(chain("input", "filter", "input", 0));
+    cmds.push(rule(
+        "input",
+        vec![established(), json!({ "accept": null })],
+    ));
+    cmds.extend(refuse(
+        "input",
+        vec![from_service(), in_cluster6("daddr", "==")],
+        "icmpv6",
+    ));
+    cmds.extend([
         chain("postrouting", "nat", "postrouting", 100),
         rule(
             "postrouting",
@@ -282,7 +320,7 @@ pub fn ruleset(minion_id: &str, state: &FirewallState) -> Value {
                 json!({ "masquerade": null }),
             ],
         ),
-    ];
+    ]);
     json!({ "nftables": cmds })
 }
 
@@ -472,7 +510,7 @@ mod tests {
         for set in ["service_ifs", "own6", "own4", "allowed6"] {
             assert!(elements(&doc, set).is_empty(), "{set}");
         }
-        assert_eq!(rules(&doc, "forward").len(), 6);
+        assert_eq!(rules(&doc, "forward").len(), 8);
         nft_accepts(&doc);
     }
 
@@ -500,11 +538,14 @@ mod tests {
         assert!(text[1].contains("@own4") && text[1].contains("drop"));
         assert!(text[2].contains("established"));
         assert!(text[3].contains("@allowed6") && text[3].contains("accept"));
-        assert!(text[4].contains("admin-prohibited") && text[4].contains("fd38:dde8:32dd::"));
-        assert!(text[5].contains("100.64.0.0"));
+        assert!(text[4].contains("tcp reset") && text[4].contains("fd38:dde8:32dd::"));
+        assert!(text[5].contains("admin-prohibited") && text[5].contains("fd38:dde8:32dd::"));
+        assert!(text[6].contains("tcp reset") && text[6].contains("100.64.0.0"));
+        assert!(text[7].contains("admin-prohibited") && text[7].contains("100.64.0.0"));
         let input: Vec<String> = rules(&doc, "input").iter().map(|r| r.to_string()).collect();
         assert!(input[0].contains("established"));
-        assert!(input[1].contains("admin-prohibited"));
+        assert!(input[1].contains("tcp reset"));
+        assert!(input[2].contains("admin-prohibited"));
         let nat: Vec<String> = rules(&doc, "postrouting")
             .iter()
             .map(|r| r.to_string())

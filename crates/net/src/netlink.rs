@@ -256,7 +256,8 @@ pub(crate) fn is_veth(l: &LinkMessage) -> bool {
 }
 
 /// A veth pair: `name` in the socket's namespace (at index `index`, or any
-/// when 0) and `peer` in the namespace of `peer_ns`; both created up.
+/// when 0) and `peer` in the namespace of `peer_ns`. Both are created down:
+/// the kernel cannot open an end before the pair is joined (`ENOTCONN`).
 pub(crate) fn new_veth(
     name: &str,
     index: u32,
@@ -264,15 +265,11 @@ pub(crate) fn new_veth(
     peer_ns: BorrowedFd<'_>,
 ) -> RouteNetlinkMessage {
     let mut p = LinkMessage::default();
-    p.header.flags = LinkFlags::Up;
-    p.header.change_mask = LinkFlags::Up;
     p.attributes.push(LinkAttribute::IfName(peer.to_owned()));
     p.attributes
         .push(LinkAttribute::NetNsFd(peer_ns.as_raw_fd()));
     let mut m = LinkMessage::default();
     m.header.index = index;
-    m.header.flags = LinkFlags::Up;
-    m.header.change_mask = LinkFlags::Up;
     m.attributes.push(LinkAttribute::IfName(name.to_owned()));
     m.attributes.push(LinkAttribute::LinkInfo(vec![
         LinkInfo::Kind(InfoKind::Veth),

@@ -143,6 +143,11 @@ fn plumb(
         .batch(vec![
             Request::new(netlink::set_up(1), 0, "bringing lo up"),
             Request::new(
+                netlink::set_up(eth0),
+                0,
+                format!("bringing {SERVICE_IF} up"),
+            ),
+            Request::new(
                 netlink::new_addr(eth0, IpAddr::V6(plan.ipv6), 128),
                 CREATE_REPLACE,
                 format!("adding {}/128 to {SERVICE_IF}", plan.ipv6),
