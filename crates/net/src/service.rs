@@ -237,7 +237,13 @@ impl ServiceNet {
             let ns = own_netns().map_err(|e| svc_err(plan, "opening the new namespace", e))?;
             let mut inner = Netlink::open()
                 .map_err(|e| svc_err(plan, "opening a netlink socket in the new namespace", e))?;
-            plumb(plan, host_ns.as_fd(), &mut host, &mut inner)?;
+            if let Err(e) = plumb(plan, host_ns.as_fd(), &mut host, &mut inner) {
+                // The namespace goes with its descriptor (nothing runs in
+                // it yet); remove the host end now rather than when the
+                // kernel gets to it, so that a retry finds the name free.
+                let _ = host.request(Request::new(netlink::del_link(&plan.host_if), 0, ""));
+                return Err(e);
+            }
             Ok(ns)
         })?;
         Ok(ServiceNet {
@@ -249,7 +255,9 @@ impl ServiceNet {
     /// Takes over the namespace of a running service after a minion
     /// restart: opens `/proc/PID/ns/net`, checks that the host end of the
     /// veth is there and repairs its addresses and routes (or, if the veth
-    /// is gone, builds it again inside that namespace).
+    /// is gone, builds it again inside that namespace). The caller checks
+    /// first that `pid` is still its service (the run record's start time),
+    /// as a pid can be reused.
     pub fn adopt(pid: u32, plan: &NetPlan) -> Result<ServiceNet, NetError> {
         let path = format!("/proc/{pid}/ns/net");
         let ns: OwnedFd = File::open(&path)

@@ -11,7 +11,7 @@
 
 use std::collections::HashSet;
 use std::io::{self, Read, Write};
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -177,6 +177,24 @@ fn call(ns: Option<BorrowedFd<'_>>, ip: IpAddr) -> io::Result<String> {
     }
 }
 
+/// Sends one UDP datagram from `ns`, from the source address `src` (which
+/// must be on one of its interfaces), to `dst:PORT`.
+fn datagram_from(ns: BorrowedFd<'_>, src: Ipv6Addr, dst: Ipv6Addr) {
+    run_in(ns, move || {
+        let s = UdpSocket::bind((src, 0)).expect("bind");
+        s.send_to(b"hello", (dst, PORT)).expect("send");
+    })
+    .unwrap();
+}
+
+/// The source of the next datagram `rx` receives, if one comes soon.
+fn received(rx: &UdpSocket) -> Option<IpAddr> {
+    rx.set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    let mut buf = [0u8; 16];
+    rx.recv_from(&mut buf).ok().map(|(_, from)| from.ip())
+}
+
 /// Asserts that a call is refused, at once.
 fn refused(ns: Option<BorrowedFd<'_>>, ip: IpAddr, why: &str) {
     let t = Instant::now();
@@ -290,6 +308,28 @@ fn links_are_enforced_both_ways() {
         refused(Some(b.netns()), a6, "b -> a is not linked");
         refused(Some(b.netns()), IpAddr::V6(REMOTE), "b -> remote");
         assert!(ping(b.netns(), a.plan().ipv6).is_err(), "b pings a");
+        // a cannot pass for b: with b's address added inside a, what a
+        // sends from it is dropped (while its own address still works).
+        let (a_ip, b_ip) = (a.plan().ipv6, b.plan().ipv6);
+        run_in(a.netns(), || {
+            sh(&format!("ip -6 addr add {b_ip}/128 dev eth0 nodad"))
+        })
+        .unwrap();
+        let rx = run_in(_world._overlay.as_fd(), || UdpSocket::bind((REMOTE, PORT)))
+            .unwrap()
+            .expect("udp");
+        datagram_from(a.netns(), a_ip, REMOTE);
+        assert_eq!(
+            received(&rx),
+            Some(IpAddr::V6(a_ip)),
+            "from a's own address"
+        );
+        datagram_from(a.netns(), b_ip, REMOTE);
+        assert_eq!(received(&rx), None, "a passing for b is dropped");
+        run_in(a.netns(), || {
+            sh(&format!("ip -6 addr del {b_ip}/128 dev eth0"))
+        })
+        .unwrap();
         // Not around link through the node-local IPv4 addresses.
         refused(
             Some(a.netns()),
