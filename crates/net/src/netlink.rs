@@ -232,6 +232,32 @@ impl Netlink {
     }
 }
 
+impl Netlink {
+    /// The addresses on the link at `index`, with their prefix lengths.
+    pub fn addresses(&mut self, index: u32) -> io::Result<Vec<(IpAddr, u8)>> {
+        let all = self.dump(RouteNetlinkMessage::GetAddress(AddressMessage::default()))?;
+        Ok(all
+            .into_iter()
+            .filter_map(|m| match m {
+                RouteNetlinkMessage::NewAddress(a) if a.header.index == index => {
+                    let ip = a.attributes.iter().find_map(|at| match at {
+                        AddressAttribute::Local(ip) => Some(*ip),
+                        _ => None,
+                    });
+                    let ip = ip.or_else(|| {
+                        a.attributes.iter().find_map(|at| match at {
+                            AddressAttribute::Address(ip) => Some(*ip),
+                            _ => None,
+                        })
+                    })?;
+                    Some((ip, a.header.prefix_len))
+                }
+                _ => None,
+            })
+            .collect())
+    }
+}
+
 /// `ENODEV`: no such device.
 pub(crate) fn libc_enodev() -> i32 {
     rustix::io::Errno::NODEV.raw_os_error()
@@ -310,6 +336,10 @@ pub(crate) fn del_link(name: &str) -> RouteNetlinkMessage {
 /// `ip/prefix` on the link at `index`, usable at once (no duplicate address
 /// detection for IPv6).
 pub(crate) fn new_addr(index: u32, ip: IpAddr, prefix: u8) -> RouteNetlinkMessage {
+    RouteNetlinkMessage::NewAddress(addr_msg(index, ip, prefix))
+}
+
+fn addr_msg(index: u32, ip: IpAddr, prefix: u8) -> AddressMessage {
     let mut m = AddressMessage::default();
     m.header.index = index;
     m.header.prefix_len = prefix;
@@ -331,7 +361,12 @@ pub(crate) fn new_addr(index: u32, ip: IpAddr, prefix: u8) -> RouteNetlinkMessag
     }
     m.attributes.push(AddressAttribute::Local(ip));
     m.attributes.push(AddressAttribute::Address(ip));
-    RouteNetlinkMessage::NewAddress(m)
+    m
+}
+
+/// Removes `ip/prefix` from the link at `index`.
+pub(crate) fn del_addr(index: u32, ip: IpAddr, prefix: u8) -> RouteNetlinkMessage {
+    RouteNetlinkMessage::DelAddress(addr_msg(index, ip, prefix))
 }
 
 fn route(dst: IpAddr, prefix: u8, oif: u32) -> RouteMessage {

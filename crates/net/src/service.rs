@@ -15,8 +15,8 @@ use crate::{NetError, host_err};
 /// A service's network namespace and the veth that joins it to the host.
 ///
 /// The namespace lives as long as this handle's descriptor or any process
-/// inside it. Dropping the handle only closes the descriptor; [`destroy`]
-/// (`ServiceNet::destroy`) removes the veth at once.
+/// inside it. Dropping the handle only closes the descriptor;
+/// [`destroy`](ServiceNet::destroy) removes the veth at once.
 ///
 /// "The host" is always the network namespace of the thread that calls
 /// these functions: the minion's own, or a test's throwaway one.
@@ -129,47 +129,72 @@ fn plumb(
         .map_err(|e| failed(plan, e))?;
         inner.request(veth()).map_err(|e| failed(plan, e))?;
     }
-    let eth0 = inner
-        .link_index(SERVICE_IF)
-        .map_err(|e| svc_err(plan, format!("looking up {SERVICE_IF}"), e))?
-        .ok_or_else(|| {
-            svc_err(
-                plan,
-                format!("looking up {SERVICE_IF}"),
-                io::Error::from(io::ErrorKind::NotFound),
-            )
-        })?;
-    inner
-        .batch(vec![
-            Request::new(netlink::set_up(1), 0, "bringing lo up"),
-            Request::new(
-                netlink::set_up(eth0),
-                0,
-                format!("bringing {SERVICE_IF} up"),
-            ),
-            Request::new(
-                netlink::new_addr(eth0, IpAddr::V6(plan.ipv6), 128),
-                CREATE_REPLACE,
-                format!("adding {}/128 to {SERVICE_IF}", plan.ipv6),
-            ),
-            Request::new(
-                netlink::new_addr(eth0, IpAddr::V4(plan.ipv4), 32),
-                CREATE_REPLACE,
-                format!("adding {}/32 to {SERVICE_IF}", plan.ipv4),
-            ),
-            Request::new(
-                netlink::new_default6(GATEWAY6, eth0),
-                CREATE_REPLACE,
-                format!("adding the route default via {GATEWAY6}"),
-            ),
-            Request::new(
-                netlink::new_default4(GATEWAY4, eth0),
-                CREATE_REPLACE,
-                format!("adding the route default via {GATEWAY4}"),
-            ),
-        ])
-        .map_err(|e| failed(plan, e))?;
+    let eth0 = eth0_index(plan, inner)?.ok_or_else(|| {
+        svc_err(
+            plan,
+            format!("looking up {SERVICE_IF}"),
+            io::Error::from(io::ErrorKind::NotFound),
+        )
+    })?;
+    configure_inside(plan, inner, eth0)?;
     host_side(plan, host)
+}
+
+fn eth0_index(plan: &NetPlan, inner: &mut Netlink) -> Result<Option<u32>, NetError> {
+    inner
+        .link_index(SERVICE_IF)
+        .map_err(|e| svc_err(plan, format!("looking up {SERVICE_IF}"), e))
+}
+
+/// Inside the namespace: `lo` and `eth0` up, the plan's addresses (any
+/// other cluster or node-local address on `eth0` removed: the plan is the
+/// truth), the default routes. Idempotent, so it also repairs.
+fn configure_inside(plan: &NetPlan, inner: &mut Netlink, eth0: u32) -> Result<(), NetError> {
+    let mut requests = vec![
+        Request::new(netlink::set_up(1), 0, "bringing lo up"),
+        Request::new(
+            netlink::set_up(eth0),
+            0,
+            format!("bringing {SERVICE_IF} up"),
+        ),
+        Request::new(
+            netlink::new_addr(eth0, IpAddr::V6(plan.ipv6), 128),
+            CREATE_REPLACE,
+            format!("adding {}/128 to {SERVICE_IF}", plan.ipv6),
+        ),
+        Request::new(
+            netlink::new_addr(eth0, IpAddr::V4(plan.ipv4), 32),
+            CREATE_REPLACE,
+            format!("adding {}/32 to {SERVICE_IF}", plan.ipv4),
+        ),
+    ];
+    let present = inner
+        .addresses(eth0)
+        .map_err(|e| svc_err(plan, format!("listing the addresses of {SERVICE_IF}"), e))?;
+    for (ip, prefix) in present {
+        let stale = match ip {
+            IpAddr::V6(v6) => phoenix_model::net::in_cluster(v6) && v6 != plan.ipv6,
+            IpAddr::V4(v4) => crate::Ipv4Pool::contains(v4) && v4 != plan.ipv4,
+        };
+        if stale {
+            requests.push(Request::new(
+                netlink::del_addr(eth0, ip, prefix),
+                0,
+                format!("removing the stale address {ip}/{prefix} from {SERVICE_IF}"),
+            ));
+        }
+    }
+    requests.push(Request::new(
+        netlink::new_default6(GATEWAY6, eth0),
+        CREATE_REPLACE,
+        format!("adding the route default via {GATEWAY6}"),
+    ));
+    requests.push(Request::new(
+        netlink::new_default4(GATEWAY4, eth0),
+        CREATE_REPLACE,
+        format!("adding the route default via {GATEWAY4}"),
+    ));
+    inner.batch(requests).map_err(|e| failed(plan, e))
 }
 
 /// The host end's addresses and routes; idempotent (it also repairs).
@@ -255,7 +280,9 @@ impl ServiceNet {
     /// Takes over the namespace of a running service after a minion
     /// restart: opens `/proc/PID/ns/net`, checks that the host end of the
     /// veth is there and repairs its addresses and routes (or, if the veth
-    /// is gone, builds it again inside that namespace). The caller checks
+    /// is gone, builds it again inside that namespace), and makes the
+    /// addresses inside match the plan (a minion that restarted may have
+    /// handed out another IPv4 address). The caller checks
     /// first that `pid` is still its service (the run record's start time),
     /// as a pid can be reused.
     pub fn adopt(pid: u32, plan: &NetPlan) -> Result<ServiceNet, NetError> {
@@ -272,42 +299,44 @@ impl ServiceNet {
                 io::Error::other("it is in the host's own network namespace"),
             ));
         }
-        let mut host = Netlink::open()
-            .map_err(|e| svc_err(plan, "opening a netlink socket in the host namespace", e))?;
-        let link = host
-            .link(&plan.host_if)
-            .map_err(|e| svc_err(plan, format!("looking up {}", plan.host_if), e))?;
-        match link {
-            Some(l) if netlink::is_veth(&l) => host_side(plan, &mut host)?,
-            Some(_) => {
+        let target = ns.as_fd();
+        on_thread(plan, move || {
+            let host_ns =
+                own_netns().map_err(|e| svc_err(plan, "opening the host namespace", e))?;
+            let mut host = Netlink::open()
+                .map_err(|e| svc_err(plan, "opening a netlink socket in the host namespace", e))?;
+            let link = host
+                .link(&plan.host_if)
+                .map_err(|e| svc_err(plan, format!("looking up {}", plan.host_if), e))?;
+            if link.as_ref().is_some_and(|l| !netlink::is_veth(l)) {
                 return Err(svc_err(
                     plan,
                     format!("adopting {}", plan.host_if),
                     io::Error::other("a link of that name exists and is not a veth"),
                 ));
             }
-            None => {
-                tracing::warn!(service = %plan.service, host_if = %plan.host_if, "veth gone: building it again");
-                let target = ns.as_fd();
-                on_thread(plan, move || {
-                    let host_ns =
-                        own_netns().map_err(|e| svc_err(plan, "opening the host namespace", e))?;
-                    let mut host = Netlink::open().map_err(|e| {
-                        svc_err(plan, "opening a netlink socket in the host namespace", e)
-                    })?;
-                    move_into_link_name_space(target, Some(LinkNameSpaceType::Network))
-                        .map_err(|e| svc_err(plan, format!("entering {path}"), e.into()))?;
-                    let mut inner = Netlink::open().map_err(|e| {
-                        svc_err(
-                            plan,
-                            "opening a netlink socket in the service's namespace",
-                            e,
-                        )
-                    })?;
+            move_into_link_name_space(target, Some(LinkNameSpaceType::Network))
+                .map_err(|e| svc_err(plan, format!("entering {path}"), e.into()))?;
+            let mut inner = Netlink::open().map_err(|e| {
+                svc_err(
+                    plan,
+                    "opening a netlink socket in the service's namespace",
+                    e,
+                )
+            })?;
+            match (link, eth0_index(plan, &mut inner)?) {
+                (Some(_), Some(eth0)) => {
+                    configure_inside(plan, &mut inner, eth0)?;
+                    host_side(plan, &mut host)
+                }
+                // The pair is gone (or the host end joins some other
+                // namespace): build it again.
+                _ => {
+                    tracing::warn!(service = %plan.service, host_if = %plan.host_if, "veth gone: building it again");
                     plumb(plan, host_ns.as_fd(), &mut host, &mut inner)
-                })?;
+                }
             }
-        }
+        })?;
         Ok(ServiceNet {
             plan: plan.clone(),
             ns,

@@ -448,6 +448,18 @@ fn adopt_takes_over_a_running_service() {
         let net = ServiceNet::adopt(child.id(), &p).expect("adopt after the veth went");
         assert!(call(None, IpAddr::V6(p.ipv6)).is_ok());
 
+        // A restarted minion handed out another IPv4 address: the plan wins.
+        drop(net);
+        let mut moved = p.clone();
+        moved.ipv4 = Ipv4Addr::new(100, 64, 9, 9);
+        let net = ServiceNet::adopt(child.id(), &moved).expect("adopt with another IPv4");
+        let inside = run_in(net.netns(), || sh("ip -o addr show dev eth0")).unwrap();
+        assert!(inside.contains("100.64.9.9/32"), "{inside}");
+        assert!(!inside.contains(&format!("{}/32", p.ipv4)), "{inside}");
+        assert!(inside.contains(&format!("{}/128", p.ipv6)), "{inside}");
+        assert!(sh("ip route").contains("100.64.9.9 dev"));
+        assert!(call(None, IpAddr::V6(p.ipv6)).is_ok());
+
         // A process of the host's own namespace is refused.
         let mut local = Command::new("sleep").arg("60").spawn().unwrap();
         let err = ServiceNet::adopt(local.id(), &p).unwrap_err().to_string();
