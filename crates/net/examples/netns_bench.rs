@@ -1,5 +1,5 @@
-//! Measures `ServiceNet::create` and `destroy` (medians over 100 of each)
-//! and the kernel memory 1000 service namespaces take, all inside a
+//! Measures `ServiceNet::create` and `destroy` (medians over 100 of each),
+//! `apply_firewall` for 10, 100 and 1000 services, and the kernel memory 1000 service namespaces take, all inside a
 //! throwaway network namespace (root only):
 //!
 //! ```text
@@ -10,7 +10,9 @@ use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
 use phoenix_model::net::service_ip;
-use phoenix_net::{Ipv4Pool, NetPlan, ServiceNet, host_if_name};
+use phoenix_net::{
+    FirewallState, FwService, Ipv4Pool, NetPlan, ServiceNet, apply_firewall, host_if_name,
+};
 
 fn plan(i: u64, pool: &mut Ipv4Pool) -> NetPlan {
     let service = format!("svc{i}");
@@ -83,6 +85,29 @@ fn main() {
         }
         let (m, p90, max) = median(times);
         println!("destroy x{count}: median {m:?}, p90 {p90:?}, max {max:?}");
+
+        for services in [10u64, 100, 1000] {
+            let state = FirewallState {
+                services: (0..services)
+                    .map(|i| FwService {
+                        host_if: host_if_name(&format!("svc{i}"), "bench"),
+                        ipv6: service_ip(i),
+                        ipv4: Ipv4Addr::from(u32::from(Ipv4Addr::new(100, 64, 0, 1)) + i as u32),
+                        allowed: (1..=5).map(|k| service_ip((i + k) % services)).collect(),
+                    })
+                    .collect(),
+            };
+            let mut times = Vec::new();
+            for _ in 0..20 {
+                let t = Instant::now();
+                apply_firewall("bench", &state).expect("apply_firewall");
+                times.push(t.elapsed());
+            }
+            let (m, p90, max) = median(times);
+            println!(
+                "apply_firewall, {services} services x 5 links: median {m:?}, p90 {p90:?}, max {max:?}"
+            );
+        }
 
         if memory_count > 0 {
             std::thread::sleep(Duration::from_secs(2));

@@ -136,7 +136,7 @@ fn plumb(
             io::Error::from(io::ErrorKind::NotFound),
         )
     })?;
-    configure_inside(plan, inner, eth0)?;
+    configure_inside(plan, inner, eth0, false)?;
     host_side(plan, host)
 }
 
@@ -148,8 +148,14 @@ fn eth0_index(plan: &NetPlan, inner: &mut Netlink) -> Result<Option<u32>, NetErr
 
 /// Inside the namespace: `lo` and `eth0` up, the plan's addresses (any
 /// other cluster or node-local address on `eth0` removed: the plan is the
-/// truth), the default routes. Idempotent, so it also repairs.
-fn configure_inside(plan: &NetPlan, inner: &mut Netlink, eth0: u32) -> Result<(), NetError> {
+/// truth), the default routes. Idempotent, so it also repairs; `repair`
+/// looks for stale addresses (a new `eth0` has none).
+fn configure_inside(
+    plan: &NetPlan,
+    inner: &mut Netlink,
+    eth0: u32,
+    repair: bool,
+) -> Result<(), NetError> {
     let mut requests = vec![
         Request::new(netlink::set_up(1), 0, "bringing lo up"),
         Request::new(
@@ -168,9 +174,13 @@ fn configure_inside(plan: &NetPlan, inner: &mut Netlink, eth0: u32) -> Result<()
             format!("adding {}/32 to {SERVICE_IF}", plan.ipv4),
         ),
     ];
-    let present = inner
-        .addresses(eth0)
-        .map_err(|e| svc_err(plan, format!("listing the addresses of {SERVICE_IF}"), e))?;
+    let present = if repair {
+        inner
+            .addresses(eth0)
+            .map_err(|e| svc_err(plan, format!("listing the addresses of {SERVICE_IF}"), e))?
+    } else {
+        Vec::new()
+    };
     for (ip, prefix) in present {
         let stale = match ip {
             IpAddr::V6(v6) => phoenix_model::net::in_cluster(v6) && v6 != plan.ipv6,
@@ -326,7 +336,7 @@ impl ServiceNet {
             })?;
             match (link, eth0_index(plan, &mut inner)?) {
                 (Some(_), Some(eth0)) => {
-                    configure_inside(plan, &mut inner, eth0)?;
+                    configure_inside(plan, &mut inner, eth0, true)?;
                     host_side(plan, &mut host)
                 }
                 // The pair is gone (or the host end joins some other
