@@ -10,7 +10,8 @@
 //! - [`process`], [`reaper`]: process groups, pidfds, start times, reaping;
 //! - [`health`], [`logs`], [`images`]: health checks, log files, image cache;
 //! - [`state`]: what the minion keeps on disk to run cut off from the master;
-//! - [`link`]: the join request and the long-lived connection to the master.
+//! - [`link`]: the join request and the long-lived connection to the master;
+//! - [`mesh`]: the other minions as direct WireGuard peers.
 //!
 //! On start the minion applies the desired set saved on disk before it even
 //! tries to reach the master, adopting processes a previous run started.
@@ -22,6 +23,7 @@ pub mod hooks;
 pub mod images;
 pub mod link;
 pub mod logs;
+pub mod mesh;
 pub mod process;
 pub mod reaper;
 pub mod state;
@@ -185,20 +187,25 @@ pub async fn run(cfg: MinionConfig) -> Result<(), MinionError> {
         async move { ctx.images.prefetch().await }
     });
     let mut sup = supervisor::Supervisor::new(ctx.clone());
-    let mut revision = 0;
-    // Run what we ran before, master or no master.
+    let (mesh_tx, mesh_rx) = mesh::channel();
+    let mut desired = link::Desired {
+        revision: 0,
+        mesh: mesh_tx,
+    };
+    // Run what we ran before, master or no master (its mesh too, once the
+    // overlay is up).
     if let Some(set) = state.desired() {
         tracing::info!(
             revision = set.revision,
             services = set.services.len(),
             "resuming the saved desired set"
         );
-        link::apply(&ctx, &mut sup, &mut revision, set);
+        link::apply(&ctx, &mut sup, &mut desired, set);
     }
     // The master is our peer before we even ask to join; it lets our
     // handshakes in once an admin accepts us.
     let overlay = match &cfg.overlay {
-        Some(o) => Some(
+        Some(o) => Some(Arc::new(
             Overlay::start(
                 OverlayConfig {
                     tun_name: o.tun_name.clone(),
@@ -215,9 +222,18 @@ pub async fn run(cfg: MinionConfig) -> Result<(), MinionError> {
                 o.mode,
             )
             .await?,
-        ),
+        )),
         None => None,
     };
+    // The other minions as direct peers, from each desired set.
+    let mesh = overlay.clone().map(|o| {
+        tokio::spawn(mesh::keep(
+            o,
+            cfg.master_key.clone(),
+            keys.public(),
+            mesh_rx,
+        ))
+    });
     if state.overlay_ip().is_none() {
         let ip = link::join(&id).await?;
         if let Some(o) = &overlay {
@@ -227,12 +243,16 @@ pub async fn run(cfg: MinionConfig) -> Result<(), MinionError> {
         state.set_overlay_ip(ip).map_err(data_err)?;
     }
     let result = tokio::select! {
-        r = link::run(id, ctx, sup, revision, report_rx, cfg.stats_every) => r.map_err(Into::into),
+        r = link::run(id, ctx, sup, desired, report_rx, cfg.stats_every) => r.map_err(Into::into),
         r = watcher => match r {
             Ok(Err(e)) => Err(MinionError::Logs(e)),
             _ => Ok(()),
         },
     };
+    if let Some(m) = mesh {
+        m.abort();
+        let _ = m.await;
+    }
     drop(overlay);
     result
 }

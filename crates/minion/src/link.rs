@@ -22,6 +22,7 @@ use phoenix_model::framed::{self, LinkDrop, LinkTiming, SendError};
 
 use crate::backoff::Backoff;
 use crate::logs::LogCmd;
+use crate::mesh::MeshSender;
 use crate::supervisor::{Ctx, Report, Supervisor};
 
 #[derive(Debug, thiserror::Error)]
@@ -178,7 +179,7 @@ pub async fn run(
     id: Identity,
     ctx: Arc<Ctx>,
     mut sup: Supervisor,
-    mut revision: u64,
+    mut desired: Desired,
     mut reports: mpsc::UnboundedReceiver<Report>,
     stats_every: Duration,
 ) -> Result<(), LinkError> {
@@ -189,7 +190,7 @@ pub async fn run(
             &id,
             &ctx,
             &mut sup,
-            &mut revision,
+            &mut desired,
             &mut reports,
             &mut latest,
             stats_every,
@@ -236,7 +237,7 @@ async fn session(
     id: &Identity,
     ctx: &Arc<Ctx>,
     sup: &mut Supervisor,
-    revision: &mut u64,
+    desired: &mut Desired,
     reports: &mut mpsc::UnboundedReceiver<Report>,
     latest: &mut HashMap<String, ServiceStatus>,
     stats_every: Duration,
@@ -256,7 +257,7 @@ async fn session(
         name: id.name.clone(),
         key: id.key.clone(),
         version: VERSION.into(),
-        revision: *revision,
+        revision: desired.revision,
     };
     write_frame(&mut s, &hello).await.map_err(|e| err(&e))?;
     // The master holds this answer back until the node is accepted.
@@ -307,7 +308,7 @@ async fn session(
     loop {
         tokio::select! {
             msg = frames.recv() => match msg {
-                Ok(msg) => handle(ctx, sup, revision, &mut fresh, msg, &out_tx).await,
+                Ok(msg) => handle(ctx, sup, desired, &mut fresh, msg, &out_tx).await,
                 Err(LinkDrop::PeerClosed) => return Err(err(&"the master closed the connection")),
                 Err(LinkDrop::Silent(d)) => {
                     return Err(err(&format!("no heartbeat from the master for {} ms", d.as_millis())));
@@ -369,7 +370,7 @@ async fn session(
 async fn handle(
     ctx: &Arc<Ctx>,
     sup: &mut Supervisor,
-    revision: &mut u64,
+    desired: &mut Desired,
     fresh: &mut bool,
     msg: ToMinion,
     out: &mpsc::UnboundedSender<ToMaster>,
@@ -379,14 +380,14 @@ async fn handle(
         // the one applied on this connection would be stale, so it is
         // dropped. (A new connection takes whatever comes first: the
         // master's store is the authority, even if it was restored.)
-        ToMinion::Desired(set) if *fresh || set.revision >= *revision => {
+        ToMinion::Desired(set) if *fresh || set.revision >= desired.revision => {
             *fresh = false;
-            apply(ctx, sup, revision, set);
+            apply(ctx, sup, desired, set);
         }
         ToMinion::Desired(set) => {
             tracing::warn!(
                 stale = set.revision,
-                applied = *revision,
+                applied = desired.revision,
                 "dropped an out-of-order desired set"
             );
         }
@@ -463,16 +464,28 @@ async fn handle(
     }
 }
 
+/// What the minion has applied of its desired sets.
+pub struct Desired {
+    /// The revision of the set applied last.
+    pub revision: u64,
+    /// Where each set's mesh peers go ([`crate::mesh::keep`] applies them
+    /// to the overlay, in a task of its own).
+    pub mesh: MeshSender,
+}
+
 /// Has a desired set saved to disk (so it survives a restart cut off from
-/// the master; the writer thread does the I/O) and converges on it.
-pub fn apply(ctx: &Ctx, sup: &mut Supervisor, revision: &mut u64, set: DesiredSet) {
+/// the master; the writer thread does the I/O) and converges on it: its
+/// services, and its mesh of direct peers.
+pub fn apply(ctx: &Ctx, sup: &mut Supervisor, desired: &mut Desired, set: DesiredSet) {
     let _ = ctx.desired_writer.send(set.clone());
     tracing::info!(
         revision = set.revision,
         services = set.services.len(),
+        peers = set.peers.len(),
         "desired set"
     );
-    *revision = set.revision;
+    desired.revision = set.revision;
+    crate::mesh::offer(&desired.mesh, &set.peers);
     ctx.images.set_wanted(
         set.services
             .iter()

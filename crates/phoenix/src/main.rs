@@ -375,6 +375,9 @@ async fn command(cmd: Command) -> Result<()> {
             );
             println!("since:       {}", opt(v.since.map(ago)));
             println!("generation:  {}", v.generation);
+            if let Some(l) = output::dangling_links(&v) {
+                println!("links:       {l}");
+            }
             if let Some(l) = v.limits {
                 println!("limits:      {l}");
             }

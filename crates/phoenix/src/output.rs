@@ -87,6 +87,20 @@ pub fn image_detail(v: &phoenix_model::proto::ServiceView) -> String {
     s
 }
 
+/// `status`'s links line: the names in the spec's `link` that no service
+/// has (deleted since), or None when every link resolves.
+pub fn dangling_links(v: &phoenix_model::proto::ServiceView) -> Option<String> {
+    if v.dangling_links.is_empty() {
+        return None;
+    }
+    let names: Vec<String> = v
+        .dangling_links
+        .iter()
+        .map(|n| format!("{n} (no such service)"))
+        .collect();
+    Some(names.join(", "))
+}
+
 /// The fields an audited change touched, one line each: `+ field: value`
 /// (added), `- field: value` (removed), `~ field: old -> new` (changed).
 /// Values are compact JSON; a change without a before or after lists all
@@ -353,5 +367,20 @@ mod tests {
         );
         let table = services_text(&[behind]);
         assert!(table.contains("`phoenix restart NAME`"), "{table}");
+    }
+
+    #[test]
+    fn a_dangling_link_is_named_and_none_says_nothing() {
+        let mut v = view(None);
+        assert_eq!(dangling_links(&v), None);
+        v.dangling_links = vec!["cache".into(), "db".into()];
+        assert_eq!(
+            dangling_links(&v).as_deref(),
+            Some("cache (no such service), db (no such service)")
+        );
+        // Absent from JSON when empty, so older CLIs and scripts see no change.
+        v.dangling_links.clear();
+        let json = serde_json::to_value(&v).unwrap();
+        assert!(json.get("dangling_links").is_none(), "{json}");
     }
 }
