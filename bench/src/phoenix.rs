@@ -93,6 +93,10 @@ impl Cluster {
                 // running only after a second of uptime.
                 s("--min-uptime-ms"),
                 s("0"),
+                // supervisord gives its programs no network of their own;
+                // nor does Phoenix here (the netns cost is measured apart).
+                s("--service-network"),
+                s("host"),
             ];
             if no_overlay {
                 args.push(s("--no-overlay"));

@@ -291,7 +291,10 @@ fn get_from(to: &str, path: &str) -> io::Result<String> {
         match TcpStream::connect_timeout(&addr, Duration::from_secs(2)) {
             Ok(mut s) => {
                 s.set_read_timeout(Some(Duration::from_secs(5)))?;
-                write!(s, "GET {path} HTTP/1.1\r\nHost: {to}\r\nConnection: close\r\n\r\n")?;
+                write!(
+                    s,
+                    "GET {path} HTTP/1.1\r\nHost: {to}\r\nConnection: close\r\n\r\n"
+                )?;
                 let mut reply = String::new();
                 s.read_to_string(&mut reply)?;
                 return match reply.split_once("\r\n\r\n") {

@@ -13,7 +13,7 @@
 //! the grace is over, probes run at the steady interval, and consecutive
 //! failures there make the service unhealthy.
 
-use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -64,30 +64,36 @@ pub fn failure_counts(timing: &HealthTiming, since_start: Duration) -> bool {
 
 /// Probes a service's health endpoint; the runner's one way to check.
 pub trait HealthProbe: Send + Sync {
-    /// `GET path` on `port` of the service, within `timeout`; `Err` says
-    /// why it failed.
+    /// `GET path` on `port` of the service at `addr` (its own address in
+    /// its network namespace; `None`: the service shares the minion's
+    /// network, so loopback), within `timeout`; `Err` says why it failed.
     fn probe(
         &self,
+        addr: Option<IpAddr>,
         port: u16,
         path: &str,
         timeout: Duration,
     ) -> BoxFuture<'static, Result<(), String>>;
 }
 
-/// The real probe: HTTP on the loopback addresses.
+/// The real probe: HTTP to the service's address, or on loopback.
 pub struct HttpProbe;
 
 impl HealthProbe for HttpProbe {
     fn probe(
         &self,
+        addr: Option<IpAddr>,
         port: u16,
         path: &str,
         timeout: Duration,
     ) -> BoxFuture<'static, Result<(), String>> {
         let path = path.to_owned();
         Box::pin(async move {
-            // Services share the host network until per-service addresses
-            // land: try ::1, then 127.0.0.1.
+            if let Some(ip) = addr {
+                return check(SocketAddr::new(ip, port), &path, timeout).await;
+            }
+            // A service in the minion's own network (`--service-network
+            // host`): try ::1, then 127.0.0.1.
             let v6 = SocketAddr::new(Ipv6Addr::LOCALHOST.into(), port);
             match check(v6, &path, timeout).await {
                 Ok(()) => Ok(()),

@@ -1,6 +1,6 @@
 //! Per-service resources, set up around the driver by the task runner, for
-//! every kind of task alike (after Nomad's task hooks). Today: cgroups.
-//! A network namespace and firewall rules go here next.
+//! every kind of task alike (after Nomad's task hooks): cgroups here, a
+//! network namespace and firewall rules in [`net`].
 //!
 //! The cgroup hook:
 //! - before a start, [`ServiceCgroups::enter`] creates the service's cgroups with its
@@ -20,6 +20,8 @@
 //! What the cgroups applied is the service's `status.limits`
 //! ([`ServiceCgroup::description`]), kept in its run record across minion
 //! restarts.
+
+pub mod net;
 
 use std::sync::Arc;
 use std::time::Duration;

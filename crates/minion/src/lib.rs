@@ -69,6 +69,8 @@ pub struct MinionConfig {
     /// Disk space pre-caching must leave free (`None`: a tenth, ≤ 1 GiB).
     pub keep_free: Option<u64>,
     pub stats_every: Duration,
+    /// A network namespace per service, or the minion's network for all.
+    pub service_network: hooks::net::NetMode,
 }
 
 #[derive(Clone, Debug)]
@@ -99,6 +101,14 @@ pub enum MinionError {
     Reaper(std::io::Error),
     #[error(transparent)]
     Overlay(#[from] phoenix_overlay::OverlayError),
+    #[error("{0} (or run services in the minion's own network with --service-network host)")]
+    Network(#[from] phoenix_net::NetError),
+}
+
+/// A short id of the minion's key, naming what it makes on a host that
+/// other minions may share (cgroups, interfaces, its nftables table).
+pub fn minion_id(key: &str) -> String {
+    blake3::hash(key.as_bytes()).to_hex()[..8].to_owned()
 }
 
 /// The minion's public key, creating its key pair on first use.
@@ -156,6 +166,9 @@ pub async fn run(cfg: MinionConfig) -> Result<(), MinionError> {
         &keys.public(),
     );
     tracing::info!(mode = ?cgroups.mode(), "services' cgroups");
+    let nets = hooks::net::ServiceNetworks::new(cfg.service_network, &minion_id(&keys.public()));
+    // No nftables, no veth: said now, before any saved service is resumed.
+    nets.prepare()?;
     let ctx = Arc::new(supervisor::Ctx {
         images: images::ImageCache::new(
             cfg.data_dir.join("images"),
@@ -171,6 +184,7 @@ pub async fn run(cfg: MinionConfig) -> Result<(), MinionError> {
         drivers: driver::Drivers::on_host(&cfg.data_dir, host.clone(), cgroups.mode()),
         host,
         cgroups,
+        nets,
         probe: Arc::new(health::HttpProbe),
         desired_writer: state.desired_writer(),
         logs: files.clone(),

@@ -21,6 +21,7 @@ use tokio::sync::mpsc;
 use crate::driver::{Drivers, TaskDir};
 use crate::health::{HealthProbe, HealthTiming};
 use crate::hooks::ServiceCgroups;
+use crate::hooks::net::ServiceNetworks;
 use crate::images::ImageCache;
 use crate::logs::{LogCmd, LogFiles};
 use crate::state::LocalState;
@@ -44,6 +45,9 @@ pub struct Ctx {
     pub host: Arc<dyn Host>,
     /// Where services' cgroups are (see [`crate::hooks`]).
     pub cgroups: ServiceCgroups,
+    /// Services' network namespaces and the firewall (see
+    /// [`crate::hooks::net`]).
+    pub nets: ServiceNetworks,
     /// How health checks reach a service.
     pub probe: Arc<dyn HealthProbe>,
     pub logs: LogFiles,
@@ -91,6 +95,10 @@ impl Supervisor {
         // still stopping, which must not be raced.
         if !self.applied {
             self.applied = true;
+            self.ctx.nets.expect(set.services.len());
+            self.ctx
+                .nets
+                .clean_orphans(set.services.iter().map(|a| a.spec.name.clone()));
             let recorded = self.ctx.state.recorded_services();
             for name in &recorded {
                 if !wanted.contains_key(name.as_str()) {
@@ -122,6 +130,10 @@ impl Supervisor {
         });
         for a in &set.services {
             match self.services.get_mut(&a.spec.name) {
+                Some((old, tx)) if old != a && only_links_differ(old, a) => {
+                    old.links = a.links.clone();
+                    let _ = tx.send(Cmd::Relink(a.links.clone()));
+                }
                 Some((old, tx)) if old != a => {
                     let fetch_first = old.image_hash != a.image_hash
                         && !self.ctx.images.path(&a.image_hash).exists();
@@ -150,6 +162,16 @@ impl Supervisor {
             }
         }
     }
+}
+
+/// Whether two assignments of one service differ in what its links
+/// resolve to alone (no restart needed).
+fn only_links_differ(old: &Assignment, new: &Assignment) -> bool {
+    old.links != new.links
+        && Assignment {
+            links: new.links.clone(),
+            ..old.clone()
+        } == *new
 }
 
 /// Fetches the image of a changed service, then hands the change to its

@@ -13,6 +13,8 @@
 //! Every state change goes to the link as a [`Report`]. Nothing here knows
 //! which kind of task runs; the runner's tests run it with a fake driver.
 
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv6Addr};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -25,9 +27,10 @@ use tokio::time::Instant;
 
 use phoenix_host::cgroup::ServiceCgroup;
 
-use crate::driver::{BoxFuture, Driver, TaskConfig, TaskDir, TaskHandle};
+use crate::driver::{BoxFuture, Driver, TaskConfig, TaskDir, TaskHandle, TaskNetwork};
 use crate::health;
 use crate::hooks;
+use crate::hooks::net::ServiceNetwork;
 use crate::logs::LogCmd;
 use crate::state::{DoneRecord, RunRecord};
 use crate::supervisor::{Ctx, Report};
@@ -54,6 +57,9 @@ pub enum Cmd {
     /// The image of this newer assignment could not be fetched (why): a
     /// running task keeps running; a stopped one tries the new one.
     Held(Box<Assignment>, String),
+    /// What the service's `link` names resolve to changed (a linked
+    /// service was created, moved or deleted); nothing restarts.
+    Relink(BTreeMap<String, Ipv6Addr>),
     Stop,
 }
 
@@ -80,6 +86,8 @@ enum Next {
     Start,
     /// The service is gone or the minion is shutting down.
     Return,
+    /// Nothing to do: keep waiting (or keep running).
+    Wait,
 }
 
 pub fn initial_status(a: &Assignment) -> ServiceStatus {
@@ -118,6 +126,9 @@ pub struct TaskRunner {
     status: ServiceStatus,
     /// Crashes since the last stable run.
     consecutive: u32,
+    /// The service's network namespace: made before its first start, kept
+    /// across restarts, given back when the service leaves this minion.
+    net: Option<ServiceNetwork>,
 }
 
 impl TaskRunner {
@@ -128,6 +139,34 @@ impl TaskRunner {
             a,
             cmds,
             consecutive: 0,
+            net: None,
+        }
+    }
+
+    /// Where the service is reached: its own address in its namespace,
+    /// `None` when it shares the minion's network.
+    fn service_addr(&self) -> Option<IpAddr> {
+        hooks::net::service_addr(self.net.as_ref())
+    }
+
+    /// New addresses for the names the service links: its hosts file and
+    /// its firewall entry follow; its environment does at the next start.
+    fn relink(&mut self, links: BTreeMap<String, Ipv6Addr>) {
+        self.a.links = links;
+        if let Some(net) = &self.net {
+            self.ctx.nets.relink(&self.a, net);
+            let work = self.ctx.state.work_dir(self.name());
+            let text = hooks::net::hosts_text(self.name(), self.a.ip, &self.a.links);
+            if let Err(e) = hooks::net::write_hosts(&hooks::net::hosts_path(&work), &text) {
+                tracing::warn!(service = %self.name(), "cannot rewrite its hosts file: {e}");
+            }
+        }
+    }
+
+    /// Gives the service's network back (it is deleted or moved).
+    fn release_net(&mut self) {
+        if let Some(net) = self.net.take() {
+            self.ctx.nets.release(&self.a.spec.name, net);
         }
     }
 
@@ -172,7 +211,12 @@ impl TaskRunner {
                 self.consecutive = 0;
                 Next::Start
             }
+            Some(Cmd::Relink(links)) => {
+                self.relink(links);
+                Next::Wait
+            }
             Some(Cmd::Stop) => {
+                self.release_net();
                 self.ctx.state.forget(self.name());
                 let _ = self
                     .ctx
@@ -189,16 +233,27 @@ impl TaskRunner {
 
     /// Waits `d`, or less if a command comes.
     async fn pause(&mut self, d: Duration) -> Option<Next> {
-        tokio::select! {
-            _ = tokio::time::sleep(d) => None,
-            cmd = self.cmds.recv() => Some(self.command(cmd)),
+        let until = Instant::now() + d;
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep_until(until) => return None,
+                cmd = self.cmds.recv() => match self.command(cmd) {
+                    Next::Wait => continue,
+                    next => return Some(next),
+                },
+            }
         }
     }
 
     /// Waits for the next command while nothing runs.
     async fn command_wait(&mut self) -> Next {
-        let cmd = self.cmds.recv().await;
-        self.command(cmd)
+        loop {
+            let cmd = self.cmds.recv().await;
+            match self.command(cmd) {
+                Next::Wait => continue,
+                next => return next,
+            }
+        }
     }
 
     pub async fn run(mut self) {
@@ -215,7 +270,7 @@ impl TaskRunner {
             self.status.restarts = done.restarts;
             self.finish_oneshot(done.exit);
             match self.command_wait().await {
-                Next::Start => {}
+                Next::Start | Next::Wait => {}
                 Next::Return => return,
             }
         }
@@ -224,7 +279,7 @@ impl TaskRunner {
                 Some(r) => r,
                 None => match self.start().await {
                     Ok(r) => r,
-                    Err(Some(Next::Start)) => continue,
+                    Err(Some(Next::Start | Next::Wait)) => continue,
                     Err(Some(Next::Return)) => return,
                     Err(None) => {
                         // Could not start: back off like a crash.
@@ -252,7 +307,7 @@ impl TaskRunner {
             }
             let exit = match ended {
                 Ended::Command(cmd) => match self.command(cmd) {
-                    Next::Start => continue,
+                    Next::Start | Next::Wait => continue,
                     Next::Return => return,
                 },
                 Ended::Exited(exit) | Ended::Unhealthy(exit) => exit,
@@ -273,7 +328,7 @@ impl TaskRunner {
                 }
                 self.finish_oneshot(exit);
                 match self.command_wait().await {
-                    Next::Start => continue,
+                    Next::Start | Next::Wait => continue,
                     Next::Return => return,
                 }
             }
@@ -325,6 +380,14 @@ impl TaskRunner {
     /// and is of this generation. One of another generation (the spec
     /// changed while the minion was down) is killed and cleaned up.
     async fn recover(&mut self) -> Option<Running> {
+        let running = self.recover_task().await;
+        // The firewall's first rebuild after a minion restart waits for
+        // every service to get this far (see `hooks::net`).
+        self.ctx.nets.settled();
+        running
+    }
+
+    async fn recover_task(&mut self) -> Option<Running> {
         let ctx = self.ctx.clone();
         let Some(rec) = ctx.state.run_record(self.name()) else {
             // No record, but maybe processes (a record that could not be
@@ -372,6 +435,17 @@ impl TaskRunner {
                 return None;
             }
         };
+        // Its network namespace is the one its process is in.
+        match ctx.nets.adopt(&self.a, rec.pid) {
+            Ok(net) => self.net = net,
+            Err(e) => {
+                tracing::warn!(service = %self.name(), "cannot take over its network, restarting it: {e}");
+                handle.process.signal(libc::SIGKILL);
+                hooks::clear(&cgroup).await;
+                self.status.restarts += 1;
+                return None;
+            }
+        }
         tracing::info!(service = %self.name(), pid = rec.pid, driver = %rec.driver, "adopted running task");
         self.status.pid = Some(rec.pid);
         self.status.limits = rec.limits.clone();
@@ -442,11 +516,33 @@ impl TaskRunner {
         let work_dir = ctx.state.work_dir(&a.spec.name);
         std::fs::create_dir_all(&work_dir)
             .map_err(|e| format!("create {}: {e}", work_dir.display()))?;
-        let env = [
+        // The network hook: the namespace is made once and kept across
+        // restarts (a new one if the address changed).
+        if self.net.as_ref().is_some_and(|n| n.ipv6() != a.ip) {
+            self.release_net();
+        }
+        let a = &self.a;
+        if self.net.is_none() {
+            self.net = ctx
+                .nets
+                .create(a)
+                .await
+                .map_err(|e| format!("cannot set up its network namespace: {e}"))?;
+        }
+        let hosts = hooks::net::hosts_path(&work_dir);
+        if let Some(net) = &self.net {
+            // A new generation may link other services.
+            ctx.nets.relink(a, net);
+            let text = hooks::net::hosts_text(&a.spec.name, a.ip, &a.links);
+            hooks::net::write_hosts(&hosts, &text)
+                .map_err(|e| format!("write {}: {e}", hosts.display()))?;
+        }
+        let mut env = vec![
             ("PHOENIX_NAME".to_owned(), a.spec.name.clone()),
             ("PHOENIX_IP".to_owned(), a.ip.to_string()),
             ("PORT".to_owned(), a.spec.proxyport.to_string()),
         ];
+        env.extend(hooks::net::link_env(&a.links));
         let log = ctx
             .logs
             .open_output(&a.spec.name)
@@ -475,7 +571,10 @@ impl TaskRunner {
                             env: &env,
                             log,
                             cgroup: join,
-                            network: None,
+                            network: self.net.as_ref().map(|n| TaskNetwork {
+                                netns: n.netns(),
+                                hosts_file: &hosts,
+                            }),
                         })
                         .await
                 }
@@ -555,6 +654,13 @@ impl TaskRunner {
                 // A stop that arrives with an exit wins: no restart then.
                 biased;
                 cmd = self.cmds.recv() => {
+                    let cmd = match cmd {
+                        Some(Cmd::Relink(links)) => {
+                            self.relink(links);
+                            continue;
+                        }
+                        other => other,
+                    };
                     if let Some(Cmd::Held(a, why)) = &cmd {
                         self.status.message = Some(format!(
                             "generation {} keeps running: generation {} is held back: {why}",
@@ -609,7 +715,7 @@ impl TaskRunner {
                 _ = tokio::time::sleep_until(next_probe), if probe.is_none() && check.is_some() => {
                     let path = check.as_deref().unwrap_or("/");
                     probe_began = Instant::now();
-                    probe = Some(self.ctx.probe.probe(port, path, timing.timeout));
+                    probe = Some(self.ctx.probe.probe(self.service_addr(), port, path, timing.timeout));
                 }
             }
         }
@@ -840,6 +946,7 @@ mod tests {
     impl HealthProbe for FakeProbe {
         fn probe(
             &self,
+            _addr: Option<std::net::IpAddr>,
             _port: u16,
             path: &str,
             _timeout: Duration,
@@ -949,6 +1056,10 @@ mod tests {
                 desired_writer: std::sync::mpsc::channel().0,
                 drivers: Drivers::new(driver.clone(), driver.clone()),
                 cgroups: ServiceCgroups::new(Cgroups::at(host.clone(), "/sys/fs/cgroup"), "key"),
+                nets: crate::hooks::net::ServiceNetworks::new(
+                    crate::hooks::net::NetMode::Host,
+                    "test",
+                ),
                 host: host.clone(),
                 probe: probe.clone(),
                 logs: LogFiles {

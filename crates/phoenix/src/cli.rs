@@ -435,6 +435,13 @@ pub struct MinionArgs {
     /// only 8 MiB to spare.
     #[arg(long)]
     pub keep_free_mb: Option<u64>,
+    /// `netns`: every service in a network namespace of its own, at its own
+    /// address, reaching only what its `link` names inside the cluster
+    /// (needs root, the `nftables` package and the kernel's veth). `host`:
+    /// services share this machine's network; addresses and `link` are not
+    /// enforced (for hosts where the minion may not make namespaces).
+    #[arg(long, default_value = "netns", value_name = "netns|host")]
+    pub service_network: phoenix_minion::hooks::net::NetMode,
 }
 
 #[derive(Args, Debug)]

@@ -227,7 +227,12 @@ async fn demo(
                 port.to_string(),
             ]
         } else {
-            vec!["--no-overlay".into()]
+            // Without root, no namespace per service either.
+            vec![
+                "--no-overlay".into(),
+                "--service-network".into(),
+                "host".into(),
+            ]
         }
     };
     if !overlay {

@@ -124,6 +124,7 @@ fn run(cli: Cli) -> Result<()> {
                 log_max_bytes: a.log_max_bytes,
                 keep_free: a.keep_free_mb.map(|mb| mb << 20),
                 stats_every: Duration::from_secs(5),
+                service_network: a.service_network,
             };
             runtime(None)?.block_on(async {
                 tokio::select! {

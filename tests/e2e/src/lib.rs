@@ -114,10 +114,20 @@ pub struct Cluster {
     pub overlay: bool,
     /// Hosts in network namespaces; `None`: everything on loopback.
     pub net: Option<Net>,
+    /// Services get a network namespace each (clusters on `net`);
+    /// otherwise minions run with `--service-network host`.
+    pub service_netns: bool,
     /// Makes TUN names unique on a shared host.
     tag: String,
     /// UDP ports for minions' WireGuard on loopback.
     minion_wg_ports: Vec<u16>,
+}
+
+/// A service's address as seen from its machine's host.
+#[derive(Clone, Debug)]
+pub struct ServiceAt {
+    pub machine: String,
+    pub addr: std::net::SocketAddr,
 }
 
 /// A UDP port the kernel says is free now.
@@ -191,6 +201,9 @@ impl Cluster {
             key: String::new(),
             master_flags: vec!["--node-timeout-ms".into(), "3000".into()],
             overlay: on_net || is_root(),
+            // Clusters on loopback share the host's network namespace, and
+            // several run at once: their services' addresses would clash.
+            service_netns: on_net,
             net,
             tag: format!(
                 "{}{}",
@@ -214,6 +227,10 @@ impl Cluster {
             .map(|s| s.to_string())
             .collect(),
         };
+        if !c.service_netns {
+            c.minion_flags
+                .extend(["--service-network".to_owned(), "host".to_owned()]);
+        }
         c.start_master();
         c.key = c.json(&["master-info", "--json"])["key"]
             .as_str()
@@ -356,14 +373,6 @@ impl Cluster {
         cmd
     }
 
-    /// GET on a service's port, from inside the service's host.
-    pub fn http(&self, host: &str, port: u16, path: &str) -> Option<(u16, String)> {
-        match &self.net {
-            Some(n) => n.within(host, || http_get(port, path)),
-            None => http_get(port, path),
-        }
-    }
-
     pub fn start_minion(&mut self, name: &str) {
         let args = self.minion_args(name, &self.key.clone());
         let child = self.spawn(name, &args, &format!("{name}.log"));
@@ -475,6 +484,46 @@ impl Cluster {
         self.ok(&[verb, path.to_str().unwrap(), "--timeout", "30"])
     }
 
+    /// A service's own address (`ip` in its status).
+    pub fn service_ip(&self, name: &str) -> std::net::Ipv6Addr {
+        let s = self.status(name);
+        s["ip"]
+            .as_str()
+            .and_then(|ip| ip.parse().ok())
+            .unwrap_or_else(|| panic!("no ip in the status of {name}: {s}"))
+    }
+
+    /// Where a service is reached from the host of its machine: its own
+    /// address (a namespace per service), or loopback where services
+    /// share the minion's network (not root).
+    pub fn service_at(&self, name: &str, port: u16) -> ServiceAt {
+        let s = self.status(name);
+        let machine = s["machine"].as_str().unwrap_or_default().to_owned();
+        let ip: std::net::IpAddr = if self.service_netns {
+            self.service_ip(name).into()
+        } else {
+            std::net::Ipv4Addr::LOCALHOST.into()
+        };
+        ServiceAt {
+            machine,
+            addr: std::net::SocketAddr::new(ip, port),
+        }
+    }
+
+    /// GET on a service found with [`Cluster::service_at`], from the host
+    /// of its machine.
+    pub fn get(&self, at: &ServiceAt, path: &str) -> Option<(u16, String)> {
+        match &self.net {
+            Some(n) => n.within(&at.machine, || http_get_at(at.addr, path)),
+            None => http_get_at(at.addr, path),
+        }
+    }
+
+    /// GET on a service's port, from the host of its machine.
+    pub fn http_service(&self, name: &str, port: u16, path: &str) -> Option<(u16, String)> {
+        self.get(&self.service_at(name, port), path)
+    }
+
     pub fn status(&self, name: &str) -> Value {
         self.json(&["status", name, "--json"])
     }
@@ -517,6 +566,12 @@ impl Cluster {
     }
 }
 
+/// The minion's short id (as `phoenix_minion::minion_id` makes it),
+/// which names its nftables table.
+fn phoenix_minion_id(key: &str) -> String {
+    blake3::hash(key.as_bytes()).to_hex()[..8].to_owned()
+}
+
 /// `len` bytes of seeded xorshift noise (incompressible, reproducible).
 pub fn noise(len: usize, mut seed: u64) -> Vec<u8> {
     (0..len)
@@ -539,12 +594,13 @@ pub fn testy(machine: &str, name: &str, args: &[&str]) -> Value {
 
 /// Fetches `path` from a local port over HTTP/1.1; returns (status, body).
 pub fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
+    http_get_at(([127, 0, 0, 1], port).into(), path)
+}
+
+/// Fetches `path` from `addr` over HTTP/1.1; returns (status, body).
+pub fn http_get_at(addr: std::net::SocketAddr, path: &str) -> Option<(u16, String)> {
     use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect_timeout(
-        &([127, 0, 0, 1], port).into(),
-        Duration::from_secs(2),
-    )
-    .ok()?;
+    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
     write!(
         s,
@@ -603,6 +659,26 @@ impl Drop for Cluster {
                     // A binary leads its group; a container's init is alone.
                     kill(-(pid as i32), libc::SIGKILL);
                     kill(pid as i32, libc::SIGKILL);
+                }
+            }
+        }
+        // A minion's nftables table outlives it by design (its services
+        // keep running); on a shared host (no `net`) it goes here.
+        if self.net.is_none() {
+            for entry in std::fs::read_dir(self.dir.path())
+                .into_iter()
+                .flatten()
+                .flatten()
+            {
+                let key = entry.path().join("minion.key");
+                if key.exists()
+                    && let Ok(pair) = phoenix_model::keys::KeyPair::load_or_create(&key)
+                {
+                    let table = format!("phoenix_{}", phoenix_minion_id(&pair.public()));
+                    let _ = Command::new("nft")
+                        .args(["delete", "table", "inet", &table])
+                        .stderr(Stdio::null())
+                        .status();
                 }
             }
         }

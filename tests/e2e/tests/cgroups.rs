@@ -9,7 +9,7 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use phoenix_e2e::{Cluster, alive, http_get, is_root, testy, wait_for};
+use phoenix_e2e::{Cluster, alive, is_root, testy, wait_for};
 use serde_json::{Value, json};
 
 /// The cgroup hierarchies services' cgroups can be in.
@@ -277,12 +277,13 @@ fn a_cpu_limited_spinner_cannot_starve_a_health_checked_neighbour() {
     let ticks = || spinners.iter().map(|p| cpu_ticks(*p)).sum::<u64>();
     // SAFETY: sysconf takes an integer name and returns an integer.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    let neighbour_at = c.service_at("neighbour", port);
     let (t0, at0) = (ticks(), Instant::now());
     // The neighbour answers its health checks throughout.
     let mut slow = Vec::new();
     while at0.elapsed() < Duration::from_secs(4) {
         let asked = Instant::now();
-        let answer = http_get(port, "/health");
+        let answer = c.get(&neighbour_at, "/health");
         assert_eq!(
             answer.map(|a| a.0),
             Some(200),

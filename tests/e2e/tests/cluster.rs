@@ -68,7 +68,7 @@ fn a_cluster_forms_and_works_with_only_wireguard_and_join_on_the_wire() {
         let s = c.wait_status(&format!("web-{m}"), "healthy", |s| s["health"] == "healthy");
         assert_eq!(s["machine"], *m);
         let (code, body) = c
-            .http(m, port(spec), "/")
+            .http_service(&format!("web-{m}"), port(spec), "/")
             .expect("testy answers inside its host");
         assert_eq!(code, 200);
         assert!(body.contains(&format!("name=web-{m}")), "{body}");

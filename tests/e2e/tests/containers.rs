@@ -85,7 +85,9 @@ fn a_container_is_supervised_like_a_binary() {
         std::fs::read_link(format!("/proc/{first}/ns/pid")).unwrap(),
         own_ns
     );
-    let (_, env) = c.http("m1", port(&spec), "/env").unwrap();
+    let (_, env) = c
+        .http_service(spec["name"].as_str().unwrap(), port(&spec), "/env")
+        .unwrap();
     assert!(
         env.contains("FROM_IMAGE=v1\n") && env.contains("SHARED=spec\n"),
         "{env}"
@@ -94,7 +96,9 @@ fn a_container_is_supervised_like_a_binary() {
         env.contains("PHOENIX_NAME=box\n") && env.contains(&format!("PORT={}\n", port(&spec))),
         "{env}"
     );
-    let (_, hello) = c.http("m1", port(&spec), "/").unwrap();
+    let (_, hello) = c
+        .http_service(spec["name"].as_str().unwrap(), port(&spec), "/")
+        .unwrap();
     assert!(hello.contains("name=box"), "{hello}");
     // Its output is in the service log.
     wait_for(
@@ -154,7 +158,8 @@ fn a_container_is_supervised_like_a_binary() {
     );
 
     // A failing health check restarts it too.
-    c.http("m1", port(&spec), "/unhealthy").unwrap();
+    c.http_service(spec["name"].as_str().unwrap(), port(&spec), "/unhealthy")
+        .unwrap();
     let s = c.wait_status("box", "restarted after its check failed", |s| {
         s["restarts"] == 2 && s["health"] == "healthy"
     });
@@ -166,7 +171,9 @@ fn a_container_is_supervised_like_a_binary() {
         s["generation"] == 2 && s["health"] == "healthy"
     });
     assert!(!alive(pid(&s)));
-    let (_, env) = c.http("m1", port(&spec), "/env").unwrap();
+    let (_, env) = c
+        .http_service(spec["name"].as_str().unwrap(), port(&spec), "/env")
+        .unwrap();
     assert!(env.contains("FROM_IMAGE=v2\n"), "{env}");
 
     // Delete: the container, its crun state and its mount are gone.
@@ -393,7 +400,9 @@ fn an_image_from_docker_image_save_runs() {
     let spec = container("from-docker", "saved", &[]);
     c.apply("deploy", &spec);
     c.wait_status("from-docker", "healthy", |s| s["health"] == "healthy");
-    let (_, env) = c.http("m1", port(&spec), "/env").unwrap();
+    let (_, env) = c
+        .http_service(spec["name"].as_str().unwrap(), port(&spec), "/env")
+        .unwrap();
     assert!(env.contains("FROM_DOCKER=yes\n"), "{env}");
 }
 

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use phoenix_e2e::{Cluster, alive, http_get, noise, testy, wait_for};
+use phoenix_e2e::{Cluster, alive, noise, testy, wait_for};
 use serde_json::{Value, json};
 
 fn pid(s: &Value) -> u64 {
@@ -36,7 +36,9 @@ fn deploy_update_del() {
     assert!(ip.starts_with("fd38:dde8:32dd:"), "{ip}");
 
     // The service sees its name, address, port and the spec's env.
-    let (code, env) = http_get(port(&web), "/env").expect("testy answers");
+    let (code, env) = c
+        .http_service("web", port(&web), "/env")
+        .expect("testy answers");
     assert_eq!(code, 200);
     assert!(env.contains("PHOENIX_NAME=web\n"), "{env}");
     assert!(env.contains(&format!("PHOENIX_IP={ip}\n")), "{env}");
@@ -55,7 +57,7 @@ fn deploy_update_del() {
         !alive(first),
         "the old process must be gone after an update"
     );
-    let (_, env) = http_get(port(&web), "/env").unwrap();
+    let (_, env) = c.http_service("web", port(&web), "/env").unwrap();
     assert!(env.contains("GREETING=bonjour\n"), "{env}");
 
     // Update of an unchanged spec is a manual restart.
@@ -182,7 +184,9 @@ fn failing_health_check_restarts() {
     c.apply("deploy", &spec);
     let s = c.wait_status("sick", "healthy", |s| s["health"] == "healthy");
     let old = pid(&s);
-    let (code, _) = http_get(port(&spec), "/unhealthy").unwrap();
+    let (code, _) = c
+        .http_service(spec["name"].as_str().unwrap(), port(&spec), "/unhealthy")
+        .unwrap();
     assert_eq!(code, 200);
     let s = c.wait_status("sick", "restarted after failing its check", |s| {
         s["restarts"] == 1 && s["health"] == "healthy" && s["pid"].as_u64() != Some(old)
@@ -286,6 +290,8 @@ fn minion_restarted_while_master_is_down_starts_its_services() {
     let spec = testy("m1", "phoenixed", &[]);
     c.apply("deploy", &spec);
     let p = pid(&c.wait_status("phoenixed", "running", |s| s["state"] == "running"));
+    // Asked while the master can still say where it is.
+    let at = c.service_at("phoenixed", port(&spec));
     c.kill_master();
     // The machine "reboots": the minion and its services are gone.
     c.kill_minion("m1");
@@ -304,7 +310,7 @@ fn minion_restarted_while_master_is_down_starts_its_services() {
         },
     );
     let (code, _) = wait_for("the new process to serve", Duration::from_secs(10), || {
-        http_get(port(&spec), "/health")
+        c.get(&at, "/health")
     });
     assert_eq!(code, 200);
     c.start_master();
@@ -482,7 +488,8 @@ fn logs_capture_stdout_and_stderr_and_follow() {
         }
     });
     std::thread::sleep(Duration::from_millis(300));
-    http_get(port(&spec), "/marker-path").unwrap();
+    c.http_service(spec["name"].as_str().unwrap(), port(&spec), "/marker-path")
+        .unwrap();
     let got = (|| {
         while let Ok(line) = rx.recv_timeout(Duration::from_secs(10)) {
             if line.contains("/marker-path") {
@@ -579,7 +586,11 @@ fn logs_rotate_by_size_and_nodes_report_resources() {
     // Every request writes a line of about 50 bytes.
     for i in 0..200 {
         wait_for("a request to be answered", Duration::from_secs(10), || {
-            http_get(port(&spec), &format!("/request-number-{i}"))
+            c.http_service(
+                spec["name"].as_str().unwrap(),
+                port(&spec),
+                &format!("/request-number-{i}"),
+            )
         });
     }
     let logs = c.minion_dir("m1").join("logs");

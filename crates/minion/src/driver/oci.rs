@@ -102,7 +102,10 @@ impl OciDriver {
             state_dir: data_dir.join("crun"),
             rootfs_dir: data_dir.join("images").join("rootfs"),
             host,
-            private_cgroup2: cgroups == CgroupMode::Hybrid,
+            // crun checks that /sys/fs/cgroup is a cgroup fs: on a hybrid host,
+            // and where none is mounted (`ip netns exec` mounts a fresh
+            // sysfs), it gets a private cgroup2 mount.
+            private_cgroup2: matches!(cgroups, CgroupMode::Hybrid | CgroupMode::None),
         };
         match &rt.crun {
             Some(p) => tracing::info!(crun = %p.display(), ?cgroups, "container runtime"),
