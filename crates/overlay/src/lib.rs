@@ -484,6 +484,87 @@ mod tests {
         ));
     }
 
+    #[tokio::test]
+    async fn allowed_ips_are_replaced_for_a_known_peer_only() {
+        if !can_make_tun() {
+            return;
+        }
+        let name = format!("phxa{}", std::process::id() % 100_000);
+        let overlay = Overlay::start(config(&name, free_udp_port()), Mode::Userspace)
+            .await
+            .unwrap();
+        let key = STANDARD.encode(PublicKey::from(&StaticSecret::from([4; 32])).as_bytes());
+        let a: Ipv6Addr = "fd38:dde8:32dd::2".parse().unwrap();
+        let b: Ipv6Addr = "fd38:dde8:32dd:1::1".parse().unwrap();
+        let endpoint = Some("10.0.0.2:51820".parse().unwrap());
+        // Not a peer yet: nothing is done.
+        assert!(!overlay.set_allowed_ips(&key, &[(a, 128)]).await.unwrap());
+        assert!(overlay.peers().is_empty());
+        overlay
+            .set_peer(&PeerConfig {
+                key: key.clone(),
+                allowed: vec![(a, 128)],
+                endpoint,
+                keepalive: None,
+            })
+            .await
+            .unwrap();
+        assert!(
+            overlay
+                .set_allowed_ips(&key, &[(a, 128), (b, 128)])
+                .await
+                .unwrap()
+        );
+        let peers = overlay.peers();
+        assert_eq!(peers.len(), 1);
+        assert_eq!(peers[0].allowed, [(a, 128), (b, 128)]);
+        assert_eq!(peers[0].endpoint, endpoint, "the endpoint stays");
+        // The same again: nothing to do.
+        assert!(
+            !overlay
+                .set_allowed_ips(&key, &[(a, 128), (b, 128)])
+                .await
+                .unwrap()
+        );
+        // The device agrees: b replaced nothing but was added, and a
+        // second replacement drops it.
+        assert!(overlay.set_allowed_ips(&key, &[(a, 128)]).await.unwrap());
+        let Backend::Userspace { device, .. } = &overlay.backend else {
+            unreachable!("userspace was asked for");
+        };
+        let stats = device.peers().await;
+        assert_eq!(stats.len(), 1);
+        let allowed: Vec<String> = stats[0]
+            .peer
+            .allowed_ips
+            .iter()
+            .map(|n| n.to_string())
+            .collect();
+        assert_eq!(allowed, ["fd38:dde8:32dd::2/128"]);
+        assert_eq!(
+            stats[0].peer.endpoint, endpoint,
+            "the device's endpoint stays"
+        );
+        // set_peer replaces a peer's allowed IPs too; it does not add to them.
+        overlay
+            .set_peer(&PeerConfig {
+                key: key.clone(),
+                allowed: vec![(b, 128)],
+                endpoint,
+                keepalive: None,
+            })
+            .await
+            .unwrap();
+        let stats = device.peers().await;
+        let allowed: Vec<String> = stats[0]
+            .peer
+            .allowed_ips
+            .iter()
+            .map(|n| n.to_string())
+            .collect();
+        assert_eq!(allowed, ["fd38:dde8:32dd:1::1/128"]);
+    }
+
     #[test]
     fn modes_parse() {
         assert_eq!("auto".parse::<Mode>(), Ok(Mode::Auto));
