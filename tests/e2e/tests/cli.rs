@@ -133,7 +133,7 @@ fn empty_lists_say_what_to_do_and_push_refuses_what_nothing_can_run() {
 }
 
 #[test]
-fn restart_push_del_and_port_checks_through_the_cli() {
+fn restart_push_del_and_link_checks_through_the_cli() {
     let mut c = Cluster::master_only();
     c.start_minion("m1");
     c.wait_waiting("m1");
@@ -145,27 +145,21 @@ fn restart_push_del_and_port_checks_through_the_cli() {
     std::fs::write(&image, &testy_bin).unwrap();
     c.ok(&["push", image.to_str().unwrap()]);
 
-    // Two daemons on one machine and one port: refused, naming both.
+    // A link to no service: refused, naming the spec, the field and the name.
     let a = {
         let mut s = testy("m1", "a", &[]);
         s["image"] = json!("app");
         s
     };
-    let port = a["proxyport"].as_u64().unwrap();
     let mut clash = a.clone();
     clash["name"] = json!("clash");
+    clash["link"] = json!(["nope"]);
     let file = spec_file(&c, "both", &json!([a, clash]));
     let out = c.phoenix(&["deploy", &file]);
     assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
     let err = stderr(&out);
     assert!(
-        err.contains("spec #2 (\"clash\"): field `proxyport`"),
-        "{err}"
-    );
-    assert!(
-        err.contains(&format!(
-            "port {port} on machine \"m1\" is also the proxyport of service \"a\""
-        )),
+        err.contains("spec #2 (\"clash\"): field `link[0]`: no service named \"nope\""),
         "{err}"
     );
     assert_eq!(c.json(&["services", "--json"]), json!([]));
