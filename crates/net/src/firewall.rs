@@ -324,6 +324,26 @@ pub fn ruleset(minion_id: &str, state: &FirewallState) -> Value {
     json!({ "nftables": cmds })
 }
 
+/// The base chains on the forward hook whose policy is drop, as
+/// `family table chain`, from `nft -j list chains` output. Such a chain
+/// (Docker's `ip filter FORWARD`, for one) drops forwarded service traffic
+/// whatever this table accepts: a packet must pass every base chain of a
+/// hook.
+pub(crate) fn forward_drop_chains(listing: &Value) -> Vec<String> {
+    let Some(items) = listing["nftables"].as_array() else {
+        return Vec::new();
+    };
+    items
+        .iter()
+        .filter_map(|i| i.get("chain"))
+        .filter(|c| c["hook"] == "forward" && c["policy"] == "drop")
+        .map(|c| {
+            let field = |k: &str| c[k].as_str().unwrap_or("?").to_owned();
+            format!("{} {} {}", field("family"), field("table"), field("name"))
+        })
+        .collect()
+}
+
 /// Runs `nft ARGS` with `input` on its standard input.
 pub(crate) fn nft_run(args: &[&str], input: &str, what: &str) -> Result<(), NetError> {
     let mut child = Command::new("nft")
@@ -554,6 +574,22 @@ mod tests {
             nat.iter()
                 .all(|r| r.contains("masquerade") && r.contains("@service_ifs"))
         );
+    }
+
+    #[test]
+    fn finds_forward_chains_that_drop() {
+        let listing = json!({ "nftables": [
+            { "metainfo": { "version": "1.0.6" } },
+            { "chain": { "family": "ip", "table": "filter", "name": "FORWARD",
+                         "type": "filter", "hook": "forward", "prio": 0, "policy": "drop" } },
+            { "chain": { "family": "ip", "table": "filter", "name": "DOCKER-USER" } },
+            { "chain": { "family": "inet", "table": "phoenix_m1", "name": "forward",
+                         "type": "filter", "hook": "forward", "prio": 0, "policy": "accept" } },
+            { "chain": { "family": "ip", "table": "filter", "name": "INPUT",
+                         "type": "filter", "hook": "input", "prio": 0, "policy": "drop" } },
+        ] });
+        assert_eq!(forward_drop_chains(&listing), vec!["ip filter FORWARD"]);
+        assert!(forward_drop_chains(&json!({})).is_empty());
     }
 
     #[test]

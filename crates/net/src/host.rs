@@ -21,6 +21,12 @@ pub struct HostReport {
     pub ipv4_forwarding_enabled: bool,
     /// `nft --version`.
     pub nft_version: String,
+    /// Other tables' forward chains whose policy is drop (`family table
+    /// chain`, as nftables lists them; iptables-legacy rules are not seen).
+    /// Such a chain, like Docker's `ip filter FORWARD`, drops forwarded
+    /// service traffic whatever the minion's table accepts; the admin must
+    /// let the service veths (`ph*`) through it, e.g. in `DOCKER-USER`.
+    pub forward_drop: Vec<String>,
 }
 
 const IPV6_CONF: &str = "/proc/sys/net/ipv6/conf";
@@ -92,12 +98,31 @@ pub fn prepare_host() -> Result<HostReport, NetError> {
     if ipv4_forwarding != "1" {
         write_sysctl(IPV4_FORWARDING, "1")?;
     }
+    let forward_drop = forward_drop();
+    for chain in &forward_drop {
+        tracing::warn!(
+            chain = %chain,
+            "a forward chain drops by default: service traffic through this node is dropped unless it lets the service veths (ph*) through"
+        );
+    }
     Ok(HostReport {
         accept_ra_raised,
         ipv6_forwarding_enabled: ipv6_forwarding != "1",
         ipv4_forwarding_enabled: ipv4_forwarding != "1",
         nft_version,
+        forward_drop,
     })
+}
+
+/// The forward chains that drop by default (best effort: an `nft` that
+/// cannot list reports none).
+fn forward_drop() -> Vec<String> {
+    let Ok(out) = Command::new("nft").args(["-j", "list", "chains"]).output() else {
+        return Vec::new();
+    };
+    serde_json::from_slice(&out.stdout)
+        .map(|listing| crate::firewall::forward_drop_chains(&listing))
+        .unwrap_or_default()
 }
 
 fn check_netlink() -> Result<(), NetError> {

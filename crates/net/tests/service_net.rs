@@ -541,5 +541,11 @@ fn prepare_host_is_idempotent() {
         let second = prepare_host().expect("prepare_host again");
         assert!(!second.ipv6_forwarding_enabled && !second.ipv4_forwarding_enabled);
         assert!(second.accept_ra_raised.is_empty());
+        assert!(second.forward_drop.is_empty(), "{second:?}");
+        // A forward chain that drops by default (as Docker's) is reported.
+        sh("nft add table ip filter && \
+            nft add chain ip filter FORWARD '{ type filter hook forward priority 0; policy drop; }'");
+        let third = prepare_host().expect("prepare_host with a dropping chain");
+        assert_eq!(third.forward_drop, vec!["ip filter FORWARD"]);
     });
 }
