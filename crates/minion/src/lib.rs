@@ -111,6 +111,26 @@ pub fn minion_id(key: &str) -> String {
     blake3::hash(key.as_bytes()).to_hex()[..8].to_owned()
 }
 
+/// After the minion stopped: one that runs no service leaves no firewall
+/// table behind (one with services keeps it: they run on, confined).
+pub fn tidy_after_stop(cfg: &MinionConfig) {
+    if cfg.service_network != hooks::net::NetMode::Namespaces {
+        return;
+    }
+    let Ok(state) = state::LocalState::new(cfg.data_dir.clone()) else {
+        return;
+    };
+    if !state.recorded_services().is_empty() {
+        return;
+    }
+    let Ok(keys) = KeyPair::load_or_create(&cfg.data_dir.join("minion.key")) else {
+        return;
+    };
+    if let Err(e) = phoenix_net::remove_firewall(&minion_id(&keys.public())) {
+        tracing::warn!("{e}");
+    }
+}
+
 /// The minion's public key, creating its key pair on first use.
 pub fn public_key(data_dir: &std::path::Path) -> Result<String, MinionError> {
     std::fs::create_dir_all(data_dir).map_err(|source| MinionError::DataDir {

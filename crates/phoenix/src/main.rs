@@ -126,12 +126,16 @@ fn run(cli: Cli) -> Result<()> {
                 stats_every: Duration::from_secs(5),
                 service_network: a.service_network,
             };
-            runtime(None)?.block_on(async {
+            let result = runtime(None)?.block_on(async {
                 tokio::select! {
-                    r = phoenix_minion::run(cfg) => r.map_err(Into::into),
+                    r = phoenix_minion::run(cfg.clone()) => r.map_err(Into::into),
                     _ = shutdown() => Ok(()),
                 }
-            })
+            });
+            if result.is_ok() {
+                phoenix_minion::tidy_after_stop(&cfg);
+            }
+            result
         }
         Command::Uninstall {
             role,

@@ -112,6 +112,26 @@ fn links_names_ports_and_egress_across_machines() {
     let internet = net.host("internet").ip;
     let outside_port = free_port();
     let _outside = outside_server(&net, "internet", outside_port);
+    // An IPv6 internet too: global addresses on m1 and the outside host.
+    for (host, ip) in [("m1", "2001:db8::2"), ("internet", "2001:db8::4")] {
+        let ok = Command::new("ip")
+            .args([
+                "-n",
+                &net.host(host).ns,
+                "addr",
+                "add",
+                &format!("{ip}/64"),
+                "dev",
+                "eth0",
+                "nodad",
+            ])
+            .status()
+            .expect("ip addr add");
+        assert!(ok.success(), "an IPv6 address for {host}");
+    }
+    // Something listening on m1 itself, outside any service.
+    let host_port = free_port();
+    let _on_m1 = outside_server(&net, "m1", host_port);
     let mut c = Cluster::start_on(net, 2);
     // `a` and `c` share a port on one machine; `b` on the other machine
     // links `a`; `d` beside `a` links it; `c` links nothing.
@@ -180,6 +200,17 @@ fn links_names_ports_and_egress_across_machines() {
     let outside = format!("{internet}:{outside_port}");
     assert_eq!(
         reach(&c, "c", port, &outside, "/health").as_deref(),
+        Ok("ok")
+    );
+    let outside6 = format!("[2001:db8::4]:{outside_port}");
+    assert_eq!(
+        reach(&c, "c", port, &outside6, "/health").as_deref(),
+        Ok("ok")
+    );
+    // A port of the minion's own host, at the services' gateway (README).
+    let gateway = format!("169.254.1.1:{host_port}");
+    assert_eq!(
+        reach(&c, "c", port, &gateway, "/health").as_deref(),
         Ok("ok")
     );
 

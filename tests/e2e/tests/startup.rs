@@ -154,7 +154,7 @@ fn the_readme_quickstart_works_pasted_into_a_fresh_shell() {
     );
     // testy's `/` answers with the service's name.
     assert!(
-        stdout.contains("hello"),
+        stdout.contains("testy name=hello"),
         "no answer from the service\nstdout:\n{stdout}\nstderr:\n{stderr}"
     );
     // It cleaned up after itself: its dir is gone, and nothing runs from it.
