@@ -305,6 +305,21 @@ fn moves_keep_the_address_and_nothing_is_left_behind() {
     );
     refused(&c, "box", port, &format!("[{}]:{port}", c.service_ip("b")));
 
+    // A service deleted while its minion is down: the minion finds its
+    // namespace orphaned at start and removes it.
+    c.apply("deploy", &json!([svc("m1", "gone", 8002, &[])]));
+    c.wait_status("gone", "running and healthy", running);
+    let before = service_veths(c.net.as_ref().unwrap(), "m1").len();
+    c.kill_minion("m1");
+    c.ok(&["del", "gone", "--detach"]);
+    c.start_minion("m1");
+    c.wait_reachable("m1");
+    wait_for(
+        "m1 to remove the orphan's namespace",
+        Duration::from_secs(10),
+        || (service_veths(c.net.as_ref().unwrap(), "m1").len() == before - 1).then_some(()),
+    );
+
     // `del` removes namespaces on both machines.
     for name in ["a", "b", "box"] {
         c.ok(&["del", name]);
