@@ -725,6 +725,41 @@ mod tests {
         );
     }
 
+    #[test]
+    fn an_older_desired_set_without_links_or_peers_loads() {
+        let spec = crate::spec::parse_specs(
+            "t",
+            r#"{"machine":"m1","name":"web","image":"app","type":"binary"}"#,
+        )
+        .unwrap()
+        .remove(0);
+        // As an older master wrote it: no `links`, no `peers`.
+        let old = serde_json::json!({
+            "revision": 4,
+            "services": [{"spec": spec, "ip": "fd38:dde8:32dd:1::1",
+                "image_hash": "h", "image_size": 1, "generation": 2}],
+        })
+        .to_string();
+        let set: DesiredSet = serde_json::from_str(&old).unwrap();
+        assert_eq!(set.revision, 4);
+        assert!(set.peers.is_empty());
+        assert!(set.services[0].links.is_empty());
+        // And a new one round-trips with both.
+        let mut new = set.clone();
+        new.services[0]
+            .links
+            .insert("db".into(), "fd38:dde8:32dd:1::2".parse().unwrap());
+        new.peers.push(MeshPeer {
+            node: "m2".into(),
+            key: "k".into(),
+            overlay_ip: "fd38:dde8:32dd::3".parse().unwrap(),
+            endpoint: Some("10.0.0.3:51820".parse().unwrap()),
+            services: vec!["fd38:dde8:32dd:1::2".parse().unwrap()],
+        });
+        let text = serde_json::to_string(&new).unwrap();
+        assert_eq!(serde_json::from_str::<DesiredSet>(&text).unwrap(), new);
+    }
+
     #[tokio::test]
     async fn frames_round_trip_and_are_bounded() {
         let (mut a, mut b) = tokio::io::duplex(1 << 16);
