@@ -336,3 +336,30 @@ fn moves_keep_the_address_and_nothing_is_left_behind() {
         );
     }
 }
+
+#[test]
+fn a_minion_without_nft_says_which_package_to_install() {
+    require_netns!();
+    let dir = tempfile::tempdir().unwrap();
+    // A valid key; no master answers: the check comes first.
+    let key = "foWMpOd85qhbo7PWS5DID5piFevx/1LThtyRlodUqDA=";
+    let empty = dir.path().join("empty-path");
+    std::fs::create_dir(&empty).unwrap();
+    let out = Command::new(bin("phoenix"))
+        .args(["minion", "m1", "127.0.0.1", key, "127.0.0.1", "127.0.0.1"])
+        .args(["--foreground", "--no-overlay", "--data-dir"])
+        .arg(dir.path().join("m1"))
+        .env("PATH", &empty)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run phoenix minion");
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "a minion without nft started: {said}"
+    );
+    assert!(
+        said.contains("install the `nftables` package") && said.contains("--service-network host"),
+        "{said}"
+    );
+}
