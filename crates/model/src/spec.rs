@@ -105,6 +105,13 @@ pub struct Spec {
     pub env: Vec<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub proxyname: Option<String>,
+    /// The path prefix the proxy routes to this service under `proxyname`
+    /// (`/api`; stripped before forwarding). `None`: the whole host.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub proxypath: Option<String>,
+    /// HTTP basic auth at the proxy, htpasswd bcrypt form (`user:$2y$...`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub proxyauth: Vec<String>,
     pub proxyport: u16,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub healthcheck: Option<String>,

@@ -37,6 +37,11 @@ pub struct RawSpec {
     #[serde(default, deserialize_with = "string_list")]
     pub env: Vec<String>,
     pub proxyname: Option<String>,
+    /// A URL path prefix under `proxyname` (`/api`).
+    pub proxypath: Option<String>,
+    /// HTTP basic auth at the proxy: `user:bcrypt-hash` entries.
+    #[serde(default, deserialize_with = "string_list")]
+    pub proxyauth: Vec<String>,
     #[serde(default, deserialize_with = "port")]
     pub proxyport: Option<u16>,
     pub healthcheck: Option<String>,
@@ -378,7 +383,7 @@ mod tests {
     #[test]
     fn known_fields_come_from_the_struct() {
         let fields = known_fields();
-        assert_eq!(fields.len(), 14, "{fields:?}");
+        assert_eq!(fields.len(), 16, "{fields:?}");
         for f in ["machine", "type", "healthcheck", "cpus", "link"] {
             assert!(fields.contains(&f), "{f} missing from {fields:?}");
         }

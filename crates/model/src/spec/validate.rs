@@ -57,6 +57,7 @@ pub fn validate(raw: RawSpec) -> Result<Spec, Vec<SpecError>> {
         }
     });
     let proxyname = text(&mut err, "proxyname", raw.proxyname, false);
+    let proxypath = text(&mut err, "proxypath", raw.proxypath, false);
     let healthcheck = text(&mut err, "healthcheck", raw.healthcheck, false);
     let ip = text(&mut err, "ip", raw.ip, false).and_then(|s| match check_ip(&s) {
         Ok(ip) => Some(ip),
@@ -125,6 +126,25 @@ pub fn validate(raw: RawSpec) -> Result<Spec, Vec<SpecError>> {
     if let Some(p) = &proxyname {
         check_domain(p).unwrap_or_else(|r| err("proxyname", r));
     }
+    if let Some(p) = &proxypath {
+        check_proxypath(p).unwrap_or_else(|r| err("proxypath", r));
+        if proxyname.is_none() {
+            err(
+                "proxypath",
+                "a path is routed under a host name: set `proxyname` too".into(),
+            );
+        }
+    }
+    for (i, entry) in raw.proxyauth.iter().enumerate() {
+        // The entry itself is never repeated: it holds a password hash.
+        check_proxyauth(entry).unwrap_or_else(|r| err(&format!("proxyauth[{i}]"), r));
+    }
+    if !raw.proxyauth.is_empty() && proxyname.is_none() {
+        err(
+            "proxyauth",
+            "basic auth is asked of requests through the proxy: set `proxyname` too".into(),
+        );
+    }
     if let Some(h) = &healthcheck
         && (!h.starts_with('/') || h.chars().any(|c| c.is_whitespace() || c.is_control()))
     {
@@ -155,6 +175,8 @@ pub fn validate(raw: RawSpec) -> Result<Spec, Vec<SpecError>> {
             duration: duration.unwrap_or_default(),
             env: raw.env,
             proxyname,
+            proxypath,
+            proxyauth: raw.proxyauth,
             proxyport: raw.proxyport.unwrap_or(DEFAULT_PROXYPORT),
             healthcheck,
             ip,
@@ -315,6 +337,55 @@ fn check_env(entry: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// A path prefix: `/`, then segments of URL path characters, no `.` or
+/// `..` segment, no query, no fragment, no trailing `/` (but `/` itself).
+fn check_proxypath(p: &str) -> Result<(), String> {
+    let shape = "a URL path prefix such as \"/api\" or \"/app/v2\"";
+    if !p.starts_with('/') {
+        return Err(format!("{p:?} does not start with '/'; it must be {shape}"));
+    }
+    if p.len() > 1024 {
+        return Err(format!("{} bytes long; at most 1024", p.len()));
+    }
+    if p.len() > 1 && p.ends_with('/') {
+        return Err(format!(
+            "{p:?} ends with '/'; write it without, e.g. {:?}",
+            p.trim_end_matches('/')
+        ));
+    }
+    let allowed = |c: char| c.is_ascii_alphanumeric() || "-._~!$&'()*+,;=:@%".contains(c);
+    for seg in p[1..].split('/').filter(|_| p.len() > 1) {
+        if seg.is_empty() || seg == "." || seg == ".." || !seg.chars().all(allowed) {
+            return Err(format!("{p:?} is not {shape}: segment {seg:?}"));
+        }
+    }
+    Ok(())
+}
+
+/// `user:hash` with a bcrypt hash (`$2a$`, `$2b$` or `$2y$`, as `htpasswd
+/// -B` writes). Messages never quote the entry: it holds a hash.
+fn check_proxyauth(entry: &str) -> Result<(), String> {
+    let Some((user, hash)) = entry.split_once(':') else {
+        return Err("expected `user:bcrypt-hash` (as `htpasswd -nbB user password` prints)".into());
+    };
+    if user.is_empty() || user.chars().any(|c| c.is_control() || c.is_whitespace()) {
+        return Err("the user name is empty or holds spaces or control characters".into());
+    }
+    let bcrypt = hash.len() == 60
+        && ["$2a$", "$2b$", "$2y$"].iter().any(|p| hash.starts_with(p))
+        && hash[4..6].bytes().all(|b| b.is_ascii_digit())
+        && &hash[6..7] == "$"
+        && hash[7..]
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'/');
+    if !bcrypt {
+        return Err(format!(
+            "the password of user {user:?} is not a bcrypt hash (60 characters starting $2y$, as `htpasswd -nbB user password` prints); plain passwords are not accepted"
+        ));
+    }
+    Ok(())
+}
+
 fn check_domain(s: &str) -> Result<(), String> {
     let lower = s.to_ascii_lowercase();
     if s.len() > 253 || lower != s {
@@ -340,6 +411,59 @@ mod tests {
             kind: Some("binary".into()),
             ..RawSpec::default()
         }
+    }
+
+    #[test]
+    fn proxy_paths_and_basic_auth() {
+        let with = |path: Option<&str>, auth: Vec<&str>, name: Option<&str>| RawSpec {
+            proxyname: name.map(Into::into),
+            proxypath: path.map(Into::into),
+            proxyauth: auth.into_iter().map(Into::into).collect(),
+            ..minimal()
+        };
+        let hash = "$2y$05$abcdefghijklmnopqrstuu0123456789ABCDEFGHIJKLMNOPQRSTU";
+        assert_eq!(hash.len(), 60);
+        let ok = validate(with(
+            Some("/api/v2"),
+            vec![&format!("ann:{hash}")],
+            Some("example.com"),
+        ))
+        .unwrap();
+        assert_eq!(ok.proxypath.as_deref(), Some("/api/v2"));
+        assert_eq!(ok.proxyauth.len(), 1);
+        assert!(validate(with(Some("/"), vec![], Some("example.com"))).is_ok());
+        for (path, why) in [
+            ("api", "does not start with '/'"),
+            ("/api/", "ends with '/'"),
+            ("/a//b", "segment"),
+            ("/a/../b", "segment \"..\""),
+            ("/a?x=1", "segment"),
+            ("/a b", "segment"),
+        ] {
+            let r = reasons(with(Some(path), vec![], Some("example.com")));
+            assert!(
+                r.iter()
+                    .any(|m| m.contains("field `proxypath`") && m.contains(why)),
+                "{path}: {r:?}"
+            );
+        }
+        let r = reasons(with(Some("/api"), vec![], None));
+        assert!(r.iter().any(|m| m.contains("set `proxyname` too")), "{r:?}");
+        let r = reasons(with(None, vec!["ann:secret", "bob"], Some("example.com")));
+        assert!(
+            r.iter()
+                .any(|m| m.contains("proxyauth[0]") && m.contains("not a bcrypt hash")),
+            "{r:?}"
+        );
+        assert!(
+            r.iter()
+                .any(|m| m.contains("proxyauth[1]") && m.contains("user:bcrypt-hash")),
+            "{r:?}"
+        );
+        assert!(
+            !r.iter().any(|m| m.contains("secret")),
+            "a password is never repeated: {r:?}"
+        );
     }
 
     fn reasons(raw: RawSpec) -> Vec<String> {
