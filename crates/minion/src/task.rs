@@ -436,7 +436,7 @@ impl TaskRunner {
             }
         };
         // Its network namespace is the one its process is in.
-        match ctx.nets.adopt(&self.a, rec.pid) {
+        match ctx.nets.adopt(&self.a, rec.pid).await {
             Ok(net) => self.net = net,
             Err(e) => {
                 tracing::warn!(service = %self.name(), "cannot take over its network, restarting it: {e}");

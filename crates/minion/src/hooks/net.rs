@@ -169,9 +169,10 @@ impl ServiceNetworks {
         Ok(Some(net))
     }
 
-    /// Takes over the namespace of the service's running process `pid`.
+    /// Takes over the namespace of the service's running process `pid`
+    /// (off the runtime: a few netlink calls on a thread of its own).
     /// `Ok(None)` in host mode.
-    pub fn adopt(&self, a: &Assignment, pid: u32) -> Result<Option<ServiceNetwork>, String> {
+    pub async fn adopt(&self, a: &Assignment, pid: u32) -> Result<Option<ServiceNetwork>, String> {
         if self.mode == NetMode::Host {
             return Ok(None);
         }
@@ -179,7 +180,15 @@ impl ServiceNetworks {
             .plan(a)
             .ok_or("no free node-local IPv4 address (100.64.0.0/10 is full)")?;
         let ipv4 = plan.ipv4;
-        match ServiceNet::adopt(pid, &plan) {
+        let adopted = {
+            let plan = plan.clone();
+            tokio::task::spawn_blocking(move || {
+                ServiceNet::adopt(pid, &plan).map_err(|e| e.to_string())
+            })
+            .await
+            .unwrap_or_else(|e| Err(format!("network adoption thread: {e}")))
+        };
+        match adopted {
             Ok(net) => {
                 self.firewall.set(&a.spec.name, fw_entry(&plan, a));
                 Ok(Some(ServiceNetwork { net }))
