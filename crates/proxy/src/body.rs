@@ -1,0 +1,131 @@
+//! Body plumbing: the boxed body type, bodies that hold guards until they
+//! end, and a request body that tells when it has been sent whole.
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http_body::{Body as HttpBody, Frame, SizeHint};
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt, Empty, Full};
+use tokio::sync::oneshot;
+
+use crate::balance::Outstanding;
+use crate::server::Active;
+
+pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Every body the proxy sends or receives, boxed.
+pub(crate) type Body = UnsyncBoxBody<Bytes, BoxError>;
+
+pub(crate) fn full(bytes: impl Into<Bytes>) -> Body {
+    Full::new(bytes.into())
+        .map_err(|never| match never {})
+        .boxed_unsync()
+}
+
+pub(crate) fn empty() -> Body {
+    Empty::new().map_err(|never| match never {}).boxed_unsync()
+}
+
+/// A response body holding what must live until the response has been
+/// sent: the request's count on its instance (so `outstanding` and
+/// draining include bodies still streaming) and on its client connection
+/// (so the idle timer never closes a connection mid-response). Both are
+/// released at the end of the stream, or when the body is dropped.
+pub struct Guarded {
+    inner: Body,
+    outstanding: Option<Outstanding>,
+    active: Option<Active>,
+}
+
+impl Guarded {
+    pub(crate) fn new(inner: Body, outstanding: Option<Outstanding>, active: Active) -> Self {
+        Guarded {
+            inner,
+            outstanding,
+            active: Some(active),
+        }
+    }
+
+    fn release(&mut self) {
+        self.outstanding = None;
+        self.active = None;
+    }
+}
+
+impl HttpBody for Guarded {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(None) | Poll::Ready(Some(Err(_))) => self.release(),
+            Poll::Ready(Some(Ok(_))) if self.inner.is_end_stream() => self.release(),
+            _ => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// A request body that reports, once, when its last frame has been read
+/// (or it was empty): the backend's response timeout counts from then, so
+/// a slow upload is not mistaken for a slow backend.
+pub(crate) struct Sent<B> {
+    inner: B,
+    done: Option<oneshot::Sender<()>>,
+}
+
+impl<B: HttpBody + Unpin> Sent<B> {
+    pub fn new(inner: B) -> (Self, oneshot::Receiver<()>) {
+        let (tx, rx) = oneshot::channel();
+        let mut done = Some(tx);
+        if inner.is_end_stream()
+            && let Some(tx) = done.take()
+        {
+            let _ = tx.send(());
+        }
+        (Sent { inner, done }, rx)
+    }
+}
+
+impl<B: HttpBody + Unpin> HttpBody for Sent<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        let finished = match &polled {
+            Poll::Ready(None) => true,
+            Poll::Ready(Some(Ok(_))) => self.inner.is_end_stream(),
+            _ => false,
+        };
+        if finished && let Some(tx) = self.done.take() {
+            let _ = tx.send(());
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}

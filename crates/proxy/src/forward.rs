@@ -1,0 +1,527 @@
+//! One request: ACME challenges and redirects on plain HTTP, routing,
+//! basic auth, picking an instance, forwarding (with one retry of an
+//! idempotent request whose connect failed), upgrades.
+
+use std::sync::Arc;
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Uri, Version};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+
+use crate::Inner;
+use crate::balance::{Outstanding, pick};
+use crate::body::{Body, Guarded, Sent, empty, full};
+use crate::routes::{Lookup, RouteEntry, has_dot_segment, normalize_host, strip};
+use crate::server::{Conn, Phase, reached};
+use crate::stats::RouteCounters;
+
+const ACME_PREFIX: &str = "/.well-known/acme-challenge/";
+
+/// Headers that describe one hop, never forwarded (RFC 9110 §7.6.1), plus
+/// `Expect`, which the proxy answers itself.
+const HOP_BY_HOP: [HeaderName; 9] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+];
+
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+
+fn plain(status: StatusCode, text: &'static str) -> Response<Body> {
+    let mut response = Response::new(full(text));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    response
+}
+
+/// Serves one request from a client connection.
+pub(crate) async fn handle(
+    inner: &Arc<Inner>,
+    conn: &Arc<Conn>,
+    request: Request<Incoming>,
+) -> Response<Guarded> {
+    let active = conn.begin();
+    let (response, outstanding) = route(inner, conn, request).await;
+    response.map(|body| Guarded::new(body, outstanding, active))
+}
+
+async fn route(
+    inner: &Arc<Inner>,
+    conn: &Arc<Conn>,
+    request: Request<Incoming>,
+) -> (Response<Body>, Option<Outstanding>) {
+    // The host as the client gave it: the URI's authority (HTTP/2, or an
+    // absolute-form HTTP/1 target), else the Host header.
+    let raw_host = match request.uri().authority() {
+        Some(authority) => HeaderValue::from_str(authority.as_str()).ok(),
+        None => request.headers().get(header::HOST).cloned(),
+    };
+    let Some(raw_host) = raw_host else {
+        return (
+            plain(
+                StatusCode::BAD_REQUEST,
+                "phoenix: the request names no host\n",
+            ),
+            None,
+        );
+    };
+    let Some(host) = raw_host.to_str().ok().and_then(normalize_host) else {
+        return (
+            plain(
+                StatusCode::BAD_REQUEST,
+                "phoenix: the request's host is not valid\n",
+            ),
+            None,
+        );
+    };
+    if request.method() == Method::CONNECT {
+        return (
+            plain(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "phoenix: CONNECT is not served\n",
+            ),
+            None,
+        );
+    }
+    let path = request.uri().path();
+    if !path.starts_with('/') {
+        return (
+            plain(
+                StatusCode::BAD_REQUEST,
+                "phoenix: the request's path is not valid\n",
+            ),
+            None,
+        );
+    }
+
+    if !conn.tls {
+        if let Some(token) = path.strip_prefix(ACME_PREFIX) {
+            return (acme(inner, token), None);
+        }
+        if inner.certs.contains(&host) {
+            return (redirect(inner, &host, request.uri()), None);
+        }
+    }
+
+    if has_dot_segment(path) {
+        return (
+            plain(
+                StatusCode::BAD_REQUEST,
+                "phoenix: the path holds a '.' or '..' segment\n",
+            ),
+            None,
+        );
+    }
+
+    let entry = {
+        let table = inner.table.load();
+        match table.lookup(&host, path) {
+            Lookup::Found(entry) => entry.clone(),
+            Lookup::UnknownHost => {
+                return (
+                    plain(
+                        StatusCode::NOT_FOUND,
+                        "phoenix: no service is published at this host\n",
+                    ),
+                    None,
+                );
+            }
+            Lookup::NoPrefix => {
+                return (
+                    plain(
+                        StatusCode::NOT_FOUND,
+                        "phoenix: no service is published at this path\n",
+                    ),
+                    None,
+                );
+            }
+        }
+    };
+    RouteCounters::bump(&entry.counters.requests);
+
+    if !entry.auth.is_empty()
+        && !inner
+            .auth
+            .check(&entry.auth, request.headers().get(header::AUTHORIZATION))
+            .await
+    {
+        RouteCounters::bump(&entry.counters.unauthorized);
+        let mut response = plain(
+            StatusCode::UNAUTHORIZED,
+            "phoenix: authentication required\n",
+        );
+        let challenge = format!("Basic realm=\"{host}\", charset=\"UTF-8\"");
+        if let Ok(value) = HeaderValue::from_str(&challenge) {
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, value);
+        }
+        return (response, None);
+    }
+
+    forward(inner, conn, &entry, raw_host, request).await
+}
+
+/// `GET /.well-known/acme-challenge/TOKEN` from the shared map.
+fn acme(inner: &Inner, token: &str) -> Response<Body> {
+    match inner.challenges.get(token) {
+        Some(key_authorization) => {
+            let mut response = Response::new(full(key_authorization));
+            response.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/octet-stream"),
+            );
+            response
+        }
+        None => plain(StatusCode::NOT_FOUND, "phoenix: no such challenge\n"),
+    }
+}
+
+/// 308 to the same host and path over HTTPS (method and body kept).
+fn redirect(inner: &Inner, host: &str, uri: &Uri) -> Response<Body> {
+    let path = uri.path_and_query().map_or("/", |p| p.as_str());
+    let location = match inner.config.https_port {
+        443 => format!("https://{host}{path}"),
+        port => format!("https://{host}:{port}{path}"),
+    };
+    let mut response = plain(StatusCode::PERMANENT_REDIRECT, "phoenix: use https\n");
+    match HeaderValue::from_str(&location) {
+        Ok(value) => {
+            response.headers_mut().insert(header::LOCATION, value);
+            response
+        }
+        Err(_) => plain(
+            StatusCode::BAD_REQUEST,
+            "phoenix: the request's path is not valid\n",
+        ),
+    }
+}
+
+/// Whether an HTTP/1.1 request asks to switch protocols; the `Upgrade`
+/// value to pass on if so.
+fn upgrade_of(request: &Request<Incoming>) -> Option<HeaderValue> {
+    if request.version() != Version::HTTP_11 {
+        return None;
+    }
+    let wants = request
+        .headers()
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|token| token.trim().eq_ignore_ascii_case("upgrade"));
+    if wants {
+        request.headers().get(header::UPGRADE).cloned()
+    } else {
+        None
+    }
+}
+
+/// Removes hop-by-hop headers, also those the `Connection` header names.
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|token| HeaderName::from_bytes(token.trim().as_bytes()).ok())
+        .collect();
+    for name in named {
+        headers.remove(name);
+    }
+    for name in HOP_BY_HOP {
+        headers.remove(name);
+    }
+}
+
+fn is_idempotent(method: &Method) -> bool {
+    matches!(
+        *method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE
+    )
+}
+
+async fn forward(
+    inner: &Arc<Inner>,
+    conn: &Arc<Conn>,
+    entry: &Arc<RouteEntry>,
+    raw_host: HeaderValue,
+    mut request: Request<Incoming>,
+) -> (Response<Body>, Option<Outstanding>) {
+    let upgrade = upgrade_of(&request);
+    let client_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut request));
+    let (parts, body) = request.into_parts();
+
+    let path_and_query = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    let target = if entry.strip_prefix {
+        strip(&entry.prefix, path_and_query)
+    } else {
+        path_and_query.to_owned()
+    };
+
+    let mut headers = parts.headers;
+    strip_hop_by_hop(&mut headers);
+    headers.remove(header::EXPECT);
+    if !entry.auth.is_empty() {
+        // The credentials were for the proxy; the service never set them.
+        headers.remove(header::AUTHORIZATION);
+    }
+    if let Some(upgrade) = upgrade {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        headers.insert(header::UPGRADE, upgrade);
+    }
+    let mut forwarded_for = headers
+        .get_all(X_FORWARDED_FOR)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .collect::<Vec<_>>()
+        .join(", ");
+    if !forwarded_for.is_empty() {
+        forwarded_for.push_str(", ");
+    }
+    forwarded_for.push_str(&conn.peer.ip().to_string());
+    if let Ok(value) = HeaderValue::from_str(&forwarded_for) {
+        headers.insert(X_FORWARDED_FOR, value);
+    }
+    headers.insert(
+        X_FORWARDED_PROTO,
+        HeaderValue::from_static(if conn.tls { "https" } else { "http" }),
+    );
+    headers.insert(X_FORWARDED_HOST, raw_host.clone());
+    headers.insert(header::HOST, raw_host);
+
+    // A request may be sent again after a failed connect only when
+    // nothing of it was consumed: an idempotent method and no body.
+    let replayable = is_idempotent(&parts.method) && hyper::body::Body::is_end_stream(&body);
+    let mut body = Some(body);
+    let mut tried: Vec<Arc<crate::balance::InstanceState>> = Vec::new();
+    loop {
+        let now_ms = inner.now_ms();
+        let Some(outstanding) = pick(&entry.backends, &tried, now_ms, || inner.random.next())
+        else {
+            if tried.is_empty() {
+                RouteCounters::bump(&entry.counters.unavailable);
+                return (
+                    plain(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "phoenix: no healthy instance\n",
+                    ),
+                    None,
+                );
+            }
+            RouteCounters::bump(&entry.counters.bad_gateway);
+            return (
+                plain(
+                    StatusCode::BAD_GATEWAY,
+                    "phoenix: no instance could be reached\n",
+                ),
+                None,
+            );
+        };
+        let instance = outstanding.state().clone();
+        let uri = match Uri::try_from(format!("http://{}{}", instance.addr, target)) {
+            Ok(uri) => uri,
+            Err(_) => {
+                return (
+                    plain(
+                        StatusCode::BAD_REQUEST,
+                        "phoenix: the request's path is not valid\n",
+                    ),
+                    None,
+                );
+            }
+        };
+        let request_body: Body = match body.take() {
+            Some(body) => body.map_err(Into::into).boxed_unsync(),
+            None => empty(),
+        };
+        let (request_body, sent) = Sent::new(request_body);
+        let mut backend_request = Request::new(request_body.boxed_unsync());
+        *backend_request.method_mut() = parts.method.clone();
+        *backend_request.uri_mut() = uri;
+        *backend_request.version_mut() = Version::HTTP_11;
+        *backend_request.headers_mut() = headers.clone();
+
+        let timeout = inner.config.backend_response_timeout;
+        let sending = inner.client.request(backend_request);
+        let deadline = async {
+            // The response timeout counts once the request body is sent.
+            let _ = sent.await;
+            tokio::time::sleep(timeout).await;
+        };
+        let result = tokio::select! {
+            result = sending => Some(result),
+            () = deadline => None,
+        };
+        match result {
+            Some(Ok(response)) => {
+                instance.succeeded();
+                return respond(inner, conn, response, outstanding, client_upgrade);
+            }
+            Some(Err(e)) if e.is_connect() => {
+                instance.connect_failed(
+                    now_ms,
+                    inner.config.mark_down_min,
+                    inner.config.mark_down_max,
+                );
+                tracing::debug!(instance = %instance.addr, id = %instance.id, error = %e, "proxy: connect failed");
+                drop(outstanding);
+                tried.push(instance);
+                if replayable && tried.len() < 2 {
+                    continue;
+                }
+                RouteCounters::bump(&entry.counters.bad_gateway);
+                return (
+                    plain(
+                        StatusCode::BAD_GATEWAY,
+                        "phoenix: no instance could be reached\n",
+                    ),
+                    None,
+                );
+            }
+            Some(Err(e)) => {
+                instance.request_failed();
+                tracing::debug!(instance = %instance.addr, id = %instance.id, error = %e, "proxy: request failed");
+                RouteCounters::bump(&entry.counters.bad_gateway);
+                return (
+                    plain(
+                        StatusCode::BAD_GATEWAY,
+                        "phoenix: the instance failed to answer\n",
+                    ),
+                    None,
+                );
+            }
+            None => {
+                instance.request_failed();
+                tracing::debug!(instance = %instance.addr, id = %instance.id, "proxy: response timed out");
+                RouteCounters::bump(&entry.counters.timeouts);
+                return (
+                    plain(
+                        StatusCode::GATEWAY_TIMEOUT,
+                        "phoenix: the instance did not answer in time\n",
+                    ),
+                    None,
+                );
+            }
+        }
+    }
+}
+
+/// Passes the instance's response on; a 101 to an upgrade request becomes
+/// a tunnel between the two upgraded connections.
+fn respond(
+    inner: &Arc<Inner>,
+    conn: &Arc<Conn>,
+    mut response: Response<Incoming>,
+    outstanding: Outstanding,
+    client_upgrade: Option<hyper::upgrade::OnUpgrade>,
+) -> (Response<Body>, Option<Outstanding>) {
+    if response.status() == StatusCode::SWITCHING_PROTOCOLS {
+        let Some(client_upgrade) = client_upgrade else {
+            // A 101 nobody asked for cannot be passed on.
+            return (
+                plain(
+                    StatusCode::BAD_GATEWAY,
+                    "phoenix: the instance switched protocols unasked\n",
+                ),
+                None,
+            );
+        };
+        let backend_upgrade = hyper::upgrade::on(&mut response);
+        let upgrade = response.headers().get(header::UPGRADE).cloned();
+        let (mut parts, _) = response.into_parts();
+        strip_hop_by_hop(&mut parts.headers);
+        parts
+            .headers
+            .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        if let Some(upgrade) = upgrade {
+            parts.headers.insert(header::UPGRADE, upgrade);
+        }
+        tunnel(
+            inner.clone(),
+            conn.clone(),
+            client_upgrade,
+            backend_upgrade,
+            outstanding,
+        );
+        return (Response::from_parts(parts, empty()), None);
+    }
+    let (mut parts, body) = response.into_parts();
+    strip_hop_by_hop(&mut parts.headers);
+    (
+        Response::from_parts(parts, body.map_err(Into::into).boxed_unsync()),
+        Some(outstanding),
+    )
+}
+
+/// Copies both ways between the client's and the instance's upgraded
+/// connections until either side closes or the proxy stops. The request
+/// stays outstanding on its instance (and the client's connection slot
+/// taken) while the tunnel is open.
+fn tunnel(
+    inner: Arc<Inner>,
+    conn: Arc<Conn>,
+    client: hyper::upgrade::OnUpgrade,
+    backend: hyper::upgrade::OnUpgrade,
+    outstanding: Outstanding,
+) {
+    tokio::spawn(async move {
+        let mut phase = inner.phase.subscribe();
+        let (client, backend) = match tokio::join!(client, backend) {
+            (Ok(client), Ok(backend)) => (client, backend),
+            (Err(e), _) | (_, Err(e)) => {
+                tracing::debug!(peer = %conn.peer, error = %e, "proxy: upgrade failed");
+                return;
+            }
+        };
+        let mut client = TokioIo::new(client);
+        let mut backend = TokioIo::new(backend);
+        tokio::select! {
+            result = tokio::io::copy_bidirectional(&mut client, &mut backend) => {
+                if let Err(e) = result {
+                    tracing::debug!(peer = %conn.peer, error = %e, "proxy: tunnel ended");
+                }
+            }
+            () = reached(&mut phase, Phase::Stopped) => {}
+        }
+        drop(outstanding);
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_headers_go_also_those_connection_names() {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, x-secret"),
+        );
+        headers.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        headers.insert("x-secret", HeaderValue::from_static("1"));
+        headers.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
+        headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        headers.insert("x-kept", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut headers);
+        assert_eq!(headers.len(), 1);
+        assert!(headers.contains_key("x-kept"));
+    }
+}

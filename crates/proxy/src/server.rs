@@ -1,0 +1,349 @@
+//! Listeners and client connections: accepting within the connection
+//! limits, TLS handshakes, the HTTP/1 + HTTP/2 server, the idle timer and
+//! graceful shutdown.
+//!
+//! Every connection is a task of its own and owns only its socket, its
+//! hyper state and a few counters, so a client that stalls stalls nothing
+//! but itself. The time limits:
+//!
+//! - TLS handshake: `header_read_timeout`.
+//! - A request head: hyper's HTTP/1 header timer (`header_read_timeout`),
+//!   which also runs while a keep-alive connection waits for its next
+//!   request; a head over `max_header_bytes` gets 431, garbage 400, and
+//!   the connection closes.
+//! - No request yet: a connection whose first request has not arrived
+//!   within `header_read_timeout` is closed (this also covers HTTP/2
+//!   clients that connect and never send a stream, and the protocol
+//!   sniffing before hyper's own timer starts).
+//! - Idle: with no request in flight for `idle_timeout`, the connection is
+//!   shut down gracefully (HTTP/2 gets a GOAWAY), and dropped 1 s later if
+//!   it has not closed by then.
+//!
+//! The idle timer sleeps until the moment the connection could become due
+//! and re-arms from the last request's end: no polling, at most one wake
+//! per idle period.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpListener;
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, watch};
+use tokio::time::Instant;
+
+use crate::Inner;
+
+/// Where the proxy is in its life.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) enum Phase {
+    Running,
+    /// Stop accepting; connections finish what is in flight.
+    Draining,
+    /// Drop everything.
+    Stopped,
+}
+
+/// Connection limits: overall (a semaphore the accept loops wait on) and
+/// per client IP (a count; over it, the connection is closed at once).
+#[derive(Debug)]
+pub(crate) struct Limits {
+    pub global: Arc<Semaphore>,
+    max: usize,
+    per_ip: Mutex<HashMap<IpAddr, usize>>,
+    max_per_ip: usize,
+}
+
+impl Limits {
+    pub fn new(max: usize, max_per_ip: usize) -> Self {
+        Limits {
+            global: Arc::new(Semaphore::new(max.max(1))),
+            max: max.max(1),
+            per_ip: Mutex::new(HashMap::new()),
+            max_per_ip: max_per_ip.max(1),
+        }
+    }
+
+    pub fn open(&self) -> u64 {
+        (self.max - self.global.available_permits()) as u64
+    }
+
+    fn admit(self: &Arc<Self>, ip: IpAddr, permit: OwnedSemaphorePermit) -> Option<Slot> {
+        let mut per_ip = self.per_ip.lock().unwrap_or_else(|e| e.into_inner());
+        let count = per_ip.entry(ip).or_insert(0);
+        if *count >= self.max_per_ip {
+            return None;
+        }
+        *count += 1;
+        Some(Slot {
+            limits: self.clone(),
+            ip,
+            _permit: permit,
+        })
+    }
+}
+
+/// One admitted client connection's place in the limits.
+#[derive(Debug)]
+struct Slot {
+    limits: Arc<Limits>,
+    ip: IpAddr,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut per_ip = self.limits.per_ip.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(count) = per_ip.get_mut(&self.ip) {
+            *count -= 1;
+            if *count == 0 {
+                per_ip.remove(&self.ip);
+            }
+        }
+    }
+}
+
+/// Counts the proxy's connection and tunnel tasks, so that shutdown can
+/// wait for them.
+#[derive(Debug, Default)]
+pub(crate) struct Tracker {
+    count: AtomicUsize,
+    done: Notify,
+}
+
+#[derive(Debug)]
+pub(crate) struct Tracked(Arc<Tracker>);
+
+impl Tracker {
+    fn track(self: &Arc<Self>) -> Tracked {
+        self.count.fetch_add(1, Ordering::SeqCst);
+        Tracked(self.clone())
+    }
+
+    async fn wait(&self) {
+        loop {
+            let notified = self.done.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.count.load(Ordering::SeqCst) == 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+impl Drop for Tracked {
+    fn drop(&mut self) {
+        if self.0.count.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.0.done.notify_waiters();
+        }
+    }
+}
+
+/// One client connection, shared by its requests and any tunnel made from
+/// it: who the client is, and the requests in flight for the idle timer.
+/// The connection's limit slot is released when the last holder (the
+/// connection task, a WebSocket tunnel) lets go.
+#[derive(Debug)]
+pub(crate) struct Conn {
+    pub peer: SocketAddr,
+    pub tls: bool,
+    inflight: AtomicUsize,
+    requested: AtomicBool,
+    /// Milliseconds after `start` of the last request's start or end.
+    last: AtomicU64,
+    start: Instant,
+    changed: Notify,
+    _slot: Slot,
+    _tracked: Tracked,
+}
+
+/// One request in flight on a client connection.
+#[derive(Debug)]
+pub struct Active(Arc<Conn>);
+
+impl Conn {
+    pub fn begin(self: &Arc<Self>) -> Active {
+        self.inflight.fetch_add(1, Ordering::SeqCst);
+        self.requested.store(true, Ordering::Relaxed);
+        self.touch();
+        Active(self.clone())
+    }
+
+    fn touch(&self) {
+        let ms = u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.last.fetch_max(ms, Ordering::Relaxed);
+    }
+
+    /// Resolves when the connection has had no request in flight for
+    /// `idle` (or, before its first request, for `first`).
+    async fn idle(&self, first: Duration, idle: Duration) {
+        let mut deadline = self.start + first;
+        loop {
+            tokio::time::sleep_until(deadline).await;
+            loop {
+                let changed = self.changed.notified();
+                tokio::pin!(changed);
+                changed.as_mut().enable();
+                if self.inflight.load(Ordering::SeqCst) == 0 {
+                    break;
+                }
+                changed.await;
+            }
+            let due = if self.requested.load(Ordering::Relaxed) {
+                self.start + Duration::from_millis(self.last.load(Ordering::Relaxed)) + idle
+            } else {
+                self.start + first
+            };
+            if Instant::now() >= due {
+                return;
+            }
+            deadline = due;
+        }
+    }
+}
+
+impl Drop for Active {
+    fn drop(&mut self) {
+        self.0.touch();
+        if self.0.inflight.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.0.changed.notify_waiters();
+        }
+    }
+}
+
+/// Resolves once the proxy is at `at_least` (or gone).
+pub(crate) async fn reached(phase: &mut watch::Receiver<Phase>, at_least: Phase) {
+    let _ = phase.wait_for(|p| *p >= at_least).await.map(|_| ());
+}
+
+/// The accept loop of one listener; returns after shutdown, once its
+/// connections are done.
+pub(crate) async fn serve(inner: Arc<Inner>, listener: TcpListener, tls: bool) {
+    let mut phase = inner.phase.subscribe();
+    loop {
+        let permit = tokio::select! {
+            permit = inner.limits.global.clone().acquire_owned() => match permit {
+                Ok(permit) => permit,
+                Err(_) => break,
+            },
+            () = reached(&mut phase, Phase::Draining) => break,
+        };
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    // Out of descriptors or memory, or a connection reset
+                    // before accept: wait a little rather than spin.
+                    tracing::warn!(error = %e, "proxy: accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = reached(&mut phase, Phase::Draining) => break,
+        };
+        let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
+        let Some(slot) = inner.limits.admit(peer.ip(), permit) else {
+            tracing::debug!(%peer, "proxy: too many connections from this address");
+            drop(stream);
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let conn = Arc::new(Conn {
+            peer,
+            tls,
+            inflight: AtomicUsize::new(0),
+            requested: AtomicBool::new(false),
+            last: AtomicU64::new(0),
+            start: Instant::now(),
+            changed: Notify::new(),
+            _slot: slot,
+            _tracked: inner.tasks.track(),
+        });
+        let inner = inner.clone();
+        tokio::spawn(async move {
+            if tls {
+                let acceptor = tokio_rustls::TlsAcceptor::from(inner.tls.clone());
+                let handshake =
+                    tokio::time::timeout(inner.config.header_read_timeout, acceptor.accept(stream));
+                match handshake.await {
+                    Ok(Ok(stream)) => connection(&inner, conn, stream).await,
+                    Ok(Err(e)) => {
+                        tracing::debug!(peer = %conn.peer, error = %e, "proxy: TLS handshake failed")
+                    }
+                    Err(_) => tracing::debug!(peer = %conn.peer, "proxy: TLS handshake timed out"),
+                }
+            } else {
+                connection(&inner, conn, stream).await;
+            }
+        });
+    }
+    drop(listener);
+    finish(&inner).await;
+}
+
+/// After the accept loops stopped: give connections `shutdown_grace` to
+/// finish, then drop the rest.
+async fn finish(inner: &Inner) {
+    if tokio::time::timeout(inner.config.shutdown_grace, inner.tasks.wait())
+        .await
+        .is_err()
+    {
+        inner.phase.send_replace(Phase::Stopped);
+        inner.tasks.wait().await;
+    }
+}
+
+/// Serves one client connection until it closes, idles out, or shutdown.
+async fn connection<I>(inner: &Arc<Inner>, conn: Arc<Conn>, io: I)
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let service = {
+        let inner = inner.clone();
+        let conn = conn.clone();
+        service_fn(move |request| {
+            let inner = inner.clone();
+            let conn = conn.clone();
+            async move { Ok::<_, Infallible>(crate::forward::handle(&inner, &conn, request).await) }
+        })
+    };
+    let served = inner
+        .builder
+        .serve_connection_with_upgrades(TokioIo::new(io), service);
+    tokio::pin!(served);
+    let idle = conn.idle(inner.config.header_read_timeout, inner.config.idle_timeout);
+    tokio::pin!(idle);
+    let mut draining = inner.phase.subscribe();
+    let mut stopped = inner.phase.subscribe();
+    let mut closing = false;
+    let hard_stop = tokio::time::sleep(Duration::MAX / 4);
+    tokio::pin!(hard_stop);
+    loop {
+        tokio::select! {
+            result = served.as_mut() => {
+                if let Err(e) = result {
+                    tracing::debug!(peer = %conn.peer, error = %e, "proxy: connection ended");
+                }
+                return;
+            }
+            () = &mut idle, if !closing => {
+                served.as_mut().graceful_shutdown();
+                closing = true;
+                hard_stop.as_mut().reset(Instant::now() + Duration::from_secs(1));
+            }
+            () = reached(&mut draining, Phase::Draining), if !closing => {
+                served.as_mut().graceful_shutdown();
+                closing = true;
+            }
+            () = reached(&mut stopped, Phase::Stopped) => return,
+            () = &mut hard_stop => return,
+        }
+    }
+}

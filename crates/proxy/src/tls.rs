@@ -1,0 +1,266 @@
+//! Certificates by SNI, settable at runtime, and the ACME HTTP-01
+//! challenge map.
+//!
+//! Both are cheap handles over shared maps: the ACME code keeps a clone and
+//! sets entries; the proxy reads them on every handshake or challenge
+//! request. Reads take no lock ([`arc_swap`]); a write copies the map,
+//! which is fine for a map written a few times a day.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use rustls::crypto::CryptoProvider;
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+
+use crate::routes::normalize_host;
+
+/// Why a certificate was refused. The host's previous certificate, if
+/// any, stays.
+#[derive(Debug, thiserror::Error)]
+pub enum CertError {
+    #[error("certificate for {host:?}: not a DNS name")]
+    BadHost { host: String },
+    #[error("certificate for {host}: the chain PEM holds no certificate")]
+    NoCertificate { host: String },
+    #[error("certificate for {host}: reading the chain PEM: {source}")]
+    ChainPem {
+        host: String,
+        source: rustls_pki_types::pem::Error,
+    },
+    #[error("certificate for {host}: reading the private key PEM: {source}")]
+    KeyPem {
+        host: String,
+        source: rustls_pki_types::pem::Error,
+    },
+    #[error(
+        "certificate for {host}: the key does not fit the certificate or is not supported: {source}"
+    )]
+    Key { host: String, source: rustls::Error },
+}
+
+/// Certificates by host name; the HTTPS listener's
+/// [`ResolvesServerCert`]. A name `*.example.com` serves every direct
+/// subdomain of `example.com` that has no certificate of its own.
+#[derive(Clone)]
+pub struct Certs {
+    map: Arc<ArcSwap<HashMap<String, Arc<CertifiedKey>>>>,
+    provider: Arc<CryptoProvider>,
+}
+
+impl std::fmt::Debug for Certs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Certs")
+            .field("hosts", &self.hosts())
+            .finish()
+    }
+}
+
+impl Certs {
+    pub(crate) fn new(provider: Arc<CryptoProvider>) -> Self {
+        Certs {
+            map: Arc::default(),
+            provider,
+        }
+    }
+
+    /// Installs (or replaces) `host`'s certificate: `chain_pem` the leaf
+    /// first then intermediates, `key_pem` its private key (PKCS#8, PKCS#1
+    /// or SEC1). Checked before it replaces anything: the key must load and
+    /// match the leaf.
+    pub fn set(&self, host: &str, chain_pem: &[u8], key_pem: &[u8]) -> Result<(), CertError> {
+        let name = cert_name(host).ok_or_else(|| CertError::BadHost {
+            host: host.to_owned(),
+        })?;
+        let chain = CertificateDer::pem_slice_iter(chain_pem)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|source| CertError::ChainPem {
+                host: name.clone(),
+                source,
+            })?;
+        if chain.is_empty() {
+            return Err(CertError::NoCertificate { host: name });
+        }
+        let key = PrivateKeyDer::from_pem_slice(key_pem).map_err(|source| CertError::KeyPem {
+            host: name.clone(),
+            source,
+        })?;
+        let certified = CertifiedKey::from_der(chain, key, &self.provider).map_err(|source| {
+            CertError::Key {
+                host: name.clone(),
+                source,
+            }
+        })?;
+        self.set_certified(&name, Arc::new(certified))
+    }
+
+    /// Installs an already loaded certificate for `host`.
+    pub fn set_certified(&self, host: &str, key: Arc<CertifiedKey>) -> Result<(), CertError> {
+        let name = cert_name(host).ok_or_else(|| CertError::BadHost {
+            host: host.to_owned(),
+        })?;
+        self.map.rcu(|map| {
+            let mut map = HashMap::clone(map);
+            map.insert(name.clone(), key.clone());
+            map
+        });
+        Ok(())
+    }
+
+    /// Removes `host`'s certificate; its plain HTTP is then proxied again
+    /// rather than redirected.
+    pub fn remove(&self, host: &str) {
+        let Some(name) = cert_name(host) else {
+            return;
+        };
+        self.map.rcu(|map| {
+            let mut map = HashMap::clone(map);
+            map.remove(&name);
+            map
+        });
+    }
+
+    /// Whether a handshake for `host` would find a certificate.
+    pub fn contains(&self, host: &str) -> bool {
+        normalize_host(host).is_some_and(|name| self.find(&name).is_some())
+    }
+
+    /// The names that have a certificate, sorted.
+    pub fn hosts(&self) -> Vec<String> {
+        let mut hosts: Vec<String> = self.map.load().keys().cloned().collect();
+        hosts.sort();
+        hosts
+    }
+
+    /// The certificate for a normalised name: its own, else a wildcard's.
+    pub(crate) fn find(&self, name: &str) -> Option<Arc<CertifiedKey>> {
+        let map = self.map.load();
+        if let Some(key) = map.get(name) {
+            return Some(key.clone());
+        }
+        let (_, parent) = name.split_once('.')?;
+        map.get(&format!("*.{parent}")).cloned()
+    }
+}
+
+/// A certificate's name as the map keys it: a host, or `*.` and a host.
+fn cert_name(host: &str) -> Option<String> {
+    match host.trim().strip_prefix("*.") {
+        Some(parent) => normalize_host(parent).map(|p| format!("*.{p}")),
+        None => normalize_host(host),
+    }
+}
+
+impl ResolvesServerCert for Certs {
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        // No SNI (an IP address, an old client): no certificate to choose,
+        // so the handshake fails.
+        let name = hello.server_name()?.to_ascii_lowercase();
+        self.find(name.strip_suffix('.').unwrap_or(&name))
+    }
+}
+
+/// ACME HTTP-01 challenges: token → key authorization. The HTTP listener
+/// answers `GET /.well-known/acme-challenge/TOKEN` from it, for any host.
+#[derive(Clone, Debug, Default)]
+pub struct Challenges {
+    map: Arc<ArcSwap<HashMap<String, String>>>,
+}
+
+impl Challenges {
+    pub fn set(&self, token: &str, key_authorization: &str) {
+        self.map.rcu(|map| {
+            let mut map = HashMap::clone(map);
+            map.insert(token.to_owned(), key_authorization.to_owned());
+            map
+        });
+    }
+
+    pub fn remove(&self, token: &str) {
+        self.map.rcu(|map| {
+            let mut map = HashMap::clone(map);
+            map.remove(token);
+            map
+        });
+    }
+
+    pub fn get(&self, token: &str) -> Option<String> {
+        self.map.load().get(token).cloned()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn provider() -> Arc<CryptoProvider> {
+        Arc::new(rustls::crypto::ring::default_provider())
+    }
+
+    fn self_signed(names: &[&str]) -> (String, String) {
+        let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+        let c = rcgen::generate_simple_self_signed(names).unwrap();
+        (c.cert.pem(), c.signing_key.serialize_pem())
+    }
+
+    #[test]
+    fn set_find_wildcard_remove() {
+        let certs = Certs::new(provider());
+        let (chain, key) = self_signed(&["a.example"]);
+        certs
+            .set("A.Example", chain.as_bytes(), key.as_bytes())
+            .unwrap();
+        assert!(certs.contains("a.example:443"));
+        assert!(!certs.contains("b.example"));
+        let (chain, key) = self_signed(&["*.example"]);
+        certs
+            .set("*.example", chain.as_bytes(), key.as_bytes())
+            .unwrap();
+        assert!(certs.contains("b.example"));
+        assert!(!certs.contains("x.b.example"));
+        assert_eq!(certs.hosts(), vec!["*.example", "a.example"]);
+        certs.remove("a.example");
+        assert!(certs.contains("a.example"), "the wildcard still covers it");
+        certs.remove("*.example");
+        assert!(!certs.contains("a.example"));
+    }
+
+    #[test]
+    fn mismatched_or_broken_pems_are_refused_and_keep_the_old() {
+        let certs = Certs::new(provider());
+        let (chain, key) = self_signed(&["a.example"]);
+        let (_, other_key) = self_signed(&["a.example"]);
+        certs
+            .set("a.example", chain.as_bytes(), key.as_bytes())
+            .unwrap();
+        let err = certs
+            .set("a.example", chain.as_bytes(), other_key.as_bytes())
+            .unwrap_err();
+        assert!(matches!(err, CertError::Key { .. }), "{err}");
+        assert!(certs.contains("a.example"));
+        assert!(matches!(
+            certs.set("a.example", b"", key.as_bytes()),
+            Err(CertError::NoCertificate { .. })
+        ));
+        assert!(matches!(
+            certs.set("a.example", chain.as_bytes(), b"nope"),
+            Err(CertError::KeyPem { .. })
+        ));
+        assert!(matches!(
+            certs.set("a b", chain.as_bytes(), key.as_bytes()),
+            Err(CertError::BadHost { .. })
+        ));
+    }
+
+    #[test]
+    fn challenges() {
+        let c = Challenges::default();
+        c.set("tok", "tok.thumb");
+        assert_eq!(c.get("tok").as_deref(), Some("tok.thumb"));
+        c.clone().remove("tok");
+        assert_eq!(c.get("tok"), None);
+    }
+}
