@@ -129,11 +129,27 @@ struct OrderError {
     detail: String,
 }
 
-fn fail<E: std::fmt::Display>(step: &'static str) -> impl FnOnce(E) -> OrderError {
+fn fail<E: std::error::Error>(step: &'static str) -> impl FnOnce(E) -> OrderError {
     move |e| OrderError {
         step,
-        detail: e.to_string(),
+        detail: error_text(&e),
     }
+}
+
+/// An error and its sources, each once (hyper's "client error (Connect)"
+/// alone does not say that the connection was refused).
+fn error_text(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let more = s.to_string();
+        if !text.contains(&more) {
+            text.push_str(": ");
+            text.push_str(&more);
+        }
+        source = s.source();
+    }
+    text
 }
 
 impl Acme {
@@ -440,7 +456,7 @@ impl Acme {
                 let why = challenge_error(&mut order).await;
                 return Err(OrderError {
                     step: "validating the http-01 challenge",
-                    detail: why.unwrap_or_else(|| e.to_string()),
+                    detail: why.unwrap_or_else(|| error_text(&e)),
                 });
             }
         };
