@@ -17,6 +17,7 @@ pub mod join;
 pub mod link;
 pub mod reconcile;
 pub mod registry;
+pub mod routes;
 pub mod store;
 pub mod watch;
 
