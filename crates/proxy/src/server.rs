@@ -54,7 +54,7 @@ pub(crate) enum Phase {
 #[derive(Debug)]
 pub(crate) struct Limits {
     pub global: Arc<Semaphore>,
-    max: usize,
+    open: AtomicU64,
     per_ip: Mutex<HashMap<IpAddr, usize>>,
     max_per_ip: usize,
 }
@@ -63,14 +63,15 @@ impl Limits {
     pub fn new(max: usize, max_per_ip: usize) -> Self {
         Limits {
             global: Arc::new(Semaphore::new(max.max(1))),
-            max: max.max(1),
+            open: AtomicU64::new(0),
             per_ip: Mutex::new(HashMap::new()),
             max_per_ip: max_per_ip.max(1),
         }
     }
 
+    /// Client connections open now.
     pub fn open(&self) -> u64 {
-        (self.max - self.global.available_permits()) as u64
+        self.open.load(Ordering::Relaxed)
     }
 
     fn admit(self: &Arc<Self>, ip: IpAddr, permit: OwnedSemaphorePermit) -> Option<Slot> {
@@ -80,6 +81,7 @@ impl Limits {
             return None;
         }
         *count += 1;
+        self.open.fetch_add(1, Ordering::Relaxed);
         Some(Slot {
             limits: self.clone(),
             ip,
@@ -98,6 +100,7 @@ struct Slot {
 
 impl Drop for Slot {
     fn drop(&mut self) {
+        self.limits.open.fetch_sub(1, Ordering::Relaxed);
         let mut per_ip = self.limits.per_ip.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(count) = per_ip.get_mut(&self.ip) {
             *count -= 1;
@@ -184,17 +187,13 @@ impl Conn {
     /// Resolves when the connection has had no request in flight for
     /// `idle` (or, before its first request, for `first`).
     async fn idle(&self, first: Duration, idle: Duration) {
-        let mut deadline = self.start + first;
         loop {
-            tokio::time::sleep_until(deadline).await;
-            loop {
-                let changed = self.changed.notified();
-                tokio::pin!(changed);
-                changed.as_mut().enable();
-                if self.inflight.load(Ordering::SeqCst) == 0 {
-                    break;
-                }
+            let changed = self.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            if self.inflight.load(Ordering::SeqCst) > 0 {
                 changed.await;
+                continue;
             }
             let due = if self.requested.load(Ordering::Relaxed) {
                 self.start + Duration::from_millis(self.last.load(Ordering::Relaxed)) + idle
@@ -204,7 +203,11 @@ impl Conn {
             if Instant::now() >= due {
                 return;
             }
-            deadline = due;
+            // Woken early when a request ends (the due time moves).
+            tokio::select! {
+                () = tokio::time::sleep_until(due) => {}
+                () = changed => {}
+            }
         }
     }
 }

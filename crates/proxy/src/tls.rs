@@ -9,7 +9,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use arc_swap::ArcSwap;
+use arc_swap::{ArcSwap, ArcSwapOption};
 use rustls::crypto::CryptoProvider;
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
@@ -72,6 +72,50 @@ impl Certs {
     /// or SEC1). Checked before it replaces anything: the key must load and
     /// match the leaf.
     pub fn set(&self, host: &str, chain_pem: &[u8], key_pem: &[u8]) -> Result<(), CertError> {
+        let (name, key) = self.load(host, chain_pem, key_pem)?;
+        self.set_certified(&name, key)
+    }
+
+    /// Replaces every certificate at once with `certs` (host, chain PEM,
+    /// key PEM), as from the ACME manager's map: hosts not listed lose
+    /// theirs. An entry that does not load is left out (a host that had a
+    /// certificate keeps it) and its error returned; the others apply.
+    pub fn replace_all<'a>(
+        &self,
+        certs: impl IntoIterator<Item = (&'a str, &'a [u8], &'a [u8])>,
+    ) -> Vec<CertError> {
+        let mut errors = Vec::new();
+        let mut loaded = HashMap::new();
+        let mut failed = Vec::new();
+        for (host, chain_pem, key_pem) in certs {
+            match self.load(host, chain_pem, key_pem) {
+                Ok((name, key)) => {
+                    loaded.insert(name, key);
+                }
+                Err(e) => {
+                    failed.extend(cert_name(host));
+                    errors.push(e);
+                }
+            }
+        }
+        self.map.rcu(|map| {
+            let mut next = loaded.clone();
+            for name in &failed {
+                if let Some(old) = map.get(name) {
+                    next.entry(name.clone()).or_insert_with(|| old.clone());
+                }
+            }
+            next
+        });
+        errors
+    }
+
+    fn load(
+        &self,
+        host: &str,
+        chain_pem: &[u8],
+        key_pem: &[u8],
+    ) -> Result<(String, Arc<CertifiedKey>), CertError> {
         let name = cert_name(host).ok_or_else(|| CertError::BadHost {
             host: host.to_owned(),
         })?;
@@ -94,7 +138,7 @@ impl Certs {
                 source,
             }
         })?;
-        self.set_certified(&name, Arc::new(certified))
+        Ok((name, Arc::new(certified)))
     }
 
     /// Installs an already loaded certificate for `host`.
@@ -164,15 +208,34 @@ impl ResolvesServerCert for Certs {
 }
 
 /// ACME HTTP-01 challenges: token → key authorization. The HTTP listener
-/// answers `GET /.well-known/acme-challenge/TOKEN` from it, for any host.
-#[derive(Clone, Debug, Default)]
+/// answers `GET /.well-known/acme-challenge/TOKEN` from it, for any host:
+/// from the entries [`set`](Self::set) here, else from a source function
+/// (such as another crate's challenge map, [`set_source`](Self::set_source)).
+#[derive(Clone, Default)]
 pub struct Challenges {
-    map: Arc<ArcSwap<HashMap<String, String>>>,
+    inner: Arc<ChallengeMaps>,
+}
+
+type ChallengeSource = Box<dyn Fn(&str) -> Option<String> + Send + Sync>;
+
+#[derive(Default)]
+struct ChallengeMaps {
+    map: ArcSwap<HashMap<String, String>>,
+    source: ArcSwapOption<ChallengeSource>,
+}
+
+impl std::fmt::Debug for Challenges {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Challenges")
+            .field("tokens", &self.inner.map.load().len())
+            .field("source", &self.inner.source.load().is_some())
+            .finish()
+    }
 }
 
 impl Challenges {
     pub fn set(&self, token: &str, key_authorization: &str) {
-        self.map.rcu(|map| {
+        self.inner.map.rcu(|map| {
             let mut map = HashMap::clone(map);
             map.insert(token.to_owned(), key_authorization.to_owned());
             map
@@ -180,15 +243,29 @@ impl Challenges {
     }
 
     pub fn remove(&self, token: &str) {
-        self.map.rcu(|map| {
+        self.inner.map.rcu(|map| {
             let mut map = HashMap::clone(map);
             map.remove(token);
             map
         });
     }
 
+    /// Also answers tokens `source` knows (asked after the entries set
+    /// here). Replaces any previous source.
+    pub fn set_source(&self, source: impl Fn(&str) -> Option<String> + Send + Sync + 'static) {
+        let source: ChallengeSource = Box::new(source);
+        self.inner.source.store(Some(Arc::new(source)));
+    }
+
     pub fn get(&self, token: &str) -> Option<String> {
-        self.map.load().get(token).cloned()
+        if let Some(answer) = self.inner.map.load().get(token) {
+            return Some(answer.clone());
+        }
+        self.inner
+            .source
+            .load()
+            .as_ref()
+            .and_then(|source| source(token))
     }
 }
 
@@ -262,5 +339,33 @@ mod tests {
         assert_eq!(c.get("tok").as_deref(), Some("tok.thumb"));
         c.clone().remove("tok");
         assert_eq!(c.get("tok"), None);
+        c.set_source(|t| (t == "other").then(|| "other.thumb".to_owned()));
+        c.set("tok", "tok.thumb");
+        assert_eq!(c.get("other").as_deref(), Some("other.thumb"));
+        assert_eq!(c.get("tok").as_deref(), Some("tok.thumb"));
+        assert_eq!(c.get("none"), None);
+    }
+
+    #[test]
+    fn replace_all_swaps_the_set_and_keeps_a_failed_hosts_old() {
+        let certs = Certs::new(provider());
+        let (a_chain, a_key) = self_signed(&["a.example"]);
+        let (b_chain, b_key) = self_signed(&["b.example"]);
+        let errors = certs.replace_all([
+            ("a.example", a_chain.as_bytes(), a_key.as_bytes()),
+            ("b.example", b_chain.as_bytes(), b_key.as_bytes()),
+        ]);
+        assert!(errors.is_empty());
+        assert_eq!(certs.hosts(), vec!["a.example", "b.example"]);
+        let errors = certs.replace_all([
+            ("a.example", a_chain.as_bytes(), b_key.as_bytes()),
+            ("c.example", b"junk".as_slice(), b"junk".as_slice()),
+        ]);
+        assert_eq!(errors.len(), 2);
+        assert_eq!(
+            certs.hosts(),
+            vec!["a.example"],
+            "b dropped, a kept its old one"
+        );
     }
 }

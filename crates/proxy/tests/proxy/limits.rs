@@ -1,0 +1,236 @@
+//! Limits, timeouts and shutdown: no client can stall the others.
+
+use std::time::{Duration, Instant};
+
+use http::{Request, StatusCode};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use phoenix_proxy::{ProxyConfig, Route};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::common::*;
+
+/// Whether the proxy has closed `stream` (read gives EOF or an error)
+/// within `limit`.
+async fn closed_within(stream: &mut TcpStream, limit: Duration) -> bool {
+    let mut buf = [0u8; 256];
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        match tokio::time::timeout_at(deadline, stream.read(&mut buf)).await {
+            Err(_) => return false,
+            Ok(Ok(0)) | Ok(Err(_)) => return true,
+            Ok(Ok(_)) => continue,
+        }
+    }
+}
+
+#[tokio::test]
+async fn huge_headers_get_431_and_others_are_still_served() {
+    let a = Backend::start("a").await;
+    let p = start_proxy(
+        ProxyConfig::default(),
+        vec![Route::new("a.test", vec![a.instance()])],
+    )
+    .await;
+    let mut request = b"GET / HTTP/1.1\r\nHost: a.test\r\n".to_vec();
+    for i in 0..100 {
+        request.extend_from_slice(format!("X-Big-{i}: {}\r\n", "b".repeat(1000)).as_bytes());
+    }
+    request.extend_from_slice(b"\r\n");
+    let answer = raw(p.http, &request, Duration::from_secs(10)).await;
+    assert!(answer.starts_with("HTTP/1.1 431"), "{answer:?}");
+    assert_eq!(a.hits(), 0);
+    assert_eq!(get(p.http, "a.test", "/", &[]).await.status, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn a_slowloris_client_is_dropped_at_the_header_timeout_while_others_are_served() {
+    let a = Backend::start("a").await;
+    let timeout = Duration::from_secs(2);
+    let p = start_proxy(
+        ProxyConfig {
+            header_read_timeout: timeout,
+            ..ProxyConfig::default()
+        },
+        vec![Route::new("a.test", vec![a.instance()])],
+    )
+    .await;
+    let started = Instant::now();
+    let mut slow = TcpStream::connect(p.http).await.unwrap();
+    let head = b"GET / HTTP/1.1\r\nHost: a.test\r\nX-Slow: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
+    let mut closed_at = None;
+    for (i, byte) in head.iter().enumerate() {
+        if slow.write_all(&[*byte]).await.is_err() {
+            closed_at = Some(started.elapsed());
+            break;
+        }
+        if i == 1 {
+            // Meanwhile, another client is served at once.
+            let t = Instant::now();
+            assert_eq!(get(p.http, "a.test", "/", &[]).await.status, StatusCode::OK);
+            assert!(t.elapsed() < Duration::from_secs(1));
+        }
+        if closed_within(&mut slow, Duration::from_secs(1)).await {
+            closed_at = Some(started.elapsed());
+            break;
+        }
+    }
+    let closed_at = closed_at.expect("the slow client was dropped");
+    assert!(
+        closed_at >= timeout - Duration::from_millis(100)
+            && closed_at < timeout + Duration::from_secs(2),
+        "dropped after {closed_at:?}"
+    );
+    assert_eq!(a.hits(), 1, "only the other client's request");
+}
+
+#[tokio::test]
+async fn a_connection_that_sends_nothing_is_closed() {
+    let p = start_proxy(
+        ProxyConfig {
+            header_read_timeout: Duration::from_millis(500),
+            ..ProxyConfig::default()
+        },
+        vec![],
+    )
+    .await;
+    let started = Instant::now();
+    let mut silent = TcpStream::connect(p.http).await.unwrap();
+    assert!(closed_within(&mut silent, Duration::from_secs(5)).await);
+    assert!(started.elapsed() >= Duration::from_millis(400));
+    // Also over TLS: a handshake that never starts.
+    let mut silent = TcpStream::connect(p.https).await.unwrap();
+    assert!(closed_within(&mut silent, Duration::from_secs(5)).await);
+}
+
+#[tokio::test]
+async fn an_idle_http2_connection_is_closed_but_a_long_request_is_not() {
+    let a = Backend::start("a").await;
+    let idle = Duration::from_millis(500);
+    let p = start_proxy(
+        ProxyConfig {
+            idle_timeout: idle,
+            ..ProxyConfig::default()
+        },
+        vec![Route::new("a.test", vec![a.instance()])],
+    )
+    .await;
+    // HTTP/2 with prior knowledge on plain HTTP.
+    let tcp = TcpStream::connect(p.http).await.unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
+            .await
+            .unwrap();
+    let conn = tokio::spawn(conn);
+    let request = Request::get("http://a.test/hold").body(empty()).unwrap();
+    let held = tokio::spawn(sender.send_request(request));
+    // The request outlasts the idle timeout several times over.
+    tokio::time::sleep(idle * 3).await;
+    a.release.add_permits(1);
+    let response = held.await.unwrap().unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let finished = Instant::now();
+    drop(response);
+    tokio::time::timeout(Duration::from_secs(5), conn)
+        .await
+        .expect("the idle connection is closed")
+        .unwrap()
+        .unwrap();
+    assert!(finished.elapsed() >= idle - Duration::from_millis(100));
+}
+
+#[tokio::test]
+async fn connections_per_ip_are_limited() {
+    let a = Backend::start("a").await;
+    let p = start_proxy(
+        ProxyConfig {
+            max_connections_per_ip: 2,
+            ..ProxyConfig::default()
+        },
+        vec![Route::new("a.test", vec![a.instance()])],
+    )
+    .await;
+    let one = TcpStream::connect(p.http).await.unwrap();
+    let two = TcpStream::connect(p.http).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(p.proxy.snapshot().connections, 2);
+    let mut three = TcpStream::connect(p.http).await.unwrap();
+    assert!(closed_within(&mut three, Duration::from_secs(2)).await);
+    drop(one);
+    drop(two);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while p.proxy.snapshot().connections > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "closed connections free their slots"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(get(p.http, "a.test", "/", &[]).await.status, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn shutdown_finishes_requests_in_flight_and_stops_accepting() {
+    let a = Backend::start("a").await;
+    let p = start_proxy(
+        ProxyConfig::default(),
+        vec![Route::new("a.test", vec![a.instance()])],
+    )
+    .await;
+    let addr = p.http;
+    let held = tokio::spawn(async move { get(addr, "a.test", "/hold", &[]).await });
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while a.hits() == 0 {
+        assert!(Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // An idle keep-alive connection closes at once.
+    let mut idle = TcpStream::connect(p.http).await.unwrap();
+    idle.write_all(b"GET / HTTP/1.1\r\nHost: a.test\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = [0u8; 12];
+    idle.read_exact(&mut buf).await.unwrap();
+    assert_eq!(&buf, b"HTTP/1.1 200");
+
+    p.proxy.shutdown();
+    assert!(closed_within(&mut idle, Duration::from_secs(2)).await);
+    assert!(!p.served.is_finished());
+    a.release.add_permits(1);
+    let answer = held.await.unwrap();
+    assert_eq!(answer.status, StatusCode::OK);
+    tokio::time::timeout(Duration::from_secs(5), p.served)
+        .await
+        .expect("the listeners finish once their connections have")
+        .unwrap();
+    assert!(TcpStream::connect(addr).await.is_err());
+}
+
+#[tokio::test]
+async fn shutdown_drops_what_outlasts_the_grace() {
+    let a = Backend::start("a").await;
+    let p = start_proxy(
+        ProxyConfig {
+            shutdown_grace: Duration::from_millis(300),
+            ..ProxyConfig::default()
+        },
+        vec![Route::new("a.test", vec![a.instance()])],
+    )
+    .await;
+    let mut stream = TcpStream::connect(p.http).await.unwrap();
+    stream
+        .write_all(b"GET /hold HTTP/1.1\r\nHost: a.test\r\n\r\n")
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while a.hits() == 0 {
+        assert!(Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    p.proxy.shutdown();
+    tokio::time::timeout(Duration::from_secs(5), p.served)
+        .await
+        .expect("the grace period bounds shutdown")
+        .unwrap();
+    assert!(closed_within(&mut stream, Duration::from_secs(2)).await);
+}

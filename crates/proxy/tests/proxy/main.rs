@@ -1,0 +1,10 @@
+//! The proxy end to end on 127.0.0.1: real listeners, real backends,
+//! real clients. One test binary; modules by concern.
+
+mod common;
+
+mod balancing;
+mod limits;
+mod routing;
+mod streaming;
+mod tls;
