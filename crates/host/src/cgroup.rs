@@ -253,6 +253,8 @@ impl Cgroups {
             CgroupMode::V1 => self.create_v1(&mut cg, limits),
             CgroupMode::Hybrid => self.create_hybrid(&mut cg, limits),
         }
+        // Held for the service's whole run, a thousand at once.
+        cg.dirs.shrink_to_fit();
         Ok(cg)
     }
 
@@ -266,6 +268,7 @@ impl Cgroups {
                 cg.dirs.push((h, self.parent(h).join(name)));
             }
         }
+        cg.dirs.shrink_to_fit();
         Ok(cg)
     }
 

@@ -11,7 +11,8 @@ use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::FileExt;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rustix::fs::{FileType, Mode, OFlags};
@@ -19,7 +20,7 @@ use rustix::io::Errno;
 use rustix::pipe::SpliceFlags;
 use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{Notify, mpsc, oneshot};
 use tokio::task::JoinHandle;
 
 use super::LogFiles;
@@ -201,10 +202,45 @@ pub(super) fn open_minion_end(files: &LogFiles, name: &str) -> io::Result<OwnedF
 
 /// A running pump: one per service whose output the minion is collecting.
 pub(super) struct Pump {
-    stop: oneshot::Sender<()>,
-    /// Asks for a drain now, answered once what the pipe held is in the log.
-    flush: mpsc::UnboundedSender<oneshot::Sender<()>>,
+    control: Arc<Control>,
     task: JoinHandle<()>,
+}
+
+/// What the watcher asks of a pump. One small block per service: a tokio
+/// channel here (its cache-padded state and first block of slots) cost
+/// about 800 bytes a service, most of a 1000-service minion's log memory.
+#[derive(Default)]
+struct Control {
+    /// Wakes the pump for a stop or a flush (a wake-up that finds the pump
+    /// busy is kept for its next wait, so none is lost).
+    wake: Notify,
+    stop: AtomicBool,
+    /// Flushes asked for: each is answered once what the pipe held is in
+    /// the log. `None` once the pump has ended: a flush is answered at once.
+    flushes: Mutex<Option<Vec<oneshot::Sender<()>>>>,
+}
+
+impl Control {
+    fn flushes(&self) -> std::sync::MutexGuard<'_, Option<Vec<oneshot::Sender<()>>>> {
+        self.flushes.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn take_flushes(&self) -> Vec<oneshot::Sender<()>> {
+        self.flushes()
+            .as_mut()
+            .map(std::mem::take)
+            .unwrap_or_default()
+    }
+}
+
+/// Ends the pump's side of [`Control`]: flushes waiting now, and any asked
+/// for later, are answered (their senders dropped) at once.
+struct Ended(Arc<Control>);
+
+impl Drop for Ended {
+    fn drop(&mut self) {
+        self.0.flushes().take();
+    }
 }
 
 impl Pump {
@@ -226,25 +262,33 @@ impl Pump {
         // registered; the clones the drains borrow never close it.
         let fifo = unsafe { AsyncFd::register_with_interest(Arc::new(fifo), Interest::READABLE) }
             .map_err(|e| e.into_parts().1)?;
-        let (stop, stopped) = oneshot::channel();
-        let (flush, flushes) = mpsc::unbounded_channel();
-        let task = tokio::spawn(pump(fifo, log, stopped, flushes, wrote));
-        Ok(Pump { stop, flush, task })
+        let control = Arc::new(Control {
+            flushes: Mutex::new(Some(Vec::new())),
+            ..Control::default()
+        });
+        let task = tokio::spawn(pump(fifo, log, control.clone(), wrote));
+        Ok(Pump { control, task })
     }
 
     /// Answers `done` once everything the service wrote before this call is
     /// in its log (or the pump is gone): a tail read afterwards sees a
     /// service's last words even when it exited a moment ago.
     pub fn flush(&self, done: oneshot::Sender<()>) {
-        if let Err(e) = self.flush.send(done) {
-            let _ = e.0.send(());
+        match self.control.flushes().as_mut() {
+            Some(waiting) => waiting.push(done),
+            None => {
+                let _ = done.send(());
+                return;
+            }
         }
+        self.control.wake.notify_one();
     }
 
     /// Stops the pump once its drain in flight, if any, is done: afterwards
     /// nothing writes or renames the service's files.
     pub async fn stop(self) {
-        let _ = self.stop.send(());
+        self.control.stop.store(true, Ordering::Release);
+        self.control.wake.notify_one();
         let _ = self.task.await;
     }
 }
@@ -252,24 +296,29 @@ impl Pump {
 async fn pump(
     fifo: AsyncFd<Arc<OwnedFd>>,
     mut log: LiveLog,
-    mut stopped: oneshot::Receiver<()>,
-    mut flushes: mpsc::UnboundedReceiver<oneshot::Sender<()>>,
+    control: Arc<Control>,
     wrote: mpsc::UnboundedSender<String>,
 ) {
+    let _ended = Ended(control.clone());
     let mut warned: Option<Instant> = None;
     loop {
-        // Either the pipe has data, or someone wants it in the log now.
-        let (ready, flushed) = tokio::select! {
+        // Either the pipe has data, or someone wants it in the log now (or
+        // the pump to stop).
+        let ready = tokio::select! {
             r = fifo.readable() => match r {
-                Ok(r) => (Some(r), None),
+                Ok(r) => Some(r),
                 Err(e) => {
                     tracing::warn!(service = %log.name, "log pipe failed: {e}");
                     return;
                 }
             },
-            Some(done) = flushes.recv() => (None, Some(done)),
-            _ = &mut stopped => return,
+            () = control.wake.notified() => None,
         };
+        if control.stop.load(Ordering::Acquire) {
+            return;
+        }
+        // Every flush asked for before this drain is answered after it.
+        let flushed = control.take_flushes();
         let pipe = fifo.get_ref().clone();
         let drained = tokio::task::spawn_blocking(move || {
             let result = log.drain(pipe.as_fd(), DRAIN_BUDGET);
@@ -302,8 +351,59 @@ async fn pump(
             // Only clears readiness that no newer event has set since.
             ready.clear_ready();
         }
-        if let Some(done) = flushed {
+        for done in flushed {
             let _ = done.send(());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+    use std::path::Path;
+
+    fn files(dir: &Path) -> LogFiles {
+        LogFiles {
+            dir: dir.to_owned(),
+            max_bytes: 1 << 20,
+            keep: 1,
+        }
+    }
+
+    #[tokio::test]
+    async fn flushes_are_answered_once_the_pipe_is_in_the_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let files = files(dir.path());
+        let mut service = files.open_output("web").unwrap();
+        let (wrote, _heard) = mpsc::unbounded_channel();
+        let pump = Pump::start(&files, "web", None, wrote).unwrap();
+        for round in 0..20 {
+            writeln!(service, "line {round}").unwrap();
+            // Several at once, all answered after the data is in.
+            let waits: Vec<_> = (0..3)
+                .map(|_| {
+                    let (done, wait) = oneshot::channel();
+                    pump.flush(done);
+                    wait
+                })
+                .collect();
+            for w in waits {
+                w.await.unwrap();
+            }
+            let log = std::fs::read_to_string(files.path("web")).unwrap();
+            assert_eq!(log.lines().count(), round + 1, "{log}");
+        }
+        // A stopped pump answers at once (no flush waits on a dead pump).
+        let control = pump.control.clone();
+        pump.stop().await;
+        assert!(control.flushes().is_none());
+        let stopped = Pump {
+            control,
+            task: tokio::spawn(async {}),
+        };
+        let (done, wait) = oneshot::channel();
+        stopped.flush(done);
+        assert_eq!(wait.await, Ok(()));
     }
 }
