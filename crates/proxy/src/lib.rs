@@ -234,7 +234,14 @@ impl Proxy {
             .http2()
             .timer(TokioTimer::new())
             .max_header_list_size(u32::try_from(config.max_header_bytes).unwrap_or(u32::MAX))
-            .max_concurrent_streams(config.h2_max_concurrent_streams);
+            .max_concurrent_streams(config.h2_max_concurrent_streams)
+            // What a client may send ahead of the proxy reading it: 256 KiB
+            // a stream, 1 MiB a connection; and at most 128 KiB queued per
+            // stream toward a slow reader. This bounds an HTTP/2
+            // connection's buffers whatever its streams do.
+            .initial_stream_window_size(256 * 1024)
+            .initial_connection_window_size(1024 * 1024)
+            .max_send_buf_size(128 * 1024);
 
         Ok(Proxy {
             inner: Arc::new(Inner {
