@@ -308,13 +308,22 @@ impl Acme {
     /// that is due (no certificate, two thirds of its lifetime gone, or its
     /// backoff over), then sleeps until the next one is due or the host
     /// set changes. Runs until dropped (abort the task to stop it; an order
-    /// cut short withdraws its challenge tokens). Only the first call runs;
-    /// another returns at once.
+    /// cut short withdraws its challenge tokens). One run at a time: a call
+    /// while another runs returns at once.
     pub async fn run(&self) {
         if self.inner.running.swap(true, Ordering::SeqCst) {
             warn!("the ACME manager is already running");
             return;
         }
+        // Cleared when this future ends or is dropped (an aborted task), so
+        // the manager can be run again.
+        struct Running<'a>(&'a AtomicBool);
+        impl Drop for Running<'_> {
+            fn drop(&mut self) {
+                self.0.store(false, Ordering::SeqCst);
+            }
+        }
+        let _running = Running(&self.inner.running);
         loop {
             let now = now_ms();
             let (due, next) = {

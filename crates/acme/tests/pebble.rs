@@ -12,7 +12,7 @@ use std::fs;
 use std::net::{SocketAddr, TcpListener as StdListener, UdpSocket};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -31,7 +31,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 /// The bound on every test.
-const TEST_TIMEOUT: Duration = Duration::from_secs(40);
+const TEST_TIMEOUT: Duration = Duration::from_secs(60);
 
 // ---------------------------------------------------------------------------
 // The environment: pebble, its DNS, the challenge server.
@@ -47,11 +47,19 @@ fn find_binary(env: &str, name: &str) -> Option<PathBuf> {
     })
 }
 
-/// A port free on 127.0.0.1 for both TCP and UDP (for the DNS server).
+/// A port free on 127.0.0.1 for both TCP and UDP (for the DNS server),
+/// never the same twice in this process, and below Linux's ephemeral range
+/// (32768 and up), so neither a `bind(0)` nor an outgoing connection takes
+/// it between here and pebble's own bind.
 fn free_port() -> u16 {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let offset = u64::from(std::process::id()) * 7919;
     loop {
-        let tcp = StdListener::bind("127.0.0.1:0").unwrap();
-        let port = tcp.local_addr().unwrap().port();
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = 20_000 + ((offset + n) % 12_000) as u16;
+        let Ok(_tcp) = StdListener::bind(("127.0.0.1", port)) else {
+            continue;
+        };
         if UdpSocket::bind(("127.0.0.1", port)).is_ok() {
             return port;
         }
@@ -136,9 +144,8 @@ impl Drop for Pebble {
             let _ = child.wait();
         }
         if std::thread::panicking() {
-            for log in ["pebble.log", "challtestsrv.log"] {
-                let text = fs::read_to_string(self.dir.path().join(log)).unwrap_or_default();
-                eprintln!("--- {log} ---\n{text}");
+            for log in self.logs() {
+                eprintln!("{log}");
             }
         }
     }
@@ -158,6 +165,22 @@ impl Pebble {
             );
             return None;
         };
+        // Another program may take a port between our check and pebble's
+        // bind: then pebble exits, and we start again on other ports.
+        let mut why = String::new();
+        for attempt in 1..=4 {
+            match Pebble::try_start(&pebble, &dns, http_port) {
+                Ok(env) => return Some(env),
+                Err(e) => {
+                    eprintln!("pebble did not start (attempt {attempt}): {e}");
+                    why = e;
+                }
+            }
+        }
+        panic!("pebble did not start: {why}");
+    }
+
+    fn try_start(pebble: &Path, dns: &Path, http_port: u16) -> Result<Pebble, String> {
         let dir = tempfile::tempdir().unwrap();
 
         // A CA, and pebble's TLS certificate for 127.0.0.1 and localhost.
@@ -199,7 +222,7 @@ impl Pebble {
         fs::write(&config_path, config.to_string()).unwrap();
 
         let logs = dir.path().to_path_buf();
-        let log = |name: &str| Stdio::from(fs::File::create(logs.join(name)).unwrap());
+        let log = |name: &str| fs::File::create(logs.join(name)).unwrap();
         let mut env = Pebble {
             children: Vec::new(),
             directory_url: format!("https://127.0.0.1:{listen}/dir"),
@@ -216,7 +239,7 @@ impl Pebble {
                 .args(["-http01", "", "-https01", "", "-tlsalpn01", ""])
                 .args(["-management", &format!("127.0.0.1:{dns_management}")])
                 .stdout(log("challtestsrv.log"))
-                .stderr(Stdio::null())
+                .stderr(log("challtestsrv.err"))
                 .spawn()
                 .expect("pebble-challtestsrv starts"),
         );
@@ -228,14 +251,51 @@ impl Pebble {
                 .env("PEBBLE_VA_NOSLEEP", "1")
                 .env("PEBBLE_WFE_NONCEREJECT", "0")
                 .stdout(log("pebble.log"))
-                .stderr(Stdio::null())
+                .stderr(log("pebble.err"))
                 .spawn()
                 .expect("pebble starts"),
         );
-        for port in [listen, management, dns_port, dns_management] {
-            wait_listening(port);
+        env.wait_listening(&[listen, management, dns_port, dns_management])?;
+        Ok(env)
+    }
+
+    /// Waits until something listens on every port, as long as both
+    /// programs run.
+    fn wait_listening(&mut self, ports: &[u16]) -> Result<(), String> {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        for &port in ports {
+            while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+                for child in &mut self.children {
+                    if let Ok(Some(status)) = child.try_wait() {
+                        return Err(format!(
+                            "a program exited ({status}):\n{}",
+                            self.logs().join("\n")
+                        ));
+                    }
+                }
+                if Instant::now() > deadline {
+                    return Err(format!("nothing listens on 127.0.0.1:{port} after 20 s"));
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
         }
-        Some(env)
+        Ok(())
+    }
+
+    /// The programs' output.
+    fn logs(&self) -> Vec<String> {
+        [
+            "pebble.log",
+            "pebble.err",
+            "challtestsrv.log",
+            "challtestsrv.err",
+        ]
+        .iter()
+        .map(|name| {
+            let text = fs::read_to_string(self.dir.path().join(name)).unwrap_or_default();
+            format!("--- {name} ---\n{text}")
+        })
+        .collect()
     }
 
     /// Pebble's root certificate (it makes a new one at every start).
@@ -264,17 +324,6 @@ impl Pebble {
         assert_eq!(response.status(), 200, "{url}");
         let body = response.into_body().collect().await.unwrap().to_bytes();
         CertificateDer::from_pem_slice(&body).unwrap()
-    }
-}
-
-fn wait_listening(port: u16) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(
-            Instant::now() < deadline,
-            "nothing listens on 127.0.0.1:{port} after 10 s"
-        );
-        std::thread::sleep(Duration::from_millis(20));
     }
 }
 
@@ -646,6 +695,20 @@ async fn an_unreachable_directory_is_a_recorded_failure_with_backoff() {
         assert!(status.next_attempt.unwrap() > now_ms() + 30_000);
         assert_eq!(acme.orders_placed(), 0, "no order without an account");
         assert!(!data.path().join("acme/account.json").exists());
+
+        // A second run while one runs returns at once; after an abort, the
+        // same manager runs again.
+        tokio::time::timeout(Duration::from_secs(1), acme.run())
+            .await
+            .expect("a second run returns at once");
+        task.abort();
+        let _ = task.await;
+        let task = tokio::spawn({
+            let acme = acme.clone();
+            async move { acme.run().await }
+        });
+        acme.set_hosts(hosts(&["x.phoenix.test", "y.phoenix.test"]));
+        until(&acme, |a| a.status()[1].last_error.is_some()).await;
         task.abort();
     })
     .await;
