@@ -53,7 +53,9 @@
 //!
 //! A host is due when it has no certificate, when two thirds of its
 //! certificate's lifetime (notBefore to notAfter) have passed (day 60 of
-//! Let's Encrypt's 90), or, after a failed order, when its backoff ends:
+//! Let's Encrypt's 90; never within 10 minutes of its last order, so a
+//! certificate that arrives already due is not ordered in a loop), or,
+//! after a failed order, when its backoff ends:
 //! 1 minute after the first failure, doubling up to 24 hours, each wait
 //! jittered by ±20 %. The backoff is persisted, so a restart neither
 //! retries early nor orders for a host whose certificate is valid and not
@@ -80,5 +82,8 @@ pub use challenges::{CHALLENGE_PATH_PREFIX, Challenges};
 pub use client::ClientError;
 pub use host::{InvalidHost, canonical_host};
 pub use manager::{Acme, AcmeConfig, AcmeError, CertMap, HostCert, LETS_ENCRYPT_PRODUCTION};
-pub use policy::{BACKOFF_MAX_MS, BACKOFF_MIN_MS, HostState, backoff_ms, due_at, renew_at};
+pub use policy::{
+    BACKOFF_MAX_MS, BACKOFF_MIN_MS, HostState, MIN_RENEWAL_INTERVAL_MS, backoff_ms, due_at,
+    renew_at,
+};
 pub use store::{CertStore, StoreError};

@@ -34,8 +34,14 @@ pub fn renew_at(not_before: u64, not_after: u64) -> u64 {
     not_before.saturating_add(life / 3 * 2 + (life % 3) * 2 / 3)
 }
 
+/// The least time between two orders for one host that succeed: a
+/// certificate that comes back already due (a CA or a clock far off) is
+/// not ordered again in a loop.
+pub const MIN_RENEWAL_INTERVAL_MS: u64 = 10 * 60_000;
+
 /// When the manager should next order for a host: the backoff's time after
-/// a failure, else the renewal time of its certificate, else `now` (no
+/// a failure, else the renewal time of its certificate (but not within
+/// [`MIN_RENEWAL_INTERVAL_MS`] of the last order), else `now` (no
 /// certificate yet).
 pub fn due_at(state: &HostState, now: u64) -> u64 {
     if state.failures > 0
@@ -44,7 +50,12 @@ pub fn due_at(state: &HostState, now: u64) -> u64 {
         return t;
     }
     match (state.not_before, state.not_after) {
-        (Some(nb), Some(na)) => renew_at(nb, na),
+        (Some(nb), Some(na)) => {
+            let earliest = state
+                .last_attempt
+                .map_or(0, |t| t.saturating_add(MIN_RENEWAL_INTERVAL_MS));
+            renew_at(nb, na).max(earliest)
+        }
         _ => now,
     }
 }
@@ -88,6 +99,23 @@ mod tests {
             ..HostState::default()
         };
         assert_eq!(due_at(&valid, now), 100 * DAY);
+        // A certificate that came back already due is not ordered again at
+        // once.
+        let due_at_birth = HostState {
+            not_before: Some(now - 10 * DAY),
+            not_after: Some(now + 2 * DAY),
+            last_attempt: Some(now - 1000),
+            ..HostState::default()
+        };
+        assert_eq!(
+            due_at(&due_at_birth, now),
+            now - 1000 + MIN_RENEWAL_INTERVAL_MS
+        );
+        let due_long_after = HostState {
+            last_attempt: Some(now - 20 * DAY),
+            ..due_at_birth
+        };
+        assert_eq!(due_at(&due_long_after, now), now - 2 * DAY);
         let failed = HostState {
             failures: 2,
             retry_at: Some(now + 120_000),
