@@ -5,8 +5,11 @@
 //! a successful check is remembered for a while: the cache keys are
 //! SHA-256 over the stored hash, the user and the password given, so the
 //! cache holds no cleartext, a changed hash misses, and one route's
-//! success never opens another route with other entries. Nothing here logs
-//! a header, a password or a hash.
+//! success never opens another route with other entries. A flood of wrong
+//! passwords can only queue other first logins behind it: cached
+//! credentials are checked before the queue. An unknown user costs a
+//! bcrypt check like a wrong password, so timing does not tell which users
+//! exist. Nothing here logs a header, a password or a hash.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};

@@ -8,7 +8,8 @@ use std::time::Duration;
 pub struct ProxyConfig {
     /// Largest request head (request line + headers) from a client; over
     /// it HTTP/1 gets 431 and the connection closes. For HTTP/2 it bounds
-    /// the decoded header list. At least 8 KiB. Default 64 KiB.
+    /// the decoded header list. At least 8 KiB. Default 64 KiB. (HTTP/1
+    /// requests are also held to hyper's 100 header fields.)
     pub max_header_bytes: usize,
     /// Time a client has to send a whole request head, counted from when
     /// the proxy starts waiting for it (also between keep-alive requests on

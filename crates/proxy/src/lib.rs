@@ -49,8 +49,11 @@
 //! upload or server-sent events cost a connection's buffers, not their
 //! size. `Upgrade` requests (WebSocket) get the instance's 101 and then a
 //! byte tunnel. Hop-by-hop headers are removed; `X-Forwarded-For` is
-//! appended to, `X-Forwarded-Proto` and `X-Forwarded-Host` set, `Host`
-//! kept as the client sent it. Paths with `.`/`..` segments are refused
+//! appended to (its last entry is the one the proxy vouches for: earlier
+//! ones are whatever the client sent), `X-Forwarded-Proto` and
+//! `X-Forwarded-Host` set, `Host` kept as the client sent it. WebSockets
+//! over HTTP/2 (extended CONNECT) are not offered, so browsers open them
+//! over HTTP/1.1. Paths with `.`/`..` segments are refused
 //! (400) so that prefix routing and authentication cannot be walked around.
 //!
 //! **TLS** ([`Certs`], [`Challenges`]): certificates by SNI from a map the
@@ -64,7 +67,8 @@
 //! published, the first certificate needs the HTTP listener to work
 //! anyway, and once the certificate arrives the redirect starts by itself.
 //! A host that must never be served in clear should not be published
-//! before its certificate is set.
+//! before its certificate is set. A handshake without SNI (a bare IP
+//! address) finds no certificate and fails.
 //!
 //! **Basic auth** (`auth`): per route, bcrypt entries; checks run on the
 //! blocking pool, successes are cached by a SHA-256 of hash, user and

@@ -79,7 +79,13 @@ pub struct Backend {
 
 impl Backend {
     pub async fn start(name: &str) -> Arc<Backend> {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Self::start_at(name, "127.0.0.1:0").await.unwrap()
+    }
+
+    /// The same on another address; `None` when it cannot be bound (no
+    /// IPv6 here, say).
+    pub async fn start_at(name: &str, bind: &str) -> Option<Arc<Backend>> {
+        let listener = TcpListener::bind(bind).await.ok()?;
         let backend = Arc::new(Backend {
             name: name.to_owned(),
             addr: listener.local_addr().unwrap(),
@@ -107,7 +113,7 @@ impl Backend {
                 });
             }
         });
-        backend
+        Some(backend)
     }
 
     pub fn instance(&self) -> Instance {

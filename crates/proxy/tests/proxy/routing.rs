@@ -272,3 +272,23 @@ async fn serialized_tables_use_the_defaults() {
         Instance::new("a", "[::1]:80".parse().unwrap())
     );
 }
+
+#[tokio::test]
+async fn instances_at_ipv6_addresses_are_reached() {
+    // Services live at IPv6 addresses on the overlay; ::1 stands in.
+    let Some(six) = Backend::start_at("six", "[::1]:0").await else {
+        eprintln!("no IPv6 loopback here; skipped");
+        return;
+    };
+    let p = start_proxy(
+        ProxyConfig::default(),
+        vec![Route::new("six.test", vec![six.instance()])],
+    )
+    .await;
+    let answer = get(p.http, "six.test", "/v6", &[]).await;
+    assert_eq!(answer.status, StatusCode::OK);
+    assert_eq!(
+        (answer.backend(), answer.path()),
+        ("six".into(), "/v6".into())
+    );
+}
