@@ -75,8 +75,16 @@ notes=()
 child=
 in_bg() { "$@" & child=$!; wait "$child"; child=; }
 cleanup() {
+    local rc=$?
     set +e
     trap - EXIT INT TERM HUP
+    # A failed run keeps the daemons' logs (they are in the work dir, which goes).
+    if [ "$rc" != 0 ] && ls "$work"/*.log >/dev/null 2>&1; then
+        local keep
+        keep=$(mktemp -d /tmp/phoenix-servicenet-logs.XXXXXX)
+        cp "$work"/*.log "$work"/*.out "$keep/" 2>/dev/null
+        echo "servicenet.sh: failed ($rc); the daemons' logs are in $keep" >&2
+    fi
     if [ -n "$child" ]; then kill "$child" 2>/dev/null; wait "$child" 2>/dev/null; fi
     for p in "${helpers[@]}"; do kill "$p" 2>/dev/null; done
     # Delete what is left while the minions run, so that they remove the
@@ -292,6 +300,10 @@ if [ "$n" -gt 0 ]; then
 fi
 echo_ch=$(cat "$work"/m?.log | grep -c 'No child processes' || true)
 [ "$echo_ch" = 0 ] || notes+=("$echo_ch of those say \`waiting for nft: No child processes\`: the minion's reaper (\`waitid(P_ALL)\`) collected an \`nft\` child that \`phoenix_net::apply_firewall\` then waited for itself, so that firewall rebuild counted as failed and was retried (a new namespace waiting for it fails its start, which is retried after backoff).")
+for m in m1 m2 m3; do
+    drops=$(grep -c "minion link dropped.*node=$m\$" "$work/master.log" || true)
+    [ "$drops" = 0 ] || notes+=("The master dropped $m's link $drops time(s) during the run ($(grep "minion link dropped.*node=$m\$" "$work/master.log" | head -1 | sed 's/^.*dropped: //; s/ node=.*//')); $m reconnected by itself.")
+done
 git_rev=$(git -C "$root" rev-parse --short HEAD 2>/dev/null || echo "?")
 [ -z "$(git -C "$root" status --porcelain -- crates bench/servicenet.sh bench/servicenet.py 2>/dev/null)" ] || git_rev="$git_rev + uncommitted changes"
 ARGS=$args SECS=$secs ROUNDS=$rounds DEPLOYS=$deploys SERVICES=$services TOOK=$(($(date +%s) - started)) \
