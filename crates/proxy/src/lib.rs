@@ -338,7 +338,8 @@ impl Proxy {
     /// Stops accepting connections and lets those open finish their
     /// requests (idle ones close at once), for at most
     /// `ProxyConfig::shutdown_grace`; then drops what is left, WebSockets
-    /// included. The `serve_*` futures return when it is done.
+    /// included. The `serve_*` futures return when it is done. Final: a
+    /// proxy that was shut down serves no more (make a new one).
     pub fn shutdown(&self) {
         self.inner.phase.send_if_modified(|phase| {
             if *phase == Phase::Running {
