@@ -53,6 +53,7 @@ impl Cluster {
             join.to_string(),
             s("--link-port"),
             link.to_string(),
+            s("--no-proxy"),
         ];
         if no_overlay {
             margs.push(s("--no-overlay"));

@@ -123,6 +123,7 @@ fn handle(hub: &Hub, who: &str, req: Request) -> Reply {
         Request::Info { name } => reply(hub.info(&name)),
         Request::Services => reply(hub.services()),
         Request::Nodes => reply(hub.nodes()),
+        Request::Routes => reply(hub.routes_view()),
         Request::Images => reply(hub.images()),
         Request::Audit { limit } => reply(audit(hub, limit)),
         Request::Logs { .. }

@@ -29,6 +29,7 @@ mod logs;
 mod membership;
 mod mesh;
 mod observed;
+mod routes;
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -78,6 +79,11 @@ pub struct Hub {
     /// Wakes [`Hub::keep_overlay_peers`]: what a minion serves may have
     /// changed.
     mesh_changed: tokio::sync::Notify,
+    /// Wakes the proxy's route keeper: the services changed.
+    routes_changed: tokio::sync::Notify,
+    /// The proxy and its certificates, once started (not with
+    /// `--no-proxy`).
+    pub front: std::sync::OnceLock<Arc<crate::front::Front>>,
 }
 
 impl Hub {
@@ -105,6 +111,8 @@ impl Hub {
             next_id: AtomicU64::new(1),
             collect: tokio::sync::Notify::new(),
             mesh_changed: tokio::sync::Notify::new(),
+            routes_changed: tokio::sync::Notify::new(),
+            front: std::sync::OnceLock::new(),
         }
     }
 

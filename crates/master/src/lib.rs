@@ -12,6 +12,7 @@
 //! [`reconcile`], which the hub feeds from the store on every change.
 
 pub mod api;
+pub mod front;
 pub mod hub;
 pub mod join;
 pub mod link;
@@ -48,6 +49,8 @@ pub struct MasterConfig {
     pub auto_accept: bool,
     /// A minion silent this long is marked unreachable.
     pub node_timeout: std::time::Duration,
+    /// The HTTP/HTTPS proxy on the public IP; `None`: `--no-proxy`.
+    pub proxy: Option<front::ProxySettings>,
 }
 
 #[derive(Clone, Debug)]
@@ -73,6 +76,14 @@ pub enum MasterError {
     },
     #[error("TCP {port} is in use (is a master running here?): pick another with {flag}")]
     PortInUse { port: u16, flag: &'static str },
+    #[error("cannot listen on {addr} for {what}: {source}")]
+    ProxyListen {
+        addr: SocketAddr,
+        what: String,
+        source: std::io::Error,
+    },
+    #[error("proxy: {0}")]
+    Proxy(String),
     #[error("another master is already running with data dir {0}")]
     AlreadyRunning(String),
     #[error(transparent)]
@@ -320,6 +331,11 @@ pub async fn run(cfg: MasterConfig) -> Result<(), MasterError> {
         node_timeout: cfg.node_timeout,
     };
     let hub = Arc::new(hub::Hub::new(store, registry, info, overlay, settings));
+    if let Some(proxy) = &cfg.proxy {
+        let front =
+            front::Front::start(hub.clone(), proxy, cfg.public_ip, cfg.data_dir.clone()).await?;
+        let _ = hub.front.set(front);
+    }
     tokio::spawn(join::serve(hub.clone(), join));
     tokio::spawn(link::serve(hub.clone(), link));
     tokio::spawn(watch::run(hub.clone()));
@@ -344,6 +360,7 @@ mod tests {
             overlay: None,
             auto_accept: false,
             node_timeout: std::time::Duration::from_secs(6),
+            proxy: None,
         }
     }
 

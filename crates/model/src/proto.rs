@@ -357,6 +357,8 @@ pub enum Request {
     Services,
     /// → `Vec<`[`NodeView`]`>`
     Nodes,
+    /// → [`RoutesView`]
+    Routes,
     /// → `Vec<`[`AuditEntry`]`>`
     Audit { limit: usize },
     /// `size` bytes of image follow this frame on the same stream. → [`Pushed`]
@@ -782,4 +784,69 @@ mod tests {
                 .is_none()
         );
     }
+}
+
+// ---------------------------------------------------------------- routes
+
+/// What `phoenix routes` shows: the proxy's routes, their instances and
+/// certificates.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+pub struct RoutesView {
+    /// `None` when the master runs without its proxy (`--no-proxy`).
+    pub proxy: Option<ProxyView>,
+    pub routes: Vec<RouteView>,
+}
+
+/// The proxy itself.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+pub struct ProxyView {
+    pub http_port: u16,
+    pub https_port: u16,
+    /// Client connections open now.
+    pub connections: u64,
+    /// Why certificates cannot be ordered at all (no ACME), if so.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub acme_error: Option<String>,
+}
+
+/// One host and path prefix.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+pub struct RouteView {
+    pub host: String,
+    pub path: String,
+    /// Basic auth is asked.
+    pub auth: bool,
+    pub instances: Vec<RouteInstanceView>,
+    /// The host's certificate, as the ACME manager knows it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub certificate: Option<CertView>,
+}
+
+/// One service behind a route.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct RouteInstanceView {
+    pub service: String,
+    pub machine: String,
+    pub addr: std::net::SocketAddr,
+    /// Its minion reports it running and not unhealthy.
+    pub up: bool,
+    /// Requests in flight now, sent in all, failed (the proxy's counts).
+    pub outstanding: u64,
+    pub requests: u64,
+    pub failures: u64,
+    /// Passive health: ms left before the proxy tries it again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub down_for_ms: Option<u64>,
+}
+
+/// A host's certificate.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+pub struct CertView {
+    /// Unix ms; `None`: none yet.
+    pub not_after: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+    /// Unix ms of the next order (renewal, or the end of a backoff).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_attempt: Option<u64>,
 }

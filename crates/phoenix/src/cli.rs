@@ -242,6 +242,15 @@ pub enum Command {
         #[command(flatten)]
         json: Json,
     },
+    /// The proxy's routes: hosts and paths, their instances with health
+    /// and traffic, and each host's certificate (expiry, or the last ACME
+    /// error and when it is tried again).
+    Routes {
+        #[command(flatten)]
+        target: Target,
+        #[command(flatten)]
+        json: Json,
+    },
     /// List accepted machines with their state and load.
     Nodes {
         #[command(flatten)]
@@ -344,6 +353,27 @@ pub struct MasterArgs {
     /// Mark a minion unreachable after this long without a heartbeat, in ms.
     #[arg(long, default_value_t = 6000, value_parser = clap::value_parser!(u64).range(300..=60_000))]
     pub node_timeout_ms: u64,
+    /// The proxy's HTTP port on the public IP: ACME challenges, and a
+    /// redirect to HTTPS for every host that has a certificate (plain HTTP
+    /// for one that has none yet).
+    #[arg(long, default_value_t = 80)]
+    pub http_port: u16,
+    /// The proxy's HTTPS port on the public IP.
+    #[arg(long, default_value_t = 443)]
+    pub https_port: u16,
+    /// Run without the proxy (no HTTP/HTTPS ports, no certificates).
+    #[arg(long)]
+    pub no_proxy: bool,
+    /// The ACME directory certificates come from.
+    #[arg(long, default_value = "https://acme-v02.api.letsencrypt.org/directory")]
+    pub acme_directory: String,
+    /// An extra root certificate (PEM) to trust for the ACME directory: a
+    /// private ACME server, or tests.
+    #[arg(long, value_name = "FILE")]
+    pub acme_ca: Option<PathBuf>,
+    /// The contact address given to the ACME server (expiry warnings).
+    #[arg(long)]
+    pub acme_email: Option<String>,
 }
 
 /// The overlay flags, the same for master and minion.

@@ -256,6 +256,11 @@ async fn demo(
         join.to_string(),
         s("--link-port"),
         link.to_string(),
+        // The proxy on free ports: 80 and 443 may be taken, or need root.
+        s("--http-port"),
+        free_port()?.to_string(),
+        s("--https-port"),
+        free_port()?.to_string(),
     ];
     args.extend(overlay_flags("m", master_wg));
     daemons.0.push(spawn(exe, &args, &dir.join("master.log"))?);

@@ -74,6 +74,13 @@ fn run(cli: Cli) -> Result<()> {
                 }),
                 auto_accept: a.auto_accept,
                 node_timeout: Duration::from_millis(a.node_timeout_ms),
+                proxy: (!a.no_proxy).then_some(phoenix_master::front::ProxySettings {
+                    http_port: a.http_port,
+                    https_port: a.https_port,
+                    acme_directory: a.acme_directory,
+                    acme_ca: a.acme_ca,
+                    acme_email: a.acme_email,
+                }),
             };
             runtime(Some(2))?.block_on(async {
                 tokio::select! {
@@ -408,6 +415,14 @@ async fn command(cmd: Command) -> Result<()> {
                 return Ok(());
             }
             output::services_table(&list);
+        }
+        Command::Routes { target, json } => {
+            let view: phoenix_model::proto::RoutesView =
+                client::call(&target.data_dir, &Request::Routes).await?;
+            if json.json {
+                return print_json(&view);
+            }
+            print!("{}", output::routes_text(&view));
         }
         Command::Nodes { target, json } => {
             let list: Vec<NodeView> = client::call(&target.data_dir, &Request::Nodes).await?;

@@ -292,6 +292,90 @@ pub fn bytes(n: u64) -> String {
     }
 }
 
+/// `phoenix routes` as text: a table of routes and instances, then a line
+/// per host about its certificate.
+pub fn routes_text(view: &phoenix_model::proto::RoutesView) -> String {
+    let mut out = String::new();
+    match &view.proxy {
+        None => out.push_str("the proxy is off (--no-proxy)\n"),
+        Some(p) => {
+            out.push_str(&format!(
+                "proxy: http :{}, https :{}, {} connections\n",
+                p.http_port, p.https_port, p.connections
+            ));
+            if let Some(e) = &p.acme_error {
+                out.push_str(&format!("no certificates: {e}\n"));
+            }
+        }
+    }
+    if view.routes.is_empty() {
+        out.push_str("no routes: give a service a \"proxyname\"\n");
+        return out;
+    }
+    let mut rows = Vec::new();
+    for r in &view.routes {
+        let route = format!(
+            "{}{}{}",
+            r.host,
+            if r.path == "/" { "" } else { &r.path },
+            if r.auth { " (auth)" } else { "" }
+        );
+        for (i, inst) in r.instances.iter().enumerate() {
+            rows.push(vec![
+                if i == 0 { route.clone() } else { String::new() },
+                inst.service.clone(),
+                inst.machine.clone(),
+                inst.addr.to_string(),
+                match (inst.up, inst.down_for_ms) {
+                    (false, _) => "down".to_owned(),
+                    (true, Some(ms)) => format!("failing (retry in {ms} ms)"),
+                    (true, None) => "up".to_owned(),
+                },
+                inst.outstanding.to_string(),
+                inst.requests.to_string(),
+                inst.failures.to_string(),
+            ]);
+        }
+    }
+    out.push_str(&render(
+        &[
+            "ROUTE",
+            "SERVICE",
+            "MACHINE",
+            "ADDRESS",
+            "STATE",
+            "IN FLIGHT",
+            "REQUESTS",
+            "FAILED",
+        ],
+        &rows,
+    ));
+    let mut hosts: Vec<&phoenix_model::proto::RouteView> = view.routes.iter().collect();
+    hosts.dedup_by(|a, b| a.host == b.host);
+    for r in hosts {
+        let line = match &r.certificate {
+            None => "no certificate".to_owned(),
+            Some(c) => {
+                let mut parts = Vec::new();
+                if let Some(t) = c.not_after {
+                    parts.push(format!("certificate valid until {} UTC", utc(t)));
+                } else {
+                    parts.push("no certificate yet".to_owned());
+                }
+                if let Some(e) = &c.last_error {
+                    parts.push(format!("last ACME error: {e}"));
+                }
+                if let Some(t) = c.next_attempt {
+                    parts.push(format!("next order {} UTC", utc(t)));
+                }
+                parts.join("; ")
+            }
+        };
+        out.push_str(&format!("{}: {line}\n", r.host));
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

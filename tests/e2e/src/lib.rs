@@ -104,6 +104,9 @@ pub struct Cluster {
     minions: HashMap<String, Child>,
     pub join_port: u16,
     pub link_port: u16,
+    /// The master's proxy ports (80 and 443 in a host of its own).
+    pub http_port: u16,
+    pub https_port: u16,
     pub wg_port: u16,
     pub key: String,
     /// Extra flags for every minion.
@@ -196,6 +199,8 @@ impl Cluster {
             minions: HashMap::new(),
             join_port: if on_net { 51821 } else { free_port() },
             link_port: if on_net { 51822 } else { free_port() },
+            http_port: if on_net { 80 } else { free_port() },
+            https_port: if on_net { 443 } else { free_port() },
             wg_port: if on_net { 51820 } else { free_udp_port() },
             minion_wg_ports: (0..10).map(|_| free_udp_port()).collect(),
             key: String::new(),
@@ -316,6 +321,10 @@ impl Cluster {
             &self.join_port.to_string(),
             "--link-port",
             &self.link_port.to_string(),
+            "--http-port",
+            &self.http_port.to_string(),
+            "--https-port",
+            &self.https_port.to_string(),
         ]
         .iter()
         .map(|s| s.to_string())

@@ -657,6 +657,7 @@ fn asking_for_kernel_wireguard_where_there_is_none_is_a_clear_error() {
         .args(["--join-port", &phoenix_e2e::free_port().to_string()])
         .args(["--link-port", &phoenix_e2e::free_port().to_string()])
         .args(["--wg-port", &phoenix_e2e::free_udp_port().to_string()])
+        .arg("--no-proxy")
         .output()
         .unwrap();
     assert!(!out.status.success());

@@ -111,6 +111,7 @@ impl Hub {
     pub(super) fn publish(&self, changed: &BTreeSet<String>) {
         self.push_desired(changed.iter().map(String::as_str));
         self.mesh_changed.notify_one();
+        self.routes_changed.notify_one();
     }
 
     /// The master's peer for each accepted node, from the store.

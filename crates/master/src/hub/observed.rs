@@ -129,9 +129,9 @@ pub struct NodeSeen {
 
 /// Everything the minions reported.
 #[derive(Default)]
-struct Observed {
+pub(super) struct Observed {
     /// service name → its last reported status.
-    statuses: HashMap<String, ServiceStatus>,
+    pub(super) statuses: HashMap<String, ServiceStatus>,
     /// node name → what it said about itself.
     seen: HashMap<String, NodeSeen>,
     /// Deleted services their minion has not reported stopped yet:
@@ -148,9 +148,10 @@ impl Observed {
 }
 
 pub(super) struct ObservedState {
-    state: Mutex<Observed>,
-    /// Bumped whenever a reported status changes (for `wait`).
-    changes: watch::Sender<u64>,
+    pub(super) state: Mutex<Observed>,
+    /// Bumped whenever a reported status changes (for `wait` and the
+    /// proxy's routes).
+    pub(super) changes: watch::Sender<u64>,
 }
 
 impl Default for ObservedState {

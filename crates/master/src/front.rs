@@ -1,0 +1,264 @@
+//! The master's front door: its HTTP/HTTPS proxy (`phoenix_proxy`) and
+//! the ACME manager that gets the proxy's certificates (`phoenix_acme`),
+//! fed from the hub.
+//!
+//! - One task keeps the proxy's route table equal to
+//!   [`crate::routes::route_table`]: at start, after every change to the
+//!   services, and after every status report that changes a state (so an
+//!   instance reported unhealthy or stopped is out of the rotation within
+//!   that report). The same task gives the ACME manager the set of names.
+//! - One task hands every certificate the manager issues or renews to the
+//!   proxy, which serves it by SNI.
+//! - The proxy answers ACME's HTTP-01 challenges from the manager's map.
+//!
+//! Without a working ACME setup (no CA roots on the host, a bad
+//! `--acme-ca`), the proxy still serves every route over plain HTTP, and
+//! `phoenix routes` says why there are no certificates.
+
+use std::collections::BTreeSet;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use phoenix_model::proto::{CertView, ProxyView, RouteInstanceView, RouteView, RoutesView};
+use tokio::net::TcpListener;
+
+use crate::MasterError;
+use crate::hub::Hub;
+use crate::routes::RouteSpec;
+
+/// The proxy's settings (master flags).
+#[derive(Clone, Debug)]
+pub struct ProxySettings {
+    pub http_port: u16,
+    pub https_port: u16,
+    pub acme_directory: String,
+    /// An extra root certificate to trust for the ACME directory.
+    pub acme_ca: Option<PathBuf>,
+    pub acme_email: Option<String>,
+}
+
+/// The running proxy and its certificate manager.
+pub struct Front {
+    proxy: phoenix_proxy::Proxy,
+    acme: Option<phoenix_acme::Acme>,
+    acme_error: Option<String>,
+    http_port: u16,
+    https_port: u16,
+}
+
+async fn bind(ip: IpAddr, port: u16, what: &str, flag: &str) -> Result<TcpListener, MasterError> {
+    let addr = SocketAddr::new(ip, port);
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| MasterError::ProxyListen {
+            addr,
+            what: format!(
+                "the proxy's {what}; pick another port with {flag}, or run with --no-proxy"
+            ),
+            source,
+        })
+}
+
+impl Front {
+    /// Binds the proxy's ports on `ip` and starts the proxy, the ACME
+    /// manager and the tasks that feed them from `hub`.
+    pub async fn start(
+        hub: Arc<Hub>,
+        settings: &ProxySettings,
+        ip: IpAddr,
+        data_dir: PathBuf,
+    ) -> Result<Arc<Front>, MasterError> {
+        let http = bind(ip, settings.http_port, "HTTP port", "--http-port").await?;
+        let https = bind(ip, settings.https_port, "HTTPS port", "--https-port").await?;
+        let config = phoenix_proxy::ProxyConfig {
+            https_port: settings.https_port,
+            ..phoenix_proxy::ProxyConfig::default()
+        };
+        let proxy =
+            phoenix_proxy::Proxy::new(config).map_err(|e| MasterError::Proxy(e.to_string()))?;
+        let challenges = phoenix_acme::Challenges::new();
+        let (acme, acme_error) = match start_acme(settings, data_dir, challenges.clone()) {
+            Ok(acme) => (Some(acme), None),
+            Err(e) => {
+                tracing::error!("no certificates: {e}; the proxy serves plain HTTP only");
+                (None, Some(e))
+            }
+        };
+        let front = Arc::new(Front {
+            proxy,
+            acme,
+            acme_error,
+            http_port: settings.http_port,
+            https_port: settings.https_port,
+        });
+        if let Some(acme) = &front.acme {
+            front
+                .proxy
+                .challenges()
+                .set_source(move |token| challenges.get(token));
+            tokio::spawn({
+                let acme = acme.clone();
+                async move { acme.run().await }
+            });
+            tokio::spawn(keep_certs(front.clone(), acme.clone()));
+        }
+        tokio::spawn(front.proxy.serve_http(http));
+        tokio::spawn(front.proxy.serve_https(https));
+        tokio::spawn(keep_routes(front.clone(), hub));
+        tracing::info!(
+            http = settings.http_port,
+            https = settings.https_port,
+            acme = %settings.acme_directory,
+            "proxy up"
+        );
+        Ok(front)
+    }
+
+    /// What `phoenix routes` shows, from the route table `table`.
+    pub fn view(&self, table: &[RouteSpec]) -> RoutesView {
+        let snapshot = self.proxy.snapshot();
+        let certs = self.acme.as_ref().map(|a| a.status()).unwrap_or_default();
+        let routes = table
+            .iter()
+            .map(|r| {
+                let counters = snapshot
+                    .routes
+                    .iter()
+                    .find(|s| s.host == r.host && s.path_prefix == r.path);
+                RouteView {
+                    host: r.host.clone(),
+                    path: r.path.clone(),
+                    auth: !r.auth.is_empty(),
+                    instances: r
+                        .instances
+                        .iter()
+                        .map(|i| {
+                            let seen = counters.and_then(|c| {
+                                c.instances
+                                    .iter()
+                                    .find(|s| s.id == i.service && s.addr == i.addr)
+                            });
+                            RouteInstanceView {
+                                service: i.service.clone(),
+                                machine: i.machine.clone(),
+                                addr: i.addr,
+                                up: i.up,
+                                outstanding: seen.map_or(0, |s| s.outstanding),
+                                requests: seen.map_or(0, |s| s.total),
+                                failures: seen.map_or(0, |s| s.failures),
+                                down_for_ms: seen.and_then(|s| s.down_for_ms),
+                            }
+                        })
+                        .collect(),
+                    certificate: certs.iter().find(|c| c.host == r.host).map(|c| CertView {
+                        not_after: c.not_after,
+                        last_error: c.last_error.clone(),
+                        next_attempt: c.next_attempt,
+                    }),
+                }
+            })
+            .collect();
+        RoutesView {
+            proxy: Some(ProxyView {
+                http_port: self.http_port,
+                https_port: self.https_port,
+                connections: snapshot.connections,
+                acme_error: self.acme_error.clone(),
+            }),
+            routes,
+        }
+    }
+}
+
+fn start_acme(
+    settings: &ProxySettings,
+    data_dir: PathBuf,
+    challenges: phoenix_acme::Challenges,
+) -> Result<phoenix_acme::Acme, String> {
+    let extra_ca_pem = match &settings.acme_ca {
+        Some(path) => {
+            Some(std::fs::read(path).map_err(|e| format!("--acme-ca {}: {e}", path.display()))?)
+        }
+        None => None,
+    };
+    phoenix_acme::Acme::new(
+        phoenix_acme::AcmeConfig {
+            directory_url: settings.acme_directory.clone(),
+            extra_ca_pem,
+            email: settings.acme_email.clone(),
+            data_dir,
+        },
+        challenges,
+    )
+    .map_err(|e| e.to_string())
+}
+
+/// The proxy's table as the proxy takes it.
+fn proxy_routes(table: &[RouteSpec]) -> phoenix_proxy::Routes {
+    phoenix_proxy::Routes {
+        routes: table
+            .iter()
+            .map(|r| {
+                let instances = r
+                    .instances
+                    .iter()
+                    .map(|i| phoenix_proxy::Instance {
+                        healthy: i.up,
+                        ..phoenix_proxy::Instance::new(i.service.clone(), i.addr)
+                    })
+                    .collect();
+                let mut route =
+                    phoenix_proxy::Route::new(r.host.clone(), instances).at(r.path.clone());
+                route.auth = r.auth.clone();
+                route
+            })
+            .collect(),
+    }
+}
+
+/// Keeps the proxy's routes and the ACME manager's names current.
+async fn keep_routes(front: Arc<Front>, hub: Arc<Hub>) {
+    let mut seen = 0;
+    let mut last: Option<Vec<RouteSpec>> = None;
+    loop {
+        match hub.route_table() {
+            Ok(table) if last.as_ref() != Some(&table) => {
+                if let Err(e) = front.proxy.set_routes(proxy_routes(&table)) {
+                    tracing::error!("the proxy refused the route table: {e}");
+                }
+                if let Some(acme) = &front.acme {
+                    let hosts: BTreeSet<String> = table.iter().map(|r| r.host.clone()).collect();
+                    for bad in acme.set_hosts(hosts) {
+                        tracing::warn!("no certificate for {bad:?}");
+                    }
+                }
+                last = Some(table);
+            }
+            Ok(_) => {}
+            Err(e) => tracing::error!("cannot compute the proxy's routes: {e}"),
+        }
+        hub.routes_may_change(&mut seen).await;
+    }
+}
+
+/// Gives the proxy every certificate the manager has, now and whenever
+/// one is issued or renewed.
+async fn keep_certs(front: Arc<Front>, acme: phoenix_acme::Acme) {
+    let mut rx = acme.subscribe();
+    loop {
+        let map = rx.borrow_and_update().clone();
+        for cert in map.values() {
+            if let Err(e) = front.proxy.certs().set(
+                &cert.host,
+                cert.chain_pem.as_bytes(),
+                cert.key_pem.as_bytes(),
+            ) {
+                tracing::error!(host = %cert.host, "the proxy refused a certificate: {e}");
+            }
+        }
+        if rx.changed().await.is_err() {
+            return;
+        }
+    }
+}

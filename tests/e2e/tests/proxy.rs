@@ -1,0 +1,203 @@
+//! The master's proxy in front of real services on two minions: routing by
+//! host and path, spreading, health, basic auth, and `phoenix routes`.
+//! The client is a test thread in a host of its own ("client"), speaking
+//! plain HTTP to the master's public address (no certificate is issued
+//! here: the ACME directory is unreachable, so every host is served over
+//! HTTP).
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::Duration;
+
+use phoenix_e2e::netns::Net;
+use phoenix_e2e::{Cluster, require_netns, wait_for};
+use serde_json::{Value, json};
+
+/// One HTTP/1.1 request with `host`; (status, headers, body).
+fn request(
+    to: SocketAddr,
+    host: &str,
+    path: &str,
+    auth: Option<&str>,
+) -> Option<(u16, String, String)> {
+    let mut s = TcpStream::connect_timeout(&to, Duration::from_secs(2)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    let auth = auth
+        .map(|a| format!("Authorization: Basic {a}\r\n"))
+        .unwrap_or_default();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {host}\r\n{auth}Connection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut reply = String::new();
+    s.read_to_string(&mut reply).ok()?;
+    let (head, body) = reply.split_once("\r\n\r\n")?;
+    let code = head.split_whitespace().nth(1)?.parse().ok()?;
+    Some((code, head.to_owned(), body.to_owned()))
+}
+
+fn testy(machine: &str, name: &str, extra: Value) -> Value {
+    let mut s = json!({
+        "machine": machine, "name": name, "image": "testy", "type": "binary",
+        "proxyport": 8000, "healthcheck": "/health",
+    });
+    for (k, v) in extra.as_object().unwrap() {
+        s[k] = v.clone();
+    }
+    s
+}
+
+fn running(s: &Value) -> bool {
+    s["state"] == "running" && s["health"] == "healthy"
+}
+
+/// User `ann`, password `secret`: bcrypt (cost 5), made once with Python's
+/// `bcrypt.hashpw`, as `htpasswd -nbB` would.
+const ANN_SECRET: &str = "ann:$2b$05$HfvgBVLT/DV0UtaWDfXyy.w.SMCf60miFSlNfsJW2cmks4zQ6F.HC";
+
+#[test]
+fn routes_spread_follow_health_and_ask_for_credentials() {
+    require_netns!();
+    let mut c = Cluster::start_on(Net::new(&["master", "m1", "m2", "client"]), 2);
+    c.master_flags.extend([
+        "--acme-directory".into(),
+        "https://127.0.0.1:1/directory".into(),
+    ]);
+    c.kill_master();
+    c.start_master();
+    c.wait_reachable("m1");
+    c.wait_reachable("m2");
+    let site = json!({"proxyname": "shop.example"});
+    c.apply(
+        "deploy",
+        &json!([
+            testy("m1", "web1", site.clone()),
+            testy("m2", "web2", site.clone()),
+            testy(
+                "m1",
+                "api",
+                json!({"proxyname": "shop.example", "proxypath": "/api"})
+            ),
+            testy(
+                "m2",
+                "admin",
+                json!({"proxyname": "admin.example", "proxyauth": [ANN_SECRET]})
+            ),
+        ]),
+    );
+    for n in ["web1", "web2", "api", "admin"] {
+        c.wait_status(n, "running and healthy", running);
+    }
+    let net = c.net.as_ref().unwrap();
+    let master: SocketAddr = (net.host("master").ip, 80).into();
+    let get = |host: &str, path: &str, auth: Option<&str>| {
+        c.net
+            .as_ref()
+            .unwrap()
+            .within("client", || request(master, host, path, auth))
+    };
+
+    // Spread over the two instances, by host.
+    let served = wait_for(
+        "the proxy to serve shop.example",
+        Duration::from_secs(10),
+        || get("shop.example", "/", None).filter(|r| r.0 == 200),
+    );
+    assert!(served.2.starts_with("testy name=web"), "{served:?}");
+    let mut by: HashMap<String, u32> = HashMap::new();
+    for _ in 0..40 {
+        let (code, _, body) = get("shop.example", "/", None).expect("an answer");
+        assert_eq!(code, 200, "{body}");
+        let name = body.split_whitespace().nth(1).unwrap_or("").to_owned();
+        *by.entry(name).or_default() += 1;
+    }
+    assert_eq!(by.len(), 2, "both instances serve: {by:?}");
+
+    // The path prefix goes to its own service, stripped.
+    let (code, _, body) = get("shop.example", "/api/", None).unwrap();
+    assert_eq!(
+        (code, body.starts_with("testy name=api")),
+        (200, true),
+        "{body}"
+    );
+    let (code, _, body) = get("shop.example", "/api/health", None).unwrap();
+    assert_eq!((code, body.as_str()), (200, "ok"));
+    // The proxy tells the service who asked, and how.
+    let (_, _, env) = get("shop.example", "/api/env", None).unwrap();
+    assert!(env.contains("PHOENIX_NAME=api"), "{env}");
+
+    // An unknown host is a clear 404.
+    let (code, _, body) = get("nowhere.example", "/", None).unwrap();
+    assert_eq!(code, 404, "{body}");
+
+    // Basic auth.
+    let (code, head, _) = get("admin.example", "/", None).unwrap();
+    assert_eq!(code, 401);
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("www-authenticate: basic"),
+        "{head}"
+    );
+    // "ann:wrong" and "ann:secret" in base64.
+    assert_eq!(
+        get("admin.example", "/", Some("YW5uOndyb25n")).unwrap().0,
+        401
+    );
+    assert_eq!(
+        get("admin.example", "/", Some("YW5uOnNlY3JldA=="))
+            .unwrap()
+            .0,
+        200
+    );
+
+    // An instance that turns unhealthy is taken out when its minion says
+    // so, restarted, and put back once healthy again: through all of it,
+    // no request fails.
+    c.http_service("web2", 8000, "/unhealthy")
+        .expect("web2 answers");
+    let until = std::time::Instant::now() + Duration::from_secs(3);
+    let mut answered = 0;
+    while std::time::Instant::now() < until {
+        let (code, _, body) = get("shop.example", "/", None).expect("an answer");
+        assert_eq!(code, 200, "request {answered} failed: {body}");
+        answered += 1;
+    }
+    let web2 = c.status("web2");
+    assert!(
+        web2["restarts"].as_u64() >= Some(1),
+        "web2 was restarted: {web2}"
+    );
+
+    // An instance killed: its minion restarts it; meanwhile only a request
+    // in flight at the kill may fail (a connect that fails is retried on
+    // the other instance).
+    let pid = c.status("web1")["pid"].as_i64().expect("web1's pid");
+    // SAFETY: kill(2) on the pid of a service this test deployed.
+    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    let until = std::time::Instant::now() + Duration::from_secs(2);
+    let mut failed = 0;
+    while std::time::Instant::now() < until {
+        if get("shop.example", "/", None).is_none_or(|r| r.0 != 200) {
+            failed += 1;
+        }
+    }
+    assert!(failed <= 1, "{failed} requests failed after a kill");
+
+    // `phoenix routes` shows hosts, paths, instances and their health,
+    // and why there is no certificate.
+    let routes = c.json(&["routes", "--json"]);
+    let shop = routes["routes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["host"] == "shop.example" && r["path"] == "/")
+        .unwrap_or_else(|| panic!("{routes}"));
+    assert_eq!(shop["instances"].as_array().unwrap().len(), 2, "{shop}");
+    let text = c.ok(&["routes"]);
+    assert!(
+        text.contains("shop.example/api") || text.contains("shop.example /api"),
+        "{text}"
+    );
+}
