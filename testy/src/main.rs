@@ -49,6 +49,9 @@ Endpoints:
                    502 with the error (connect timeout 2 s)
   GET  /file?path=/etc/hosts
                    the contents of a file, as this service sees it
+  GET  /ws         with 'Connection: Upgrade': 101 Switching Protocols, then
+                   every byte received is sent back until the peer closes
+                   (no WebSocket framing: enough to see a proxy pass it on)
 ";
 
 /// Options that take a value; `FLAG_OPTS` are booleans.
@@ -313,8 +316,10 @@ fn get_from(to: &str, path: &str) -> io::Result<String> {
 }
 
 /// Reads the request head and discards any body (unread input would make
-/// close() send a RST that can destroy our reply in flight).
-fn read_request(stream: &mut TcpStream) -> io::Result<String> {
+/// close() send a RST that can destroy our reply in flight). Returns the
+/// head and the bytes read past it and its body (for an upgrade, the first
+/// bytes of the new protocol).
+fn read_request(stream: &mut TcpStream) -> io::Result<(String, Vec<u8>)> {
     let mut buf = Vec::new();
     let mut chunk = [0u8; 4096];
     let head_end = loop {
@@ -337,17 +342,57 @@ fn read_request(stream: &mut TcpStream) -> io::Result<String> {
         .find(|(k, _)| k.trim().eq_ignore_ascii_case("content-length"))
         .and_then(|(_, v)| v.trim().parse().ok())
         .unwrap_or(0);
-    let rest = body_len.saturating_sub((buf.len() - head_end) as u64);
+    let read_past = (buf.len() - head_end) as u64;
+    let rest = body_len.saturating_sub(read_past);
     io::copy(&mut (&*stream).take(rest.min(1 << 20)), &mut io::sink())?;
-    Ok(head)
+    let extra = buf.split_off(head_end + body_len.min(read_past) as usize);
+    Ok((head, extra))
+}
+
+/// Whether a request head asks to switch protocols (`Connection: upgrade`).
+fn wants_upgrade(head: &str) -> bool {
+    head.lines()
+        .filter_map(|l| l.split_once(':'))
+        .filter(|(k, _)| k.trim().eq_ignore_ascii_case("connection"))
+        .flat_map(|(_, v)| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+}
+
+/// `/ws`: 101, then an echo of the raw bytes until the peer closes (or is
+/// silent for a minute).
+fn echo(mut stream: TcpStream, head: &str, early: &[u8]) {
+    let protocol = head
+        .lines()
+        .filter_map(|l| l.split_once(':'))
+        .find(|(k, _)| k.trim().eq_ignore_ascii_case("upgrade"))
+        .map_or("websocket", |(_, v)| v.trim());
+    say("testy: GET /ws -> 101");
+    let reply = format!(
+        "HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: {protocol}\r\n\r\n"
+    );
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(60)));
+    if stream.write_all(reply.as_bytes()).is_err() || stream.write_all(early).is_err() {
+        return;
+    }
+    let mut buf = [0u8; 4096];
+    while let Ok(n @ 1..) = stream.read(&mut buf) {
+        if stream.write_all(&buf[..n]).is_err() {
+            return;
+        }
+    }
+    let _ = stream.shutdown(Shutdown::Write);
 }
 
 fn handle(mut stream: TcpStream) {
     let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
-    let Ok(head) = read_request(&mut stream) else {
+    let Ok((head, extra)) = read_request(&mut stream) else {
         return;
     };
     let line = head.lines().next().unwrap_or("");
+    if line.starts_with("GET /ws ") && wants_upgrade(&head) {
+        echo(stream, &head, &extra);
+        return;
+    }
     let (status, body, crash_code) = match parse_request_line(line) {
         Some(req) => route(&req),
         None => (400, "bad request\n".into(), None),
@@ -691,6 +736,37 @@ mod tests {
         req("POST /healthy HTTP/1.1");
         assert_eq!(req("GET /health HTTP/1.1"), (200, "ok".into(), None));
         assert!(req("GET /env HTTP/1.1").1.contains("PATH="));
+    }
+
+    #[test]
+    fn ws_switches_protocols_then_echoes() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = thread::spawn(move || handle(listener.accept().unwrap().0));
+        let mut s = TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        // Bytes right behind the head come back too.
+        s.write_all(
+            b"GET /ws HTTP/1.1\r\nConnection: keep-alive, Upgrade\r\nUpgrade: x-echo\r\n\r\nearly",
+        )
+        .unwrap();
+        let want = b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: x-echo\r\n\r\nearly";
+        let mut got = vec![0u8; want.len()];
+        s.read_exact(&mut got).unwrap();
+        assert_eq!(String::from_utf8_lossy(&got), String::from_utf8_lossy(want));
+        s.write_all(b"ping").unwrap();
+        let mut got = [0u8; 4];
+        s.read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"ping");
+        s.shutdown(Shutdown::Write).unwrap();
+        let mut rest = Vec::new();
+        s.read_to_end(&mut rest).unwrap();
+        assert!(rest.is_empty());
+        server.join().unwrap();
+        // Without the upgrade header, /ws is an ordinary 404.
+        assert!(!wants_upgrade(
+            "GET /ws HTTP/1.1\r\nConnection: close\r\n\r\n"
+        ));
     }
 
     #[test]
