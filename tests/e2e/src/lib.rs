@@ -21,6 +21,7 @@ use serde_json::{Value, json};
 pub mod joinflood;
 pub mod netns;
 pub mod oci;
+pub mod pebble;
 pub use netns::Net;
 
 /// The directory holding the workspace's binaries.
