@@ -122,11 +122,27 @@ pub async fn exit_of(pid: u32) -> Exit {
 /// Runs a short command (crun, cp, ...) to completion: its exit and what it
 /// wrote to stderr.
 pub async fn run(cmd: &mut std::process::Command) -> std::io::Result<(Exit, String)> {
+    run_with_input(cmd, None).await
+}
+
+/// [`run`], with `input` as the command's stdin (read from an anonymous
+/// file, so no writer has to keep up with it).
+pub async fn run_with_input(
+    cmd: &mut std::process::Command,
+    input: Option<&[u8]>,
+) -> std::io::Result<(Exit, String)> {
+    let stdin = match input {
+        Some(bytes) => {
+            use std::io::{Seek, Write};
+            let mut f = tempfile_in_memory()?;
+            f.write_all(bytes)?;
+            f.rewind()?;
+            std::process::Stdio::from(f)
+        }
+        None => std::process::Stdio::null(),
+    };
     let err = tempfile_in_memory()?;
-    let child = cmd
-        .stdin(std::process::Stdio::null())
-        .stderr(err.try_clone()?)
-        .spawn()?;
+    let child = cmd.stdin(stdin).stderr(err.try_clone()?).spawn()?;
     let exit = exit_of(child.id()).await;
     let mut text = String::new();
     use std::io::{Read, Seek};

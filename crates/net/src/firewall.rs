@@ -159,6 +159,64 @@ fn refusals(icmp_type: &str) -> [(Option<Value>, Value); 2] {
 ///   to outside it, leaving by an interface that is not a service's veth,
 ///   is masqueraded. (IPv6 to outside the /48 never takes the overlay's
 ///   TUN, whose route is the /48, so the TUN needs no rule of its own.)
+/// Every element of the table's four sets for `state`, as nft JSON values
+/// by set name (`service_ifs`, `own6`, `own4`, `allowed6`).
+fn elements(state: &FirewallState) -> [(&'static str, BTreeSet<String>); 4] {
+    let pair = |i: &str, a: String| concat(vec![json!(i), json!(a)]).to_string();
+    let mut ifs = BTreeSet::new();
+    let (mut own6, mut own4, mut allowed) = (BTreeSet::new(), BTreeSet::new(), BTreeSet::new());
+    for s in &state.services {
+        ifs.insert(json!(s.host_if).to_string());
+        own6.insert(pair(&s.host_if, s.ipv6.to_string()));
+        own4.insert(pair(&s.host_if, s.ipv4.to_string()));
+        for a in &s.allowed {
+            allowed.insert(pair(&s.host_if, a.to_string()));
+        }
+    }
+    [
+        ("service_ifs", ifs),
+        ("own6", own6),
+        ("own4", own4),
+        ("allowed6", allowed),
+    ]
+}
+
+/// The `nft -j` document that turns minion `minion_id`'s table from the
+/// rules for `old` into those for `new` by adding and deleting set
+/// elements only: the chains and rules are the same for every state, so
+/// this is what [`ruleset`] for `new` would give, in a transaction a
+/// fraction of its size (a new service is a handful of elements, whatever
+/// the number of others). `None` when nothing changes. Deletions come
+/// first, so a service whose entry changed is never briefly allowed both
+/// its old and new links.
+pub fn ruleset_delta(minion_id: &str, old: &FirewallState, new: &FirewallState) -> Option<Value> {
+    let table = table_name(minion_id);
+    let (before, after) = (elements(old), elements(new));
+    let mut cmds = vec![json!({ "metainfo": { "json_schema_version": 1 } })];
+    let element = |verb: &str, name: &str, elems: Vec<&String>| -> Value {
+        let elem: Vec<Value> = elems
+            .into_iter()
+            .map(|e| serde_json::from_str(e).unwrap_or(Value::Null))
+            .collect();
+        json!({ verb: { "element": {
+            "family": "inet", "table": table, "name": name, "elem": elem
+        } } })
+    };
+    for ((name, b), (_, a)) in before.iter().zip(after.iter()) {
+        let gone: Vec<&String> = b.difference(a).collect();
+        if !gone.is_empty() {
+            cmds.push(element("delete", name, gone));
+        }
+    }
+    for ((name, b), (_, a)) in before.iter().zip(after.iter()) {
+        let new: Vec<&String> = a.difference(b).collect();
+        if !new.is_empty() {
+            cmds.push(element("add", name, new));
+        }
+    }
+    (cmds.len() > 1).then(|| json!({ "nftables": cmds }))
+}
+
 pub fn ruleset(minion_id: &str, state: &FirewallState) -> Value {
     let table = table_name(minion_id);
     let family = "inet";
@@ -596,5 +654,73 @@ mod tests {
     fn table_names() {
         assert_eq!(table_name("m1"), "phoenix_m1");
         assert_eq!(table_name("a-b c"), "phoenix_a_b_c");
+    }
+}
+
+#[cfg(test)]
+mod delta_tests {
+    use super::*;
+
+    fn svc(i: u8, allowed: &[u8]) -> FwService {
+        FwService {
+            host_if: format!("phabc{i}"),
+            ipv6: format!("fd38:dde8:32dd:1::{i}").parse().unwrap(),
+            ipv4: Ipv4Addr::new(100, 64, 0, i),
+            allowed: allowed
+                .iter()
+                .map(|a| format!("fd38:dde8:32dd:1::{a}").parse().unwrap())
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn a_delta_adds_and_deletes_only_the_changed_elements() {
+        let old = FirewallState {
+            services: vec![svc(1, &[2]), svc(2, &[])],
+        };
+        let new = FirewallState {
+            services: vec![svc(1, &[3]), svc(3, &[1])],
+        };
+        let doc = ruleset_delta("m", &old, &new).expect("a change");
+        let cmds = doc["nftables"].as_array().unwrap();
+        let verbs: Vec<(String, String, usize)> = cmds[1..]
+            .iter()
+            .map(|c| {
+                let (verb, body) = c.as_object().unwrap().iter().next().unwrap();
+                let e = &body["element"];
+                (
+                    verb.clone(),
+                    e["name"].as_str().unwrap().to_owned(),
+                    e["elem"].as_array().unwrap().len(),
+                )
+            })
+            .collect();
+        let v = |a: &str, b: &str, n| (a.to_owned(), b.to_owned(), n);
+        assert_eq!(
+            verbs,
+            [
+                v("delete", "service_ifs", 1),
+                v("delete", "own6", 1),
+                v("delete", "own4", 1),
+                v("delete", "allowed6", 1),
+                v("add", "service_ifs", 1),
+                v("add", "own6", 1),
+                v("add", "own4", 1),
+                v("add", "allowed6", 2),
+            ]
+        );
+        // Elements have the shape the full ruleset gives its sets.
+        let full = ruleset("m", &new).to_string();
+        for c in &cmds[1..] {
+            for e in c.as_object().unwrap().values().next().unwrap()["element"]["elem"]
+                .as_array()
+                .unwrap()
+            {
+                if c.get("add").is_some() {
+                    assert!(full.contains(&e.to_string()), "{e} not in the full ruleset");
+                }
+            }
+        }
+        assert!(ruleset_delta("m", &new, &new).is_none());
     }
 }

@@ -73,7 +73,7 @@ mod service;
 use std::io;
 
 pub use firewall::{
-    FirewallState, FwService, apply_firewall, remove_firewall, ruleset, table_name,
+    FirewallState, FwService, apply_firewall, remove_firewall, ruleset, ruleset_delta, table_name,
 };
 pub use host::{HostReport, prepare_host};
 pub use plan::{

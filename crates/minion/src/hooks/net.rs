@@ -80,7 +80,14 @@ pub struct ServiceNetworks {
     minion_id: String,
     pool: Mutex<Ipv4Pool>,
     firewall: Arc<Firewall>,
+    /// Namespaces made or adopted at once: each takes a thread, and a
+    /// thousand services starting together must not make a thousand (a
+    /// minion with that many threads forks slowly and misses heartbeats).
+    setups: tokio::sync::Semaphore,
 }
+
+/// See [`ServiceNetworks::setups`].
+const PARALLEL_SETUPS: usize = 4;
 
 impl ServiceNetworks {
     /// `minion_id` names this minion's interfaces and table (several
@@ -91,6 +98,7 @@ impl ServiceNetworks {
             minion_id: minion_id.to_owned(),
             pool: Mutex::new(Ipv4Pool::new()),
             firewall: Arc::new(Firewall::new(minion_id)),
+            setups: tokio::sync::Semaphore::new(PARALLEL_SETUPS),
         }
     }
 
@@ -149,7 +157,10 @@ impl ServiceNetworks {
         let ipv4 = plan.ipv4;
         // The firewall is rebuilt while the namespace is made.
         let version = self.firewall.set(&a.spec.name, fw_entry(&plan, a));
-        let made = tokio::task::spawn_blocking(move || ServiceNet::create(&plan)).await;
+        let made = {
+            let _turn = self.setups.acquire().await;
+            tokio::task::spawn_blocking(move || ServiceNet::create(&plan)).await
+        };
         let net = match made {
             Ok(Ok(net)) => net,
             Ok(Err(e)) => {
@@ -182,6 +193,7 @@ impl ServiceNetworks {
         let ipv4 = plan.ipv4;
         let adopted = {
             let plan = plan.clone();
+            let _turn = self.setups.acquire().await;
             tokio::task::spawn_blocking(move || {
                 ServiceNet::adopt(pid, &plan).map_err(|e| e.to_string())
             })
@@ -351,6 +363,11 @@ impl Firewall {
         // bounded while), so that the first rebuild keeps their rules.
         let _ = tokio::time::timeout(FIREWALL_WAIT, self.ready.notified()).await;
         let mut done = None;
+        // What the kernel's table holds, when known: later changes are
+        // then sent as set elements only (a new service is a handful of
+        // elements, a few milliseconds, whatever the number of others);
+        // the first, and any after a failure, rebuilds the whole table.
+        let mut in_place: Option<FirewallState> = None;
         loop {
             let (version, state) = {
                 let g = lock(&self.entries);
@@ -360,19 +377,28 @@ impl Firewall {
                 (g.0, state)
             };
             if done != Some(version) {
-                let id = self.minion_id.clone();
-                let r =
-                    tokio::task::spawn_blocking(move || phoenix_net::apply_firewall(&id, &state))
-                        .await
-                        .map_err(|e| e.to_string())
-                        .and_then(|r| r.map_err(|e| e.to_string()));
+                let doc = match &in_place {
+                    Some(old) => phoenix_net::ruleset_delta(&self.minion_id, old, &state),
+                    None => Some(phoenix_net::ruleset(&self.minion_id, &state)),
+                };
+                let r = match doc {
+                    Some(doc) => run_nft(&self.minion_id, &doc.to_string()).await,
+                    None => Ok(()),
+                };
                 match r {
                     Ok(()) => {
                         done = Some(version);
+                        in_place = Some(state);
                         self.applied.send_modify(|a| {
                             a.version = version;
                             a.error = None;
                         });
+                    }
+                    Err(e) if in_place.is_some() => {
+                        // Rebuild the whole table at once instead.
+                        tracing::warn!("firewall: {e}; rebuilding the whole table");
+                        in_place = None;
+                        continue;
                     }
                     Err(e) => {
                         tracing::warn!("firewall: {e}");
@@ -387,6 +413,24 @@ impl Firewall {
                 self.changed.notified().await;
             }
         }
+    }
+}
+
+/// Runs one `nft -j -f -` transaction on the minion's table. Run through
+/// the minion's reaper, which collects every child of the minion (a
+/// `Child::wait` would race it and lose).
+async fn run_nft(minion_id: &str, doc: &str) -> Result<(), String> {
+    let mut cmd = std::process::Command::new("nft");
+    cmd.args(["-j", "-f", "-"])
+        .stdout(std::process::Stdio::null());
+    match crate::reaper::run_with_input(&mut cmd, Some(doc.as_bytes())).await {
+        Ok((exit, _)) if exit.code == Some(0) => Ok(()),
+        Ok((exit, stderr)) => Err(format!(
+            "nft exited with {exit} changing table inet {}: {}",
+            phoenix_net::table_name(minion_id),
+            stderr.trim()
+        )),
+        Err(e) => Err(format!("running nft: {e}")),
     }
 }
 
