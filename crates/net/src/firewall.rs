@@ -135,30 +135,6 @@ fn refusals(icmp_type: &str) -> [(Option<Value>, Value); 2] {
     ]
 }
 
-/// The `nft -j` document that replaces minion `minion_id`'s table with the
-/// rules for `state`:
-///
-/// - **forward** (policy accept): from a service's host end, an IPv6 or IPv4
-///   source other than the service's own is dropped (anti-spoofing, before
-///   anything else); established and related traffic is accepted; to an
-///   address in `fd38:dde8:32dd::/48`, new traffic is accepted only if the
-///   pair (host end, destination) is in the `allowed6` set built from
-///   `allowed`, and refused otherwise, at once: TCP with a reset (the
-///   connect fails with `ECONNREFUSED`), anything else with ICMPv6
-///   administratively-prohibited (see `refusals` for why not ICMP for
-///   TCP too); to another service's
-///   node-local IPv4 address (`100.64.0.0/10`) it is rejected likewise,
-///   since that would bypass `link`. Everything else (egress, traffic from
-///   the overlay to services) is accepted.
-/// - **input** (policy accept): after established and related traffic, new
-///   traffic from a service's host end to an address of the /48 (the
-///   node's own cluster address) is refused the same way. Neighbour discovery uses
-///   link-local and multicast addresses, outside the /48, so it keeps
-///   working.
-/// - **postrouting** (nat): IPv4 from `100.64.0.0/10`, and IPv6 from the /48
-///   to outside it, leaving by an interface that is not a service's veth,
-///   is masqueraded. (IPv6 to outside the /48 never takes the overlay's
-///   TUN, whose route is the /48, so the TUN needs no rule of its own.)
 /// Every element of the table's four sets for `state`, as nft JSON values
 /// by set name (`service_ifs`, `own6`, `own4`, `allowed6`).
 fn elements(state: &FirewallState) -> [(&'static str, BTreeSet<String>); 4] {
@@ -217,6 +193,30 @@ pub fn ruleset_delta(minion_id: &str, old: &FirewallState, new: &FirewallState) 
     (cmds.len() > 1).then(|| json!({ "nftables": cmds }))
 }
 
+/// The `nft -j` document that replaces minion `minion_id`'s table with the
+/// rules for `state`:
+///
+/// - **forward** (policy accept): from a service's host end, an IPv6 or IPv4
+///   source other than the service's own is dropped (anti-spoofing, before
+///   anything else); established and related traffic is accepted; to an
+///   address in `fd38:dde8:32dd::/48`, new traffic is accepted only if the
+///   pair (host end, destination) is in the `allowed6` set built from
+///   `allowed`, and refused otherwise, at once: TCP with a reset (the
+///   connect fails with `ECONNREFUSED`), anything else with ICMPv6
+///   administratively-prohibited (see `refusals` for why not ICMP for
+///   TCP too); to another service's
+///   node-local IPv4 address (`100.64.0.0/10`) it is rejected likewise,
+///   since that would bypass `link`. Everything else (egress, traffic from
+///   the overlay to services) is accepted.
+/// - **input** (policy accept): after established and related traffic, new
+///   traffic from a service's host end to an address of the /48 (the
+///   node's own cluster address) is refused the same way. Neighbour discovery uses
+///   link-local and multicast addresses, outside the /48, so it keeps
+///   working.
+/// - **postrouting** (nat): IPv4 from `100.64.0.0/10`, and IPv6 from the /48
+///   to outside it, leaving by an interface that is not a service's veth,
+///   is masqueraded. (IPv6 to outside the /48 never takes the overlay's
+///   TUN, whose route is the /48, so the TUN needs no rule of its own.)
 pub fn ruleset(minion_id: &str, state: &FirewallState) -> Value {
     let table = table_name(minion_id);
     let family = "inet";
