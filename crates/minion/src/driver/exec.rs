@@ -56,6 +56,11 @@ impl ExecDriver {
         };
         let dir = dir.join(service);
         let link = dir.join(image);
+        // A restart of the same image finds its link in place: making it
+        // again would cost an unlink and a new inode on every restart.
+        if std::fs::read_link(&link).is_ok_and(|to| to == artifact) {
+            return link;
+        }
         let made = std::fs::create_dir_all(&dir).and_then(|()| {
             match std::fs::remove_file(&link) {
                 Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
@@ -139,10 +144,10 @@ fn native_machines() -> &'static [u16] {
     }
 }
 
-/// Refuses an ELF file built for another machine before it is run. The
-/// kernel would answer `execve` with ENOEXEC, and the C library's `execvp`
-/// (which std's spawn uses when it must run code between fork and exec)
-/// then hands the file to `/bin/sh`, whose "not found" hides the cause.
+/// Refuses an ELF file built for another machine before it is run, naming
+/// the machine: the kernel would answer `execve` with a bare ENOEXEC
+/// ("Exec format error"), and a C library's `execvp` hands such a file to
+/// `/bin/sh`, whose "not found" hides the cause.
 fn check_runnable(image: &Path) -> Result<(), DriverError> {
     use std::io::Read;
     let mut head = [0u8; 20];
@@ -374,10 +379,18 @@ mod tests {
         let cmdline = lines.next().unwrap_or_default();
         assert!(cmdline.starts_with("greeter -c "), "{log}");
         assert_eq!(lines.next(), Some("greeter"), "{log}");
-        assert_eq!(
-            std::fs::read_link(dir.path().join("programs/job/greeter")).unwrap(),
-            cached
-        );
+        let link = dir.path().join("programs/job/greeter");
+        assert_eq!(std::fs::read_link(&link).unwrap(), cached);
+        // A restart reuses the link as it is; a new image replaces it.
+        use std::os::unix::fs::MetadataExt;
+        let inode = |p: &Path| std::fs::symlink_metadata(p).unwrap().ino();
+        let before = inode(&link);
+        assert_eq!(driver.named_program("job", "greeter", &cached), link);
+        assert_eq!(inode(&link), before);
+        let newer = dir.path().join("88aa1234");
+        std::fs::copy("/bin/sh", &newer).unwrap();
+        assert_eq!(driver.named_program("job", "greeter", &newer), link);
+        assert_eq!(std::fs::read_link(&link).unwrap(), newer);
     }
 
     #[tokio::test]
@@ -401,5 +414,11 @@ mod tests {
             .err()
             .expect("no such program");
         assert!(matches!(err, DriverError::Spawn(_)), "{err}");
+        // It names the program and what the kernel said.
+        let text = err.to_string();
+        assert!(
+            text.contains("programs/job/sh") && text.contains("No such file or directory"),
+            "{text}"
+        );
     }
 }
