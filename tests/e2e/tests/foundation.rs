@@ -156,6 +156,11 @@ fn crash_loop_backs_off() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    // Counted from its first crash (fetching the image first takes a
+    // while on a loaded machine).
+    c.wait_status("crashy", "crashed once", |s| {
+        s["restarts"].as_u64() >= Some(1)
+    });
     std::thread::sleep(Duration::from_secs(4));
     let s = c.status("crashy");
     let restarts = s["restarts"].as_u64().unwrap();
