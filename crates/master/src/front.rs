@@ -221,9 +221,20 @@ fn proxy_routes(table: &[RouteSpec]) -> phoenix_proxy::Routes {
 async fn keep_routes(front: Arc<Front>, hub: Arc<Hub>) {
     let mut seen = 0;
     let mut last: Option<Vec<RouteSpec>> = None;
+    // The services are read from the store when they change; a status
+    // report only recomputes who is up (reports come by the hundred when
+    // many services start).
+    let mut services = None;
     loop {
-        match hub.route_table() {
-            Ok(table) if last.as_ref() != Some(&table) => {
+        if services.is_none() {
+            match hub.proxied_services() {
+                Ok(s) => services = Some(s),
+                Err(e) => tracing::error!("cannot read the proxy's services: {e}"),
+            }
+        }
+        let table = services.as_deref().map(|s| hub.route_table_of(s));
+        match table {
+            Some(table) if last.as_ref() != Some(&table) => {
                 if let Err(e) = front.proxy.set_routes(proxy_routes(&table)) {
                     tracing::error!("the proxy refused the route table: {e}");
                 }
@@ -235,10 +246,11 @@ async fn keep_routes(front: Arc<Front>, hub: Arc<Hub>) {
                 }
                 last = Some(table);
             }
-            Ok(_) => {}
-            Err(e) => tracing::error!("cannot compute the proxy's routes: {e}"),
+            _ => {}
         }
-        hub.routes_may_change(&mut seen).await;
+        if hub.routes_may_change(&mut seen).await == crate::hub::RoutesChange::Services {
+            services = None;
+        }
     }
 }
 

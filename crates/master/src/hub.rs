@@ -31,6 +31,8 @@ mod mesh;
 mod observed;
 mod routes;
 
+pub use routes::RoutesChange;
+
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};

@@ -4,16 +4,38 @@
 use super::{ApiError, Hub};
 use crate::lock;
 use crate::routes::{RouteSpec, route_table};
+use crate::store::Service;
 use phoenix_model::proto::{RouteInstanceView, RouteView, RoutesView};
 
+/// What may have changed the route table.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RoutesChange {
+    /// The services (deploy, update, del, restart): read them again.
+    Services,
+    /// Only what minions report (states, health).
+    Reports,
+}
+
 impl Hub {
-    /// The proxy's route table now (see [`crate::routes`]).
-    pub fn route_table(&self) -> Result<Vec<RouteSpec>, ApiError> {
-        let services = self.store().read()?.services()?;
-        let observed = lock(&self.observed.state);
-        Ok(route_table(&services, |name| observed.statuses.get(name)))
+    /// The stored services the proxy serves (those with a `proxyname`).
+    /// Reading specs is not free (each is parsed and checked again), so
+    /// the route keeper reads them only when services change.
+    pub fn proxied_services(&self) -> Result<Vec<Service>, ApiError> {
+        let mut services = self.store().read()?.services()?;
+        services.retain(|s| s.spec.proxyname.is_some());
+        Ok(services)
     }
 
+    /// The route table for `services` and what their minions reported.
+    pub fn route_table_of(&self, services: &[Service]) -> Vec<RouteSpec> {
+        let observed = lock(&self.observed.state);
+        route_table(services, |name| observed.statuses.get(name))
+    }
+
+    /// The proxy's route table now (see [`crate::routes`]).
+    pub fn route_table(&self) -> Result<Vec<RouteSpec>, ApiError> {
+        Ok(self.route_table_of(&self.proxied_services()?))
+    }
     /// What `phoenix routes` shows.
     pub fn routes_view(&self) -> Result<RoutesView, ApiError> {
         let table = self.route_table()?;
@@ -48,15 +70,16 @@ impl Hub {
         })
     }
 
-    /// Resolves when the route table may have changed: a change to the
-    /// services (deploy, update, del, restart) or a service's reported
-    /// state. `seen` is the last observed-change counter the caller saw.
-    pub async fn routes_may_change(&self, seen: &mut u64) {
+    /// Resolves when the route table may have changed, and says why: a
+    /// change to the services, or a service's reported state. `seen` is
+    /// the last observed-change counter the caller saw.
+    pub async fn routes_may_change(&self, seen: &mut u64) -> RoutesChange {
         let mut reports = self.observed.changes.subscribe();
-        tokio::select! {
-            _ = self.routes_changed.notified() => {}
-            _ = reports.wait_for(|v| *v != *seen) => {}
-        }
+        let change = tokio::select! {
+            _ = self.routes_changed.notified() => RoutesChange::Services,
+            _ = reports.wait_for(|v| *v != *seen) => RoutesChange::Reports,
+        };
         *seen = *reports.borrow();
+        change
     }
 }
