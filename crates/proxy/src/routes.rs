@@ -219,11 +219,23 @@ fn normalize_prefix(prefix: &str) -> Option<String> {
 /// resolved `/public/../admin` itself would otherwise be reached through the
 /// `/public` route, around `/admin`'s authentication.
 pub(crate) fn has_dot_segment(path: &str) -> bool {
-    path.split('/').any(|segment| {
-        let lower = segment.to_ascii_lowercase();
-        let decoded = lower.replace("%2e", ".");
-        decoded == "." || decoded == ".."
-    })
+    path.split('/').any(is_dot_segment)
+}
+
+/// `.` or `..`, each dot written as `.`, `%2e` or `%2E`. Checked on the
+/// bytes: this runs on every request, and allocates nothing.
+fn is_dot_segment(segment: &str) -> bool {
+    let mut rest = segment.as_bytes();
+    let mut dots = 0;
+    while !rest.is_empty() && dots < 3 {
+        rest = match rest {
+            [b'.', tail @ ..] => tail,
+            [b'%', b'2', e, tail @ ..] if e.eq_ignore_ascii_case(&b'e') => tail,
+            _ => return false,
+        };
+        dots += 1;
+    }
+    rest.is_empty() && (dots == 1 || dots == 2)
 }
 
 /// Whether `path` is under `prefix` (normalised) on a segment boundary.
@@ -466,6 +478,13 @@ mod tests {
         assert!(has_dot_segment("/a/."));
         assert!(!has_dot_segment("/a/..b/c"));
         assert!(!has_dot_segment("/a/.well-known/x"));
+        assert!(has_dot_segment("/a/%2e."));
+        assert!(has_dot_segment(".."));
+        assert!(!has_dot_segment("/a/.../b"));
+        assert!(!has_dot_segment("/a/%2e%2e%2e"));
+        assert!(!has_dot_segment("/a/%2/b"));
+        assert!(!has_dot_segment("/a/%2f/b"));
+        assert!(!has_dot_segment("/a//b/"));
     }
 
     #[test]
