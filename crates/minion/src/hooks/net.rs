@@ -21,7 +21,7 @@
 //!   the file, not the name), and `PHOENIX_LINK_<NAME>` carries the same
 //!   addresses in the environment from the next start.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashSet};
 use std::net::{IpAddr, Ipv6Addr};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -495,17 +495,6 @@ pub fn link_env(links: &BTreeMap<String, Ipv6Addr>) -> Vec<(String, String)> {
 /// The address health checks and the minion use for a service.
 pub fn service_addr(net: Option<&ServiceNetwork>) -> Option<IpAddr> {
     net.map(|n| IpAddr::V6(n.ipv6()))
-}
-
-/// Links of `a` that name no existing service (for messages).
-pub fn dangling(a: &Assignment) -> Vec<String> {
-    let have: HashMap<&str, ()> = a.links.keys().map(|k| (k.as_str(), ())).collect();
-    a.spec
-        .link
-        .iter()
-        .filter(|l| !have.contains_key(l.as_str()))
-        .cloned()
-        .collect()
 }
 
 #[cfg(test)]
