@@ -119,56 +119,66 @@ impl Front {
     pub fn view(&self, table: &[RouteSpec]) -> RoutesView {
         let snapshot = self.proxy.snapshot();
         let certs = self.acme.as_ref().map(|a| a.status()).unwrap_or_default();
-        let routes = table
-            .iter()
-            .map(|r| {
-                let counters = snapshot
-                    .routes
-                    .iter()
-                    .find(|s| s.host == r.host && s.path_prefix == r.path);
-                RouteView {
-                    host: r.host.clone(),
-                    path: r.path.clone(),
-                    auth: !r.auth.is_empty(),
-                    instances: r
-                        .instances
-                        .iter()
-                        .map(|i| {
-                            let seen = counters.and_then(|c| {
-                                c.instances
-                                    .iter()
-                                    .find(|s| s.id == i.service && s.addr == i.addr)
-                            });
-                            RouteInstanceView {
-                                service: i.service.clone(),
-                                machine: i.machine.clone(),
-                                addr: i.addr,
-                                up: i.up,
-                                outstanding: seen.map_or(0, |s| s.outstanding),
-                                requests: seen.map_or(0, |s| s.total),
-                                failures: seen.map_or(0, |s| s.failures),
-                                down_for_ms: seen.and_then(|s| s.down_for_ms),
-                            }
-                        })
-                        .collect(),
-                    certificate: certs.iter().find(|c| c.host == r.host).map(|c| CertView {
-                        not_after: c.not_after,
-                        last_error: c.last_error.clone(),
-                        next_attempt: c.next_attempt,
-                    }),
-                }
-            })
-            .collect();
-        RoutesView {
-            proxy: Some(ProxyView {
-                http_port: self.http_port,
-                https_port: self.https_port,
-                connections: snapshot.connections,
-                acme_error: self.acme_error.clone(),
-            }),
-            routes,
-        }
+        let proxy = ProxyView {
+            http_port: self.http_port,
+            https_port: self.https_port,
+            connections: snapshot.connections,
+            acme_error: self.acme_error.clone(),
+        };
+        routes_view(table, Some(&snapshot), &certs, Some(proxy))
     }
+}
+
+/// `phoenix routes`: the route table with the proxy's counters and the
+/// hosts' certificates, where there are any (none with `--no-proxy`).
+pub fn routes_view(
+    table: &[RouteSpec],
+    snapshot: Option<&phoenix_proxy::Snapshot>,
+    certs: &[phoenix_acme::HostCert],
+    proxy: Option<ProxyView>,
+) -> RoutesView {
+    let routes = table
+        .iter()
+        .map(|r| {
+            let counters = snapshot.and_then(|s| {
+                s.routes
+                    .iter()
+                    .find(|s| s.host == r.host && s.path_prefix == r.path)
+            });
+            RouteView {
+                host: r.host.clone(),
+                path: r.path.clone(),
+                auth: !r.auth.is_empty(),
+                instances: r
+                    .instances
+                    .iter()
+                    .map(|i| {
+                        let seen = counters.and_then(|c| {
+                            c.instances
+                                .iter()
+                                .find(|s| s.id == i.service && s.addr == i.addr)
+                        });
+                        RouteInstanceView {
+                            service: i.service.clone(),
+                            machine: i.machine.clone(),
+                            addr: i.addr,
+                            up: i.up,
+                            outstanding: seen.map_or(0, |s| s.outstanding),
+                            requests: seen.map_or(0, |s| s.total),
+                            failures: seen.map_or(0, |s| s.failures),
+                            down_for_ms: seen.and_then(|s| s.down_for_ms),
+                        }
+                    })
+                    .collect(),
+                certificate: certs.iter().find(|c| c.host == r.host).map(|c| CertView {
+                    not_after: c.not_after,
+                    last_error: c.last_error.clone(),
+                    next_attempt: c.next_attempt,
+                }),
+            }
+        })
+        .collect();
+    RoutesView { proxy, routes }
 }
 
 fn start_acme(

@@ -5,7 +5,7 @@ use super::{ApiError, Hub};
 use crate::lock;
 use crate::routes::{RouteSpec, route_table};
 use crate::store::Service;
-use phoenix_model::proto::{RouteInstanceView, RouteView, RoutesView};
+use phoenix_model::proto::RoutesView;
 
 /// What may have changed the route table.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -41,32 +41,7 @@ impl Hub {
         let table = self.route_table()?;
         Ok(match self.front.get() {
             Some(front) => front.view(&table),
-            None => RoutesView {
-                proxy: None,
-                routes: table
-                    .iter()
-                    .map(|r| RouteView {
-                        host: r.host.clone(),
-                        path: r.path.clone(),
-                        auth: !r.auth.is_empty(),
-                        instances: r
-                            .instances
-                            .iter()
-                            .map(|i| RouteInstanceView {
-                                service: i.service.clone(),
-                                machine: i.machine.clone(),
-                                addr: i.addr,
-                                up: i.up,
-                                outstanding: 0,
-                                requests: 0,
-                                failures: 0,
-                                down_for_ms: None,
-                            })
-                            .collect(),
-                        certificate: None,
-                    })
-                    .collect(),
-            },
+            None => crate::front::routes_view(&table, None, &[], None),
         })
     }
 
