@@ -1,6 +1,6 @@
 //! One request: ACME challenges and redirects on plain HTTP, routing,
-//! basic auth, picking an instance, forwarding (with one retry of an
-//! idempotent request whose connect failed), upgrades.
+//! basic auth, picking an instance, forwarding (with one retry on another
+//! instance of an idempotent request that got no answer), upgrades.
 
 use std::sync::Arc;
 
@@ -310,11 +310,13 @@ async fn forward(
     headers.insert(X_FORWARDED_HOST, raw_host.clone());
     headers.insert(header::HOST, raw_host);
 
-    // A request may be sent again after a failed connect only when
-    // nothing of it was consumed: an idempotent method and no body.
+    // A request may be sent again to another instance only when it is
+    // idempotent and has no body (nothing of the client's was consumed).
     let replayable = is_idempotent(&parts.method) && hyper::body::Body::is_end_stream(&body);
     let mut body = Some(body);
     let mut tried: Vec<Arc<crate::balance::InstanceState>> = Vec::new();
+    // Why the last instance tried gave no answer, for the 502.
+    let mut failure = "phoenix: no instance could be reached\n";
     loop {
         let now_ms = inner.now_ms();
         let Some(outstanding) = pick(&entry.backends, &tried, now_ms, || inner.random.next())
@@ -330,13 +332,7 @@ async fn forward(
                 );
             }
             RouteCounters::bump(&entry.counters.bad_gateway);
-            return (
-                plain(
-                    StatusCode::BAD_GATEWAY,
-                    "phoenix: no instance could be reached\n",
-                ),
-                None,
-            );
+            return (plain(StatusCode::BAD_GATEWAY, failure), None);
         };
         let instance = outstanding.state().clone();
         let uri = match Uri::try_from(format!("http://{}{}", instance.addr, target)) {
@@ -378,38 +374,36 @@ async fn forward(
                 instance.succeeded();
                 return respond(inner, conn, response, outstanding, client_upgrade);
             }
-            Some(Err(e)) if e.is_connect() => {
-                instance.connect_failed(
-                    now_ms,
-                    inner.config.mark_down_min,
-                    inner.config.mark_down_max,
-                );
-                tracing::debug!(instance = %instance.addr, id = %instance.id, error = %e, "proxy: connect failed");
+            Some(Err(e)) => {
+                // A connect that failed marks the instance down for a while;
+                // a connection that broke before any answer (the instance
+                // died with the request in flight, or closed a pooled
+                // connection) only counts. Either way an idempotent request
+                // without a body goes once to another instance, as nginx's
+                // `proxy_next_upstream error` does.
+                let connect = e.is_connect();
+                if connect {
+                    instance.connect_failed(
+                        now_ms,
+                        inner.config.mark_down_min,
+                        inner.config.mark_down_max,
+                    );
+                } else {
+                    instance.request_failed();
+                }
+                tracing::debug!(instance = %instance.addr, id = %instance.id, error = %e, connect, "proxy: request failed");
                 drop(outstanding);
                 tried.push(instance);
+                failure = if connect {
+                    "phoenix: no instance could be reached\n"
+                } else {
+                    "phoenix: the instance failed to answer\n"
+                };
                 if replayable && tried.len() < 2 {
                     continue;
                 }
                 RouteCounters::bump(&entry.counters.bad_gateway);
-                return (
-                    plain(
-                        StatusCode::BAD_GATEWAY,
-                        "phoenix: no instance could be reached\n",
-                    ),
-                    None,
-                );
-            }
-            Some(Err(e)) => {
-                instance.request_failed();
-                tracing::debug!(instance = %instance.addr, id = %instance.id, error = %e, "proxy: request failed");
-                RouteCounters::bump(&entry.counters.bad_gateway);
-                return (
-                    plain(
-                        StatusCode::BAD_GATEWAY,
-                        "phoenix: the instance failed to answer\n",
-                    ),
-                    None,
-                );
+                return (plain(StatusCode::BAD_GATEWAY, failure), None);
             }
             None => {
                 instance.request_failed();

@@ -226,3 +226,51 @@ async fn draining_takes_no_new_requests_and_drained_waits_for_those_in_flight() 
         .await
         .unwrap();
 }
+
+#[tokio::test]
+async fn a_get_that_got_no_answer_goes_to_another_instance_once_a_post_does_not() {
+    let live = Backend::start("live").await;
+    let mute = phoenix_proxy::Instance::new("mute", hang_up_port().await);
+    let p = start_proxy(
+        ProxyConfig::default(),
+        vec![
+            Route::new("a.test", vec![mute.clone(), live.instance()]),
+            Route::new("mute.test", vec![mute]),
+        ],
+    )
+    .await;
+    let client = client();
+    // The mute instance accepts, so it is never marked down: GETs keep
+    // drawing it, and each of those goes on to live.
+    for _ in 0..20 {
+        let answer = send(&client, p.http, "GET", "a.test", "/", &[], empty()).await;
+        assert_eq!(answer.status, StatusCode::OK);
+        assert_eq!(answer.backend(), "live");
+    }
+    let mute_view = p.proxy.snapshot().routes[0]
+        .instances
+        .iter()
+        .find(|i| i.id == "mute")
+        .cloned()
+        .unwrap();
+    assert!(mute_view.failures >= 1, "mute was drawn: {mute_view:?}");
+    assert_eq!(live.hits(), 20, "each GET reached live exactly once");
+
+    // A POST with a body that drew the mute instance fails rather than
+    // being sent twice.
+    let mut failed = 0;
+    for _ in 0..20 {
+        let answer = send(&client, p.http, "POST", "a.test", "/", &[], full("data")).await;
+        if answer.status == StatusCode::BAD_GATEWAY {
+            assert!(answer.text().contains("failed to answer"), "{}", answer.text());
+            failed += 1;
+        }
+    }
+    assert!(failed >= 1, "some POST drew the mute instance");
+    assert_eq!(live.hits(), 20 + 20 - failed);
+    // With the mute instance alone there is nowhere else to go: a 502
+    // that says why.
+    let answer = send(&client, p.http, "GET", "mute.test", "/", &[], empty()).await;
+    assert_eq!(answer.status, StatusCode::BAD_GATEWAY);
+    assert!(answer.text().contains("failed to answer"), "{}", answer.text());
+}

@@ -372,3 +372,17 @@ pub async fn closed_port() -> SocketAddr {
     drop(listener);
     addr
 }
+
+/// An address that accepts connections, reads the request and hangs up
+/// without answering: an instance that dies with the request in flight.
+pub async fn hang_up_port() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let mut buf = [0u8; 4096];
+            let _ = stream.read(&mut buf).await;
+        }
+    });
+    addr
+}
