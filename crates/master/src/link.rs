@@ -52,6 +52,7 @@ async fn connection(hub: Arc<Hub>, mut stream: TcpStream) -> Result<(), BoxError
             key,
             version,
             revision,
+            host_network: _,
         }) => link(hub, stream, name, key, version, revision).await,
         Some(ToMaster::FetchIndex {
             name,

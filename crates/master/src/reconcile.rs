@@ -123,6 +123,9 @@ fn assignment(svc: &Service, addresses: &HashMap<&str, Ipv6Addr>) -> Assignment 
             .iter()
             .filter_map(|name| Some((name.clone(), *addresses.get(name.as_str())?)))
             .collect(),
+        instance: None,
+        own_ip: None,
+        holds_ip: true,
     }
 }
 

@@ -118,6 +118,7 @@ mod tests {
     fn status(name: &str, state: ServiceState, health: Health) -> ServiceStatus {
         ServiceStatus {
             name: name.into(),
+            instance: None,
             generation: 1,
             state,
             pid: Some(1),

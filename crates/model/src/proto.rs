@@ -146,6 +146,11 @@ pub enum ToMaster {
         version: String,
         /// The revision of the desired set the minion holds.
         revision: u64,
+        /// Whether its services share its network (`--service-network
+        /// host`): then two runs of one service cannot be side by side, so
+        /// an update there stops the old version before it starts the new.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        host_network: bool,
     },
     /// Sent every `heartbeat_ms` (from the welcome) so the master can tell a
     /// silent minion from a lost one.
@@ -155,7 +160,8 @@ pub enum ToMaster {
         services: Vec<ServiceStatus>,
         full: bool,
     },
-    /// Services the minion no longer runs.
+    /// Services the minion no longer runs, by instance key (the name, or
+    /// `NAME.GENERATION` for a run an update started).
     Gone {
         names: Vec<String>,
     },
@@ -308,6 +314,62 @@ pub struct Assignment {
     /// from older masters' sets: no links.
     #[serde(default)]
     pub links: BTreeMap<String, Ipv6Addr>,
+    /// The key of this run of the service on its minion: its task, work
+    /// dir, cgroup, run record, network namespace, log and status are named
+    /// by it. Absent: the service's name. A zero-downtime update runs the
+    /// new version under its own key (`NAME.GENERATION`, see
+    /// [`instance_key`]) beside the old one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instance: Option<String>,
+    /// This run's own address when it is not `ip` (a run started by a
+    /// zero-downtime update): its health checks and the proxy reach it
+    /// there, and it keeps it for as long as it runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub own_ip: Option<Ipv6Addr>,
+    /// Whether the service's stable address `ip` routes to this run. False
+    /// only for the new version of an update before the switch; at the
+    /// switch it turns true without a restart (the minion adds `ip` to the
+    /// run's namespace and points the host route at it).
+    #[serde(default = "yes", skip_serializing_if = "is_true")]
+    pub holds_ip: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+#[allow(clippy::trivially_copy_pass_by_ref)] // serde's skip_serializing_if
+fn is_true(b: &bool) -> bool {
+    *b
+}
+
+/// The instance key of a run that a zero-downtime update started:
+/// `NAME.GENERATION` (a `.` is never in a service name).
+pub fn instance_key(name: &str, generation: u64) -> String {
+    format!("{name}.{generation}")
+}
+
+impl Assignment {
+    /// The key this run is known by on its minion (see
+    /// [`Assignment::instance`]).
+    pub fn key(&self) -> &str {
+        self.instance.as_deref().unwrap_or(&self.spec.name)
+    }
+
+    /// Where this run itself is reached: its own address, else `ip`.
+    pub fn reach_ip(&self) -> Ipv6Addr {
+        self.own_ip.unwrap_or(self.ip)
+    }
+
+    /// Every address that routes to this run: its own and, while it holds
+    /// it, the stable one.
+    pub fn addresses(&self) -> Vec<Ipv6Addr> {
+        let mut out = vec![self.reach_ip()];
+        if self.holds_ip && self.own_ip.is_some_and(|own| own != self.ip) {
+            out.push(self.ip);
+        }
+        out
+    }
 }
 
 // ---------------------------------------------------------------- api

@@ -79,6 +79,10 @@ impl std::fmt::Display for Exit {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 pub struct ServiceStatus {
     pub name: String,
+    /// The run this is about when it is not the service's name (a run a
+    /// zero-downtime update started: `NAME.GENERATION`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instance: Option<String>,
     /// The spec generation this status is about.
     pub generation: u64,
     pub state: ServiceState,
@@ -95,6 +99,13 @@ pub struct ServiceStatus {
     /// Why it is failed or backing off, when there is a reason to give.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
+}
+
+impl ServiceStatus {
+    /// The instance key this status is about.
+    pub fn key(&self) -> &str {
+        self.instance.as_deref().unwrap_or(&self.name)
+    }
 }
 
 /// A node's resources.

@@ -998,6 +998,7 @@ pub(super) mod tests {
     fn running(name: &str, generation: u64) -> phoenix_model::status::ServiceStatus {
         phoenix_model::status::ServiceStatus {
             name: name.into(),
+            instance: None,
             generation,
             state: phoenix_model::status::ServiceState::Running,
             pid: Some(42),

@@ -497,6 +497,7 @@ mod tests {
     fn status(generation: u64, state: ServiceState, message: Option<&str>) -> ServiceStatus {
         ServiceStatus {
             name: "web".into(),
+            instance: None,
             generation,
             state,
             pid: None,
