@@ -159,14 +159,18 @@ pub struct TaskNetwork<'a> {
 }
 
 impl TaskConfig<'_> {
+    /// The run's key (the service's name, or `NAME.GENERATION` for a run
+    /// an update started beside the old one): what its per-run resources
+    /// (container, program link) are named by.
     pub fn name(&self) -> &str {
-        &self.assignment.spec.name
+        self.assignment.key()
     }
 }
 
 /// Where a task lives, for cleaning up after it.
 #[derive(Clone, Copy, Debug)]
 pub struct TaskDir<'a> {
+    /// The run's key.
     pub name: &'a str,
     pub work_dir: &'a Path,
 }

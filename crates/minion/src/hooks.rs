@@ -60,9 +60,12 @@ impl ServiceCgroups {
         self.cgroups.mode()
     }
 
-    /// The cgroup name of `service` (`SERVICE@MINION`).
-    pub fn cgroup_name(&self, service: &str) -> String {
-        format!("{service}{}", self.suffix)
+    /// The cgroup name of the run with key `key` (`KEY@MINION`; the key is
+    /// the service's name, or `NAME.GENERATION` for a run an update
+    /// started, whose `.` is written `_`: cgroup interface files are the
+    /// names with a dot, and service names have no `_`).
+    pub fn cgroup_name(&self, key: &str) -> String {
+        format!("{}{}", key.replace('.', "_"), self.suffix)
     }
 
     /// A service's cgroups for a start: created, with the limits applied,
@@ -77,7 +80,7 @@ impl ServiceCgroups {
         };
         let cg = self
             .cgroups
-            .create(&self.cgroup_name(&a.spec.name), &limits)
+            .create(&self.cgroup_name(a.key()), &limits)
             .map_err(|e| e.to_string())?;
         if !cg.is_tracked() {
             return Ok((cg, None));
@@ -98,12 +101,12 @@ impl ServiceCgroups {
             .map_err(|e| e.to_string())
     }
 
-    /// This minion's services that have cgroups.
+    /// The keys of this minion's runs that have cgroups.
     pub fn services(&self) -> Vec<String> {
         self.cgroups
             .services()
             .into_iter()
-            .filter_map(|n| n.strip_suffix(&self.suffix).map(str::to_owned))
+            .filter_map(|n| n.strip_suffix(&self.suffix).map(|k| k.replace('_', ".")))
             .collect()
     }
 
@@ -201,6 +204,9 @@ mod tests {
                 image_size: 0,
                 generation: 1,
                 links: Default::default(),
+                instance: None,
+                own_ip: None,
+                holds_ip: true,
             }
         };
         let (web1, _) = one.enter(&a("web")).unwrap();
@@ -221,5 +227,19 @@ mod tests {
         assert_eq!(two.services(), ["db", "web"]);
         // Nothing to clear is fine.
         one.clear_leftover("web").await;
+
+        // A run an update started has cgroups of its own, beside the old
+        // run's, found again by its key.
+        let mut update = a("db");
+        update.instance = Some(phoenix_model::proto::instance_key("db", 4));
+        let (db4, _) = two.enter(&update).unwrap();
+        assert_ne!(db4.name(), db2.name());
+        h.add_process(22, 22, 1);
+        db4.add(22).unwrap();
+        assert_eq!(two.services(), ["db", "db.4", "web"]);
+        two.clear_leftover("db.4").await;
+        assert!(!h.is_running(22));
+        assert!(h.is_running(21), "the old run is untouched");
+        assert_eq!(two.services(), ["db", "web"]);
     }
 }

@@ -224,7 +224,7 @@ pub async fn run(
 fn absorb(latest: &mut HashMap<String, ServiceStatus>, r: &Report) {
     match r {
         Report::Status(s) => {
-            latest.insert(s.name.clone(), s.clone());
+            latest.insert(s.key().to_owned(), s.clone());
         }
         Report::Gone(n) => {
             latest.remove(n);
@@ -258,6 +258,7 @@ async fn session(
         key: id.key.clone(),
         version: VERSION.into(),
         revision: desired.revision,
+        host_network: ctx.nets.mode() == crate::hooks::net::NetMode::Host,
     };
     write_frame(&mut s, &hello).await.map_err(|e| err(&e))?;
     // The master holds this answer back until the node is accepted.
@@ -332,11 +333,11 @@ async fn session(
                     absorb(latest, &r);
                     match r {
                         Report::Status(s) => {
-                            changed.retain(|c: &ServiceStatus| c.name != s.name);
+                            changed.retain(|c: &ServiceStatus| c.key() != s.key());
                             changed.push(s);
                         }
                         Report::Gone(n) => {
-                            changed.retain(|c: &ServiceStatus| c.name != n);
+                            changed.retain(|c: &ServiceStatus| c.key() != n);
                             gone.push(n);
                         }
                     }

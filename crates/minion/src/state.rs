@@ -1,14 +1,18 @@
 //! What a minion keeps on its own disk so it can run cut off from the master:
-//! the last desired set, and per service the process it started.
+//! the last desired set, and per run the process it started.
+//!
+//! Per-run files are named by the run's key (`Assignment::key`): the
+//! service's name, so nothing changes for a plain run, or `NAME.GENERATION`
+//! for the run a zero-downtime update starts beside the old one.
 //!
 //! Layout of the data dir:
 //! - `minion.key`: the minion's WireGuard private key;
 //! - `overlay-ip`: the overlay address the master gave when it accepted us;
 //! - `desired.json`: the last desired set received;
-//! - `run/NAME.json`: the running task (pid, start time, generation, driver);
-//! - `run/NAME.done.json`: how a oneshot of a generation ended;
-//! - `logs/`, `images/`, `work/NAME/` (the service's working directory);
-//! - `programs/NAME/IMAGE`: a binary service's program, by its image's name
+//! - `run/KEY.json`: the running task (pid, start time, generation, driver);
+//! - `run/KEY.done.json`: how a oneshot of a generation ended;
+//! - `logs/`, `images/`, `work/KEY/` (the run's working directory);
+//! - `programs/KEY/IMAGE`: a binary service's program, by its image's name
 //!   (a symlink into `images/`, see [`crate::driver::exec`]).
 
 use std::path::PathBuf;
@@ -190,8 +194,8 @@ impl LocalState {
         )?)
     }
 
-    /// Names of services that have a run record (for cleaning up services
-    /// deleted while the minion was down).
+    /// Keys of runs that have a run record (for cleaning up runs deleted
+    /// while the minion was down).
     pub fn recorded_services(&self) -> Vec<String> {
         let Ok(rd) = std::fs::read_dir(self.dir.join("run")) else {
             return Vec::new();

@@ -1,9 +1,16 @@
-//! The supervisor: one task runner per service, converging on the desired
-//! set.
+//! The supervisor: one task runner per run of a service, converging on the
+//! desired set.
 //!
-//! [`Supervisor::apply`] compares a new desired set with what runs: services
-//! that left the set are stopped, new ones get a [`TaskRunner`], changed ones
-//! (a new generation) are restarted with their new assignment. Each runner
+//! Runs are keyed by their assignment's key ([`Assignment::key`]): the
+//! service's name, or `NAME.GENERATION` for the run a zero-downtime update
+//! starts beside the old one; two runs of one service are independent
+//! tasks. [`Supervisor::apply`] compares a new desired set with what runs:
+//! runs that left the set are stopped, new ones get a [`TaskRunner`],
+//! changed ones (a new generation) are restarted with their new assignment;
+//! a change of only `holds_ip` and `links` restarts nothing. A run that
+//! takes the service's stable address moves it first: the runs of that
+//! service that the same set removes are stopped once the address routes
+//! to the new holder (or after [`SWITCH_WAIT`]). Each runner
 //! owns its task and is the only one that touches it; it reports every state
 //! change as a [`Report`]. Restart policy, health checks and adoption are the
 //! runner's ([`crate::task`]); how each kind of task runs is its driver's
@@ -16,7 +23,7 @@ use std::time::Duration;
 use phoenix_host::Host;
 use phoenix_model::proto::{Assignment, DesiredSet};
 use phoenix_model::status::ServiceStatus;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 
 use crate::driver::{Drivers, TaskDir};
 use crate::health::{HealthProbe, HealthTiming};
@@ -31,6 +38,7 @@ use crate::task::{Cmd, TaskRunner};
 #[derive(Debug)]
 pub enum Report {
     Status(ServiceStatus),
+    /// The run with this key is gone (`ToMaster::Gone`).
     Gone(String),
 }
 
@@ -61,10 +69,16 @@ pub struct Ctx {
     pub reports: mpsc::UnboundedSender<Report>,
 }
 
+/// The longest a run that leaves the set waits, before it is stopped, for
+/// another run of its service to take the stable address (the firewall's
+/// wait and a few netlink requests).
+pub const SWITCH_WAIT: Duration = Duration::from_secs(12);
+
 pub struct Supervisor {
     ctx: Arc<Ctx>,
+    /// The runners by run key.
     services: HashMap<String, (Assignment, mpsc::UnboundedSender<Cmd>)>,
-    /// The newest generation wanted per service; a change whose image is
+    /// The newest generation wanted per run key; a change whose image is
     /// still being fetched is sent on only if no newer one came meanwhile.
     latest: Arc<std::sync::Mutex<HashMap<String, u64>>>,
     /// Whether a desired set has been applied since the minion started.
@@ -81,65 +95,106 @@ impl Supervisor {
         }
     }
 
-    /// Converges on `set`. Services recorded on disk but in no set (deleted
+    /// Converges on `set`. Runs recorded on disk but in no set (deleted
     /// while the minion was down) are stopped too.
+    ///
+    /// Order: changes of `holds_ip` (and `links`) go to their runners
+    /// first; then runs no longer wanted are stopped, those of a service
+    /// one of whose runs takes the stable address in this set only once it
+    /// has (see [`SWITCH_WAIT`]); then new runs start and changed ones are
+    /// replaced.
     pub fn apply(&mut self, set: &DesiredSet) {
-        let wanted: HashMap<&str, &Assignment> = set
-            .services
-            .iter()
-            .map(|a| (a.spec.name.as_str(), a))
-            .collect();
+        let wanted: HashMap<&str, &Assignment> =
+            set.services.iter().map(|a| (a.key(), a)).collect();
         // Recorded on disk but wanted no more: left over from before this
         // minion started (deleted while it was down). Only the first set can
-        // find such; later every recorded service has a task, possibly one
+        // find such; later every recorded run has a task, possibly one
         // still stopping, which must not be raced.
         if !self.applied {
             self.applied = true;
             self.ctx.nets.expect(set.services.len());
             self.ctx
                 .nets
-                .clean_orphans(set.services.iter().map(|a| a.spec.name.clone()));
+                .clean_orphans(set.services.iter().map(|a| a.key().to_owned()));
             let recorded = self.ctx.state.recorded_services();
-            for name in &recorded {
-                if !wanted.contains_key(name.as_str()) {
-                    stop_orphan(&self.ctx, name);
+            for key in &recorded {
+                if !wanted.contains_key(key.as_str()) {
+                    stop_orphan(&self.ctx, key);
                 }
             }
-            // Cgroups of services neither wanted nor recorded (a run record
+            // Cgroups of runs neither wanted nor recorded (a run record
             // that was never written): their processes go too.
-            for name in self.ctx.cgroups.services() {
-                if !wanted.contains_key(name.as_str()) && !recorded.contains(&name) {
+            for key in self.ctx.cgroups.services() {
+                if !wanted.contains_key(key.as_str()) && !recorded.contains(&key) {
                     let ctx = self.ctx.clone();
                     tokio::spawn(async move {
-                        ctx.cgroups.clear_leftover(&name).await;
+                        ctx.cgroups.clear_leftover(&key).await;
                     });
                 }
             }
         }
+        // Addresses first: a run that takes the stable address does so at
+        // once, whatever else the set does.
+        let mut taking: HashMap<&str, Vec<oneshot::Receiver<()>>> = HashMap::new();
+        for a in &set.services {
+            let Some((old, tx)) = self.services.get_mut(a.key()) else {
+                continue;
+            };
+            if old == a || !only_addressing_differs(old, a) {
+                continue;
+            }
+            if old.holds_ip == a.holds_ip {
+                old.links = a.links.clone();
+                let _ = tx.send(Cmd::Relink(a.links.clone()));
+                continue;
+            }
+            let (done, moved) = oneshot::channel();
+            if a.holds_ip {
+                taking.entry(a.spec.name.as_str()).or_default().push(moved);
+            }
+            old.links = a.links.clone();
+            old.holds_ip = a.holds_ip;
+            let _ = tx.send(Cmd::Readdress(Box::new(a.clone()), Some(done)));
+        }
+        // Then stops: a run of a service whose stable address another run
+        // takes in this set is stopped once it has taken it.
         let latest = &self.latest;
-        self.services.retain(|name, (_, tx)| {
-            let keep = wanted.contains_key(name.as_str());
+        let mut after_switch: HashMap<String, Vec<mpsc::UnboundedSender<Cmd>>> = HashMap::new();
+        self.services.retain(|key, (old, tx)| {
+            let keep = wanted.contains_key(key.as_str());
             if !keep {
-                let _ = tx.send(Cmd::Stop);
-                latest
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .remove(name);
+                if taking.contains_key(old.spec.name.as_str()) {
+                    after_switch
+                        .entry(old.spec.name.clone())
+                        .or_default()
+                        .push(tx.clone());
+                } else {
+                    let _ = tx.send(Cmd::Stop);
+                }
+                latest.lock().unwrap_or_else(|p| p.into_inner()).remove(key);
             }
             keep
         });
-        for a in &set.services {
-            match self.services.get_mut(&a.spec.name) {
-                Some((old, tx)) if old != a && only_links_differ(old, a) => {
-                    old.links = a.links.clone();
-                    let _ = tx.send(Cmd::Relink(a.links.clone()));
+        for (service, stops) in after_switch {
+            let moves = taking.remove(service.as_str()).unwrap_or_default();
+            tokio::spawn(async move {
+                let all = futures_join(moves);
+                if tokio::time::timeout(SWITCH_WAIT, all).await.is_err() {
+                    tracing::warn!(%service, "the stable address did not move within {} s; stopping the old run anyway", SWITCH_WAIT.as_secs());
                 }
+                for tx in stops {
+                    let _ = tx.send(Cmd::Stop);
+                }
+            });
+        }
+        for a in &set.services {
+            match self.services.get_mut(a.key()) {
                 Some((old, tx)) if old != a => {
                     let fetch_first = old.image_hash != a.image_hash
                         && !self.ctx.images.path(&a.image_hash).exists();
                     *old = a.clone();
                     let mut latest = self.latest.lock().unwrap_or_else(|p| p.into_inner());
-                    latest.insert(a.spec.name.clone(), a.generation);
+                    latest.insert(a.key().to_owned(), a.generation);
                     if fetch_first {
                         // The old version runs on until the new image is
                         // here (and for good if it cannot be fetched).
@@ -156,7 +211,7 @@ impl Supervisor {
                 Some(_) => {}
                 None => {
                     let (tx, rx) = mpsc::unbounded_channel();
-                    self.services.insert(a.spec.name.clone(), (a.clone(), tx));
+                    self.services.insert(a.key().to_owned(), (a.clone(), tx));
                     tokio::spawn(TaskRunner::new(self.ctx.clone(), a.clone(), rx).run());
                 }
             }
@@ -164,14 +219,21 @@ impl Supervisor {
     }
 }
 
-/// Whether two assignments of one service differ in what its links
-/// resolve to alone (no restart needed).
-fn only_links_differ(old: &Assignment, new: &Assignment) -> bool {
-    old.links != new.links
-        && Assignment {
-            links: new.links.clone(),
-            ..old.clone()
-        } == *new
+/// Waits for every receiver (a dropped sender counts as done).
+async fn futures_join(moves: Vec<oneshot::Receiver<()>>) {
+    for m in moves {
+        let _ = m.await;
+    }
+}
+
+/// Whether two assignments of one run differ in what its links resolve to
+/// and whether it holds the stable address alone (no restart needed).
+fn only_addressing_differs(old: &Assignment, new: &Assignment) -> bool {
+    Assignment {
+        links: new.links.clone(),
+        holds_ip: new.holds_ip,
+        ..old.clone()
+    } == *new
 }
 
 /// Fetches the image of a changed service, then hands the change to its
@@ -187,7 +249,7 @@ async fn fetch_then_replace(
         latest
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .get(&a.spec.name)
+            .get(a.key())
             .is_some_and(|g| *g == a.generation)
     };
     let image = a.spec.registry_file().0;
@@ -197,7 +259,7 @@ async fn fetch_then_replace(
         // change in between.
         {
             let guard = latest.lock().unwrap_or_else(|p| p.into_inner());
-            if guard.get(&a.spec.name) != Some(&a.generation) {
+            if guard.get(a.key()) != Some(&a.generation) {
                 return;
             }
             let cmd = match fetched {
@@ -216,8 +278,8 @@ async fn fetch_then_replace(
     }
 }
 
-/// Ends the task of a service that is no longer wanted and has no runner,
-/// and has its driver clean up after it.
+/// Ends the task of a run (by key) that is no longer wanted and has no
+/// runner, and has its driver clean up after it.
 fn stop_orphan(ctx: &Arc<Ctx>, name: &str) {
     let orphan = ctx.state.run_record(name).map(|rec| {
         let driver = ctx.drivers.named(rec.driver).clone();

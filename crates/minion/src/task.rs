@@ -22,7 +22,7 @@ use std::time::Duration;
 use phoenix_model::proto::Assignment;
 use phoenix_model::spec::Duration as Lifetime;
 use phoenix_model::status::{Exit, Health, ServiceState, ServiceStatus, now_ms};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
 use phoenix_host::cgroup::ServiceCgroup;
@@ -60,6 +60,11 @@ pub enum Cmd {
     /// What the service's `link` names resolve to changed (a linked
     /// service was created, moved or deleted); nothing restarts.
     Relink(BTreeMap<String, Ipv6Addr>),
+    /// Whether the run holds the service's stable address changed (and
+    /// maybe its links): this assignment differs from the current one in
+    /// `holds_ip` and `links` only. Nothing restarts; `done` is told once
+    /// the address has moved (see `ServiceNetworks::readdress`).
+    Readdress(Box<Assignment>, Option<oneshot::Sender<()>>),
     Stop,
 }
 
@@ -93,6 +98,7 @@ enum Next {
 pub fn initial_status(a: &Assignment) -> ServiceStatus {
     ServiceStatus {
         name: a.spec.name.clone(),
+        instance: a.instance.clone(),
         generation: a.generation,
         state: ServiceState::Starting,
         pid: None,
@@ -155,23 +161,46 @@ impl TaskRunner {
         self.a.links = links;
         if let Some(net) = &self.net {
             self.ctx.nets.relink(&self.a, net);
-            let work = self.ctx.state.work_dir(self.name());
-            let text = hooks::net::hosts_text(self.name(), self.a.ip, &self.a.links);
+            let work = self.ctx.state.work_dir(self.key());
+            let text = hooks::net::hosts_text(&self.a.spec.name, self.a.ip, &self.a.links);
             if let Err(e) = hooks::net::write_hosts(&hooks::net::hosts_path(&work), &text) {
-                tracing::warn!(service = %self.name(), "cannot rewrite its hosts file: {e}");
+                tracing::warn!(service = %self.key(), "cannot rewrite its hosts file: {e}");
             }
         }
     }
 
-    /// Gives the service's network back (it is deleted or moved).
-    fn release_net(&mut self) {
-        if let Some(net) = self.net.take() {
-            self.ctx.nets.release(&self.a.spec.name, net);
+    /// Takes `a`'s `holds_ip` and `links` (nothing else of it differs):
+    /// the hosts file, the firewall entry and the addresses follow, without
+    /// a restart.
+    fn readdress(&mut self, a: Assignment, done: Option<oneshot::Sender<()>>) {
+        self.a.holds_ip = a.holds_ip;
+        let links = a.links;
+        if let Some(net) = self.net.as_mut() {
+            // The firewall entry is set with the addresses just below.
+            self.a.links = links.clone();
+            self.ctx.nets.readdress(&self.a, net, done);
+            self.relink(links);
+        } else {
+            self.relink(links);
+            if let Some(d) = done {
+                let _ = d.send(());
+            }
         }
     }
 
-    fn name(&self) -> &str {
-        &self.a.spec.name
+    /// Gives the run's network back (it is deleted or moved, or an update
+    /// replaced it).
+    fn release_net(&mut self) {
+        if let Some(net) = self.net.take() {
+            self.ctx.nets.release(self.a.key(), net);
+        }
+    }
+
+    /// The run's key: what its task, files, cgroup and network are named
+    /// by (the service's name, or `NAME.GENERATION` for a run an update
+    /// started beside the old one).
+    fn key(&self) -> &str {
+        self.a.key()
     }
 
     fn set(&mut self, state: ServiceState, message: Option<String>) {
@@ -215,14 +244,18 @@ impl TaskRunner {
                 self.relink(links);
                 Next::Wait
             }
+            Some(Cmd::Readdress(a, done)) => {
+                self.readdress(*a, done);
+                Next::Wait
+            }
             Some(Cmd::Stop) => {
                 self.release_net();
-                self.ctx.state.forget(self.name());
+                self.ctx.state.forget(self.key());
                 let _ = self
                     .ctx
                     .log_cmds
-                    .send(LogCmd::Remove(self.name().to_owned()));
-                let _ = self.ctx.reports.send(Report::Gone(self.name().to_owned()));
+                    .send(LogCmd::Remove(self.key().to_owned()));
+                let _ = self.ctx.reports.send(Report::Gone(self.key().to_owned()));
                 Next::Return
             }
             // The supervisor is gone: the minion is shutting down, and its
@@ -263,7 +296,7 @@ impl TaskRunner {
             && let Some(done) = self
                 .ctx
                 .state
-                .done_record(self.name())
+                .done_record(self.key())
                 .filter(|d| d.generation == self.a.generation)
         {
             // This generation already ran to its end; never again.
@@ -295,9 +328,9 @@ impl TaskRunner {
             // Not when the minion is merely shutting down: then the task
             // keeps running for the next minion to adopt.
             if !matches!(ended, Ended::Command(None)) {
-                let work = self.ctx.state.work_dir(self.name());
+                let work = self.ctx.state.work_dir(self.key());
                 let dir = TaskDir {
-                    name: self.name(),
+                    name: self.key(),
                     work_dir: &work,
                 };
                 run.driver.destroy(dir, Some(run.handle)).await;
@@ -323,8 +356,8 @@ impl TaskRunner {
                     exit,
                     restarts: self.status.restarts,
                 };
-                if let Err(e) = self.ctx.state.save_done(self.name(), &done) {
-                    tracing::warn!(service = %self.name(), "cannot record oneshot result: {e}");
+                if let Err(e) = self.ctx.state.save_done(self.key(), &done) {
+                    tracing::warn!(service = %self.key(), "cannot record oneshot result: {e}");
                 }
                 self.finish_oneshot(exit);
                 match self.command_wait().await {
@@ -389,18 +422,18 @@ impl TaskRunner {
 
     async fn recover_task(&mut self) -> Option<Running> {
         let ctx = self.ctx.clone();
-        let Some(rec) = ctx.state.run_record(self.name()) else {
+        let Some(rec) = ctx.state.run_record(self.key()) else {
             // No record, but maybe processes (a record that could not be
             // written, a crash in between): none may run beside the start.
-            ctx.cgroups.clear_leftover(self.name()).await;
+            ctx.cgroups.clear_leftover(self.key()).await;
             return None;
         };
         let driver = ctx.drivers.named(rec.driver).clone();
         let handle = driver.recover(&rec);
-        let cgroup = match ctx.cgroups.open(self.name()) {
+        let cgroup = match ctx.cgroups.open(self.key()) {
             Ok(cg) => Some(cg),
             Err(e) => {
-                tracing::warn!(service = %self.name(), "{e}");
+                tracing::warn!(service = %self.key(), "{e}");
                 None
             }
         };
@@ -408,9 +441,9 @@ impl TaskRunner {
             if let Some(h) = &handle {
                 h.process.signal(libc::SIGKILL);
             }
-            let work = ctx.state.work_dir(self.name());
+            let work = ctx.state.work_dir(self.key());
             let dir = TaskDir {
-                name: self.name(),
+                name: self.key(),
                 work_dir: &work,
             };
             driver.destroy(dir, handle).await;
@@ -430,7 +463,7 @@ impl TaskRunner {
                 if let Some(h) = handle {
                     h.process.signal(libc::SIGKILL);
                 }
-                ctx.cgroups.clear_leftover(self.name()).await;
+                ctx.cgroups.clear_leftover(self.key()).await;
                 self.status.restarts += 1;
                 return None;
             }
@@ -439,18 +472,18 @@ impl TaskRunner {
         match ctx.nets.adopt(&self.a, rec.pid).await {
             Ok(net) => self.net = net,
             Err(e) => {
-                tracing::warn!(service = %self.name(), "cannot take over its network, restarting it: {e}");
+                tracing::warn!(service = %self.key(), "cannot take over its network, restarting it: {e}");
                 handle.process.signal(libc::SIGKILL);
                 hooks::clear(&cgroup).await;
                 self.status.restarts += 1;
                 return None;
             }
         }
-        tracing::info!(service = %self.name(), pid = rec.pid, driver = %rec.driver, "adopted running task");
+        tracing::info!(service = %self.key(), pid = rec.pid, driver = %rec.driver, "adopted running task");
         self.status.pid = Some(rec.pid);
         self.status.limits = rec.limits.clone();
         let _ = self.ctx.log_cmds.send(LogCmd::Watch {
-            name: self.name().to_owned(),
+            name: self.key().to_owned(),
             fifo: None,
         });
         self.set(self.started_state(true), None);
@@ -484,7 +517,7 @@ impl TaskRunner {
         let image = match image {
             Ok(p) => p,
             Err(e) => {
-                tracing::warn!(service = %self.name(), "{e}");
+                tracing::warn!(service = %self.key(), "{e}");
                 self.status.message = Some(e);
                 return Err(None);
             }
@@ -493,7 +526,7 @@ impl TaskRunner {
             Ok(r) => Ok(r),
             Err(e) => {
                 let msg = format!("cannot start {:?}: {e}", self.a.spec.image);
-                tracing::warn!(service = %self.name(), "{msg}");
+                tracing::warn!(service = %self.key(), "{msg}");
                 if self.a.spec.duration == Lifetime::Oneshot {
                     self.set(ServiceState::Failed, Some(msg));
                     return Err(Some(self.command_wait().await));
@@ -513,12 +546,12 @@ impl TaskRunner {
             .for_kind(a.spec.kind)
             .map_err(|e| e.to_string())?
             .clone();
-        let work_dir = ctx.state.work_dir(&a.spec.name);
+        let work_dir = ctx.state.work_dir(a.key());
         std::fs::create_dir_all(&work_dir)
             .map_err(|e| format!("create {}: {e}", work_dir.display()))?;
         // The network hook: the namespace is made once and kept across
-        // restarts (a new one if the address changed).
-        if self.net.as_ref().is_some_and(|n| n.ipv6() != a.ip) {
+        // restarts (a new one if the run's own address changed).
+        if self.net.as_ref().is_some_and(|n| n.ipv6() != a.reach_ip()) {
             self.release_net();
         }
         let a = &self.a;
@@ -530,9 +563,13 @@ impl TaskRunner {
                 .map_err(|e| format!("cannot set up its network namespace: {e}"))?;
         }
         let hosts = hooks::net::hosts_path(&work_dir);
-        if let Some(net) = &self.net {
-            // A new generation may link other services.
-            ctx.nets.relink(a, net);
+        if let Some(net) = self.net.as_mut() {
+            // A new generation may link other services, and hold the
+            // stable address or not: the firewall entry and the addresses
+            // follow before it starts.
+            let (done, moved) = oneshot::channel();
+            ctx.nets.readdress(a, net, Some(done));
+            let _ = moved.await;
             let text = hooks::net::hosts_text(&a.spec.name, a.ip, &a.links);
             hooks::net::write_hosts(&hosts, &text)
                 .map_err(|e| format!("write {}: {e}", hosts.display()))?;
@@ -545,11 +582,11 @@ impl TaskRunner {
         env.extend(hooks::net::link_env(&a.links));
         let log = ctx
             .logs
-            .open_output(&a.spec.name)
+            .open_output(a.key())
             .map_err(|e| format!("open log: {e}"))?;
         let collector = ctx
             .logs
-            .open_collector(&a.spec.name)
+            .open_collector(a.key())
             .map_err(|e| format!("open log: {e}"))?;
         // The cgroup hook: the task joins its service's cgroups before it
         // runs (see `hooks`).
@@ -598,24 +635,24 @@ impl TaskRunner {
             driver: driver.name(),
             limits: limits.clone(),
         };
-        if let Err(e) = ctx.state.save_run(&a.spec.name, &rec) {
+        if let Err(e) = ctx.state.save_run(a.key(), &rec) {
             // Unrecorded, it would be started again beside itself after a
             // minion restart, and escape `del` then: end it at once.
             handle.process.signal(libc::SIGKILL);
             let _ = tokio::time::timeout(ctx.stop_timeout, handle.process.wait()).await;
             let dir = TaskDir {
-                name: &a.spec.name,
+                name: a.key(),
                 work_dir: &work_dir,
             };
             driver.destroy(dir, Some(handle)).await;
             hooks::clear(&cgroup).await;
             return Err(format!(
                 "cannot record its process in {}: {e}; stopped it, as it could not be found again after a minion restart",
-                ctx.state.run_path(&a.spec.name).display()
+                ctx.state.run_path(a.key()).display()
             ));
         }
         let _ = ctx.log_cmds.send(LogCmd::Watch {
-            name: a.spec.name.clone(),
+            name: a.key().to_owned(),
             fifo: Some(collector),
         });
         self.status.pid = Some(handle.pid);
@@ -659,6 +696,10 @@ impl TaskRunner {
                             self.relink(links);
                             continue;
                         }
+                        Some(Cmd::Readdress(a, done)) => {
+                            self.readdress(*a, done);
+                            continue;
+                        }
                         other => other,
                     };
                     if let Some(Cmd::Held(a, why)) = &cmd {
@@ -696,7 +737,7 @@ impl TaskRunner {
                         Err(e) if health::failure_counts(&timing, since_start) => {
                             failures += 1;
                             if failures >= HEALTH_FAILURES {
-                                tracing::info!(service = %self.name(), "unhealthy: {e}; restarting");
+                                tracing::info!(service = %self.key(), "unhealthy: {e}; restarting");
                                 self.status.health = Health::Unhealthy;
                                 self.set(ServiceState::Unhealthy, Some(e));
                                 let exit = run.driver.stop(&mut run.handle, self.ctx.stop_timeout).await;
@@ -984,6 +1025,7 @@ mod tests {
     /// minion key is "key").
     fn cgroup_dir(name: &str) -> std::path::PathBuf {
         let minion = blake3::hash(b"key").to_hex();
+        let name = name.replace('.', "_");
         Path::new("/sys/fs/cgroup/phoenix").join(format!("{name}@{}", &minion[..8]))
     }
 
@@ -1017,6 +1059,9 @@ mod tests {
             image_size: 0,
             generation,
             links: Default::default(),
+            instance: None,
+            own_ip: None,
+            holds_ip: true,
         }
     }
 
@@ -1654,5 +1699,173 @@ mod tests {
         // The count goes on from the record: its death was a restart.
         assert_eq!(s.restarts, 6);
         assert_eq!(cgroup_pids(&h, "svc"), [s.pid.unwrap()]);
+    }
+
+    // ------------------------------------------------ instances (updates)
+
+    /// The run a zero-downtime update starts beside the running one: key
+    /// `svc.GENERATION`, its own address, not (yet) holding the stable one.
+    fn update_run(generation: u64, holds_ip: bool) -> Assignment {
+        let mut a = assignment(serde_json::json!({}), generation);
+        a.instance = Some(phoenix_model::proto::instance_key("svc", generation));
+        a.own_ip = Some(phoenix_model::net::service_ip(1));
+        a.holds_ip = holds_ip;
+        a
+    }
+
+    fn set(services: &[&Assignment]) -> phoenix_model::proto::DesiredSet {
+        phoenix_model::proto::DesiredSet {
+            revision: 1,
+            services: services.iter().map(|a| (*a).clone()).collect(),
+            peers: Vec::new(),
+        }
+    }
+
+    fn destroyed(h: &Harness, pid: u32) -> bool {
+        h.driver
+            .events()
+            .iter()
+            .any(|(_, e)| *e == Event::Destroy(Some(pid)))
+    }
+
+    /// Waits for the report that run `key` is gone.
+    async fn gone(h: &mut Harness, key: &str) {
+        loop {
+            if let Report::Gone(k) = h.next().await {
+                assert_eq!(k, key, "another run reported gone");
+                return;
+            }
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_update_runs_beside_the_old_run_and_takes_over_without_a_restart() {
+        let mut h = Harness::new();
+        let mut sup = crate::supervisor::Supervisor::new(h.ctx.clone());
+        let old = assignment(serde_json::json!({}), 1);
+        sup.apply(&set(&[&old]));
+        let first = h.until(running).await;
+        assert_eq!((first.instance.as_deref(), first.key()), (None, "svc"));
+        let old_pid = first.pid.unwrap();
+
+        // The new version beside it: a task of its own, reported apart.
+        let new = update_run(2, false);
+        sup.apply(&set(&[&old, &new]));
+        let second = h.until(running).await;
+        assert_eq!(second.instance.as_deref(), Some("svc.2"));
+        assert_eq!((second.name.as_str(), second.generation), ("svc", 2));
+        let new_pid = second.pid.unwrap();
+        assert_ne!(new_pid, old_pid);
+        assert_eq!(h.driver.starts().len(), 2, "the old run was not touched");
+        assert!(!destroyed(&h, old_pid));
+        // Every per-run resource is its own.
+        let (rec1, rec2) = (
+            h.ctx.state.run_record("svc").unwrap(),
+            h.ctx.state.run_record("svc.2").unwrap(),
+        );
+        assert_eq!((rec1.pid, rec1.generation), (old_pid, 1));
+        assert_eq!((rec2.pid, rec2.generation), (new_pid, 2));
+        assert_eq!(cgroup_pids(&h, "svc"), [old_pid]);
+        assert_eq!(cgroup_pids(&h, "svc.2"), [new_pid]);
+        assert!(h.ctx.state.work_dir("svc.2").is_dir());
+        assert!(h.ctx.state.work_dir("svc").is_dir());
+
+        // The switch, in one set: the new run holds the stable address,
+        // the old one is gone. The new run is not restarted.
+        let switched = update_run(2, true);
+        sup.apply(&set(&[&switched]));
+        gone(&mut h, "svc").await;
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        assert_eq!(h.driver.starts().len(), 2, "nothing started");
+        assert!(destroyed(&h, old_pid));
+        assert!(!destroyed(&h, new_pid), "the new run was restarted");
+        assert!(h.host.is_running(new_pid));
+        // The old run's records are gone; the new run's are untouched.
+        assert!(h.ctx.state.run_record("svc").is_none());
+        assert!(!h.ctx.state.work_dir("svc").exists());
+        assert_eq!(h.ctx.state.run_record("svc.2").unwrap().pid, new_pid);
+        assert!(h.ctx.state.work_dir("svc.2").is_dir());
+        assert_eq!(cgroup_pids(&h, "svc.2"), [new_pid]);
+        assert!(!h.host.exists(cgroup_dir("svc")));
+        assert_eq!(
+            h.ctx.cgroups.services(),
+            ["svc.2"],
+            "cgroups are found again by key"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_change_of_holds_ip_alone_restarts_nothing() {
+        let mut h = Harness::new();
+        let mut sup = crate::supervisor::Supervisor::new(h.ctx.clone());
+        let a = update_run(3, false);
+        sup.apply(&set(&[&a]));
+        let pid = h.until(running).await.pid.unwrap();
+        for holds_ip in [true, false, true] {
+            let mut changed = a.clone();
+            changed.holds_ip = holds_ip;
+            changed.links = BTreeMap::from([("db".to_owned(), phoenix_model::net::service_ip(9))]);
+            sup.apply(&set(&[&changed]));
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        assert_eq!(h.driver.starts().len(), 1);
+        assert!(!destroyed(&h, pid));
+        assert_eq!(h.ctx.state.run_record("svc.2").map(|r| r.pid), None);
+        assert_eq!(h.ctx.state.run_record("svc.3").unwrap().pid, pid);
+        // A new generation still replaces it.
+        let mut next = a.clone();
+        next.generation = 4;
+        sup.apply(&set(&[&next]));
+        let s = h.until(|s| running(s) && s.generation == 4).await;
+        assert_ne!(s.pid, Some(pid));
+        assert!(destroyed(&h, pid));
+
+        // The runner itself: a readdress is acknowledged, nothing restarts.
+        let mut h = Harness::new();
+        let cmds = h.run(&a);
+        let pid = h.until(running).await.pid.unwrap();
+        let (done, moved) = oneshot::channel();
+        let mut holding = a.clone();
+        holding.holds_ip = true;
+        cmds.send(Cmd::Readdress(Box::new(holding), Some(done)))
+            .ok()
+            .unwrap();
+        moved.await.expect("the readdress is acknowledged");
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(h.driver.starts().len(), 1);
+        assert!(!destroyed(&h, pid));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn stopping_one_run_leaves_the_other_runs_records_alone() {
+        let mut h = Harness::new();
+        let mut sup = crate::supervisor::Supervisor::new(h.ctx.clone());
+        let old = assignment(serde_json::json!({"duration": "oneshot"}), 1);
+        h.driver.script.lock().unwrap().push_back(Ok(Behaviour {
+            exits_after: Some((10 * MS, 0)),
+            ..Behaviour::default()
+        }));
+        let mut new = update_run(2, false);
+        new.spec.duration = Lifetime::Daemon;
+        sup.apply(&set(&[&old]));
+        h.until(|s| s.state == ServiceState::Exited).await;
+        assert_eq!(h.ctx.state.done_record("svc").unwrap().generation, 1);
+        sup.apply(&set(&[&old, &new]));
+        let s = h.until(running).await;
+        assert_eq!(s.instance.as_deref(), Some("svc.2"));
+        let new_pid = s.pid.unwrap();
+
+        // The update is rolled back: its run goes, the old one's records
+        // (here a oneshot's result) stay, and it does not run again.
+        sup.apply(&set(&[&old]));
+        gone(&mut h, "svc.2").await;
+        assert!(destroyed(&h, new_pid));
+        assert!(h.ctx.state.run_record("svc.2").is_none());
+        assert!(!h.ctx.state.work_dir("svc.2").exists());
+        assert!(!h.host.exists(cgroup_dir("svc.2")));
+        assert_eq!(h.ctx.state.done_record("svc").unwrap().generation, 1);
+        assert!(h.ctx.state.run_record("svc").is_some());
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        assert_eq!(h.driver.starts().len(), 2);
     }
 }

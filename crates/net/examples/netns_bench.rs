@@ -21,6 +21,7 @@ fn plan(i: u64, pool: &mut Ipv4Pool) -> NetPlan {
         host_if: host_if_name(&service, "bench"),
         ipv4: pool.allocate(ipv6).unwrap_or(Ipv4Addr::new(100, 64, 0, 1)),
         ipv6,
+        held6: None,
         service,
     }
 }
@@ -91,7 +92,7 @@ fn main() {
                 services: (0..services)
                     .map(|i| FwService {
                         host_if: host_if_name(&format!("svc{i}"), "bench"),
-                        ipv6: service_ip(i),
+                        own6: vec![service_ip(i)],
                         ipv4: Ipv4Addr::from(u32::from(Ipv4Addr::new(100, 64, 0, 1)) + i as u32),
                         allowed: (1..=5).map(|k| service_ip((i + k) % services)).collect(),
                     })

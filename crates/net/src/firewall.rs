@@ -25,8 +25,10 @@ const CLUSTER6_PREFIX: u8 = 48;
 pub struct FwService {
     /// The host end of its veth.
     pub host_if: String,
-    /// Its cluster address (the only IPv6 source it may use).
-    pub ipv6: Ipv6Addr,
+    /// Its cluster addresses, the only IPv6 sources it may use: its own
+    /// and, while it holds it, the service's stable address (a run a
+    /// zero-downtime update started has both).
+    pub own6: Vec<Ipv6Addr>,
     /// Its node-local IPv4 address (the only IPv4 source it may use).
     pub ipv4: Ipv4Addr,
     /// The cluster addresses it may open connections to (its `link`s,
@@ -143,7 +145,9 @@ fn elements(state: &FirewallState) -> [(&'static str, BTreeSet<String>); 4] {
     let (mut own6, mut own4, mut allowed) = (BTreeSet::new(), BTreeSet::new(), BTreeSet::new());
     for s in &state.services {
         ifs.insert(json!(s.host_if).to_string());
-        own6.insert(pair(&s.host_if, s.ipv6.to_string()));
+        for a in &s.own6 {
+            own6.insert(pair(&s.host_if, a.to_string()));
+        }
         own4.insert(pair(&s.host_if, s.ipv4.to_string()));
         for a in &s.allowed {
             allowed.insert(pair(&s.host_if, a.to_string()));
@@ -224,7 +228,7 @@ pub fn ruleset(minion_id: &str, state: &FirewallState) -> Value {
     let own6: BTreeSet<(&str, Ipv6Addr)> = state
         .services
         .iter()
-        .map(|s| (s.host_if.as_str(), s.ipv6))
+        .flat_map(|s| s.own6.iter().map(move |a| (s.host_if.as_str(), *a)))
         .collect();
     let own4: BTreeSet<(&str, Ipv4Addr)> = state
         .services
@@ -469,7 +473,7 @@ mod tests {
     fn svc(host_if: &str, n: u64, allowed: &[u64]) -> FwService {
         FwService {
             host_if: host_if.into(),
-            ipv6: service_ip(n),
+            own6: vec![service_ip(n)],
             ipv4: Ipv4Addr::new(100, 64, 0, n as u8 + 1),
             allowed: allowed.iter().map(|a| service_ip(*a)).collect(),
         }
@@ -556,6 +560,26 @@ mod tests {
         assert_eq!(
             elements(&doc, "own4"),
             vec!["pha . 100.64.0.1", "phb . 100.64.0.2"]
+        );
+        nft_accepts(&doc);
+    }
+
+    #[test]
+    fn a_run_that_holds_the_stable_address_may_send_from_both() {
+        // The update's run at its own address ::21, holding ::20 too.
+        let mut new = svc("phnew", 21, &[]);
+        new.own6.push(service_ip(20));
+        let state = FirewallState {
+            services: vec![svc("phold", 20, &[]), new],
+        };
+        let doc = ruleset("m1", &state);
+        assert_eq!(
+            elements(&doc, "own6"),
+            vec![
+                format!("phnew . {}", service_ip(20)),
+                format!("phnew . {}", service_ip(21)),
+                format!("phold . {}", service_ip(20)),
+            ]
         );
         nft_accepts(&doc);
     }
@@ -664,7 +688,7 @@ mod delta_tests {
     fn svc(i: u8, allowed: &[u8]) -> FwService {
         FwService {
             host_if: format!("phabc{i}"),
-            ipv6: format!("fd38:dde8:32dd:1::{i}").parse().unwrap(),
+            own6: vec![format!("fd38:dde8:32dd:1::{i}").parse().unwrap()],
             ipv4: Ipv4Addr::new(100, 64, 0, i),
             allowed: allowed
                 .iter()
@@ -722,5 +746,29 @@ mod delta_tests {
             }
         }
         assert!(ruleset_delta("m", &new, &new).is_none());
+    }
+
+    #[test]
+    fn taking_over_the_stable_address_is_one_element() {
+        let stable: Ipv6Addr = "fd38:dde8:32dd:1::1".parse().unwrap();
+        let before = FirewallState {
+            services: vec![svc(1, &[]), svc(2, &[])],
+        };
+        let mut after = before.clone();
+        after.services[1].own6.push(stable);
+        let doc = ruleset_delta("m", &before, &after).expect("a change");
+        let cmds = &doc["nftables"].as_array().unwrap()[1..];
+        assert_eq!(cmds.len(), 1, "{doc}");
+        let e = &cmds[0]["add"]["element"];
+        assert_eq!(e["name"], "own6");
+        assert_eq!(
+            e["elem"],
+            json!([{ "concat": ["phabc2", "fd38:dde8:32dd:1::1"] }])
+        );
+        // Giving it up (or the old run going) deletes just that.
+        let doc = ruleset_delta("m", &after, &before).expect("a change");
+        let cmds = &doc["nftables"].as_array().unwrap()[1..];
+        assert_eq!(cmds.len(), 1, "{doc}");
+        assert_eq!(cmds[0]["delete"]["element"]["name"], "own6");
     }
 }

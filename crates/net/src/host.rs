@@ -169,7 +169,7 @@ fn check_nft() -> Result<String, NetError> {
     let sample = FirewallState {
         services: vec![FwService {
             host_if: "phcheck".into(),
-            ipv6: phoenix_model::net::service_ip(0),
+            own6: vec![phoenix_model::net::service_ip(0)],
             ipv4: crate::EGRESS4,
             allowed: vec![phoenix_model::net::service_ip(1)],
         }],

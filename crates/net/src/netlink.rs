@@ -394,6 +394,15 @@ pub(crate) fn new_dev_route(dst: IpAddr, prefix: u8, oif: u32) -> RouteNetlinkMe
     RouteNetlinkMessage::NewRoute(m)
 }
 
+/// Deletes the route `dst/prefix` only if it goes through `oif` (the
+/// kernel matches the output interface: `ESRCH` when the route goes
+/// elsewhere or is gone).
+pub(crate) fn del_dev_route(dst: IpAddr, prefix: u8, oif: u32) -> RouteNetlinkMessage {
+    let mut m = route(dst, prefix, oif);
+    m.header.scope = RouteScope::Link;
+    RouteNetlinkMessage::DelRoute(m)
+}
+
 /// `default via gw dev oif` for IPv6 (a link-local gateway).
 pub(crate) fn new_default6(gw: Ipv6Addr, oif: u32) -> RouteNetlinkMessage {
     let mut m = route(IpAddr::V6(Ipv6Addr::UNSPECIFIED), 0, oif);

@@ -29,12 +29,26 @@ pub const EGRESS4_PREFIX: u8 = 10;
 pub struct NetPlan {
     /// The service's name (for messages).
     pub service: String,
-    /// Its cluster address, inside `fd38:dde8:32dd::/48`.
+    /// Its cluster address, inside `fd38:dde8:32dd::/48`: the run's own
+    /// address, where it is reached (health checks, the proxy).
     pub ipv6: Ipv6Addr,
+    /// The service's stable address when this run holds it and it is not
+    /// [`ipv6`](NetPlan::ipv6) (a run a zero-downtime update started, after
+    /// the switch): on `eth0` beside it, with a host route of its own.
+    pub held6: Option<Ipv6Addr>,
     /// Its node-local IPv4 egress address, from [`Ipv4Pool`].
     pub ipv4: Ipv4Addr,
     /// The name of the host end of its veth, from [`host_if_name`].
     pub host_if: String,
+}
+
+impl NetPlan {
+    /// Every IPv6 address this run has: its own, then the held one.
+    pub fn ipv6_addresses(&self) -> Vec<Ipv6Addr> {
+        let mut out = vec![self.ipv6];
+        out.extend(self.held6.filter(|h| *h != self.ipv6));
+        out
+    }
 }
 
 const BASE32: &[u8; 32] = b"abcdefghijklmnopqrstuvwxyz234567";
@@ -57,7 +71,8 @@ pub fn host_if_prefix(minion_id: &str) -> String {
     format!("ph{}", base32(h.as_bytes(), 3))
 }
 
-/// The host end of `service`'s veth on minion `minion_id`: the minion's
+/// The host end of the veth of `service` (a run's key: the service's name,
+/// or `NAME.GENERATION` for a run an update started) on minion `minion_id`: the minion's
 /// [`host_if_prefix`] and 10 base32 characters (50 bits) of a BLAKE3 of
 /// both names, 15 bytes in all (the kernel's limit).
 pub fn host_if_name(service: &str, minion_id: &str) -> String {

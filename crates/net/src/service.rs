@@ -3,8 +3,9 @@
 use std::collections::HashSet;
 use std::fs::File;
 use std::io;
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv6Addr};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::sync::{Mutex, MutexGuard};
 
 use rustix::thread::{LinkNameSpaceType, UnshareFlags, move_into_link_name_space};
 
@@ -20,10 +21,21 @@ use crate::{NetError, host_err};
 ///
 /// "The host" is always the network namespace of the thread that calls
 /// these functions: the minion's own, or a test's throwaway one.
+///
+/// Its methods take `&self`, so one handle can be shared (an `Arc`) by the
+/// task that starts processes in it and a job that changes its addresses
+/// ([`readdress`](ServiceNet::readdress)).
 #[derive(Debug)]
 pub struct ServiceNet {
-    plan: NetPlan,
+    /// What it is built from now (only `held6` changes, by `readdress`).
+    plan: Mutex<NetPlan>,
+    /// Held by `readdress` for its whole run: changes never interleave.
+    busy: Mutex<()>,
     ns: OwnedFd,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 fn svc_err(plan: &NetPlan, what: impl Into<String>, source: io::Error) -> NetError {
@@ -136,8 +148,8 @@ fn plumb(
             io::Error::from(io::ErrorKind::NotFound),
         )
     })?;
-    configure_inside(plan, inner, eth0, false)?;
-    host_side(plan, host)
+    configure_inside(plan, inner, eth0, &[])?;
+    host_side(plan, host).map(|_| ())
 }
 
 fn eth0_index(plan: &NetPlan, inner: &mut Netlink) -> Result<Option<u32>, NetError> {
@@ -146,15 +158,35 @@ fn eth0_index(plan: &NetPlan, inner: &mut Netlink) -> Result<Option<u32>, NetErr
         .map_err(|e| svc_err(plan, format!("looking up {SERVICE_IF}"), e))
 }
 
-/// Inside the namespace: `lo` and `eth0` up, the plan's addresses (any
-/// other cluster or node-local address on `eth0` removed: the plan is the
-/// truth), the default routes. Idempotent, so it also repairs; `repair`
-/// looks for stale addresses (a new `eth0` has none).
+/// The cluster and node-local addresses on `eth0` that the plan does not
+/// have (left by an earlier plan: a restarted minion's other IPv4 address,
+/// a stable address this run no longer holds).
+fn stale_addresses(
+    plan: &NetPlan,
+    inner: &mut Netlink,
+    eth0: u32,
+) -> Result<Vec<(IpAddr, u8)>, NetError> {
+    let present = inner
+        .addresses(eth0)
+        .map_err(|e| svc_err(plan, format!("listing the addresses of {SERVICE_IF}"), e))?;
+    let own6 = plan.ipv6_addresses();
+    Ok(present
+        .into_iter()
+        .filter(|(ip, _)| match ip {
+            IpAddr::V6(v6) => phoenix_model::net::in_cluster(*v6) && !own6.contains(v6),
+            IpAddr::V4(v4) => crate::Ipv4Pool::contains(*v4) && *v4 != plan.ipv4,
+        })
+        .collect())
+}
+
+/// Inside the namespace: `lo` and `eth0` up, the plan's addresses, the
+/// `stale` ones removed (see [`stale_addresses`]: the plan is the truth),
+/// the default routes. Idempotent, so it also repairs.
 fn configure_inside(
     plan: &NetPlan,
     inner: &mut Netlink,
     eth0: u32,
-    repair: bool,
+    stale: &[(IpAddr, u8)],
 ) -> Result<(), NetError> {
     let mut requests = vec![
         Request::new(netlink::set_up(1), 0, "bringing lo up"),
@@ -163,36 +195,25 @@ fn configure_inside(
             0,
             format!("bringing {SERVICE_IF} up"),
         ),
-        Request::new(
-            netlink::new_addr(eth0, IpAddr::V6(plan.ipv6), 128),
-            CREATE_REPLACE,
-            format!("adding {}/128 to {SERVICE_IF}", plan.ipv6),
-        ),
-        Request::new(
-            netlink::new_addr(eth0, IpAddr::V4(plan.ipv4), 32),
-            CREATE_REPLACE,
-            format!("adding {}/32 to {SERVICE_IF}", plan.ipv4),
-        ),
     ];
-    let present = if repair {
-        inner
-            .addresses(eth0)
-            .map_err(|e| svc_err(plan, format!("listing the addresses of {SERVICE_IF}"), e))?
-    } else {
-        Vec::new()
-    };
-    for (ip, prefix) in present {
-        let stale = match ip {
-            IpAddr::V6(v6) => phoenix_model::net::in_cluster(v6) && v6 != plan.ipv6,
-            IpAddr::V4(v4) => crate::Ipv4Pool::contains(v4) && v4 != plan.ipv4,
-        };
-        if stale {
-            requests.push(Request::new(
-                netlink::del_addr(eth0, ip, prefix),
-                0,
-                format!("removing the stale address {ip}/{prefix} from {SERVICE_IF}"),
-            ));
-        }
+    for ip in plan.ipv6_addresses() {
+        requests.push(Request::new(
+            netlink::new_addr(eth0, IpAddr::V6(ip), 128),
+            CREATE_REPLACE,
+            format!("adding {ip}/128 to {SERVICE_IF}"),
+        ));
+    }
+    requests.push(Request::new(
+        netlink::new_addr(eth0, IpAddr::V4(plan.ipv4), 32),
+        CREATE_REPLACE,
+        format!("adding {}/32 to {SERVICE_IF}", plan.ipv4),
+    ));
+    for &(ip, prefix) in stale {
+        requests.push(Request::new(
+            netlink::del_addr(eth0, ip, prefix),
+            0,
+            format!("removing the stale address {ip}/{prefix} from {SERVICE_IF}"),
+        ));
     }
     requests.push(Request::new(
         netlink::new_default6(GATEWAY6, eth0),
@@ -207,10 +228,9 @@ fn configure_inside(
     inner.batch(requests).map_err(|e| failed(plan, e))
 }
 
-/// The host end's addresses and routes; idempotent (it also repairs).
-fn host_side(plan: &NetPlan, host: &mut Netlink) -> Result<(), NetError> {
-    let index = host
-        .link_index(&plan.host_if)
+/// The index of the plan's host end.
+fn host_index(plan: &NetPlan, host: &mut Netlink) -> Result<u32, NetError> {
+    host.link_index(&plan.host_if)
         .map_err(|e| svc_err(plan, format!("looking up {}", plan.host_if), e))?
         .ok_or_else(|| {
             svc_err(
@@ -218,9 +238,71 @@ fn host_side(plan: &NetPlan, host: &mut Netlink) -> Result<(), NetError> {
                 format!("looking up {}", plan.host_if),
                 io::Error::from(io::ErrorKind::NotFound),
             )
-        })?;
+        })
+}
+
+/// Deletes the host routes of the `stale` addresses that go through the
+/// host end at `index`, and only those: a route to that address through
+/// another run's veth (which took the address over) stays.
+fn drop_stale_routes(
+    plan: &NetPlan,
+    host: &mut Netlink,
+    index: u32,
+    stale: &[(IpAddr, u8)],
+) -> Result<(), NetError> {
+    let no_route = [
+        rustix::io::Errno::SRCH.raw_os_error(),
+        rustix::io::Errno::NOENT.raw_os_error(),
+    ];
+    for &(ip, _) in stale {
+        let prefix = if ip.is_ipv6() { 128 } else { 32 };
+        match host.request(Request::new(
+            netlink::del_dev_route(ip, prefix, index),
+            0,
+            format!("deleting the route {ip}/{prefix} dev {}", plan.host_if),
+        )) {
+            Err(e)
+                if !e
+                    .source
+                    .raw_os_error()
+                    .is_some_and(|c| no_route.contains(&c)) =>
+            {
+                return Err(failed(plan, e));
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// Brings an existing pair to the plan: the host routes of addresses the
+/// run no longer has go (if they are still its own), the addresses inside
+/// follow the plan, then the host side is repaired, its routes replaced
+/// (each route to an address of the plan then goes through this host end,
+/// taken over atomically from whichever veth had it).
+fn converge(
+    plan: &NetPlan,
+    host: &mut Netlink,
+    inner: &mut Netlink,
+    eth0: u32,
+) -> Result<(), NetError> {
+    let stale = stale_addresses(plan, inner, eth0)?;
+    if !stale.is_empty() {
+        let index = host_index(plan, host)?;
+        drop_stale_routes(plan, host, index, &stale)?;
+    }
+    configure_inside(plan, inner, eth0, &stale)?;
+    host_side(plan, host).map(|_| ())
+}
+
+/// The host end's addresses and routes; idempotent (it also repairs). A
+/// route to an address of the plan is replaced (`NLM_F_REPLACE`), so one
+/// that went through another run's veth now goes through this one, with no
+/// moment without a route. Returns the host end's index.
+fn host_side(plan: &NetPlan, host: &mut Netlink) -> Result<u32, NetError> {
+    let index = host_index(plan, host)?;
     let dev = &plan.host_if;
-    host.batch(vec![
+    let mut requests = vec![
         Request::new(netlink::set_up(index), 0, format!("bringing {dev} up")),
         Request::new(
             netlink::new_addr(index, IpAddr::V6(GATEWAY6), 64),
@@ -232,18 +314,21 @@ fn host_side(plan: &NetPlan, host: &mut Netlink) -> Result<(), NetError> {
             CREATE_REPLACE,
             format!("adding {GATEWAY4}/32 to {dev}"),
         ),
-        Request::new(
-            netlink::new_dev_route(IpAddr::V6(plan.ipv6), 128, index),
+    ];
+    for ip in plan.ipv6_addresses() {
+        requests.push(Request::new(
+            netlink::new_dev_route(IpAddr::V6(ip), 128, index),
             CREATE_REPLACE,
-            format!("adding the route {}/128 dev {dev}", plan.ipv6),
-        ),
-        Request::new(
-            netlink::new_dev_route(IpAddr::V4(plan.ipv4), 32, index),
-            CREATE_REPLACE,
-            format!("adding the route {}/32 dev {dev}", plan.ipv4),
-        ),
-    ])
-    .map_err(|e| failed(plan, e))
+            format!("adding the route {ip}/128 dev {dev}"),
+        ));
+    }
+    requests.push(Request::new(
+        netlink::new_dev_route(IpAddr::V4(plan.ipv4), 32, index),
+        CREATE_REPLACE,
+        format!("adding the route {}/32 dev {dev}", plan.ipv4),
+    ));
+    host.batch(requests).map_err(|e| failed(plan, e))?;
+    Ok(index)
 }
 
 /// The namespace a descriptor refers to, as (device, inode).
@@ -281,10 +366,15 @@ impl ServiceNet {
             }
             Ok(ns)
         })?;
-        Ok(ServiceNet {
-            plan: plan.clone(),
+        Ok(ServiceNet::new(plan, ns))
+    }
+
+    fn new(plan: &NetPlan, ns: OwnedFd) -> ServiceNet {
+        ServiceNet {
+            plan: Mutex::new(plan.clone()),
+            busy: Mutex::new(()),
             ns,
-        })
+        }
     }
 
     /// Takes over the namespace of a running service after a minion
@@ -335,10 +425,7 @@ impl ServiceNet {
                 )
             })?;
             match (link, eth0_index(plan, &mut inner)?) {
-                (Some(_), Some(eth0)) => {
-                    configure_inside(plan, &mut inner, eth0, true)?;
-                    host_side(plan, &mut host)
-                }
+                (Some(_), Some(eth0)) => converge(plan, &mut host, &mut inner, eth0),
                 // The pair is gone (or the host end joins some other
                 // namespace): build it again.
                 _ => {
@@ -347,10 +434,48 @@ impl ServiceNet {
                 }
             }
         })?;
-        Ok(ServiceNet {
-            plan: plan.clone(),
-            ns,
-        })
+        Ok(ServiceNet::new(plan, ns))
+    }
+
+    /// Makes the run hold `held6` (the service's stable address, beside
+    /// its own) or, with `None`, hold nothing but its own address: the
+    /// address is added to (or removed from) `eth0`, without duplicate
+    /// address detection, then the host route to it is replaced so that it
+    /// goes through this run's host end (`NLM_F_CREATE | NLM_F_REPLACE`:
+    /// atomic, a client of that address never finds no route), or, when it
+    /// is given up, deleted only if it still goes through this host end.
+    /// Everything else is repaired on the way, as [`adopt`](Self::adopt)
+    /// does.
+    ///
+    /// Blocking (a few netlink requests on a short-lived thread that
+    /// enters the namespace); calls are serialised.
+    pub fn readdress(&self, held6: Option<Ipv6Addr>) -> Result<(), NetError> {
+        let _busy = lock(&self.busy);
+        let plan = NetPlan {
+            held6,
+            ..self.plan()
+        };
+        let target = self.ns.as_fd();
+        let p = &plan;
+        on_thread(p, move || {
+            let mut host = Netlink::open()
+                .map_err(|e| svc_err(p, "opening a netlink socket in the host namespace", e))?;
+            move_into_link_name_space(target, Some(LinkNameSpaceType::Network))
+                .map_err(|e| svc_err(p, "entering the service's namespace", e.into()))?;
+            let mut inner = Netlink::open().map_err(|e| {
+                svc_err(p, "opening a netlink socket in the service's namespace", e)
+            })?;
+            let eth0 = eth0_index(p, &mut inner)?.ok_or_else(|| {
+                svc_err(
+                    p,
+                    format!("looking up {SERVICE_IF}"),
+                    io::Error::from(io::ErrorKind::NotFound),
+                )
+            })?;
+            converge(p, &mut host, &mut inner, eth0)
+        })?;
+        *lock(&self.plan) = plan;
+        Ok(())
     }
 
     /// The namespace, for the spawner to join (`setns`) before exec.
@@ -358,24 +483,29 @@ impl ServiceNet {
         self.ns.as_fd()
     }
 
-    /// What this network was built from.
-    pub fn plan(&self) -> &NetPlan {
-        &self.plan
+    /// What this network is built from (`held6` as the last
+    /// [`readdress`](Self::readdress) that succeeded left it).
+    pub fn plan(&self) -> NetPlan {
+        lock(&self.plan).clone()
     }
 
     /// Removes the veth now (deleting the host end takes the pair, and with
     /// it the service's only way out, at once) and closes the namespace's
-    /// descriptor. A veth already gone is not an error.
-    pub fn destroy(self) -> Result<(), NetError> {
+    /// descriptor (once the last holder of this handle drops it). A veth
+    /// already gone is not an error. The kernel drops the routes through
+    /// the host end with it, and only those: a route to an address another
+    /// run has taken over (see [`readdress`](Self::readdress)) stays.
+    pub fn destroy(&self) -> Result<(), NetError> {
+        let plan = self.plan();
         let mut host =
-            Netlink::open().map_err(|e| svc_err(&self.plan, "opening a netlink socket", e))?;
+            Netlink::open().map_err(|e| svc_err(&plan, "opening a netlink socket", e))?;
         match host.request(Request::new(
-            netlink::del_link(&self.plan.host_if),
+            netlink::del_link(&plan.host_if),
             0,
-            format!("deleting {}", self.plan.host_if),
+            format!("deleting {}", plan.host_if),
         )) {
             Err(e) if e.source.raw_os_error() != Some(netlink::libc_enodev()) => {
-                Err(failed(&self.plan, e))
+                Err(failed(&plan, e))
             }
             _ => Ok(()),
         }

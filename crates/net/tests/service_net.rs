@@ -255,6 +255,7 @@ fn plan(service: &str, n: u64) -> NetPlan {
         service: service.into(),
         ipv6: service_ip(n),
         ipv4: Ipv4Addr::new(100, 64, 0, n as u8 + 1),
+        held6: None,
         host_if: host_if_name(service, MINION),
     }
 }
@@ -263,7 +264,7 @@ fn fw(net: &ServiceNet, allowed: &[Ipv6Addr]) -> FwService {
     let p = net.plan();
     FwService {
         host_if: p.host_if.clone(),
-        ipv6: p.ipv6,
+        own6: p.ipv6_addresses(),
         ipv4: p.ipv4,
         allowed: allowed.to_vec(),
     }
@@ -548,4 +549,129 @@ fn prepare_host_is_idempotent() {
         let third = prepare_host().expect("prepare_host with a dropping chain");
         assert_eq!(third.forward_drop, vec!["ip filter FORWARD"]);
     });
+}
+
+/// Listens on `[::]:PORT + 1` in `ns` and answers every connection with
+/// `tag`: which namespace an address leads to.
+fn serve_tag(ns: BorrowedFd<'_>, tag: &'static str) {
+    let listener = run_in(ns, || TcpListener::bind((Ipv6Addr::UNSPECIFIED, PORT + 1)))
+        .unwrap()
+        .expect("listen");
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { continue };
+            let _ = conn.write_all(tag.as_bytes());
+        }
+    });
+}
+
+/// Who answers at `ip` (see [`serve_tag`]), from the host.
+fn who(ip: Ipv6Addr) -> io::Result<String> {
+    let mut s = TcpStream::connect_timeout(
+        &SocketAddr::new(IpAddr::V6(ip), PORT + 1),
+        Duration::from_secs(3),
+    )?;
+    s.set_read_timeout(Some(Duration::from_secs(3)))?;
+    let mut text = String::new();
+    s.read_to_string(&mut text)?;
+    Ok(text)
+}
+
+/// The host's route to `ip`, as `ip -6 route` shows it ("" when none).
+fn route_to(ip: Ipv6Addr) -> String {
+    sh(&format!("ip -6 route show {ip}/128")).trim().to_owned()
+}
+
+#[test]
+fn a_new_run_takes_over_the_stable_address_and_keeps_it() {
+    if !can_run() {
+        return;
+    }
+    in_fresh_host(|| {
+        // The running version holds the service's stable address as its own.
+        let stable = service_ip(20);
+        let old = ServiceNet::create(&plan("web", 20)).expect("create the old run");
+        // The update's run: its own address, not (yet) the stable one.
+        let new = ServiceNet::create(&plan("web.2", 21)).expect("create the new run");
+        serve_tag(old.netns(), "old");
+        serve_tag(new.netns(), "new");
+        assert_eq!(who(stable).unwrap(), "old");
+        assert_eq!(who(service_ip(21)).unwrap(), "new");
+        let new_if = new.plan().host_if;
+        let old_if = old.plan().host_if;
+        assert!(route_to(stable).contains(&old_if), "{}", route_to(stable));
+
+        // The switch: the route is replaced, in one step.
+        new.readdress(Some(stable)).expect("take over");
+        assert_eq!(new.plan().held6, Some(stable));
+        assert!(route_to(stable).contains(&new_if), "{}", route_to(stable));
+        assert_eq!(who(stable).unwrap(), "new");
+        assert_eq!(who(service_ip(21)).unwrap(), "new");
+        let inside = run_in(new.netns(), || sh("ip -o -6 addr show dev eth0")).unwrap();
+        assert!(inside.contains(&format!("{stable}/128")), "{inside}");
+        assert!(!inside.contains("tentative"), "{inside}");
+        // Doing it again changes nothing.
+        new.readdress(Some(stable)).expect("again");
+        assert_eq!(who(stable).unwrap(), "new");
+
+        // The old run goes: its veth goes, the route to the new one stays.
+        old.destroy().expect("destroy the old run");
+        drop(old);
+        assert!(!host_links().contains(&old_if));
+        assert!(route_to(stable).contains(&new_if), "{}", route_to(stable));
+        assert_eq!(who(stable).unwrap(), "new");
+        ping_from_host(stable).expect("ping the stable address");
+
+        // A third run takes it over; the second giving it up afterwards
+        // must not remove the third's route, only its own address.
+        let third = ServiceNet::create(&plan("web.3", 22)).expect("create a third run");
+        serve_tag(third.netns(), "third");
+        third.readdress(Some(stable)).expect("third takes over");
+        assert_eq!(who(stable).unwrap(), "third");
+        new.readdress(None).expect("the second gives it up");
+        let inside = run_in(new.netns(), || sh("ip -o -6 addr show dev eth0")).unwrap();
+        assert!(!inside.contains(&format!("{stable}/128")), "{inside}");
+        assert!(
+            route_to(stable).contains(&third.plan().host_if),
+            "{}",
+            route_to(stable)
+        );
+        assert_eq!(who(stable).unwrap(), "third");
+        new.destroy().unwrap();
+        assert_eq!(who(stable).unwrap(), "third");
+
+        // Giving up an address whose route is its own removes the route.
+        third.readdress(None).expect("the third gives it up");
+        assert_eq!(route_to(stable), "");
+        assert!(who(stable).is_err());
+
+        // Adopted after a minion restart by a plan that holds it again
+        // (the switch happened while the minion was down): taken back.
+        let mut child = sleeper(third.netns());
+        let mut p = third.plan();
+        drop(third);
+        p.held6 = Some(stable);
+        let third = ServiceNet::adopt(child.id(), &p).expect("adopt holding");
+        assert_eq!(who(stable).unwrap(), "third");
+        // And by one that no longer holds it: given up.
+        drop(third);
+        p.held6 = None;
+        let third = ServiceNet::adopt(child.id(), &p).expect("adopt not holding");
+        assert_eq!(route_to(stable), "");
+        let inside = run_in(third.netns(), || sh("ip -o -6 addr show dev eth0")).unwrap();
+        assert!(!inside.contains(&format!("{stable}/128")), "{inside}");
+        assert!(
+            inside.contains(&format!("{}/128", service_ip(22))),
+            "{inside}"
+        );
+        child.kill().unwrap();
+        child.wait().unwrap();
+        third.destroy().unwrap();
+    });
+}
+
+/// One ICMPv6 echo from the host (the calling thread's namespace).
+fn ping_from_host(to: Ipv6Addr) -> io::Result<()> {
+    let here = OwnedFd::from(std::fs::File::open("/proc/thread-self/ns/net")?);
+    ping(here.as_fd(), to)
 }

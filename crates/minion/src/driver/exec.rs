@@ -14,7 +14,7 @@
 //! and the process title (`/proc/PID/comm`, what `ps -e` and `top` show)
 //! a hash, and breaks multi-call binaries such as busybox that choose what
 //! to be by `argv[0]`. So the program runs through a symlink named after
-//! the image (`programs/SERVICE/IMAGE` under the data dir), which makes the
+//! the image (`programs/KEY/IMAGE` under the data dir, KEY the run's key), which makes the
 //! title the image name, and `argv[0]` is the image name itself.
 
 use std::ffi::OsStr;
@@ -179,7 +179,7 @@ impl ExecDriver {
         env.extend(task.env.iter().cloned());
         let name = program_name(task.assignment);
         let program = match name {
-            Some(image) => self.named_program(&spec.name, image, &task.artifact.path),
+            Some(image) => self.named_program(task.name(), image, &task.artifact.path),
             None => task.artifact.path.clone(),
         };
         let proc = Proc::spawn(
@@ -227,6 +227,9 @@ mod tests {
             image_size: 0,
             generation: 1,
             links: Default::default(),
+            instance: None,
+            own_ip: None,
+            holds_ip: true,
         }
     }
 

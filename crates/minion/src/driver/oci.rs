@@ -88,6 +88,8 @@ fn find_in_path(name: &str) -> Option<PathBuf> {
         .find(|p| p.is_file())
 }
 
+/// The container of the run with key `name` (the service's name, or
+/// `NAME.GENERATION` beside it during an update).
 pub fn container_id(name: &str) -> String {
     format!("phoenix-{name}")
 }
@@ -176,7 +178,8 @@ impl OciDriver {
         let spec = &a.spec;
         let lower = task.artifact.path.join("rootfs");
         let settings = load_settings(&task.artifact.path)?;
-        self.cleanup(&spec.name, work).await;
+        let key = task.name();
+        self.cleanup(key, work).await;
         let bundle = work.join("bundle");
         let rootfs = bundle.join("rootfs");
         let upper = work.join("upper");
@@ -212,7 +215,7 @@ impl OciDriver {
         )
         .map_err(|e| format!("write {}: {e}", config_path.display()))?;
 
-        let id = container_id(&spec.name);
+        let id = container_id(key);
         let pid_file = work.join("container.pid");
         let crun_log = work.join("crun.log");
         let _ = std::fs::remove_file(&pid_file);
@@ -244,7 +247,7 @@ impl OciDriver {
         let exit = reaper::exit_of(child.pid).await;
         if exit.code != Some(0) {
             let why = std::fs::read_to_string(&crun_log).unwrap_or_default();
-            self.cleanup(&spec.name, work).await;
+            self.cleanup(key, work).await;
             return Err(format!("crun create failed ({exit}): {}", last_line(&why)));
         }
         let pid: u32 = std::fs::read_to_string(&pid_file)
@@ -252,7 +255,7 @@ impl OciDriver {
             .and_then(|p| p.trim().parse().ok())
             .ok_or_else(|| format!("crun create wrote no pid to {}", pid_file.display()))?;
         if let Err(e) = self.crun_run(&["start", &id], "start").await {
-            self.cleanup(&spec.name, work).await;
+            self.cleanup(key, work).await;
             return Err(e);
         }
         Ok(TaskHandle {
@@ -592,6 +595,9 @@ mod tests {
             image_size: 0,
             generation: 1,
             links: Default::default(),
+            instance: None,
+            own_ip: None,
+            holds_ip: true,
         };
         let img = ImageSettings {
             entrypoint: vec!["/bin/app".into()],

@@ -15,6 +15,17 @@
 //!   `nft` run). A new namespace waits until the table that lets its
 //!   service out is in place before its process starts, so a service is
 //!   never briefly unconfined; restarts do not wait.
+//! - Instance keys: everything here is per run, named by the assignment's
+//!   key (the service's name, or `NAME.GENERATION` for the run a
+//!   zero-downtime update starts beside the old one): the veth, the IPv4
+//!   address, the firewall entry. A run is reached at its own address
+//!   (`reach_ip`); while it holds the service's stable address too, that
+//!   one is on its `eth0` and the host routes it to its veth.
+//!   [`ServiceNetworks::readdress`] moves the stable address to a run
+//!   without a restart: the firewall lets the run send from it, then the
+//!   address is added inside and the host route replaced (atomic: no
+//!   moment without a route). A run given back deletes its veth, which
+//!   takes only the routes through it, so never a route another run took.
 //! - Names: the service's hosts file (`work/NAME/hosts`) lists its own name
 //!   and every service it links; the drivers mount it on `/etc/hosts`. A
 //!   change of what a link points at rewrites it in place (the mount holds
@@ -22,14 +33,15 @@
 //!   addresses in the environment from the next start.
 
 use std::collections::{BTreeMap, HashSet};
-use std::net::{IpAddr, Ipv6Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use phoenix_model::proto::Assignment;
 use phoenix_net::{FirewallState, FwService, Ipv4Pool, NetPlan, ServiceNet};
-use tokio::sync::{Notify, watch};
+use tokio::sync::{Notify, oneshot, watch};
 
 /// How services reach the network.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -58,20 +70,58 @@ const FIREWALL_WAIT: Duration = Duration::from_secs(10);
 /// Between attempts of a firewall update that failed.
 const FIREWALL_RETRY: Duration = Duration::from_secs(1);
 
-/// A service's network, held by its runner for as long as the service is
-/// on this minion.
+/// A run's network, held by its runner for as long as the run is on this
+/// minion.
 pub struct ServiceNetwork {
-    net: ServiceNet,
+    /// Shared with the jobs that change its addresses.
+    net: Arc<ServiceNet>,
+    /// The run's own address, where it is reached.
+    ipv6: Ipv6Addr,
+    ipv4: Ipv4Addr,
+    host_if: String,
+    /// The stable address the newest change asked it to hold.
+    held6: Option<Ipv6Addr>,
+    /// Changes of `held6` asked so far; a job applies its change only if
+    /// no newer one was asked meanwhile (the newer job applies that).
+    changes: Arc<AtomicU64>,
+    /// Held by a job while it checks and applies, so jobs never interleave.
+    applying: Arc<Mutex<()>>,
 }
 
 impl ServiceNetwork {
+    fn new(net: ServiceNet) -> ServiceNetwork {
+        let plan = net.plan();
+        ServiceNetwork {
+            net: Arc::new(net),
+            ipv6: plan.ipv6,
+            ipv4: plan.ipv4,
+            host_if: plan.host_if,
+            held6: plan.held6,
+            changes: Arc::default(),
+            applying: Arc::default(),
+        }
+    }
+
+    /// The run's own address (its assignment's `reach_ip`).
     pub fn ipv6(&self) -> Ipv6Addr {
-        self.net.plan().ipv6
+        self.ipv6
+    }
+
+    /// The stable address it holds beside its own, if it does.
+    pub fn held6(&self) -> Option<Ipv6Addr> {
+        self.held6
     }
 
     pub fn netns(&self) -> std::os::fd::BorrowedFd<'_> {
         self.net.netns()
     }
+}
+
+/// The stable address a run holds beside its own: `ip` while it holds it
+/// and it is not the run's own address.
+pub fn held6(a: &Assignment) -> Option<Ipv6Addr> {
+    let own = a.reach_ip();
+    a.addresses().into_iter().find(|ip| *ip != own)
 }
 
 /// The networks of this minion's services.
@@ -136,12 +186,13 @@ impl ServiceNetworks {
     }
 
     fn plan(&self, a: &Assignment) -> Option<NetPlan> {
-        let ipv4 = lock(&self.pool).allocate(a.ip)?;
+        let ipv4 = lock(&self.pool).allocate(a.reach_ip())?;
         Some(NetPlan {
-            service: a.spec.name.clone(),
-            ipv6: a.ip,
+            service: a.key().to_owned(),
+            ipv6: a.reach_ip(),
+            held6: held6(a),
             ipv4,
-            host_if: phoenix_net::host_if_name(&a.spec.name, &self.minion_id),
+            host_if: phoenix_net::host_if_name(a.key(), &self.minion_id),
         })
     }
 
@@ -156,7 +207,9 @@ impl ServiceNetworks {
             .ok_or("no free node-local IPv4 address (100.64.0.0/10 is full)")?;
         let ipv4 = plan.ipv4;
         // The firewall is rebuilt while the namespace is made.
-        let version = self.firewall.set(&a.spec.name, fw_entry(&plan, a));
+        let version = self
+            .firewall
+            .set(a.key(), fw_entry(&plan.host_if, plan.ipv4, a));
         let made = {
             let _turn = self.setups.acquire().await;
             tokio::task::spawn_blocking(move || ServiceNet::create(&plan)).await
@@ -164,24 +217,26 @@ impl ServiceNetworks {
         let net = match made {
             Ok(Ok(net)) => net,
             Ok(Err(e)) => {
-                self.forget(&a.spec.name, ipv4);
+                self.forget(a.key(), ipv4);
                 return Err(e.to_string());
             }
             Err(e) => {
-                self.forget(&a.spec.name, ipv4);
+                self.forget(a.key(), ipv4);
                 return Err(format!("network setup thread: {e}"));
             }
         };
-        let net = ServiceNetwork { net };
+        let net = ServiceNetwork::new(net);
         if let Err(e) = self.firewall.wait(version).await {
-            self.release(&a.spec.name, net);
+            self.release(a.key(), net);
             return Err(format!("firewall: {e}"));
         }
         Ok(Some(net))
     }
 
     /// Takes over the namespace of the service's running process `pid`
-    /// (off the runtime: a few netlink calls on a thread of its own).
+    /// (off the runtime: a few netlink calls on a thread of its own), and
+    /// brings its addresses to the assignment's (one it came to hold while
+    /// the minion was down is added, and its route taken over).
     /// `Ok(None)` in host mode.
     pub async fn adopt(&self, a: &Assignment, pid: u32) -> Result<Option<ServiceNetwork>, String> {
         if self.mode == NetMode::Host {
@@ -202,8 +257,9 @@ impl ServiceNetworks {
         };
         match adopted {
             Ok(net) => {
-                self.firewall.set(&a.spec.name, fw_entry(&plan, a));
-                Ok(Some(ServiceNetwork { net }))
+                self.firewall
+                    .set(a.key(), fw_entry(&plan.host_if, plan.ipv4, a));
+                Ok(Some(ServiceNetwork::new(net)))
             }
             Err(e) => {
                 lock(&self.pool).release(ipv4);
@@ -212,15 +268,78 @@ impl ServiceNetworks {
         }
     }
 
-    /// The service's links changed: new firewall entry.
+    /// The run's links changed: new firewall entry.
     pub fn relink(&self, a: &Assignment, net: &ServiceNetwork) {
-        self.firewall.set(&a.spec.name, fw_entry(net.net.plan(), a));
+        self.firewall
+            .set(a.key(), fw_entry(&net.host_if, net.ipv4, a));
     }
 
-    /// Removes the service's namespace and rules (off the runtime).
-    pub fn release(&self, service: &str, net: ServiceNetwork) {
-        self.forget(service, net.net.plan().ipv4);
-        let name = service.to_owned();
+    /// Brings the run's addresses to `a` without a restart: whether it
+    /// holds the service's stable address (`holds_ip`), and its links.
+    ///
+    /// The firewall entry changes at once. Taking the stable address: once
+    /// the firewall lets the run send from it (so its first replies are
+    /// not dropped as spoofed; bounded by the firewall's wait), the address
+    /// is added to its `eth0` and the host route replaced to go through its
+    /// veth, atomically. Giving it up: the address is removed and the route
+    /// deleted if it still goes through this run's veth. The work runs on a
+    /// task of its own, off the runtime thread; `done` is told when it is
+    /// over (at once when nothing changes), whether it worked or not.
+    pub fn readdress(
+        &self,
+        a: &Assignment,
+        net: &mut ServiceNetwork,
+        done: Option<oneshot::Sender<()>>,
+    ) {
+        let tell = |done: Option<oneshot::Sender<()>>| {
+            if let Some(d) = done {
+                let _ = d.send(());
+            }
+        };
+        let version = self
+            .firewall
+            .set(a.key(), fw_entry(&net.host_if, net.ipv4, a));
+        let want = held6(a);
+        if want == net.held6 {
+            tell(done);
+            return;
+        }
+        net.held6 = want;
+        let change = net.changes.fetch_add(1, Ordering::SeqCst) + 1;
+        let (shared, changes, applying) =
+            (net.net.clone(), net.changes.clone(), net.applying.clone());
+        let firewall = self.firewall.clone();
+        let key = a.key().to_owned();
+        tokio::spawn(async move {
+            if want.is_some()
+                && let Err(e) = firewall.wait(version).await
+            {
+                tracing::warn!(service = %key, "taking over the stable address without its firewall entry: {e}");
+            }
+            let applied = tokio::task::spawn_blocking(move || {
+                let _turn = lock(&applying);
+                if changes.load(Ordering::SeqCst) != change {
+                    // A newer change came: its job applies that.
+                    return Ok(());
+                }
+                shared.readdress(want).map_err(|e| e.to_string())
+            })
+            .await
+            .unwrap_or_else(|e| Err(format!("readdress thread: {e}")));
+            match applied {
+                Ok(()) => tracing::info!(service = %key, held = ?want, "readdressed"),
+                Err(e) => tracing::warn!(service = %key, "cannot change its addresses: {e}"),
+            }
+            tell(done);
+        });
+    }
+
+    /// Removes the run's namespace and rules (off the runtime). Deleting
+    /// its veth drops only the routes through it: a route to the stable
+    /// address that another run took over stays.
+    pub fn release(&self, key: &str, net: ServiceNetwork) {
+        self.forget(key, net.ipv4);
+        let name = key.to_owned();
         tokio::task::spawn_blocking(move || {
             if let Err(e) = net.net.destroy() {
                 tracing::warn!(service = %name, "{e}");
@@ -228,14 +347,14 @@ impl ServiceNetworks {
         });
     }
 
-    fn forget(&self, service: &str, ipv4: std::net::Ipv4Addr) {
+    fn forget(&self, service: &str, ipv4: Ipv4Addr) {
         lock(&self.pool).release(ipv4);
         self.firewall.remove(service);
     }
 
-    /// Deletes host ends of this minion's veths that no wanted service
-    /// owns (left by services deleted while the minion was down whose
-    /// processes still held them).
+    /// Deletes host ends of this minion's veths that no wanted run owns
+    /// (left by runs deleted while the minion was down whose processes
+    /// still held them); `wanted` are the wanted runs' keys.
     pub fn clean_orphans(&self, wanted: impl IntoIterator<Item = String>) {
         if self.mode == NetMode::Host {
             return;
@@ -255,14 +374,16 @@ impl ServiceNetworks {
     }
 }
 
-fn fw_entry(plan: &NetPlan, a: &Assignment) -> FwService {
+/// A run's firewall entry: it may send from exactly its addresses (its own
+/// and, while it holds it, the stable one).
+fn fw_entry(host_if: &str, ipv4: Ipv4Addr, a: &Assignment) -> FwService {
     let mut allowed: Vec<Ipv6Addr> = a.links.values().copied().collect();
     allowed.sort();
     allowed.dedup();
     FwService {
-        host_if: plan.host_if.clone(),
-        ipv6: plan.ipv6,
-        ipv4: plan.ipv4,
+        host_if: host_if.to_owned(),
+        own6: a.addresses(),
+        ipv4,
         allowed,
     }
 }
@@ -492,7 +613,7 @@ pub fn link_env(links: &BTreeMap<String, Ipv6Addr>) -> Vec<(String, String)> {
         .collect()
 }
 
-/// The address health checks and the minion use for a service.
+/// The address health checks and the minion use for a run: its own.
 pub fn service_addr(net: Option<&ServiceNetwork>) -> Option<IpAddr> {
     net.map(|n| IpAddr::V6(n.ipv6()))
 }
@@ -535,6 +656,42 @@ mod tests {
                     "fd38:dde8:32dd:1::2".to_owned()
                 ),
             ]
+        );
+    }
+
+    #[test]
+    fn a_run_holds_the_stable_address_beside_its_own_only_when_told() {
+        let spec = phoenix_model::spec::parse_specs(
+            "t",
+            r#"{"machine":"m","name":"web","type":"binary","image":"x"}"#,
+        )
+        .unwrap()
+        .remove(0);
+        let mut a = Assignment {
+            spec,
+            ip: ip("fd38:dde8:32dd:1::1"),
+            image_hash: String::new(),
+            image_size: 0,
+            generation: 2,
+            links: Default::default(),
+            instance: None,
+            own_ip: None,
+            holds_ip: true,
+        };
+        // A plain run: its own address is the stable one.
+        assert_eq!(held6(&a), None);
+        a.instance = Some("web.2".into());
+        a.own_ip = Some(ip("fd38:dde8:32dd:1::9"));
+        a.holds_ip = false;
+        assert_eq!(held6(&a), None);
+        let fw = fw_entry("phx", Ipv4Addr::new(100, 64, 0, 9), &a);
+        assert_eq!(fw.own6, [ip("fd38:dde8:32dd:1::9")]);
+        a.holds_ip = true;
+        assert_eq!(held6(&a), Some(ip("fd38:dde8:32dd:1::1")));
+        let fw = fw_entry("phx", Ipv4Addr::new(100, 64, 0, 9), &a);
+        assert_eq!(
+            fw.own6,
+            [ip("fd38:dde8:32dd:1::9"), ip("fd38:dde8:32dd:1::1")]
         );
     }
 
