@@ -84,6 +84,22 @@ async fn connection(hub: Arc<Hub>, mut stream: UnixStream) -> Result<(), BoxErro
             reply(accepted)
         }
         Request::Forget { name } => reply(hub.forget(&who, &name).await),
+        Request::Update { source, text } => {
+            let h = hub.clone();
+            let applied =
+                tokio::task::spawn_blocking(move || h.apply(&who, Apply::Update, &source, &text))
+                    .await
+                    .unwrap_or_else(|e| Err(ApiError::Internal(format!("update: {e}"))));
+            reply(applied.inspect(|applied| start_rollouts(&hub, applied)))
+        }
+        Request::Restart { names } => {
+            let h = hub.clone();
+            let applied = tokio::task::spawn_blocking(move || h.restart(&who, &names))
+                .await
+                .unwrap_or_else(|e| Err(ApiError::Internal(format!("restart: {e}"))));
+            reply(applied.inspect(|applied| start_rollouts(&hub, applied)))
+        }
+        Request::Del { name } => reply(hub.delete_drained(&who, &name).await),
         Request::Wait { names, timeout_ms } => {
             reply(hub.wait(&names, Duration::from_millis(timeout_ms)).await)
         }
@@ -102,6 +118,13 @@ async fn connection(hub: Arc<Hub>, mut stream: UnixStream) -> Result<(), BoxErro
     Ok(())
 }
 
+/// Starts the task of every zero-downtime update among `applied`.
+fn start_rollouts(hub: &Arc<Hub>, applied: &[phoenix_model::proto::Applied]) {
+    for a in applied.iter().filter(|a| a.beside) {
+        hub.start_rollout(&a.name, a.generation);
+    }
+}
+
 /// The final reply for a handler's typed result.
 fn reply<T: serde::Serialize>(result: Result<T, ApiError>) -> Reply {
     Reply::of(result.map_err(ApiError::into_wire))
@@ -116,9 +139,6 @@ fn handle(hub: &Hub, who: &str, req: Request) -> Reply {
             reply(hub.reject(who, &name, fingerprint.as_deref()))
         }
         Request::Deploy { source, text } => reply(hub.apply(who, Apply::Deploy, &source, &text)),
-        Request::Update { source, text } => reply(hub.apply(who, Apply::Update, &source, &text)),
-        Request::Del { name } => reply(hub.delete(who, &name)),
-        Request::Restart { names } => reply(hub.restart(who, &names)),
         Request::Status { name } => reply(hub.status(&name)),
         Request::Info { name } => reply(hub.info(&name)),
         Request::Services => reply(hub.services()),
@@ -127,6 +147,9 @@ fn handle(hub: &Hub, who: &str, req: Request) -> Reply {
         Request::Images => reply(hub.images()),
         Request::Audit { limit } => reply(audit(hub, limit)),
         Request::Logs { .. }
+        | Request::Update { .. }
+        | Request::Restart { .. }
+        | Request::Del { .. }
         | Request::Push { .. }
         | Request::Wait { .. }
         | Request::WaitGone { .. }

@@ -115,6 +115,27 @@ impl Front {
         Ok(front)
     }
 
+    /// Gives the proxy this route table now.
+    pub fn set_routes(&self, table: &[RouteSpec]) {
+        if let Err(e) = self.proxy.set_routes(proxy_routes(table)) {
+            tracing::error!("the proxy refused the route table: {e}");
+        }
+    }
+
+    /// Resolves once no request is in flight on the run `id`. A request
+    /// that looked up the table just before the run left it may pick it a
+    /// moment later (after a basic-auth check, say): the count must stay
+    /// at zero for a short while.
+    pub async fn drained(&self, id: &str) {
+        loop {
+            self.proxy.drained(id).await;
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            if self.proxy.outstanding(id) == 0 {
+                return;
+            }
+        }
+    }
+
     /// What `phoenix routes` shows, from the route table `table`.
     pub fn view(&self, table: &[RouteSpec]) -> RoutesView {
         let snapshot = self.proxy.snapshot();
@@ -163,6 +184,7 @@ pub fn routes_view(
                             machine: i.machine.clone(),
                             addr: i.addr,
                             up: i.up,
+                            draining: i.draining,
                             outstanding: seen.map_or(0, |s| s.outstanding),
                             requests: seen.map_or(0, |s| s.total),
                             failures: seen.map_or(0, |s| s.failures),
@@ -215,6 +237,7 @@ fn proxy_routes(table: &[RouteSpec]) -> phoenix_proxy::Routes {
                     .iter()
                     .map(|i| phoenix_proxy::Instance {
                         healthy: i.up,
+                        draining: i.draining,
                         ..phoenix_proxy::Instance::new(i.service.clone(), i.addr)
                     })
                     .collect();
@@ -245,9 +268,7 @@ async fn keep_routes(front: Arc<Front>, hub: Arc<Hub>) {
         let table = services.as_deref().map(|s| hub.route_table_of(s));
         match table {
             Some(table) if last.as_ref() != Some(&table) => {
-                if let Err(e) = front.proxy.set_routes(proxy_routes(&table)) {
-                    tracing::error!("the proxy refused the route table: {e}");
-                }
+                front.set_routes(&table);
                 if let Some(acme) = &front.acme {
                     let hosts: BTreeSet<String> = table.iter().map(|r| r.host.clone()).collect();
                     for bad in acme.set_hosts(hosts) {

@@ -29,6 +29,7 @@ mod logs;
 mod membership;
 mod mesh;
 mod observed;
+mod rollout;
 mod routes;
 
 pub use routes::RoutesChange;
@@ -58,6 +59,24 @@ pub use observed::NodeSeen;
 pub struct Settings {
     pub auto_accept: bool,
     pub node_timeout: std::time::Duration,
+    /// How long an update's new version may take to come up beside the
+    /// old one before the update is called failed (`hub::rollout`).
+    pub update_timeout: std::time::Duration,
+    /// How long requests in flight on a run taken out of the proxy's
+    /// rotation (an update's old version, a deleted service) may take.
+    pub drain_timeout: std::time::Duration,
+}
+
+impl Settings {
+    /// The defaults of the master's flags.
+    pub fn new(auto_accept: bool, node_timeout: std::time::Duration) -> Settings {
+        Settings {
+            auto_accept,
+            node_timeout,
+            update_timeout: std::time::Duration::from_secs(120),
+            drain_timeout: std::time::Duration::from_secs(30),
+        }
+    }
 }
 
 pub struct Hub {
@@ -86,6 +105,8 @@ pub struct Hub {
     /// The proxy and its certificates, once started (not with
     /// `--no-proxy`).
     pub front: std::sync::OnceLock<Arc<crate::front::Front>>,
+    /// Updates switching and deletes draining (see `hub::rollout`).
+    rollouts: Mutex<rollout::Rollouts>,
 }
 
 impl Hub {
@@ -115,6 +136,7 @@ impl Hub {
             mesh_changed: tokio::sync::Notify::new(),
             routes_changed: tokio::sync::Notify::new(),
             front: std::sync::OnceLock::new(),
+            rollouts: Mutex::default(),
         }
     }
 

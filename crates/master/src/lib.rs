@@ -49,6 +49,10 @@ pub struct MasterConfig {
     pub auto_accept: bool,
     /// A minion silent this long is marked unreachable.
     pub node_timeout: std::time::Duration,
+    /// How long an update's new version may take to come up beside the old.
+    pub update_timeout: std::time::Duration,
+    /// How long requests in flight may take on a run leaving the proxy.
+    pub drain_timeout: std::time::Duration,
     /// The HTTP/HTTPS proxy on the public IP; `None`: `--no-proxy`.
     pub proxy: Option<front::ProxySettings>,
 }
@@ -327,14 +331,19 @@ pub async fn run(cfg: MasterConfig) -> Result<(), MasterError> {
         );
     }
     let settings = hub::Settings {
-        auto_accept: cfg.auto_accept,
-        node_timeout: cfg.node_timeout,
+        update_timeout: cfg.update_timeout,
+        drain_timeout: cfg.drain_timeout,
+        ..hub::Settings::new(cfg.auto_accept, cfg.node_timeout)
     };
     let hub = Arc::new(hub::Hub::new(store, registry, info, overlay, settings));
     if let Some(proxy) = &cfg.proxy {
         let front =
             front::Front::start(hub.clone(), proxy, cfg.public_ip, cfg.data_dir.clone()).await?;
         let _ = hub.front.set(front);
+    }
+    // Updates a previous master left half way go on where they were.
+    if let Err(e) = hub.resume_rollouts() {
+        tracing::error!("cannot resume the updates in progress: {e}");
     }
     tokio::spawn(join::serve(hub.clone(), join));
     tokio::spawn(link::serve(hub.clone(), link));
@@ -360,6 +369,8 @@ mod tests {
             overlay: None,
             auto_accept: false,
             node_timeout: std::time::Duration::from_secs(6),
+            update_timeout: std::time::Duration::from_secs(120),
+            drain_timeout: std::time::Duration::from_secs(30),
             proxy: None,
         }
     }

@@ -52,8 +52,8 @@ async fn connection(hub: Arc<Hub>, mut stream: TcpStream) -> Result<(), BoxError
             key,
             version,
             revision,
-            host_network: _,
-        }) => link(hub, stream, name, key, version, revision).await,
+            host_network,
+        }) => link(hub, stream, name, key, version, revision, host_network).await,
         Some(ToMaster::FetchIndex {
             name,
             key,
@@ -83,6 +83,7 @@ async fn link(
     key: String,
     version: String,
     revision: u64,
+    host_network: bool,
 ) -> Result<(), BoxError> {
     // A minion that has asked to join waits here until it is accepted;
     // the accept wakes it, no polling.
@@ -142,7 +143,7 @@ async fn link(
     // The hub queues messages here; they are encoded onto the link below,
     // where one too large for a frame is logged and skipped.
     let (tx, mut rx) = mpsc::unbounded_channel::<ToMinion>();
-    let conn = hub.connect(&name, &version, tx);
+    let conn = hub.connect(&name, &version, host_network, tx);
     hub.push_desired([name.as_str()]);
     hub.send(
         &name,

@@ -24,6 +24,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::net::{Ipv6Addr, SocketAddr};
 
 use phoenix_model::proto::{Assignment, DesiredSet, MeshPeer};
+use phoenix_model::spec::Spec;
 
 use crate::store::{Node, Service};
 
@@ -61,9 +62,25 @@ pub fn desired_sets(nodes: &[Node], services: &[Service]) -> BTreeMap<String, De
         if let Some(set) = sets.get_mut(&svc.spec.machine) {
             set.services.push(assignment(svc, &addresses));
         }
+        // An update's new version, beside the current one until the switch.
+        if let Some(next) = &svc.next
+            && let Some(set) = sets.get_mut(&next.spec.machine)
+        {
+            let mut a = assignment(svc, &addresses);
+            a.spec = next.spec.clone();
+            a.image_hash = next.image_hash.clone();
+            a.image_size = next.image_size;
+            a.generation = next.generation;
+            a.links = links(&next.spec, &addresses);
+            a.instance = Some(next.run.instance.clone());
+            a.own_ip = Some(next.run.own_ip);
+            a.holds_ip = false;
+            set.services.push(a);
+        }
     }
     for set in sets.values_mut() {
-        set.services.sort_by(|a, b| a.spec.name.cmp(&b.spec.name));
+        set.services
+            .sort_by(|a, b| (&a.spec.name, a.key()).cmp(&(&b.spec.name, b.key())));
     }
     sets
 }
@@ -96,9 +113,18 @@ pub fn mesh(nodes: &[Node], services: &[Service]) -> Vec<MeshPeer> {
         })
         .collect();
     peers.sort_by(|a, b| a.node.cmp(&b.node));
+    let mut serve = |node: &str, ip: Ipv6Addr| {
+        if let Ok(i) = peers.binary_search_by(|p| p.node.as_str().cmp(node)) {
+            peers[i].services.push(ip);
+        }
+    };
     for svc in services {
-        if let Ok(i) = peers.binary_search_by(|p| p.node.as_str().cmp(&svc.spec.machine)) {
-            peers[i].services.push(svc.ip);
+        serve(&svc.spec.machine, svc.ip);
+        if let Some(run) = &svc.run {
+            serve(&svc.spec.machine, run.own_ip);
+        }
+        if let Some(next) = &svc.next {
+            serve(&next.spec.machine, next.run.own_ip);
         }
     }
     for p in &mut peers {
@@ -117,16 +143,19 @@ fn assignment(svc: &Service, addresses: &HashMap<&str, Ipv6Addr>) -> Assignment 
         image_hash: svc.image_hash.clone(),
         image_size: svc.image_size,
         generation: svc.generation,
-        links: svc
-            .spec
-            .link
-            .iter()
-            .filter_map(|name| Some((name.clone(), *addresses.get(name.as_str())?)))
-            .collect(),
-        instance: None,
-        own_ip: None,
+        links: links(&svc.spec, addresses),
+        instance: svc.run.as_ref().map(|r| r.instance.clone()),
+        own_ip: svc.run.as_ref().map(|r| r.own_ip),
         holds_ip: true,
     }
+}
+
+/// The addresses of the services `spec` links to, of those that exist.
+fn links(spec: &Spec, addresses: &HashMap<&str, Ipv6Addr>) -> BTreeMap<String, Ipv6Addr> {
+    spec.link
+        .iter()
+        .filter_map(|name| Some((name.clone(), *addresses.get(name.as_str())?)))
+        .collect()
 }
 
 #[cfg(test)]
@@ -167,6 +196,8 @@ mod tests {
             image_hash: format!("hash-{name}"),
             image_size: 100 + n,
             generation: n + 1,
+            run: None,
+            next: None,
         }
     }
 

@@ -10,7 +10,7 @@
 //! its instances (any one of them lets a request in), so instances that
 //! disagree never lock a user out half the time.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::net::{SocketAddr, SocketAddrV6};
 
 use phoenix_model::status::{Health, ServiceState, ServiceStatus};
@@ -28,15 +28,20 @@ pub struct RouteSpec {
     pub auth: Vec<(String, String)>,
 }
 
-/// One service behind a route.
+/// One run of a service behind a route.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RouteInstance {
+    /// The run's instance key (the service's name, or `NAME.GENERATION`
+    /// for a run an update started): the proxy's id for it.
     pub service: String,
     pub machine: String,
-    /// The service's own address and its `proxyport`.
+    /// The run's own address and its `proxyport`.
     pub addr: SocketAddr,
     /// Whether requests may go to it now.
     pub up: bool,
+    /// Taking no new requests: its service is being deleted, or an
+    /// update's new version took over and it finishes what it has.
+    pub draining: bool,
 }
 
 /// Whether a reported status lets requests in.
@@ -44,37 +49,76 @@ pub fn is_up(status: Option<&ServiceStatus>) -> bool {
     status.is_some_and(|s| s.state == ServiceState::Running && s.health != Health::Unhealthy)
 }
 
+/// Services in the middle of a change that moves their traffic.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Moving<'a> {
+    /// Updates whose new version takes the traffic while the old drains.
+    pub switching: Option<&'a HashSet<String>>,
+    /// Services drained before their deletion.
+    pub deleting: Option<&'a HashSet<String>>,
+}
+
+impl Moving<'_> {
+    fn switching(&self, name: &str) -> bool {
+        self.switching.is_some_and(|s| s.contains(name))
+    }
+
+    fn deleting(&self, name: &str) -> bool {
+        self.deleting.is_some_and(|s| s.contains(name))
+    }
+}
+
 /// The route table, sorted by host then path (longest first within a
-/// host, the order a lookup tries them in).
+/// host, the order a lookup tries them in). A service being updated is
+/// served by its current run until its new version is up and the update
+/// switches: from then on the new run takes the requests and the old one
+/// drains.
 pub fn route_table<'a>(
     services: &[Service],
     status: impl Fn(&str) -> Option<&'a ServiceStatus>,
+    moving: Moving<'_>,
 ) -> Vec<RouteSpec> {
     let mut routes: BTreeMap<(String, String), RouteSpec> = BTreeMap::new();
     for s in services {
-        let Some(host) = &s.spec.proxyname else {
-            continue;
-        };
-        let path = s.spec.proxypath.clone().unwrap_or_else(|| "/".to_owned());
-        let route = routes
-            .entry((host.clone(), path.clone()))
-            .or_insert_with(|| RouteSpec {
-                host: host.clone(),
-                path,
-                instances: Vec::new(),
-                auth: Vec::new(),
+        let switching = moving.switching(&s.spec.name) && s.next.is_some();
+        let runs = std::iter::once((
+            &s.spec,
+            s.instance(),
+            s.reach_ip(),
+            switching || moving.deleting(&s.spec.name),
+        ))
+        .chain(
+            s.next
+                .as_ref()
+                .filter(|_| switching)
+                .map(|n| (&n.spec, n.run.instance.as_str(), n.run.own_ip, false)),
+        );
+        for (spec, key, ip, draining) in runs {
+            let Some(host) = &spec.proxyname else {
+                continue;
+            };
+            let path = spec.proxypath.clone().unwrap_or_else(|| "/".to_owned());
+            let route = routes
+                .entry((host.clone(), path.clone()))
+                .or_insert_with(|| RouteSpec {
+                    host: host.clone(),
+                    path,
+                    instances: Vec::new(),
+                    auth: Vec::new(),
+                });
+            route.instances.push(RouteInstance {
+                service: key.to_owned(),
+                machine: spec.machine.clone(),
+                addr: SocketAddr::V6(SocketAddrV6::new(ip, spec.proxyport, 0, 0)),
+                up: is_up(status(key)),
+                draining,
             });
-        route.instances.push(RouteInstance {
-            service: s.spec.name.clone(),
-            machine: s.spec.machine.clone(),
-            addr: SocketAddr::V6(SocketAddrV6::new(s.ip, s.spec.proxyport, 0, 0)),
-            up: is_up(status(&s.spec.name)),
-        });
-        for entry in &s.spec.proxyauth {
-            if let Some((user, hash)) = entry.split_once(':') {
-                let pair = (user.to_owned(), hash.to_owned());
-                if !route.auth.contains(&pair) {
-                    route.auth.push(pair);
+            for entry in &spec.proxyauth {
+                if let Some((user, hash)) = entry.split_once(':') {
+                    let pair = (user.to_owned(), hash.to_owned());
+                    if !route.auth.contains(&pair) {
+                        route.auth.push(pair);
+                    }
                 }
             }
         }
@@ -111,6 +155,8 @@ mod tests {
                 image_hash: String::new(),
                 image_size: 0,
                 generation: 1,
+                run: None,
+                next: None,
             })
             .collect()
     }
@@ -153,7 +199,7 @@ mod tests {
         .into_iter()
         .map(|s| (s.name.clone(), s))
         .collect();
-        let table = route_table(&svcs, |n| reported.get(n));
+        let table = route_table(&svcs, |n| reported.get(n), Moving::default());
         let keys: Vec<(&str, &str)> = table
             .iter()
             .map(|r| (r.host.as_str(), r.path.as_str()))
@@ -198,5 +244,62 @@ mod tests {
             ServiceState::Running,
             Health::Pending
         ))));
+    }
+
+    #[test]
+    fn an_update_switches_to_the_new_run_and_drains_the_old_one() {
+        let mut svcs = services(
+            r#"[{"machine":"m1","name":"web","image":"x","type":"binary","proxyname":"example.com"}]"#,
+        );
+        let own = phoenix_model::net::service_ip(9);
+        let mut next_spec = svcs[0].spec.clone();
+        next_spec.proxyport = 9000;
+        svcs[0].next = Some(crate::store::NextVersion {
+            spec: next_spec,
+            image_hash: String::new(),
+            image_size: 0,
+            generation: 2,
+            run: crate::store::Run {
+                instance: "web.2".into(),
+                own_ip: own,
+            },
+            since: 0,
+        });
+        let mut new = status("web", ServiceState::Running, Health::Healthy);
+        new.instance = Some("web.2".into());
+        let reported: HashMap<String, ServiceStatus> =
+            [status("web", ServiceState::Running, Health::Healthy), new]
+                .into_iter()
+                .map(|s| (s.key().to_owned(), s))
+                .collect();
+        let runs = |moving| -> Vec<(String, bool, bool, u16)> {
+            route_table(&svcs, |k| reported.get(k), moving)[0]
+                .instances
+                .iter()
+                .map(|i| (i.service.clone(), i.up, i.draining, i.addr.port()))
+                .collect()
+        };
+        // Before the switch the new run takes nothing, even once up.
+        assert_eq!(runs(Moving::default()), [("web".into(), true, false, 8000)]);
+        let switching: HashSet<String> = ["web".to_owned()].into();
+        let moving = Moving {
+            switching: Some(&switching),
+            deleting: None,
+        };
+        assert_eq!(
+            runs(moving),
+            [
+                ("web".into(), true, true, 8000),
+                ("web.2".into(), true, false, 9000)
+            ]
+        );
+        let table = route_table(&svcs, |k| reported.get(k), moving);
+        assert_eq!(table[0].instances[1].addr.ip(), own);
+        // A service being deleted drains.
+        let moving = Moving {
+            switching: None,
+            deleting: Some(&switching),
+        };
+        assert_eq!(runs(moving), [("web".into(), true, true, 8000)]);
     }
 }

@@ -106,7 +106,9 @@ CREATE TABLE IF NOT EXISTS services (
     image_size  INTEGER NOT NULL,
     generation  INTEGER NOT NULL,
     created_at  INTEGER NOT NULL,
-    updated_at  INTEGER NOT NULL
+    updated_at  INTEGER NOT NULL,
+    run         TEXT,
+    next        TEXT
 );
 CREATE INDEX IF NOT EXISTS services_machine ON services (machine);
 CREATE TABLE IF NOT EXISTS audit (
@@ -147,9 +149,73 @@ pub struct Service {
     pub image_hash: String,
     pub image_size: u64,
     pub generation: u64,
+    /// The run that serves it, when a zero-downtime update started it
+    /// (None: the run named after the service, at `ip`).
+    pub run: Option<Run>,
+    /// The new version a zero-downtime update runs beside this one until
+    /// the switch (see `hub::rollout`).
+    pub next: Option<NextVersion>,
+}
+
+/// A run of a service that a zero-downtime update started: its instance
+/// key (`NAME.GENERATION`) and its own address.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Run {
+    pub instance: String,
+    pub own_ip: Ipv6Addr,
+}
+
+/// The version an update is bringing up beside the current one.
+#[derive(Clone, Debug, PartialEq)]
+pub struct NextVersion {
+    pub spec: Spec,
+    pub image_hash: String,
+    pub image_size: u64,
+    pub generation: u64,
+    pub run: Run,
+    /// Unix ms when the update started it.
+    pub since: u64,
+}
+
+/// [`NextVersion`] as the `next` column holds it (the spec as JSON text,
+/// checked again on load like every stored spec).
+#[derive(serde::Serialize, serde::Deserialize)]
+struct StoredNext {
+    spec: String,
+    image_hash: String,
+    image_size: u64,
+    generation: u64,
+    run: Run,
+    since: u64,
 }
 
 impl Service {
+    /// The instance key of the run that serves it now.
+    pub fn instance(&self) -> &str {
+        self.run
+            .as_ref()
+            .map_or(self.spec.name.as_str(), |r| r.instance.as_str())
+    }
+
+    /// Where the run that serves it now is reached.
+    pub fn reach_ip(&self) -> Ipv6Addr {
+        self.run.as_ref().map_or(self.ip, |r| r.own_ip)
+    }
+
+    /// The service as it is once `next` has taken over.
+    pub fn promoted(&self) -> Option<Service> {
+        let next = self.next.as_ref()?;
+        Some(Service {
+            spec: next.spec.clone(),
+            ip: self.ip,
+            image_hash: next.image_hash.clone(),
+            image_size: next.image_size,
+            generation: next.generation,
+            run: Some(next.run.clone()),
+            next: None,
+        })
+    }
+
     /// The spec as `info` and the audit log show it: with its address.
     pub fn to_json(&self) -> serde_json::Value {
         let mut spec = self.spec.clone();
@@ -182,6 +248,21 @@ impl Store {
         conn.busy_timeout(std::time::Duration::from_secs(5))
             .map_err(open_err)?;
         conn.execute_batch(SCHEMA).map_err(open_err)?;
+        // Columns added since the first schema, for stores an older master
+        // made.
+        for (column, kind) in [("run", "TEXT"), ("next", "TEXT")] {
+            let present: bool = conn
+                .query_row(
+                    "SELECT COUNT(*) > 0 FROM pragma_table_info('services') WHERE name = ?1",
+                    [column],
+                    |r| r.get(0),
+                )
+                .map_err(open_err)?;
+            if !present {
+                conn.execute_batch(&format!("ALTER TABLE services ADD COLUMN {column} {kind}"))
+                    .map_err(open_err)?;
+            }
+        }
         // Join requests wait in memory, for as long as their minion holds its
         // connection (`join::waiting`); rows an older master stored are junk
         // after a restart, and the minions behind real ones ask again.
@@ -253,7 +334,7 @@ fn node_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<[String; 6]> {
 }
 
 const NODE_COLS: &str = "name, key, state, public_ip, private_ip, overlay_ip, version, requested_at, accepted_at, revision, wg_port, token_proof";
-const SERVICE_COLS: &str = "name, spec, ip, image_hash, image_size, generation";
+const SERVICE_COLS: &str = "name, spec, ip, image_hash, image_size, generation, run, next";
 
 impl Tx<'_> {
     // ------------------------------------------------------------ nodes
@@ -386,6 +467,10 @@ impl Tx<'_> {
                 r.get::<_, String>(3)?,
                 r.get::<_, i64>(4)?,
                 r.get::<_, i64>(5)?,
+                [
+                    r.get::<_, Option<String>>(6)?,
+                    r.get::<_, Option<String>>(7)?,
+                ],
             ))
         };
         let rows = match arg {
@@ -397,16 +482,51 @@ impl Tx<'_> {
                 .collect::<rusqlite::Result<Vec<_>>>()?,
         };
         rows.into_iter()
-            .map(|([name, spec], ip, image_hash, size, generation)| {
-                Ok(Service {
-                    spec: parse_stored(&name, &spec)
-                        .map_err(|errors| StoreError::BadSpec { name, errors })?,
-                    ip: parse("service ip", &ip)?,
-                    image_hash,
-                    image_size: size as u64,
-                    generation: generation as u64,
-                })
-            })
+            .map(
+                |([name, spec], ip, image_hash, size, generation, [run, next])| {
+                    let run = run
+                        .map(|r| {
+                            serde_json::from_str::<Run>(&r).map_err(|e| StoreError::Corrupt {
+                                what: "service run",
+                                detail: e.to_string(),
+                            })
+                        })
+                        .transpose()?;
+                    let next = match next {
+                        Some(n) => {
+                            let n: StoredNext =
+                                serde_json::from_str(&n).map_err(|e| StoreError::Corrupt {
+                                    what: "service next version",
+                                    detail: e.to_string(),
+                                })?;
+                            Some(NextVersion {
+                                spec: parse_stored(&name, &n.spec).map_err(|errors| {
+                                    StoreError::BadSpec {
+                                        name: name.clone(),
+                                        errors,
+                                    }
+                                })?,
+                                image_hash: n.image_hash,
+                                image_size: n.image_size,
+                                generation: n.generation,
+                                run: n.run,
+                                since: n.since,
+                            })
+                        }
+                        None => None,
+                    };
+                    Ok(Service {
+                        spec: parse_stored(&name, &spec)
+                            .map_err(|errors| StoreError::BadSpec { name, errors })?,
+                        ip: parse("service ip", &ip)?,
+                        image_hash,
+                        image_size: size as u64,
+                        generation: generation as u64,
+                        run,
+                        next,
+                    })
+                },
+            )
             .collect()
     }
 
@@ -427,26 +547,65 @@ impl Tx<'_> {
         Ok(names)
     }
 
+    /// Every address a service or one of its runs holds: the stable ones,
+    /// and the own addresses of runs that updates started.
     pub fn used_ips(&self) -> Result<HashSet<Ipv6Addr>> {
-        let mut stmt = self.tx.prepare_cached("SELECT ip FROM services")?;
-        let ips: Vec<String> = stmt
-            .query_map([], |r| r.get(0))?
+        let mut stmt = self
+            .tx
+            .prepare_cached("SELECT ip, run, next FROM services")?;
+        let rows: Vec<(String, Option<String>, Option<String>)> = stmt
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
             .collect::<rusqlite::Result<_>>()?;
-        ips.iter().map(|ip| parse("service ip", ip)).collect()
+        let mut ips = HashSet::new();
+        for (ip, run, next) in rows {
+            ips.insert(parse("service ip", &ip)?);
+            if let Some(run) = run.and_then(|r| serde_json::from_str::<Run>(&r).ok()) {
+                ips.insert(run.own_ip);
+            }
+            if let Some(next) = next.and_then(|n| serde_json::from_str::<StoredNext>(&n).ok()) {
+                ips.insert(next.run.own_ip);
+            }
+        }
+        Ok(ips)
     }
 
     pub fn put_service(&self, svc: &Service) -> Result<()> {
         let now = now_ms() as i64;
-        let spec = serde_json::to_string(&svc.spec).map_err(|e| StoreError::Corrupt {
-            what: "spec",
-            detail: e.to_string(),
-        })?;
+        let corrupt = |what| {
+            move |e: serde_json::Error| StoreError::Corrupt {
+                what,
+                detail: e.to_string(),
+            }
+        };
+        let spec = serde_json::to_string(&svc.spec).map_err(corrupt("spec"))?;
+        let run = svc
+            .run
+            .as_ref()
+            .map(serde_json::to_string)
+            .transpose()
+            .map_err(corrupt("service run"))?;
+        let next = svc
+            .next
+            .as_ref()
+            .map(|n| {
+                serde_json::to_string(&StoredNext {
+                    spec: serde_json::to_string(&n.spec)?,
+                    image_hash: n.image_hash.clone(),
+                    image_size: n.image_size,
+                    generation: n.generation,
+                    run: n.run.clone(),
+                    since: n.since,
+                })
+            })
+            .transpose()
+            .map_err(corrupt("service next version"))?;
         self.tx.execute(
-            "INSERT INTO services (name, machine, spec, ip, image_hash, image_size, generation, created_at, updated_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?8)
+            "INSERT INTO services (name, machine, spec, ip, image_hash, image_size, generation, run, next, created_at, updated_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?10)
              ON CONFLICT (name) DO UPDATE SET machine = excluded.machine, spec = excluded.spec,
                ip = excluded.ip, image_hash = excluded.image_hash, image_size = excluded.image_size,
-               generation = excluded.generation, updated_at = excluded.updated_at",
+               generation = excluded.generation, run = excluded.run, next = excluded.next,
+               updated_at = excluded.updated_at",
             params![
                 svc.spec.name,
                 svc.spec.machine,
@@ -455,6 +614,8 @@ impl Tx<'_> {
                 svc.image_hash,
                 svc.image_size as i64,
                 svc.generation as i64,
+                run,
+                next,
                 now
             ],
         )?;
@@ -623,6 +784,8 @@ mod tests {
             image_hash: "h".into(),
             image_size: 3,
             generation: 1,
+            run: None,
+            next: None,
         };
         store
             .write(|tx| -> Result<()> {
@@ -689,6 +852,8 @@ mod tests {
             image_hash: "h".into(),
             image_size: 3,
             generation: 1,
+            run: None,
+            next: None,
         };
         store.write(|tx| tx.put_service(&svc)).unwrap();
         assert_eq!(store.read().unwrap().services().unwrap(), [svc]);

@@ -548,6 +548,10 @@ pub struct Applied {
     pub machine: String,
     pub ip: Ipv6Addr,
     pub generation: u64,
+    /// A zero-downtime update: the new version starts beside the old one,
+    /// which serves until the new one is up, then drains and stops.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub beside: bool,
 }
 
 /// `del`'s reply.
@@ -693,6 +697,14 @@ pub struct ServiceView {
     /// one was deployed); sorted. Absent when there are none.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub dangling_links: Vec<String>,
+    /// The instance key of the run that serves it, when an update started
+    /// it (`NAME.GENERATION`); absent: the run named after the service.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instance: Option<String>,
+    /// A zero-downtime update in progress: the new version and where it
+    /// stands.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub update: Option<String>,
 }
 
 /// How a change to a service ended, as `Wait` judges it.
@@ -892,6 +904,10 @@ pub struct RouteInstanceView {
     pub addr: std::net::SocketAddr,
     /// Its minion reports it running and not unhealthy.
     pub up: bool,
+    /// Taking no new requests, finishing those it has (the old version
+    /// during an update's switch, a service being deleted).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub draining: bool,
     /// Requests in flight now, sent in all, failed (the proxy's counts).
     pub outstanding: u64,
     pub requests: u64,

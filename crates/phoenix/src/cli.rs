@@ -353,6 +353,16 @@ pub struct MasterArgs {
     /// Mark a minion unreachable after this long without a heartbeat, in ms.
     #[arg(long, default_value_t = 6000, value_parser = clap::value_parser!(u64).range(300..=60_000))]
     pub node_timeout_ms: u64,
+    /// An update of a proxied daemon starts the new version beside the old
+    /// one; it fails (the old one keeps serving) if the new one is not
+    /// running and healthy within this many ms.
+    #[arg(long, default_value_t = 120_000, value_parser = clap::value_parser!(u64).range(1000..=3_600_000))]
+    pub update_timeout_ms: u64,
+    /// How long requests in flight may take on an instance leaving the
+    /// proxy's rotation (the old version after an update, a deleted
+    /// service) before it is stopped anyway, in ms.
+    #[arg(long, default_value_t = 30_000, value_parser = clap::value_parser!(u64).range(0..=3_600_000))]
+    pub drain_timeout_ms: u64,
     /// The proxy's HTTP port on the public IP: ACME challenges, and a
     /// redirect to HTTPS for every host that has a certificate (plain HTTP
     /// for one that has none yet).

@@ -74,6 +74,8 @@ fn run(cli: Cli) -> Result<()> {
                 }),
                 auto_accept: a.auto_accept,
                 node_timeout: Duration::from_millis(a.node_timeout_ms),
+                update_timeout: Duration::from_millis(a.update_timeout_ms),
+                drain_timeout: Duration::from_millis(a.drain_timeout_ms),
                 proxy: (!a.no_proxy).then_some(phoenix_master::front::ProxySettings {
                     http_port: a.http_port,
                     https_port: a.https_port,
@@ -589,6 +591,14 @@ async fn apply(a: ApplyArgs, update: bool) -> Result<()> {
     let applied: Vec<Applied> = client::call(&a.target.data_dir, &req).await?;
     if !a.json.json {
         for v in &applied {
+            if v.beside {
+                println!(
+                    "updating {} on {} at {}: generation {} starts beside the running one, which \
+                     serves until it is up, then drains and stops",
+                    v.name, v.machine, v.ip, v.generation
+                );
+                continue;
+            }
             println!(
                 "{} {} on {} at {}",
                 if update { "updated" } else { "deployed" },
@@ -671,6 +681,22 @@ async fn wait_running(
             )
         })
         .collect();
+    // An update whose new version ran beside the old one and did not come
+    // up changed nothing: the old one serves on, and nothing is retried.
+    let beside: Vec<&str> = applied
+        .iter()
+        .filter(|a| a.beside)
+        .map(|a| a.name.as_str())
+        .collect();
+    if !failed.is_empty()
+        && settled
+            .iter()
+            .all(|s| s.verdict != Verdict::Failed || beside.contains(&s.view.name.as_str()))
+    {
+        return Err(
+            client::NotStarted(format!("{}; nothing was switched", failed.join("; "))).into(),
+        );
+    }
     if !failed.is_empty() {
         let hint: Vec<&str> = settled
             .iter()

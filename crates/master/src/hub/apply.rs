@@ -18,18 +18,21 @@
 //! service's address moving changes every other node's mesh peers, and its
 //! creation or deletion the links of those that name it: `hub/mesh.rs`).
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::Ipv6Addr;
 use std::sync::Mutex;
 
 use phoenix_model::net;
-use phoenix_model::proto::{Applied, Deleted, DesiredSet};
-use phoenix_model::spec::{Kind, Spec, SpecError, SpecErrors, edit_distance, parse_specs};
+use phoenix_model::proto::{Applied, Deleted, DesiredSet, instance_key};
+use phoenix_model::spec::{
+    Duration, Kind, Spec, SpecError, SpecErrors, edit_distance, parse_specs,
+};
+use phoenix_model::status::now_ms;
 
 use super::{ApiError, Hub};
 use crate::lock;
 use crate::registry::ImageRef;
-use crate::store::{Service, StoreError};
+use crate::store::{NextVersion, Run, Service, StoreError};
 
 /// Whether a deploy creates services or changes existing ones.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -50,6 +53,17 @@ impl Apply {
             Apply::Restart => "restart",
         }
     }
+}
+
+/// Whether a change from `old` to `new` (at address `ip`) starts the new
+/// version beside the old one: a daemon the proxy serves that stays one,
+/// at the same address.
+fn side_by_side(old: &Service, new: &Spec, ip: Ipv6Addr) -> bool {
+    old.spec.duration == Duration::Daemon
+        && new.duration == Duration::Daemon
+        && old.spec.proxyname.is_some()
+        && new.proxyname.is_some()
+        && old.ip == ip
 }
 
 /// Why a `link` name is refused: no such service, and the closest name
@@ -226,6 +240,9 @@ impl Hub {
             let mut names: BTreeSet<String> = specs.iter().map(|s| s.name.clone()).collect();
             for s in tx.services()? {
                 ip_owner.insert(s.ip, s.spec.name.clone());
+                for run in s.run.iter().chain(s.next.iter().map(|n| &n.run)) {
+                    ip_owner.insert(run.own_ip, s.spec.name.clone());
+                }
                 names.insert(s.spec.name);
             }
             for ((i, spec), image) in specs.iter().enumerate().zip(&images) {
@@ -310,40 +327,89 @@ impl Hub {
             }
             let mut used = tx.used_ips()?;
             let mut next = 0u64;
+            let mut fresh_ip = |used: &HashSet<Ipv6Addr>| loop {
+                let ip = net::service_ip(next);
+                next += 1;
+                if !used.contains(&ip) && !ip_owner.contains_key(&ip) {
+                    break ip;
+                }
+            };
             let mut applied = Vec::with_capacity(specs.len());
             for ((spec, old), image) in specs.iter().zip(existing).zip(&images) {
                 let ip = match (spec.ip, &old) {
                     (Some(ip), _) => ip,
                     (None, Some(o)) => o.ip,
-                    (None, None) => loop {
-                        let ip = net::service_ip(next);
-                        next += 1;
-                        if !used.contains(&ip) && !ip_owner.contains_key(&ip) {
-                            break ip;
-                        }
-                    },
+                    (None, None) => fresh_ip(&used),
                 };
+                let Ok(image) = image else {
+                    unreachable!("image errors were reported above");
+                };
+                touched.insert(spec.machine.clone());
+                if let Some(o) = &old {
+                    touched.insert(o.spec.machine.clone());
+                    if let Some(n) = &o.next {
+                        touched.insert(n.spec.machine.clone());
+                    }
+                }
+                // A proxied daemon changes without downtime: its new
+                // version starts beside the old one (`hub::rollout`).
+                if let Some(o) = old.as_ref().filter(|o| {
+                    mode != Apply::Deploy
+                        && side_by_side(o, spec, ip)
+                        && self.runs_side_by_side(&spec.machine)
+                }) {
+                    let generation = o.generation.max(o.next.as_ref().map_or(0, |n| n.generation)) + 1;
+                    let own_ip = fresh_ip(&used);
+                    used.insert(own_ip);
+                    let svc = Service {
+                        next: Some(NextVersion {
+                            spec: spec.clone(),
+                            image_hash: image.hash.clone(),
+                            image_size: image.size,
+                            generation,
+                            run: Run {
+                                instance: instance_key(&spec.name, generation),
+                                own_ip,
+                            },
+                            since: now_ms(),
+                        }),
+                        ..o.clone()
+                    };
+                    tx.put_service(&svc)?;
+                    tx.audit(
+                        actor,
+                        mode.action(),
+                        &spec.name,
+                        Some(&audited(o)),
+                        svc.promoted().as_ref().map(audited).as_ref(),
+                    )?;
+                    applied.push(Applied {
+                        name: spec.name.clone(),
+                        machine: spec.machine.clone(),
+                        ip,
+                        generation,
+                        beside: true,
+                    });
+                    continue;
+                }
                 if let Some(o) = &old {
                     used.remove(&o.ip);
                 }
                 used.insert(ip);
-                let Ok(image) = image else {
-                    unreachable!("image errors were reported above");
-                };
                 let svc = Service {
                     spec: spec.clone(),
                     ip,
                     image_hash: image.hash.clone(),
                     image_size: image.size,
-                    generation: old.as_ref().map_or(1, |o| o.generation + 1),
+                    generation: old.as_ref().map_or(1, |o| {
+                        o.generation.max(o.next.as_ref().map_or(0, |n| n.generation)) + 1
+                    }),
+                    // The run that serves it stays the one to restart; an
+                    // update in progress is replaced by this one.
+                    run: old.as_ref().and_then(|o| o.run.clone()),
+                    next: None,
                 };
                 tx.put_service(&svc)?;
-                touched.insert(spec.machine.clone());
-                if let Some(o) = &old
-                    && o.spec.machine != spec.machine
-                {
-                    touched.insert(o.spec.machine.clone());
-                }
                 tx.audit(
                     actor,
                     mode.action(),
@@ -356,6 +422,7 @@ impl Hub {
                     machine: spec.machine.clone(),
                     ip,
                     generation: svc.generation,
+                    beside: false,
                 });
             }
             Ok((applied, touched))
@@ -413,24 +480,34 @@ impl Hub {
     /// Deletes a service, also one whose stored spec fails the checks
     /// (deleting it is the way out the error names).
     pub fn delete(&self, actor: &str, name: &str) -> Result<Deleted, ApiError> {
-        let (machine, changed) = self.write_change(|tx| {
-            let (machine, old) = match tx.service(name) {
-                Ok(Some(svc)) => (svc.spec.machine.clone(), Some(svc.to_json())),
+        let ((machine, runs), changed) = self.write_change(|tx| {
+            let (machine, old, runs) = match tx.service(name) {
+                Ok(Some(svc)) => {
+                    // Every run it has: the one that serves it, and an
+                    // update's new version.
+                    let mut runs = vec![(svc.instance().to_owned(), svc.spec.machine.clone())];
+                    if let Some(n) = &svc.next {
+                        runs.push((n.run.instance.clone(), n.spec.machine.clone()));
+                    }
+                    (svc.spec.machine.clone(), Some(svc.to_json()), runs)
+                }
                 Ok(None) => return Err(ApiError::no_service(name)),
                 Err(StoreError::BadSpec { .. }) => {
                     let machine = tx
                         .service_machine(name)?
                         .ok_or_else(|| ApiError::no_service(name))?;
-                    (machine, None)
+                    (machine.clone(), None, vec![(name.to_owned(), machine)])
                 }
                 Err(e) => return Err(e.into()),
             };
             tx.delete_service(name)?;
             tx.audit(actor, "del", name, old.as_ref(), None)?;
-            let touched = BTreeSet::from([machine.clone()]);
-            Ok((machine, touched))
+            let touched = runs.iter().map(|(_, m)| m.clone()).collect();
+            Ok(((machine, runs), touched))
         })?;
-        self.forget_status(name, &machine);
+        for (key, node) in &runs {
+            self.forget_status(name, key, node);
+        }
         self.publish(&changed);
         self.request_collection();
         Ok(Deleted {
@@ -505,10 +582,7 @@ pub(super) mod tests {
             token: "t".into(),
             version: "0".into(),
         };
-        let settings = Settings {
-            auto_accept: false,
-            node_timeout: std::time::Duration::from_secs(6),
-        };
+        let settings = Settings::new(false, std::time::Duration::from_secs(6));
         Hub::new(store, registry, info, None, settings)
     }
 
@@ -539,7 +613,7 @@ pub(super) mod tests {
         let dir = tempfile::tempdir().unwrap();
         let hub = hub(dir.path());
         let (tx, mut rx) = mpsc::unbounded_channel();
-        hub.connect("m1", "0", tx);
+        hub.connect("m1", "0", false, tx);
 
         let web = spec("web", "m1", "app", "binary");
         let applied = hub.apply("root", Apply::Deploy, "web.json", &web).unwrap();
@@ -549,7 +623,8 @@ pub(super) mod tests {
                 name: "web".into(),
                 machine: "m1".into(),
                 ip: net::service_ip(0),
-                generation: 1
+                generation: 1,
+                beside: false,
             }]
         );
         assert_eq!(desired(&mut rx), Some((1, vec!["web".to_owned()])));
@@ -693,7 +768,9 @@ pub(super) mod tests {
     }
 
     /// The next desired set sent down a link, whole.
-    fn next_set(rx: &mut mpsc::UnboundedReceiver<ToMinion>) -> Option<DesiredSet> {
+    pub(in crate::hub) fn next_set(
+        rx: &mut mpsc::UnboundedReceiver<ToMinion>,
+    ) -> Option<DesiredSet> {
         match rx.try_recv().ok()? {
             ToMinion::Desired(set) => Some(set),
             other => panic!("unexpected {other:?}"),
@@ -771,7 +848,7 @@ pub(super) mod tests {
         let dir = tempfile::tempdir().unwrap();
         let hub = hub(dir.path());
         let (tx, mut rx) = mpsc::unbounded_channel();
-        hub.connect("m1", "0", tx);
+        hub.connect("m1", "0", false, tx);
         let both = format!(
             "[{}, {}]",
             linking("web", "m1", &["db"]),
@@ -811,9 +888,9 @@ pub(super) mod tests {
             .write(|tx| tx.accept_node("m2", net::node_ip(2)))
             .unwrap();
         let (tx1, rx1) = mpsc::unbounded_channel();
-        hub.connect("m1", "0", tx1);
+        hub.connect("m1", "0", false, tx1);
         let (tx2, rx2) = mpsc::unbounded_channel();
-        hub.connect("m2", "0", tx2);
+        hub.connect("m2", "0", false, tx2);
         (hub, rx1, rx2)
     }
 
@@ -893,7 +970,7 @@ pub(super) mod tests {
         let dir = tempfile::tempdir().unwrap();
         let hub = hub(dir.path());
         let (tx, mut m1) = mpsc::unbounded_channel();
-        hub.connect("m1", "0", tx);
+        hub.connect("m1", "0", false, tx);
         let r1 = hub.node("m1").unwrap().unwrap().revision;
         let request = phoenix_model::proto::JoinRequest {
             name: "m3".into(),
@@ -944,7 +1021,7 @@ pub(super) mod tests {
         let dir = tempfile::tempdir().unwrap();
         let hub = hub(dir.path());
         let (tx, mut rx) = mpsc::unbounded_channel();
-        hub.connect("m1", "0", tx);
+        hub.connect("m1", "0", false, tx);
         hub.apply(
             "root",
             Apply::Deploy,
@@ -1016,7 +1093,7 @@ pub(super) mod tests {
         let dir = tempfile::tempdir().unwrap();
         let hub = hub(dir.path());
         let (tx, _rx) = mpsc::unbounded_channel();
-        let conn = hub.connect("m1", "0", tx);
+        let conn = hub.connect("m1", "0", false, tx);
         let all = format!(
             "[{}, {}]",
             spec_on_port("web", 9000, "daemon"),
@@ -1125,7 +1202,7 @@ pub(super) mod tests {
         let dir = tempfile::tempdir().unwrap();
         let hub = hub(dir.path());
         let (tx, mut rx) = mpsc::unbounded_channel();
-        hub.connect("m1", "0", tx);
+        hub.connect("m1", "0", false, tx);
         // Specs as large as a spec may be (args and env at their limit),
         // enough of them to fill most of the limit in one file.
         let arg = "a".repeat(phoenix_model::spec::MAX_ARGS_ENV_BYTES - 1024);

@@ -21,6 +21,9 @@ pub struct Link {
     /// Identifies the connection, so a stale one cannot unregister a newer.
     pub conn: u64,
     pub tx: mpsc::UnboundedSender<ToMinion>,
+    /// The minion's services share its network (`--service-network
+    /// host`): two runs of one service cannot be side by side there.
+    pub host_network: bool,
 }
 
 /// The connected minions, and why each one's last link ended.
@@ -34,9 +37,22 @@ pub(super) struct Links {
 
 impl Hub {
     /// Registers a minion's connection, replacing an older one.
-    pub fn connect(&self, name: &str, version: &str, tx: mpsc::UnboundedSender<ToMinion>) -> u64 {
+    pub fn connect(
+        &self,
+        name: &str,
+        version: &str,
+        host_network: bool,
+        tx: mpsc::UnboundedSender<ToMinion>,
+    ) -> u64 {
         let conn = self.next_id();
-        lock(&self.links.live).insert(name.to_owned(), Link { conn, tx });
+        lock(&self.links.live).insert(
+            name.to_owned(),
+            Link {
+                conn,
+                tx,
+                host_network,
+            },
+        );
         self.seen_connect(name, version, now_ms());
         conn
     }
@@ -75,6 +91,14 @@ impl Hub {
 
     pub fn is_connected(&self, node: &str) -> bool {
         lock(&self.links.live).contains_key(node)
+    }
+
+    /// Whether a new version can start beside the old one on `node`: it is
+    /// connected and gives each service a network namespace of its own.
+    pub(super) fn runs_side_by_side(&self, node: &str) -> bool {
+        lock(&self.links.live)
+            .get(node)
+            .is_some_and(|l| !l.host_network)
     }
 
     pub fn send(&self, node: &str, msg: ToMinion) -> bool {
@@ -136,10 +160,10 @@ mod tests {
         assert_eq!(view(&hub).last_drop, None);
 
         let (tx, _rx) = mpsc::unbounded_channel();
-        let old = hub.connect("m1", "0", tx);
+        let old = hub.connect("m1", "0", false, tx);
         // A newer connection replaces it: the old one's end is no drop.
         let (tx, _rx2) = mpsc::unbounded_channel();
-        let new = hub.connect("m1", "0", tx);
+        let new = hub.connect("m1", "0", false, tx);
         hub.disconnect("m1", old, "closed by the master");
         assert_eq!(view(&hub).last_drop, None);
         assert_eq!(view(&hub).state, "reachable");

@@ -32,14 +32,18 @@ impl Hub {
         let placed = {
             let mut store = self.store();
             let tx = store.read()?;
-            tx.service(name)?
+            let svc = tx
+                .service(name)?
                 .ok_or_else(|| ApiError::no_service(name))?;
+            // The run that serves it (an update's new version logs under
+            // its own key until the switch).
+            let key = svc.instance().to_owned();
             desired_sets(&tx)?
                 .into_iter()
-                .find(|(_, set)| set.services.iter().any(|a| a.spec.name == name))
-                .map(|(node, _)| node)
+                .find(|(_, set)| set.services.iter().any(|a| a.key() == key))
+                .map(|(node, _)| (node, key))
         };
-        let Some(node) = placed else {
+        let Some((node, key)) = placed else {
             return Err(ApiError::Unavailable(format!(
                 "service {name:?} is placed on no accepted machine now, so no machine holds its logs"
             )));
@@ -51,7 +55,7 @@ impl Hub {
             &node,
             ToMinion::Logs {
                 stream,
-                service: name.to_owned(),
+                service: key,
                 tail,
                 follow,
             },

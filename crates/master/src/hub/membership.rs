@@ -402,10 +402,7 @@ mod tests {
             token: "t".into(),
             version: "0".into(),
         };
-        let settings = Settings {
-            auto_accept: false,
-            node_timeout: std::time::Duration::from_secs(6),
-        };
+        let settings = Settings::new(false, std::time::Duration::from_secs(6));
         Hub::new(store, registry, info, None, settings)
     }
 

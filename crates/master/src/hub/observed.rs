@@ -13,6 +13,7 @@ use phoenix_model::spec::Duration as SpecDuration;
 use phoenix_model::status::{NodeStats, ServiceState, ServiceStatus, now_ms};
 use tokio::sync::watch;
 
+use super::rollout::RolloutStage;
 use super::{ApiError, Hub, desired_sets};
 use crate::lock;
 use crate::store::Service;
@@ -130,13 +131,14 @@ pub struct NodeSeen {
 /// Everything the minions reported.
 #[derive(Default)]
 pub(super) struct Observed {
-    /// service name → its last reported status.
+    /// instance key (the service's name, or `NAME.GENERATION` for a run
+    /// an update started) → its last reported status.
     pub(super) statuses: HashMap<String, ServiceStatus>,
     /// node name → what it said about itself.
     seen: HashMap<String, NodeSeen>,
-    /// Deleted services their minion has not reported stopped yet:
-    /// service name → its node.
-    stopping: HashMap<String, String>,
+    /// Deleted services' runs their minion has not reported stopped yet:
+    /// instance key → its node and the service's name.
+    stopping: HashMap<String, (String, String)>,
 }
 
 impl Observed {
@@ -174,7 +176,7 @@ impl Hub {
                 .read()
                 .and_then(|tx| desired_sets(&tx))
                 .map(|mut sets| sets.remove(node).unwrap_or_default().services)
-                .map(|v| v.into_iter().map(|a| a.spec.name).collect())
+                .map(|v| v.into_iter().map(|a| a.key().to_owned()).collect())
                 .unwrap_or_default()
         } else {
             Vec::new()
@@ -187,12 +189,12 @@ impl Hub {
             if full {
                 // A full report that leaves out a service being stopped
                 // says it is gone (its `Gone` may have been lost with a link).
-                let reported: Vec<&str> = services.iter().map(|s| s.name.as_str()).collect();
+                let reported: Vec<&str> = services.iter().map(ServiceStatus::key).collect();
                 o.stopping
-                    .retain(|name, n| n != node || reported.contains(&name.as_str()));
+                    .retain(|key, (n, _)| n != node || reported.contains(&key.as_str()));
             }
             for s in services {
-                o.statuses.insert(s.name.clone(), s);
+                o.statuses.insert(s.key().to_owned(), s);
             }
             o.seen_mut(node);
         }
@@ -204,7 +206,7 @@ impl Hub {
             let mut o = lock(&self.observed.state);
             for n in names {
                 o.statuses.remove(&n);
-                if o.stopping.get(&n).is_some_and(|on| on == node) {
+                if o.stopping.get(&n).is_some_and(|(on, _)| on == node) {
                     o.stopping.remove(&n);
                 }
             }
@@ -236,7 +238,7 @@ impl Hub {
     pub(super) fn forget_seen(&self, node: &str) {
         let mut o = lock(&self.observed.state);
         o.seen.remove(node);
-        o.stopping.retain(|_, n| n != node);
+        o.stopping.retain(|_, (n, _)| n != node);
     }
 
     /// Forgets a deleted service's status; [`Hub::wait_gone`] then waits
@@ -245,15 +247,21 @@ impl Hub {
     /// that held it (a service deleted a moment after its deploy may be
     /// starting there unreported). A full report that leaves it out also
     /// ends the wait, so a set lost with a link cannot hold it forever.
-    pub(super) fn forget_status(&self, service: &str, node: &str) {
+    pub(super) fn forget_status(&self, name: &str, key: &str, node: &str) {
         let connected = self.is_connected(node);
         let mut o = lock(&self.observed.state);
-        if o.statuses.remove(service).is_some() || connected {
-            o.stopping.insert(service.to_owned(), node.to_owned());
+        if o.statuses.remove(key).is_some() || connected {
+            o.stopping
+                .insert(key.to_owned(), (node.to_owned(), name.to_owned()));
         } else {
             // Never reported, and no link to have sent it on.
-            o.stopping.remove(service);
+            o.stopping.remove(key);
         }
+    }
+
+    /// The last status reported for a run, by instance key.
+    pub(super) fn reported(&self, key: &str) -> Option<ServiceStatus> {
+        lock(&self.observed.state).statuses.get(key).cloned()
     }
 
     /// What a node last said about itself (empty if nothing yet).
@@ -295,10 +303,21 @@ impl Hub {
     /// A service as `status` and `services` show it; `names` are every
     /// stored service's, for its dangling links.
     fn view(&self, svc: &Service, names: &HashSet<String>) -> ServiceView {
-        let st = lock(&self.observed.state)
-            .statuses
-            .get(&svc.spec.name)
-            .cloned();
+        let st = self.reported(svc.instance());
+        let update = svc.next.as_ref().map(|next| {
+            let st = self.reported(&next.run.instance);
+            let state = st.as_ref().map_or("pending", |s| s.state.as_str());
+            match st.and_then(|s| s.message) {
+                Some(m) => format!(
+                    "generation {} starting beside this one as {} on {}: {state} ({m})",
+                    next.generation, next.run.instance, next.spec.machine
+                ),
+                None => format!(
+                    "generation {} starting beside this one as {} on {}: {state}",
+                    next.generation, next.run.instance, next.spec.machine
+                ),
+            }
+        });
         let reachable = self.is_connected(&svc.spec.machine);
         // The version the registry holds now, against the one this runs.
         let registry = self.registry.entry(&svc.spec.registry_file().0);
@@ -334,6 +353,8 @@ impl Hub {
             message: st.and_then(|s| s.message),
             node_reachable: reachable,
             dangling_links: dangling_links(&svc.spec.link, names),
+            instance: svc.run.as_ref().map(|r| r.instance.clone()),
+            update,
         }
     }
 
@@ -347,19 +368,34 @@ impl Hub {
     ) -> Result<Vec<Settled>, ApiError> {
         let mut changes = self.observed.changes.subscribe();
         let deadline = tokio::time::Instant::now() + timeout;
-        // What each service's verdict is about, read from the store once.
-        let wanted: Vec<(Wanted, String)> = {
+        // What each service's verdict is about, read from the store once:
+        // the generation, and whether an update brings it up beside the
+        // old one (then the verdict waits for the switch).
+        let wanted: Vec<(Wanted, String, bool)> = {
             let mut store = self.store();
             let tx = store.read()?;
             names
                 .iter()
                 .map(|n| {
                     let s = tx.service(n)?.ok_or_else(|| ApiError::no_service(n))?;
-                    let want = Wanted {
-                        generation: s.generation,
-                        oneshot: s.spec.duration == SpecDuration::Oneshot,
-                    };
-                    Ok((want, s.spec.machine))
+                    Ok(match &s.next {
+                        Some(next) => (
+                            Wanted {
+                                generation: next.generation,
+                                oneshot: false,
+                            },
+                            next.spec.machine.clone(),
+                            true,
+                        ),
+                        None => (
+                            Wanted {
+                                generation: s.generation,
+                                oneshot: s.spec.duration == SpecDuration::Oneshot,
+                            },
+                            s.spec.machine,
+                            false,
+                        ),
+                    })
                 })
                 .collect::<Result<_, ApiError>>()?
         };
@@ -367,7 +403,17 @@ impl Hub {
         let mut disconnected: HashMap<String, tokio::time::Instant> = HashMap::new();
         loop {
             let now = tokio::time::Instant::now();
-            for (_, machine) in &wanted {
+            // Where each update stands: whose status to judge, or its
+            // verdict already (read before the observed lock).
+            let stages: Vec<RolloutStage> = names
+                .iter()
+                .zip(&wanted)
+                .map(|(name, (want, _, rolling))| match rolling {
+                    true => self.rollout_stage(name, want.generation),
+                    false => RolloutStage::Judge(name.clone()),
+                })
+                .collect();
+            for (_, machine, _) in &wanted {
                 if self.is_connected(machine) {
                     disconnected.remove(machine);
                 } else {
@@ -376,15 +422,21 @@ impl Hub {
             }
             let verdicts: Vec<(Verdict, Option<String>)> = {
                 let o = lock(&self.observed.state);
-                names
+                stages
                     .iter()
                     .zip(&wanted)
-                    .map(|(name, (want, machine))| {
+                    .map(|(stage, (want, machine, _))| {
                         let unreachable = disconnected
                             .get(machine)
                             .is_some_and(|since| now - *since >= UNREACHABLE_AFTER)
                             .then_some(machine.as_str());
-                        judge(want, o.statuses.get(name), unreachable)
+                        match stage {
+                            RolloutStage::Judge(key) => {
+                                judge(want, o.statuses.get(key), unreachable)
+                            }
+                            RolloutStage::Starting => (Verdict::Waiting, None),
+                            RolloutStage::Ended(verdict, reason) => (*verdict, reason.clone()),
+                        }
                     })
                     .collect()
             };
@@ -444,9 +496,10 @@ impl Hub {
         loop {
             let left: Vec<(String, String)> = {
                 let o = lock(&self.observed.state);
-                names
-                    .iter()
-                    .filter_map(|n| o.stopping.get(n).map(|m| (n.clone(), m.clone())))
+                o.stopping
+                    .values()
+                    .filter(|(_, name)| names.contains(name))
+                    .map(|(node, name)| (name.clone(), node.clone()))
                     .collect()
             };
             if left.is_empty() {

@@ -3,7 +3,7 @@
 
 use super::{ApiError, Hub};
 use crate::lock;
-use crate::routes::{RouteSpec, route_table};
+use crate::routes::{Moving, RouteSpec, route_table};
 use crate::store::Service;
 use phoenix_model::proto::RoutesView;
 
@@ -28,8 +28,13 @@ impl Hub {
 
     /// The route table for `services` and what their minions reported.
     pub fn route_table_of(&self, services: &[Service]) -> Vec<RouteSpec> {
+        let rollouts = lock(&self.rollouts);
+        let moving = Moving {
+            switching: Some(&rollouts.switching),
+            deleting: Some(&rollouts.deleting),
+        };
         let observed = lock(&self.observed.state);
-        route_table(services, |name| observed.statuses.get(name))
+        route_table(services, |key| observed.statuses.get(key), moving)
     }
 
     /// The proxy's route table now (see [`crate::routes`]).
