@@ -201,3 +201,141 @@ fn routes_spread_follow_health_and_ask_for_credentials() {
         "{text}"
     );
 }
+
+/// Requests `GET /` at `shop.example` through the proxy from the client
+/// host, from `threads` threads, each on a new connection, until `stop`;
+/// returns every request's outcome: Ok(body) or Err(what went wrong).
+fn load(
+    ns: String,
+    master: SocketAddr,
+    threads: usize,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> std::thread::JoinHandle<Vec<Result<String, String>>> {
+    std::thread::spawn(move || {
+        use std::os::fd::AsRawFd;
+        let file = std::fs::File::open(format!("/run/netns/{ns}")).expect("open netns");
+        // SAFETY: setns(2) on a namespace file we hold open; it moves this
+        // thread (and the threads it spawns) only.
+        let r = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+        assert_eq!(r, 0, "setns: {}", std::io::Error::last_os_error());
+        std::thread::scope(|s| {
+            let workers: Vec<_> = (0..threads)
+                .map(|_| {
+                    let stop = stop.clone();
+                    s.spawn(move || {
+                        let mut out = Vec::new();
+                        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                            out.push(match request(master, "shop.example", "/env", None) {
+                                Some((200, _, body)) => Ok(body),
+                                Some((code, _, body)) => Err(format!("{code}: {body}")),
+                                None => Err("no answer".into()),
+                            });
+                        }
+                        out
+                    })
+                })
+                .collect();
+            workers
+                .into_iter()
+                .flat_map(|w| w.join().expect("load thread"))
+                .collect()
+        })
+    })
+}
+
+#[test]
+fn a_rolling_update_under_load_fails_no_request_and_a_broken_one_switches_nothing() {
+    require_netns!();
+    let mut c = Cluster::start_on(Net::new(&["master", "m1", "m2", "client"]), 2);
+    c.master_flags.extend([
+        "--acme-directory".into(),
+        "https://127.0.0.1:1/directory".into(),
+    ]);
+    c.kill_master();
+    c.start_master();
+    c.wait_reachable("m1");
+    c.wait_reachable("m2");
+    let site = |version: &str| {
+        testy(
+            "m1",
+            "web",
+            json!({"proxyname": "shop.example", "env": [format!("VERSION={version}")]}),
+        )
+    };
+    c.apply(
+        "deploy",
+        &json!([site("1"), testy("m2", "peer", json!({"link": ["web"]}))]),
+    );
+    c.wait_status("web", "running and healthy", running);
+    c.wait_status("peer", "running and healthy", running);
+    let stable = c.service_ip("web");
+    let net = c.net.as_ref().unwrap();
+    let master: SocketAddr = (net.host("master").ip, 80).into();
+    wait_for("the proxy to serve web", Duration::from_secs(10), || {
+        net.within("client", || request(master, "shop.example", "/env", None))
+            .filter(|r| r.0 == 200)
+    });
+
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let loader = load(net.host("client").ns.clone(), master, 3, stop.clone());
+    std::thread::sleep(Duration::from_millis(300));
+
+    // The update returns once the new version took over.
+    let out = c.apply("update", &json!([site("2")]));
+    assert!(out.contains("beside"), "{out}");
+    let web = c.status("web");
+    assert_eq!(
+        (web["generation"].as_u64(), web["instance"].as_str()),
+        (Some(2), Some("web.2")),
+        "{web}"
+    );
+    // The stable address is the new version's now, for other services.
+    let q = format!("/get?to=[{stable}]:8000&path=/env");
+    let (code, body) = c.http_service("peer", 8000, &q).expect("peer answers");
+    assert!(code == 200 && body.contains("VERSION=2"), "{code} {body}");
+    let routes = c.json(&["routes", "--json"]);
+    let instances = &routes["routes"][0]["instances"];
+    assert_eq!(instances.as_array().map(Vec::len), Some(1), "{routes}");
+    assert_eq!(instances[0]["service"], "web.2", "{routes}");
+
+    // A version that cannot start: the update fails, nothing switches,
+    // and the running version never stops serving.
+    let broken = testy(
+        "m1",
+        "web",
+        json!({"proxyname": "shop.example", "args": ["--no-such-option"]}),
+    );
+    let path = c.dir.path().join("broken.json");
+    std::fs::write(&path, json!([broken]).to_string()).unwrap();
+    let out = c.phoenix(&["update", path.to_str().unwrap(), "--timeout", "30"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(7), "{stderr}");
+    assert!(stderr.contains("nothing was switched"), "{stderr}");
+    let web = c.status("web");
+    assert_eq!(web["instance"], "web.2", "{web}");
+    assert_eq!(web["state"], "running", "{web}");
+    std::thread::sleep(Duration::from_millis(300));
+
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let outcomes = loader.join().expect("load");
+    let failed: Vec<&String> = outcomes.iter().filter_map(|o| o.as_ref().err()).collect();
+    let new = outcomes
+        .iter()
+        .filter(|o| o.as_ref().is_ok_and(|b| b.contains("VERSION=2")))
+        .count();
+    assert!(
+        failed.is_empty(),
+        "{} of {} requests failed during the updates: {:?}",
+        failed.len(),
+        outcomes.len(),
+        &failed[..failed.len().min(5)]
+    );
+    eprintln!(
+        "{} requests during two updates, {new} answered by the new version, none failed",
+        outcomes.len()
+    );
+    assert!(outcomes.len() >= 50, "only {} requests", outcomes.len());
+    assert!(new >= 1, "no request reached the new version");
+    // The old version is gone from its minion.
+    assert!(!c.ok(&["services"]).contains("web.1"));
+}
