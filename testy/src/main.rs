@@ -43,6 +43,7 @@ Endpoints:
   POST /healthy    turn health back on (GET works too)
   GET  /env        the environment as sorted K=V lines
   POST /crash      reply, then exit with ?code=N (default 1) (GET works too)
+  POST /sleep      answer after ?ms=N milliseconds (at most 60000; GET works too)
   GET  /get?to=HOST:PORT&path=/P
                    GET http://HOST:PORT/P from inside this service (HOST may be
                    a name from /etc/hosts, or [v6]); 200 with the body it got,
@@ -266,6 +267,13 @@ fn route(req: &RequestLine) -> (u16, String, Option<i32>) {
             vars.sort();
             ok(&vars.concat())
         }
+        (_, "/sleep") if get_or_post => match query_param(req.query, "ms").map(str::parse::<u64>) {
+            Some(Ok(ms @ 0..=60_000)) => {
+                thread::sleep(Duration::from_millis(ms));
+                (200, format!("slept {ms} ms\n"), None)
+            }
+            _ => (400, "bad ms (want 0-60000)\n".into(), None),
+        },
         (_, "/crash") if get_or_post => match query_param(req.query, "code").map(str::parse) {
             None => (200, "crashing with code 1\n".into(), Some(1)),
             Some(Ok(c @ 0..=255)) => (200, format!("crashing with code {c}\n"), Some(c)),

@@ -14,9 +14,21 @@ use phoenix_e2e::netns::Net;
 use phoenix_e2e::{Cluster, require_netns, wait_for};
 use serde_json::{Value, json};
 
-/// One HTTP/1.1 request with `host`; (status, headers, body).
+/// One HTTP/1.1 GET with `host`; (status, headers, body).
 fn request(
     to: SocketAddr,
+    host: &str,
+    path: &str,
+    auth: Option<&str>,
+) -> Option<(u16, String, String)> {
+    request_with(to, "GET", host, path, auth)
+}
+
+/// One HTTP/1.1 request (a POST has an empty body); (status, headers,
+/// body).
+fn request_with(
+    to: SocketAddr,
+    method: &str,
     host: &str,
     path: &str,
     auth: Option<&str>,
@@ -26,9 +38,14 @@ fn request(
     let auth = auth
         .map(|a| format!("Authorization: Basic {a}\r\n"))
         .unwrap_or_default();
+    let length = if method == "POST" {
+        "Content-Length: 0\r\n"
+    } else {
+        ""
+    };
     write!(
         s,
-        "GET {path} HTTP/1.1\r\nHost: {host}\r\n{auth}Connection: close\r\n\r\n"
+        "{method} {path} HTTP/1.1\r\nHost: {host}\r\n{auth}{length}Connection: close\r\n\r\n"
     )
     .ok()?;
     let mut reply = String::new();
@@ -202,9 +219,11 @@ fn routes_spread_follow_health_and_ask_for_credentials() {
     );
 }
 
-/// Requests `GET /` at `shop.example` through the proxy from the client
-/// host, from `threads` threads, each on a new connection, until `stop`;
-/// returns every request's outcome: Ok(body) or Err(what went wrong).
+/// Requests at `shop.example` through the proxy from the client host until
+/// `stop`, each on a new connection, from `threads` threads doing `GET
+/// /env` and one doing `POST /sleep?ms=200` (a request in flight for a
+/// while, which the proxy may not send twice); returns every request's
+/// outcome: Ok(body) or Err(what went wrong).
 fn load(
     ns: String,
     master: SocketAddr,
@@ -219,13 +238,18 @@ fn load(
         let r = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
         assert_eq!(r, 0, "setns: {}", std::io::Error::last_os_error());
         std::thread::scope(|s| {
-            let workers: Vec<_> = (0..threads)
-                .map(|_| {
+            let workers: Vec<_> = (0..=threads)
+                .map(|i| {
                     let stop = stop.clone();
+                    let (method, path) = match i {
+                        0 => ("POST", "/sleep?ms=200"),
+                        _ => ("GET", "/env"),
+                    };
                     s.spawn(move || {
                         let mut out = Vec::new();
                         while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                            out.push(match request(master, "shop.example", "/env", None) {
+                            let got = request_with(master, method, "shop.example", path, None);
+                            out.push(match got {
                                 Some((200, _, body)) => Ok(body),
                                 Some((code, _, body)) => Err(format!("{code}: {body}")),
                                 None => Err("no answer".into()),
@@ -244,7 +268,7 @@ fn load(
 }
 
 #[test]
-fn a_rolling_update_under_load_fails_no_request_and_a_broken_one_switches_nothing() {
+fn updates_and_a_del_under_load_fail_no_request_and_a_broken_version_switches_nothing() {
     require_netns!();
     let mut c = Cluster::start_on(Net::new(&["master", "m1", "m2", "client"]), 2);
     c.master_flags.extend([
@@ -314,6 +338,22 @@ fn a_rolling_update_under_load_fails_no_request_and_a_broken_one_switches_nothin
     let web = c.status("web");
     assert_eq!(web["instance"], "web.2", "{web}");
     assert_eq!(web["state"], "running", "{web}");
+
+    // A second instance on m2, then deleted: it drains first, so the
+    // requests in flight on it finish.
+    c.apply(
+        "deploy",
+        &json!([testy("m2", "twin", json!({"proxyname": "shop.example"}))]),
+    );
+    wait_for("twin in the rotation", Duration::from_secs(10), || {
+        let routes = c.json(&["routes", "--json"]);
+        let up = routes["routes"][0]["instances"]
+            .as_array()
+            .is_some_and(|i| i.iter().filter(|i| i["up"] == true).count() == 2);
+        up.then_some(())
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    c.ok(&["del", "twin"]);
     std::thread::sleep(Duration::from_millis(300));
 
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
@@ -331,7 +371,7 @@ fn a_rolling_update_under_load_fails_no_request_and_a_broken_one_switches_nothin
         &failed[..failed.len().min(5)]
     );
     eprintln!(
-        "{} requests during two updates, {new} answered by the new version, none failed",
+        "{} requests during two updates and a del, {new} answered by the new version, none failed",
         outcomes.len()
     );
     assert!(outcomes.len() >= 50, "only {} requests", outcomes.len());
