@@ -15,11 +15,14 @@
 //! | `hub/logs.rs` | log streams between a minion and a CLI | one lock: stream → CLI |
 //! | `hub/images.rs` | `images`, registry upkeep and garbage collection | the [`Registry`] |
 //! | `hub/mesh.rs` | changes that reach every node they touch; the master's WireGuard peers | store |
+//! | `hub/routes.rs` | the proxy's route table from the store and the reports | reads store and observed |
+//! | `hub/rollout.rs` | zero-downtime updates (new version beside, switch, drain, promote) and draining deletes | `next` in the store; one lock: switching/deleting sets |
 //!
 //! Lock order, where two are held at once: store, then links (a desired
 //! set is sent under the store lock so that sets go out in revision order);
-//! links, then log streams (a disconnect ends its node's streams). The
-//! observed lock is never held while taking another.
+//! links, then log streams (a disconnect ends its node's streams);
+//! rollouts, then observed (the route table reads both). The observed lock
+//! is never held while taking another.
 
 mod apply;
 mod error;
