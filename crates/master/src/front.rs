@@ -36,6 +36,15 @@ pub struct ProxySettings {
     /// An extra root certificate to trust for the ACME directory.
     pub acme_ca: Option<PathBuf>,
     pub acme_email: Option<String>,
+    /// For a client to send a request head (and finish TLS).
+    pub header_timeout: std::time::Duration,
+    /// A client connection without a request in flight is closed.
+    pub idle_timeout: std::time::Duration,
+    /// To connect to an instance.
+    pub connect_timeout: std::time::Duration,
+    /// For an instance to start answering.
+    pub response_timeout: std::time::Duration,
+    pub max_conns_per_ip: usize,
 }
 
 /// The running proxy and its certificate manager.
@@ -73,6 +82,11 @@ impl Front {
         let https = bind(ip, settings.https_port, "HTTPS port", "--https-port").await?;
         let config = phoenix_proxy::ProxyConfig {
             https_port: settings.https_port,
+            header_read_timeout: settings.header_timeout,
+            idle_timeout: settings.idle_timeout,
+            backend_connect_timeout: settings.connect_timeout,
+            backend_response_timeout: settings.response_timeout,
+            max_connections_per_ip: settings.max_conns_per_ip,
             ..phoenix_proxy::ProxyConfig::default()
         };
         let proxy =

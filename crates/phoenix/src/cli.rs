@@ -384,6 +384,26 @@ pub struct MasterArgs {
     /// The contact address given to the ACME server (expiry warnings).
     #[arg(long)]
     pub acme_email: Option<String>,
+    /// The proxy: time a client has to send a request's head (and to
+    /// finish a TLS handshake), in ms.
+    #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(100..=3_600_000))]
+    pub proxy_header_timeout_ms: u64,
+    /// The proxy: a client connection with no request in flight is closed
+    /// after this long, in ms.
+    #[arg(long, default_value_t = 60_000, value_parser = clap::value_parser!(u64).range(100..=86_400_000))]
+    pub proxy_idle_timeout_ms: u64,
+    /// The proxy: time to connect to an instance before trying another,
+    /// in ms.
+    #[arg(long, default_value_t = 3_000, value_parser = clap::value_parser!(u64).range(10..=600_000))]
+    pub proxy_connect_timeout_ms: u64,
+    /// The proxy: time an instance has to start answering a request once
+    /// it is sent (bodies, SSE and WebSockets have no limit), in ms; then
+    /// the client gets a 504.
+    #[arg(long, default_value_t = 60_000, value_parser = clap::value_parser!(u64).range(100..=86_400_000))]
+    pub proxy_response_timeout_ms: u64,
+    /// The proxy: client connections open at once from one IP address.
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    pub proxy_max_conns_per_ip: u64,
 }
 
 /// The overlay flags, the same for master and minion.

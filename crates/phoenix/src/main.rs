@@ -82,6 +82,12 @@ fn run(cli: Cli) -> Result<()> {
                     acme_directory: a.acme_directory,
                     acme_ca: a.acme_ca,
                     acme_email: a.acme_email,
+                    header_timeout: Duration::from_millis(a.proxy_header_timeout_ms),
+                    idle_timeout: Duration::from_millis(a.proxy_idle_timeout_ms),
+                    connect_timeout: Duration::from_millis(a.proxy_connect_timeout_ms),
+                    response_timeout: Duration::from_millis(a.proxy_response_timeout_ms),
+                    max_conns_per_ip: usize::try_from(a.proxy_max_conns_per_ip)
+                        .unwrap_or(usize::MAX),
                 }),
             };
             runtime(Some(2))?.block_on(async {

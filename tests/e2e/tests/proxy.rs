@@ -81,6 +81,8 @@ fn routes_spread_follow_health_and_ask_for_credentials() {
     c.master_flags.extend([
         "--acme-directory".into(),
         "https://127.0.0.1:1/directory".into(),
+        "--proxy-response-timeout-ms".into(),
+        "1000".into(),
     ]);
     c.kill_master();
     c.start_master();
@@ -144,6 +146,10 @@ fn routes_spread_follow_health_and_ask_for_credentials() {
     // The proxy tells the service who asked, and how.
     let (_, _, env) = get("shop.example", "/api/env", None).unwrap();
     assert!(env.contains("PHOENIX_NAME=api"), "{env}");
+
+    // An instance slower than --proxy-response-timeout-ms: a 504.
+    let (code, _, body) = get("shop.example", "/sleep?ms=3000", None).unwrap();
+    assert_eq!(code, 504, "{body}");
 
     // An unknown host is a clear 404.
     let (code, _, body) = get("nowhere.example", "/", None).unwrap();
