@@ -39,6 +39,8 @@ pub(crate) struct InstanceState {
     down_until: AtomicU64,
     /// Woken whenever an instance's outstanding count drops to zero.
     idle: Arc<Notify>,
+    /// Idle keep-alive connections to it.
+    pub conns: crate::pool::Idle,
 }
 
 impl InstanceState {
@@ -54,6 +56,7 @@ impl InstanceState {
             streak: AtomicU32::new(0),
             down_until: AtomicU64::new(0),
             idle,
+            conns: crate::pool::Idle::default(),
         }
     }
 

@@ -89,15 +89,20 @@ pub(crate) struct Sent<B> {
 }
 
 impl<B: HttpBody + Unpin> Sent<B> {
-    pub fn new(inner: B) -> (Self, oneshot::Receiver<()>) {
-        let (tx, rx) = oneshot::channel();
-        let mut done = Some(tx);
-        if inner.is_end_stream()
-            && let Some(tx) = done.take()
-        {
-            let _ = tx.send(());
+    /// The body, and what tells when it has been sent: `None` when it is
+    /// empty (sent as soon as the head is).
+    pub fn new(inner: B) -> (Self, Option<oneshot::Receiver<()>>) {
+        if inner.is_end_stream() {
+            return (Sent { inner, done: None }, None);
         }
-        (Sent { inner, done }, rx)
+        let (tx, rx) = oneshot::channel();
+        (
+            Sent {
+                inner,
+                done: Some(tx),
+            },
+            Some(rx),
+        )
     }
 }
 

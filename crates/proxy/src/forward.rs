@@ -5,6 +5,7 @@
 use std::sync::Arc;
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::uri::PathAndQuery;
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
@@ -13,6 +14,7 @@ use hyper_util::rt::TokioIo;
 use crate::Inner;
 use crate::balance::{Outstanding, pick};
 use crate::body::{Body, Guarded, Sent, empty, full};
+use crate::pool::PooledBody;
 use crate::routes::{Lookup, RouteEntry, has_dot_segment, normalize_host, strip};
 use crate::server::{Conn, Phase, reached};
 use crate::stats::RouteCounters;
@@ -232,6 +234,11 @@ fn upgrade_of(request: &Request<Incoming>) -> Option<HeaderValue> {
 
 /// Removes hop-by-hop headers, also those the `Connection` header names.
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Usually there is none: one pass over the names is cheaper than
+    // hashing nine of them for removal.
+    if !headers.keys().any(|name| HOP_BY_HOP.contains(name)) {
+        return;
+    }
     // `keep-alive` and `close`, the usual tokens, name nothing that the
     // loop below does not remove anyway: skipped, so that the common case
     // allocates nothing.
@@ -272,11 +279,32 @@ async fn forward(
     let client_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut request));
     let (parts, body) = request.into_parts();
 
-    let path_and_query = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-    let target = if entry.strip_prefix {
-        strip(&entry.prefix, path_and_query)
+    // The origin form (path and query) the instance gets.
+    let uri = if entry.strip_prefix {
+        let path_and_query = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+        match Uri::try_from(strip(&entry.prefix, path_and_query)) {
+            Ok(uri) => uri,
+            Err(_) => {
+                return (
+                    plain(
+                        StatusCode::BAD_REQUEST,
+                        "phoenix: the request's path is not valid\n",
+                    ),
+                    None,
+                );
+            }
+        }
+    } else if parts.uri.scheme().is_none() && parts.uri.authority().is_none() {
+        // HTTP/1's usual origin form: as it came (a cheap clone).
+        parts.uri.clone()
     } else {
-        path_and_query.to_owned()
+        Uri::from(
+            parts
+                .uri
+                .path_and_query()
+                .cloned()
+                .unwrap_or_else(|| PathAndQuery::from_static("/")),
+        )
     };
 
     let mut headers = parts.headers;
@@ -290,18 +318,22 @@ async fn forward(
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         headers.insert(header::UPGRADE, upgrade);
     }
-    let mut forwarded_for = headers
-        .get_all(X_FORWARDED_FOR)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .collect::<Vec<_>>()
-        .join(", ");
-    if !forwarded_for.is_empty() {
-        forwarded_for.push_str(", ");
-    }
-    forwarded_for.push_str(&conn.peer.ip().to_string());
-    if let Ok(value) = HeaderValue::from_str(&forwarded_for) {
-        headers.insert(X_FORWARDED_FOR, value);
+    if headers.contains_key(X_FORWARDED_FOR) {
+        let mut forwarded_for = headers
+            .get_all(X_FORWARDED_FOR)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .collect::<Vec<_>>()
+            .join(", ");
+        if !forwarded_for.is_empty() {
+            forwarded_for.push_str(", ");
+        }
+        forwarded_for.push_str(&conn.peer.ip().to_string());
+        if let Ok(value) = HeaderValue::from_str(&forwarded_for) {
+            headers.insert(X_FORWARDED_FOR, value);
+        }
+    } else {
+        headers.insert(X_FORWARDED_FOR, conn.peer_ip.clone());
     }
     headers.insert(
         X_FORWARDED_PROTO,
@@ -335,34 +367,34 @@ async fn forward(
             return (plain(StatusCode::BAD_GATEWAY, failure), None);
         };
         let instance = outstanding.state().clone();
-        let uri = match Uri::try_from(format!("http://{}{}", instance.addr, target)) {
-            Ok(uri) => uri,
-            Err(_) => {
-                return (
-                    plain(
-                        StatusCode::BAD_REQUEST,
-                        "phoenix: the request's path is not valid\n",
-                    ),
-                    None,
-                );
+        let (request_body, sent) = match body.take() {
+            // Nothing to send (a GET): no box, no channel.
+            Some(body) if hyper::body::Body::is_end_stream(&body) => (empty(), None),
+            Some(body) => {
+                let (body, sent) = Sent::new(body.map_err(Into::into));
+                (body.boxed_unsync(), sent)
             }
+            None => (empty(), None),
         };
-        let request_body: Body = match body.take() {
-            Some(body) => body.map_err(Into::into).boxed_unsync(),
-            None => empty(),
-        };
-        let (request_body, sent) = Sent::new(request_body);
-        let mut backend_request = Request::new(request_body.boxed_unsync());
+        let mut backend_request = Request::new(request_body);
         *backend_request.method_mut() = parts.method.clone();
-        *backend_request.uri_mut() = uri;
+        *backend_request.uri_mut() = uri.clone();
         *backend_request.version_mut() = Version::HTTP_11;
-        *backend_request.headers_mut() = headers.clone();
+        // Kept for a second attempt only when there can be one.
+        *backend_request.headers_mut() =
+            if replayable && tried.is_empty() && entry.backends.len() > 1 {
+                headers.clone()
+            } else {
+                std::mem::take(&mut headers)
+            };
 
         let timeout = inner.config.backend_response_timeout;
-        let sending = inner.client.request(backend_request);
+        let sending = crate::pool::send(&inner.pool, &instance, backend_request);
         let deadline = async {
             // The response timeout counts once the request body is sent.
-            let _ = sent.await;
+            if let Some(sent) = sent {
+                let _ = sent.await;
+            }
             tokio::time::sleep(timeout).await;
         };
         let result = tokio::select! {
@@ -370,9 +402,9 @@ async fn forward(
             () = deadline => None,
         };
         match result {
-            Some(Ok(response)) => {
+            Some(Ok((response, sender))) => {
                 instance.succeeded();
-                return respond(inner, conn, response, outstanding, client_upgrade);
+                return respond(inner, conn, response, sender, outstanding, client_upgrade);
             }
             Some(Err(e)) => {
                 // A connect that failed marks the instance down for a while;
@@ -427,6 +459,7 @@ fn respond(
     inner: &Arc<Inner>,
     conn: &Arc<Conn>,
     mut response: Response<Incoming>,
+    sender: hyper::client::conn::http1::SendRequest<Body>,
     outstanding: Outstanding,
     client_upgrade: Option<hyper::upgrade::OnUpgrade>,
 ) -> (Response<Body>, Option<Outstanding>) {
@@ -462,6 +495,12 @@ fn respond(
     }
     let (mut parts, body) = response.into_parts();
     strip_hop_by_hop(&mut parts.headers);
+    let body = PooledBody::new(
+        body,
+        sender,
+        outstanding.state().clone(),
+        inner.pool.max_idle,
+    );
     (
         Response::from_parts(parts, body.map_err(Into::into).boxed_unsync()),
         Some(outstanding),

@@ -93,6 +93,7 @@ mod balance;
 mod body;
 mod config;
 mod forward;
+mod pool;
 mod routes;
 mod server;
 mod stats;
@@ -104,8 +105,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use arc_swap::ArcSwap;
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
@@ -118,7 +117,6 @@ pub use stats::{InstanceSnapshot, RouteSnapshot, Snapshot};
 pub use tls::{CertError, Certs, Challenges};
 
 use balance::{InstanceState, Random};
-use body::Body;
 use routes::{InstanceKey, Table};
 use server::{Limits, Phase, Tracker};
 use stats::RouteCounters;
@@ -159,7 +157,7 @@ pub(crate) struct Inner {
     certs: Certs,
     challenges: Challenges,
     tls: Arc<rustls::ServerConfig>,
-    client: Client<HttpConnector, Body>,
+    pool: pool::PoolConfig,
     builder: auto::Builder<TokioExecutor>,
     auth: auth::Auth,
     limits: Arc<Limits>,
@@ -221,21 +219,17 @@ impl Proxy {
             .with_cert_resolver(Arc::new(certs.clone()));
         tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
 
-        let mut connector = HttpConnector::new();
-        connector.set_connect_timeout(Some(config.backend_connect_timeout));
-        connector.set_nodelay(true);
-        connector.enforce_http(true);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(config.backend_pool_idle_timeout)
-            .pool_max_idle_per_host(config.backend_pool_max_idle)
+        let pool = pool::PoolConfig {
+            connect_timeout: config.backend_connect_timeout,
+            idle_timeout: config.backend_pool_idle_timeout,
+            max_idle: config.backend_pool_max_idle,
             // hyper grows a connection's read buffer up to ~400 KiB while a
             // large body streams, and a pooled connection keeps it while
             // idle: 1 MiB responses left ~370 KiB in each (bench/proxy.sh:
             // 52 MiB RSS with 65 idle connections, 16 MiB with this cap, at
             // the same CPU per request). It also bounds a response head.
-            .http1_max_buf_size(BACKEND_READ_BUF)
-            .build(connector);
+            max_buf: BACKEND_READ_BUF,
+        };
 
         let mut builder = auto::Builder::new(TokioExecutor::new());
         builder
@@ -265,7 +259,7 @@ impl Proxy {
                 certs,
                 challenges: Challenges::default(),
                 tls: Arc::new(tls),
-                client,
+                pool,
                 builder,
                 auth: auth::Auth::new(config.auth_cache_ttl, config.auth_cache_entries),
                 limits: Arc::new(Limits::new(
@@ -435,6 +429,14 @@ impl Proxy {
 }
 
 impl Inner {
+    /// Closes connections to instances idle past their timeout.
+    fn sweep_pools(&self) {
+        let registry = self.registry.lock().unwrap_or_else(|e| e.into_inner());
+        for state in registry.instances.values() {
+            state.conns.sweep(self.config.backend_pool_idle_timeout);
+        }
+    }
+
     fn outstanding(&self, id: &str) -> u64 {
         let registry = self.registry.lock().unwrap_or_else(|e| e.into_inner());
         registry

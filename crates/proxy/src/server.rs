@@ -20,8 +20,12 @@
 //!   it has not closed by then.
 //!
 //! The idle timer sleeps until the moment the connection could become due
-//! and re-arms from the last request's end: no polling, at most one wake
-//! per idle period.
+//! and re-arms from the last request's start or end: no polling, at most
+//! one wake per idle period. Requests never wake it: a request's end only
+//! moves the due time later, which the timer finds when it fires. (It used
+//! to be woken by every request's end; as the wake came from inside the
+//! connection's own task, tokio re-queued that task and woke a second
+//! worker thread to steal it, a futex and a context switch per request.)
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -156,13 +160,14 @@ impl Drop for Tracked {
 #[derive(Debug)]
 pub(crate) struct Conn {
     pub peer: SocketAddr,
+    /// The peer's IP address as an `X-Forwarded-For` value.
+    pub peer_ip: http::HeaderValue,
     pub tls: bool,
     inflight: AtomicUsize,
     requested: AtomicBool,
     /// Milliseconds after `start` of the last request's start or end.
     last: AtomicU64,
     start: Instant,
-    changed: Notify,
     _slot: Slot,
     _tracked: Tracked,
 }
@@ -188,26 +193,24 @@ impl Conn {
     /// `idle` (or, before its first request, for `first`).
     async fn idle(&self, first: Duration, idle: Duration) {
         loop {
-            let changed = self.changed.notified();
-            tokio::pin!(changed);
-            changed.as_mut().enable();
-            if self.inflight.load(Ordering::SeqCst) > 0 {
-                changed.await;
-                continue;
-            }
-            let due = if self.requested.load(Ordering::Relaxed) {
-                self.start + Duration::from_millis(self.last.load(Ordering::Relaxed)) + idle
+            let now = Instant::now();
+            // When it is due (none while busy), and when to look again:
+            // at the latest an idle period from now, as a request may
+            // start and end before then.
+            let (due, wake) = if self.inflight.load(Ordering::SeqCst) > 0 {
+                (None, now + idle)
+            } else if self.requested.load(Ordering::Relaxed) {
+                let due =
+                    self.start + Duration::from_millis(self.last.load(Ordering::Relaxed)) + idle;
+                (Some(due), due)
             } else {
-                self.start + first
+                let due = self.start + first;
+                (Some(due), due.min(now + idle))
             };
-            if Instant::now() >= due {
+            if due.is_some_and(|due| now >= due) {
                 return;
             }
-            // Woken early when a request ends (the due time moves).
-            tokio::select! {
-                () = tokio::time::sleep_until(due) => {}
-                () = changed => {}
-            }
+            tokio::time::sleep_until(wake).await;
         }
     }
 }
@@ -215,9 +218,7 @@ impl Conn {
 impl Drop for Active {
     fn drop(&mut self) {
         self.0.touch();
-        if self.0.inflight.fetch_sub(1, Ordering::SeqCst) == 1 {
-            self.0.changed.notify_waiters();
-        }
+        self.0.inflight.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -230,6 +231,12 @@ pub(crate) async fn reached(phase: &mut watch::Receiver<Phase>, at_least: Phase)
 /// connections are done.
 pub(crate) async fn serve(inner: Arc<Inner>, listener: TcpListener, tls: bool) {
     let mut phase = inner.phase.subscribe();
+    // Closes idle connections to instances past their idle timeout.
+    let mut sweep = tokio::time::interval(
+        (inner.config.backend_pool_idle_timeout / 4)
+            .clamp(Duration::from_millis(100), Duration::from_secs(5)),
+    );
+    sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let permit = tokio::select! {
             permit = inner.limits.global.clone().acquire_owned() => match permit {
@@ -239,6 +246,10 @@ pub(crate) async fn serve(inner: Arc<Inner>, listener: TcpListener, tls: bool) {
             () = reached(&mut phase, Phase::Draining) => break,
         };
         let (stream, peer) = tokio::select! {
+            _ = sweep.tick() => {
+                inner.sweep_pools();
+                continue;
+            }
             accepted = listener.accept() => match accepted {
                 Ok(accepted) => accepted,
                 Err(e) => {
@@ -258,14 +269,16 @@ pub(crate) async fn serve(inner: Arc<Inner>, listener: TcpListener, tls: bool) {
             continue;
         };
         let _ = stream.set_nodelay(true);
+        let peer_ip = http::HeaderValue::from_str(&peer.ip().to_string())
+            .expect("an IP address is a valid header value");
         let conn = Arc::new(Conn {
             peer,
+            peer_ip,
             tls,
             inflight: AtomicUsize::new(0),
             requested: AtomicBool::new(false),
             last: AtomicU64::new(0),
             start: Instant::now(),
-            changed: Notify::new(),
             _slot: slot,
             _tracked: inner.tasks.track(),
         });

@@ -262,7 +262,11 @@ async fn a_get_that_got_no_answer_goes_to_another_instance_once_a_post_does_not(
     for _ in 0..20 {
         let answer = send(&client, p.http, "POST", "a.test", "/", &[], full("data")).await;
         if answer.status == StatusCode::BAD_GATEWAY {
-            assert!(answer.text().contains("failed to answer"), "{}", answer.text());
+            assert!(
+                answer.text().contains("failed to answer"),
+                "{}",
+                answer.text()
+            );
             failed += 1;
         }
     }
@@ -272,5 +276,9 @@ async fn a_get_that_got_no_answer_goes_to_another_instance_once_a_post_does_not(
     // that says why.
     let answer = send(&client, p.http, "GET", "mute.test", "/", &[], empty()).await;
     assert_eq!(answer.status, StatusCode::BAD_GATEWAY);
-    assert!(answer.text().contains("failed to answer"), "{}", answer.text());
+    assert!(
+        answer.text().contains("failed to answer"),
+        "{}",
+        answer.text()
+    );
 }
