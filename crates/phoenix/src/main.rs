@@ -404,6 +404,12 @@ async fn command(cmd: Command) -> Result<()> {
             if let Some(m) = v.message {
                 println!("message:     {m}");
             }
+            if let Some(i) = v.instance {
+                println!("instance:    {i}");
+            }
+            if let Some(u) = v.update {
+                println!("update:      {u}");
+            }
         }
         Command::Info {
             name,
