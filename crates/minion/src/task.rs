@@ -356,7 +356,14 @@ impl TaskRunner {
                     exit,
                     restarts: self.status.restarts,
                 };
-                if let Err(e) = self.ctx.state.save_done(self.key(), &done) {
+                // Two fsyncs: off the runtime thread, which a busy disk
+                // would otherwise stall (with the link's heartbeats) once
+                // per oneshot that ends.
+                let (state, key) = (self.ctx.state.clone(), self.key().to_owned());
+                let saved = tokio::task::spawn_blocking(move || state.save_done(&key, &done))
+                    .await
+                    .unwrap_or_else(|e| Err(std::io::Error::other(e)));
+                if let Err(e) = saved {
                     tracing::warn!(service = %self.key(), "cannot record oneshot result: {e}");
                 }
                 self.finish_oneshot(exit);
