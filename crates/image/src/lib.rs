@@ -134,6 +134,7 @@ pub mod docker_archive;
 pub mod layout;
 mod sys;
 pub mod unpack;
+pub mod vm;
 
 pub use layout::{Image, ImageConfig, ImageError, Layer, open};
 pub use unpack::{Limits, UnpackError, unpack};

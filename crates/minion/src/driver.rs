@@ -39,6 +39,7 @@
 
 pub mod exec;
 pub mod oci;
+pub mod vm;
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
@@ -66,6 +67,8 @@ pub enum DriverName {
     Exec,
     /// An OCI container run by crun.
     Oci,
+    /// A microVM run by QEMU.
+    Vm,
 }
 
 impl DriverName {
@@ -73,6 +76,7 @@ impl DriverName {
         match self {
             DriverName::Exec => "exec",
             DriverName::Oci => "oci",
+            DriverName::Vm => "vm",
         }
     }
 
@@ -81,7 +85,7 @@ impl DriverName {
         match kind {
             Kind::Binary => Some(DriverName::Exec),
             Kind::Docker => Some(DriverName::Oci),
-            Kind::Vm => None,
+            Kind::Vm => Some(DriverName::Vm),
         }
     }
 }
@@ -252,11 +256,21 @@ pub async fn stop_with_escalation(p: &mut dyn RunningTask, timeout: Duration) ->
 pub struct Drivers {
     exec: Arc<dyn Driver>,
     oci: Arc<dyn Driver>,
+    vm: Arc<dyn Driver>,
 }
 
 impl Drivers {
+    /// `exec` and `oci`, and a `vm` driver that runs no VM (it refuses
+    /// them, naming QEMU's package).
     pub fn new(exec: Arc<dyn Driver>, oci: Arc<dyn Driver>) -> Drivers {
-        Drivers { exec, oci }
+        let vm = Arc::new(vm::VmDriver::absent(Arc::new(phoenix_host::Linux)));
+        Drivers { exec, oci, vm }
+    }
+
+    /// These drivers with `vm` running VMs.
+    pub fn with_vm(mut self, vm: Arc<dyn Driver>) -> Drivers {
+        self.vm = vm;
+        self
     }
 
     /// The real drivers, keeping their state under `data_dir`, on a host
@@ -267,14 +281,16 @@ impl Drivers {
                 host.clone(),
                 Some(data_dir.join("programs")),
             )),
-            Arc::new(oci::OciDriver::new(data_dir, host, cgroups)),
+            Arc::new(oci::OciDriver::new(data_dir, host.clone(), cgroups)),
         )
+        .with_vm(Arc::new(vm::VmDriver::new(data_dir, host)))
     }
 
     pub fn named(&self, name: DriverName) -> &Arc<dyn Driver> {
         match name {
             DriverName::Exec => &self.exec,
             DriverName::Oci => &self.oci,
+            DriverName::Vm => &self.vm,
         }
     }
 
@@ -360,7 +376,7 @@ mod tests {
     fn kinds_map_to_drivers() {
         assert_eq!(DriverName::for_kind(Kind::Binary), Some(DriverName::Exec));
         assert_eq!(DriverName::for_kind(Kind::Docker), Some(DriverName::Oci));
-        assert_eq!(DriverName::for_kind(Kind::Vm), None);
+        assert_eq!(DriverName::for_kind(Kind::Vm), Some(DriverName::Vm));
         assert_eq!(serde_json::to_string(&DriverName::Oci).unwrap(), "\"oci\"");
     }
 }

@@ -545,11 +545,15 @@ mod tests {
             all.contains("field `cpus`: expected a number of cores"),
             "{all}"
         );
-        assert!(
-            errs(r#"{"machine":"m","name":"v","image":"x","type":"vm"}"#)
-                .join("")
-                .contains("\"vm\" is not supported yet")
-        );
+        // A VM: memory and cpus size it.
+        let vm = &parse_specs(
+            "t",
+            r#"{"machine":"m","name":"v","image":"v.zst","type":"vm","memory":"512M","cpus":2}"#,
+        )
+        .unwrap()[0];
+        assert_eq!(vm.kind, Kind::Vm);
+        assert_eq!((vm.memory, vm.cpus), (Some(512 << 20), Some(2.0)));
+        assert_eq!(vm.registry_file(), ("v.zst".to_owned(), None));
         assert_eq!(parse_size("64k"), Some(65536));
         assert_eq!(parse_size("2G"), Some(2 << 30));
         assert_eq!(parse_size("lots"), None);

@@ -447,6 +447,9 @@ impl Hub {
                 if spec.kind == Kind::Docker {
                     self.check_container_image(&file, tag.as_deref(), &image)?;
                 }
+                if spec.kind == Kind::Vm {
+                    self.check_vm_image(&file, &image)?;
+                }
                 Ok(image)
             })
             .collect()
@@ -472,6 +475,27 @@ impl Hub {
             .map_err(|reason| {
                 format!(
                     "registry file {file:?} is not a container image phoenix can run: {reason}; \
+                     fix it, then replace it with `phoenix push FILE {file}`"
+                )
+            })
+    }
+
+    /// Refuses a registry file that is not a VM image the minion can boot
+    /// (`phoenix_image::vm`: not zstd, a member outside its root, no
+    /// kernel or root filesystem, ...), naming what is wrong. Cached per
+    /// file version like container images (under a tag no container image
+    /// can have).
+    fn check_vm_image(&self, file: &str, image: &ImageRef) -> Result<(), String> {
+        let path = self.registry.dir().join(file);
+        self.image_formats
+            .check(&image.hash, Some("vm image"), || {
+                phoenix_image::vm::check(&path, 64 << 30)
+                    .map(drop)
+                    .map_err(|e| e.to_string().replace(&path.display().to_string(), file))
+            })
+            .map_err(|reason| {
+                format!(
+                    "registry file {file:?} is not a VM image phoenix can boot: {reason}; \
                      fix it, then replace it with `phoenix push FILE {file}`"
                 )
             })
@@ -738,6 +762,81 @@ pub(super) mod tests {
             Apply::Deploy,
             "b.json",
             &spec("b", "m1", "junk.tar", "binary"),
+        )
+        .unwrap();
+    }
+
+    /// `data` as one zstd frame of raw (stored) blocks.
+    fn zstd_raw(data: &[u8]) -> Vec<u8> {
+        // Magic; a frame header with a 128 KiB window and nothing else.
+        let mut out = vec![0x28, 0xb5, 0x2f, 0xfd, 0x00, 7 << 3];
+        let blocks: Vec<&[u8]> = data.chunks(128 << 10).collect();
+        for (i, b) in blocks.iter().enumerate() {
+            let last = u32::from(i + 1 == blocks.len());
+            let header = last | ((b.len() as u32) << 3);
+            out.extend_from_slice(&header.to_le_bytes()[..3]);
+            out.extend_from_slice(b);
+        }
+        out
+    }
+
+    #[test]
+    fn a_vm_image_that_cannot_boot_is_refused_at_deploy() {
+        let dir = tempfile::tempdir().unwrap();
+        let hub = hub(dir.path());
+        let member = |tar: &mut tar::Builder<Vec<u8>>, name: &str, data: &[u8]| {
+            let mut h = tar::Header::new_gnu();
+            h.set_size(data.len() as u64);
+            h.set_mode(0o644);
+            tar.append_data(&mut h, name, data).unwrap();
+        };
+        let mut kernel = vec![0u8; 1024];
+        kernel[0x202..0x206].copy_from_slice(b"HdrS");
+        let mut rootfs = vec![0u8; 4096];
+        rootfs[1080..1082].copy_from_slice(&[0x53, 0xef]);
+        let mut no_rootfs = tar::Builder::new(Vec::new());
+        member(&mut no_rootfs, "bzImage", &kernel);
+        let mut good = tar::Builder::new(Vec::new());
+        member(&mut good, "bzImage", &kernel);
+        member(&mut good, "rootfs.ext4", &rootfs);
+        let reg = dir.path().join("registry");
+        std::fs::write(
+            reg.join("norootfs.zst"),
+            zstd_raw(&no_rootfs.into_inner().unwrap()),
+        )
+        .unwrap();
+        std::fs::write(reg.join("plain.zst"), vec![7u8; 3000]).unwrap();
+        std::fs::write(reg.join("good.zst"), zstd_raw(&good.into_inner().unwrap())).unwrap();
+        for (file, why) in [
+            (
+                "norootfs.zst",
+                "no root filesystem (rootfs.ext4) in the image",
+            ),
+            ("plain.zst", "not zstd-compressed"),
+        ] {
+            let e = hub
+                .apply(
+                    "root",
+                    Apply::Deploy,
+                    "v.json",
+                    &spec("v", "m1", file, "vm"),
+                )
+                .unwrap_err();
+            let message = e.to_string();
+            assert_eq!(e.kind(), ErrorKind::Invalid, "{message}");
+            assert!(
+                message.contains(&format!(
+                    "registry file {file:?} is not a VM image phoenix can boot: {why}"
+                )),
+                "{message}"
+            );
+        }
+        assert_unchanged(&hub);
+        hub.apply(
+            "root",
+            Apply::Deploy,
+            "v.json",
+            &spec("v", "m1", "good.zst", "vm"),
         )
         .unwrap();
     }

@@ -96,12 +96,6 @@ pub fn validate(raw: RawSpec) -> Result<Spec, Vec<SpecError>> {
     if let Some(i) = &image {
         check_image_name(i).unwrap_or_else(|r| err("image", r));
     }
-    if kind == Some(Kind::Vm) {
-        err(
-            "type",
-            "type \"vm\" is not supported yet; this version runs \"binary\" and \"docker\"".into(),
-        );
-    }
     for (i, entry) in raw.env.iter().enumerate() {
         check_env(entry).unwrap_or_else(|r| err(&format!("env[{i}]"), r));
     }

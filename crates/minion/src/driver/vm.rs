@@ -1,0 +1,734 @@
+//! The `vm` driver: a service of `type: "vm"` is a microVM, run by QEMU
+//! (`qemu-system-x86_64 -M microvm`), one QEMU process per service and no
+//! other process of ours beside it.
+//!
+//! Image: a VM image ([`phoenix_image::vm`]: a zstd tar holding a kernel,
+//! `rootfs.ext4`, optionally an `initrd` and `config.json`), fetched and
+//! hash-checked like any image. Prepare unpacks it once per image file into
+//! `images/rootfs/vm-<hash>` (collected with the image, like an unpacked
+//! container image). Each start copies `rootfs.ext4` into the run's work
+//! directory (`cp --reflink=auto --sparse=always`: a reflink where the
+//! filesystem has them), so every start boots from the image.
+//!
+//! Acceleration, probed once at minion start: KVM when `/dev/kvm` opens
+//! and a hardware-virtualisation module (`kvm_intel`, `kvm_amd`) is loaded;
+//! TCG (QEMU's software emulation, several times slower) otherwise. A
+//! `/dev/kvm` backed by `kvm_pvm` (paravirtualised, as on these CI
+//! machines) does not run stock kernels, so it counts as none. Under TCG
+//! the guest is told the TSC frequency (the host's, which TCG's TSC runs
+//! at: `tsc_early_khz`) and skips the timer check: a Debian kernel without
+//! it hangs calibrating against the (missing) PIT.
+//!
+//! Sizing: `cpus` (rounded up) vCPUs, default the image's `config.json`
+//! or 1. `memory` is the service's whole cgroup limit, which QEMU itself
+//! must also fit in, so the guest gets `memory` minus 96 MiB (at least 64
+//! MiB); without `memory`, the image's `memory_mib` or 256 MiB.
+//!
+//! Environment: the spec's `env` and Phoenix's variables (`PHOENIX_IP`,
+//! `PHOENIX_NAME`, `PORT`, ...) go on the kernel command line as
+//! `KEY=VALUE`; the kernel hands parameters it does not know to the
+//! guest's init as environment variables. The kernel's limits hold: the
+//! line is at most 2048 bytes, init gets at most 32 variables, a key with
+//! a `.` would be a module parameter and a value cannot hold `"`; a start
+//! that breaks them is refused, saying which.
+//!
+//! Network: QEMU is started in the service's network namespace (by the
+//! same spawner as binaries). It creates a tap device `vm0` there and runs
+//! the run's `ifup` script, which bridges `vm0` with the namespace's
+//! `eth0` (a bridge `br0`, made at the first start) and takes the
+//! service's addresses off `eth0`: the guest owns the service's address
+//! on its virtio-net device, and reaches the host end of the veth
+//! (`fe80::1`) as its default route, so the host's route to the service,
+//! the firewall, health checks and the proxy work as for any service. The
+//! tap goes with QEMU; the bridge with the namespace. The guest must
+//! configure its interface from `PHOENIX_IP` itself (address/128, route to
+//! `fe80::1`, default via `fe80::1`); IPv4 egress is not given to it yet.
+//!
+//! Console: the guest's serial port is a QEMU chardev writing to QEMU's
+//! stdout, the service's log (QEMU's own errors go there too).
+//!
+//! Stop: SIGTERM becomes an ACPI power-button press (`system_powerdown`
+//! on the run's QMP socket), so the guest can shut down cleanly; SIGKILL
+//! follows after the stop timeout as for any service. A restarted minion
+//! adopts a running QEMU by pid and start time, and finds its QMP socket
+//! in its command line.
+
+use std::io::{Read, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+use std::time::Duration;
+
+use phoenix_host::{Host, Signal};
+use phoenix_image::vm::{INITRD, ROOTFS, VmConfig};
+use phoenix_model::proto::Assignment;
+
+use super::{
+    Artifact, BoxFuture, Capabilities, Driver, DriverError, DriverName, RunningTask, TaskConfig,
+    TaskDir, TaskHandle,
+};
+use crate::process::{Launch, Proc, Target};
+use crate::reaper;
+use crate::state::RunRecord;
+use phoenix_model::status::Exit;
+
+/// What the minion says when QEMU is missing.
+pub const QEMU_HELP: &str = "qemu-system-x86_64 is not installed on this minion; install it (Debian/Ubuntu: apt-get install qemu-system-x86) to run services of type vm";
+
+/// The most bytes a VM image may unpack to.
+const MAX_IMAGE_BYTES: u64 = 64 << 30;
+/// x86's `COMMAND_LINE_SIZE`.
+const MAX_CMDLINE: usize = 2048;
+/// The kernel's `MAX_INIT_ENVS` (32) less what it sets itself (HOME, TERM).
+const MAX_GUEST_ENV: usize = 30;
+/// What QEMU itself needs beside the guest's memory, within `memory`.
+const QEMU_OVERHEAD_MIB: u64 = 96;
+const DEFAULT_MEMORY_MIB: u64 = 256;
+/// The tap device QEMU makes in the service's namespace.
+const TAP: &str = "vm0";
+
+/// How the guest's CPU is run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Accel {
+    /// Hardware virtualisation.
+    Kvm,
+    /// QEMU's software emulation: works anywhere, several times slower.
+    Tcg,
+}
+
+impl Accel {
+    /// KVM when `/dev/kvm` opens and a hardware-virtualisation module is
+    /// loaded; TCG otherwise (see the module header for `kvm_pvm`).
+    pub fn probe() -> Accel {
+        let hw = ["kvm_intel", "kvm_amd"]
+            .iter()
+            .any(|m| Path::new("/sys/module").join(m).exists());
+        let opens = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/kvm")
+            .is_ok();
+        if hw && opens { Accel::Kvm } else { Accel::Tcg }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Accel::Kvm => "kvm",
+            Accel::Tcg => "tcg (software emulation, slow)",
+        }
+    }
+}
+
+/// What prepare kept beside the unpacked image.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+struct Unpacked {
+    kernel: String,
+    initrd: bool,
+    config: VmConfig,
+}
+
+pub struct VmDriver {
+    host: Arc<dyn Host>,
+    qemu: Option<PathBuf>,
+    accel: Accel,
+    /// `images/rootfs`: unpacked images, `vm-<image hash>` each.
+    rootfs_dir: PathBuf,
+    /// The host's TSC frequency (kHz), for TCG guests.
+    tsc_khz: Option<u64>,
+    unpacking: std::sync::Mutex<std::collections::HashMap<PathBuf, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+fn find_in_path(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")
+        .unwrap_or_else(|| "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin".into());
+    std::env::split_paths(&path)
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+}
+
+/// The host's TSC frequency in kHz, from `/proc/cpuinfo` (x86).
+fn host_tsc_khz() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/cpuinfo").ok()?;
+    let mhz: f64 = text
+        .lines()
+        .find(|l| l.starts_with("cpu MHz"))?
+        .split(':')
+        .nth(1)?
+        .trim()
+        .parse()
+        .ok()?;
+    (mhz > 0.0).then_some((mhz * 1000.0) as u64)
+}
+
+impl VmDriver {
+    /// The driver, with QEMU found in `PATH` and the accelerator probed,
+    /// keeping unpacked images under `data_dir/images/rootfs`.
+    pub fn new(data_dir: &Path, host: Arc<dyn Host>) -> VmDriver {
+        let d = VmDriver {
+            host,
+            qemu: find_in_path("qemu-system-x86_64"),
+            accel: Accel::probe(),
+            rootfs_dir: data_dir.join("images").join("rootfs"),
+            tsc_khz: host_tsc_khz(),
+            unpacking: Default::default(),
+        };
+        match &d.qemu {
+            Some(q) => tracing::info!(qemu = %q.display(), accel = d.accel.as_str(), "vm runtime"),
+            None => tracing::info!("{QEMU_HELP}"),
+        }
+        d
+    }
+
+    /// A driver that runs no VM (for minions built without one, and tests).
+    pub fn absent(host: Arc<dyn Host>) -> VmDriver {
+        VmDriver {
+            host,
+            qemu: None,
+            accel: Accel::Tcg,
+            rootfs_dir: PathBuf::new(),
+            tsc_khz: None,
+            unpacking: Default::default(),
+        }
+    }
+
+    pub fn accel(&self) -> Accel {
+        self.accel
+    }
+
+    async fn unpacked(&self, image: &Path) -> Result<PathBuf, String> {
+        let lock = self
+            .unpacking
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(image.to_owned())
+            .or_default()
+            .clone();
+        let _guard = lock.lock().await;
+        let image = image.to_owned();
+        let dir = self.rootfs_dir.clone();
+        tokio::task::spawn_blocking(move || unpack_cached(&image, &dir))
+            .await
+            .map_err(|e| e.to_string())?
+    }
+
+    async fn start_vm(&self, task: TaskConfig<'_>) -> Result<TaskHandle, String> {
+        let qemu = self.qemu.as_ref().ok_or(QEMU_HELP)?;
+        let place = &task.artifact.path;
+        let info: Unpacked = std::fs::read(place.join("vm.json"))
+            .ok()
+            .and_then(|t| serde_json::from_slice(&t).ok())
+            .ok_or_else(|| format!("{} holds no unpacked VM image", place.display()))?;
+        let work = task.work_dir;
+        cleanup(work);
+        let disk = work.join("disk.ext4");
+        let mut cp = Command::new("cp");
+        cp.args(["--reflink=auto", "--sparse=always"])
+            .arg(place.join(ROOTFS))
+            .arg(&disk);
+        let (exit, err) = reaper::run(&mut cp)
+            .await
+            .map_err(|e| format!("copy {ROOTFS}: {e}"))?;
+        if exit.code != Some(0) {
+            return Err(format!("copy {ROOTFS}: {}", err.trim()));
+        }
+        let ifup = work.join("ifup");
+        if task.network.is_some() {
+            std::fs::write(&ifup, IFUP)
+                .and_then(|()| {
+                    std::fs::set_permissions(&ifup, std::fs::Permissions::from_mode(0o755))
+                })
+                .map_err(|e| format!("write {}: {e}", ifup.display()))?;
+        }
+        let spec = &task.assignment.spec;
+        let mut env: Vec<(String, String)> = spec
+            .env_pairs()
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect();
+        env.extend(task.env.iter().cloned());
+        let plan = Plan {
+            kernel: place.join(&info.kernel),
+            initrd: info.initrd.then(|| place.join(INITRD)),
+            disk,
+            qmp: work.join("qmp.sock"),
+            ifup: task.network.is_some().then_some(ifup),
+            cmdline: cmdline(self.accel, self.tsc_khz, &info.config, &env)?,
+            memory_mib: memory_mib(spec.memory, &info.config),
+            cpus: spec
+                .cpus
+                .map(|c| c.ceil().max(1.0) as u32)
+                .or(info.config.cpus)
+                .unwrap_or(1),
+            accel: self.accel,
+            name: task.name().to_owned(),
+        };
+        let args = plan.args();
+        let proc = Proc::spawn(
+            self.host.clone(),
+            Launch {
+                program: qemu,
+                arg0: None,
+                args: &args,
+                env: vec![("PATH".to_owned(), super::exec::DEFAULT_PATH.to_owned())],
+                cwd: work,
+                log: task.log,
+                cgroup: task.cgroup.as_deref(),
+                netns: task.network.map(|n| n.netns),
+                hosts_file: None,
+            },
+        )
+        .map_err(|e| e.to_string())?;
+        let pid = proc.pid().unwrap_or(0);
+        Ok(TaskHandle {
+            pid,
+            start_time: self.host.process_start_time(pid).unwrap_or(0),
+            process: Box::new(VmProc {
+                proc,
+                qmp: Some(plan.qmp),
+            }),
+        })
+    }
+}
+
+/// Run by QEMU in the service's namespace with the tap's name: bridges it
+/// with `eth0` and gives the service's addresses to the guest.
+const IFUP: &str = r#"#!/bin/sh
+set -e
+if ! ip link show br0 >/dev/null 2>&1; then
+  ip link add br0 type bridge
+  ip link set br0 up
+fi
+ip link set eth0 master br0
+ip addr flush dev eth0 scope global
+ip link set "$1" master br0 up
+"#;
+
+/// Everything a QEMU command line is made from.
+struct Plan {
+    kernel: PathBuf,
+    initrd: Option<PathBuf>,
+    disk: PathBuf,
+    qmp: PathBuf,
+    /// The network script; `None`: no network device.
+    ifup: Option<PathBuf>,
+    cmdline: String,
+    memory_mib: u64,
+    cpus: u32,
+    accel: Accel,
+    name: String,
+}
+
+impl Plan {
+    fn args(&self) -> Vec<String> {
+        let p = |p: &Path| p.display().to_string();
+        let mut a: Vec<String> = vec!["-name".into(), format!("phoenix-{}", self.name)];
+        a.extend(["-M".into(), "microvm".into()]);
+        match self.accel {
+            Accel::Kvm => a.extend(["-accel", "kvm", "-cpu", "host"].map(String::from)),
+            Accel::Tcg => a.extend(["-accel", "tcg,tb-size=32", "-cpu", "max"].map(String::from)),
+        }
+        a.extend([
+            "-m".into(),
+            self.memory_mib.to_string(),
+            "-smp".into(),
+            self.cpus.to_string(),
+        ]);
+        a.extend(
+            [
+                "-nodefaults",
+                "-no-user-config",
+                "-display",
+                "none",
+                "-no-reboot",
+                "-chardev",
+                "file,id=con,path=/proc/self/fd/1",
+                "-serial",
+                "chardev:con",
+            ]
+            .map(String::from),
+        );
+        a.extend(["-kernel".into(), p(&self.kernel)]);
+        if let Some(i) = &self.initrd {
+            a.extend(["-initrd".into(), p(i)]);
+        }
+        a.extend(["-append".into(), self.cmdline.clone()]);
+        a.extend([
+            "-drive".into(),
+            format!("id=root,file={},format=raw,if=none", qemu_path(&self.disk)),
+            "-device".into(),
+            "virtio-blk-device,drive=root".into(),
+        ]);
+        match &self.ifup {
+            Some(ifup) => a.extend([
+                "-netdev".into(),
+                format!(
+                    "tap,id=n0,ifname={TAP},script={},downscript=no",
+                    qemu_path(ifup)
+                ),
+                "-device".into(),
+                "virtio-net-device,netdev=n0".into(),
+            ]),
+            None => a.extend(["-nic".into(), "none".into()]),
+        }
+        a.extend([
+            "-qmp".into(),
+            format!("unix:{},server=on,wait=off", qemu_path(&self.qmp)),
+        ]);
+        a
+    }
+}
+
+/// A path inside a QEMU option list, where a comma is written twice.
+fn qemu_path(p: &Path) -> String {
+    p.display().to_string().replace(',', ",,")
+}
+
+/// The guest's memory in MiB: see the module header.
+fn memory_mib(spec_bytes: Option<u64>, config: &VmConfig) -> u64 {
+    match spec_bytes {
+        Some(b) => ((b >> 20).saturating_sub(QEMU_OVERHEAD_MIB)).max(64),
+        None => config.memory_mib.unwrap_or(DEFAULT_MEMORY_MIB),
+    }
+}
+
+/// The kernel command line: console and root, the TCG timing hints, the
+/// image's own arguments, then the environment (later keys win).
+fn cmdline(
+    accel: Accel,
+    tsc_khz: Option<u64>,
+    config: &VmConfig,
+    env: &[(String, String)],
+) -> Result<String, String> {
+    let mut line = String::from("console=ttyS0 root=/dev/vda rw panic=-1 quiet");
+    if accel == Accel::Tcg {
+        if let Some(khz) = tsc_khz {
+            line.push_str(&format!(" tsc_early_khz={khz}"));
+        }
+        line.push_str(" no_timer_check");
+    }
+    if let Some(extra) = &config.cmdline {
+        line.push(' ');
+        line.push_str(extra);
+    }
+    let mut vars: Vec<(&str, &str)> = Vec::new();
+    for (k, v) in env {
+        vars.retain(|(key, _)| key != k);
+        vars.push((k, v));
+    }
+    if vars.len() > MAX_GUEST_ENV {
+        return Err(format!(
+            "{} environment variables, but the kernel passes at most {MAX_GUEST_ENV} to the guest's init",
+            vars.len()
+        ));
+    }
+    for (k, v) in vars {
+        if k.contains('.') || k.contains(' ') {
+            return Err(format!(
+                "env {k:?}: a kernel parameter name cannot hold '.' or a space"
+            ));
+        }
+        if v.contains('"') || v.chars().any(char::is_control) {
+            return Err(format!(
+                "env {k}: a value on the kernel command line cannot hold '\"' or control characters"
+            ));
+        }
+        if v.contains(' ') || v.is_empty() {
+            line.push_str(&format!(" {k}=\"{v}\""));
+        } else {
+            line.push_str(&format!(" {k}={v}"));
+        }
+    }
+    if line.len() >= MAX_CMDLINE {
+        return Err(format!(
+            "the kernel command line would be {} bytes, over the limit of {MAX_CMDLINE}; shorten env",
+            line.len()
+        ));
+    }
+    Ok(line)
+}
+
+/// Unpacks a VM image once per image file into `dir/vm-<hash>`.
+fn unpack_cached(image: &Path, dir: &Path) -> Result<PathBuf, String> {
+    let hash = image
+        .file_name()
+        .and_then(|n| n.to_str())
+        .ok_or_else(|| format!("{}: not a cached image", image.display()))?;
+    let place = dir.join(format!("vm-{hash}"));
+    let mark = |place: &Path| {
+        let _ = std::fs::write(
+            place.join(format!("{}{hash}", super::oci::ROOTFS_MARK)),
+            b"",
+        );
+    };
+    if std::fs::read(place.join("vm.json"))
+        .ok()
+        .and_then(|t| serde_json::from_slice::<Unpacked>(&t).ok())
+        .is_some()
+    {
+        mark(&place);
+        return Ok(place);
+    }
+    let tmp = dir.join(format!(".unpack-vm-{hash}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    let info = phoenix_image::vm::unpack(image, &tmp, MAX_IMAGE_BYTES)
+        .map_err(|e| format!("not a VM image phoenix can boot: {e}"))?;
+    let saved = Unpacked {
+        kernel: info.kernel.to_owned(),
+        initrd: info.has_initrd,
+        config: info.config,
+    };
+    let write = std::fs::write(
+        tmp.join("vm.json"),
+        serde_json::to_vec(&saved).unwrap_or_default(),
+    );
+    if let Err(e) = write.and_then(|()| {
+        let _ = std::fs::remove_dir_all(&place);
+        std::fs::rename(&tmp, &place)
+    }) {
+        let _ = std::fs::remove_dir_all(&tmp);
+        return Err(format!("store unpacked image in {}: {e}", place.display()));
+    }
+    mark(&place);
+    tracing::info!(image = hash, "vm image unpacked");
+    Ok(place)
+}
+
+/// What a run leaves in its work directory.
+fn cleanup(work: &Path) {
+    for f in ["disk.ext4", "ifup", "qmp.sock"] {
+        let _ = std::fs::remove_file(work.join(f));
+    }
+}
+
+/// A running QEMU: SIGTERM is the ACPI power button.
+struct VmProc {
+    proc: Proc,
+    qmp: Option<PathBuf>,
+}
+
+impl RunningTask for VmProc {
+    fn wait(&mut self) -> BoxFuture<'_, Exit> {
+        Box::pin(self.proc.wait())
+    }
+
+    fn signal(&self, signal: i32) {
+        if signal == libc::SIGTERM
+            && let Some(qmp) = &self.qmp
+        {
+            match powerdown(qmp) {
+                Ok(()) => return,
+                Err(e) => tracing::info!(
+                    "ACPI powerdown through {}: {e}; sending SIGTERM to QEMU",
+                    qmp.display()
+                ),
+            }
+        }
+        self.proc.signal(signal);
+    }
+}
+
+/// Presses the guest's power button over QMP. Blocking, on a local socket
+/// QEMU serves from its main loop; bounded by short timeouts.
+fn powerdown(qmp: &Path) -> std::io::Result<()> {
+    let mut s = std::os::unix::net::UnixStream::connect(qmp)?;
+    let t = Some(Duration::from_millis(500));
+    s.set_read_timeout(t)?;
+    s.set_write_timeout(t)?;
+    s.write_all(b"{\"execute\":\"qmp_capabilities\"}\n{\"execute\":\"system_powerdown\"}\n")?;
+    // The greeting and two answers; an error answer is an error.
+    let mut got = Vec::new();
+    let mut buf = [0u8; 1024];
+    while got.iter().filter(|&&b| b == b'\n').count() < 3 {
+        let n = s.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        got.extend_from_slice(&buf[..n]);
+    }
+    let text = String::from_utf8_lossy(&got);
+    if text.contains("\"error\"") {
+        return Err(std::io::Error::other(text.trim().to_owned()));
+    }
+    Ok(())
+}
+
+/// The QMP socket named in a QEMU's command line (`-qmp unix:PATH,...`).
+fn qmp_of(pid: u32) -> Option<PathBuf> {
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    let mut args = cmdline.split(|&b| b == 0);
+    args.by_ref().find(|a| *a == b"-qmp")?;
+    let spec = std::str::from_utf8(args.next()?).ok()?;
+    let path = spec.strip_prefix("unix:")?.split(",server").next()?;
+    Some(PathBuf::from(path.replace(",,", ",")))
+}
+
+impl Driver for VmDriver {
+    fn name(&self) -> DriverName {
+        DriverName::Vm
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            artifact_in_image_cache: true,
+        }
+    }
+
+    fn prepare<'a>(
+        &'a self,
+        image: &'a Path,
+        _a: &'a Assignment,
+    ) -> BoxFuture<'a, Result<Artifact, DriverError>> {
+        Box::pin(async move {
+            if self.qemu.is_none() {
+                return Err(DriverError::Container(QEMU_HELP.into()));
+            }
+            let path = self.unpacked(image).await.map_err(DriverError::Container)?;
+            Ok(Artifact { path })
+        })
+    }
+
+    fn start<'a>(&'a self, task: TaskConfig<'a>) -> BoxFuture<'a, Result<TaskHandle, DriverError>> {
+        Box::pin(async move { self.start_vm(task).await.map_err(DriverError::Container) })
+    }
+
+    fn recover(&self, record: &RunRecord) -> Option<TaskHandle> {
+        let proc = Proc::adopt(
+            self.host.clone(),
+            record.pid,
+            record.start_time,
+            Target::Group,
+        )?;
+        Some(TaskHandle {
+            pid: record.pid,
+            start_time: record.start_time,
+            process: Box::new(VmProc {
+                proc,
+                qmp: qmp_of(record.pid),
+            }),
+        })
+    }
+
+    fn destroy<'a>(&'a self, dir: TaskDir<'a>, task: Option<TaskHandle>) -> BoxFuture<'a, ()> {
+        if let Some(task) = task {
+            let _ = self.host.signal_group(task.pid, Signal::KILL);
+        }
+        cleanup(dir.work_dir);
+        Box::pin(std::future::ready(()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_command_line_carries_the_environment() {
+        let env = [
+            ("A".to_owned(), "1".to_owned()),
+            ("PHOENIX_IP".to_owned(), "fd38:dde8:32dd:1::7".to_owned()),
+            ("A".to_owned(), "two words".to_owned()),
+        ];
+        let config = VmConfig {
+            cmdline: Some("init=/sbin/init".into()),
+            ..Default::default()
+        };
+        let line = cmdline(Accel::Tcg, Some(2_000_000), &config, &env).unwrap();
+        assert_eq!(
+            line,
+            "console=ttyS0 root=/dev/vda rw panic=-1 quiet tsc_early_khz=2000000 no_timer_check \
+             init=/sbin/init PHOENIX_IP=fd38:dde8:32dd:1::7 A=\"two words\""
+        );
+        let kvm = cmdline(Accel::Kvm, Some(1), &VmConfig::default(), &[]).unwrap();
+        assert!(!kvm.contains("tsc"), "{kvm}");
+        let bad = |k: &str, v: &str| {
+            cmdline(
+                Accel::Kvm,
+                None,
+                &VmConfig::default(),
+                &[(k.into(), v.into())],
+            )
+            .unwrap_err()
+        };
+        assert!(bad("a.b", "1").contains("'.'"));
+        assert!(bad("A", "say \"hi\"").contains("'\"'"));
+        assert!(bad("A", &"x".repeat(3000)).contains("over the limit of 2048"));
+        let many: Vec<(String, String)> =
+            (0..40).map(|i| (format!("V{i}"), "1".to_owned())).collect();
+        assert!(
+            cmdline(Accel::Kvm, None, &VmConfig::default(), &many)
+                .unwrap_err()
+                .contains("at most 30")
+        );
+    }
+
+    #[test]
+    fn memory_leaves_room_for_qemu() {
+        let c = VmConfig {
+            memory_mib: Some(512),
+            ..Default::default()
+        };
+        assert_eq!(memory_mib(None, &c), 512);
+        assert_eq!(memory_mib(None, &VmConfig::default()), 256);
+        assert_eq!(memory_mib(Some(1 << 30), &c), 1024 - 96);
+        assert_eq!(memory_mib(Some(100 << 20), &c), 64);
+    }
+
+    #[test]
+    fn qemu_args() {
+        let plan = Plan {
+            kernel: "/i/bzImage".into(),
+            initrd: Some("/i/initrd".into()),
+            disk: "/w/a,b/disk.ext4".into(),
+            qmp: "/w/qmp.sock".into(),
+            ifup: Some("/w/ifup".into()),
+            cmdline: "console=ttyS0".into(),
+            memory_mib: 256,
+            cpus: 2,
+            accel: Accel::Tcg,
+            name: "web".into(),
+        };
+        let a = plan.args().join(" ");
+        assert!(
+            a.contains("-M microvm -accel tcg,tb-size=32 -cpu max -m 256 -smp 2"),
+            "{a}"
+        );
+        assert!(a.contains("file=/w/a,,b/disk.ext4,format=raw"), "{a}");
+        assert!(
+            a.contains("tap,id=n0,ifname=vm0,script=/w/ifup,downscript=no"),
+            "{a}"
+        );
+        assert!(a.contains("-initrd /i/initrd -append console=ttyS0"), "{a}");
+        assert!(
+            a.ends_with("-qmp unix:/w/qmp.sock,server=on,wait=off"),
+            "{a}"
+        );
+    }
+
+    #[tokio::test]
+    async fn without_qemu_a_vm_is_refused_naming_the_package() {
+        let d = VmDriver::absent(Arc::new(phoenix_host::Linux));
+        let spec = phoenix_model::spec::parse_specs(
+            "t",
+            r#"{"machine":"m","name":"v","type":"vm","image":"v.zst"}"#,
+        )
+        .unwrap()
+        .remove(0);
+        let a = Assignment {
+            spec,
+            ip: phoenix_model::net::service_ip(0),
+            image_hash: String::new(),
+            image_size: 0,
+            generation: 1,
+            links: Default::default(),
+            instance: None,
+            own_ip: None,
+            holds_ip: true,
+        };
+        let err = d
+            .prepare(Path::new("/nonexistent"), &a)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("apt-get install qemu-system-x86"), "{err}");
+    }
+}
