@@ -2,9 +2,10 @@
 //!
 //! Reading is a pipeline of three steps, each with one job:
 //!
-//! 1. **Format.** Text becomes a document tree. JSON is the one format today;
-//!    its syntax errors say the line and column. A YAML or compose reader
-//!    will produce the same tree, or a [`RawSpec`] directly.
+//! 1. **Format.** Text becomes a document tree: JSON (its syntax errors say
+//!    the line and column) or YAML (`spec/yaml.rs`, by the file's
+//!    extension; every error of a YAML file says its line). A compose
+//!    reader will produce the same tree, or a [`RawSpec`] directly.
 //! 2. **Raw spec** (`spec/raw.rs`). Each spec of the tree becomes a
 //!    [`RawSpec`]: serde with unknown fields denied, so the known fields are
 //!    the struct's own. Errors carry their path (`env[2]`), an unknown field suggests the
@@ -24,6 +25,7 @@
 
 mod raw;
 mod validate;
+mod yaml;
 
 use std::collections::HashSet;
 use std::fmt;
@@ -165,6 +167,9 @@ pub struct SpecError {
     /// The field at fault, None for the whole spec.
     pub field: Option<String>,
     pub reason: String,
+    /// The line (1-based) in the file, where the format keeps lines (YAML).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub line: Option<usize>,
 }
 
 impl SpecError {
@@ -174,7 +179,14 @@ impl SpecError {
             name: None,
             field: field.map(str::to_owned),
             reason: reason.into(),
+            line: None,
         }
+    }
+
+    /// Places this error on a line of its file.
+    pub fn on_line(mut self, line: usize) -> Self {
+        self.line = Some(line);
+        self
     }
 
     /// Names the spec this error belongs to.
@@ -187,6 +199,9 @@ impl SpecError {
 
 impl fmt::Display for SpecError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if let Some(line) = self.line {
+            write!(f, "line {line}: ")?;
+        }
         match (self.index, &self.name) {
             (Some(i), Some(n)) => write!(f, "spec #{} ({n:?})", i + 1)?,
             (Some(i), None) => write!(f, "spec #{}", i + 1)?,
@@ -224,7 +239,14 @@ impl fmt::Display for SpecErrors {
     }
 }
 
-/// Parses a file holding one spec object or an array of them.
+/// Whether a file name says YAML (`.yaml`, `.yml`); anything else is JSON.
+pub fn is_yaml(source: &str) -> bool {
+    let lower = source.to_ascii_lowercase();
+    lower.ends_with(".yaml") || lower.ends_with(".yml")
+}
+
+/// Parses a file holding one spec object or an array of them: YAML when
+/// `source` ends in `.yaml` or `.yml` ([`is_yaml`]), JSON otherwise.
 ///
 /// Every spec is checked on its own and against the others of the file
 /// (duplicate names and addresses). Any error rejects the whole file.
@@ -233,6 +255,20 @@ pub fn parse_specs(source: &str, text: &str) -> Result<Vec<Spec>, SpecErrors> {
         file: source.to_owned(),
         errors,
     };
+    if is_yaml(source) {
+        let (document, lines) = yaml::document(text).map_err(|e| fail(vec![e]))?;
+        return specs_from_tree(document).map_err(|errors| {
+            fail(
+                errors
+                    .into_iter()
+                    .map(|mut e| {
+                        e.line = e.line.or_else(|| lines.of(e.index, e.field.as_deref()));
+                        e
+                    })
+                    .collect(),
+            )
+        });
+    }
     // serde_json's message already ends with "at line L column C".
     let document: Value = serde_json::from_str(text)
         .map_err(|e| fail(vec![SpecError::new(None, format!("not valid JSON: {e}"))]))?;

@@ -506,7 +506,8 @@ pub struct MinionArgs {
 
 #[derive(Args, Debug)]
 pub struct ApplyArgs {
-    /// The spec file (JSON: one spec or an array of them); `-` reads stdin.
+    /// The spec file: one spec or an array of them, YAML if it ends in
+    /// `.yaml` or `.yml`, JSON otherwise; `-` reads JSON from stdin.
     pub file: PathBuf,
     #[command(flatten)]
     pub waiting: Waiting,

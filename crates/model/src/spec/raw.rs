@@ -1,7 +1,7 @@
 //! The raw spec: what a user wrote, with the right shapes but not yet judged.
 //!
 //! [`RawSpec`] is plain serde with unknown fields denied, so every format
-//! serde reads (JSON today; YAML, compose and Procfile importers later) gives
+//! serde reads (JSON and YAML today; compose and Procfile importers later) gives
 //! the same thing, and the set of known fields is the struct itself
 //! ([`known_fields`] reads it from the derived code). Fields a user may give
 //! loosely keep their loose form here (`memory` as `"512M"` or a number); the
