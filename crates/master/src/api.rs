@@ -100,6 +100,17 @@ async fn connection(hub: Arc<Hub>, mut stream: UnixStream) -> Result<(), BoxErro
             reply(applied.inspect(|applied| start_rollouts(&hub, applied)))
         }
         Request::Del { name } => reply(hub.delete_drained(&who, &name).await),
+        Request::ApplyTree {
+            source,
+            files,
+            prune,
+            dry_run,
+        } => {
+            let plan = hub
+                .apply_tree_drained(who, source, files, prune, dry_run)
+                .await;
+            reply(plan.inspect(|plan| start_rollouts(&hub, &plan.applied)))
+        }
         Request::Wait { names, timeout_ms } => {
             reply(hub.wait(&names, Duration::from_millis(timeout_ms)).await)
         }
@@ -154,7 +165,8 @@ fn handle(hub: &Hub, who: &str, req: Request) -> Reply {
         | Request::Wait { .. }
         | Request::WaitGone { .. }
         | Request::Accept { .. }
-        | Request::Forget { .. } => {
+        | Request::Forget { .. }
+        | Request::ApplyTree { .. } => {
             reply::<()>(Err(ApiError::Internal("request handled elsewhere".into())))
         }
     }

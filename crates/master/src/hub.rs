@@ -34,6 +34,7 @@ mod mesh;
 mod observed;
 mod rollout;
 mod routes;
+mod sources;
 
 pub use routes::RoutesChange;
 

@@ -10,7 +10,7 @@
 //! checked again as it is loaded ([`parse_stored`]), so a row written by an
 //! older master, or edited by hand, cannot reach a minion unchecked.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, Ipv6Addr};
 use std::path::Path;
 
@@ -108,7 +108,8 @@ CREATE TABLE IF NOT EXISTS services (
     created_at  INTEGER NOT NULL,
     updated_at  INTEGER NOT NULL,
     run         TEXT,
-    next        TEXT
+    next        TEXT,
+    source      TEXT
 );
 CREATE INDEX IF NOT EXISTS services_machine ON services (machine);
 CREATE TABLE IF NOT EXISTS audit (
@@ -250,7 +251,7 @@ impl Store {
         conn.execute_batch(SCHEMA).map_err(open_err)?;
         // Columns added since the first schema, for stores an older master
         // made.
-        for (column, kind) in [("run", "TEXT"), ("next", "TEXT")] {
+        for (column, kind) in [("run", "TEXT"), ("next", "TEXT"), ("source", "TEXT")] {
             let present: bool = conn
                 .query_row(
                     "SELECT COUNT(*) > 0 FROM pragma_table_info('services') WHERE name = ?1",
@@ -635,6 +636,27 @@ impl Tx<'_> {
             .optional()?)
     }
 
+    /// Where each service's spec comes from: the source `phoenix apply`
+    /// gave it (a folder or file of specs), None for one deployed by hand.
+    pub fn service_sources(&self) -> Result<HashMap<String, Option<String>>> {
+        let mut stmt = self
+            .tx
+            .prepare_cached("SELECT name, source FROM services")?;
+        let rows = stmt
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+            .collect::<rusqlite::Result<_>>()?;
+        Ok(rows)
+    }
+
+    /// Records where a service's spec comes from (`put_service` keeps it).
+    pub fn set_service_source(&self, name: &str, source: Option<&str>) -> Result<()> {
+        self.tx.execute(
+            "UPDATE services SET source = ?2 WHERE name = ?1",
+            params![name, source],
+        )?;
+        Ok(())
+    }
+
     pub fn delete_service(&self, name: &str) -> Result<()> {
         self.tx
             .execute("DELETE FROM services WHERE name = ?1", [name])?;
@@ -856,7 +878,21 @@ mod tests {
             next: None,
         };
         store.write(|tx| tx.put_service(&svc)).unwrap();
-        assert_eq!(store.read().unwrap().services().unwrap(), [svc]);
+        assert_eq!(
+            store.read().unwrap().services().unwrap(),
+            std::slice::from_ref(&svc)
+        );
+        // Its source is kept across later writes of the service.
+        store
+            .write(|tx| {
+                tx.set_service_source("a", Some("/etc/specs"))?;
+                tx.put_service(&svc)
+            })
+            .unwrap();
+        assert_eq!(
+            store.read().unwrap().service_sources().unwrap()["a"].as_deref(),
+            Some("/etc/specs")
+        );
         // A row edited by hand (or written by a master with looser checks).
         store
             .conn

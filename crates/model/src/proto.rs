@@ -440,6 +440,59 @@ pub enum Request {
     /// The registry's images and each node's copy of them.
     /// → `Vec<`[`ImageView`]`>`
     Images,
+    /// `phoenix diff` (`dry_run`) and `phoenix apply`: a tree of spec files
+    /// as one change, from `source` (the tree's canonical path, or a name
+    /// given with `--source`). Services the tree names are created or
+    /// changed, unchanged ones left alone; services of this source that it
+    /// no longer names are deleted with `prune`, else only listed. → [`Plan`]
+    ApplyTree {
+        source: String,
+        files: Vec<SourceFile>,
+        #[serde(default)]
+        prune: bool,
+        #[serde(default)]
+        dry_run: bool,
+    },
+}
+
+/// One spec file of a tree: its path (as errors name it) and its text.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct SourceFile {
+    pub path: String,
+    pub text: String,
+}
+
+/// What applying a tree of spec files does (`diff`) or did (`apply`).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
+pub struct Plan {
+    pub source: String,
+    /// Services the tree names and the cluster does not have.
+    pub create: Vec<PlanEntry>,
+    /// Services of this source whose spec differs, with the fields that do.
+    pub change: Vec<PlanEntry>,
+    /// Services of this source whose spec is the same: nothing restarts.
+    pub unchanged: Vec<String>,
+    /// Services of this source the tree no longer names.
+    pub delete: Vec<String>,
+    /// Whether `delete` was (or, for a diff, would be) carried out: `--prune`.
+    pub prune: bool,
+    /// Whether the plan was written (`apply`), or only shown (`diff`).
+    pub written: bool,
+    /// The services written, as `deploy` reports them (empty for a diff).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub applied: Vec<Applied>,
+}
+
+/// One service created or changed by a [`Plan`].
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct PlanEntry {
+    pub name: String,
+    pub machine: String,
+    /// The file of the tree that defines it.
+    pub file: String,
+    /// For a change: the fields that differ (`env`, `args`, ...).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub fields: Vec<String>,
 }
 
 /// One registry image, for `phoenix images`.

@@ -191,6 +191,21 @@ pub enum Command {
     Deploy(ApplyArgs),
     /// Change existing services (or restart them unchanged); all or nothing.
     Update(ApplyArgs),
+    /// Show what `phoenix apply PATH` would create, change and delete.
+    Diff(TreeArgs),
+    /// Make the cluster match a spec file or a folder of them, in one
+    /// transaction: create what is new, change what differs, restart
+    /// nothing unchanged; delete what the files dropped only with --prune.
+    Apply {
+        #[command(flatten)]
+        tree: TreeArgs,
+        /// Also delete the services of this source that the files no
+        /// longer define.
+        #[arg(long)]
+        prune: bool,
+        #[command(flatten)]
+        waiting: Waiting,
+    },
     /// Stop and remove a service; waits until its machine has stopped it.
     Del {
         /// The service's name.
@@ -404,6 +419,10 @@ pub struct MasterArgs {
     /// The proxy: client connections open at once from one IP address.
     #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
     pub proxy_max_conns_per_ip: u64,
+    /// The proxy: threads, each with its own event loop and listeners
+    /// (SO_REUSEPORT), like nginx's workers. Default: the CPUs, at most 4.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=64))]
+    pub proxy_threads: Option<u64>,
 }
 
 /// The overlay flags, the same for master and minion.
@@ -511,6 +530,22 @@ pub struct ApplyArgs {
     pub file: PathBuf,
     #[command(flatten)]
     pub waiting: Waiting,
+    #[command(flatten)]
+    pub target: Target,
+    #[command(flatten)]
+    pub json: Json,
+}
+
+/// A tree of spec files, for `diff` and `apply`.
+#[derive(Args, Debug)]
+pub struct TreeArgs {
+    /// A spec file, or a folder: its `.json`, `.yaml` and `.yml` files,
+    /// recursively (dotfiles and dot-folders skipped).
+    pub path: PathBuf,
+    /// The name of the source the services belong to; the canonical path
+    /// of PATH by default. Services of another source are never touched.
+    #[arg(long, value_name = "NAME")]
+    pub source: Option<String>,
     #[command(flatten)]
     pub target: Target,
     #[command(flatten)]

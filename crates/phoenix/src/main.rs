@@ -15,11 +15,11 @@ use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use cli::{ApplyArgs, Cli, Command, Waiting};
+use cli::{ApplyArgs, Cli, Command, TreeArgs, Waiting};
 use output::{ago, bytes, table, utc};
 use phoenix_model::proto::{
-    Accepted, Applied, AuditEntry, Deleted, Forgotten, ImageView, MasterInfo, NodeView, Rejected,
-    Request, ServiceView, Settled, Verdict, WaitingNode,
+    Accepted, Applied, AuditEntry, Deleted, Forgotten, ImageView, MasterInfo, NodeView, Plan,
+    Rejected, Request, ServiceView, Settled, SourceFile, Verdict, WaitingNode,
 };
 
 use phoenix_model::spec::Spec;
@@ -88,6 +88,7 @@ fn run(cli: Cli) -> Result<()> {
                     response_timeout: Duration::from_millis(a.proxy_response_timeout_ms),
                     max_conns_per_ip: usize::try_from(a.proxy_max_conns_per_ip)
                         .unwrap_or(usize::MAX),
+                    threads: a.proxy_threads.map(|n| usize::try_from(n).unwrap_or(64)),
                 }),
             };
             runtime(Some(2))?.block_on(async {
@@ -343,6 +344,12 @@ async fn command(cmd: Command) -> Result<()> {
         }
         Command::Deploy(a) => apply(a, false).await?,
         Command::Update(a) => apply(a, true).await?,
+        Command::Diff(t) => apply_tree(t, false, false, None).await?,
+        Command::Apply {
+            tree,
+            prune,
+            waiting,
+        } => apply_tree(tree, true, prune, Some(waiting)).await?,
         Command::Del {
             name,
             waiting,
@@ -623,6 +630,148 @@ async fn apply(a: ApplyArgs, update: bool) -> Result<()> {
     wait_running(&a.target.data_dir, &applied, a.waiting, a.json.json).await
 }
 
+/// The spec files of a tree: PATH itself if it is a file, else every
+/// `.json`, `.yaml` and `.yml` file under it, sorted by path, skipping
+/// names that start with a dot (files and folders).
+fn spec_files(path: &Path) -> Result<Vec<std::path::PathBuf>> {
+    let meta =
+        std::fs::metadata(path).with_context(|| format!("cannot read {}", path.display()))?;
+    if !meta.is_dir() {
+        return Ok(vec![path.to_owned()]);
+    }
+    let mut found = Vec::new();
+    let mut todo = vec![path.to_owned()];
+    while let Some(dir) = todo.pop() {
+        let entries = std::fs::read_dir(&dir)
+            .with_context(|| format!("cannot read folder {}", dir.display()))?;
+        for entry in entries {
+            let entry = entry.with_context(|| format!("cannot read folder {}", dir.display()))?;
+            let p = entry.path();
+            if entry.file_name().to_string_lossy().starts_with('.') {
+                continue;
+            }
+            // Follows links, as reading a file named on the command line does.
+            let meta =
+                std::fs::metadata(&p).with_context(|| format!("cannot read {}", p.display()))?;
+            if meta.is_dir() {
+                todo.push(p);
+            } else if p
+                .extension()
+                .and_then(|e| e.to_str())
+                .is_some_and(|e| matches!(e.to_ascii_lowercase().as_str(), "json" | "yaml" | "yml"))
+            {
+                found.push(p);
+            }
+        }
+    }
+    found.sort();
+    if found.is_empty() {
+        bail!(
+            "{} holds no spec files (.json, .yaml, .yml); nothing to compare",
+            path.display()
+        );
+    }
+    Ok(found)
+}
+
+/// `diff` (`write` false) and `apply`: sends the tree to the master as one
+/// request, prints the plan, and for `apply` waits like `deploy` does.
+async fn apply_tree(t: TreeArgs, write: bool, prune: bool, waiting: Option<Waiting>) -> Result<()> {
+    let files = spec_files(&t.path)?
+        .into_iter()
+        .map(|p| {
+            let text = std::fs::read_to_string(&p)
+                .with_context(|| format!("cannot read spec file {}", p.display()))?;
+            Ok(SourceFile {
+                path: p.display().to_string(),
+                text,
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let source = match t.source {
+        Some(s) => s,
+        None => std::fs::canonicalize(&t.path)
+            .with_context(|| format!("cannot resolve {}", t.path.display()))?
+            .display()
+            .to_string(),
+    };
+    let req = Request::ApplyTree {
+        source,
+        files,
+        prune,
+        dry_run: !write,
+    };
+    let plan: Plan = client::call(&t.target.data_dir, &req).await?;
+    let json = t.json.json;
+    let Some(waiting) = waiting.filter(|_| write) else {
+        if json {
+            return print_json(&plan);
+        }
+        print_plan(&plan);
+        return Ok(());
+    };
+    if !json {
+        print_plan(&plan);
+    }
+    let pruned: Vec<String> = if plan.prune {
+        plan.delete.clone()
+    } else {
+        Vec::new()
+    };
+    if !pruned.is_empty() && !waiting.detach {
+        let wait = Request::WaitGone {
+            names: pruned,
+            timeout_ms: waiting.timeout_s.saturating_mul(1000),
+        };
+        let _: Vec<String> = client::call(&t.target.data_dir, &wait).await?;
+    }
+    if plan.applied.is_empty() || waiting.detach {
+        return if json { print_json(&plan) } else { Ok(()) };
+    }
+    wait_running_then(
+        &t.target.data_dir,
+        &plan.applied,
+        waiting,
+        json,
+        Some(&plan),
+    )
+    .await
+}
+
+/// A plan as people read it: `+ web (m1)`, `~ api (m1): env, args`,
+/// `- old (pruned)`, `= 12 unchanged`.
+fn print_plan(plan: &Plan) {
+    for e in &plan.create {
+        println!("+ {} ({})  {}", e.name, e.machine, e.file);
+    }
+    for e in &plan.change {
+        println!(
+            "~ {} ({}): {}  {}",
+            e.name,
+            e.machine,
+            e.fields.join(", "),
+            e.file
+        );
+    }
+    for name in &plan.delete {
+        match (plan.prune, plan.written) {
+            (true, true) => println!("- {name} (pruned)"),
+            (true, false) => println!("- {name} (deleted by apply --prune)"),
+            (false, _) => println!("- {name} (would be pruned with --prune; kept)"),
+        }
+    }
+    if !plan.unchanged.is_empty() {
+        println!("= {} unchanged", plan.unchanged.len());
+    }
+    let nothing =
+        plan.create.is_empty() && plan.change.is_empty() && (plan.delete.is_empty() || !plan.prune);
+    if nothing {
+        println!("nothing to change for {}", plan.source);
+    } else if !plan.written {
+        println!("(a diff: nothing was changed; `phoenix apply` writes it)");
+    }
+}
+
 /// How often a wait's progress is looked at.
 const PROGRESS_EVERY: Duration = Duration::from_millis(300);
 /// The log lines shown of a service that did not start.
@@ -639,6 +788,18 @@ async fn wait_running(
     applied: &[Applied],
     waiting: Waiting,
     json: bool,
+) -> Result<()> {
+    wait_running_then(data_dir, applied, waiting, json, None).await
+}
+
+/// [`wait_running`]; with `--json` and a plan (`apply`), prints the plan
+/// with the verdicts under `settled`, as one object.
+async fn wait_running_then(
+    data_dir: &Path,
+    applied: &[Applied],
+    waiting: Waiting,
+    json: bool,
+    plan: Option<&Plan>,
 ) -> Result<()> {
     if waiting.detach {
         if json {
@@ -675,7 +836,13 @@ async fn wait_running(
         p.clear();
     }
     let settled = settled.context("the change is stored, but the services did not settle")?;
-    if json {
+    if let (true, Some(plan)) = (json, plan) {
+        let mut v = serde_json::to_value(plan)?;
+        if let Some(o) = v.as_object_mut() {
+            o.insert("settled".into(), serde_json::to_value(&settled)?);
+        }
+        print_json(&v)?;
+    } else if json {
         print_json(&settled)?;
     } else {
         for s in &settled {

@@ -42,6 +42,17 @@ pub enum Apply {
     /// Stored specs applied again: a new generation and the registry's
     /// current image, nothing else changed.
     Restart,
+    /// A tree of spec files (`phoenix apply`, `hub::sources`): creates and
+    /// changes at once, only services of the same source (or new ones).
+    Tree,
+}
+
+/// What a [`Apply::Tree`] change adds to the specs it writes: the source
+/// they come from, and the services of that source to delete (`--prune`).
+#[derive(Clone, Copy, Debug)]
+pub(super) struct TreeChange<'a> {
+    pub source: &'a str,
+    pub prune: &'a [String],
 }
 
 impl Apply {
@@ -51,6 +62,7 @@ impl Apply {
             Apply::Deploy => "deploy",
             Apply::Update => "update",
             Apply::Restart => "restart",
+            Apply::Tree => "apply",
         }
     }
 }
@@ -224,6 +236,28 @@ impl Hub {
         source: &str,
         specs: &[Spec],
     ) -> Result<Vec<Applied>, ApiError> {
+        self.apply_specs_of(actor, mode, source, specs, None)
+    }
+
+    /// Writes `specs` (and, for a tree, its source and its prunes) in one
+    /// transaction after the checks, or changes nothing.
+    pub(super) fn apply_specs_of(
+        &self,
+        actor: &str,
+        mode: Apply,
+        source: &str,
+        specs: &[Spec],
+        tree: Option<TreeChange<'_>>,
+    ) -> Result<Vec<Applied>, ApiError> {
+        // A tree's rows name where the change came from.
+        let via;
+        let actor = match tree {
+            Some(t) => {
+                via = format!("{actor} via {}", t.source);
+                via.as_str()
+            }
+            None => actor,
+        };
         let images = self.resolve_images(specs);
         let fail = |errors| {
             ApiError::from(SpecErrors {
@@ -231,9 +265,13 @@ impl Hub {
                 errors,
             })
         };
-        let (applied, changed) = self.write_change(|tx| {
+        let ((applied, gone), changed) = self.write_change(|tx| {
             let mut touched = BTreeSet::new();
             let mut errors = Vec::new();
+            let sources = match tree {
+                Some(_) => tx.service_sources()?,
+                None => HashMap::new(),
+            };
             let mut existing = Vec::with_capacity(specs.len());
             let mut ip_owner: HashMap<Ipv6Addr, String> = HashMap::new();
             // The services a `link` may name: stored ones and this file's.
@@ -264,6 +302,14 @@ impl Hub {
                         format!("no service {:?}; use `phoenix deploy` to create it", spec.name),
                     ),
                     _ => {}
+                }
+                // Checked again here: the plan was read before this
+                // transaction.
+                if let (Some(t), Some(_)) = (tree, &old) {
+                    let owner = sources.get(&spec.name).cloned().flatten();
+                    if owner.as_deref() != Some(t.source) {
+                        err("name", super::sources::not_ours(&spec.name, owner.as_deref()));
+                    }
                 }
                 match tx.node(&spec.machine)? {
                     Some(n) if n.accepted => {}
@@ -376,6 +422,9 @@ impl Hub {
                         ..o.clone()
                     };
                     tx.put_service(&svc)?;
+                    if let Some(t) = tree {
+                        tx.set_service_source(&spec.name, Some(t.source))?;
+                    }
                     tx.audit(
                         actor,
                         mode.action(),
@@ -410,6 +459,9 @@ impl Hub {
                     next: None,
                 };
                 tx.put_service(&svc)?;
+                if let Some(t) = tree {
+                    tx.set_service_source(&spec.name, Some(t.source))?;
+                }
                 tx.audit(
                     actor,
                     mode.action(),
@@ -425,8 +477,35 @@ impl Hub {
                     beside: false,
                 });
             }
-            Ok((applied, touched))
+            // A tree's services it no longer names, with `--prune`.
+            let mut gone = Vec::new();
+            if let Some(t) = tree {
+                for name in t.prune {
+                    let Some(svc) = tx.service(name)? else {
+                        continue;
+                    };
+                    let owner = sources.get(name).cloned().flatten();
+                    if owner.as_deref() != Some(t.source) {
+                        return Err(ApiError::Conflict(super::sources::not_ours(
+                            name,
+                            owner.as_deref(),
+                        )));
+                    }
+                    gone.push((name.clone(), svc.instance().to_owned(), svc.spec.machine.clone()));
+                    touched.insert(svc.spec.machine.clone());
+                    if let Some(n) = &svc.next {
+                        gone.push((name.clone(), n.run.instance.clone(), n.spec.machine.clone()));
+                        touched.insert(n.spec.machine.clone());
+                    }
+                    tx.delete_service(name)?;
+                    tx.audit(actor, mode.action(), name, Some(&svc.to_json()), None)?;
+                }
+            }
+            Ok(((applied, gone), touched))
         })?;
+        for (name, key, node) in &gone {
+            self.forget_status(name, key, node);
+        }
         self.publish(&changed);
         self.request_collection();
         Ok(applied)

@@ -213,7 +213,7 @@ impl Hub {
     /// Takes the run `key` out of the proxy's rotation at once and waits
     /// until the requests in flight on it are done, for at most the drain
     /// timeout. Without the proxy there is nothing to wait for.
-    async fn drain(&self, key: &str) {
+    pub(super) async fn drain(&self, key: &str) {
         self.routes_changed.notify_one();
         let Some(front) = self.front.get() else {
             return;
