@@ -371,7 +371,7 @@ impl Hub {
         // What each service's verdict is about, read from the store once:
         // the generation, and whether an update brings it up beside the
         // old one (then the verdict waits for the switch).
-        let wanted: Vec<(Wanted, String, bool)> = {
+        let wanted: Vec<(Wanted, String, Option<String>)> = {
             let mut store = self.store();
             let tx = store.read()?;
             names
@@ -385,15 +385,17 @@ impl Hub {
                                 oneshot: false,
                             },
                             next.spec.machine.clone(),
-                            true,
+                            None,
                         ),
+                        // The run that serves it (not its name, after an
+                        // update that started it).
                         None => (
                             Wanted {
                                 generation: s.generation,
                                 oneshot: s.spec.duration == SpecDuration::Oneshot,
                             },
-                            s.spec.machine,
-                            false,
+                            s.spec.machine.clone(),
+                            Some(s.instance().to_owned()),
                         ),
                     })
                 })
@@ -408,9 +410,9 @@ impl Hub {
             let stages: Vec<RolloutStage> = names
                 .iter()
                 .zip(&wanted)
-                .map(|(name, (want, _, rolling))| match rolling {
-                    true => self.rollout_stage(name, want.generation),
-                    false => RolloutStage::Judge(name.clone()),
+                .map(|(name, (want, _, key))| match key {
+                    Some(key) => RolloutStage::Judge(key.clone()),
+                    None => self.rollout_stage(name, want.generation),
                 })
                 .collect();
             for (_, machine, _) in &wanted {

@@ -496,5 +496,20 @@ mod tests {
             "{settled:?}"
         );
         assert_eq!(hub.info("web").unwrap().args, ["2"]);
+
+        // A change that is not side by side (no proxyname any more)
+        // restarts the run that serves it, web.2, and the wait judges it.
+        let plain = r#"{"machine":"m1","name":"web","image":"app","type":"binary"}"#;
+        let applied = hub.apply("root", Apply::Update, "w", plain).unwrap();
+        assert_eq!((applied[0].beside, applied[0].generation), (false, 3));
+        hub.report_status("m1", vec![status("web.2", 3, ServiceState::Running)], false);
+        let settled = tokio::time::timeout(
+            Duration::from_secs(5),
+            hub.wait(&names, Duration::from_secs(5)),
+        )
+        .await
+        .unwrap()
+        .unwrap();
+        assert_eq!(settled[0].verdict, Verdict::Running, "{settled:?}");
     }
 }
