@@ -141,13 +141,14 @@ declare -A port pid label
 label=([phoenix]=Phoenix [nginx]=nginx [haproxy]=HAProxy [caddy]=Caddy)
 
 # Phoenix: the phoenix-proxy crate run standalone by its `serve` example
-# (the same Proxy the master embeds; 2 tokio worker threads).
+# (the same Shards the master embeds: 2 proxy threads, each a current-thread
+# tokio runtime with its own SO_REUSEPORT listener, like nginx's 2 workers).
 port[phoenix]=$(free_port)
 mkdir -p "$work/phoenix"
 cat >"$work/phoenix/routes.json" <<EOF
 {"routes":[{"host":"$host","instances":[{"id":"backend","addr":"127.0.0.1:$bport"}]}]}
 EOF
-"$serve" "$work/phoenix/routes.json" "127.0.0.1:$(free_port)" "127.0.0.1:${port[phoenix]}" \
+PROXY_THREADS=$threads "$serve" "$work/phoenix/routes.json" "127.0.0.1:$(free_port)" "127.0.0.1:${port[phoenix]}" \
     $host "$work/cert.pem" "$work/key.pem" >"$work/phoenix/out.log" 2>&1 &
 pid[phoenix]=$!
 pids+=(${pid[phoenix]})
@@ -157,7 +158,7 @@ if [ -n "${PHOENIX_ALT:-}" ]; then
     label[alt]="Phoenix, ${PHOENIX_ALT_LABEL:-$PHOENIX_ALT}"
     port[alt]=$(free_port)
     mkdir -p "$work/alt"
-    "$PHOENIX_ALT" "$work/phoenix/routes.json" "127.0.0.1:$(free_port)" "127.0.0.1:${port[alt]}" \
+    PROXY_THREADS=$threads "$PHOENIX_ALT" "$work/phoenix/routes.json" "127.0.0.1:$(free_port)" "127.0.0.1:${port[alt]}" \
         $host "$work/cert.pem" "$work/key.pem" >"$work/alt/out.log" 2>&1 &
     pid[alt]=$!
     pids+=(${pid[alt]})
@@ -405,7 +406,7 @@ def rate(x): return f"{x:,.0f}" if x >= 100 else f"{x:.1f}"
 out = []
 out.append("- Date: $(date -u '+%Y-%m-%d %H:%M') UTC; \`bench/proxy.sh $secs $rounds $conns\`: $secs s per wrk run, \`wrk -t $threads -c $conns\`, $rounds rounds ($elapsed s), medians")
 out.append("- Machine: $(nproc) CPUs (nproc) · $cpu · kernel $(uname -sr) $(uname -m) · $mem_total RAM; wrk, the proxy and the backend share these CPUs")
-out.append("- Phoenix: phoenix-proxy (git $git_rev) run by its \`serve\` example, release build, 2 tokio worker threads; peers: nginx $ver_nginx (2 workers), HAProxy $ver_haproxy (\`nbthread 2\`), Caddy $ver_caddy (defaults); backend: nginx $ver_nginx (1 worker, static files); wrk $ver_wrk with OpenSSL $ver_openssl")
+out.append("- Phoenix: phoenix-proxy (git $git_rev) run by its \`serve\` example, release build, \`PROXY_THREADS=$threads\` (one current-thread tokio runtime and \`SO_REUSEPORT\` listener a thread); peers: nginx $ver_nginx (2 workers), HAProxy $ver_haproxy (\`nbthread 2\`), Caddy $ver_caddy (defaults); backend: nginx $ver_nginx (1 worker, static files); wrk $ver_wrk with OpenSSL $ver_openssl")
 out.append("- TLS with each proxy (openssl s_client offering what wrk offers): " + "; ".join(f"{label[n]} {tls.get(n, '?')}" for n in names))
 out.append("")
 for key, title in scen:

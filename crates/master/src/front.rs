@@ -11,6 +11,12 @@
 //!   proxy, which serves it by SNI.
 //! - The proxy answers ACME's HTTP-01 challenges from the manager's map.
 //!
+//! The proxy runs as [`phoenix_proxy::Shards`]: `--proxy-threads` threads
+//! of their own (not the master's runtime), each a current-thread runtime
+//! with its own proxy and `SO_REUSEPORT` listeners, like nginx's workers;
+//! route tables, certificates and challenges go to all of them, and
+//! [`Front::drained`] waits for all of them.
+//!
 //! Without a working ACME setup (no CA roots on the host, a bad
 //! `--acme-ca`), the proxy still serves every route over plain HTTP, and
 //! `phoenix routes` says why there are no certificates.
@@ -21,7 +27,6 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use phoenix_model::proto::{CertView, ProxyView, RouteInstanceView, RouteView, RoutesView};
-use tokio::net::TcpListener;
 
 use crate::MasterError;
 use crate::hub::Hub;
@@ -45,28 +50,18 @@ pub struct ProxySettings {
     /// For an instance to start answering.
     pub response_timeout: std::time::Duration,
     pub max_conns_per_ip: usize,
+    /// Proxy threads, each with its own runtime, proxy and listeners;
+    /// `None`: the CPUs the master may use, at most 4.
+    pub threads: Option<usize>,
 }
 
 /// The running proxy and its certificate manager.
 pub struct Front {
-    proxy: phoenix_proxy::Proxy,
+    proxy: phoenix_proxy::Shards,
     acme: Option<phoenix_acme::Acme>,
     acme_error: Option<String>,
     http_port: u16,
     https_port: u16,
-}
-
-async fn bind(ip: IpAddr, port: u16, what: &str, flag: &str) -> Result<TcpListener, MasterError> {
-    let addr = SocketAddr::new(ip, port);
-    TcpListener::bind(addr)
-        .await
-        .map_err(|source| MasterError::ProxyListen {
-            addr,
-            what: format!(
-                "the proxy's {what}; pick another port with {flag}, or run with --no-proxy"
-            ),
-            source,
-        })
 }
 
 impl Front {
@@ -78,8 +73,6 @@ impl Front {
         ip: IpAddr,
         data_dir: PathBuf,
     ) -> Result<Arc<Front>, MasterError> {
-        let http = bind(ip, settings.http_port, "HTTP port", "--http-port").await?;
-        let https = bind(ip, settings.https_port, "HTTPS port", "--https-port").await?;
         let config = phoenix_proxy::ProxyConfig {
             https_port: settings.https_port,
             header_read_timeout: settings.header_timeout,
@@ -89,8 +82,13 @@ impl Front {
             max_connections_per_ip: settings.max_conns_per_ip,
             ..phoenix_proxy::ProxyConfig::default()
         };
-        let proxy =
-            phoenix_proxy::Proxy::new(config).map_err(|e| MasterError::Proxy(e.to_string()))?;
+        let proxy = phoenix_proxy::Shards::new(
+            config,
+            settings
+                .threads
+                .unwrap_or_else(phoenix_proxy::Shards::default_threads),
+        )
+        .map_err(|e| MasterError::Proxy(e.to_string()))?;
         let challenges = phoenix_acme::Challenges::new();
         let (acme, acme_error) = match start_acme(settings, data_dir, challenges.clone()) {
             Ok(acme) => (Some(acme), None),
@@ -117,12 +115,33 @@ impl Front {
             });
             tokio::spawn(keep_certs(front.clone(), acme.clone()));
         }
-        tokio::spawn(front.proxy.serve_http(http));
-        tokio::spawn(front.proxy.serve_https(https));
+        let http = SocketAddr::new(ip, settings.http_port);
+        let https = SocketAddr::new(ip, settings.https_port);
+        front
+            .proxy
+            .serve(Some(http), Some(https))
+            .map_err(|e| match e {
+                phoenix_proxy::ShardsError::Listen { addr, source } => {
+                    let (what, flag) = if addr == http {
+                        ("HTTP port", "--http-port")
+                    } else {
+                        ("HTTPS port", "--https-port")
+                    };
+                    MasterError::ProxyListen {
+                        addr,
+                        what: format!(
+                            "the proxy's {what}; pick another port with {flag}, or run with --no-proxy"
+                        ),
+                        source,
+                    }
+                }
+                e => MasterError::Proxy(e.to_string()),
+            })?;
         tokio::spawn(keep_routes(front.clone(), hub));
         tracing::info!(
             http = settings.http_port,
             https = settings.https_port,
+            threads = front.proxy.shards().len(),
             acme = %settings.acme_directory,
             "proxy up"
         );

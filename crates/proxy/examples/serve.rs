@@ -9,11 +9,15 @@
 //! `routes.json` is a `Routes` value, e.g.
 //! `{"routes":[{"host":"localhost","instances":[{"id":"web","addr":"127.0.0.1:8000"}]}]}`.
 //! The file is read again on SIGHUP; Ctrl-C shuts down gracefully.
+//!
+//! It runs the proxy as the master does: [`Shards`], one proxy a thread on
+//! its own current-thread runtime and `SO_REUSEPORT` listeners;
+//! `PROXY_THREADS=N` sets how many (default: the CPUs, at most 4, like the
+//! master's `--proxy-threads`). This thread only handles signals.
 
 use std::error::Error;
 
-use phoenix_proxy::{Proxy, ProxyConfig, Routes};
-use tokio::net::TcpListener;
+use phoenix_proxy::{ProxyConfig, Routes, Shards};
 use tokio::signal::unix::{SignalKind, signal};
 
 fn load(path: &str) -> Result<Routes, Box<dyn Error>> {
@@ -21,7 +25,7 @@ fn load(path: &str) -> Result<Routes, Box<dyn Error>> {
     Ok(serde_json::from_str(&text).map_err(|e| format!("{path}: {e}"))?)
 }
 
-#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::main(flavor = "current_thread")]
 async fn main() -> Result<(), Box<dyn Error>> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let [routes_path, http_addr, rest @ ..] = args.as_slice() else {
@@ -29,19 +33,27 @@ async fn main() -> Result<(), Box<dyn Error>> {
             "usage: serve ROUTES.json HTTP_ADDR [HTTPS_ADDR HOST CHAIN.pem KEY.pem]".into(),
         );
     };
-    let proxy = Proxy::new(ProxyConfig::default())?;
+    let threads = match std::env::var("PROXY_THREADS") {
+        Ok(n) => n.parse().map_err(|e| format!("PROXY_THREADS={n}: {e}"))?,
+        Err(_) => Shards::default_threads(),
+    };
+    let proxy = Shards::new(ProxyConfig::default(), threads)?;
     proxy.set_routes(load(routes_path)?)?;
 
-    let http = TcpListener::bind(http_addr).await?;
-    println!("http on {}", http.local_addr()?);
-    let mut tasks = vec![tokio::spawn(proxy.serve_http(http))];
-    if let [https_addr, host, chain, key] = rest {
+    let mut https_addr = None;
+    if let [addr, host, chain, key] = rest {
         proxy
             .certs()
             .set(host, &std::fs::read(chain)?, &std::fs::read(key)?)?;
-        let https = TcpListener::bind(https_addr).await?;
-        println!("https on {} for {host}", https.local_addr()?);
-        tasks.push(tokio::spawn(proxy.serve_https(https)));
+        https_addr = Some((addr.parse()?, host));
+    }
+    let at = proxy.serve(Some(http_addr.parse()?), https_addr.map(|(a, _)| a))?;
+    println!("{threads} proxy threads");
+    if let Some(http) = at.http {
+        println!("http on {http}");
+    }
+    if let (Some(https), Some((_, host))) = (at.https, https_addr) {
+        println!("https on {https} for {host}");
     }
 
     let mut hangup = signal(SignalKind::hangup())?;
@@ -55,9 +67,7 @@ async fn main() -> Result<(), Box<dyn Error>> {
         }
     }
     proxy.shutdown();
-    for task in tasks {
-        task.await?;
-    }
+    proxy.stopped().await;
     println!("{}", serde_json::to_string_pretty(&proxy.snapshot())?);
     Ok(())
 }

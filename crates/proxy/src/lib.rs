@@ -3,8 +3,11 @@
 //! The master serves HTTP (80) and HTTPS (443) on its public address and
 //! sends each request to an instance of the service published at the
 //! request's host and path, over the WireGuard overlay. This crate is that
-//! proxy as a library: the master owns the listeners and the runtime, and
-//! feeds the proxy whole route tables and certificates.
+//! proxy as a library: the master feeds it whole route tables and
+//! certificates. The master runs it as [`Shards`]: N proxies on N threads,
+//! each a current-thread tokio runtime with its own `SO_REUSEPORT`
+//! listeners and backend pools, fed as one (see `shards` for why). A single
+//! [`Proxy`] serves listeners on whatever runtime its caller runs.
 //!
 //! ```no_run
 //! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
@@ -96,6 +99,7 @@ mod forward;
 mod pool;
 mod routes;
 mod server;
+mod shards;
 mod stats;
 mod tls;
 
@@ -113,6 +117,7 @@ use tokio::sync::{Notify, watch};
 pub use body::Guarded;
 pub use config::ProxyConfig;
 pub use routes::{HtpasswdError, Instance, Route, RouteError, Routes, parse_htpasswd};
+pub use shards::{Listening, Shards, ShardsError};
 pub use stats::{InstanceSnapshot, RouteSnapshot, Snapshot};
 pub use tls::{CertError, Certs, Challenges};
 
@@ -159,7 +164,7 @@ pub(crate) struct Inner {
     tls: Arc<rustls::ServerConfig>,
     pool: pool::PoolConfig,
     builder: auto::Builder<TokioExecutor>,
-    auth: auth::Auth,
+    auth: Arc<auth::Auth>,
     limits: Arc<Limits>,
     tasks: Arc<Tracker>,
     phase: watch::Sender<Phase>,
@@ -185,38 +190,18 @@ impl Proxy {
     /// nothing until [`serve_http`](Self::serve_http) or
     /// [`serve_https`](Self::serve_https) run.
     pub fn new(config: ProxyConfig) -> Result<Proxy, ProxyError> {
-        if config.max_header_bytes < 8192 {
-            return Err(ProxyError::HeaderLimit(config.max_header_bytes));
-        }
-        for (name, zero) in [
-            ("header_read_timeout", config.header_read_timeout.is_zero()),
-            ("idle_timeout", config.idle_timeout.is_zero()),
-            (
-                "backend_connect_timeout",
-                config.backend_connect_timeout.is_zero(),
-            ),
-            (
-                "backend_response_timeout",
-                config.backend_response_timeout.is_zero(),
-            ),
-            ("max_connections", config.max_connections == 0),
-            ("max_connections_per_ip", config.max_connections_per_ip == 0),
-            (
-                "h2_max_concurrent_streams",
-                config.h2_max_concurrent_streams == 0,
-            ),
-        ] {
-            if zero {
-                return Err(ProxyError::Zero(name));
-            }
-        }
+        check(&config)?;
+        let shared = Shared::new(&config);
+        Proxy::with_shared(config, &shared)
+    }
 
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let certs = Certs::new(provider.clone());
-        let mut tls = rustls::ServerConfig::builder_with_provider(provider)
+    /// A proxy whose certificates, challenges, connection limits and
+    /// basic-auth cache are `shared`'s (one of [`Shards`]).
+    pub(crate) fn with_shared(config: ProxyConfig, shared: &Shared) -> Result<Proxy, ProxyError> {
+        let mut tls = rustls::ServerConfig::builder_with_provider(shared.provider.clone())
             .with_safe_default_protocol_versions()?
             .with_no_client_auth()
-            .with_cert_resolver(Arc::new(certs.clone()));
+            .with_cert_resolver(Arc::new(shared.certs.clone()));
         tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
 
         let pool = pool::PoolConfig {
@@ -256,16 +241,13 @@ impl Proxy {
                 table: ArcSwap::default(),
                 registry: Mutex::default(),
                 idle: Arc::new(Notify::new()),
-                certs,
-                challenges: Challenges::default(),
+                certs: shared.certs.clone(),
+                challenges: shared.challenges.clone(),
                 tls: Arc::new(tls),
                 pool,
                 builder,
-                auth: auth::Auth::new(config.auth_cache_ttl, config.auth_cache_entries),
-                limits: Arc::new(Limits::new(
-                    config.max_connections,
-                    config.max_connections_per_ip,
-                )),
+                auth: shared.auth.clone(),
+                limits: shared.limits.clone(),
                 tasks: Arc::default(),
                 phase: watch::Sender::new(Phase::Running),
                 epoch: Instant::now(),
@@ -424,6 +406,68 @@ impl Proxy {
             routes,
             certificates: inner.certs.hosts(),
             connections: inner.limits.open(),
+        }
+    }
+}
+
+/// Checks a config as [`Proxy::new`] does.
+fn check(config: &ProxyConfig) -> Result<(), ProxyError> {
+    if config.max_header_bytes < 8192 {
+        return Err(ProxyError::HeaderLimit(config.max_header_bytes));
+    }
+    for (name, zero) in [
+        ("header_read_timeout", config.header_read_timeout.is_zero()),
+        ("idle_timeout", config.idle_timeout.is_zero()),
+        (
+            "backend_connect_timeout",
+            config.backend_connect_timeout.is_zero(),
+        ),
+        (
+            "backend_response_timeout",
+            config.backend_response_timeout.is_zero(),
+        ),
+        ("max_connections", config.max_connections == 0),
+        ("max_connections_per_ip", config.max_connections_per_ip == 0),
+        (
+            "h2_max_concurrent_streams",
+            config.h2_max_concurrent_streams == 0,
+        ),
+    ] {
+        if zero {
+            return Err(ProxyError::Zero(name));
+        }
+    }
+
+    Ok(())
+}
+
+/// What the proxies of one [`Shards`] share: one certificate map, one
+/// challenge source, one set of connection limits (so that
+/// `max_connections_per_ip` means the same with one proxy or many) and
+/// one basic-auth cache.
+pub(crate) struct Shared {
+    provider: Arc<rustls::crypto::CryptoProvider>,
+    certs: Certs,
+    challenges: Challenges,
+    limits: Arc<Limits>,
+    auth: Arc<auth::Auth>,
+}
+
+impl Shared {
+    fn new(config: &ProxyConfig) -> Shared {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        Shared {
+            certs: Certs::new(provider.clone()),
+            provider,
+            challenges: Challenges::default(),
+            limits: Arc::new(Limits::new(
+                config.max_connections,
+                config.max_connections_per_ip,
+            )),
+            auth: Arc::new(auth::Auth::new(
+                config.auth_cache_ttl,
+                config.auth_cache_entries,
+            )),
         }
     }
 }

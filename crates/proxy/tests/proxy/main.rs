@@ -6,5 +6,6 @@ mod common;
 mod balancing;
 mod limits;
 mod routing;
+mod shards;
 mod streaming;
 mod tls;

@@ -1,0 +1,324 @@
+//! [`Shards`]: the proxy as N proxies, one a thread, each with its own
+//! single-threaded tokio runtime, backend pool and `SO_REUSEPORT`
+//! listeners, fed as one.
+//!
+//! Why: on a multi-thread runtime every worker shares one I/O driver, and
+//! the workers hand work to each other with futex wakes. With the proxy,
+//! the load generator and the backends on two CPUs, those hand-offs queue
+//! behind each other and the proxy spent its time waiting (about 0.6 CPU
+//! where nginx used 0.8, and 0.57x nginx's small keep-alive requests/s in
+//! `bench/proxy.sh`). nginx runs one event loop a worker, each with its own
+//! listening socket; so do these threads: the kernel spreads new
+//! connections over the listeners by a hash of their addresses, and a
+//! connection stays on the thread that accepted it, with the backend
+//! connections that thread opened.
+//!
+//! Each shard is a whole [`Proxy`]: its own route table (every table goes
+//! to all of them), instance states, counters and keep-alive pools. They
+//! share one certificate map, one ACME challenge source, one basic-auth
+//! cache and one set of connection limits, so `max_connections` and
+//! `max_connections_per_ip` count across all threads and mean what they
+//! mean with one proxy. What is per shard: passive health (an instance
+//! that refuses connections is found out by each shard on its own, one
+//! retried request each) and the idle connections kept to each instance
+//! (`backend_pool_max_idle` a shard).
+
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::net::{TcpListener, TcpSocket};
+use tokio::sync::watch;
+
+use crate::{
+    Certs, Challenges, InstanceSnapshot, Proxy, ProxyConfig, ProxyError, RouteError, Routes,
+    Shared, Snapshot,
+};
+
+/// Why [`Shards`] could not start serving.
+#[derive(Debug, thiserror::Error)]
+pub enum ShardsError {
+    #[error("listening on {addr}: {source}")]
+    Listen { addr: SocketAddr, source: io::Error },
+    #[error("starting a proxy thread: {0}")]
+    Thread(io::Error),
+    #[error("the proxy is already serving")]
+    Serving,
+}
+
+/// N proxies on N threads, fed as one. Cheap to clone, every clone the
+/// same proxies.
+#[derive(Clone, Debug)]
+pub struct Shards {
+    shards: Arc<[Proxy]>,
+    /// Threads still running (after [`serve`](Self::serve)).
+    running: Arc<watch::Sender<usize>>,
+    served: Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// The addresses [`Shards::serve`] listens on (ports chosen by the kernel
+/// filled in).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Listening {
+    pub http: Option<SocketAddr>,
+    pub https: Option<SocketAddr>,
+}
+
+impl Shards {
+    /// Threads by default: the CPUs this process may use, at most 4.
+    pub fn default_threads() -> usize {
+        std::thread::available_parallelism().map_or(1, |n| n.get().min(4))
+    }
+
+    /// `threads` proxies (at least one) with `config`, an empty route
+    /// table and no certificates. Nothing runs until
+    /// [`serve`](Self::serve).
+    pub fn new(config: ProxyConfig, threads: usize) -> Result<Shards, ProxyError> {
+        crate::check(&config)?;
+        let shared = Shared::new(&config);
+        let shards = (0..threads.max(1))
+            .map(|_| Proxy::with_shared(config.clone(), &shared))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Shards {
+            shards: shards.into(),
+            running: Arc::new(watch::Sender::new(0)),
+            served: Arc::default(),
+        })
+    }
+
+    /// The proxies, one a thread.
+    pub fn shards(&self) -> &[Proxy] {
+        &self.shards
+    }
+
+    /// Binds one `SO_REUSEPORT` listener a thread on `http` and on `https`
+    /// (either may be left out; port 0 picks one port for all threads)
+    /// and starts the threads, each serving its listeners on a
+    /// current-thread runtime until [`shutdown`](Self::shutdown). Every
+    /// listener is bound before any thread starts: an address in use fails
+    /// the whole call and leaves nothing running. Once only.
+    pub fn serve(
+        &self,
+        http: Option<SocketAddr>,
+        https: Option<SocketAddr>,
+    ) -> Result<Listening, ShardsError> {
+        if self.served.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            return Err(ShardsError::Serving);
+        }
+        let started = self.start(http, https);
+        if let Err(ShardsError::Listen { .. }) = started {
+            // Nothing runs: it may be tried again.
+            self.served
+                .store(false, std::sync::atomic::Ordering::SeqCst);
+        }
+        started
+    }
+
+    fn start(
+        &self,
+        http: Option<SocketAddr>,
+        https: Option<SocketAddr>,
+    ) -> Result<Listening, ShardsError> {
+        // SO_REUSEPORT would let a second proxy of the same user (another
+        // master started by mistake) share the ports silently; a plain bind
+        // first fails as it always did when anything listens there.
+        for addr in [http, https].into_iter().flatten() {
+            if addr.port() != 0 {
+                std::net::TcpListener::bind(addr)
+                    .map_err(|source| ShardsError::Listen { addr, source })?;
+            }
+        }
+        let mut at = Listening { http, https };
+        let mut ready = Vec::with_capacity(self.shards.len());
+        for _ in 0..self.shards.len() {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(ShardsError::Thread)?;
+            // Listeners register with the reactor of the runtime that
+            // will serve them.
+            let bound = {
+                let _context = runtime.enter();
+                listen(&mut at.http).and_then(|h| Ok((h, listen(&mut at.https)?)))
+            };
+            match bound {
+                Ok((h, s)) => ready.push((runtime, h, s)),
+                Err(e) => {
+                    runtime.shutdown_background();
+                    for (runtime, h, s) in ready {
+                        drop((h, s));
+                        runtime.shutdown_background();
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        self.running.send_replace(ready.len());
+        for (i, ((runtime, http, https), proxy)) in
+            ready.into_iter().zip(self.shards.iter()).enumerate()
+        {
+            let proxy = proxy.clone();
+            let exit = Exit(self.running.clone());
+            std::thread::Builder::new()
+                .name(format!("proxy-{i}"))
+                .spawn(move || {
+                    let _exit = exit;
+                    runtime.block_on(async move {
+                        let http = async {
+                            if let Some(l) = http {
+                                proxy.serve_http(l).await;
+                            }
+                        };
+                        let https = async {
+                            if let Some(l) = https {
+                                proxy.serve_https(l).await;
+                            }
+                        };
+                        tokio::join!(http, https);
+                    });
+                })
+                .map_err(ShardsError::Thread)?;
+        }
+        Ok(at)
+    }
+
+    /// Gives every proxy this route table (see [`Proxy::set_routes`]). A
+    /// table that does not check out is refused by the first, whole, and
+    /// no proxy changes.
+    pub fn set_routes(&self, routes: Routes) -> Result<(), RouteError> {
+        let (last, rest) = self.shards.split_last().expect("at least one shard");
+        for proxy in rest {
+            proxy.set_routes(routes.clone())?;
+        }
+        last.set_routes(routes)
+    }
+
+    /// The certificates all the proxies serve (one map).
+    pub fn certs(&self) -> Certs {
+        self.shards[0].certs()
+    }
+
+    /// The ACME challenges all the proxies answer (one map).
+    pub fn challenges(&self) -> Challenges {
+        self.shards[0].challenges()
+    }
+
+    /// Requests in flight on instances of `id`, over all proxies.
+    pub fn outstanding(&self, id: &str) -> u64 {
+        self.shards.iter().map(|p| p.outstanding(id)).sum()
+    }
+
+    /// Resolves when no request is in flight on instances of `id` on any
+    /// proxy (see [`Proxy::drained`]).
+    pub fn drained(&self, id: &str) -> impl Future<Output = ()> + Send + 'static {
+        let shards = self.shards.clone();
+        let id = id.to_owned();
+        async move {
+            loop {
+                for proxy in shards.iter() {
+                    proxy.drained(&id).await;
+                }
+                // One may have taken a request (a table set between) while
+                // another was awaited: all at zero at once, or again.
+                if shards.iter().all(|p| p.outstanding(&id) == 0) {
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Stops every proxy (see [`Proxy::shutdown`]); the threads end once
+    /// their connections are done, [`stopped`](Self::stopped) tells when.
+    pub fn shutdown(&self) {
+        for proxy in self.shards.iter() {
+            proxy.shutdown();
+        }
+    }
+
+    /// Resolves when every thread [`serve`](Self::serve) started has
+    /// ended.
+    pub async fn stopped(&self) {
+        let mut running = self.running.subscribe();
+        let _ = running.wait_for(|n| *n == 0).await;
+    }
+
+    /// The proxies' snapshots as one: per route and instance, the counters
+    /// and requests in flight summed, draining if any says so, healthy if
+    /// all do, the longest down mark; the connections (counted in the
+    /// shared limits) once.
+    pub fn snapshot(&self) -> Snapshot {
+        let mut snapshots = self.shards.iter().map(Proxy::snapshot);
+        let mut merged = snapshots.next().expect("at least one shard");
+        for snapshot in snapshots {
+            for route in snapshot.routes {
+                let Some(into) = merged
+                    .routes
+                    .iter_mut()
+                    .find(|r| r.host == route.host && r.path_prefix == route.path_prefix)
+                else {
+                    merged.routes.push(route);
+                    continue;
+                };
+                into.requests += route.requests;
+                into.unauthorized += route.unauthorized;
+                into.unavailable += route.unavailable;
+                into.bad_gateway += route.bad_gateway;
+                into.timeouts += route.timeouts;
+                for instance in route.instances {
+                    match into
+                        .instances
+                        .iter_mut()
+                        .find(|i| i.id == instance.id && i.addr == instance.addr)
+                    {
+                        Some(i) => add(i, &instance),
+                        None => into.instances.push(instance),
+                    }
+                }
+            }
+        }
+        merged
+    }
+}
+
+fn add(into: &mut InstanceSnapshot, other: &InstanceSnapshot) {
+    into.healthy &= other.healthy;
+    into.draining |= other.draining;
+    into.outstanding += other.outstanding;
+    into.total += other.total;
+    into.failures += other.failures;
+    into.down_for_ms = into.down_for_ms.max(other.down_for_ms);
+}
+
+/// A listener on `*addr` that other sockets of this process may share
+/// (`SO_REUSEPORT`); sets `*addr` to the address bound, so that the next
+/// thread binds the same port. Must run inside the runtime that will
+/// serve it.
+fn listen(addr: &mut Option<SocketAddr>) -> Result<Option<TcpListener>, ShardsError> {
+    let Some(want) = *addr else {
+        return Ok(None);
+    };
+    let error = |source| ShardsError::Listen { addr: want, source };
+    let socket = if want.is_ipv4() {
+        TcpSocket::new_v4()
+    } else {
+        TcpSocket::new_v6()
+    }
+    .map_err(error)?;
+    // As tokio's TcpListener::bind does.
+    socket.set_reuseaddr(true).map_err(error)?;
+    socket.set_reuseport(true).map_err(error)?;
+    socket.bind(want).map_err(error)?;
+    let listener = socket.listen(1024).map_err(error)?;
+    *addr = Some(listener.local_addr().map_err(error)?);
+    Ok(Some(listener))
+}
+
+/// Counts a thread out when it ends, however it ends.
+struct Exit(Arc<watch::Sender<usize>>);
+
+impl Drop for Exit {
+    fn drop(&mut self) {
+        self.0.send_modify(|n| *n = n.saturating_sub(1));
+    }
+}

@@ -1,0 +1,175 @@
+//! `Shards`: one proxy a thread on SO_REUSEPORT listeners, fed as one.
+
+use std::time::Duration;
+
+use phoenix_proxy::{ProxyConfig, Route, Routes, Shards};
+
+use crate::common::*;
+
+async fn wait_until(what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !check() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+#[tokio::test]
+async fn every_shard_gets_the_routes_and_drained_waits_for_all_of_them() {
+    let a = Backend::start("a").await;
+    let b = Backend::start("b").await;
+    let proxy = Shards::new(ProxyConfig::default(), 2).unwrap();
+    assert_eq!(proxy.shards().len(), 2);
+    proxy
+        .set_routes(Routes {
+            routes: vec![Route::new("a.test", vec![a.instance()])],
+        })
+        .unwrap();
+    for shard in proxy.shards() {
+        let routes = shard.snapshot().routes;
+        assert_eq!(routes.len(), 1, "every shard has the table");
+        assert_eq!(routes[0].host, "a.test");
+    }
+    let at = proxy
+        .serve(Some("127.0.0.1:0".parse().unwrap()), None)
+        .unwrap();
+    let addr = at.http.unwrap();
+    assert_ne!(addr.port(), 0);
+    assert!(matches!(
+        proxy.serve(Some(addr), None),
+        Err(phoenix_proxy::ShardsError::Serving)
+    ));
+
+    // New connections until both shards hold a request (the kernel picks
+    // the listener by a hash of the client's port).
+    let on = |i: usize| proxy.shards()[i].outstanding("a");
+    let mut held = Vec::new();
+    while on(0) == 0 || on(1) == 0 {
+        assert!(held.len() < 64, "64 connections all went to one shard");
+        held.push(tokio::spawn(async move {
+            get(addr, "a.test", "/hold", &[]).await
+        }));
+        let n = held.len() as u64;
+        wait_until("the request at the backend", || proxy.outstanding("a") == n).await;
+    }
+
+    // a drains; b takes the new requests, on whichever shard.
+    let mut draining = a.instance();
+    draining.draining = true;
+    proxy
+        .set_routes(Routes {
+            routes: vec![Route::new("a.test", vec![draining, b.instance()])],
+        })
+        .unwrap();
+    for shard in proxy.shards() {
+        assert!(shard.snapshot().routes[0].instances[0].draining);
+    }
+    let drained = tokio::spawn(proxy.drained("a"));
+    for _ in 0..10 {
+        assert_eq!(get(addr, "a.test", "/", &[]).await.backend(), "b");
+    }
+    let merged = proxy.snapshot();
+    assert_eq!(merged.routes.len(), 1);
+    let (va, vb) = (
+        &merged.routes[0].instances[0],
+        &merged.routes[0].instances[1],
+    );
+    assert!(va.draining && va.outstanding == held.len() as u64, "{va:?}");
+    assert_eq!((vb.id.as_str(), vb.total, vb.outstanding), ("b", 10, 0));
+    assert_eq!(merged.routes[0].requests, held.len() as u64 + 10);
+
+    // Released one by one: drained waits while any shard has one in
+    // flight, including when only one of them does.
+    let mut one_shard_only = false;
+    for left in (0..held.len()).rev() {
+        a.release.add_permits(1);
+        wait_until("a request done", || proxy.outstanding("a") == left as u64).await;
+        if left > 0 {
+            one_shard_only |= on(0) == 0 || on(1) == 0;
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            assert!(!drained.is_finished(), "{left} still in flight");
+        }
+    }
+    assert!(one_shard_only, "the last request was on one shard only");
+    tokio::time::timeout(Duration::from_secs(5), drained)
+        .await
+        .expect("drained resolves once every shard is drained")
+        .unwrap();
+    for h in held {
+        assert_eq!(h.await.unwrap().backend(), "a");
+    }
+
+    proxy.shutdown();
+    tokio::time::timeout(Duration::from_secs(5), proxy.stopped())
+        .await
+        .expect("the threads end after shutdown");
+}
+
+#[tokio::test]
+async fn the_connection_limit_per_ip_counts_over_all_shards() {
+    let a = Backend::start("a").await;
+    let config = ProxyConfig {
+        max_connections_per_ip: 2,
+        ..ProxyConfig::default()
+    };
+    let proxy = Shards::new(config, 2).unwrap();
+    proxy
+        .set_routes(Routes {
+            routes: vec![Route::new("a.test", vec![a.instance()])],
+        })
+        .unwrap();
+    let addr = proxy
+        .serve(Some("127.0.0.1:0".parse().unwrap()), None)
+        .unwrap()
+        .http
+        .unwrap();
+    let mut open = Vec::new();
+    for _ in 0..2 {
+        open.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+    }
+    wait_until("two connections", || proxy.snapshot().connections == 2).await;
+    // Whichever shard accepts them, more are closed at once.
+    for _ in 0..8 {
+        use tokio::io::AsyncReadExt;
+        let mut more = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let mut buf = [0u8; 16];
+        let read = tokio::time::timeout(Duration::from_secs(2), more.read(&mut buf))
+            .await
+            .expect("over the limit: closed at once");
+        assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+    }
+    drop(open);
+    wait_until("the two closed", || proxy.snapshot().connections == 0).await;
+    assert!(
+        get(addr, "a.test", "/", &[]).await.status.is_success(),
+        "under the limit again"
+    );
+    proxy.shutdown();
+    proxy.stopped().await;
+}
+
+#[tokio::test]
+async fn a_port_in_use_is_refused_even_by_another_reuseport_proxy() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap();
+    let proxy = Shards::new(ProxyConfig::default(), 2).unwrap();
+    assert!(matches!(
+        proxy.serve(Some(addr), None),
+        Err(phoenix_proxy::ShardsError::Listen { addr: a, .. }) if a == addr
+    ));
+    drop(taken);
+    // Nothing ran, so it may be tried again.
+    let addr = proxy.serve(Some(addr), None).unwrap().http.unwrap();
+    // A second proxy on the same port (SO_REUSEPORT on both) is refused
+    // too, as before: it would otherwise take half the connections.
+    let other = Shards::new(ProxyConfig::default(), 2).unwrap();
+    assert!(matches!(
+        other.serve(Some(addr), None),
+        Err(phoenix_proxy::ShardsError::Listen { .. })
+    ));
+    proxy.shutdown();
+    proxy.stopped().await;
+}
