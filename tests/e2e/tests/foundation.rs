@@ -356,8 +356,9 @@ fn bad_specs_are_refused_and_change_nothing() {
             "field `env[0]`: \"NOPE\" is not of the form KEY=VALUE",
         ),
         (
+            // A binary is not a VM image: refused at the door, naming it.
             json!({"machine": "m1", "name": "x", "image": "testy", "type": "vm"}),
-            "type \"vm\" is not supported yet",
+            "registry file \"testy\" is not a VM image phoenix can boot: not zstd-compressed",
         ),
     ];
     for (spec, want) in cases {
