@@ -8,17 +8,6 @@ use phoenix_proxy::{ProxyConfig, Route, Routes};
 
 use crate::common::*;
 
-async fn wait_until(what: &str, mut check: impl FnMut() -> bool) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while !check() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-}
-
 #[tokio::test]
 async fn requests_spread_over_two_backends() {
     let a = Backend::start("a").await;

@@ -386,3 +386,15 @@ pub async fn hang_up_port() -> SocketAddr {
     });
     addr
 }
+
+/// Waits until `check` holds, for at most 10 s (then fails naming `what`).
+pub async fn wait_until(what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !check() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}

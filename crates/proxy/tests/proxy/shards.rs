@@ -6,17 +6,6 @@ use phoenix_proxy::{ProxyConfig, Route, Routes, Shards};
 
 use crate::common::*;
 
-async fn wait_until(what: &str, mut check: impl FnMut() -> bool) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while !check() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-}
-
 #[tokio::test]
 async fn every_shard_gets_the_routes_and_drained_waits_for_all_of_them() {
     let a = Backend::start("a").await;
