@@ -107,32 +107,45 @@ pub enum UnpackError {
     },
 }
 
-/// Unpacks `image`'s layers, bottom first, into `dest`, which must not
-/// exist: it is created (its parent too, if missing). On any error `dest`
-/// is removed entirely, and nothing is ever written outside it.
-pub fn unpack(image: &Image, dest: &Path, limits: &Limits) -> Result<(), UnpackError> {
+/// Why [`fresh_dir`] failed.
+pub(crate) enum FreshDirError {
+    /// `dest` is there already.
+    Exists,
+    /// Creating `path` (`dest` or its parent) failed.
+    Io { path: PathBuf, source: io::Error },
+}
+
+/// Creates `dest`, which must not exist, private (0700), and its parent if
+/// missing: where an unpacker writes a tree of its own.
+pub(crate) fn fresh_dir(dest: &Path) -> Result<(), FreshDirError> {
     if let Some(parent) = dest.parent()
         && !parent.as_os_str().is_empty()
     {
-        std::fs::create_dir_all(parent).map_err(|source| UnpackError::Dest {
+        std::fs::create_dir_all(parent).map_err(|source| FreshDirError::Io {
             path: parent.to_owned(),
             source,
         })?;
     }
     match std::fs::DirBuilder::new().mode(0o700).create(dest) {
-        Ok(()) => {}
-        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
-            return Err(UnpackError::Exists {
-                path: dest.to_owned(),
-            });
-        }
-        Err(source) => {
-            return Err(UnpackError::Dest {
-                path: dest.to_owned(),
-                source,
-            });
-        }
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Err(FreshDirError::Exists),
+        Err(source) => Err(FreshDirError::Io {
+            path: dest.to_owned(),
+            source,
+        }),
     }
+}
+
+/// Unpacks `image`'s layers, bottom first, into `dest`, which must not
+/// exist: it is created (its parent too, if missing). On any error `dest`
+/// is removed entirely, and nothing is ever written outside it.
+pub fn unpack(image: &Image, dest: &Path, limits: &Limits) -> Result<(), UnpackError> {
+    fresh_dir(dest).map_err(|e| match e {
+        FreshDirError::Exists => UnpackError::Exists {
+            path: dest.to_owned(),
+        },
+        FreshDirError::Io { path, source } => UnpackError::Dest { path, source },
+    })?;
     let result = unpack_into(image, dest, limits);
     if let Err(error) = &result {
         tracing::debug!(dest = %dest.display(), %error, "unpack failed; removing the destination");

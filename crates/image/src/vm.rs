@@ -33,7 +33,7 @@
 
 use std::fs::File;
 use std::io::{self, Read, Seek, SeekFrom, Write};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 /// The root filesystem member.
@@ -117,26 +117,12 @@ pub fn check(path: &Path, max_bytes: u64) -> Result<VmImage, VmImageError> {
 /// created (0700) and holds the members by their names. On any error
 /// `dest` is removed.
 pub fn unpack(path: &Path, dest: &Path, max_bytes: u64) -> Result<VmImage, VmImageError> {
-    if let Some(parent) = dest.parent() {
-        std::fs::create_dir_all(parent).map_err(|source| VmImageError::Write {
-            path: parent.to_owned(),
-            source,
-        })?;
-    }
-    match std::fs::DirBuilder::new().mode(0o700).create(dest) {
-        Ok(()) => {}
-        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
-            return Err(VmImageError::Exists {
-                path: dest.to_owned(),
-            });
-        }
-        Err(source) => {
-            return Err(VmImageError::Write {
-                path: dest.to_owned(),
-                source,
-            });
-        }
-    }
+    crate::unpack::fresh_dir(dest).map_err(|e| match e {
+        crate::unpack::FreshDirError::Exists => VmImageError::Exists {
+            path: dest.to_owned(),
+        },
+        crate::unpack::FreshDirError::Io { path, source } => VmImageError::Write { path, source },
+    })?;
     let result = File::open(path)
         .map_err(VmImageError::Read)
         .and_then(|f| scan(f, Some(dest), max_bytes));
