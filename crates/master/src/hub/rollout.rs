@@ -446,6 +446,18 @@ mod tests {
         while next_set(&mut rx).is_some() {}
     }
 
+    /// `wait` for web, which must answer within 5 s.
+    async fn settle(hub: &Hub) -> Vec<phoenix_model::proto::Settled> {
+        let names = ["web".to_owned()];
+        tokio::time::timeout(
+            Duration::from_secs(5),
+            hub.wait(&names, Duration::from_secs(5)),
+        )
+        .await
+        .expect("wait answers")
+        .expect("a verdict")
+    }
+
     #[tokio::test]
     async fn the_update_switches_once_the_new_run_is_up_and_fails_if_it_backs_off() {
         let dir = tempfile::tempdir().unwrap();
@@ -465,13 +477,8 @@ mod tests {
             RolloutStage::Starting
         ));
         hub.report_status("m1", vec![status("web.2", 2, ServiceState::Running)], false);
-        let names = ["web".to_owned()];
-        let judged = hub.wait(&names, Duration::from_secs(5));
         // The wait judges web.2 once switched; it reports running.
-        let settled = tokio::time::timeout(Duration::from_secs(5), judged)
-            .await
-            .unwrap()
-            .unwrap();
+        let settled = settle(&hub).await;
         assert_eq!(settled[0].verdict, Verdict::Running, "{settled:?}");
         assert_eq!(settled[0].view.instance.as_deref(), Some("web.2"));
         while next_set(&mut rx).is_some() {}
@@ -479,13 +486,7 @@ mod tests {
         hub.apply("root", Apply::Update, "w", &web("3")).unwrap();
         hub.start_rollout("web", 3);
         hub.report_status("m1", vec![status("web.3", 3, ServiceState::Backoff)], false);
-        let settled = tokio::time::timeout(
-            Duration::from_secs(5),
-            hub.wait(&names, Duration::from_secs(5)),
-        )
-        .await
-        .unwrap()
-        .unwrap();
+        let settled = settle(&hub).await;
         assert_eq!(settled[0].verdict, Verdict::Failed);
         assert!(
             settled[0]
@@ -503,13 +504,7 @@ mod tests {
         let applied = hub.apply("root", Apply::Update, "w", plain).unwrap();
         assert_eq!((applied[0].beside, applied[0].generation), (false, 3));
         hub.report_status("m1", vec![status("web.2", 3, ServiceState::Running)], false);
-        let settled = tokio::time::timeout(
-            Duration::from_secs(5),
-            hub.wait(&names, Duration::from_secs(5)),
-        )
-        .await
-        .unwrap()
-        .unwrap();
+        let settled = settle(&hub).await;
         assert_eq!(settled[0].verdict, Verdict::Running, "{settled:?}");
     }
 }
