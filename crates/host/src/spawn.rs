@@ -426,7 +426,27 @@ impl<'a> Spawn<'a> {
     }
 
     /// Starts the child; returns once it runs its program (or failed to).
+    ///
+    /// A program file is busy for exec (ETXTBSY) while any process holds it
+    /// open for writing, which includes a child another thread forked while
+    /// it wrote the file, until that child execs. That passes within
+    /// milliseconds, so such an exec is tried again, a few times.
     pub fn spawn(&self) -> Result<Spawned, SpawnError> {
+        let mut tries = 0u32;
+        loop {
+            match self.spawn_once() {
+                Err(SpawnError::Exec { source, .. })
+                    if source.raw_os_error() == Some(libc::ETXTBSY) && tries < 5 =>
+                {
+                    tries += 1;
+                    std::thread::sleep(std::time::Duration::from_millis(2 << tries));
+                }
+                result => return result,
+            }
+        }
+    }
+
+    fn spawn_once(&self) -> Result<Spawned, SpawnError> {
         if let Some(what) = self.nul {
             return Err(SpawnError::Nul {
                 program: self.program_path.clone(),
