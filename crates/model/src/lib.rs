@@ -9,6 +9,8 @@
 //! - [`proto`]: messages between CLI, master and minions, and the frame
 //!   format that carries them (a 4-byte big-endian length, then JSON).
 //! - [`status`]: observed state that minions report.
+//! - [`tree`]: reading a tree of spec files from disk (the CLI's `apply`
+//!   and the master's git sources).
 
 pub mod framed;
 pub mod keys;
@@ -16,6 +18,7 @@ pub mod net;
 pub mod proto;
 pub mod spec;
 pub mod status;
+pub mod tree;
 
 /// Locks a mutex of in-memory state, taking over one whose holder
 /// panicked: the data is plain values, still consistent enough to serve,

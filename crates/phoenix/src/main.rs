@@ -19,7 +19,7 @@ use cli::{ApplyArgs, Cli, Command, TreeArgs, Waiting};
 use output::{ago, bytes, table, utc};
 use phoenix_model::proto::{
     Accepted, Applied, AuditEntry, Deleted, Forgotten, ImageView, MasterInfo, NodeView, Plan,
-    Rejected, Request, ServiceView, Settled, SourceFile, Verdict, WaitingNode,
+    Rejected, Request, ServiceView, Settled, Verdict, WaitingNode,
 };
 
 use phoenix_model::spec::Spec;
@@ -630,64 +630,12 @@ async fn apply(a: ApplyArgs, update: bool) -> Result<()> {
     wait_running(&a.target.data_dir, &applied, a.waiting, a.json.json).await
 }
 
-/// The spec files of a tree: PATH itself if it is a file, else every
-/// `.json`, `.yaml` and `.yml` file under it, sorted by path, skipping
-/// names that start with a dot (files and folders).
-fn spec_files(path: &Path) -> Result<Vec<std::path::PathBuf>> {
-    let meta =
-        std::fs::metadata(path).with_context(|| format!("cannot read {}", path.display()))?;
-    if !meta.is_dir() {
-        return Ok(vec![path.to_owned()]);
-    }
-    let mut found = Vec::new();
-    let mut todo = vec![path.to_owned()];
-    while let Some(dir) = todo.pop() {
-        let entries = std::fs::read_dir(&dir)
-            .with_context(|| format!("cannot read folder {}", dir.display()))?;
-        for entry in entries {
-            let entry = entry.with_context(|| format!("cannot read folder {}", dir.display()))?;
-            let p = entry.path();
-            if entry.file_name().to_string_lossy().starts_with('.') {
-                continue;
-            }
-            // Follows links, as reading a file named on the command line does.
-            let meta =
-                std::fs::metadata(&p).with_context(|| format!("cannot read {}", p.display()))?;
-            if meta.is_dir() {
-                todo.push(p);
-            } else if p
-                .extension()
-                .and_then(|e| e.to_str())
-                .is_some_and(|e| matches!(e.to_ascii_lowercase().as_str(), "json" | "yaml" | "yml"))
-            {
-                found.push(p);
-            }
-        }
-    }
-    found.sort();
-    if found.is_empty() {
-        bail!(
-            "{} holds no spec files (.json, .yaml, .yml); nothing to compare",
-            path.display()
-        );
-    }
-    Ok(found)
-}
-
 /// `diff` (`write` false) and `apply`: sends the tree to the master as one
 /// request, prints the plan, and for `apply` waits like `deploy` does.
 async fn apply_tree(t: TreeArgs, write: bool, prune: bool, waiting: Option<Waiting>) -> Result<()> {
-    let files = spec_files(&t.path)?
-        .into_iter()
-        .map(|p| {
-            let text = std::fs::read_to_string(&p)
-                .with_context(|| format!("cannot read spec file {}", p.display()))?;
-            Ok(SourceFile {
-                path: p.display().to_string(),
-                text,
-            })
-        })
-        .collect::<Result<Vec<_>>>()?;
+    let files = phoenix_model::tree::read_tree(&t.path, phoenix_model::tree::Links::Follow, |p| {
+        p.display().to_string()
+    })?;
     let source = match t.source {
         Some(s) => s,
         None => std::fs::canonicalize(&t.path)
