@@ -131,6 +131,8 @@
 //! - Sparse files are written out in full.
 
 pub mod docker_archive;
+pub mod guest;
+pub mod initramfs;
 pub mod layout;
 mod sys;
 pub mod unpack;
