@@ -23,6 +23,7 @@
 //! ([`parse_stored`]), so a damaged store cannot hand a minion a spec that
 //! a user could not have deployed.
 
+pub mod import;
 mod raw;
 mod validate;
 mod yaml;
