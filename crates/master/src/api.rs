@@ -111,6 +111,8 @@ async fn connection(hub: Arc<Hub>, mut stream: UnixStream) -> Result<(), BoxErro
                 .await;
             reply(plan.inspect(|plan| start_rollouts(&hub, &plan.applied)))
         }
+        // Its rollouts are started by `hub::git`, as for a watched commit.
+        Request::GitSource(settings) => reply(hub.git_source(who, settings).await),
         Request::Wait { names, timeout_ms } => {
             reply(hub.wait(&names, Duration::from_millis(timeout_ms)).await)
         }
@@ -157,6 +159,8 @@ fn handle(hub: &Hub, who: &str, req: Request) -> Reply {
         Request::Routes => reply(hub.routes_view()),
         Request::Images => reply(hub.images()),
         Request::Audit { limit } => reply(audit(hub, limit)),
+        Request::Sources => reply(hub.git_sources()),
+        Request::SourceRm { name } => reply(hub.git_source_rm(who, &name)),
         Request::Logs { .. }
         | Request::Update { .. }
         | Request::Restart { .. }
@@ -166,7 +170,8 @@ fn handle(hub: &Hub, who: &str, req: Request) -> Reply {
         | Request::WaitGone { .. }
         | Request::Accept { .. }
         | Request::Forget { .. }
-        | Request::ApplyTree { .. } => {
+        | Request::ApplyTree { .. }
+        | Request::GitSource(_) => {
             reply::<()>(Err(ApiError::Internal("request handled elsewhere".into())))
         }
     }

@@ -148,6 +148,11 @@ impl Front {
         Ok(front)
     }
 
+    /// The handler of the proxy's `/_phoenix/` requests (git webhooks).
+    pub fn hooks(&self) -> phoenix_proxy::Hooks {
+        self.proxy.hooks()
+    }
+
     /// Gives the proxy this route table now.
     pub fn set_routes(&self, table: &[RouteSpec]) {
         if let Err(e) = self.proxy.set_routes(proxy_routes(table)) {

@@ -16,6 +16,7 @@
 //! | `hub/images.rs` | `images`, registry upkeep and garbage collection | the [`Registry`] |
 //! | `hub/mesh.rs` | changes that reach every node they touch; the master's WireGuard peers | store |
 //! | `hub/routes.rs` | the proxy's route table from the store and the reports | reads store and observed |
+//! | `hub/git.rs` | git sources: looks at the remote, fetches, applies a commit's tree; the webhook | store (`git_sources`); one lock: each source's secret, wake-up and task |
 //! | `hub/rollout.rs` | zero-downtime updates (new version beside, switch, drain, promote) and draining deletes | `next` in the store; one lock: switching/deleting sets |
 //!
 //! Lock order, where two are held at once: store, then links (a desired
@@ -26,6 +27,7 @@
 
 mod apply;
 mod error;
+mod git;
 mod images;
 mod links;
 mod logs;
@@ -52,6 +54,7 @@ use crate::{lock, reconcile};
 
 pub use apply::Apply;
 pub use error::ApiError;
+pub use git::{GitError, default_name as git_default_name, parse_target as git_parse_target};
 pub use links::Link;
 pub use logs::LogEvent;
 pub use membership::peer_config;
@@ -111,6 +114,9 @@ pub struct Hub {
     pub front: std::sync::OnceLock<Arc<crate::front::Front>>,
     /// Updates switching and deletes draining (see `hub::rollout`).
     rollouts: Mutex<rollout::Rollouts>,
+    /// The git sources' webhook secrets, wake-ups and watch tasks (see
+    /// `hub::git`).
+    git: git::GitSources,
 }
 
 impl Hub {
@@ -141,6 +147,7 @@ impl Hub {
             routes_changed: tokio::sync::Notify::new(),
             front: std::sync::OnceLock::new(),
             rollouts: Mutex::default(),
+            git: git::GitSources::default(),
         }
     }
 

@@ -336,9 +336,22 @@ pub async fn run(cfg: MasterConfig) -> Result<(), MasterError> {
         ..hub::Settings::new(cfg.auto_accept, cfg.node_timeout)
     };
     let hub = Arc::new(hub::Hub::new(store, registry, info, overlay, settings));
+    // Git sources (`hub::git`): a task for each watched one.
+    if let Err(e) = hub.start_git_sources(&cfg.data_dir) {
+        tracing::error!("cannot start the git sources: {e}");
+    }
     if let Some(proxy) = &cfg.proxy {
         let front =
             front::Front::start(hub.clone(), proxy, cfg.public_ip, cfg.data_dir.clone()).await?;
+        // Git push webhooks (`POST /_phoenix/git/NAME`) on the proxy's ports.
+        let weak = Arc::downgrade(&hub);
+        front.hooks().set_handler(move |req| match weak.upgrade() {
+            Some(hub) => hub.git_webhook(req),
+            None => phoenix_proxy::HookResponse {
+                status: 503,
+                text: "phoenix: the master is stopping\n".into(),
+            },
+        });
         let _ = hub.front.set(front);
     }
     // Updates a previous master left half way go on where they were.

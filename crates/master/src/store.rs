@@ -47,6 +47,9 @@ pub enum StoreError {
 
 type Result<T, E = StoreError> = std::result::Result<T, E>;
 
+mod git;
+pub use git::{GitSource, Outcome};
+
 /// The database and its `-wal` and `-shm` files hold the join token: only
 /// their owner may read them. Creates the database file 0600 if missing.
 fn make_private(db: &Path) -> Result<()> {
@@ -249,6 +252,7 @@ impl Store {
         conn.busy_timeout(std::time::Duration::from_secs(5))
             .map_err(open_err)?;
         conn.execute_batch(SCHEMA).map_err(open_err)?;
+        conn.execute_batch(git::SCHEMA).map_err(open_err)?;
         // Columns added since the first schema, for stores an older master
         // made.
         for (column, kind) in [("run", "TEXT"), ("next", "TEXT"), ("source", "TEXT")] {

@@ -453,6 +453,97 @@ pub enum Request {
         #[serde(default)]
         dry_run: bool,
     },
+    /// `phoenix apply --git`: registers a git source the master tracks
+    /// (or, for a name it has, changes its settings) and applies its ref's
+    /// current commit now. → [`GitApplied`]
+    GitSource(GitSettings),
+    /// `phoenix sources`. → `Vec<`[`SourceView`]`>`
+    Sources,
+    /// `phoenix sources rm`: the master stops tracking a git source; its
+    /// services stay as they are. → [`SourceView`]
+    SourceRm { name: String },
+}
+
+/// A git source's settings, as `phoenix apply --git` gives them.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct GitSettings {
+    /// The source's name: `[A-Za-z0-9._-]`, the webhook's path
+    /// (`/_phoenix/git/NAME`); its services' source is `git:NAME`.
+    pub name: String,
+    pub url: String,
+    /// A branch or tag (or a full `refs/...` name); `None`: the remote's HEAD.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reference: Option<String>,
+    /// The folder (or file) of the repository that holds the specs;
+    /// `None`: the whole repository.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    /// Track the ref (else apply its current commit once).
+    #[serde(default)]
+    pub watch: bool,
+    /// How often a watched source asks the remote for the ref's commit.
+    pub interval_ms: u64,
+    #[serde(default)]
+    pub prune: bool,
+    /// The webhook's shared secret; `None` keeps the source's own, or for
+    /// a watched source that has none, has the master make one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub webhook_secret: Option<String>,
+}
+
+/// What `phoenix apply --git` did.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct GitApplied {
+    pub source: SourceView,
+    /// The plan applied, when a commit was (nothing when it is live already).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub plan: Option<Plan>,
+    /// Why the commit was not applied (the source is registered all the
+    /// same, and the previous commit, if any, stays live).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refused: Option<Refused>,
+    /// A webhook secret the master made now; shown this once only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub new_webhook_secret: Option<String>,
+}
+
+/// A refusal carried inside a successful reply.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct Refused {
+    pub kind: ErrorKind,
+    pub message: String,
+}
+
+/// A git source, for `phoenix sources`.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct SourceView {
+    pub name: String,
+    pub url: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reference: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    pub watch: bool,
+    pub interval_ms: u64,
+    pub prune: bool,
+    /// Whether a webhook secret is set (the webhook is refused without).
+    pub webhook: bool,
+    /// The commit whose tree the cluster runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub live_commit: Option<String>,
+    /// Unix ms when it was applied.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub live_at: Option<u64>,
+    /// Unix ms of the last look at the remote.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checked_at: Option<u64>,
+    /// Why the last look or apply failed (cleared by the next success).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+    /// A commit that was refused: not tried again until the ref moves or
+    /// the source is applied again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refused_commit: Option<String>,
 }
 
 /// One spec file of a tree: its path (as errors name it) and its text.

@@ -109,6 +109,10 @@ async fn route(
         );
     }
 
+    // Requests for the master (a git push webhook), on both listeners.
+    if inner.hooks.takes(path) {
+        return (inner.hooks.serve(request).await, None);
+    }
     if !conn.tls {
         if let Some(token) = path.strip_prefix(ACME_PREFIX) {
             return (acme(inner, token), None);

@@ -97,6 +97,7 @@ mod body;
 mod config;
 mod forward;
 mod pool;
+mod hooks;
 mod routes;
 mod server;
 mod shards;
@@ -116,6 +117,7 @@ use tokio::sync::{Notify, watch};
 
 pub use body::Guarded;
 pub use config::ProxyConfig;
+pub use hooks::{HOOK_PREFIX, HookRequest, HookResponse, Hooks, MAX_HOOK_BODY};
 pub use routes::{HtpasswdError, Instance, Route, RouteError, Routes, parse_htpasswd};
 pub use shards::{Listening, Shards, ShardsError};
 pub use stats::{InstanceSnapshot, RouteSnapshot, Snapshot};
@@ -161,6 +163,8 @@ pub(crate) struct Inner {
     idle: Arc<Notify>,
     certs: Certs,
     challenges: Challenges,
+    /// `/_phoenix/` requests for the master (`hooks`).
+    hooks: Hooks,
     tls: Arc<rustls::ServerConfig>,
     pool: pool::PoolConfig,
     builder: auto::Builder<TokioExecutor>,
@@ -243,6 +247,7 @@ impl Proxy {
                 idle: Arc::new(Notify::new()),
                 certs: shared.certs.clone(),
                 challenges: shared.challenges.clone(),
+                hooks: shared.hooks.clone(),
                 tls: Arc::new(tls),
                 pool,
                 builder,
@@ -305,6 +310,11 @@ impl Proxy {
     /// The ACME HTTP-01 challenges the HTTP listener answers.
     pub fn challenges(&self) -> Challenges {
         self.inner.challenges.clone()
+    }
+
+    /// The handler of `/_phoenix/` requests (both listeners).
+    pub fn hooks(&self) -> Hooks {
+        self.inner.hooks.clone()
     }
 
     /// Serves plain HTTP on `listener` until [`shutdown`](Self::shutdown):
@@ -449,6 +459,7 @@ pub(crate) struct Shared {
     provider: Arc<rustls::crypto::CryptoProvider>,
     certs: Certs,
     challenges: Challenges,
+    hooks: Hooks,
     limits: Arc<Limits>,
     auth: Arc<auth::Auth>,
 }
@@ -460,6 +471,7 @@ impl Shared {
             certs: Certs::new(provider.clone()),
             provider,
             challenges: Challenges::default(),
+            hooks: Hooks::default(),
             limits: Arc::new(Limits::new(
                 config.max_connections,
                 config.max_connections_per_ip,

@@ -204,6 +204,11 @@ impl Shards {
         self.shards[0].challenges()
     }
 
+    /// The handler of `/_phoenix/` requests all the proxies share.
+    pub fn hooks(&self) -> crate::Hooks {
+        self.shards[0].hooks()
+    }
+
     /// Requests in flight on instances of `id`, over all proxies.
     pub fn outstanding(&self, id: &str) -> u64 {
         self.shards.iter().map(|p| p.outstanding(id)).sum()

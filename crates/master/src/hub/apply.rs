@@ -52,6 +52,9 @@ pub enum Apply {
 #[derive(Clone, Copy, Debug)]
 pub(super) struct TreeChange<'a> {
     pub source: &'a str,
+    /// What the audit rows name after `via`: the source, or for a git
+    /// source `git:NAME@COMMIT` (`hub::git`).
+    pub via: &'a str,
     pub prune: &'a [String],
 }
 
@@ -253,7 +256,7 @@ impl Hub {
         let via;
         let actor = match tree {
             Some(t) => {
-                via = format!("{actor} via {}", t.source);
+                via = format!("{actor} via {}", t.via);
                 via.as_str()
             }
             None => actor,

@@ -182,6 +182,20 @@ impl Hub {
         prune: bool,
         dry_run: bool,
     ) -> Result<Plan, ApiError> {
+        self.apply_tree_from(actor, source, source, files, prune, dry_run)
+    }
+
+    /// [`Hub::apply_tree`], with what the audit rows name after `via`
+    /// (for a git source, the source and the commit).
+    fn apply_tree_from(
+        &self,
+        actor: &str,
+        source: &str,
+        via: &str,
+        files: &[SourceFile],
+        prune: bool,
+        dry_run: bool,
+    ) -> Result<Plan, ApiError> {
         if source.is_empty() {
             return Err(ApiError::Invalid("the source must have a name".into()));
         }
@@ -215,6 +229,7 @@ impl Hub {
                 &writes,
                 Some(TreeChange {
                     source,
+                    via,
                     prune: prunes,
                 }),
             )?;
@@ -233,10 +248,33 @@ impl Hub {
         prune: bool,
         dry_run: bool,
     ) -> Result<Plan, ApiError> {
+        let via = source.clone();
+        self.apply_tree_via(actor, source, via, files, prune, dry_run)
+            .await
+    }
+
+    /// [`Hub::apply_tree_drained`], the audit rows naming `via`.
+    pub(super) async fn apply_tree_via(
+        self: &Arc<Self>,
+        actor: String,
+        source: String,
+        via: String,
+        files: Vec<SourceFile>,
+        prune: bool,
+        dry_run: bool,
+    ) -> Result<Plan, ApiError> {
         let blocking = |dry_run: bool| {
-            let (h, a, s, f) = (self.clone(), actor.clone(), source.clone(), files.clone());
+            let (h, a, s, v, f) = (
+                self.clone(),
+                actor.clone(),
+                source.clone(),
+                via.clone(),
+                files.clone(),
+            );
             async move {
-                tokio::task::spawn_blocking(move || h.apply_tree(&a, &s, &f, prune, dry_run))
+                tokio::task::spawn_blocking(move || {
+                    h.apply_tree_from(&a, &s, &v, &f, prune, dry_run)
+                })
                     .await
                     .unwrap_or_else(|e| Err(ApiError::Internal(format!("apply: {e}"))))
             }
