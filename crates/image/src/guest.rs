@@ -76,6 +76,10 @@ pub struct GuestRun {
     pub hostname: String,
     /// The service's address, given to the guest's network device (/128).
     pub ip: Option<std::net::Ipv6Addr>,
+    /// What the guest's `/etc/hosts` is to hold (the service's hosts
+    /// file: its own name and the services its `link` names).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hosts: Option<String>,
 }
 
 /// Why a disk holds no run description.
@@ -192,6 +196,7 @@ mod tests {
             gid: 1000,
             hostname: "web".into(),
             ip: Some("fd38::7".parse().unwrap()),
+            hosts: Some("fd38::7 web\n".into()),
         };
         let mut disk = std::io::Cursor::new(vec![7u8; 4096]);
         append_run(&mut disk, &run).unwrap();

@@ -312,6 +312,33 @@ pub fn resolve_modules(dep: &str, builtin: &str, wanted: &[&str]) -> (Vec<String
     (out, missing)
 }
 
+/// A module file as the guest loads it, and the name it gets there:
+/// `.ko.zst` and `.ko.gz` are decompressed here, `.ko.xz` is kept for the
+/// kernel to decompress (the guest init passes
+/// `MODULE_INIT_COMPRESSED_FILE` for it), `.ko` is as it is.
+pub fn module_for_guest(path: &str, data: Vec<u8>) -> io::Result<(Vec<u8>, &'static str)> {
+    if path.ends_with(".ko.zst") {
+        Ok((zstd::decode_all(&data[..])?, ".ko"))
+    } else if path.ends_with(".ko.gz") {
+        let mut out = Vec::new();
+        io::Read::read_to_end(&mut flate2::read::GzDecoder::new(&data[..]), &mut out)?;
+        Ok((out, ".ko"))
+    } else if path.ends_with(".ko.xz") {
+        Ok((data, ".ko.xz"))
+    } else if path.ends_with(".ko") {
+        Ok((data, ".ko"))
+    } else {
+        Err(io::Error::other(format!(
+            "{path}: not a kernel module (.ko, .ko.xz, .ko.zst, .ko.gz)"
+        )))
+    }
+}
+
+/// A module's name from its path (public for the minion's messages).
+pub fn module_name_of(path: &str) -> String {
+    module_name(path)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -490,5 +517,35 @@ mod tests {
             ]
         );
         assert_eq!(missing, ["button"]);
+    }
+
+    #[test]
+    fn compressed_modules_are_opened_or_left_to_the_kernel() {
+        let ko = b"\x7fELF module".to_vec();
+        let zst = zstd::encode_all(&ko[..], 3).unwrap();
+        assert_eq!(
+            module_for_guest("a/virtio.ko.zst", zst).unwrap(),
+            (ko.clone(), ".ko")
+        );
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        std::io::Write::write_all(&mut gz, &ko).unwrap();
+        let gz = gz.finish().unwrap();
+        assert_eq!(
+            module_for_guest("a/virtio.ko.gz", gz).unwrap(),
+            (ko.clone(), ".ko")
+        );
+        assert_eq!(
+            module_for_guest("a/virtio.ko.xz", vec![1]).unwrap(),
+            (vec![1], ".ko.xz")
+        );
+        assert_eq!(
+            module_for_guest("a/virtio.ko", ko.clone()).unwrap(),
+            (ko, ".ko")
+        );
+        assert!(module_for_guest("a/virtio.txt", vec![]).is_err());
+        assert_eq!(
+            module_name_of("kernel/x/net-failover.ko.xz"),
+            "net_failover"
+        );
     }
 }
