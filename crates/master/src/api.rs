@@ -84,11 +84,16 @@ async fn connection(hub: Arc<Hub>, mut stream: UnixStream) -> Result<(), BoxErro
             reply(accepted)
         }
         Request::Forget { name } => reply(hub.forget(&who, &name).await),
-        Request::Update { source, text } => {
+        Request::Update {
+            source,
+            text,
+            env_files,
+        } => {
             let h = hub.clone();
-            let applied =
-                tokio::task::spawn_blocking(move || h.apply(&who, Apply::Update, &source, &text))
-                    .await
+            let applied = tokio::task::spawn_blocking(move || {
+                h.apply_with_env_files(&who, Apply::Update, &source, &text, &env_files)
+            })
+            .await
                     .unwrap_or_else(|e| Err(ApiError::Internal(format!("update: {e}"))));
             reply(applied.inspect(|applied| start_rollouts(&hub, applied)))
         }
@@ -151,7 +156,17 @@ fn handle(hub: &Hub, who: &str, req: Request) -> Reply {
         Request::Reject { name, fingerprint } => {
             reply(hub.reject(who, &name, fingerprint.as_deref()))
         }
-        Request::Deploy { source, text } => reply(hub.apply(who, Apply::Deploy, &source, &text)),
+        Request::Deploy {
+            source,
+            text,
+            env_files,
+        } => reply(hub.apply_with_env_files(
+            who,
+            Apply::Deploy,
+            &source,
+            &text,
+            &env_files,
+        )),
         Request::Status { name } => reply(hub.status(&name)),
         Request::Info { name } => reply(hub.info(&name)),
         Request::Services => reply(hub.services()),
@@ -159,6 +174,13 @@ fn handle(hub: &Hub, who: &str, req: Request) -> Reply {
         Request::Routes => reply(hub.routes_view()),
         Request::Images => reply(hub.images()),
         Request::Audit { limit } => reply(audit(hub, limit)),
+        Request::EnvSet { vars } => reply(hub.env_set(who, &vars)),
+        Request::EnvUnset { keys } => reply(hub.env_unset(who, &keys)),
+        Request::EnvList => reply(hub.env_list()),
+        Request::InfoEnv { name } => reply(hub.info_env(&name)),
+        Request::SecretSet { name, value } => reply(hub.secret_set(who, &name, &value)),
+        Request::SecretList => reply(hub.secret_list()),
+        Request::SecretRm { name } => reply(hub.secret_rm(who, &name)),
         Request::Sources => reply(hub.git_sources()),
         Request::SourceRm { name } => reply(hub.git_source_rm(who, &name)),
         Request::Logs { .. }

@@ -17,6 +17,8 @@
 //! | `hub/mesh.rs` | changes that reach every node they touch; the master's WireGuard peers | store |
 //! | `hub/routes.rs` | the proxy's route table from the store and the reports | reads store and observed |
 //! | `hub/git.rs` | git sources: looks at the remote, fetches, applies a commit's tree; the webhook | store (`git_sources`); one lock: each source's secret, wake-up and task |
+//! | `hub/env.rs` | the cluster's variables (`env set/unset/list`), `info --env`, each assignment's resolved environment at push time | store (`cluster_env`) |
+//! | `hub/secrets.rs` | `secret set/list/rm`, sealed at rest with `DATA_DIR/secrets.key` | store (`secrets`), the key file |
 //! | `hub/rollout.rs` | zero-downtime updates (new version beside, switch, drain, promote) and draining deletes | `next` in the store; one lock: switching/deleting sets |
 //!
 //! Lock order, where two are held at once: store, then links (a desired
@@ -26,6 +28,7 @@
 //! is never held while taking another.
 
 mod apply;
+mod env;
 mod error;
 mod git;
 mod images;
@@ -36,6 +39,7 @@ mod mesh;
 mod observed;
 mod rollout;
 mod routes;
+mod secrets;
 mod sources;
 
 pub use routes::RoutesChange;

@@ -147,6 +147,8 @@ fn assignment(svc: &Service, addresses: &HashMap<&str, Ipv6Addr>) -> Assignment 
         instance: svc.run.as_ref().map(|r| r.instance.clone()),
         own_ip: svc.run.as_ref().map(|r| r.own_ip),
         holds_ip: true,
+        // Resolved (secrets opened) only as the set is pushed: `hub::env`.
+        env: None,
     }
 }
 

@@ -47,7 +47,9 @@ pub enum StoreError {
 
 type Result<T, E = StoreError> = std::result::Result<T, E>;
 
+mod env;
 mod git;
+pub use env::SealedSecret;
 pub use git::{GitSource, Outcome};
 
 /// The database and its `-wal` and `-shm` files hold the join token: only
@@ -253,6 +255,7 @@ impl Store {
             .map_err(open_err)?;
         conn.execute_batch(SCHEMA).map_err(open_err)?;
         conn.execute_batch(git::SCHEMA).map_err(open_err)?;
+        conn.execute_batch(env::SCHEMA).map_err(open_err)?;
         // Columns added since the first schema, for stores an older master
         // made.
         for (column, kind) in [("run", "TEXT"), ("next", "TEXT"), ("source", "TEXT")] {

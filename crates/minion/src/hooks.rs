@@ -207,6 +207,7 @@ mod tests {
                 instance: None,
                 own_ip: None,
                 holds_ip: true,
+                env: None,
             }
         };
         let (web1, _) = one.enter(&a("web")).unwrap();

@@ -110,8 +110,15 @@ impl LocalState {
         self.read("desired.json")
     }
 
+    /// Mode 0600: the set holds the services' resolved environments,
+    /// secrets included (`Assignment::env`), and only root may read them.
     pub fn save_desired(&self, set: &DesiredSet) -> std::io::Result<()> {
-        self.write("desired.json", set)
+        let data = serde_json::to_vec(set).map_err(std::io::Error::other)?;
+        let path = self.dir.join("desired.json");
+        // A new file renamed over the old one: one an older minion wrote
+        // 0644 is replaced, not kept.
+        phoenix_host::fs::write_atomic_with_mode(&path, &data, 0o600)?;
+        Ok(())
     }
 
     /// A thread that saves desired sets in the order given, skipping to the

@@ -1069,6 +1069,7 @@ mod tests {
             instance: None,
             own_ip: None,
             holds_ip: true,
+            env: None,
         }
     }
 

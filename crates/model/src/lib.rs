@@ -2,6 +2,7 @@
 //!
 //! - [`spec`]: the service spec users write (seed 000's JSON), with strict
 //!   validation whose errors name the service, the field and the reason.
+//! - [`env`]: a service's environment in layers, and secrets' views.
 //! - [`framed`]: one framed connection with heartbeats and silence
 //!   detection, the link as both the master and the minions run it.
 //! - [`keys`]: WireGuard (X25519) key pairs and their fingerprints.
@@ -12,6 +13,7 @@
 //! - [`tree`]: reading a tree of spec files from disk (the CLI's `apply`
 //!   and the master's git sources).
 
+pub mod env;
 pub mod framed;
 pub mod keys;
 pub mod net;

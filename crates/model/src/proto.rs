@@ -332,6 +332,13 @@ pub struct Assignment {
     /// run's namespace and points the host route at it).
     #[serde(default = "yes", skip_serializing_if = "is_true")]
     pub holds_ip: bool,
+    /// The service's environment as the master resolved it: the cluster's
+    /// variables, its env files and its `env`, secrets in place
+    /// (`crate::env`); the image's own variables go under it and Phoenix's
+    /// over it. Absent from older masters' sets: the spec's `env`. Its
+    /// `Debug` shows no value.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub env: Option<crate::env::Environment>,
 }
 
 fn yes() -> bool {
@@ -354,6 +361,17 @@ impl Assignment {
     /// [`Assignment::instance`]).
     pub fn key(&self) -> &str {
         self.instance.as_deref().unwrap_or(&self.spec.name)
+    }
+
+    /// The variables the service's process gets from the master (see
+    /// [`Assignment::env`]), in order; the spec's `env` from an older
+    /// master.
+    pub fn env_pairs(&self) -> Vec<(String, String)> {
+        let own = |(k, v): (&str, &str)| (k.to_owned(), v.to_owned());
+        match &self.env {
+            Some(env) => env.pairs().map(own).collect(),
+            None => self.spec.env_pairs().map(own).collect(),
+        }
     }
 
     /// Where this run itself is reached: its own address, else `ip`.
@@ -397,11 +415,22 @@ pub enum Request {
     },
     /// Removes an accepted node, its overlay peer and its key. → [`Forgotten`]
     Forget { name: String },
-    /// `source` names the file in error messages; `text` is its content.
+    /// `source` names the file in error messages; `text` is its content;
+    /// `env_files` the env files its specs name, each by
+    /// `spec::env_file_key`. → `Vec<`[`Applied`]`>`
+    Deploy {
+        source: String,
+        text: String,
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        env_files: Vec<SourceFile>,
+    },
     /// → `Vec<`[`Applied`]`>`
-    Deploy { source: String, text: String },
-    /// → `Vec<`[`Applied`]`>`
-    Update { source: String, text: String },
+    Update {
+        source: String,
+        text: String,
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        env_files: Vec<SourceFile>,
+    },
     /// → [`Deleted`]
     Del { name: String },
     /// Restarts services where they are: each one's generation is bumped
@@ -441,6 +470,7 @@ pub enum Request {
     /// → `Vec<`[`ImageView`]`>`
     Images,
     /// `phoenix diff` (`dry_run`) and `phoenix apply`: a tree of spec files
+    /// (and after them the env files they name, `model::tree::read_tree`)
     /// as one change, from `source` (the tree's canonical path, or a name
     /// given with `--source`). Services the tree names are created or
     /// changed, unchanged ones left alone; services of this source that it
@@ -453,6 +483,28 @@ pub enum Request {
         #[serde(default)]
         dry_run: bool,
     },
+    /// `phoenix env set`: sets cluster variables (`KEY=VALUE`), restarting
+    /// the services whose environment changes. → [`crate::env::EnvChanged`]
+    EnvSet { vars: Vec<String> },
+    /// `phoenix env unset`. → [`crate::env::EnvChanged`]
+    EnvUnset { keys: Vec<String> },
+    /// `phoenix env list`. → `Vec<`[`crate::env::ClusterVar`]`>`
+    EnvList,
+    /// `phoenix info NAME --env`: the service's environment, layer by
+    /// layer. → [`crate::env::EnvView`]
+    InfoEnv { name: String },
+    /// `phoenix secret set NAME` (the value from stdin), restarting the
+    /// services that use it. → [`crate::env::SecretChanged`]
+    SecretSet {
+        name: String,
+        value: crate::env::SecretValue,
+    },
+    /// `phoenix secret list`: names, times, users; never values.
+    /// → `Vec<`[`crate::env::SecretView`]`>`
+    SecretList,
+    /// `phoenix secret rm NAME`, refused while a service uses it.
+    /// → [`crate::env::SecretView`]
+    SecretRm { name: String },
     /// `phoenix apply --git`: registers a git source the master tracks
     /// (or, for a name it has, changes its settings) and applies its ref's
     /// current commit now. → [`GitApplied`]

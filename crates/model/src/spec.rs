@@ -23,6 +23,7 @@
 //! ([`parse_stored`]), so a damaged store cannot hand a minion a spec that
 //! a user could not have deployed.
 
+mod env_file;
 pub mod import;
 mod raw;
 mod validate;
@@ -36,6 +37,11 @@ use std::net::Ipv6Addr;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+pub use env_file::{
+    EnvFile, EnvFileError, EnvFileTexts, MAX_SECRET_NAME, SECRET_PREFIX, check_env_key,
+    check_env_value, check_secret_name, env_file_key, env_file_keys, load_env_files, normalize,
+    parse_env_file, secret_ref,
+};
 pub use raw::{RawSpec, Size, edit_distance, known_fields};
 pub use validate::{check_hostname_label, check_image_name, parse_size, validate};
 
@@ -106,6 +112,10 @@ pub struct Spec {
     pub duration: Duration,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub env: Vec<String>,
+    /// Env files (relative to the spec file) with their entries once read:
+    /// below `env`, above the cluster's environment (`spec/env_file.rs`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub env_file: Vec<EnvFile>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub proxyname: Option<String>,
     /// The path prefix the proxy routes to this service under `proxyname`
@@ -137,7 +147,10 @@ impl Spec {
     /// `FILE[:TAG]`, and `.tar` is assumed when FILE has no extension of its
     /// own (seed 000); for binaries it is the file's name.
     pub fn registry_file(&self) -> (String, Option<String>) {
-        if self.kind != Kind::Docker {
+        // A vm names a VM image file as it is (`web.zst`), or an OCI image
+        // as docker does (`app:tag`, `app.tar:tag`).
+        let tagged_vm = self.kind == Kind::Vm && self.image.contains(':');
+        if self.kind != Kind::Docker && !tagged_vm {
             return (self.image.clone(), None);
         }
         let (file, tag) = match self.image.split_once(':') {
@@ -155,6 +168,21 @@ impl Spec {
     /// The spec's environment as pairs (validated `K=V` entries).
     pub fn env_pairs(&self) -> impl Iterator<Item = (&str, &str)> {
         self.env.iter().filter_map(|e| e.split_once('='))
+    }
+
+    /// The secrets its `env` and env files refer to (`secret:NAME`),
+    /// sorted, each once.
+    pub fn secret_refs(&self) -> Vec<String> {
+        let mut out: Vec<String> = self
+            .env
+            .iter()
+            .chain(self.env_file.iter().flat_map(|f| f.env.iter().flatten()))
+            .filter_map(|e| secret_ref(e.split_once('=')?.1))
+            .map(str::to_owned)
+            .collect();
+        out.sort();
+        out.dedup();
+        out
     }
 }
 
@@ -287,6 +315,17 @@ pub fn parse_stored(name: &str, json: &str) -> Result<Spec, SpecErrors> {
     let stored: Value = serde_json::from_str(json)
         .map_err(|e| fail(vec![SpecError::new(None, format!("not valid JSON: {e}"))]))?;
     let spec = spec_from_tree(&stored).map_err(fail)?;
+    if let Some((i, f)) = spec
+        .env_file
+        .iter()
+        .enumerate()
+        .find(|(_, f)| f.env.is_none())
+    {
+        return Err(fail(vec![SpecError::new(
+            Some(&format!("env_file[{i}]")),
+            format!("env file {} is stored without its entries", f.path),
+        )]));
+    }
     if spec.name != name {
         return Err(fail(vec![SpecError::new(
             Some("name"),
@@ -591,6 +630,16 @@ mod tests {
         assert_eq!(vm.kind, Kind::Vm);
         assert_eq!((vm.memory, vm.cpus), (Some(512 << 20), Some(2.0)));
         assert_eq!(vm.registry_file(), ("v.zst".to_owned(), None));
+        // A VM booting an OCI image names it as docker does.
+        let oci_vm = &parse_specs(
+            "t",
+            r#"{"machine":"m","name":"v","image":"app:v2","type":"vm"}"#,
+        )
+        .unwrap()[0];
+        assert_eq!(
+            oci_vm.registry_file(),
+            ("app.tar".to_owned(), Some("v2".to_owned()))
+        );
         assert_eq!(parse_size("64k"), Some(65536));
         assert_eq!(parse_size("2G"), Some(2 << 30));
         assert_eq!(parse_size("lots"), None);

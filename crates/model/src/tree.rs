@@ -26,6 +26,13 @@ pub enum TreeError {
     Empty { path: String },
     #[error("{path} is a link that leads out of the tree; it is not read")]
     Escapes { path: String },
+    /// An env file a spec names (`env_file`) cannot be read.
+    #[error("cannot read env file {path} (named in `env_file` of {spec}): {source}")]
+    EnvFile {
+        path: String,
+        spec: String,
+        source: std::io::Error,
+    },
 }
 
 /// Which symbolic links a tree may follow.
@@ -100,24 +107,120 @@ pub fn spec_files(path: &Path, links: Links<'_>) -> Result<Vec<PathBuf>, TreeErr
 }
 
 /// Every spec file of the tree at `path` with its text, each named (in
-/// [`SourceFile::path`], which errors show) by `name`.
+/// [`SourceFile::path`], which errors show) by `name`; then the env files
+/// their specs name (`env_file`, relative to each spec file), each once,
+/// named by [`crate::spec::env_file_key`] of its spec file's name. A
+/// tree's reader (`hub::sources::parse_tree`) tells them apart by
+/// [`is_spec_file`]: an env file's name never ends in `.json`, `.yaml` or
+/// `.yml` (the spec's checks refuse that).
 pub fn read_tree(
     path: &Path,
     links: Links<'_>,
     name: impl Fn(&Path) -> String,
 ) -> Result<Vec<SourceFile>, TreeError> {
-    spec_files(path, links)?
-        .into_iter()
-        .map(|p| {
-            let text = std::fs::read_to_string(&p).map_err(read_err(&p))?;
-            Ok(SourceFile { path: name(&p), text })
-        })
-        .collect()
+    let mut files = Vec::new();
+    let mut env_files: Vec<SourceFile> = Vec::new();
+    for p in spec_files(path, links)? {
+        let text = std::fs::read_to_string(&p).map_err(read_err(&p))?;
+        let named = name(&p);
+        for f in read_env_files(&p, &named, &text, links)? {
+            if !env_files.iter().any(|e| e.path == f.path) {
+                env_files.push(f);
+            }
+        }
+        files.push(SourceFile { path: named, text });
+    }
+    files.extend(env_files);
+    Ok(files)
+}
+
+/// The env files the specs of one spec file name, read from beside it
+/// (`spec_path` on disk, `spec_name` as errors and the master name it),
+/// each named by [`crate::spec::env_file_key`]. A spec file that does not
+/// parse names none: the master reports its errors.
+pub fn read_env_files(
+    spec_path: &Path,
+    spec_name: &str,
+    text: &str,
+    links: Links<'_>,
+) -> Result<Vec<SourceFile>, TreeError> {
+    use crate::spec::{env_file_key, normalize, parse_specs};
+    let Ok(specs) = parse_specs(spec_name, text) else {
+        return Ok(Vec::new());
+    };
+    let base = spec_path.parent().unwrap_or(Path::new(""));
+    let mut out: Vec<SourceFile> = Vec::new();
+    for entry in specs.iter().flat_map(|s| &s.env_file) {
+        let key = env_file_key(spec_name, &entry.path);
+        if out.iter().any(|f| f.path == key) {
+            continue;
+        }
+        let disk = normalize(&base.join(&entry.path));
+        let fail = |source| TreeError::EnvFile {
+            path: disk.display().to_string(),
+            spec: spec_name.to_owned(),
+            source,
+        };
+        if let Links::Within(root) = links {
+            let real = std::fs::canonicalize(&disk).map_err(fail)?;
+            if !real.starts_with(root) {
+                return Err(TreeError::Escapes {
+                    path: disk.display().to_string(),
+                });
+            }
+        }
+        let text = std::fs::read_to_string(&disk).map_err(fail)?;
+        out.push(SourceFile { path: key, text });
+    }
+    Ok(out)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn env_files_are_read_from_beside_their_spec_files_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("t");
+        std::fs::create_dir_all(root.join("web")).unwrap();
+        let spec = |name: &str, files: &str| {
+            format!(
+                r#"{{"machine":"m","name":"{name}","image":"x","type":"binary","env_file":[{files}]}}"#
+            )
+        };
+        std::fs::write(
+            root.join("web/w.json"),
+            spec("w", r#""w.env","../common.env""#),
+        )
+        .unwrap();
+        std::fs::write(root.join("a.json"), spec("a", r#""common.env""#)).unwrap();
+        std::fs::write(root.join("web/w.env"), "W=1\n").unwrap();
+        std::fs::write(root.join("common.env"), "C=1\n").unwrap();
+        let named = |p: &Path| p.strip_prefix(&root).unwrap().display().to_string();
+        let files = read_tree(&root, Links::Follow, named).unwrap();
+        let names: Vec<&str> = files.iter().map(|f| f.path.as_str()).collect();
+        assert_eq!(names, ["a.json", "web/w.json", "common.env", "web/w.env"]);
+        assert_eq!(files[3].text, "W=1\n");
+
+        std::fs::remove_file(root.join("web/w.env")).unwrap();
+        let e = read_tree(&root, Links::Follow, named)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("cannot read env file"), "{e}");
+        assert!(
+            e.contains("web/w.env (named in `env_file` of web/w.json)"),
+            "{e}"
+        );
+
+        // Within a git checkout, an env file may not lead out of it.
+        std::fs::write(root.join("web/w.env"), "W=1\n").unwrap();
+        std::fs::write(dir.path().join("outside.env"), "S=1\n").unwrap();
+        std::fs::write(root.join("a.json"), spec("a", r#""../outside.env""#)).unwrap();
+        let canonical = std::fs::canonicalize(&root).unwrap();
+        let e = read_tree(&root, Links::Within(&canonical), named).unwrap_err();
+        assert!(matches!(e, TreeError::Escapes { .. }), "{e}");
+    }
 
     #[test]
     fn a_folder_s_spec_files_sorted_without_dotfiles_and_links_kept_inside() {

@@ -196,15 +196,41 @@ pub enum Command {
     /// Make the cluster match a spec file or a folder of them, in one
     /// transaction: create what is new, change what differs, restart
     /// nothing unchanged; delete what the files dropped only with --prune.
+    /// With --git, the master reads a git repository itself (and with
+    /// --watch keeps applying its new commits).
     Apply {
+        /// A spec file, or a folder: its `.json`, `.yaml` and `.yml` files,
+        /// recursively (dotfiles and dot-folders skipped).
+        #[arg(required_unless_present = "git", conflicts_with = "git")]
+        path: Option<PathBuf>,
         #[command(flatten)]
-        tree: TreeArgs,
+        git: GitArgs,
+        /// The name of the source the services belong to; the canonical
+        /// path of PATH by default (with --git: the source's name, the
+        /// repository's by default). Services of another source are never
+        /// touched.
+        #[arg(long, value_name = "NAME")]
+        source: Option<String>,
         /// Also delete the services of this source that the files no
         /// longer define.
         #[arg(long)]
         prune: bool,
         #[command(flatten)]
         waiting: Waiting,
+        #[command(flatten)]
+        target: Target,
+        #[command(flatten)]
+        json: Json,
+    },
+    /// List the git sources the master tracks (`phoenix apply --git`):
+    /// URL, ref, live commit, last look and last error.
+    Sources {
+        #[command(subcommand)]
+        action: Option<SourcesAction>,
+        #[command(flatten)]
+        target: Target,
+        #[command(flatten)]
+        json: Json,
     },
     /// Stop and remove a service; waits until its machine has stopped it.
     Del {
@@ -534,6 +560,132 @@ pub struct ApplyArgs {
     pub target: Target,
     #[command(flatten)]
     pub json: Json,
+}
+
+/// `phoenix apply --git`: a git repository as the source (issue #15).
+#[derive(Args, Debug)]
+pub struct GitArgs {
+    /// Apply the specs of a git repository, which the master fetches
+    /// itself: its URL, with `#REF` for a branch or tag (the remote's HEAD
+    /// by default).
+    #[arg(long, value_name = "URL[#REF]")]
+    pub git: Option<String>,
+    /// With --git: the folder (or file) of the repository that holds the
+    /// specs (its root by default).
+    #[arg(
+        long = "path",
+        id = "git_path",
+        value_name = "SUBDIR",
+        requires = "git"
+    )]
+    pub subdir: Option<String>,
+    /// With --git: keep tracking the ref, applying each new commit (a look
+    /// every --interval, or at once when its webhook is called).
+    #[arg(long, requires = "git")]
+    pub watch: bool,
+    /// With --watch: how often the master asks the remote for the ref's
+    /// commit (`git ls-remote`): `90`, `30s`, `5m`, `1h`.
+    #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = parse_interval)]
+    pub interval: std::time::Duration,
+    /// With --watch: a file holding the webhook's shared secret (for
+    /// `POST /_phoenix/git/NAME`); without it the master makes one and
+    /// prints it once.
+    #[arg(long, value_name = "FILE", requires = "watch")]
+    pub webhook_secret_file: Option<PathBuf>,
+}
+
+/// `phoenix env` subcommands.
+#[derive(Subcommand, Debug)]
+pub enum EnvAction {
+    /// Set cluster variables; restarts the services whose environment
+    /// changes (and no other).
+    Set {
+        #[arg(required = true, value_name = "KEY=VALUE")]
+        vars: Vec<String>,
+        #[command(flatten)]
+        target: Target,
+        #[command(flatten)]
+        json: Json,
+    },
+    /// Remove cluster variables; restarts the services whose environment
+    /// changes.
+    Unset {
+        #[arg(required = true, value_name = "KEY")]
+        keys: Vec<String>,
+        #[command(flatten)]
+        target: Target,
+        #[command(flatten)]
+        json: Json,
+    },
+    /// List the cluster variables.
+    List {
+        #[command(flatten)]
+        target: Target,
+        #[command(flatten)]
+        json: Json,
+    },
+}
+
+/// `phoenix secret` subcommands.
+#[derive(Subcommand, Debug)]
+pub enum SecretAction {
+    /// Set a secret's value, read from stdin (not echoed on a terminal; one
+    /// trailing newline dropped); restarts the services that use it.
+    Set {
+        /// The secret's name: letters, digits, `_`, `.`, `-`.
+        name: String,
+        #[command(flatten)]
+        target: Target,
+        #[command(flatten)]
+        json: Json,
+    },
+    /// List secrets: names, when set, and which services use them (never
+    /// values).
+    List {
+        #[command(flatten)]
+        target: Target,
+        #[command(flatten)]
+        json: Json,
+    },
+    /// Remove a secret; refused while a service uses it.
+    Rm {
+        name: String,
+        #[command(flatten)]
+        target: Target,
+        #[command(flatten)]
+        json: Json,
+    },
+}
+
+/// `phoenix sources` subcommands.
+#[derive(Subcommand, Debug)]
+pub enum SourcesAction {
+    /// Stop tracking a git source; its services stay as they are.
+    Rm {
+        /// The source's name, as `phoenix sources` lists it.
+        name: String,
+    },
+}
+
+/// A duration: seconds, or a number with `ms`, `s`, `m` or `h`.
+pub fn parse_interval(text: &str) -> Result<std::time::Duration, String> {
+    let t = text.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (digits, unit) = t.split_at(split);
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("{text:?} is not a duration (e.g. 90, 30s, 5m, 1h)"))?;
+    let ms = match unit {
+        "ms" => n,
+        "" | "s" => n.saturating_mul(1000),
+        "m" => n.saturating_mul(60_000),
+        "h" => n.saturating_mul(3_600_000),
+        _ => return Err(format!("{text:?}: the unit must be ms, s, m or h")),
+    };
+    if ms < 1000 {
+        return Err(format!("{text:?} is under a second"));
+    }
+    Ok(std::time::Duration::from_millis(ms))
 }
 
 /// A tree of spec files, for `diff` and `apply`.

@@ -332,6 +332,7 @@ async fn demo(
         &Request::Deploy {
             source: "demo.json".into(),
             text: specs.to_string(),
+            env_files: Vec::new(),
         },
     )
     .await?;

@@ -6,6 +6,7 @@
 mod cli;
 mod client;
 mod demo;
+mod git;
 mod install;
 mod output;
 mod progress;
@@ -346,10 +347,33 @@ async fn command(cmd: Command) -> Result<()> {
         Command::Update(a) => apply(a, true).await?,
         Command::Diff(t) => apply_tree(t, false, false, None).await?,
         Command::Apply {
-            tree,
+            path,
+            git,
+            source,
             prune,
             waiting,
-        } => apply_tree(tree, true, prune, Some(waiting)).await?,
+            target,
+            json,
+        } => match (path, git.git.clone()) {
+            (_, Some(url_ref)) => {
+                git::apply(git, url_ref, source, prune, waiting, target, json.json).await?
+            }
+            (Some(path), None) => {
+                let tree = TreeArgs {
+                    path,
+                    source,
+                    target,
+                    json,
+                };
+                apply_tree(tree, true, prune, Some(waiting)).await?
+            }
+            (None, None) => bail!("give a PATH, or --git URL"),
+        },
+        Command::Sources {
+            action,
+            target,
+            json,
+        } => git::sources(action, &target, json.json).await?,
         Command::Del {
             name,
             waiting,

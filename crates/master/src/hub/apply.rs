@@ -205,7 +205,21 @@ impl Hub {
         source: &str,
         text: &str,
     ) -> Result<Vec<Applied>, ApiError> {
-        let specs = parse_specs(source, text)?;
+        self.apply_with_env_files(actor, mode, source, text, &[])
+    }
+
+    /// [`Hub::apply`] of a spec file sent with the env files its specs
+    /// name (`phoenix deploy`/`update`), each by `env_file_key`.
+    pub fn apply_with_env_files(
+        &self,
+        actor: &str,
+        mode: Apply,
+        source: &str,
+        text: &str,
+        env_files: &[phoenix_model::proto::SourceFile],
+    ) -> Result<Vec<Applied>, ApiError> {
+        let mut specs = parse_specs(source, text)?;
+        phoenix_model::spec::load_env_files(&mut specs, source, env_files)?;
         self.apply_specs(actor, mode, source, &specs)
     }
 
@@ -350,6 +364,10 @@ impl Hub {
                 }
                 if let Err(e) = image {
                     err("image", e.clone());
+                }
+                // Every secret it names exists (and none is given to a VM).
+                for (field, reason) in super::env::secret_errors(tx, spec)? {
+                    err(&field, reason);
                 }
                 if let Some(ip) = spec.ip
                     && let Some(owner) = ip_owner.get(&ip)

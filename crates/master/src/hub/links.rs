@@ -121,14 +121,24 @@ impl Hub {
         // between them, so sets go out in revision order even when API
         // calls race (each send carries the newest state at its time).
         let mut store = self.store();
-        let mut sets = match store.read().and_then(|tx| desired_sets(&tx)) {
-            Ok(sets) => sets,
+        // Each assignment gets its resolved environment (secrets opened)
+        // here, on its way to the minion, and nowhere else (`hub::env`).
+        let read = store.read().and_then(|tx| {
+            let mut sets = desired_sets(&tx)?;
+            let unresolved = self.resolve_envs(&tx, &mut sets);
+            Ok((sets, unresolved))
+        });
+        let (mut sets, unresolved) = match read {
+            Ok(read) => read,
             Err(e) => {
                 tracing::error!("cannot read the desired sets: {e}");
                 return;
             }
         };
         for node in nodes {
+            if unresolved.contains(node) {
+                continue;
+            }
             let set = sets.remove(node).unwrap_or_default();
             tracing::debug!(
                 node,

@@ -21,7 +21,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use phoenix_model::proto::{Plan, PlanEntry, SourceFile};
-use phoenix_model::spec::{Spec, known_fields, parse_specs};
+use phoenix_model::spec::{Spec, env_file_keys, known_fields, load_env_files, parse_specs};
 
 use super::apply::TreeChange;
 use super::{ApiError, Apply, Hub};
@@ -61,8 +61,20 @@ pub fn parse_tree(files: &[SourceFile]) -> Result<Vec<(String, Spec)>, ApiError>
     let mut errors = Vec::new();
     let mut tree = Vec::new();
     let mut defined: HashMap<String, &str> = HashMap::new();
-    for f in files {
-        match parse_specs(&f.path, &f.text) {
+    // The files some spec names as an env file (`model::tree::read_tree`
+    // sends them after the spec files) are no spec files themselves.
+    let parsed: Vec<_> = files.iter().map(|f| parse_specs(&f.path, &f.text)).collect();
+    let env_files: std::collections::HashSet<String> = files
+        .iter()
+        .zip(&parsed)
+        .filter_map(|(f, p)| Some(env_file_keys(&f.path, p.as_ref().ok()?)))
+        .flatten()
+        .collect();
+    for (f, parsed) in files.iter().zip(parsed) {
+        if env_files.contains(&f.path) {
+            continue;
+        }
+        match parsed.and_then(|mut specs| load_env_files(&mut specs, &f.path, files).map(|()| specs)) {
             Ok(specs) => {
                 for spec in specs {
                     if let Some(first) = defined.get(spec.name.as_str()) {

@@ -175,7 +175,9 @@ impl ExecDriver {
     fn spawn(&self, task: TaskConfig<'_>) -> Result<TaskHandle, DriverError> {
         let spec = &task.assignment.spec;
         let mut env = vec![("PATH".to_owned(), DEFAULT_PATH.to_owned())];
-        env.extend(spec.env_pairs().map(|(k, v)| (k.to_owned(), v.to_owned())));
+        // The master's layers (cluster, env files, spec; secrets in
+        // place), then Phoenix's own.
+        env.extend(task.assignment.env_pairs());
         env.extend(task.env.iter().cloned());
         let name = program_name(task.assignment);
         let program = match name {
@@ -230,6 +232,7 @@ mod tests {
             instance: None,
             own_ip: None,
             holds_ip: true,
+            env: None,
         }
     }
 

@@ -208,12 +208,23 @@ impl OciDriver {
         }
         let hosts_file = task.network.map(|n| n.hosts_file);
         let config = runtime_config(a, &settings, &lower, task.env, hosts_file)?;
+        // The config holds the service's environment, secrets included:
+        // only root may read it.
         let config_path = bundle.join("config.json");
-        std::fs::write(
-            &config_path,
-            serde_json::to_vec_pretty(&config).unwrap_or_default(),
-        )
-        .map_err(|e| format!("write {}: {e}", config_path.display()))?;
+        {
+            use std::io::Write;
+            use std::os::unix::fs::OpenOptionsExt;
+            let _ = std::fs::remove_file(&config_path);
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&config_path)
+                .and_then(|mut f| {
+                    f.write_all(&serde_json::to_vec_pretty(&config).unwrap_or_default())
+                })
+                .map_err(|e| format!("write {}: {e}", config_path.display()))?;
+        }
 
         let id = container_id(key);
         let pid_file = work.join("container.pid");
@@ -466,7 +477,8 @@ fn runtime_config(
             "the image has neither Entrypoint nor Cmd; give the command in the spec's args".into(),
         );
     }
-    // Image env, then the spec's, then Phoenix's; later entries win.
+    // Image env, then the master's layers (cluster, env files, spec;
+    // secrets in place), then Phoenix's; later entries win.
     let mut env: Vec<(String, String)> = Vec::new();
     let mut set = |k: &str, v: &str| {
         env.retain(|(key, _)| key != k);
@@ -481,8 +493,8 @@ fn runtime_config(
             set(k, v);
         }
     }
-    for (k, v) in spec.env_pairs() {
-        set(k, v);
+    for (k, v) in a.env_pairs() {
+        set(&k, &v);
     }
     for (k, v) in extra_env {
         set(k, v);
@@ -598,6 +610,7 @@ mod tests {
             instance: None,
             own_ip: None,
             holds_ip: true,
+            env: None,
         };
         let img = ImageSettings {
             entrypoint: vec!["/bin/app".into()],

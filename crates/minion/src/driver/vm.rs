@@ -241,10 +241,7 @@ impl VmDriver {
                 .map_err(|e| format!("write {}: {e}", ifup.display()))?;
         }
         let spec = &task.assignment.spec;
-        let mut env: Vec<(String, String)> = spec
-            .env_pairs()
-            .map(|(k, v)| (k.to_owned(), v.to_owned()))
-            .collect();
+        let mut env: Vec<(String, String)> = task.assignment.env_pairs();
         env.extend(task.env.iter().cloned());
         let plan = Plan {
             kernel: place.join(&info.kernel),
@@ -723,6 +720,7 @@ mod tests {
             instance: None,
             own_ip: None,
             holds_ip: true,
+            env: None,
         };
         let err = d
             .prepare(Path::new("/nonexistent"), &a)

@@ -677,6 +677,7 @@ mod tests {
             instance: None,
             own_ip: None,
             holds_ip: true,
+            env: None,
         };
         // A plain run: its own address is the stable one.
         assert_eq!(held6(&a), None);

@@ -36,6 +36,10 @@ pub struct RawSpec {
     pub duration: Option<String>,
     #[serde(default, deserialize_with = "string_list")]
     pub env: Vec<String>,
+    /// Env files, relative to the spec file: paths as a user writes them,
+    /// or `{path, env}` once read (as the master stores them).
+    #[serde(default, deserialize_with = "env_files")]
+    pub env_file: Vec<super::EnvFile>,
     pub proxyname: Option<String>,
     /// A URL path prefix under `proxyname` (`/api`).
     pub proxypath: Option<String>,
@@ -117,6 +121,53 @@ fn string_list<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error>
             let mut out = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(1024));
             while let Some(s) = seq.next_element::<String>()? {
                 out.push(s);
+            }
+            Ok(out)
+        }
+    }
+    d.deserialize_option(OrNull(ListVisitor))
+        .map(Option::unwrap_or_default)
+}
+
+/// A list of env files: each a path (as a user writes it) or a `{path,
+/// env}` object (as the master stores it, with the file's entries); `null`
+/// is an empty list.
+fn env_files<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<super::EnvFile>, D::Error> {
+    struct One;
+    impl<'de> Visitor<'de> for One {
+        type Value = super::EnvFile;
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("a file path")
+        }
+        fn visit_str<E: de::Error>(self, v: &str) -> Result<super::EnvFile, E> {
+            Ok(super::EnvFile {
+                path: v.to_owned(),
+                env: None,
+            })
+        }
+        fn visit_map<A: de::MapAccess<'de>>(self, map: A) -> Result<super::EnvFile, A::Error> {
+            super::EnvFile::deserialize(de::value::MapAccessDeserializer::new(map))
+        }
+    }
+    struct Item(super::EnvFile);
+    impl<'de> Deserialize<'de> for Item {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            d.deserialize_any(One).map(Item)
+        }
+    }
+    struct ListVisitor;
+    impl<'de> Visitor<'de> for ListVisitor {
+        type Value = Vec<super::EnvFile>;
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("a list of file paths")
+        }
+        fn visit_seq<A: de::SeqAccess<'de>>(
+            self,
+            mut seq: A,
+        ) -> Result<Vec<super::EnvFile>, A::Error> {
+            let mut out = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(64));
+            while let Some(Item(f)) = seq.next_element::<Item>()? {
+                out.push(f);
             }
             Ok(out)
         }
@@ -383,7 +434,7 @@ mod tests {
     #[test]
     fn known_fields_come_from_the_struct() {
         let fields = known_fields();
-        assert_eq!(fields.len(), 16, "{fields:?}");
+        assert_eq!(fields.len(), 17, "{fields:?}");
         for f in ["machine", "type", "healthcheck", "cpus", "link"] {
             assert!(fields.contains(&f), "{f} missing from {fields:?}");
         }

@@ -99,6 +99,13 @@ pub fn validate(raw: RawSpec) -> Result<Spec, Vec<SpecError>> {
     for (i, entry) in raw.env.iter().enumerate() {
         check_env(entry).unwrap_or_else(|r| err(&format!("env[{i}]"), r));
     }
+    for (i, file) in raw.env_file.iter().enumerate() {
+        let field = format!("env_file[{i}]");
+        super::env_file::check_env_file_path(&file.path).unwrap_or_else(|r| err(&field, r));
+        for entry in file.env.iter().flatten() {
+            check_env(entry).unwrap_or_else(|r| err(&field, format!("{}: {r}", file.path)));
+        }
+    }
     for (i, arg) in raw.args.iter().enumerate() {
         if arg.contains('\0') {
             err(
@@ -168,6 +175,7 @@ pub fn validate(raw: RawSpec) -> Result<Spec, Vec<SpecError>> {
             kind,
             duration: duration.unwrap_or_default(),
             env: raw.env,
+            env_file: raw.env_file,
             proxyname,
             proxypath,
             proxyauth: raw.proxyauth,
@@ -328,7 +336,8 @@ fn check_env(entry: &str) -> Result<(), String> {
             "{key} is set by Phoenix for every service and cannot be overridden"
         ));
     }
-    Ok(())
+    let value = &entry[key.len() + 1..];
+    super::env_file::check_env_value(value)
 }
 
 /// A path prefix: `/`, then segments of URL path characters, no `.` or
