@@ -193,6 +193,11 @@ pub enum Command {
     Update(ApplyArgs),
     /// Show what `phoenix apply PATH` would create, change and delete.
     Diff(TreeArgs),
+    /// Turn a compose file or a Procfile into specs: printed for review
+    /// (YAML, or --json), or applied at once with --apply. What is not
+    /// carried over is listed on stderr.
+    #[command(subcommand)]
+    Import(crate::import::Import),
     /// Make the cluster match a spec file or a folder of them, in one
     /// transaction: create what is new, change what differs, restart
     /// nothing unchanged; delete what the files dropped only with --prune.

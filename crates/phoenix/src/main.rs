@@ -7,6 +7,7 @@ mod cli;
 mod client;
 mod demo;
 mod git;
+mod import;
 mod install;
 mod output;
 mod progress;
@@ -346,6 +347,7 @@ async fn command(cmd: Command) -> Result<()> {
         Command::Deploy(a) => apply(a, false).await?,
         Command::Update(a) => apply(a, true).await?,
         Command::Diff(t) => apply_tree(t, false, false, None).await?,
+        Command::Import(a) => import::run(a).await?,
         Command::Apply {
             path,
             git,
@@ -667,14 +669,37 @@ async fn apply_tree(t: TreeArgs, write: bool, prune: bool, waiting: Option<Waiti
             .display()
             .to_string(),
     };
+    send_tree(
+        source,
+        files,
+        &t.target.data_dir,
+        t.json.json,
+        write,
+        prune,
+        waiting,
+    )
+    .await
+}
+
+/// Sends a tree of spec files from `source` to the master as one
+/// `ApplyTree` (`write` false: a diff), prints the plan, and when writing
+/// waits like `deploy` does. `apply PATH` and `import --apply` use it.
+async fn send_tree(
+    source: String,
+    files: Vec<phoenix_model::proto::SourceFile>,
+    data_dir: &Path,
+    json: bool,
+    write: bool,
+    prune: bool,
+    waiting: Option<Waiting>,
+) -> Result<()> {
     let req = Request::ApplyTree {
         source,
         files,
         prune,
         dry_run: !write,
     };
-    let plan: Plan = client::call(&t.target.data_dir, &req).await?;
-    let json = t.json.json;
+    let plan: Plan = client::call(data_dir, &req).await?;
     let Some(waiting) = waiting.filter(|_| write) else {
         if json {
             return print_json(&plan);
@@ -695,13 +720,13 @@ async fn apply_tree(t: TreeArgs, write: bool, prune: bool, waiting: Option<Waiti
             names: pruned,
             timeout_ms: waiting.timeout_s.saturating_mul(1000),
         };
-        let _: Vec<String> = client::call(&t.target.data_dir, &wait).await?;
+        let _: Vec<String> = client::call(data_dir, &wait).await?;
     }
     if plan.applied.is_empty() || waiting.detach {
         return if json { print_json(&plan) } else { Ok(()) };
     }
     wait_running_then(
-        &t.target.data_dir,
+        data_dir,
         &plan.applied,
         waiting,
         json,

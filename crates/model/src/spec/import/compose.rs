@@ -85,7 +85,13 @@ pub fn compose(input: &ComposeInput<'_>) -> Result<Imported, ImportError> {
     c.out.push = c
         .files
         .into_iter()
-        .map(|(file, references, services, build)| {
+        .map(
+            |Needed {
+                 file,
+                 references,
+                 services,
+                 build,
+             }| {
             let how = match build {
                 Some(service) => format!(
                     "docker compose build {service} && docker save {} -o {file} && phoenix push {file}",
@@ -102,10 +108,14 @@ pub fn compose(input: &ComposeInput<'_>) -> Result<Imported, ImportError> {
                 services,
                 how,
             }
-        })
+            },
+        )
         .collect();
     Ok(c.out)
 }
+
+/// Errors of a file read by lines: (line, reason).
+pub type LineErrors = Vec<(usize, String)>;
 
 /// Parses an env file (compose's `env_file`, or `.env`): `KEY=VALUE` lines,
 /// `#` comments and blank lines; `export ` before a key is allowed; a
@@ -116,7 +126,7 @@ pub fn compose(input: &ComposeInput<'_>) -> Result<Imported, ImportError> {
 pub fn parse_env_file(
     text: &str,
     vars: &dyn Fn(&str) -> Option<String>,
-) -> Result<Vec<(String, String)>, Vec<(usize, String)>> {
+) -> Result<Vec<(String, String)>, LineErrors> {
     let mut out = Vec::new();
     let mut errors = Vec::new();
     for (i, raw) in text.lines().enumerate() {
@@ -243,6 +253,15 @@ fn service_key_reason(key: &str) -> &'static str {
     }
 }
 
+/// A registry file the services need.
+struct Needed {
+    file: String,
+    references: Vec<String>,
+    services: Vec<String>,
+    /// The service whose `build` makes it.
+    build: Option<String>,
+}
+
 /// One service's names: as the file has it, and as Phoenix has it.
 struct Names {
     by_compose: HashMap<String, String>,
@@ -253,7 +272,7 @@ struct Converter<'a, 'i> {
     out: Imported,
     problems: Vec<Problem>,
     /// Registry files: (file, references, services, the service that builds it).
-    files: Vec<(String, Vec<String>, Vec<String>, Option<String>)>,
+    files: Vec<Needed>,
 }
 
 impl Converter<'_, '_> {
@@ -696,16 +715,19 @@ impl Converter<'_, '_> {
 
     /// Records that `service` runs `reference`, from registry file `file`.
     fn needs(&mut self, file: String, reference: String, service: &str, build: Option<String>) {
-        match self.files.iter_mut().find(|f| f.0 == file) {
+        match self.files.iter_mut().find(|f| f.file == file) {
             Some(f) => {
-                if !f.1.contains(&reference) {
-                    f.1.push(reference);
+                if !f.references.contains(&reference) {
+                    f.references.push(reference);
                 }
-                f.2.push(service.to_owned());
+                f.services.push(service.to_owned());
             }
-            None => self
-                .files
-                .push((file, vec![reference], vec![service.to_owned()], build)),
+            None => self.files.push(Needed {
+                file,
+                references: vec![reference],
+                services: vec![service.to_owned()],
+                build,
+            }),
         }
     }
 
@@ -1497,13 +1519,13 @@ fn compose_size(text: &str) -> Option<u64> {
     };
     let n: f64 = num.parse().ok()?;
     let bytes = n * mult as f64;
-    (bytes.is_finite() && bytes >= 0.0 && bytes < u64::MAX as f64).then(|| bytes as u64)
+    (bytes.is_finite() && bytes >= 0.0 && bytes < u64::MAX as f64).then_some(bytes as u64)
 }
 
 /// Bytes as Phoenix's size text where it is whole (`512M`), else a number.
 fn size_text(b: u64) -> Size {
     for (shift, unit) in [(30, "G"), (20, "M"), (10, "K")] {
-        if b != 0 && b % (1 << shift) == 0 {
+        if b != 0 && b.is_multiple_of(1 << shift) {
             return Size::Text(format!("{}{unit}", b >> shift));
         }
     }
