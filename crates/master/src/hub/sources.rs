@@ -63,7 +63,10 @@ pub fn parse_tree(files: &[SourceFile]) -> Result<Vec<(String, Spec)>, ApiError>
     let mut defined: HashMap<String, &str> = HashMap::new();
     // The files some spec names as an env file (`model::tree::read_tree`
     // sends them after the spec files) are no spec files themselves.
-    let parsed: Vec<_> = files.iter().map(|f| parse_specs(&f.path, &f.text)).collect();
+    let parsed: Vec<_> = files
+        .iter()
+        .map(|f| parse_specs(&f.path, &f.text))
+        .collect();
     let env_files: std::collections::HashSet<String> = files
         .iter()
         .zip(&parsed)
@@ -74,7 +77,9 @@ pub fn parse_tree(files: &[SourceFile]) -> Result<Vec<(String, Spec)>, ApiError>
         if env_files.contains(&f.path) {
             continue;
         }
-        match parsed.and_then(|mut specs| load_env_files(&mut specs, &f.path, files).map(|()| specs)) {
+        match parsed
+            .and_then(|mut specs| load_env_files(&mut specs, &f.path, files).map(|()| specs))
+        {
             Ok(specs) => {
                 for spec in specs {
                     if let Some(first) = defined.get(spec.name.as_str()) {
@@ -287,8 +292,8 @@ impl Hub {
                 tokio::task::spawn_blocking(move || {
                     h.apply_tree_from(&a, &s, &v, &f, prune, dry_run)
                 })
-                    .await
-                    .unwrap_or_else(|e| Err(ApiError::Internal(format!("apply: {e}"))))
+                .await
+                .unwrap_or_else(|e| Err(ApiError::Internal(format!("apply: {e}"))))
             }
         };
         if dry_run || !prune {
