@@ -112,7 +112,8 @@ impl Hooks {
             headers: &parts.headers,
             body: &body,
         });
-        let status = StatusCode::from_u16(answer.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let status =
+            StatusCode::from_u16(answer.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         text(status, answer.text)
     }
 }

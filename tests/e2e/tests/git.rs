@@ -136,7 +136,10 @@ fn a_git_source_moves_ahead_refuses_a_bad_commit_and_outlives_its_remote() {
     let err = c.fails(&["apply", "--git", &format!("{url}#nope"), "--path", "specs"]);
     assert!(err.contains("has no branch or tag \"nope\""), "{err}");
     let err = c.fails(&["apply", "--git", &format!("{url}#main"), "--path", "conf"]);
-    assert!(err.contains("path \"conf\" is not in the repository"), "{err}");
+    assert!(
+        err.contains("path \"conf\" is not in the repository"),
+        "{err}"
+    );
     assert!(err.contains("was not added"), "{err}");
     let err = c.fails(&["apply", "--git", "file:///nowhere/at/all"]);
     assert!(err.contains("ls-remote file:///nowhere/at/all"), "{err}");
@@ -169,7 +172,10 @@ fn a_git_source_moves_ahead_refuses_a_bad_commit_and_outlives_its_remote() {
     assert!(out.contains("webhook: POST"), "a secret is made: {out}");
     let s = source(&c, "conf");
     assert_eq!(s["live_commit"], c1.as_str(), "{s}");
-    assert_eq!((s["watch"].clone(), s["webhook"].clone()), (json!(true), json!(true)));
+    assert_eq!(
+        (s["watch"].clone(), s["webhook"].clone()),
+        (json!(true), json!(true))
+    );
     let web1 = running(&c, "web");
     let api1 = running(&c, "api");
     let audit = c.ok(&["audit"]);
@@ -179,25 +185,38 @@ fn a_git_source_moves_ahead_refuses_a_bad_commit_and_outlives_its_remote() {
     );
 
     // Two commits ahead, one at a time: only what changed restarts.
-    repo.write("specs/api.yaml", &spec("api", api, &["--crash-after", "600"]));
+    repo.write(
+        "specs/api.yaml",
+        &spec("api", api, &["--crash-after", "600"]),
+    );
     let c2 = repo.commit("api changes");
-    wait_source(&c, "conf", "commit 2 live", |s| s["live_commit"] == c2.as_str());
+    wait_source(&c, "conf", "commit 2 live", |s| {
+        s["live_commit"] == c2.as_str()
+    });
     let api2 = running(&c, "api");
     assert_eq!(api2.0, api1.0 + 1);
     assert_ne!(api2.1, api1.1);
     assert_eq!(running(&c, "web"), web1, "web did not change");
     repo.write("specs/jobs/worker.json", &spec("worker", worker, &[]));
     let c3 = repo.commit("a worker");
-    wait_source(&c, "conf", "commit 3 live", |s| s["live_commit"] == c3.as_str());
+    wait_source(&c, "conf", "commit 3 live", |s| {
+        s["live_commit"] == c3.as_str()
+    });
     let worker3 = running(&c, "worker");
     assert_eq!(running(&c, "web"), web1);
     assert_eq!(running(&c, "api"), api2);
     let audit = c.ok(&["audit"]);
-    assert!(audit.contains(&format!("via git:conf@{}", &c3[..7])), "{audit}");
+    assert!(
+        audit.contains(&format!("via git:conf@{}", &c3[..7])),
+        "{audit}"
+    );
 
     // A bad commit: refused whole (web's change is not applied either),
     // the previous commit stays live, the error names file and field.
-    repo.write("specs/web.json", &spec("web", web, &["--crash-after", "600"]));
+    repo.write(
+        "specs/web.json",
+        &spec("web", web, &["--crash-after", "600"]),
+    );
     repo.write(
         "specs/bad.json",
         r#"{"machine":"m1","name":"bad","imgae":"testy","type":"binary"}"#,
@@ -208,12 +227,21 @@ fn a_git_source_moves_ahead_refuses_a_bad_commit_and_outlives_its_remote() {
     });
     assert_eq!(s["live_commit"], c3.as_str(), "{s}");
     let error = s["last_error"].as_str().unwrap();
-    assert!(error.contains(&format!("commit {} of", &c4[..7])), "{error}");
+    assert!(
+        error.contains(&format!("commit {} of", &c4[..7])),
+        "{error}"
+    );
     assert!(error.contains("specs/bad.json: rejected"), "{error}");
     assert!(error.contains("did you mean `image`?"), "{error}");
-    assert!(error.contains(&format!("commit {} stays live", &c3[..7])), "{error}");
+    assert!(
+        error.contains(&format!("commit {} stays live", &c3[..7])),
+        "{error}"
+    );
     let table = c.ok(&["sources"]);
-    assert!(table.contains("conf") && table.contains(&c3[..7]), "{table}");
+    assert!(
+        table.contains("conf") && table.contains(&c3[..7]),
+        "{table}"
+    );
     assert!(table.contains("specs/bad.json"), "{table}");
     // Looked at again (the interval is 1 s), it is still not applied.
     std::thread::sleep(Duration::from_millis(2500));
@@ -224,7 +252,9 @@ fn a_git_source_moves_ahead_refuses_a_bad_commit_and_outlives_its_remote() {
     // The fix applies.
     repo.remove("specs/bad.json");
     let c5 = repo.commit("the typo fixed");
-    let s = wait_source(&c, "conf", "commit 5 live", |s| s["live_commit"] == c5.as_str());
+    let s = wait_source(&c, "conf", "commit 5 live", |s| {
+        s["live_commit"] == c5.as_str()
+    });
     assert!(s["last_error"].is_null(), "{s}");
     let web5 = running(&c, "web");
     assert_eq!(web5.0, web1.0 + 1);
@@ -382,7 +412,10 @@ fn a_webhook_push_is_applied_within_seconds() {
         "30",
     ]);
     assert!(out.contains("+ hello (m1)  hello.json"), "{out}");
-    assert!(!out.contains("s3cret"), "the secret is never printed: {out}");
+    assert!(
+        !out.contains("s3cret"),
+        "the secret is never printed: {out}"
+    );
     assert_eq!(source(&c, "app")["live_commit"], c1.as_str());
     let hello1 = running(&c, "hello");
 
@@ -436,7 +469,9 @@ fn a_webhook_push_is_applied_within_seconds() {
     drop(daemon);
     assert_eq!(post(c.http_port, path, &token, body), 202);
     let s = wait_source(&c, "app", "the unreachable remote reported", |s| {
-        s["last_error"].as_str().is_some_and(|e| e.contains("ls-remote"))
+        s["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("ls-remote"))
     });
     assert_eq!(s["live_commit"], c3.as_str(), "{s}");
     running(&c, "hello");

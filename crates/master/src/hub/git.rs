@@ -82,7 +82,9 @@ pub enum GitError {
     NoHead { url: String },
     #[error("path {path:?} is not in the repository at commit {commit}")]
     NoPath { path: String, commit: String },
-    #[error("the tree of commit {commit} is over {MAX_TREE_BYTES} bytes; point --path at the specs")]
+    #[error(
+        "the tree of commit {commit} is over {MAX_TREE_BYTES} bytes; point --path at the specs"
+    )]
     TooLarge { commit: String },
     #[error("commit {commit}: {source}")]
     Tree { commit: String, source: TreeError },
@@ -482,9 +484,14 @@ async fn read_commit(
 ) -> Result<Vec<phoenix_model::proto::SourceFile>, GitError> {
     if let Some(p) = path {
         let object = format!("{commit}:{p}");
-        if git(Some(bare), &["cat-file", "-e", &object], LOCAL_TIMEOUT, None)
-            .await
-            .is_err()
+        if git(
+            Some(bare),
+            &["cat-file", "-e", &object],
+            LOCAL_TIMEOUT,
+            None,
+        )
+        .await
+        .is_err()
         {
             return Err(GitError::NoPath {
                 path: p.to_owned(),
@@ -507,7 +514,9 @@ async fn read_commit(
         args.extend(["--", p]);
     }
     git(Some(bare), &args, LOCAL_TIMEOUT, Some(file)).await?;
-    let size = std::fs::metadata(&tar).map_err(io_err(tar.display()))?.len();
+    let size = std::fs::metadata(&tar)
+        .map_err(io_err(tar.display()))?
+        .len();
     if size > MAX_TREE_BYTES {
         return Err(GitError::TooLarge {
             commit: commit.to_owned(),
@@ -652,7 +661,13 @@ impl Hub {
     }
 
     /// A watched source's task: a look every interval, or when woken.
-    async fn git_watch(self: Arc<Self>, name: String, wake: Arc<Notify>, every: Duration, now: bool) {
+    async fn git_watch(
+        self: Arc<Self>,
+        name: String,
+        wake: Arc<Notify>,
+        every: Duration,
+        now: bool,
+    ) {
         if !now {
             tokio::select! {
                 _ = tokio::time::sleep(every) => {}
@@ -781,14 +796,7 @@ impl Hub {
         };
         let via = format!("{}@{}", owner(name), short(&commit));
         let applied = self
-            .apply_tree_via(
-                src.actor.clone(),
-                owner(name),
-                via,
-                files,
-                s.prune,
-                false,
-            )
+            .apply_tree_via(src.actor.clone(), owner(name), via, files, s.prune, false)
             .await;
         match applied {
             Ok(plan) => {
@@ -968,8 +976,9 @@ impl Hub {
             tx.audit(who, "git-source-rm", name, Some(&shown), None)?;
             Ok::<_, ApiError>(Some(old))
         })?;
-        let gone =
-            gone.ok_or_else(|| ApiError::NotFound(format!("no git source {name:?} (see `phoenix sources`)")))?;
+        let gone = gone.ok_or_else(|| {
+            ApiError::NotFound(format!("no git source {name:?} (see `phoenix sources`)"))
+        })?;
         self.git_forget(name);
         Ok(gone.view())
     }
@@ -1056,7 +1065,10 @@ mod tests {
         assert!(check_name(".x").is_err());
         assert!(check_name("a/b").is_err());
         assert!(check_name("").is_err());
-        assert_eq!(check_path("./conf//prod/").unwrap().as_deref(), Some("conf/prod"));
+        assert_eq!(
+            check_path("./conf//prod/").unwrap().as_deref(),
+            Some("conf/prod")
+        );
         assert_eq!(check_path(".").unwrap(), None);
         assert!(check_path("../x").is_err());
         assert!(check_path("/abs").is_err());
@@ -1103,7 +1115,11 @@ mod tests {
 
     fn github(secret: &str, body: &[u8]) -> Vec<u8> {
         let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret.as_bytes());
-        format!("sha256={}", hex::encode(ring::hmac::sign(&key, body).as_ref())).into_bytes()
+        format!(
+            "sha256={}",
+            hex::encode(ring::hmac::sign(&key, body).as_ref())
+        )
+        .into_bytes()
     }
 
     #[test]

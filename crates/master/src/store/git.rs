@@ -205,9 +205,7 @@ mod tests {
             prune: false,
             webhook_secret: Some("s3".into()),
         };
-        store
-            .write(|tx| tx.put_git_source(&s, "me"))
-            .unwrap();
+        store.write(|tx| tx.put_git_source(&s, "me")).unwrap();
         store
             .write(|tx| tx.git_outcome("web", 5, &Outcome::Live { commit: "aaa" }))
             .unwrap();
@@ -230,9 +228,7 @@ mod tests {
         assert_eq!(got.last_error.as_deref(), Some("bad"));
         assert!(got.view().webhook);
         s.path = Some("conf".into());
-        store
-            .write(|tx| tx.put_git_source(&s, "you"))
-            .unwrap();
+        store.write(|tx| tx.put_git_source(&s, "you")).unwrap();
         let got = store.read().unwrap().git_sources().unwrap().remove(0);
         assert_eq!((got.actor.as_str(), got.refused_commit), ("you", None));
         assert_eq!(got.settings, s);
