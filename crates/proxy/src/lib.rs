@@ -195,19 +195,13 @@ impl Proxy {
     /// [`serve_https`](Self::serve_https) run.
     pub fn new(config: ProxyConfig) -> Result<Proxy, ProxyError> {
         check(&config)?;
-        let shared = Shared::new(&config);
+        let shared = Shared::new(&config)?;
         Proxy::with_shared(config, &shared)
     }
 
     /// A proxy whose certificates, challenges, connection limits and
     /// basic-auth cache are `shared`'s (one of [`Shards`]).
     pub(crate) fn with_shared(config: ProxyConfig, shared: &Shared) -> Result<Proxy, ProxyError> {
-        let mut tls = rustls::ServerConfig::builder_with_provider(shared.provider.clone())
-            .with_safe_default_protocol_versions()?
-            .with_no_client_auth()
-            .with_cert_resolver(Arc::new(shared.certs.clone()));
-        tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-
         let pool = pool::PoolConfig {
             connect_timeout: config.backend_connect_timeout,
             idle_timeout: config.backend_pool_idle_timeout,
@@ -248,7 +242,7 @@ impl Proxy {
                 certs: shared.certs.clone(),
                 challenges: shared.challenges.clone(),
                 hooks: shared.hooks.clone(),
-                tls: Arc::new(tls),
+                tls: shared.tls.clone(),
                 pool,
                 builder,
                 auth: shared.auth.clone(),
@@ -456,7 +450,9 @@ fn check(config: &ProxyConfig) -> Result<(), ProxyError> {
 /// `max_connections_per_ip` means the same with one proxy or many) and
 /// one basic-auth cache.
 pub(crate) struct Shared {
-    provider: Arc<rustls::crypto::CryptoProvider>,
+    /// One TLS config, so that a client resumes its session on whichever
+    /// shard its next connection lands (see `tls::server_config`).
+    tls: Arc<rustls::ServerConfig>,
     certs: Certs,
     challenges: Challenges,
     hooks: Hooks,
@@ -465,11 +461,12 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
-    fn new(config: &ProxyConfig) -> Shared {
+    fn new(config: &ProxyConfig) -> Result<Shared, ProxyError> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
-        Shared {
-            certs: Certs::new(provider.clone()),
-            provider,
+        let certs = Certs::new(provider.clone());
+        Ok(Shared {
+            tls: tls::server_config(provider, &certs)?,
+            certs,
             challenges: Challenges::default(),
             hooks: Hooks::default(),
             limits: Arc::new(Limits::new(
@@ -480,7 +477,7 @@ impl Shared {
                 config.auth_cache_ttl,
                 config.auth_cache_entries,
             )),
-        }
+        })
     }
 }
 

@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use arc_swap::{ArcSwap, ArcSwapOption};
 use rustls::crypto::CryptoProvider;
-use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::server::{ClientHello, ResolvesServerCert, ServerConfig};
 use rustls::sign::CertifiedKey;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
@@ -188,6 +188,31 @@ impl Certs {
         let (_, parent) = name.split_once('.')?;
         map.get(&format!("*.{parent}")).cloned()
     }
+}
+
+/// The HTTPS listeners' TLS config, one for all shards: certificates from
+/// `certs` by SNI, ALPN h2 then http/1.1, and session resumption by
+/// stateless tickets.
+///
+/// Tickets rather than rustls's default session cache: that cache lives
+/// in the config (256 sessions), and with a config a shard a client's next
+/// connection, which `SO_REUSEPORT` hands to either shard, found its
+/// session only half the time and paid a full handshake (the certificate
+/// and a signature) otherwise. A ticket carries the session, encrypted
+/// with a key every shard shares (ring's ChaCha20-Poly1305 ticketer, the
+/// key rotated every 6 hours), so any shard resumes it and nothing is
+/// kept per client.
+pub(crate) fn server_config(
+    provider: Arc<CryptoProvider>,
+    certs: &Certs,
+) -> Result<Arc<ServerConfig>, rustls::Error> {
+    let mut tls = ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_cert_resolver(Arc::new(certs.clone()));
+    tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    tls.ticketer = rustls::crypto::ring::Ticketer::new()?;
+    Ok(Arc::new(tls))
 }
 
 /// A certificate's name as the map keys it: a host, or `*.` and a host.

@@ -115,15 +115,20 @@ async fn the_connection_limit_per_ip_counts_over_all_shards() {
         .unwrap()
         .http
         .unwrap();
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // A connection is accepted once its first bytes are in
+    // (TCP_DEFER_ACCEPT): each sends the start of a request.
     let mut open = Vec::new();
     for _ in 0..2 {
-        open.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+        let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        stream.write_all(b"GET / HTTP/1.1\r\n").await.unwrap();
+        open.push(stream);
     }
     wait_until("two connections", || proxy.snapshot().connections == 2).await;
     // Whichever shard accepts them, more are closed at once.
     for _ in 0..8 {
-        use tokio::io::AsyncReadExt;
         let mut more = tokio::net::TcpStream::connect(addr).await.unwrap();
+        more.write_all(b"GET / HTTP/1.1\r\n").await.unwrap();
         let mut buf = [0u8; 16];
         let read = tokio::time::timeout(Duration::from_secs(2), more.read(&mut buf))
             .await
