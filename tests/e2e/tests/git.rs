@@ -122,7 +122,7 @@ fn wait_source(c: &Cluster, name: &str, what: &str, pred: impl Fn(&Value) -> boo
 
 #[test]
 fn a_git_source_moves_ahead_refuses_a_bad_commit_and_outlives_its_remote() {
-    let c = Cluster::start(1);
+    let mut c = Cluster::start(1);
     let repo = Repo::new(c.dir.path().join("conf-repo"));
     let (web, api, worker) = (free_port(), free_port(), free_port());
     repo.write("README.md", "# not a spec\n");
@@ -259,6 +259,22 @@ fn a_git_source_moves_ahead_refuses_a_bad_commit_and_outlives_its_remote() {
     let web5 = running(&c, "web");
     assert_eq!(web5.0, web1.0 + 1);
 
+    // A restarted master watches on: the source is in its store.
+    c.kill_master();
+    c.start_master();
+    assert_eq!(source(&c, "conf")["live_commit"], c5.as_str());
+    repo.write(
+        "specs/jobs/worker.json",
+        &spec("worker", worker, &["--crash-after", "600"]),
+    );
+    let c6 = repo.commit("the worker changes");
+    wait_source(&c, "conf", "commit 6 live after a restart", |s| {
+        s["live_commit"] == c6.as_str()
+    });
+    let worker6 = running(&c, "worker");
+    assert_eq!(worker6.0, worker3.0 + 1);
+    assert_eq!(running(&c, "web"), web5);
+
     // The remote is gone: reported, nothing stops.
     let moved = c.dir.path().join("moved-away");
     std::fs::rename(&repo.dir, &moved).unwrap();
@@ -267,9 +283,9 @@ fn a_git_source_moves_ahead_refuses_a_bad_commit_and_outlives_its_remote() {
             .as_str()
             .is_some_and(|e| e.contains("ls-remote"))
     });
-    assert_eq!(s["live_commit"], c5.as_str(), "{s}");
+    assert_eq!(s["live_commit"], c6.as_str(), "{s}");
     assert_eq!(running(&c, "web"), web5);
-    assert_eq!(running(&c, "worker"), worker3);
+    assert_eq!(running(&c, "worker"), worker6);
 
     // Removing the source leaves its services alone.
     let out = c.ok(&["sources", "rm", "conf"]);
