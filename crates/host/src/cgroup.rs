@@ -651,6 +651,30 @@ impl ServiceCgroup {
         Ok(join)
     }
 
+    /// How many of the service's processes the kernel's OOM killer killed
+    /// in its cgroups since they were made: `oom_kill` of a cgroup2
+    /// `memory.events` or of a v1 `memory.oom_control`. 0 where neither
+    /// is there (no memory limit on a v1 or hybrid host).
+    pub fn oom_kills(&self) -> u64 {
+        let count = |text: String| {
+            text.lines()
+                .find_map(|l| l.strip_prefix("oom_kill "))
+                .and_then(|n| n.trim().parse::<u64>().ok())
+        };
+        self.dirs
+            .iter()
+            .filter_map(|(h, dir)| {
+                let file = match h {
+                    Hierarchy::Unified => "memory.events",
+                    Hierarchy::Memory => "memory.oom_control",
+                    _ => return None,
+                };
+                self.host.read_file(&dir.join(file)).ok().and_then(count)
+            })
+            .max()
+            .unwrap_or(0)
+    }
+
     /// The pids of every process of the service (empty when untracked).
     pub fn pids(&self) -> Result<Vec<u32>, CgroupError> {
         let Some(dir) = self.tracking() else {

@@ -107,6 +107,10 @@ pub enum DriverError {
     /// says which step and what it reported.
     #[error("{0}")]
     Container(String),
+    /// The VMM (QEMU), or setting up for it, failed; the message says
+    /// which step and what it reported.
+    #[error("{0}")]
+    Vm(String),
     /// No driver on this minion runs this type of service.
     #[error("services of type {0:?} cannot run on this minion yet")]
     Unsupported(&'static str),
@@ -228,6 +232,28 @@ pub trait Driver: Send + Sync {
         Box::pin(stop_with_escalation(task.process.as_mut(), timeout))
     }
 
+    /// How long a started task has to pass its first health check before
+    /// it counts as never having come up (a guest that never boots): it is
+    /// then killed and backs off like a failed start. Health failures do
+    /// not count before then. `None`: the minion's health grace alone.
+    fn boot_timeout(&self) -> Option<Duration> {
+        None
+    }
+
+    /// Reads why a run ended in what it wrote to its log, for its status
+    /// (a guest kernel's OOM killer, say): given the run's output (its
+    /// last 64 KiB), a reason or `None`. `None` here: the runner reads no
+    /// log after a run.
+    fn log_explainer(&self) -> Option<fn(&str) -> Option<String>> {
+        None
+    }
+
+    /// How this driver runs its tasks, for the node's report: the VM
+    /// driver's accelerator (`kvm`, `tcg`, `none`). `None`: nothing to say.
+    fn accelerator(&self) -> Option<&'static str> {
+        None
+    }
+
     /// Removes what a run left behind once it has ended (`task`: its handle,
     /// if there is one; a recovered orphan's, or `None` when the process was
     /// already gone).
@@ -275,7 +301,12 @@ impl Drivers {
 
     /// The real drivers, keeping their state under `data_dir`, on a host
     /// whose cgroups are mounted as `cgroups` says.
-    pub fn on_host(data_dir: &Path, host: Arc<dyn Host>, cgroups: CgroupMode) -> Drivers {
+    pub fn on_host(
+        data_dir: &Path,
+        host: Arc<dyn Host>,
+        cgroups: CgroupMode,
+        vm: vm::VmSettings,
+    ) -> Drivers {
         Drivers::new(
             Arc::new(exec::ExecDriver::new(
                 host.clone(),
@@ -283,7 +314,7 @@ impl Drivers {
             )),
             Arc::new(oci::OciDriver::new(data_dir, host.clone(), cgroups)),
         )
-        .with_vm(Arc::new(vm::VmDriver::new(data_dir, host)))
+        .with_vm(Arc::new(vm::VmDriver::new(data_dir, host, vm)))
     }
 
     pub fn named(&self, name: DriverName) -> &Arc<dyn Driver> {

@@ -71,6 +71,8 @@ pub struct MinionConfig {
     pub stats_every: Duration,
     /// A network namespace per service, or the minion's network for all.
     pub service_network: hooks::net::NetMode,
+    /// How services of type vm are run.
+    pub vm: driver::vm::VmSettings,
 }
 
 #[derive(Clone, Debug)]
@@ -201,7 +203,12 @@ pub async fn run(cfg: MinionConfig) -> Result<(), MinionError> {
             path: cfg.data_dir.join("chunks").display().to_string(),
             source: std::io::Error::other(e),
         })?,
-        drivers: driver::Drivers::on_host(&cfg.data_dir, host.clone(), cgroups.mode()),
+        drivers: driver::Drivers::on_host(
+            &cfg.data_dir,
+            host.clone(),
+            cgroups.mode(),
+            cfg.vm.clone(),
+        ),
         host,
         cgroups,
         nets,

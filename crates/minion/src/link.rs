@@ -502,6 +502,11 @@ pub fn node_stats(ctx: &Ctx) -> NodeStats {
     let mut s = NodeStats {
         minion_rss: crate::process::self_rss(),
         image_bytes_fetched: ctx.images.fetched_bytes(),
+        vm_accel: ctx
+            .drivers
+            .named(crate::driver::DriverName::Vm)
+            .accelerator()
+            .map(str::to_owned),
         ..NodeStats::default()
     };
     if let Ok(l) = std::fs::read_to_string("/proc/loadavg") {

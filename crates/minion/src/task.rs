@@ -80,6 +80,9 @@ struct Running {
 enum Ended {
     Exited(Exit),
     Unhealthy(Exit),
+    /// It never passed its health check within the driver's boot timeout
+    /// (a guest that never booted) and was killed.
+    NotBooted(Exit),
     /// A command came in; the task is already stopped (unless the command
     /// is `None`: the minion is shutting down and the task runs on).
     Command(Option<Cmd>),
@@ -135,6 +138,12 @@ pub struct TaskRunner {
     /// The service's network namespace: made before its first start, kept
     /// across restarts, given back when the service leaves this minion.
     net: Option<ServiceNetwork>,
+    /// Why the last run ended badly, beyond its exit (out of memory, no
+    /// boot): in the status while it backs off and starts again.
+    failure: Option<String>,
+    /// The length of the service's log when the run started: what it
+    /// wrote comes after.
+    log_from: u64,
 }
 
 impl TaskRunner {
@@ -146,6 +155,8 @@ impl TaskRunner {
             cmds,
             consecutive: 0,
             net: None,
+            failure: None,
+            log_from: 0,
         }
     }
 
@@ -238,6 +249,7 @@ impl TaskRunner {
                 self.a = *a;
                 self.status = initial_status(&self.a);
                 self.consecutive = 0;
+                self.failure = None;
                 Next::Start
             }
             Some(Cmd::Relink(links)) => {
@@ -325,6 +337,10 @@ impl TaskRunner {
             };
             let started = Instant::now();
             let ended = self.supervise(&mut run).await;
+            if let Ended::Exited(_) | Ended::Unhealthy(_) | Ended::NotBooted(_) = ended {
+                let kills = run.cgroup.oom_kills();
+                self.post_mortem(kills, run.driver.log_explainer()).await;
+            }
             // Not when the minion is merely shutting down: then the task
             // keeps running for the next minion to adopt.
             if !matches!(ended, Ended::Command(None)) {
@@ -338,14 +354,16 @@ impl TaskRunner {
                 // is still in the cgroup.
                 hooks::clear(&run.cgroup).await;
             }
-            let exit = match ended {
+            let (exit, booted) = match ended {
                 Ended::Command(cmd) => match self.command(cmd) {
                     Next::Start | Next::Wait => continue,
                     Next::Return => return,
                 },
-                Ended::Exited(exit) | Ended::Unhealthy(exit) => exit,
+                Ended::Exited(exit) | Ended::Unhealthy(exit) => (exit, true),
+                Ended::NotBooted(exit) => (exit, false),
             };
-            if started.elapsed() >= STABLE_RUN {
+            // A run that never came up is no stable run, however long.
+            if booted && started.elapsed() >= STABLE_RUN {
                 self.consecutive = 0;
             }
             self.status.last_exit = Some(exit);
@@ -385,7 +403,8 @@ impl TaskRunner {
         } else {
             ServiceState::Failed
         };
-        self.set(state, None);
+        let why = self.failure.take();
+        self.set(state, why);
     }
 
     /// Counts a restart (if a task ended) and waits its backoff. `Some(next)`
@@ -401,9 +420,10 @@ impl TaskRunner {
         if delay.is_zero() {
             return None;
         }
-        let why = match exit {
-            Some(e) => format!("exited with {e}"),
-            None => self
+        let why = match (exit, &self.failure) {
+            (Some(e), Some(f)) => format!("{f}; exited with {e}"),
+            (Some(e), None) => format!("exited with {e}"),
+            (None, _) => self
                 .status
                 .message
                 .clone()
@@ -487,6 +507,7 @@ impl TaskRunner {
             }
         }
         tracing::info!(service = %self.key(), pid = rec.pid, driver = %rec.driver, "adopted running task");
+        self.log_from = self.log_length();
         self.status.pid = Some(rec.pid);
         self.status.limits = rec.limits.clone();
         let _ = self.ctx.log_cmds.send(LogCmd::Watch {
@@ -598,6 +619,7 @@ impl TaskRunner {
         // The cgroup hook: the task joins its service's cgroups before it
         // runs (see `hooks`).
         let (cgroup, join) = ctx.cgroups.enter(a)?;
+        self.log_from = self.log_length();
         let started = {
             // No collection while files prepared in the image cache are
             // made and used.
@@ -666,7 +688,11 @@ impl TaskRunner {
         self.status.limits = limits;
         self.status.since = now_ms();
         self.status.state = self.started_state(false);
-        self.status.message = None;
+        // Why the last run ended stays said until this one runs.
+        let failure = self.failure.take();
+        self.status.message = failure
+            .filter(|_| self.status.state == ServiceState::Starting)
+            .map(|f| format!("restarted after: {f}"));
         self.report();
         Ok(Running {
             driver,
@@ -675,10 +701,89 @@ impl TaskRunner {
         })
     }
 
+    /// Why a run that ended (not stopped) ended, beyond its exit: killed
+    /// by the OOM killer at its cgroup's memory limit, or what its driver
+    /// reads in its log (a guest kernel out of memory). Kept in
+    /// `self.failure` for the status. `kills`: the OOM kills its cgroups
+    /// counted, read before they go.
+    async fn post_mortem(&mut self, kills: u64, explainer: Option<fn(&str) -> Option<String>>) {
+        let mut why = Vec::new();
+        if kills > 0 {
+            let limit = self
+                .a
+                .spec
+                .memory
+                .map(|m| format!(" of {} MiB", m >> 20))
+                .unwrap_or_default();
+            why.push(format!(
+                "out of memory: the kernel's OOM killer killed {kills} of its processes at its memory limit{limit}"
+            ));
+        }
+        if let Some(explain) = explainer {
+            let log = self.run_log().await;
+            why.extend(explain(&log));
+        }
+        if let Some(f) = self.failure.take() {
+            why.insert(0, f);
+        }
+        if !why.is_empty() {
+            let why = why.join("; ");
+            tracing::warn!(service = %self.key(), "{why}");
+            self.failure = Some(why);
+        }
+    }
+
+    /// What the run wrote to its log (its last 64 KiB), once the log
+    /// watcher has caught up with its output.
+    async fn run_log(&self) -> String {
+        let (done, flushed) = oneshot::channel();
+        let _ = self.ctx.log_cmds.send(LogCmd::Flush {
+            name: self.key().to_owned(),
+            done,
+        });
+        let _ = tokio::time::timeout(Duration::from_secs(2), flushed).await;
+        let path = self.ctx.logs.path(self.key());
+        let from = self.log_from;
+        let read = move || -> std::io::Result<Vec<u8>> {
+            use std::io::{Read, Seek, SeekFrom};
+            let mut f = std::fs::File::open(&path)?;
+            let len = f.metadata()?.len();
+            // A rotation since the start: the new file is all this run's.
+            let from = if len < from { 0 } else { from };
+            let from = from.max(len.saturating_sub(64 << 10));
+            f.seek(SeekFrom::Start(from))?;
+            let mut buf = Vec::new();
+            f.take(len - from).read_to_end(&mut buf)?;
+            Ok(buf)
+        };
+        let buf = tokio::task::spawn_blocking(read)
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .unwrap_or_default();
+        String::from_utf8_lossy(&buf).into_owned()
+    }
+
+    /// The log's length now: where a run that starts now begins writing.
+    fn log_length(&self) -> u64 {
+        std::fs::metadata(self.ctx.logs.path(self.key())).map_or(0, |m| m.len())
+    }
+
     /// Watches a running task: its exit, commands, health probes.
     async fn supervise(&mut self, run: &mut Running) -> Ended {
-        let timing = self.ctx.health;
         let check = self.a.spec.healthcheck.clone();
+        // A task with a boot timeout (a VM) has booted once its health
+        // check passes: until then its failures do not count and it is
+        // probed quickly (its grace is the boot timeout), and at the
+        // timeout it is killed.
+        let boot_timeout = run.driver.boot_timeout().filter(|_| check.is_some());
+        let timing = match boot_timeout {
+            Some(t) => health::HealthTiming {
+                grace: self.ctx.health.grace.max(t),
+                ..self.ctx.health
+            },
+            None => self.ctx.health,
+        };
         let port = self.a.spec.proxyport;
         let started = Instant::now();
         let mut probes = 0u32;
@@ -693,6 +798,7 @@ impl TaskRunner {
         // `started_state`) runs once it has stayed up this long.
         let mut on_probation = check.is_none() && self.status.state == ServiceState::Starting;
         let probation_ends = started + self.ctx.min_uptime;
+        let boot_deadline = started + boot_timeout.unwrap_or_default();
         loop {
             tokio::select! {
                 // A stop that arrives with an exit wins: no restart then.
@@ -755,6 +861,20 @@ impl TaskRunner {
                         Err(_) => {}
                     }
                     next_probe = Instant::now() + health::probe_delay(&timing, probes, since_start, passed);
+                }
+                _ = tokio::time::sleep_until(boot_deadline), if boot_timeout.is_some() && !passed => {
+                    let why = format!(
+                        "did not boot within {} s: its health check never passed",
+                        boot_timeout.unwrap_or_default().as_secs_f64()
+                    );
+                    tracing::info!(service = %self.key(), "{why}; killing it");
+                    self.status.health = Health::Unhealthy;
+                    self.set(ServiceState::Unhealthy, Some(why.clone()));
+                    // A guest that never booted heeds no power button.
+                    run.handle.process.signal(libc::SIGKILL);
+                    let exit = run.handle.process.wait().await;
+                    self.failure = Some(why);
+                    return Ended::NotBooted(exit);
                 }
                 _ = tokio::time::sleep_until(probation_ends), if on_probation => {
                     on_probation = false;
@@ -891,6 +1011,8 @@ mod tests {
         events: Events,
         /// The fake host the runner's cgroups are on.
         host: Option<Arc<Recording>>,
+        /// What `Driver::boot_timeout` says (a VM's).
+        boot_timeout: Mutex<Option<Duration>>,
     }
 
     impl FakeDriver {
@@ -982,6 +1104,10 @@ mod tests {
         fn destroy<'a>(&'a self, _dir: TaskDir<'a>, task: Option<TaskHandle>) -> BoxFuture<'a, ()> {
             record(&self.events, Event::Destroy(task.map(|t| t.pid)));
             Box::pin(std::future::ready(()))
+        }
+
+        fn boot_timeout(&self) -> Option<Duration> {
+            *self.boot_timeout.lock().unwrap()
         }
     }
 
@@ -1264,6 +1390,90 @@ mod tests {
         let gaps: Vec<Duration> = starts.windows(2).map(|w| w[1] - w[0]).collect();
         // 10 ms of running, then the backoff.
         assert_eq!(gaps, [10 * MS, 110 * MS, 210 * MS, 410 * MS, 810 * MS]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_task_that_never_boots_is_killed_at_its_boot_timeout_and_backs_off() {
+        let mut h = Harness::new();
+        let boot = Duration::from_secs(30);
+        *h.driver.boot_timeout.lock().unwrap() = Some(boot);
+        *h.probe.healthy.lock().unwrap() = Box::new(|_| false);
+        let a = assignment(serde_json::json!({"healthcheck": "/health"}), 1);
+        let _cmds = h.run(&a);
+        // Failures do not count in the boot timeout, although it is past
+        // the health grace (1 s): killed at 30 s, not unhealthy before.
+        let killed = h.until(|s| s.state == ServiceState::Unhealthy).await;
+        assert_eq!(h.now(), boot);
+        assert_eq!(
+            killed.message.as_deref(),
+            Some("did not boot within 30 s: its health check never passed")
+        );
+        // Killed outright, restarted at once saying why.
+        let again = h.until(|s| s.state == ServiceState::Starting).await;
+        assert_eq!(
+            again.message.as_deref(),
+            Some("restarted after: did not boot within 30 s: its health check never passed")
+        );
+        assert_eq!(again.last_exit.unwrap().signal, Some(libc::SIGKILL));
+        // A 30 s run that never booted is no stable run: the next one backs off.
+        let backoff = h.until(|s| s.state == ServiceState::Backoff).await;
+        assert_eq!(
+            backoff.message.as_deref(),
+            Some(
+                "did not boot within 30 s: its health check never passed; exited with signal 9; restarting in 100 ms"
+            )
+        );
+        let signals: Vec<i32> = h
+            .driver
+            .events()
+            .into_iter()
+            .filter_map(|(_, e)| match e {
+                Event::Signal(_, s) => Some(s),
+                _ => None,
+            })
+            .collect();
+        assert!(!signals.contains(&libc::SIGTERM), "{signals:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_booting_task_that_passes_its_check_runs_and_later_failures_count() {
+        let mut h = Harness::new();
+        *h.driver.boot_timeout.lock().unwrap() = Some(Duration::from_secs(30));
+        // Boots after 20 s, fails from 40 s on.
+        *h.probe.healthy.lock().unwrap() =
+            Box::new(|t| t >= Duration::from_secs(20) && t < Duration::from_secs(40));
+        let a = assignment(serde_json::json!({"healthcheck": "/health"}), 1);
+        let _cmds = h.run(&a);
+        let up = h.until(running).await;
+        assert!(h.now() >= Duration::from_secs(20) && h.now() < Duration::from_secs(21));
+        assert_eq!(up.health, Health::Healthy);
+        let sick = h.until(|s| s.state == ServiceState::Unhealthy).await;
+        assert!(sick.message.unwrap().contains("connection refused"));
+        assert!(h.now() < Duration::from_secs(45), "{:?}", h.now());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_run_killed_by_its_cgroups_oom_killer_says_out_of_memory() {
+        // On probation after a start, so `starting` between the runs.
+        let mut h = Harness::with_min_uptime(Duration::from_secs(1));
+        let a = assignment(serde_json::json!({"memory": "64M"}), 1);
+        let _cmds = h.run(&a);
+        let s = h.until(running).await;
+        h.host.put_file(
+            cgroup_dir("svc").join("memory.events"),
+            "low 0\nhigh 0\nmax 3\noom 1\noom_kill 1\n",
+        );
+        h.driver.crash(s.pid.unwrap(), 137);
+        let again = h.until(|s| s.state == ServiceState::Starting).await;
+        assert_eq!(
+            again.message.as_deref(),
+            Some(
+                "restarted after: out of memory: the kernel's OOM killer killed 1 of its processes at its memory limit of 64 MiB"
+            )
+        );
+        // Said until it runs again.
+        let s = h.until(running).await;
+        assert_eq!(s.message, None);
     }
 
     #[tokio::test(start_paused = true)]

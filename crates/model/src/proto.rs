@@ -901,7 +901,15 @@ pub struct ServiceView {
     /// stands.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub update: Option<String>,
+    /// Something about how it runs that its user should know: a VM on a
+    /// minion without hardware virtualisation runs under QEMU's software
+    /// emulation (`tcg: software emulation, slow`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
 }
+
+/// What `status` says of a VM on a minion whose VMs run under TCG.
+pub const TCG_NOTE: &str = "tcg: software emulation, slow (the minion has no hardware virtualisation; boots take seconds, not milliseconds)";
 
 /// How a change to a service ended, as `Wait` judges it.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]

@@ -123,6 +123,10 @@ pub struct NodeStats {
     /// Bytes of image chunks this minion received since it started.
     #[serde(default)]
     pub image_bytes_fetched: u64,
+    /// How it runs VMs: `kvm`, `tcg` (QEMU's software emulation, slow) or
+    /// `none` (no QEMU). Absent from minions that predate VMs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vm_accel: Option<String>,
 }
 
 /// Unix time now in milliseconds.

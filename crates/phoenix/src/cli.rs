@@ -552,6 +552,12 @@ pub struct MinionArgs {
     /// enforced (for hosts where the minion may not make namespaces).
     #[arg(long, default_value = "netns", value_name = "netns|host")]
     pub service_network: phoenix_minion::hooks::net::NetMode,
+    /// How long a VM (type vm) with a health check has to pass it after a
+    /// start, in ms: a guest that has not by then never booted, and is
+    /// killed and restarted with backoff. Its health failures do not count
+    /// before then (TCG boots take seconds).
+    #[arg(long, default_value_t = 120_000)]
+    pub vm_boot_timeout_ms: u64,
 }
 
 #[derive(Args, Debug)]

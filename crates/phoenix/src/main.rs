@@ -143,6 +143,9 @@ fn run(cli: Cli) -> Result<()> {
                 keep_free: a.keep_free_mb.map(|mb| mb << 20),
                 stats_every: Duration::from_secs(5),
                 service_network: a.service_network,
+                vm: phoenix_minion::driver::vm::VmSettings {
+                    boot_timeout: Duration::from_millis(a.vm_boot_timeout_ms),
+                },
             };
             let result = runtime(None)?.block_on(async {
                 tokio::select! {
@@ -443,6 +446,14 @@ async fn command(cmd: Command) -> Result<()> {
             if let Some(u) = v.update {
                 println!("update:      {u}");
             }
+            if let Some(n) = &v.note {
+                println!("note:        {n}");
+            }
+            // Why it does not run: its last words (a VM's last console
+            // lines), as `deploy` shows them for a start that failed.
+            if matches!(v.state.as_str(), "backoff" | "failed" | "unhealthy") {
+                print_log_tail(&target.data_dir, &v.name).await;
+            }
         }
         Command::Info {
             name,
@@ -497,6 +508,7 @@ async fn command(cmd: Command) -> Result<()> {
                             bytes(s.mem_total)
                         ),
                         n.services.to_string(),
+                        opt(s.vm_accel.clone()),
                         opt(n.version.clone()),
                     ]
                 })
@@ -511,6 +523,7 @@ async fn command(cmd: Command) -> Result<()> {
                     "LOAD",
                     "MEMORY",
                     "SERVICES",
+                    "VM",
                     "VERSION",
                 ],
                 &rows,
@@ -933,23 +946,29 @@ async fn print_settled(data_dir: &Path, s: &Settled) {
                 v.state,
                 v.restarts
             );
-            let tail = tokio::time::timeout(
-                LOG_TIMEOUT,
-                client::log_tail(data_dir, &v.name, FAILED_LOG_LINES),
-            )
-            .await;
-            match tail {
-                Ok(Ok(text)) if text.trim().is_empty() => println!("    (its log is empty)"),
-                Ok(Ok(text)) => {
-                    println!("    last lines of its log:");
-                    for line in text.lines() {
-                        println!("    | {line}");
-                    }
-                }
-                Ok(Err(e)) => println!("    (its log cannot be read: {e:#})"),
-                Err(_) => println!("    (its log did not arrive within {LOG_TIMEOUT:?})"),
+            print_log_tail(data_dir, &v.name).await;
+        }
+    }
+}
+
+/// The last lines of a service's log, indented, for a service that did
+/// not start.
+async fn print_log_tail(data_dir: &Path, name: &str) {
+    let tail = tokio::time::timeout(
+        LOG_TIMEOUT,
+        client::log_tail(data_dir, name, FAILED_LOG_LINES),
+    )
+    .await;
+    match tail {
+        Ok(Ok(text)) if text.trim().is_empty() => println!("    (its log is empty)"),
+        Ok(Ok(text)) => {
+            println!("    last lines of its log:");
+            for line in text.lines() {
+                println!("    | {line}");
             }
         }
+        Ok(Err(e)) => println!("    (its log cannot be read: {e:#})"),
+        Err(_) => println!("    (its log did not arrive within {LOG_TIMEOUT:?})"),
     }
 }
 

@@ -355,7 +355,19 @@ impl Hub {
             dangling_links: dangling_links(&svc.spec.link, names),
             instance: svc.run.as_ref().map(|r| r.instance.clone()),
             update,
+            note: self.note(svc),
         }
+    }
+
+    /// A VM on a minion that runs VMs under TCG is slow: said in its status.
+    fn note(&self, svc: &Service) -> Option<String> {
+        let tcg = svc.spec.kind == phoenix_model::spec::Kind::Vm
+            && lock(&self.observed.state)
+                .seen
+                .get(&svc.spec.machine)
+                .and_then(|n| n.stats.as_ref())
+                .is_some_and(|s| s.vm_accel.as_deref() == Some("tcg"));
+        tcg.then(|| phoenix_model::proto::TCG_NOTE.to_owned())
     }
 
     /// Waits until every named service has a verdict for its current

@@ -115,9 +115,46 @@ impl Accel {
     pub fn as_str(self) -> &'static str {
         match self {
             Accel::Kvm => "kvm",
-            Accel::Tcg => "tcg (software emulation, slow)",
+            Accel::Tcg => "tcg",
         }
     }
+}
+
+/// How the minion runs VMs (its `--vm-*` flags).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VmSettings {
+    /// How long a VM with a health check has to pass it after a start
+    /// (see [`Driver::boot_timeout`]).
+    pub boot_timeout: Duration,
+}
+
+/// A TCG boot of a stock kernel takes 2 to 60 s on a loaded machine.
+pub const DEFAULT_BOOT_TIMEOUT: Duration = Duration::from_secs(120);
+
+impl Default for VmSettings {
+    fn default() -> Self {
+        VmSettings {
+            boot_timeout: DEFAULT_BOOT_TIMEOUT,
+        }
+    }
+}
+
+/// What a guest kernel prints when it runs out of memory: its OOM killer
+/// ("Out of memory: Killed process 93 (dd) ..."), or the panic when
+/// nothing is left to kill ("Out of memory and no killable processes").
+const GUEST_OOM: &str = "Out of memory";
+
+/// The guest's out-of-memory line in `log`, if there is one, as a status
+/// message: the last one, without the kernel's timestamp.
+fn guest_oom(log: &str) -> Option<String> {
+    let line = log.lines().rev().find(|l| l.contains(GUEST_OOM))?;
+    let line = line.trim();
+    let line = match line.strip_prefix('[').and_then(|r| r.split_once(']')) {
+        Some((_, rest)) => rest.trim(),
+        None => line,
+    };
+    let line: String = line.chars().take(200).collect();
+    Some(format!("out of memory in the guest (its kernel: {line:?})"))
 }
 
 /// What prepare kept beside the unpacked image.
@@ -132,6 +169,7 @@ pub struct VmDriver {
     host: Arc<dyn Host>,
     qemu: Option<PathBuf>,
     accel: Accel,
+    settings: VmSettings,
     /// `images/rootfs`: unpacked images, `vm-<image hash>` each.
     rootfs_dir: PathBuf,
     /// The host's TSC frequency (kHz), for TCG guests.
@@ -164,17 +202,28 @@ fn host_tsc_khz() -> Option<u64> {
 impl VmDriver {
     /// The driver, with QEMU found in `PATH` and the accelerator probed,
     /// keeping unpacked images under `data_dir/images/rootfs`.
-    pub fn new(data_dir: &Path, host: Arc<dyn Host>) -> VmDriver {
+    pub fn new(data_dir: &Path, host: Arc<dyn Host>, settings: VmSettings) -> VmDriver {
         let d = VmDriver {
             host,
             qemu: find_in_path("qemu-system-x86_64"),
             accel: Accel::probe(),
+            settings,
             rootfs_dir: data_dir.join("images").join("rootfs"),
             tsc_khz: host_tsc_khz(),
             unpacking: Default::default(),
         };
         match &d.qemu {
-            Some(q) => tracing::info!(qemu = %q.display(), accel = d.accel.as_str(), "vm runtime"),
+            Some(q) => tracing::info!(
+                qemu = %q.display(),
+                accel = d.accel.as_str(),
+                boot_timeout_ms = d.settings.boot_timeout.as_millis() as u64,
+                "vm runtime{}",
+                if d.accel == Accel::Tcg {
+                    ": no hardware virtualisation here, so QEMU's software emulation (TCG), several times slower"
+                } else {
+                    ""
+                }
+            ),
             None => tracing::info!("{QEMU_HELP}"),
         }
         d
@@ -186,6 +235,7 @@ impl VmDriver {
             host,
             qemu: None,
             accel: Accel::Tcg,
+            settings: VmSettings::default(),
             rootfs_dir: PathBuf::new(),
             tsc_khz: None,
             unpacking: Default::default(),
@@ -577,15 +627,30 @@ impl Driver for VmDriver {
     ) -> BoxFuture<'a, Result<Artifact, DriverError>> {
         Box::pin(async move {
             if self.qemu.is_none() {
-                return Err(DriverError::Container(QEMU_HELP.into()));
+                return Err(DriverError::Vm(QEMU_HELP.into()));
             }
-            let path = self.unpacked(image).await.map_err(DriverError::Container)?;
+            let path = self.unpacked(image).await.map_err(DriverError::Vm)?;
             Ok(Artifact { path })
         })
     }
 
     fn start<'a>(&'a self, task: TaskConfig<'a>) -> BoxFuture<'a, Result<TaskHandle, DriverError>> {
-        Box::pin(async move { self.start_vm(task).await.map_err(DriverError::Container) })
+        Box::pin(async move { self.start_vm(task).await.map_err(DriverError::Vm) })
+    }
+
+    fn boot_timeout(&self) -> Option<Duration> {
+        Some(self.settings.boot_timeout)
+    }
+
+    fn log_explainer(&self) -> Option<fn(&str) -> Option<String>> {
+        Some(guest_oom)
+    }
+
+    fn accelerator(&self) -> Option<&'static str> {
+        Some(match self.qemu {
+            None => "none",
+            Some(_) => self.accel.as_str(),
+        })
     }
 
     fn recover(&self, record: &RunRecord) -> Option<TaskHandle> {
@@ -656,6 +721,22 @@ mod tests {
                 .unwrap_err()
                 .contains("at most 30")
         );
+    }
+
+    #[test]
+    fn a_guest_oom_in_the_console_is_reported() {
+        let log = "vm: web at [fd38::7]:8080\n\
+                   [   12.345678] Out of memory: Killed process 93 (dd) total-vm:266340kB, anon-rss:120000kB\n\
+                   vm: dd ended\n";
+        assert_eq!(
+            guest_oom(log).unwrap(),
+            "out of memory in the guest (its kernel: \"Out of memory: Killed process 93 (dd) total-vm:266340kB, anon-rss:120000kB\")"
+        );
+        assert_eq!(guest_oom("vm: fine\n"), None);
+        let d = VmDriver::absent(Arc::new(phoenix_host::Linux));
+        assert_eq!(d.accelerator(), Some("none"));
+        assert!(d.log_explainer().is_some());
+        assert_eq!(d.boot_timeout(), Some(DEFAULT_BOOT_TIMEOUT));
     }
 
     #[test]
