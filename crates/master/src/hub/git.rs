@@ -463,6 +463,15 @@ async fn fetch(bare: &Path, url: &str, full_ref: &str, commit: &str) -> Result<S
         },
         e => e,
     })?;
+    // Each fetch leaves the previous commit unreferenced; let git pack
+    // and prune now and then, as it would after a fetch of its own.
+    let _ = git(
+        Some(bare),
+        &["gc", "--auto", "--quiet"],
+        FETCH_TIMEOUT,
+        None,
+    )
+    .await;
     let peel = format!("{FETCHED}^{{commit}}");
     let out = git(
         Some(bare),
