@@ -240,9 +240,8 @@ impl Hub {
             }
             let why = format!("cluster env changed: {}", reply.changed.join(", "));
             for svc in tx.services()? {
-                let differs = |spec: &Spec| {
-                    layered(&[], &before, spec) != layered(&[], &after, spec)
-                };
+                let differs =
+                    |spec: &Spec| layered(&[], &before, spec) != layered(&[], &after, spec);
                 if differs(&svc.spec) || svc.next.as_ref().is_some_and(|n| differs(&n.spec)) {
                     touched.insert(restart_for_env(tx, actor, &svc, &why)?);
                     reply.restarted.push(svc.spec.name.clone());
@@ -260,7 +259,9 @@ impl Hub {
         let (svc, cluster) = {
             let mut store = self.store();
             let tx = store.read()?;
-            let svc = tx.service(name)?.ok_or_else(|| ApiError::no_service(name))?;
+            let svc = tx
+                .service(name)?
+                .ok_or_else(|| ApiError::no_service(name))?;
             (svc, tx.cluster_env()?)
         };
         let (image, image_note) = self.image_env(&svc);
@@ -456,7 +457,9 @@ mod tests {
         assert_eq!(e.kind(), ErrorKind::Invalid);
         let msg = e.to_string();
         assert!(
-            msg.contains("field `env[0]`: no secret \"db\"; set it first with `phoenix secret set db`"),
+            msg.contains(
+                "field `env[0]`: no secret \"db\"; set it first with `phoenix secret set db`"
+            ),
             "{msg}"
         );
         assert!(hub.store().read().unwrap().services().unwrap().is_empty());
@@ -466,8 +469,13 @@ mod tests {
             .unwrap();
         assert!(set.created && set.restarted.is_empty());
         hub.apply("root", Apply::Deploy, "u.json", &user).unwrap();
-        hub.apply("root", Apply::Deploy, "o.json", &spec("other", r#""A=other""#))
-            .unwrap();
+        hub.apply(
+            "root",
+            Apply::Deploy,
+            "o.json",
+            &spec("other", r#""A=other""#),
+        )
+        .unwrap();
         let files = [SourceFile {
             path: "app.env".into(),
             text: "F=file\nA=file\n".into(),
@@ -486,7 +494,9 @@ mod tests {
         assert_eq!(s["filed"].1["F"], "file");
         assert_eq!(s["filed"].1["A"], "spec");
         let gens = |s: &BTreeMap<String, (u64, BTreeMap<String, String>)>| {
-            s.iter().map(|(k, v)| (k.clone(), v.0)).collect::<BTreeMap<_, _>>()
+            s.iter()
+                .map(|(k, v)| (k.clone(), v.0))
+                .collect::<BTreeMap<_, _>>()
         };
         let before = gens(&s);
 
@@ -496,7 +506,10 @@ mod tests {
         assert!(shown.contains("secret:db") && !shown.contains("hunter2"));
         let env = hub.info_env("user").unwrap();
         let db = env.env.iter().find(|v| v.key == "DB").unwrap();
-        assert_eq!((db.value.as_str(), db.secret.as_deref()), ("secret:db", Some("db")));
+        assert_eq!(
+            (db.value.as_str(), db.secret.as_deref()),
+            ("secret:db", Some("db"))
+        );
 
         // A new value restarts its user only.
         let changed = hub
@@ -516,7 +529,13 @@ mod tests {
         // A cluster variable: below env files and the spec's env, so only
         // the services it reaches restart.
         let c = hub.env_set("root", &["F=cluster".into()]).unwrap();
-        assert_eq!((c.changed.as_slice(), c.restarted.as_slice()), (&["F".to_owned()][..], &["other".to_owned(), "user".to_owned()][..]));
+        assert_eq!(
+            (c.changed.as_slice(), c.restarted.as_slice()),
+            (
+                &["F".to_owned()][..],
+                &["other".to_owned(), "user".to_owned()][..]
+            )
+        );
         let s = last_set(&mut rx);
         assert_eq!(s["filed"].1["F"], "file");
         assert_eq!(s["other"].1["F"], "cluster");
@@ -527,12 +546,21 @@ mod tests {
         let u = hub.env_unset("root", &["F".into(), "A".into()]).unwrap();
         assert_eq!(u.restarted, ["other", "user"]);
         let bad = hub
-            .env_set("root", &["X=secret:db".into(), "PORT=1".into(), "nope".into()])
+            .env_set(
+                "root",
+                &["X=secret:db".into(), "PORT=1".into(), "nope".into()],
+            )
             .unwrap_err()
             .to_string();
-        assert!(bad.contains("cluster variables cannot refer to secrets"), "{bad}");
+        assert!(
+            bad.contains("cluster variables cannot refer to secrets"),
+            "{bad}"
+        );
         assert!(bad.contains("PORT is set by Phoenix"), "{bad}");
-        assert!(bad.contains("\"nope\" is not of the form KEY=VALUE"), "{bad}");
+        assert!(
+            bad.contains("\"nope\" is not of the form KEY=VALUE"),
+            "{bad}"
+        );
 
         // A secret in use cannot be removed; the list names its users.
         let list = hub.secret_list().unwrap();
@@ -540,14 +568,20 @@ mod tests {
         let e = hub.secret_rm("root", "db").unwrap_err();
         assert_eq!(e.kind(), ErrorKind::Conflict);
         assert!(e.to_string().contains("used by service user"), "{e}");
-        assert!(hub.secret_set("root", "db", &SecretValue(String::new())).is_err());
+        assert!(
+            hub.secret_set("root", "db", &SecretValue(String::new()))
+                .is_err()
+        );
 
         // Nothing shown or stored holds a value: the audit log, the
         // database's bytes.
-        let audit = serde_json::to_string(&hub.store().read().unwrap().audit_log(100).unwrap())
-            .unwrap();
+        let audit =
+            serde_json::to_string(&hub.store().read().unwrap().audit_log(100).unwrap()).unwrap();
         assert!(!audit.contains("hunter2") && !audit.contains("swordfish"));
-        assert!(audit.contains("secret-change") && audit.contains("env-restart"), "{audit}");
+        assert!(
+            audit.contains("secret-change") && audit.contains("env-restart"),
+            "{audit}"
+        );
         drop(hub);
         for f in ["phoenix.db", "phoenix.db-wal"] {
             if let Ok(bytes) = std::fs::read(dir.path().join(f)) {

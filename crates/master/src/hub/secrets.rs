@@ -136,11 +136,10 @@ impl SecretKey {
                     path: path.to_owned(),
                 })
             }
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                Self::load(path)?.ok_or_else(|| SecretError::Missing {
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Self::load(path)?
+                .ok_or_else(|| SecretError::Missing {
                     path: path.display().to_string(),
-                })
-            }
+                }),
             Err(e) => Err(io(e)),
         }
     }
@@ -228,9 +227,8 @@ impl Hub {
     ) -> Result<SecretChanged, ApiError> {
         check_secret_name(name).map_err(ApiError::Invalid)?;
         let value = value.0.as_bytes();
-        let refuse = |why: &str| {
-            ApiError::Invalid(format!("secret {name:?}: {why}; nothing was changed"))
-        };
+        let refuse =
+            |why: &str| ApiError::Invalid(format!("secret {name:?}: {why}; nothing was changed"));
         if value.is_empty() {
             return Err(refuse("the value is empty"));
         }
