@@ -270,17 +270,25 @@ for n in "${names[@]}"; do
         [ "$got" = "200 $want" ] || { echo "$n /$f: got '$got', want '200 $want'" >&2; exit 1; }
     done
 done
-# What each negotiates, and whether it resumes a TLS session (wrk's
-# reconnections offer the session of the connection before).
+# What each negotiates, and how often it resumes a TLS session: wrk's
+# reconnections offer the session of the connection before, and with
+# SO_REUSEPORT a reconnection may land on another worker or thread than
+# the connection that got the session, so one resumption proves little.
 declare -A tlsinfo
 request="GET /small HTTP/1.1\r\nHost: $host\r\nConnection: close\r\n\r\n"
+reconnects=8
 for n in "${names[@]}"; do
-    rm -f "$work/session.pem"
+    rm -f "$work"/session*.pem
     first=$( (printf "$request"; sleep 0.3) | client openssl s_client -connect "127.0.0.1:${port[$n]}" \
-        -servername $host -sess_out "$work/session.pem" 2>/dev/null | awk '/^New, /{print $2, $NF; exit}' | tr -d ,)
-    again=$( (printf "$request"; sleep 0.3) | client openssl s_client -connect "127.0.0.1:${port[$n]}" \
-        -servername $host -sess_in "$work/session.pem" 2>/dev/null | awk '/^(New|Reused), /{print $1; exit}' | tr -d ,)
-    tlsinfo[$n]="$first, $([ "$again" = Reused ] && echo resumes || echo "does not resume")"
+        -servername $host -sess_out "$work/session0.pem" 2>/dev/null | awk '/^New, /{print $2, $NF; exit}' | tr -d ,)
+    resumed=0
+    for i in $(seq $reconnects); do
+        again=$( (printf "$request"; sleep 0.3) | client openssl s_client -connect "127.0.0.1:${port[$n]}" \
+            -servername $host -sess_in "$work/session$((i - 1)).pem" -sess_out "$work/session$i.pem" 2>/dev/null |
+            awk '/^(New|Reused), /{print $1; exit}' | tr -d ,)
+        [ "$again" = Reused ] && resumed=$((resumed + 1))
+    done
+    tlsinfo[$n]="$first, resumes $resumed of $reconnects reconnections"
 done
 
 # --- wrk -------------------------------------------------------------------
@@ -407,7 +415,7 @@ out = []
 out.append("- Date: $(date -u '+%Y-%m-%d %H:%M') UTC; \`bench/proxy.sh $secs $rounds $conns\`: $secs s per wrk run, \`wrk -t $threads -c $conns\`, $rounds rounds ($elapsed s), medians")
 out.append("- Machine: $(nproc) CPUs (nproc) · $cpu · kernel $(uname -sr) $(uname -m) · $mem_total RAM; wrk, the proxy and the backend share these CPUs")
 out.append("- Phoenix: phoenix-proxy (git $git_rev) run by its \`serve\` example, release build, \`PROXY_THREADS=$threads\` (one current-thread tokio runtime and \`SO_REUSEPORT\` listener a thread); peers: nginx $ver_nginx (2 workers), HAProxy $ver_haproxy (\`nbthread 2\`), Caddy $ver_caddy (defaults); backend: nginx $ver_nginx (1 worker, static files); wrk $ver_wrk with OpenSSL $ver_openssl")
-out.append("- TLS with each proxy (openssl s_client offering what wrk offers): " + "; ".join(f"{label[n]} {tls.get(n, '?')}" for n in names))
+out.append("- TLS with each proxy (openssl s_client offering what wrk offers, each reconnection with the session of the one before): " + "; ".join(f"{label[n]} {tls.get(n, '?')}" for n in names))
 out.append("")
 for key, title in scen:
     out.append(f"**{title}** (\`https://localhost/{'small' if key.startswith('small') else 'big'}\`" + (", \`Connection: close\`" if key.endswith("close") else "") + ")")
