@@ -94,7 +94,7 @@ async fn connection(hub: Arc<Hub>, mut stream: UnixStream) -> Result<(), BoxErro
                 h.apply_with_env_files(&who, Apply::Update, &source, &text, &env_files)
             })
             .await
-                    .unwrap_or_else(|e| Err(ApiError::Internal(format!("update: {e}"))));
+            .unwrap_or_else(|e| Err(ApiError::Internal(format!("update: {e}"))));
             reply(applied.inspect(|applied| start_rollouts(&hub, applied)))
         }
         Request::Restart { names } => {
@@ -160,13 +160,7 @@ fn handle(hub: &Hub, who: &str, req: Request) -> Reply {
             source,
             text,
             env_files,
-        } => reply(hub.apply_with_env_files(
-            who,
-            Apply::Deploy,
-            &source,
-            &text,
-            &env_files,
-        )),
+        } => reply(hub.apply_with_env_files(who, Apply::Deploy, &source, &text, &env_files)),
         Request::Status { name } => reply(hub.status(&name)),
         Request::Info { name } => reply(hub.info(&name)),
         Request::Services => reply(hub.services()),

@@ -309,6 +309,14 @@ mod tests {
         let shown = format!("{env:?}");
         assert!(!shown.contains("hunter2"), "{shown}");
         assert!(shown.contains("DB"), "{shown}");
+        let typed = format!("{:?}", SecretValue("hunter2".into()));
+        assert!(!typed.contains("hunter2"), "{typed}");
+        // A request carrying one, as the master would log it.
+        let req = crate::proto::Request::SecretSet {
+            name: "db".into(),
+            value: SecretValue("hunter2".into()),
+        };
+        assert!(!format!("{req:?}").contains("hunter2"));
         // Nor through the assignment that carries it.
         let mut a = crate::proto::Assignment {
             spec: spec(),
