@@ -1,12 +1,18 @@
 //! Services of type "vm": a microVM run by QEMU on the multi-host harness.
 //!
-//! The test builds a VM image from this machine's Debian cloud kernel and
-//! busybox (an initrd that loads the virtio modules and switches to
-//! `/dev/vda`; an ext4 root made with `mkfs.ext4 -d` whose init takes its
-//! address from `PHOENIX_IP` on the kernel command line and serves
-//! `/health` with busybox httpd), pushes it, deploys it with a health
-//! check, and checks it is reached from another machine, restarted when
-//! QEMU dies, and leaves nothing behind when deleted.
+//! The tests build VM images from this machine's Debian cloud kernel and
+//! busybox (an initrd that loads the virtio, evdev and ACPI button modules
+//! and switches to `/dev/vda`; an ext4 root made with `mkfs.ext4 -d` whose
+//! init takes its address from `PHOENIX_IP` on the kernel command line,
+//! powers off when the ACPI power button is pressed, and then does what
+//! the image is for). `web` serves `/health` with busybox httpd: it is
+//! deployed with a health check, reached from another machine, restarted
+//! when QEMU dies, stopped through the power button (not SIGKILL), and
+//! leaves nothing behind when deleted. `mute` never serves: it is killed
+//! at the boot timeout and backs off, its console in `status`. `hog` runs
+//! its guest out of memory: `status` says so. A binary killed by its
+//! cgroup's OOM killer (what happens to a QEMU over its `memory`) says so
+//! too.
 //!
 //! Needs root, the multi-host harness, and the Debian packages
 //! `qemu-system-x86 linux-image-cloud-amd64 busybox-static e2fsprogs zstd
@@ -20,7 +26,8 @@ use phoenix_e2e::netns::Net;
 use phoenix_e2e::{Cluster, ServiceAt, alive, is_root, require_netns, wait_for};
 use serde_json::{Value, json};
 
-/// Builds the test's VM image at `$1` (see the module header).
+/// Builds a VM image at `$1` whose root init ends with the script `$2`,
+/// with `$3` as its `config.json` if given (see the module header).
 const MKVM: &str = r#"
 set -eu
 OUT=$1
@@ -34,12 +41,12 @@ cp /bin/busybox "$W/initrd/bin/busybox"
 cp /bin/busybox "$W/root/bin/busybox"
 cp $K/drivers/virtio/virtio_ring.ko $K/drivers/virtio/virtio.ko $K/drivers/virtio/virtio_mmio.ko \
    $K/drivers/block/virtio_blk.ko $K/net/core/failover.ko $K/drivers/net/net_failover.ko \
-   $K/drivers/net/virtio_net.ko "$W/initrd/lib/"
+   $K/drivers/net/virtio_net.ko $K/drivers/input/evdev.ko $K/drivers/acpi/button.ko "$W/initrd/lib/"
 cat > "$W/initrd/init" <<'INIT'
 #!/bin/busybox sh
 /bin/busybox mount -t devtmpfs dev /dev
 /bin/busybox mount -t proc proc /proc
-for m in virtio_ring virtio virtio_mmio virtio_blk failover net_failover virtio_net; do
+for m in virtio_ring virtio virtio_mmio virtio_blk failover net_failover virtio_net evdev button; do
   /bin/busybox insmod /lib/$m.ko || echo "initrd: insmod $m failed"
 done
 /bin/busybox mount -t ext4 /dev/vda /newroot || { echo "initrd: cannot mount /dev/vda"; /bin/busybox poweroff -f; }
@@ -53,18 +60,23 @@ export PATH=/bin
 /bin/busybox --install -s /bin
 mount -t proc proc /proc
 mount -t sysfs sys /sys
-echo 0 > /proc/sys/net/ipv6/conf/eth0/accept_dad
-ip link set lo up
-ip link set eth0 up
-ip -6 addr add "$PHOENIX_IP/128" dev eth0
-ip -6 route add fe80::1 dev eth0
-ip -6 route add default via fe80::1 dev eth0
-echo ok > /www/health
-echo "$PHOENIX_NAME" > /www/name
-echo "vm: $PHOENIX_NAME at [$PHOENIX_IP]:$PORT"
-httpd -p "[::]:$PORT" -h /www
-while :; do sleep 3600; done
+# The ACPI power button (its only input device) powers the guest off.
+for e in /dev/input/event*; do
+  (dd if="$e" of=/dev/null bs=24 count=1 2>/dev/null
+   echo "vm: power button pressed, powering off"
+   poweroff -f) &
+done
+if [ -e /sys/class/net/eth0 ]; then
+  echo 0 > /proc/sys/net/ipv6/conf/eth0/accept_dad
+  ip link set lo up
+  ip link set eth0 up
+  ip -6 addr add "$PHOENIX_IP/128" dev eth0
+  ip -6 route add fe80::1 dev eth0
+  ip -6 route add default via fe80::1 dev eth0
+fi
 INIT
+cat "$2" >> "$W/root/init"
+if [ -n "${3:-}" ]; then cp "$3" "$W/img/config.json"; fi
 chmod 755 "$W/initrd/init" "$W/root/init"
 (cd "$W/initrd" && find . | cpio -o -H newc --quiet) > "$W/img/initrd"
 cp /boot/vmlinuz-$KVER "$W/img/bzImage"
@@ -111,13 +123,45 @@ fn missing() -> Option<String> {
     None
 }
 
-fn build_image(dir: &Path) -> PathBuf {
-    let out = dir.join("web.zst");
-    let made = Command::new("sh")
-        .args(["-c", MKVM, "mkvm"])
-        .arg(&out)
-        .output()
-        .expect("run sh");
+/// `web`: serves `/health` and `/name` with busybox httpd.
+const WEB: &str = r#"
+echo ok > /www/health
+echo "$PHOENIX_NAME" > /www/name
+echo "vm: $PHOENIX_NAME at [$PHOENIX_IP]:$PORT"
+httpd -p "[::]:$PORT" -h /www
+while :; do sleep 3600; done
+"#;
+
+/// `mute`: boots, and never serves.
+const MUTE: &str = r#"
+echo "vm: $PHOENIX_NAME up, serving nothing"
+while :; do sleep 3600; done
+"#;
+
+/// `hog`: takes more memory than the guest has (overcommit on, so the
+/// allocation succeeds and the guest's OOM killer ends it), then powers
+/// off as an init whose program died would.
+const HOG: &str = r#"
+echo 1 > /proc/sys/vm/overcommit_memory
+echo "vm: $PHOENIX_NAME eating 512 MiB"
+dd if=/dev/zero of=/dev/null bs=512M count=1
+echo "vm: dd ended ($?)"
+poweroff -f
+"#;
+
+/// Builds image `name` at `dir/NAME.zst`, its init ending with `tail`.
+fn build_image(dir: &Path, name: &str, tail: &str, config: Option<&str>) -> PathBuf {
+    let out = dir.join(format!("{name}.zst"));
+    let init = dir.join(format!("{name}.init"));
+    std::fs::write(&init, tail).unwrap();
+    let mut sh = Command::new("sh");
+    sh.args(["-c", MKVM, "mkvm"]).arg(&out).arg(&init);
+    if let Some(config) = config {
+        let file = dir.join(format!("{name}.config.json"));
+        std::fs::write(&file, config).unwrap();
+        sh.arg(file);
+    }
+    let made = sh.output().expect("run sh");
     assert!(
         made.status.success(),
         "building the VM image failed: {}",
@@ -173,15 +217,12 @@ fn a_vm_boots_serves_restarts_and_leaves_nothing() {
     }
     let began = Instant::now();
     let mut c = Cluster::master_only_on(Net::new(&["master", "m1", "m2"]));
-    // A TCG boot takes seconds: no health failures count until then.
-    let at = c
-        .minion_flags
-        .iter()
-        .position(|f| f == "--health-grace-ms")
-        .unwrap();
-    c.minion_flags[at + 1] = "90000".into();
+    // Health failures do not count until the boot timeout (120 s by
+    // default) or a first pass. A stop has 60 s for the guest to power off
+    // before SIGKILL: the test shows it takes the ACPI path, well within.
+    set_flag(&mut c, "--stop-timeout-ms", &STOP_TIMEOUT.as_millis().to_string());
     let c = c.with_minions(2);
-    let image = build_image(c.dir.path());
+    let image = build_image(c.dir.path(), "web", WEB, None);
     c.ok(&["push", image.to_str().unwrap(), "web.zst"]);
     let port = 8080;
     let spec = json!({
@@ -197,6 +238,23 @@ fn a_vm_boots_serves_restarts_and_leaves_nothing() {
     eprintln!("deploy -> running and healthy: {:?}", deployed.elapsed());
     let first = s["pid"].as_u64().expect("a pid");
     assert_eq!(qemus("phoenix-vmweb"), vec![first as u32], "one QEMU: {s}");
+    // The node says how it runs VMs; a VM under TCG says it is slow.
+    let nodes = c.json(&["nodes", "--json"]);
+    let m1 = nodes
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["name"] == "m1")
+        .unwrap();
+    let accel = m1["stats"]["vm_accel"].as_str().unwrap_or_default();
+    assert!(accel == "tcg" || accel == "kvm", "{m1}");
+    assert!(c.ok(&["nodes"]).contains(accel));
+    let text = c.ok(&["status", "vmweb"]);
+    assert_eq!(
+        text.contains("note:        tcg: software emulation, slow"),
+        accel == "tcg",
+        "{text}"
+    );
 
     // Reached at its own address from the other machine, over the mesh.
     let addr = std::net::SocketAddr::new(c.service_ip("vmweb").into(), port);
@@ -223,11 +281,39 @@ fn a_vm_boots_serves_restarts_and_leaves_nothing() {
     let (code, _) = c.get(&from_m2, "/health").expect("answers after restart");
     assert_eq!(code, 200);
 
-    // Deleted: no QEMU, no tap, no per-start disk.
+    // A stop presses the power button: the guest powers off, long before
+    // the stop timeout would have QEMU killed.
     let second = s["pid"].as_u64().unwrap();
+    let stopping = Instant::now();
+    let restart = std::thread::scope(|t| {
+        let restart = t.spawn(|| c.phoenix(&["restart", "vmweb", "--detach"]));
+        wait_for("the old QEMU gone", STOP_TIMEOUT, || {
+            (!alive(second)).then_some(())
+        });
+        restart.join().unwrap()
+    });
+    let stopped_in = stopping.elapsed();
+    eprintln!("restart: QEMU gone after {stopped_in:?} (stop timeout {STOP_TIMEOUT:?})");
+    assert!(restart.status.success(), "{restart:?}");
+    assert!(stopped_in < STOP_TIMEOUT / 2, "{stopped_in:?}");
+    wait_for("the power button in the console", Duration::from_secs(10), || {
+        c.ok(&["logs", "vmweb"])
+            .contains("vm: power button pressed, powering off")
+            .then_some(())
+    });
+    assert!(
+        !c.log("m1").contains("sending SIGTERM to QEMU"),
+        "the powerdown did not reach QEMU"
+    );
+    let s = wait_status(&c, "vmweb", Duration::from_secs(150), |s| {
+        up(s) && s["pid"].as_u64().is_some_and(|p| p != second)
+    });
+
+    // Deleted: no QEMU, no tap, no per-start disk.
+    let third = s["pid"].as_u64().unwrap();
     c.ok(&["del", "vmweb"]);
     wait_for("QEMU gone", Duration::from_secs(15), || {
-        (!alive(second) && qemus("phoenix-vmweb").is_empty()).then_some(())
+        (!alive(third) && qemus("phoenix-vmweb").is_empty()).then_some(())
     });
     let work = c.minion_dir("m1").join("work");
     let disks: Vec<PathBuf> = walk(&work)
@@ -243,6 +329,118 @@ fn a_vm_boots_serves_restarts_and_leaves_nothing() {
     let links = String::from_utf8_lossy(&links.stdout);
     assert!(!links.contains("vm0"), "a tap left on m1: {links}");
     eprintln!("whole test: {:?}", began.elapsed());
+}
+
+/// How long a stop waits before SIGKILL in these tests.
+const STOP_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Sets a minion flag the harness gives a value, or adds it.
+fn set_flag(c: &mut Cluster, flag: &str, value: &str) {
+    match c.minion_flags.iter().position(|f| f == flag) {
+        Some(at) => c.minion_flags[at + 1] = value.into(),
+        None => c.minion_flags.extend([flag.to_owned(), value.to_owned()]),
+    }
+}
+
+#[test]
+fn a_vm_that_never_boots_backs_off_and_one_out_of_memory_says_so() {
+    require_netns!();
+    if let Some(why) = missing() {
+        eprintln!("SKIPPED: vm test {why}");
+        return;
+    }
+    let began = Instant::now();
+    let mut c = Cluster::master_only_on(Net::new(&["master", "m1"]));
+    set_flag(&mut c, "--vm-boot-timeout-ms", "30000");
+    let c = c.with_minions(1);
+    let dir = c.dir.path();
+    let mute = build_image(dir, "mute", MUTE, None);
+    let hog = build_image(dir, "hog", HOG, Some(r#"{"memory_mib": 128}"#));
+    c.ok(&["push", mute.to_str().unwrap(), "mute.zst"]);
+    c.ok(&["push", hog.to_str().unwrap(), "hog.zst"]);
+    let specs = json!([
+        {"machine": "m1", "name": "mute", "image": "mute.zst", "type": "vm",
+         "proxyport": 8080, "healthcheck": "/health"},
+        {"machine": "m1", "name": "hog", "image": "hog.zst", "type": "vm"},
+    ]);
+    let file = dir.join("specs.json");
+    std::fs::write(&file, specs.to_string()).unwrap();
+    c.ok(&["deploy", file.to_str().unwrap(), "--detach"]);
+
+    // Never passes its health check: killed at the boot timeout, saying so.
+    let s = wait_status(&c, "mute", Duration::from_secs(120), |s| {
+        s["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("did not boot within 30 s"))
+    });
+    eprintln!("mute: {} after {:?}", s["message"], began.elapsed());
+    // Its console in `status`: it booted, it just never served.
+    let text = wait_for("mute's console in its status", Duration::from_secs(120), || {
+        let out = c.phoenix(&["status", "mute"]);
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        (text.contains("last lines of its log:") && text.contains("vm: mute up, serving nothing"))
+            .then_some(text)
+    });
+    eprintln!("{text}");
+    // It backs off: a run that never booted is no stable run.
+    let s = wait_status(&c, "mute", Duration::from_secs(150), |s| {
+        s["state"] == "backoff" || s["restarts"].as_u64().unwrap_or(0) >= 2
+    });
+    assert!(s["restarts"].as_u64().unwrap_or(0) >= 1, "{s}");
+
+    // Out of memory in the guest: said in its status.
+    let s = wait_status(&c, "hog", Duration::from_secs(150), |s| {
+        s["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("out of memory in the guest"))
+    });
+    let message = s["message"].as_str().unwrap();
+    assert!(message.contains("Killed process"), "{message}");
+    assert!(message.contains("(dd)"), "{message}");
+    eprintln!("hog: {message}");
+    c.ok(&["del", "mute"]);
+    c.ok(&["del", "hog"]);
+    eprintln!("whole test: {:?}", began.elapsed());
+}
+
+/// What a QEMU over its service's `memory` meets, shown with a binary (the
+/// runner's report is the same for every kind of task): the kernel's OOM
+/// killer in its cgroup, which `status` names.
+#[test]
+fn a_task_killed_by_its_cgroups_oom_killer_says_out_of_memory() {
+    if !is_root() {
+        eprintln!("SKIPPED: needs root");
+        return;
+    }
+    let Some(busybox) = ["/bin/busybox", "/usr/bin/busybox"]
+        .into_iter()
+        .find(|p| Path::new(p).exists())
+    else {
+        eprintln!("SKIPPED: needs busybox (apt-get install busybox-static)");
+        return;
+    };
+    // On loopback: `ip netns exec` gives a multi-host harness's minions a
+    // /sys without cgroups.
+    let c = Cluster::start(1);
+    c.ok(&["push", busybox, "busybox"]);
+    let spec = json!({
+        "machine": "m1", "name": "eater", "type": "binary", "image": "busybox", "memory": "32M",
+        "args": ["dd", "if=/dev/zero", "of=/dev/null", "bs=128M", "count=1"],
+    });
+    let file = c.dir.path().join("eater.json");
+    std::fs::write(&file, spec.to_string()).unwrap();
+    c.ok(&["deploy", file.to_str().unwrap(), "--detach"]);
+    let s = wait_status(&c, "eater", Duration::from_secs(30), |s| {
+        s["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("out of memory"))
+    });
+    let message = s["message"].as_str().unwrap();
+    assert!(
+        message.contains("OOM killer killed 1 of its processes at its memory limit of 32 MiB"),
+        "{message}"
+    );
+    c.ok(&["del", "eater"]);
 }
 
 fn walk(dir: &Path) -> Vec<PathBuf> {

@@ -17,7 +17,10 @@
 //! machines) does not run stock kernels, so it counts as none. Under TCG
 //! the guest is told the TSC frequency (the host's, which TCG's TSC runs
 //! at: `tsc_early_khz`) and skips the timer check: a Debian kernel without
-//! it hangs calibrating against the (missing) PIT.
+//! it hangs calibrating against the (missing) PIT. The minion reports
+//! which in its node stats (`vm_accel`: `kvm`, `tcg`, or `none` without
+//! QEMU; a column of `phoenix nodes`), and `phoenix status` of a VM on a
+//! TCG minion says it is slow (a `note`), never silently.
 //!
 //! Sizing: `cpus` (rounded up) vCPUs, default the image's `config.json`
 //! or 1. `memory` is the service's whole cgroup limit, which QEMU itself
@@ -49,9 +52,32 @@
 //!
 //! Stop: SIGTERM becomes an ACPI power-button press (`system_powerdown`
 //! on the run's QMP socket), so the guest can shut down cleanly; SIGKILL
-//! follows after the stop timeout as for any service. A restarted minion
-//! adopts a running QEMU by pid and start time, and finds its QMP socket
-//! in its command line.
+//! follows after the stop timeout as for any service. The guest must act
+//! on the button: with the kernel's `button` and `evdev` drivers the press
+//! is an input event, which a busybox init can wait for (`dd` one event
+//! from `/dev/input/event0`, then `poweroff -f`; the e2e test's image
+//! does). A restarted minion adopts a running QEMU by pid and start time,
+//! and finds its QMP socket in its command line.
+//!
+//! Boot: a VM with a health check has booted when the check first passes.
+//! Until then its failures do not count and it is probed quickly; if it
+//! has not passed within the boot timeout (`--vm-boot-timeout-ms`, 120 s,
+//! enough for a TCG boot on a loaded machine) the guest never booted:
+//! QEMU is killed (SIGKILL: a guest that did not boot heeds no power
+//! button) and restarted with backoff like any failing start (such a run
+//! never resets the backoff, however long it was), the status saying
+//! `did not boot within N s`, and `phoenix status` showing the last lines
+//! of its console. A VM without a health check cannot be told booted from
+//! hung: it runs once it has stayed up the minion's minimum uptime.
+//!
+//! Out of memory: after a run ends, a guest kernel's `Out of memory` line
+//! in what the run wrote to its console (its OOM killer, or the panic when
+//! nothing is left to kill) makes its status say `out of memory in the
+//! guest` with that line; QEMU itself killed by its cgroup's OOM killer
+//! (over the service's `memory`) is found by the runner for every kind of
+//! task (`oom_kill` in the cgroup's memory events) and said the same way.
+//! A guest whose OOM killer ends a process it survives keeps running; the
+//! line is in its log.
 
 use std::io::{Read, Write};
 use std::os::unix::fs::PermissionsExt;
