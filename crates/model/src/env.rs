@@ -168,6 +168,33 @@ impl fmt::Debug for Environment {
     }
 }
 
+/// How the variables a spec sets itself (its env files and `env`, as
+/// written: a secret is `secret:NAME`) differ between two versions of it,
+/// for `phoenix diff`: `+KEY=VALUE`, `-KEY`, `~KEY=VALUE (was OLD)`, by key.
+pub fn env_changes(old: &Spec, new: &Spec) -> Vec<String> {
+    let none = BTreeMap::new();
+    let vars = |s: &Spec| -> BTreeMap<String, String> {
+        layered(&[], &none, s)
+            .into_iter()
+            .map(|v| (v.key, v.value))
+            .collect()
+    };
+    let (old, new) = (vars(old), vars(new));
+    let mut out = Vec::new();
+    for (k, v) in &new {
+        match old.get(k) {
+            None => out.push(format!("+{k}={v}")),
+            Some(o) if o != v => out.push(format!("~{k}={v} (was {o})")),
+            Some(_) => {}
+        }
+    }
+    for k in old.keys().filter(|k| !new.contains_key(*k)) {
+        out.push(format!("-{k}"));
+    }
+    out.sort_by(|a, b| a[1..].cmp(&b[1..]));
+    out
+}
+
 /// A secret's value on its way from the CLI to the master (`phoenix secret
 /// set`); its `Debug` shows nothing of it.
 #[derive(Serialize, Deserialize, Clone, PartialEq, Eq)]
@@ -301,6 +328,24 @@ mod tests {
         assert!(!pairs.contains_key("IMG"));
         let missing = resolve(&cluster(), &spec(), |n| (n == "db").then(String::new));
         assert_eq!(missing.unwrap_err(), ["api"]);
+    }
+
+    #[test]
+    fn env_changes_show_variables_as_written() {
+        let old = spec();
+        let mut new = spec();
+        new.env = vec!["S=spec2".into(), "DB=secret:db2".into(), "N=1".into()];
+        new.env_file[1].env = Some(vec!["AB=b".into()]);
+        assert_eq!(
+            env_changes(&old, &new),
+            [
+                "~DB=secret:db2 (was secret:db)",
+                "+N=1",
+                "~S=spec2 (was spec)",
+                "-TOKEN"
+            ]
+        );
+        assert!(env_changes(&old, &old).is_empty());
     }
 
     #[test]

@@ -636,6 +636,11 @@ pub struct PlanEntry {
     /// For a change: the fields that differ (`env`, `args`, ...).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub fields: Vec<String>,
+    /// For a change of `env` or `env_file`: the variables that differ, as
+    /// written (`+KEY=VALUE`, `-KEY`, `~KEY=VALUE (was OLD)`); a secret
+    /// shows as `secret:NAME`, never its value (`crate::env::env_changes`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub env: Vec<String>,
 }
 
 /// One registry image, for `phoenix images`.

@@ -762,6 +762,9 @@ fn print_plan(plan: &Plan) {
             e.fields.join(", "),
             e.file
         );
+        for v in &e.env {
+            println!("    {v}");
+        }
     }
     for name in &plan.delete {
         match (plan.prune, plan.written) {

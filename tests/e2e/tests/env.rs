@@ -241,11 +241,14 @@ fn four_layers_in_order_and_a_secret_that_shows_nowhere_else() {
     assert!(e.contains("conf/app.env:2: expected KEY=VALUE"), "{e}");
     std::fs::write(
         tree.join("conf/app.env"),
-        "L_FILE=file2\nL_SPEC=file\nDB_PASSWORD=secret:db\n",
+        "L_FILE=file2\nL_SPEC=file\nDB_PASSWORD=secret:api\n",
     )
     .unwrap();
+    // The diff names the variables, secrets by name.
     let diff = c.ok(&["diff", tree_arg]);
     assert!(diff.contains("~ box (m1): env_file"), "{diff}");
+    assert!(diff.contains("~DB_PASSWORD=secret:api (was secret:db)"), "{diff}");
+    assert!(diff.contains("~L_FILE=file2 (was file)"), "{diff}");
     has_none("diff", &diff);
     has_none("diff --json", &c.ok(&["diff", tree_arg, "--json"]));
     // A secret in use is not removed.

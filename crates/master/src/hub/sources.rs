@@ -134,14 +134,15 @@ pub fn plan(
     };
     let mut refused = Vec::new();
     for (file, spec) in tree {
-        let entry = |fields| PlanEntry {
+        let entry = |fields, env| PlanEntry {
             name: spec.name.clone(),
             machine: spec.machine.clone(),
             file: file.clone(),
             fields,
+            env,
         };
         match stored.get(&spec.name) {
-            None => plan.create.push(entry(Vec::new())),
+            None => plan.create.push(entry(Vec::new(), Vec::new())),
             Some(s) if s.source.as_deref() != Some(source) => {
                 refused.push(format!(
                     "{file}: {}",
@@ -153,7 +154,9 @@ pub fn plan(
                 if fields.is_empty() {
                     plan.unchanged.push(spec.name.clone());
                 } else {
-                    plan.change.push(entry(fields));
+                    // Variables as written: a secret stays `secret:NAME`.
+                    let env = phoenix_model::env::env_changes(&s.spec, spec);
+                    plan.change.push(entry(fields, env));
                 }
             }
         }
