@@ -247,7 +247,10 @@ fn four_layers_in_order_and_a_secret_that_shows_nowhere_else() {
     // The diff names the variables, secrets by name.
     let diff = c.ok(&["diff", tree_arg]);
     assert!(diff.contains("~ box (m1): env_file"), "{diff}");
-    assert!(diff.contains("~DB_PASSWORD=secret:api (was secret:db)"), "{diff}");
+    assert!(
+        diff.contains("~DB_PASSWORD=secret:api (was secret:db)"),
+        "{diff}"
+    );
     assert!(diff.contains("~L_FILE=file2 (was file)"), "{diff}");
     has_none("diff", &diff);
     has_none("diff --json", &c.ok(&["diff", tree_arg, "--json"]));
