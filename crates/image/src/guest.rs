@@ -60,6 +60,15 @@ pub const REQUIRED_MODULES: [&str; 7] = [
     "virtio_net",
 ];
 
+/// Whether the file at `path` is a VM image ([`crate::vm`]: zstd, by its
+/// first bytes) rather than an OCI image to boot; `type: "vm"` takes both.
+pub fn is_vm_image_file(path: &std::path::Path) -> bool {
+    let mut magic = [0u8; 4];
+    std::fs::File::open(path)
+        .and_then(|mut f| f.read_exact(&mut magic))
+        .is_ok_and(|()| magic == [0x28, 0xb5, 0x2f, 0xfd])
+}
+
 /// What the guest init runs: everything already resolved by the minion
 /// (image config, spec, Phoenix's variables), so the guest decides nothing.
 #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]

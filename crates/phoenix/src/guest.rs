@@ -416,6 +416,20 @@ fn spawn(run: &GuestRun) -> Result<std::process::Child> {
         .gid(run.gid)
         .uid(run.uid)
         .process_group(0);
+    // SAFETY: the closure runs in the child between fork and exec and
+    // makes one async-signal-safe call (sigprocmask) on a local set.
+    unsafe {
+        cmd.pre_exec(|| {
+            // The program starts with no signal blocked (this process
+            // blocks the ones it waits for).
+            let mut none: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut none);
+            if libc::sigprocmask(libc::SIG_SETMASK, &none, std::ptr::null_mut()) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        })
+    };
     let child = cmd.spawn().with_context(|| {
         format!(
             "cannot run {program:?} (in {cwd}, as {}:{})",
@@ -509,11 +523,12 @@ fn wait_signal(set: &libc::sigset_t) -> i32 {
 /// Reaps every process that ends, forwards signals to `pid`, and returns
 /// its exit code once it has ended.
 fn supervise(pid: u32, signals: &libc::sigset_t, program: &str) -> i32 {
-    use rustix::process::{WaitOptions, waitpid};
+    use rustix::process::{WaitOptions, wait};
     loop {
         match wait_signal(signals) {
             libc::SIGCHLD => {
-                while let Ok(Some((who, status))) = waitpid(None, WaitOptions::NOHANG) {
+                // Any child (`waitpid(-1)`): orphans are ours too.
+                while let Ok(Some((who, status))) = wait(WaitOptions::NOHANG) {
                     if who.as_raw_nonzero().get() as u32 != pid {
                         continue;
                     }
@@ -537,6 +552,9 @@ fn supervise(pid: u32, signals: &libc::sigset_t, program: &str) -> i32 {
 /// Reports `code` and ends the VM.
 fn finish(code: i32) -> ! {
     rustix::fs::sync();
+    // The console's last lines reach the service's log before QEMU ends.
+    // SAFETY: tcdrain(3) on the console descriptor; it only waits.
+    unsafe { libc::tcdrain(2) };
     if let Err(e) = debug_exit(guest::exit_byte(code)) {
         say(&format!(
             "cannot report the exit code through isa-debug-exit ({e}); powering off"

@@ -33,7 +33,6 @@
 //! the program's exit code ([`phoenix_image::guest::decode_exit`]).
 
 use std::collections::HashMap;
-use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
@@ -69,10 +68,7 @@ pub struct OciVm {
 
 /// Whether the cached image file is a VM image (zstd), not an OCI image.
 pub fn is_vm_image(image: &Path) -> bool {
-    let mut magic = [0u8; 4];
-    std::fs::File::open(image)
-        .and_then(|mut f| f.read_exact(&mut magic))
-        .is_ok_and(|()| magic == [0x28, 0xb5, 0x2f, 0xfd])
+    guest::is_vm_image_file(image)
 }
 
 /// Whether a prepared artifact is an OCI image made bootable.
@@ -520,10 +516,9 @@ impl VmDriver {
             .ok_or_else(|| format!("{} holds no unpacked OCI image", place.display()))?;
         let spec = &task.assignment.spec;
         let ids = resolve_user(settings.user.as_deref(), &place.join("rootfs"))?;
-        let spec_env: Vec<(String, String)> = spec
-            .env_pairs()
-            .map(|(k, v)| (k.to_owned(), v.to_owned()))
-            .collect();
+        // The master's layers (cluster, env files, spec; secrets in
+        // place), as for a container.
+        let spec_env = task.assignment.env_pairs();
         let hosts = task
             .network
             .and_then(|n| std::fs::read_to_string(n.hosts_file).ok());
@@ -544,10 +539,13 @@ impl VmDriver {
         if exit.code != Some(0) {
             return Err(format!("copy {DISK}: {}", err.trim()));
         }
+        // The run description holds the service's environment, secrets
+        // included: only root may read the disk.
         std::fs::OpenOptions::new()
             .write(true)
             .open(&disk)
             .and_then(|mut f| {
+                f.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
                 // The run goes after the filesystem, on a whole sector.
                 let len = f.metadata()?.len();
                 f.set_len(len.div_ceil(guest::FOOTER) * guest::FOOTER)?;

@@ -1,0 +1,254 @@
+//! OCI images run as VMs: `type: "vm"` naming a container image file.
+//!
+//! The test builds an OCI image of busybox (as the container tests do),
+//! pushes it, and deploys it as a VM: the minion makes an ext4 disk of the
+//! unpacked image, boots Debian's cloud kernel with phoenix itself as the
+//! guest's init, and the image's program serves HTTP at the service's
+//! address (its health check passes, it answers from the minion's side).
+//! Deleted, its QEMU goes. The same image as a oneshot with `args` that
+//! exit 3 is reported as exit code 3. A file that is neither a VM image
+//! nor an OCI image is refused at deploy, naming it.
+//!
+//! Needs root, the multi-host harness, and the Debian packages
+//! `qemu-system-x86 linux-image-cloud-amd64 busybox-static e2fsprogs`;
+//! skips, saying which, otherwise.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use phoenix_e2e::netns::Net;
+use phoenix_e2e::oci::{self, Layer};
+use phoenix_e2e::{Cluster, ServiceAt, alive, is_root, require_netns, wait_for};
+use serde_json::{Value, json};
+
+/// Why this machine cannot run the test, if it cannot.
+fn missing() -> Option<String> {
+    if !is_root() {
+        return Some("needs root".into());
+    }
+    let has = |p: &str| {
+        Command::new("sh")
+            .args(["-c", &format!("command -v {p}")])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    for (program, package) in [
+        ("qemu-system-x86_64", "qemu-system-x86"),
+        ("mkfs.ext4", "e2fsprogs"),
+    ] {
+        if !has(program) {
+            return Some(format!("needs {program} (apt-get install {package})"));
+        }
+    }
+    if !Path::new("/bin/busybox").exists() {
+        return Some("needs /bin/busybox (apt-get install busybox-static)".into());
+    }
+    let kernel = std::fs::read_dir("/boot")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .any(|e| {
+            let n = e.file_name();
+            let n = n.to_string_lossy();
+            n.starts_with("vmlinuz-") && n.ends_with("-cloud-amd64")
+        });
+    if !kernel {
+        return Some(
+            "needs Debian's cloud kernel in /boot (apt-get install linux-image-cloud-amd64)".into(),
+        );
+    }
+    None
+}
+
+/// The image's program: says where it runs, then serves `/health` and
+/// `/name` with busybox httpd at `[::]:$PORT`.
+const SERVE: &str = r#"echo "vm-oci: $PHOENIX_NAME at [$PHOENIX_IP]:$PORT in $(pwd) as $(/bin/busybox id -u) FROM_IMAGE=$FROM_IMAGE"
+/bin/busybox mkdir -p /tmp/www
+echo ok > /tmp/www/health
+echo "$PHOENIX_NAME" > /tmp/www/name
+exec /bin/busybox httpd -f -p "[::]:$PORT" -h /tmp/www"#;
+
+fn up(s: &Value) -> bool {
+    s["state"] == "running" && s["health"] == "healthy"
+}
+
+/// Waits for `pred` on the service's status, up to `timeout` (a TCG boot
+/// on a busy machine takes far longer than the harness's 20 s).
+fn wait_status(c: &Cluster, name: &str, timeout: Duration, pred: impl Fn(&Value) -> bool) -> Value {
+    let began = Instant::now();
+    let mut last = Value::Null;
+    while began.elapsed() < timeout {
+        let s = c.status(name);
+        if pred(&s) {
+            return s;
+        }
+        last = s;
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    panic!(
+        "{name} not as wanted after {timeout:?}: {last}\nlog:\n{}",
+        c.phoenix(&["logs", name]).stdout.escape_ascii()
+    );
+}
+
+/// QEMU processes whose command line names `needle`.
+fn qemus(needle: &str) -> Vec<u32> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| {
+                let c = String::from_utf8_lossy(&c);
+                c.starts_with("/usr/bin/qemu-system") && c.contains(needle)
+            })
+        })
+        .collect()
+}
+
+fn deploy(c: &Cluster, spec: &Value) -> std::process::Output {
+    let file = c
+        .dir
+        .path()
+        .join(format!("{}.json", spec["name"].as_str().unwrap_or("spec")));
+    std::fs::write(&file, spec.to_string()).unwrap();
+    // A TCG boot on a busy machine can outlast the harness's 30 s deploy.
+    c.phoenix(&["deploy", file.to_str().unwrap(), "--timeout", "150"])
+}
+
+#[test]
+fn an_oci_image_boots_as_a_vm_serves_and_reports_its_exit_code() {
+    require_netns!();
+    if let Some(why) = missing() {
+        eprintln!("SKIPPED: vm_oci test {why}");
+        return;
+    }
+    let began = Instant::now();
+    let mut c = Cluster::master_only_on(Net::new(&["master", "m1"]));
+    // A TCG boot takes seconds: no health failures count until then.
+    let at = c
+        .minion_flags
+        .iter()
+        .position(|f| f == "--health-grace-ms")
+        .unwrap();
+    c.minion_flags[at + 1] = "120000".into();
+    let c = c.with_minions(1);
+
+    // Neither a VM image nor an OCI image: refused at deploy, named.
+    let junk = c.dir.path().join("junk.tar");
+    {
+        // A tar, but of no image.
+        let mut b = tar::Builder::new(std::fs::File::create(&junk).unwrap());
+        let mut h = tar::Header::new_gnu();
+        h.set_size(5);
+        h.set_mode(0o644);
+        b.append_data(&mut h, "hello.txt", &b"hello"[..]).unwrap();
+        b.finish().unwrap();
+    }
+    c.ok(&["push", junk.to_str().unwrap(), "junk.tar"]);
+    let out = deploy(
+        &c,
+        &json!({"machine": "m1", "name": "junk", "image": "junk.tar:latest", "type": "vm"}),
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("registry file \"junk.tar\" is neither a VM image"),
+        "{err}"
+    );
+
+    // The image: busybox, an entrypoint that runs a shell command.
+    let layer = Layer::default()
+        .binary("/bin/busybox", Path::new("/bin/busybox"))
+        .symlink("/bin/sh", "busybox");
+    let config = json!({
+        "Entrypoint": ["/bin/sh", "-c"],
+        "Cmd": [SERVE],
+        "Env": ["FROM_IMAGE=yes", "PATH=/bin"],
+        "WorkingDir": "/srv",
+    });
+    let image = c.dir.path().join("app.tar");
+    oci::write_tar(&image, &[("latest", vec![layer], config)]);
+    c.ok(&["push", image.to_str().unwrap(), "app.tar"]);
+
+    let port = 8080;
+    let deployed = Instant::now();
+    let out = deploy(
+        &c,
+        &json!({
+            "machine": "m1", "name": "vmoci", "image": "app:latest", "type": "vm",
+            "proxyport": port, "healthcheck": "/health",
+        }),
+    );
+    assert!(
+        out.status.success(),
+        "{}\nlog:\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        c.phoenix(&["logs", "vmoci"]).stdout.escape_ascii()
+    );
+    let s = wait_status(&c, "vmoci", Duration::from_secs(150), up);
+    eprintln!("deploy -> running and healthy: {:?}", deployed.elapsed());
+    let pid = s["pid"].as_u64().expect("a pid");
+    assert_eq!(qemus("phoenix-vmoci"), vec![pid as u32], "one QEMU: {s}");
+
+    // It answers at its own address.
+    let addr = std::net::SocketAddr::new(c.service_ip("vmoci").into(), port);
+    let at = ServiceAt {
+        machine: "m1".into(),
+        addr,
+    };
+    let (code, body) = c.get(&at, "/name").expect("the VM answers");
+    assert_eq!((code, body.trim()), (200, "vmoci"));
+    // The console is the service's log: the program ran with the image's
+    // WorkingDir and Env, Phoenix's variables, as root.
+    let line = wait_for(
+        "the program's line in the log",
+        Duration::from_secs(10),
+        || {
+            let log = c.ok(&["logs", "vmoci"]);
+            log.lines()
+                .find(|l| l.contains("vm-oci: vmoci at"))
+                .map(str::to_owned)
+        },
+    );
+    assert!(
+        line.contains(&format!(":{port} in /srv as 0 FROM_IMAGE=yes")),
+        "{line}"
+    );
+
+    // Deleted: its QEMU goes (the power button stops the program first).
+    let stopped = Instant::now();
+    c.ok(&["del", "vmoci"]);
+    wait_for("QEMU gone", Duration::from_secs(30), || {
+        (!alive(pid) && qemus("phoenix-vmoci").is_empty()).then_some(())
+    });
+    eprintln!("del -> QEMU gone: {:?}", stopped.elapsed());
+
+    // A oneshot of the same image: its exit code is the program's.
+    let ran = Instant::now();
+    let out = deploy(
+        &c,
+        &json!({
+            "machine": "m1", "name": "vmjob", "image": "app.tar:latest", "type": "vm",
+            "duration": "oneshot", "args": ["echo vm-oneshot-ran; exit 3"],
+        }),
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    // Stored but did not succeed: the CLI's exit 7, with the reason.
+    assert_eq!(
+        out.status.code(),
+        Some(7),
+        "{err}\nlog:\n{}",
+        c.phoenix(&["logs", "vmjob"]).stdout.escape_ascii()
+    );
+    assert!(err.contains("vmjob failed: exited with code 3"), "{err}");
+    let s = wait_status(&c, "vmjob", Duration::from_secs(30), |s| {
+        s["state"] == "failed"
+    });
+    assert_eq!(s["last_exit"]["code"], 3, "{s}");
+    assert_eq!(s["restarts"].as_u64(), Some(0), "{s}");
+    assert!(c.ok(&["logs", "vmjob"]).contains("vm-oneshot-ran"));
+    eprintln!("oneshot deploy -> exit 3: {:?}", ran.elapsed());
+    eprintln!("whole test: {:?}", began.elapsed());
+}
