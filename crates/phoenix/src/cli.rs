@@ -270,15 +270,32 @@ pub enum Command {
         #[command(flatten)]
         json: Json,
     },
-    /// Print a service's spec (with its address) as JSON.
+    /// Print a service's spec (with its address) as JSON; with --env, its
+    /// environment: each variable, its value and the layer it comes from
+    /// (image < cluster < env_file < spec), secrets as `secret:NAME`.
     Info {
         /// The service's name.
         name: String,
+        /// Show the service's environment, layer by layer.
+        #[arg(long)]
+        env: bool,
         #[command(flatten)]
         target: Target,
         /// Accepted for uniformity: the spec is always JSON.
         #[command(flatten)]
         json: Json,
+    },
+    /// The cluster's environment variables: every service gets them, under
+    /// its env files and its spec's `env`.
+    Env {
+        #[command(subcommand)]
+        action: EnvAction,
+    },
+    /// Secrets: values kept encrypted on the master, given to services
+    /// whose specs name them as `KEY=secret:NAME`.
+    Secret {
+        #[command(subcommand)]
+        action: SecretAction,
     },
     /// List services.
     #[command(visible_alias = "ps")]

@@ -6,6 +6,7 @@
 mod cli;
 mod client;
 mod demo;
+mod envcmd;
 mod git;
 mod import;
 mod install;
@@ -457,12 +458,21 @@ async fn command(cmd: Command) -> Result<()> {
         }
         Command::Info {
             name,
+            env: true,
+            target,
+            json,
+        } => envcmd::info_env(&target.data_dir, name, json.json).await?,
+        Command::Info {
+            name,
+            env: false,
             target,
             json: _,
         } => {
             let spec: Spec = client::call(&target.data_dir, &Request::Info { name }).await?;
             print_json(&spec)?;
         }
+        Command::Env { action } => envcmd::env(action).await?,
+        Command::Secret { action } => envcmd::secret(action).await?,
         Command::Services { target, json } => {
             let list: Vec<ServiceView> = client::call(&target.data_dir, &Request::Services).await?;
             if json.json {
@@ -641,10 +651,26 @@ async fn apply(a: ApplyArgs, update: bool) -> Result<()> {
     // Check locally first for a quick answer; the master checks again
     // against the cluster and is the authority.
     phoenix_model::spec::parse_specs(&source, &text)?;
+    // The env files its specs name, from beside it; the master keeps
+    // their entries with each service.
+    let env_files = phoenix_model::tree::read_env_files(
+        &a.file,
+        &source,
+        &text,
+        phoenix_model::tree::Links::Follow,
+    )?;
     let req = if update {
-        Request::Update { source, text }
+        Request::Update {
+            source,
+            text,
+            env_files,
+        }
     } else {
-        Request::Deploy { source, text }
+        Request::Deploy {
+            source,
+            text,
+            env_files,
+        }
     };
     let applied: Vec<Applied> = client::call(&a.target.data_dir, &req).await?;
     if !a.json.json {
