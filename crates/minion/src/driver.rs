@@ -307,14 +307,18 @@ impl Drivers {
         cgroups: CgroupMode,
         vm: vm::VmSettings,
     ) -> Drivers {
+        let oci = Arc::new(oci::OciDriver::new(data_dir, host.clone(), cgroups));
+        let kernel = vm.kernel.clone();
         Drivers::new(
             Arc::new(exec::ExecDriver::new(
                 host.clone(),
                 Some(data_dir.join("programs")),
             )),
-            Arc::new(oci::OciDriver::new(data_dir, host.clone(), cgroups)),
+            oci.clone(),
         )
-        .with_vm(Arc::new(vm::VmDriver::new(data_dir, host, vm)))
+        .with_vm(Arc::new(
+            vm::VmDriver::new(data_dir, host, vm).with_oci_images(oci, data_dir, kernel),
+        ))
     }
 
     pub fn named(&self, name: DriverName) -> &Arc<dyn Driver> {

@@ -389,6 +389,10 @@ pub enum Command {
         /// The shell to complete in.
         shell: clap_complete::Shell,
     },
+    /// PID 1 of an OCI image the minion boots as a VM (it puts this binary
+    /// in the guest's initramfs); not for use anywhere else.
+    #[command(hide = true)]
+    GuestInit,
 }
 
 #[derive(Args, Debug)]
@@ -575,6 +579,12 @@ pub struct MinionArgs {
     /// before then (TCG boots take seconds).
     #[arg(long, default_value_t = 120_000)]
     pub vm_boot_timeout_ms: u64,
+    /// The guest kernel an OCI image run as a VM (type vm with a container
+    /// image) boots: a bzImage whose virtio drivers are built in or are
+    /// modules under /lib/modules/RELEASE. Default: the newest
+    /// /boot/vmlinuz-*-cloud-amd64 (Debian's linux-image-cloud-amd64).
+    #[arg(long, value_name = "PATH")]
+    pub vm_kernel: Option<PathBuf>,
 }
 
 #[derive(Args, Debug)]

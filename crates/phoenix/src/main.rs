@@ -6,6 +6,7 @@
 mod cli;
 mod client;
 mod demo;
+mod guest;
 mod envcmd;
 mod git;
 mod import;
@@ -60,6 +61,7 @@ fn runtime(daemon_threads: Option<usize>) -> Result<tokio::runtime::Runtime> {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
+        Command::GuestInit => guest::run(),
         Command::Master(a) => {
             if !a.foreground {
                 let args: Vec<String> = std::env::args().skip(1).collect();
@@ -111,6 +113,11 @@ fn run(cli: Cli) -> Result<()> {
             }
             phoenix_model::spec::check_hostname_label(&a.name)
                 .map_err(|r| anyhow::anyhow!("minion name: {r}"))?;
+            if let Some(k) = &a.vm_kernel
+                && !k.is_file()
+            {
+                bail!("--vm-kernel {}: no such file", k.display());
+            }
             if !phoenix_model::keys::is_valid_public_key(&a.master_key) {
                 bail!(
                     "master key {:?} is not a base64 WireGuard key; copy it from `phoenix master-info` on the master",
@@ -146,6 +153,7 @@ fn run(cli: Cli) -> Result<()> {
                 service_network: a.service_network,
                 vm: phoenix_minion::driver::vm::VmSettings {
                     boot_timeout: Duration::from_millis(a.vm_boot_timeout_ms),
+                    kernel: a.vm_kernel,
                 },
             };
             let result = runtime(None)?.block_on(async {
@@ -626,6 +634,7 @@ async fn command(cmd: Command) -> Result<()> {
         | Command::Uninstall { .. }
         | Command::Demo { .. }
         | Command::Version { .. }
+        | Command::GuestInit
         | Command::Completions { .. } => {
             bail!("not a client command")
         }

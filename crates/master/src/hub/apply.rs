@@ -548,7 +548,7 @@ impl Hub {
                     self.check_container_image(&file, tag.as_deref(), &image)?;
                 }
                 if spec.kind == Kind::Vm {
-                    self.check_vm_image(&file, &image)?;
+                    self.check_vm_image(&file, tag.as_deref(), &image)?;
                 }
                 Ok(image)
             })
@@ -585,8 +585,31 @@ impl Hub {
     /// kernel or root filesystem, ...), naming what is wrong. Cached per
     /// file version like container images (under a tag no container image
     /// can have).
-    fn check_vm_image(&self, file: &str, image: &ImageRef) -> Result<(), String> {
+    /// A file that is not zstd is an OCI image to boot (`type: "vm"` with
+    /// `image: app.tar:tag`): it is opened as a container image is.
+    fn check_vm_image(
+        &self,
+        file: &str,
+        tag: Option<&str>,
+        image: &ImageRef,
+    ) -> Result<(), String> {
         let path = self.registry.dir().join(file);
+        if !phoenix_image::guest::is_vm_image_file(&path) {
+            return self
+                .image_formats
+                .check(&image.hash, tag, || {
+                    phoenix_image::open(&path, tag)
+                        .map(drop)
+                        .map_err(|e| e.to_string().replace(&path.display().to_string(), file))
+                })
+                .map_err(|reason| {
+                    format!(
+                        "registry file {file:?} is neither a VM image (a zstd tar) nor an OCI \
+                         image phoenix can boot: {reason}; fix it, then replace it with \
+                         `phoenix push FILE {file}`"
+                    )
+                });
+        }
         self.image_formats
             .check(&image.hash, Some("vm image"), || {
                 phoenix_image::vm::check(&path, 64 << 30)

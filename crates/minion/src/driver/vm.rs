@@ -10,6 +10,22 @@
 //! directory (`cp --reflink=auto --sparse=always`: a reflink where the
 //! filesystem has them), so every start boots from the image.
 //!
+//! Or an OCI image ([`oci_vm`]): the image file decides, a zstd file is a
+//! VM image and anything else is opened as a container image (`image:
+//! app.tar:tag`, as for `docker`; the master checks both at deploy). Its
+//! unpacked root filesystem (the oci driver's, per manifest digest) becomes
+//! an ext4 disk (`mkfs.ext4 -d`, once, beside it), booted with the
+//! minion's guest kernel (`--vm-kernel`, default Debian's cloud kernel)
+//! and an initramfs holding the `phoenix` binary itself as the guest's
+//! PID 1 (`phoenix guest-init`, with its libraries and the kernel's virtio
+//! modules). The init runs the image's program as the oci driver would
+//! (Entrypoint/Cmd or `args`, Env then `env`, WorkingDir, User), from a run
+//! description the minion appends to the disk after its filesystem;
+//! configures the network from the service's address; reaps; turns the
+//! power button into SIGTERM to the program; and reports its exit code
+//! through QEMU's `isa-debug-exit`, which is the run's exit (0 to 125
+//! exactly, 126 for more or a signal).
+//!
 //! Acceleration, probed once at minion start: KVM when `/dev/kvm` opens
 //! and a hardware-virtualisation module (`kvm_intel`, `kvm_amd`) is loaded;
 //! TCG (QEMU's software emulation, several times slower) otherwise. A
@@ -78,6 +94,8 @@
 //! task (`oom_kill` in the cgroup's memory events) and said the same way.
 //! A guest whose OOM killer ends a process it survives keeps running; the
 //! line is in its log.
+
+pub mod oci_vm;
 
 use std::io::{Read, Write};
 use std::os::unix::fs::PermissionsExt;
@@ -152,6 +170,9 @@ pub struct VmSettings {
     /// How long a VM with a health check has to pass it after a start
     /// (see [`Driver::boot_timeout`]).
     pub boot_timeout: Duration,
+    /// The guest kernel OCI images boot with (`--vm-kernel`); `None`:
+    /// Debian's cloud kernel ([`oci_vm::default_kernel`]).
+    pub kernel: Option<PathBuf>,
 }
 
 /// A TCG boot of a stock kernel takes 2 to 60 s on a loaded machine.
@@ -161,6 +182,7 @@ impl Default for VmSettings {
     fn default() -> Self {
         VmSettings {
             boot_timeout: DEFAULT_BOOT_TIMEOUT,
+            kernel: None,
         }
     }
 }
@@ -201,6 +223,8 @@ pub struct VmDriver {
     /// The host's TSC frequency (kHz), for TCG guests.
     tsc_khz: Option<u64>,
     unpacking: std::sync::Mutex<std::collections::HashMap<PathBuf, Arc<tokio::sync::Mutex<()>>>>,
+    /// OCI images booted as VMs ([`oci_vm`]); `None`: refused.
+    oci_vm: Option<Arc<oci_vm::OciVm>>,
 }
 
 fn find_in_path(name: &str) -> Option<PathBuf> {
@@ -237,6 +261,7 @@ impl VmDriver {
             rootfs_dir: data_dir.join("images").join("rootfs"),
             tsc_khz: host_tsc_khz(),
             unpacking: Default::default(),
+            oci_vm: None,
         };
         match &d.qemu {
             Some(q) => tracing::info!(
@@ -265,6 +290,7 @@ impl VmDriver {
             rootfs_dir: PathBuf::new(),
             tsc_khz: None,
             unpacking: Default::default(),
+            oci_vm: None,
         }
     }
 
@@ -649,11 +675,19 @@ impl Driver for VmDriver {
     fn prepare<'a>(
         &'a self,
         image: &'a Path,
-        _a: &'a Assignment,
+        a: &'a Assignment,
     ) -> BoxFuture<'a, Result<Artifact, DriverError>> {
         Box::pin(async move {
             if self.qemu.is_none() {
                 return Err(DriverError::Vm(QEMU_HELP.into()));
+            }
+            if !oci_vm::is_vm_image(image) {
+                // Not zstd: an OCI image to boot.
+                let (_, tag) = a.spec.registry_file();
+                let path = self.prepare_oci(image, tag.as_deref()).await;
+                return Ok(Artifact {
+                    path: path.map_err(DriverError::Vm)?,
+                });
             }
             let path = self.unpacked(image).await.map_err(DriverError::Vm)?;
             Ok(Artifact { path })
@@ -661,7 +695,12 @@ impl Driver for VmDriver {
     }
 
     fn start<'a>(&'a self, task: TaskConfig<'a>) -> BoxFuture<'a, Result<TaskHandle, DriverError>> {
-        Box::pin(async move { self.start_vm(task).await.map_err(DriverError::Vm) })
+        Box::pin(async move {
+            if oci_vm::is_oci_artifact(&task.artifact.path) {
+                return self.start_oci(task).await.map_err(DriverError::Vm);
+            }
+            self.start_vm(task).await.map_err(DriverError::Vm)
+        })
     }
 
     fn boot_timeout(&self) -> Option<Duration> {
