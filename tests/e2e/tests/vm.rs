@@ -79,7 +79,7 @@ cat "$2" >> "$W/root/init"
 if [ -n "${3:-}" ]; then cp "$3" "$W/img/config.json"; fi
 chmod 755 "$W/initrd/init" "$W/root/init"
 (cd "$W/initrd" && find . | cpio -o -H newc --quiet) > "$W/img/initrd"
-cp /boot/vmlinuz-$KVER "$W/img/bzImage"
+if [ -n "${VMLINUX:-}" ]; then cp "$VMLINUX" "$W/img/vmlinux"; else cp /boot/vmlinuz-$KVER "$W/img/bzImage"; fi
 mkfs.ext4 -q -d "$W/root" "$W/img/rootfs.ext4" 16M >/dev/null
 tar -C "$W/img" -c . | zstd -q -f -o "$OUT"
 "#;
@@ -151,11 +151,26 @@ poweroff -f
 
 /// Builds image `name` at `dir/NAME.zst`, its init ending with `tail`.
 fn build_image(dir: &Path, name: &str, tail: &str, config: Option<&str>) -> PathBuf {
+    build_image_with(dir, name, tail, config, None)
+}
+
+/// [`build_image`], with `vmlinux` as its kernel rather than the cloud
+/// kernel's bzImage.
+fn build_image_with(
+    dir: &Path,
+    name: &str,
+    tail: &str,
+    config: Option<&str>,
+    vmlinux: Option<&Path>,
+) -> PathBuf {
     let out = dir.join(format!("{name}.zst"));
     let init = dir.join(format!("{name}.init"));
     std::fs::write(&init, tail).unwrap();
     let mut sh = Command::new("sh");
     sh.args(["-c", MKVM, "mkvm"]).arg(&out).arg(&init);
+    if let Some(k) = vmlinux {
+        sh.env("VMLINUX", k);
+    }
     if let Some(config) = config {
         let file = dir.join(format!("{name}.config.json"));
         std::fs::write(&file, config).unwrap();
@@ -220,7 +235,11 @@ fn a_vm_boots_serves_restarts_and_leaves_nothing() {
     // Health failures do not count until the boot timeout (120 s by
     // default) or a first pass. A stop has 60 s for the guest to power off
     // before SIGKILL: the test shows it takes the ACPI path, well within.
-    set_flag(&mut c, "--stop-timeout-ms", &STOP_TIMEOUT.as_millis().to_string());
+    set_flag(
+        &mut c,
+        "--stop-timeout-ms",
+        &STOP_TIMEOUT.as_millis().to_string(),
+    );
     let c = c.with_minions(2);
     let image = build_image(c.dir.path(), "web", WEB, None);
     c.ok(&["push", image.to_str().unwrap(), "web.zst"]);
@@ -296,11 +315,15 @@ fn a_vm_boots_serves_restarts_and_leaves_nothing() {
     eprintln!("restart: QEMU gone after {stopped_in:?} (stop timeout {STOP_TIMEOUT:?})");
     assert!(restart.status.success(), "{restart:?}");
     assert!(stopped_in < STOP_TIMEOUT / 2, "{stopped_in:?}");
-    wait_for("the power button in the console", Duration::from_secs(10), || {
-        c.ok(&["logs", "vmweb"])
-            .contains("vm: power button pressed, powering off")
-            .then_some(())
-    });
+    wait_for(
+        "the power button in the console",
+        Duration::from_secs(10),
+        || {
+            c.ok(&["logs", "vmweb"])
+                .contains("vm: power button pressed, powering off")
+                .then_some(())
+        },
+    );
     assert!(
         !c.log("m1").contains("sending SIGTERM to QEMU"),
         "the powerdown did not reach QEMU"
@@ -329,6 +352,83 @@ fn a_vm_boots_serves_restarts_and_leaves_nothing() {
     let links = String::from_utf8_lossy(&links.stdout);
     assert!(!links.contains("vm0"), "a tap left on m1: {links}");
     eprintln!("whole test: {:?}", began.elapsed());
+}
+
+/// The Firecracker backend, where this machine has it: a `firecracker`
+/// binary in `PATH` and KVM with hardware virtualisation (then the minion
+/// boots images whose kernel is a `vmlinux` with Firecracker). The
+/// image's kernel is Debian's cloud kernel decompressed (its `vmlinuz` is
+/// LZ4: the frame after its magic, through `lz4 -d`).
+#[test]
+fn a_vm_with_a_vmlinux_boots_with_firecracker_where_it_is_installed() {
+    let firecracker = std::env::var_os("PATH").and_then(|p| {
+        std::env::split_paths(&p)
+            .map(|d| d.join("firecracker"))
+            .find(|f| f.is_file())
+    });
+    let Some(firecracker) = firecracker else {
+        eprintln!(
+            "SKIPPED: no `firecracker` binary in PATH (it is in no Debian archive: install a release from \
+             https://github.com/firecracker-microvm/firecracker/releases on a host with KVM)"
+        );
+        return;
+    };
+    let kvm = ["kvm_intel", "kvm_amd"]
+        .iter()
+        .any(|m| Path::new("/sys/module").join(m).exists());
+    if !kvm {
+        eprintln!(
+            "SKIPPED: {} found, but no hardware virtualisation (kvm_intel or kvm_amd): the minion uses QEMU then",
+            firecracker.display()
+        );
+        return;
+    }
+    require_netns!();
+    if let Some(why) = missing() {
+        eprintln!("SKIPPED: vm test {why}");
+        return;
+    }
+    let c = Cluster::start_on(Net::new(&["master", "m1"]), 1);
+    let vmlinux = c.dir.path().join("vmlinux");
+    let made = Command::new("sh")
+        .args([
+            "-c",
+            r#"K=$(ls /boot/vmlinuz-*-cloud-amd64 | sort -V | tail -1)
+               OFF=$(grep -obUaP '\x02\x21\x4c\x18' "$K" | head -1 | cut -d: -f1)
+               tail -c +$((OFF + 1)) "$K" | lz4 -dc > "$1" 2>/dev/null || true
+               head -c 4 "$1" | grep -q ELF"#,
+            "vmlinux",
+        ])
+        .arg(&vmlinux)
+        .status()
+        .expect("run sh");
+    if !made.success() {
+        eprintln!("SKIPPED: cannot extract a vmlinux from the cloud kernel (needs lz4)");
+        return;
+    }
+    let image = build_image_with(c.dir.path(), "fcweb", WEB, None, Some(&vmlinux));
+    c.ok(&["push", image.to_str().unwrap(), "fcweb.zst"]);
+    let spec = json!({
+        "machine": "m1", "name": "fcweb", "image": "fcweb.zst", "type": "vm",
+        "proxyport": 8080, "healthcheck": "/health",
+    });
+    let file = c.dir.path().join("fc.json");
+    std::fs::write(&file, spec.to_string()).unwrap();
+    c.ok(&["deploy", file.to_str().unwrap(), "--timeout", "120"]);
+    let s = wait_status(&c, "fcweb", Duration::from_secs(60), up);
+    let pid = s["pid"].as_u64().unwrap();
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap();
+    assert!(
+        String::from_utf8_lossy(&cmdline).contains("firecracker"),
+        "not Firecracker: {}",
+        String::from_utf8_lossy(&cmdline)
+    );
+    let (code, body) = c.http_service("fcweb", 8080, "/name").expect("answers");
+    assert_eq!((code, body.trim()), (200, "fcweb"));
+    c.ok(&["del", "fcweb"]);
+    wait_for("Firecracker gone", Duration::from_secs(15), || {
+        (!alive(pid)).then_some(())
+    });
 }
 
 /// How long a stop waits before SIGKILL in these tests.
@@ -375,12 +475,17 @@ fn a_vm_that_never_boots_backs_off_and_one_out_of_memory_says_so() {
     });
     eprintln!("mute: {} after {:?}", s["message"], began.elapsed());
     // Its console in `status`: it booted, it just never served.
-    let text = wait_for("mute's console in its status", Duration::from_secs(120), || {
-        let out = c.phoenix(&["status", "mute"]);
-        let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        (text.contains("last lines of its log:") && text.contains("vm: mute up, serving nothing"))
+    let text = wait_for(
+        "mute's console in its status",
+        Duration::from_secs(120),
+        || {
+            let out = c.phoenix(&["status", "mute"]);
+            let text = String::from_utf8_lossy(&out.stdout).into_owned();
+            (text.contains("last lines of its log:")
+                && text.contains("vm: mute up, serving nothing"))
             .then_some(text)
-    });
+        },
+    );
     eprintln!("{text}");
     // It backs off: a run that never booted is no stable run.
     let s = wait_status(&c, "mute", Duration::from_secs(150), |s| {

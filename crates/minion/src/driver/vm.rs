@@ -38,6 +38,11 @@
 //! QEMU; a column of `phoenix nodes`), and `phoenix status` of a VM on a
 //! TCG minion says it is slow (a `note`), never silently.
 //!
+//! Firecracker: where a `firecracker` binary is in `PATH` and KVM works,
+//! an image whose kernel is a `vmlinux` boots with Firecracker instead,
+//! configured through its API socket ([`firecracker`]); a bzImage still
+//! boots with QEMU, as does everything under TCG.
+//!
 //! Sizing: `cpus` (rounded up) vCPUs, default the image's `config.json`
 //! or 1. `memory` is the service's whole cgroup limit, which QEMU itself
 //! must also fit in, so the guest gets `memory` minus 96 MiB (at least 64
@@ -95,6 +100,7 @@
 //! A guest whose OOM killer ends a process it survives keeps running; the
 //! line is in its log.
 
+pub mod firecracker;
 pub mod oci_vm;
 
 use std::io::{Read, Write};
@@ -225,6 +231,9 @@ pub struct VmDriver {
     unpacking: std::sync::Mutex<std::collections::HashMap<PathBuf, Arc<tokio::sync::Mutex<()>>>>,
     /// OCI images booted as VMs ([`oci_vm`]); `None`: refused.
     oci_vm: Option<Arc<oci_vm::OciVm>>,
+    /// Firecracker, when it is in `PATH` and KVM works: it boots images
+    /// whose kernel is a `vmlinux` ([`firecracker`]).
+    firecracker: Option<PathBuf>,
 }
 
 fn find_in_path(name: &str) -> Option<PathBuf> {
@@ -253,7 +262,7 @@ impl VmDriver {
     /// The driver, with QEMU found in `PATH` and the accelerator probed,
     /// keeping unpacked images under `data_dir/images/rootfs`.
     pub fn new(data_dir: &Path, host: Arc<dyn Host>, settings: VmSettings) -> VmDriver {
-        let d = VmDriver {
+        let mut d = VmDriver {
             host,
             qemu: find_in_path("qemu-system-x86_64"),
             accel: Accel::probe(),
@@ -262,7 +271,12 @@ impl VmDriver {
             tsc_khz: host_tsc_khz(),
             unpacking: Default::default(),
             oci_vm: None,
+            firecracker: None,
         };
+        d.firecracker = find_in_path("firecracker").filter(|_| d.accel == Accel::Kvm);
+        if let Some(fc) = &d.firecracker {
+            tracing::info!(firecracker = %fc.display(), "vm images with a vmlinux boot with Firecracker");
+        }
         match &d.qemu {
             Some(q) => tracing::info!(
                 qemu = %q.display(),
@@ -291,6 +305,7 @@ impl VmDriver {
             tsc_khz: None,
             unpacking: Default::default(),
             oci_vm: None,
+            firecracker: None,
         }
     }
 
@@ -361,6 +376,13 @@ impl VmDriver {
             accel: self.accel,
             name: task.name().to_owned(),
         };
+        if let Some(fc) = self
+            .firecracker
+            .as_ref()
+            .filter(|_| info.kernel == "vmlinux")
+        {
+            return self.start_firecracker(fc, task, plan).await;
+        }
         let args = plan.args();
         let proc = Proc::spawn(
             self.host.clone(),
@@ -386,6 +408,92 @@ impl VmDriver {
                 qmp: Some(plan.qmp),
             }),
         })
+    }
+}
+
+impl VmDriver {
+    /// Boots `plan` with Firecracker (see [`firecracker`]).
+    async fn start_firecracker(
+        &self,
+        fc: &Path,
+        task: TaskConfig<'_>,
+        plan: Plan,
+    ) -> Result<TaskHandle, String> {
+        let sock = task.work_dir.join("fc.sock");
+        let _ = std::fs::remove_file(&sock);
+        let network = plan.ifup.is_some();
+        let id = format!("phoenix-{}", plan.name);
+        let args = vec![
+            "-c".to_owned(),
+            firecracker::launch_script(fc, &sock, &id, network),
+        ];
+        let mut proc = Proc::spawn(
+            self.host.clone(),
+            Launch {
+                program: Path::new("/bin/sh"),
+                arg0: None,
+                args: &args,
+                env: vec![("PATH".to_owned(), super::exec::DEFAULT_PATH.to_owned())],
+                cwd: task.work_dir,
+                log: task.log,
+                cgroup: task.cgroup.as_deref(),
+                netns: task.network.map(|n| n.netns),
+                hosts_file: None,
+            },
+        )
+        .map_err(|e| e.to_string())?;
+        let pid = proc.pid().unwrap_or(0);
+        let vm = firecracker::FcVm {
+            kernel: plan.kernel,
+            initrd: plan.initrd,
+            // Firecracker's guests reboot through the keyboard controller
+            // (which ends Firecracker) and have no PCI.
+            boot_args: format!("{} reboot=k pci=off", plan.cmdline),
+            rootfs: plan.disk,
+            network,
+            vcpus: plan.cpus,
+            mem_mib: plan.memory_mib,
+        };
+        let requests = firecracker::boot_requests(&vm);
+        let at = sock.clone();
+        let configured = tokio::task::spawn_blocking(move || {
+            firecracker::configure(&at, &requests, Duration::from_secs(10))
+        })
+        .await
+        .map_err(|e| e.to_string())
+        .and_then(|r| r);
+        if let Err(e) = configured {
+            proc.signal(libc::SIGKILL);
+            let _ = proc.wait().await;
+            return Err(e);
+        }
+        Ok(TaskHandle {
+            pid,
+            start_time: self.host.process_start_time(pid).unwrap_or(0),
+            process: Box::new(FcProc { proc, sock }),
+        })
+    }
+}
+
+/// A running Firecracker: SIGTERM is Ctrl-Alt-Del to the guest.
+struct FcProc {
+    proc: Proc,
+    sock: PathBuf,
+}
+
+impl RunningTask for FcProc {
+    fn wait(&mut self) -> BoxFuture<'_, Exit> {
+        Box::pin(self.proc.wait())
+    }
+
+    fn signal(&self, signal: i32) {
+        if signal == libc::SIGTERM {
+            match firecracker::send(&self.sock, &firecracker::stop_request()) {
+                Ok(()) => return,
+                Err(e) => tracing::info!("{e}; sending SIGTERM to Firecracker"),
+            }
+        }
+        self.proc.signal(signal);
     }
 }
 
@@ -594,7 +702,7 @@ fn unpack_cached(image: &Path, dir: &Path) -> Result<PathBuf, String> {
 
 /// What a run leaves in its work directory.
 fn cleanup(work: &Path) {
-    for f in ["disk.ext4", "ifup", "qmp.sock"] {
+    for f in ["disk.ext4", "ifup", "qmp.sock", "fc.sock"] {
         let _ = std::fs::remove_file(work.join(f));
     }
 }
@@ -725,13 +833,17 @@ impl Driver for VmDriver {
             record.start_time,
             Target::Group,
         )?;
-        Some(TaskHandle {
-            pid: record.pid,
-            start_time: record.start_time,
-            process: Box::new(VmProc {
+        let process: Box<dyn RunningTask> = match firecracker::api_sock_of(record.pid) {
+            Some(sock) => Box::new(FcProc { proc, sock }),
+            None => Box::new(VmProc {
                 proc,
                 qmp: qmp_of(record.pid),
             }),
+        };
+        Some(TaskHandle {
+            pid: record.pid,
+            start_time: record.start_time,
+            process,
         })
     }
 
