@@ -23,7 +23,11 @@
 //! process is left beside it.
 //!
 //! Firecracker is installed by the user (it is in no distribution's
-//! archive); it needs real hardware virtualisation.
+//! archive); it needs real hardware virtualisation. Its guest kernel must
+//! find Firecracker's virtio-mmio devices: through ACPI where Firecracker
+//! describes them so (as QEMU's microvm does), or on the kernel command
+//! line (`CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES`, which Debian's cloud kernel
+//! does not have). Not run here: this machine has no hardware KVM.
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
