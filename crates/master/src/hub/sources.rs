@@ -389,6 +389,49 @@ mod tests {
     }
 
     #[test]
+    fn a_tree_s_env_files_load_into_its_specs_and_are_no_specs_themselves() {
+        let file = |path: &str, text: &str| SourceFile {
+            path: path.into(),
+            text: text.into(),
+        };
+        let web = r#"{"machine":"m1","name":"web","image":"testy","type":"binary",
+            "env_file":["../common.env"],"env":["DB=secret:db"]}"#;
+        let files = vec![
+            file("d/web/web.json", web),
+            file("d/common.env", "LEVEL=debug\nTOKEN=secret:api\n"),
+        ];
+        let tree = parse_tree(&files).unwrap();
+        assert_eq!(tree.len(), 1);
+        let spec = &tree[0].1;
+        assert_eq!(
+            spec.env_file[0].env.as_deref(),
+            Some(&["LEVEL=debug".to_owned(), "TOKEN=secret:api".to_owned()][..])
+        );
+        assert_eq!(spec.secret_refs(), ["api", "db"]);
+        // A changed env file is a changed spec; the diff names the
+        // variables, a secret by name.
+        let mut before = spec.clone();
+        before.env_file[0].env = Some(vec!["LEVEL=info".into(), "TOKEN=secret:old".into()]);
+        let held = stored(&[("web", before, Some("/d"))]);
+        let p = plan("/d", &tree, &held, false).unwrap();
+        assert_eq!(p.change[0].fields, ["env_file"]);
+        assert_eq!(
+            p.change[0].env,
+            [
+                "~LEVEL=debug (was info)",
+                "~TOKEN=secret:api (was secret:old)"
+            ]
+        );
+        // An env file missing from the tree, or with a bad line, refuses
+        // the tree, naming the file (and the line).
+        let e = parse_tree(&files[..1]).unwrap_err().to_string();
+        assert!(e.contains("env file d/common.env was not sent"), "{e}");
+        let bad = vec![file("d/web/web.json", web), file("d/common.env", "oops\n")];
+        let e = parse_tree(&bad).unwrap_err().to_string();
+        assert!(e.contains("d/common.env:1: expected KEY=VALUE"), "{e}");
+    }
+
+    #[test]
     fn the_same_tree_again_plans_nothing() {
         let tree = vec![("a.json".to_owned(), spec("a", &["1"]))];
         let held = stored(&[("a", spec("a", &["1"]), Some("src"))]);
