@@ -4,6 +4,7 @@
 mod common;
 
 mod balancing;
+mod hooks;
 mod limits;
 mod routing;
 mod shards;
