@@ -593,6 +593,36 @@ mod tests {
     }
 
     #[test]
+    fn a_lost_key_is_not_replaced_while_secrets_need_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let hub = hub(dir.path());
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        hub.connect("m1", "0", false, tx);
+        hub.secret_set("root", "db", &SecretValue("x".into()))
+            .unwrap();
+        hub.apply(
+            "root",
+            Apply::Deploy,
+            "u.json",
+            &spec("user", r#""DB=secret:db""#),
+        )
+        .unwrap();
+        assert_eq!(last_set(&mut rx)["user"].1["DB"], "x");
+        std::fs::remove_file(dir.path().join("secrets.key")).unwrap();
+        let e = hub
+            .secret_set("root", "api", &SecretValue("y".into()))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("secrets.key is missing"), "{e}");
+        assert!(!dir.path().join("secrets.key").exists());
+        // The machine's set is not sent without its secrets: its minion
+        // keeps what it runs.
+        hub.apply("root", Apply::Deploy, "o.json", &spec("other", ""))
+            .unwrap();
+        assert!(rx.try_recv().is_err());
+    }
+
+    #[test]
     fn a_vm_is_given_no_secret() {
         let dir = tempfile::tempdir().unwrap();
         let hub = hub(dir.path());

@@ -243,8 +243,17 @@ impl Hub {
                 value.len()
             )));
         }
-        let key = SecretKey::load_or_create(&self.secret_key_path())
-            .map_err(|e| ApiError::Internal(e.to_string()))?;
+        // A key is made only for the first secret: one lost while the
+        // store holds secrets sealed with it is not silently replaced.
+        let internal = |e: SecretError| ApiError::Internal(e.to_string());
+        if self.secret_key().map_err(internal)?.is_none()
+            && !self.store().read()?.secrets()?.is_empty()
+        {
+            return Err(internal(SecretError::Missing {
+                path: self.secret_key_path().display().to_string(),
+            }));
+        }
+        let key = SecretKey::load_or_create(&self.secret_key_path()).map_err(internal)?;
         let (nonce, sealed) = key
             .seal(name, value)
             .map_err(|e| ApiError::Internal(e.to_string()))?;
