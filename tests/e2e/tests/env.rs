@@ -300,3 +300,106 @@ fn four_layers_in_order_and_a_secret_that_shows_nowhere_else() {
     assert_eq!(mode(&c.master_dir().join("secrets.key")), 0o600);
     assert_eq!(mode(&c.minion_dir("m1").join("desired.json")), 0o600);
 }
+
+fn git(dir: &Path, args: &[&str]) {
+    let out = std::process::Command::new("git")
+        .arg("-C")
+        .arg(dir)
+        .args(args)
+        .env("GIT_CONFIG_NOSYSTEM", "1")
+        .env("HOME", dir)
+        .output()
+        .expect("run git (install the `git` package)");
+    assert!(
+        out.status.success(),
+        "git {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn commit(dir: &Path) {
+    git(dir, &["add", "-A"]);
+    git(
+        dir,
+        &[
+            "-c",
+            "user.name=t",
+            "-c",
+            "user.email=t@example.com",
+            "commit",
+            "-q",
+            "-m",
+            "specs",
+        ],
+    );
+}
+
+#[test]
+fn a_git_source_s_env_files_come_from_its_commit() {
+    let c = Cluster::start(1);
+    let repo = c.dir.path().join("repo");
+    std::fs::create_dir_all(repo.join("specs/web")).unwrap();
+    git(&repo, &["init", "-q", "-b", "main"]);
+    let web = testy("m1", "web", &[]);
+    let port = web["proxyport"].as_u64().unwrap() as u16;
+    let mut spec = web.clone();
+    spec["env_file"] = json!(["../common.env", "web.env"]);
+    spec["env"] = json!(["A=spec"]);
+    std::fs::write(repo.join("specs/web/web.json"), spec.to_string()).unwrap();
+    std::fs::write(
+        repo.join("specs/common.env"),
+        "A=common\nB=common\nC=common\n",
+    )
+    .unwrap();
+    std::fs::write(repo.join("specs/web/web.env"), "B=web\nTOKEN=secret:tok\n").unwrap();
+    commit(&repo);
+    set_secret(&c, "tok", API_VALUE);
+    let url = format!("file://{}#main", repo.display());
+    c.ok(&[
+        "apply",
+        "--git",
+        &url,
+        "--path",
+        "specs",
+        "--source",
+        "conf",
+        "--timeout-s",
+        "30",
+    ]);
+    c.wait_status("web", "running", |s| s["state"] == "running");
+    let env = env_of(&c, "web", port);
+    for line in [
+        "A=spec\n",
+        "B=web\n",
+        "C=common\n",
+        &format!("TOKEN={API_VALUE}\n"),
+    ] {
+        assert!(env.contains(line), "{line:?} not in\n{env}");
+    }
+    let layers = c.ok(&["info", "web", "--env"]);
+    assert!(layers.contains("(env_file web.env)"), "{layers}");
+    has_none("info --env", &layers);
+    has_none("sources", &c.ok(&["sources", "--json"]));
+
+    // An env file outside --path is not in the checkout: the commit is
+    // refused, naming it, and the live one stays.
+    spec["env_file"] = json!(["../../outside.env"]);
+    std::fs::write(repo.join("specs/web/web.json"), spec.to_string()).unwrap();
+    std::fs::write(repo.join("outside.env"), "X=1\n").unwrap();
+    commit(&repo);
+    let e = c.fails(&[
+        "apply",
+        "--git",
+        &url,
+        "--path",
+        "specs",
+        "--source",
+        "conf",
+        "--timeout-s",
+        "30",
+    ]);
+    assert!(e.contains("outside.env"), "{e}");
+    assert!(env_of(&c, "web", port).contains("B=web\n"));
+    has_none("master.log", &c.log("master"));
+    has_none("m1.log", &c.log("m1"));
+}
