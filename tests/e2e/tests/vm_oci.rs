@@ -5,7 +5,8 @@
 //! unpacked image, boots Debian's cloud kernel with phoenix itself as the
 //! guest's init, and the image's program serves HTTP at the service's
 //! address (its health check passes, it answers from the minion's side).
-//! Deleted, its QEMU goes. The same image as a oneshot with `args` that
+//! Deleted, its QEMU goes well within the stop timeout: the power button
+//! reached the program through the guest init. The same image as a oneshot with `args` that
 //! exit 3 is reported as exit code 3. A file that is neither a VM image
 //! nor an OCI image is refused at deploy, naming it.
 //!
@@ -124,6 +125,14 @@ fn an_oci_image_boots_as_a_vm_serves_and_reports_its_exit_code() {
         eprintln!("SKIPPED: vm_oci test {why}");
         return;
     }
+    // Outside a VM the guest init refuses to run.
+    let out = Command::new(phoenix_e2e::bin("phoenix"))
+        .arg("guest-init")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("PID 1 only"));
+
     let began = Instant::now();
     let mut c = Cluster::master_only_on(Net::new(&["master", "m1"]));
     // A TCG boot takes seconds: no health failures count until then.
@@ -133,6 +142,13 @@ fn an_oci_image_boots_as_a_vm_serves_and_reports_its_exit_code() {
         .position(|f| f == "--health-grace-ms")
         .unwrap();
     c.minion_flags[at + 1] = "120000".into();
+    // A stop that ends the VM before this can only be the power button's.
+    let at = c
+        .minion_flags
+        .iter()
+        .position(|f| f == "--stop-timeout-ms")
+        .unwrap();
+    c.minion_flags[at + 1] = "60000".into();
     let c = c.with_minions(1);
 
     // Neither a VM image nor an OCI image: refused at deploy, named.
@@ -189,6 +205,19 @@ fn an_oci_image_boots_as_a_vm_serves_and_reports_its_exit_code() {
     );
     let s = wait_status(&c, "vmoci", Duration::from_secs(150), up);
     eprintln!("deploy -> running and healthy: {:?}", deployed.elapsed());
+    // Where the first start's time went: the minion's steps.
+    for l in c.log("m1").lines().filter(|l| {
+        [
+            "image unpacked",
+            "root disk made",
+            "initramfs built",
+            "vmoci",
+        ]
+        .iter()
+        .any(|w| l.contains(w))
+    }) {
+        eprintln!("  m1: {l}");
+    }
     let pid = s["pid"].as_u64().expect("a pid");
     assert_eq!(qemus("phoenix-vmoci"), vec![pid as u32], "one QEMU: {s}");
 
@@ -217,10 +246,11 @@ fn an_oci_image_boots_as_a_vm_serves_and_reports_its_exit_code() {
         "{line}"
     );
 
-    // Deleted: its QEMU goes (the power button stops the program first).
+    // Deleted: the power button stops the program, the init reports, QEMU
+    // ends, well before the 60 s stop timeout would kill it.
     let stopped = Instant::now();
     c.ok(&["del", "vmoci"]);
-    wait_for("QEMU gone", Duration::from_secs(30), || {
+    wait_for("QEMU gone", Duration::from_secs(40), || {
         (!alive(pid) && qemus("phoenix-vmoci").is_empty()).then_some(())
     });
     eprintln!("del -> QEMU gone: {:?}", stopped.elapsed());
