@@ -17,21 +17,20 @@ use crate::proto::SourceFile;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TreeError {
-    #[error("cannot read {path}: {source}")]
-    Read {
-        path: String,
-        source: std::io::Error,
-    },
+    // `error`, not `source`: the message says it already, and a chain
+    // printer (anyhow's `{:#}`) would say it twice.
+    #[error("cannot read {path}: {error}")]
+    Read { path: String, error: std::io::Error },
     #[error("{path} holds no spec files (.json, .yaml, .yml); nothing to apply")]
     Empty { path: String },
     #[error("{path} is a link that leads out of the tree; it is not read")]
     Escapes { path: String },
     /// An env file a spec names (`env_file`) cannot be read.
-    #[error("cannot read env file {path} (named in `env_file` of {spec}): {source}")]
+    #[error("cannot read env file {path} (named in `env_file` of {spec}): {error}")]
     EnvFile {
         path: String,
         spec: String,
-        source: std::io::Error,
+        error: std::io::Error,
     },
 }
 
@@ -46,7 +45,7 @@ pub enum Links<'a> {
 
 fn read_err(path: &Path) -> impl FnOnce(std::io::Error) -> TreeError {
     let path = path.display().to_string();
-    move |source| TreeError::Read { path, source }
+    move |error| TreeError::Read { path, error }
 }
 
 /// Whether a file name is a spec file's: `.json`, `.yaml` or `.yml`.
@@ -156,10 +155,10 @@ pub fn read_env_files(
             continue;
         }
         let disk = normalize(&base.join(&entry.path));
-        let fail = |source| TreeError::EnvFile {
+        let fail = |error| TreeError::EnvFile {
             path: disk.display().to_string(),
             spec: spec_name.to_owned(),
-            source,
+            error,
         };
         if let Links::Within(root) = links {
             let real = std::fs::canonicalize(&disk).map_err(fail)?;
@@ -247,7 +246,7 @@ mod tests {
             "{e}"
         );
         assert_eq!(
-            read_tree(&root, Links::Follow, named).unwrap()[1].text,
+            read_tree(&root, Links::Follow, named).unwrap()[2].text,
             "secret"
         );
         std::fs::remove_file(root.join("l.json")).unwrap();

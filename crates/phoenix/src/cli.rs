@@ -614,17 +614,25 @@ pub struct GitArgs {
         long = "path",
         id = "git_path",
         value_name = "SUBDIR",
-        requires = "git"
+        requires = "git",
+        conflicts_with = "path"
     )]
     pub subdir: Option<String>,
     /// With --git: keep tracking the ref, applying each new commit (a look
-    /// every --interval, or at once when its webhook is called).
-    #[arg(long, requires = "git")]
+    /// every --interval-s, or at once when its webhook is called).
+    #[arg(long, requires = "git", conflicts_with = "path")]
     pub watch: bool,
     /// With --watch: how often the master asks the remote for the ref's
-    /// commit (`git ls-remote`): `90`, `30s`, `5m`, `1h`.
-    #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = parse_interval)]
-    pub interval: std::time::Duration,
+    /// commit (`git ls-remote`), in seconds.
+    // `--interval` is the spelling; time flags name their unit.
+    #[arg(
+        long = "interval-s",
+        alias = "interval",
+        default_value_t = 60,
+        value_name = "SECONDS",
+        value_parser = clap::value_parser!(u64).range(1..=604_800)
+    )]
+    pub interval_s: u64,
     /// With --watch: a file holding the webhook's shared secret (for
     /// `POST /_phoenix/git/NAME`); without it the master makes one and
     /// prints it once.
@@ -703,27 +711,6 @@ pub enum SourcesAction {
         /// The source's name, as `phoenix sources` lists it.
         name: String,
     },
-}
-
-/// A duration: seconds, or a number with `ms`, `s`, `m` or `h`.
-pub fn parse_interval(text: &str) -> Result<std::time::Duration, String> {
-    let t = text.trim();
-    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-    let (digits, unit) = t.split_at(split);
-    let n: u64 = digits
-        .parse()
-        .map_err(|_| format!("{text:?} is not a duration (e.g. 90, 30s, 5m, 1h)"))?;
-    let ms = match unit {
-        "ms" => n,
-        "" | "s" => n.saturating_mul(1000),
-        "m" => n.saturating_mul(60_000),
-        "h" => n.saturating_mul(3_600_000),
-        _ => return Err(format!("{text:?}: the unit must be ms, s, m or h")),
-    };
-    if ms < 1000 {
-        return Err(format!("{text:?} is under a second"));
-    }
-    Ok(std::time::Duration::from_millis(ms))
 }
 
 /// A tree of spec files, for `diff` and `apply`.
@@ -824,6 +811,53 @@ mod tests {
         let e = Cli::try_parse_from(["phoenix", "frobnicate"]).unwrap_err();
         let text = with_close_subcommands(e).to_string();
         assert!(!text.contains("similar"), "{text}");
+    }
+
+    #[test]
+    fn apply_takes_a_path_or_a_git_url() {
+        let cli = Cli::try_parse_from([
+            "phoenix",
+            "apply",
+            "--git",
+            "file:///r#main",
+            "--path",
+            "specs",
+            "--watch",
+            "--interval-s",
+            "5",
+            "--source",
+            "conf",
+        ])
+        .unwrap();
+        let Command::Apply {
+            path, git, source, ..
+        } = cli.command
+        else {
+            panic!("not apply");
+        };
+        assert!(path.is_none());
+        assert_eq!(git.git.as_deref(), Some("file:///r#main"));
+        assert_eq!(git.subdir.as_deref(), Some("specs"));
+        assert!(git.watch);
+        assert_eq!(git.interval_s, 5);
+        assert_eq!(source.as_deref(), Some("conf"));
+        for bad in [
+            &["phoenix", "apply"][..],
+            &["phoenix", "apply", "./d", "--git", "u"],
+            &["phoenix", "apply", "./d", "--watch"],
+            &["phoenix", "apply", "--git", "u", "--webhook-secret-file", "f"],
+            &["phoenix", "apply", "--git", "u", "--interval-s", "0"],
+        ] {
+            assert!(Cli::try_parse_from(bad).is_err(), "{bad:?}");
+        }
+        let cli = Cli::try_parse_from(["phoenix", "sources", "rm", "conf"]).unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::Sources {
+                action: Some(SourcesAction::Rm { .. }),
+                ..
+            }
+        ));
     }
 
     #[test]

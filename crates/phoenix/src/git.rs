@@ -46,7 +46,7 @@ pub async fn apply(
         reference,
         path: git.subdir,
         watch: git.watch,
-        interval_ms: u64::try_from(git.interval.as_millis()).unwrap_or(u64::MAX),
+        interval_ms: git.interval_s.saturating_mul(1000),
         prune,
         webhook_secret,
     };
