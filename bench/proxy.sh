@@ -381,7 +381,7 @@ ver_caddy=$(caddy version | awk '{print $1}')
 ver_wrk=$({ wrk -v 2>&1 || true; } | awk 'NR==1{print $2}')
 ver_openssl=$(openssl version | awk '{print $2}')
 git_rev=$(git -C "$root" rev-parse --short HEAD 2>/dev/null || echo unknown)
-git -C "$root" diff --quiet HEAD -- crates/proxy 2>/dev/null || git_rev="$git_rev + uncommitted changes in crates/proxy"
+git -C "$root" diff --quiet HEAD -- crates/proxy/src crates/proxy/examples crates/proxy/Cargo.toml Cargo.toml 2>/dev/null || git_rev="$git_rev + uncommitted changes in crates/proxy"
 
 section=$(python3 - "$results" <<EOF
 import statistics, sys
