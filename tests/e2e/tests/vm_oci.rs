@@ -6,9 +6,10 @@
 //! guest's init, and the image's program serves HTTP at the service's
 //! address (its health check passes, it answers from the minion's side).
 //! Deleted, its QEMU goes well within the stop timeout: the power button
-//! reached the program through the guest init. The same image as a oneshot with `args` that
-//! exit 3 is reported as exit code 3. A file that is neither a VM image
-//! nor an OCI image is refused at deploy, naming it.
+//! reached the program through the guest init. The same image as a
+//! oneshot, as another user (the image's `User`), with `args` that exit 3
+//! and an `env` over the image's, is reported as exit code 3. A file that
+//! is neither a VM image nor an OCI image is refused at deploy, naming it.
 //!
 //! Needs root, the multi-host harness, and the Debian packages
 //! `qemu-system-x86 linux-image-cloud-amd64 busybox-static e2fsprogs`;
@@ -175,9 +176,11 @@ fn an_oci_image_boots_as_a_vm_serves_and_reports_its_exit_code() {
     );
 
     // The image: busybox, an entrypoint that runs a shell command.
-    let layer = Layer::default()
-        .binary("/bin/busybox", Path::new("/bin/busybox"))
-        .symlink("/bin/sh", "busybox");
+    let layer = || {
+        Layer::default()
+            .binary("/bin/busybox", Path::new("/bin/busybox"))
+            .symlink("/bin/sh", "busybox")
+    };
     let config = json!({
         "Entrypoint": ["/bin/sh", "-c"],
         "Cmd": [SERVE],
@@ -185,7 +188,16 @@ fn an_oci_image_boots_as_a_vm_serves_and_reports_its_exit_code() {
         "WorkingDir": "/srv",
     });
     let image = c.dir.path().join("app.tar");
-    oci::write_tar(&image, &[("latest", vec![layer], config)]);
+    // The same, as another user, for the oneshot.
+    let mut job_config = config.clone();
+    job_config["User"] = json!("1000:50");
+    oci::write_tar(
+        &image,
+        &[
+            ("latest", vec![layer()], config),
+            ("job", vec![layer()], job_config),
+        ],
+    );
     c.ok(&["push", image.to_str().unwrap(), "app.tar"]);
 
     let port = 8080;
@@ -260,8 +272,9 @@ fn an_oci_image_boots_as_a_vm_serves_and_reports_its_exit_code() {
     let out = deploy(
         &c,
         &json!({
-            "machine": "m1", "name": "vmjob", "image": "app.tar:latest", "type": "vm",
-            "duration": "oneshot", "args": ["echo vm-oneshot-ran; exit 3"],
+            "machine": "m1", "name": "vmjob", "image": "app.tar:job", "type": "vm",
+            "duration": "oneshot", "env": ["FROM_IMAGE=spec"],
+            "args": ["echo vm-oneshot-ran as $(/bin/busybox id -u):$(/bin/busybox id -g) FROM_IMAGE=$FROM_IMAGE; exit 3"],
         }),
     );
     let err = String::from_utf8_lossy(&out.stderr);
@@ -278,7 +291,13 @@ fn an_oci_image_boots_as_a_vm_serves_and_reports_its_exit_code() {
     });
     assert_eq!(s["last_exit"]["code"], 3, "{s}");
     assert_eq!(s["restarts"].as_u64(), Some(0), "{s}");
-    assert!(c.ok(&["logs", "vmjob"]).contains("vm-oneshot-ran"));
+    // The image's User, the spec's env over the image's, `args` in place
+    // of Cmd.
+    let log = c.ok(&["logs", "vmjob"]);
+    assert!(
+        log.contains("vm-oneshot-ran as 1000:50 FROM_IMAGE=spec"),
+        "{log}"
+    );
     eprintln!("oneshot deploy -> exit 3: {:?}", ran.elapsed());
     eprintln!("whole test: {:?}", began.elapsed());
 }
