@@ -109,11 +109,17 @@ pub(super) fn secret_errors(tx: &Tx<'_>, spec: &Spec) -> Result<Vec<(String, Str
 }
 
 /// Whether a service's environment is only its spec's `env` (no cluster
-/// variables, env files or secrets): its assignment then carries no
-/// environment of its own, as from a master before environments, so that
-/// such a service is not restarted by an upgrade of the master.
+/// variables, env files or secrets, or cluster variables it overrides
+/// all of): its assignment then carries no environment of its own, as from
+/// a master before environments, so that such a service is not restarted
+/// by an upgrade of the master, nor by a cluster variable it overrides
+/// (its assignment stays equal, as its generation does).
 fn only_spec_env(cluster: &BTreeMap<String, String>, spec: &Spec) -> bool {
-    cluster.is_empty() && spec.env_file.is_empty() && spec.secret_refs().is_empty()
+    if !spec.env_file.is_empty() || !spec.secret_refs().is_empty() {
+        return false;
+    }
+    let none = BTreeMap::new();
+    layered(&[], cluster, spec) == layered(&[], &none, spec)
 }
 
 impl Hub {
@@ -441,6 +447,22 @@ mod tests {
             .collect()
     }
 
+    fn last_set_raw(
+        rx: &mut mpsc::UnboundedReceiver<ToMinion>,
+    ) -> Vec<phoenix_model::proto::Assignment> {
+        hub_last(rx).services
+    }
+
+    fn hub_last(rx: &mut mpsc::UnboundedReceiver<ToMinion>) -> phoenix_model::proto::DesiredSet {
+        let mut last = None;
+        while let Ok(msg) = rx.try_recv() {
+            if let ToMinion::Desired(set) = msg {
+                last = Some(set);
+            }
+        }
+        last.expect("a set was pushed")
+    }
+
     #[test]
     fn secrets_and_cluster_env_reach_only_their_services_and_restart_only_them() {
         let dir = tempfile::tempdir().unwrap();
@@ -541,8 +563,15 @@ mod tests {
         assert_eq!(s["other"].1["F"], "cluster");
         let again = hub.env_set("root", &["F=cluster".into()]).unwrap();
         assert!(again.changed.is_empty() && again.restarted.is_empty());
+        // Every service sets A itself: none restarts, and none's
+        // assignment changes (which would restart it on its minion).
+        hub.push_desired(["m1"]);
+        let before = last_set_raw(&mut rx);
         let c = hub.env_set("root", &["A=cluster".into()]).unwrap();
         assert!(c.restarted.is_empty(), "{c:?}");
+        assert!(rx.try_recv().is_err(), "no set was pushed");
+        hub.push_desired(["m1"]);
+        assert_eq!(last_set_raw(&mut rx), before);
         let u = hub.env_unset("root", &["F".into(), "A".into()]).unwrap();
         assert_eq!(u.restarted, ["other", "user"]);
         let bad = hub
@@ -620,6 +649,33 @@ mod tests {
         hub.apply("root", Apply::Deploy, "o.json", &spec("other", ""))
             .unwrap();
         assert!(rx.try_recv().is_err());
+    }
+
+    #[test]
+    fn a_service_whose_cluster_variables_it_all_overrides_carries_no_environment() {
+        let spec = |env: &str| {
+            phoenix_model::spec::parse_specs(
+                "t",
+                &format!(
+                    r#"{{"machine":"m1","name":"a","image":"app","type":"binary","env":[{env}]}}"#
+                ),
+            )
+            .unwrap()
+            .remove(0)
+        };
+        let cluster = |kv: &[(&str, &str)]| -> BTreeMap<String, String> {
+            kv.iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect()
+        };
+        let own = spec(r#""A=1""#);
+        assert!(super::only_spec_env(&cluster(&[]), &own));
+        assert!(super::only_spec_env(&cluster(&[("A", "2")]), &own));
+        assert!(!super::only_spec_env(&cluster(&[("B", "2")]), &own));
+        assert!(!super::only_spec_env(
+            &cluster(&[]),
+            &spec(r#""A=secret:s""#)
+        ));
     }
 
     #[test]
