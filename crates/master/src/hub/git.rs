@@ -391,10 +391,30 @@ async fn git(
         })
         .stderr(Stdio::piped())
         .kill_on_drop(true);
+    // A session of its own: no controlling terminal, so ssh cannot ask
+    // anything (not even in a `--foreground` master's terminal), and a
+    // timeout ends git's helpers (ssh, git-remote-https) with it.
+    // SAFETY: setsid(2) is async-signal-safe and touches no memory of the
+    // parent; it runs in the forked child before exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::setsid() < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
     let child = cmd.spawn().map_err(GitError::Spawn)?;
+    let group = child.id().and_then(|id| i32::try_from(id).ok());
     let output = match tokio::time::timeout(timeout, child.wait_with_output()).await {
         Ok(r) => r.map_err(GitError::Spawn)?,
         Err(_) => {
+            if let Some(group) = group {
+                // SAFETY: kill(2) with integers only; a gone group just fails.
+                unsafe {
+                    libc::kill(-group, libc::SIGKILL);
+                }
+            }
             return Err(GitError::Timeout {
                 what,
                 secs: timeout.as_secs(),
@@ -412,16 +432,24 @@ async fn git(
 
 /// The ref to fetch and its commit, as the remote has them now.
 pub async fn ls_remote(url: &str, reference: Option<&str>) -> Result<(String, String), GitError> {
+    // An annotated tag's commit is on its peeled `^{}` line, which a
+    // pattern only lists when asked for by name.
     let pattern = reference.unwrap_or("HEAD");
-    let out = git(None, &["ls-remote", url, pattern], LS_REMOTE_TIMEOUT, None)
-        .await
-        .map_err(|e| match e {
-            GitError::Failed { stderr, .. } => GitError::Failed {
-                what: format!("ls-remote {url}"),
-                stderr,
-            },
-            e => e,
-        })?;
+    let peeled = format!("{pattern}^{{}}");
+    let out = git(
+        None,
+        &["ls-remote", url, pattern, &peeled],
+        LS_REMOTE_TIMEOUT,
+        None,
+    )
+    .await
+    .map_err(|e| match e {
+        GitError::Failed { stderr, .. } => GitError::Failed {
+            what: format!("ls-remote {url}"),
+            stderr,
+        },
+        e => e,
+    })?;
     pick_commit(&String::from_utf8_lossy(&out), reference).ok_or_else(|| match reference {
         Some(r) => GitError::NoSuchRef {
             url: url.to_owned(),
@@ -1120,6 +1148,100 @@ mod tests {
         assert_eq!(decide("a", Some("a"), Some("b"), false), Decision::Live);
         assert_eq!(decide("a", Some("a"), None, true), Decision::Apply);
         assert_eq!(decide("b", Some("a"), Some("b"), true), Decision::Apply);
+    }
+
+    fn sh_git(dir: &Path, args: &[&str]) -> String {
+        let out = std::process::Command::new("git")
+            .arg("-C")
+            .arg(dir)
+            .args(["-c", "user.name=t", "-c", "user.email=t@example.com"])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{args:?}: {out:?}");
+        String::from_utf8(out.stdout).unwrap().trim().to_owned()
+    }
+
+    #[tokio::test]
+    async fn a_commit_is_looked_up_fetched_and_read_from_a_local_repository() {
+        let dir = tempfile::tempdir().unwrap();
+        let repo = dir.path().join("repo");
+        std::fs::create_dir_all(repo.join("specs/sub")).unwrap();
+        sh_git(&repo, &["init", "-q", "-b", "main"]);
+        std::fs::write(repo.join("specs/a.json"), "{}").unwrap();
+        std::fs::write(repo.join("specs/sub/b.yaml"), "x: 1").unwrap();
+        std::fs::write(repo.join("README.md"), "no").unwrap();
+        std::os::unix::fs::symlink("/etc/hostname", repo.join("specs/out.json")).unwrap();
+        sh_git(&repo, &["add", "-A"]);
+        sh_git(&repo, &["commit", "-q", "-m", "one"]);
+        sh_git(&repo, &["tag", "-a", "-m", "v1", "v1"]);
+        let head = sh_git(&repo, &["rev-parse", "HEAD"]);
+        let url = format!("file://{}", repo.display());
+
+        assert_eq!(
+            ls_remote(&url, None).await.unwrap(),
+            ("HEAD".into(), head.clone())
+        );
+        // An annotated tag: its commit, not the tag object.
+        assert_eq!(
+            ls_remote(&url, Some("v1")).await.unwrap(),
+            ("refs/tags/v1".into(), head.clone())
+        );
+        let e = ls_remote(&url, Some("nope")).await.unwrap_err().to_string();
+        assert!(e.contains("has no branch or tag \"nope\""), "{e}");
+        let e = ls_remote("file:///no/such/repo", None).await.unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("`git ls-remote file:///no/such/repo` failed: "),
+            "{e}"
+        );
+
+        let bare = dir.path().join("sources/r");
+        let work = dir.path().join("sources/.work-r");
+        let got = fetch(&bare, &url, "refs/tags/v1", &head).await.unwrap();
+        assert_eq!(got, head);
+        // Fetched already: not again (the remote may be gone).
+        assert_eq!(
+            fetch(&bare, "file:///gone", "HEAD", &head).await.unwrap(),
+            head
+        );
+        let e = read_commit(&bare, &work, &head, Some("nope"))
+            .await
+            .unwrap_err();
+        assert!(matches!(e, GitError::NoPath { .. }), "{e}");
+        assert!(e.commit_at_fault());
+        // A link out of the checkout is refused, naming it.
+        let e = read_commit(&bare, &work, &head, Some("specs"))
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("specs/out.json is a link"), "{e}");
+        assert!(e.commit_at_fault());
+        std::fs::remove_file(repo.join("specs/out.json")).unwrap();
+        sh_git(&repo, &["commit", "-q", "-am", "two"]);
+        let (full, two) = ls_remote(&url, Some("main")).await.unwrap();
+        assert_eq!(fetch(&bare, &url, &full, &two).await.unwrap(), two);
+        let files = read_commit(&bare, &work, &two, Some("specs"))
+            .await
+            .unwrap();
+        let names: Vec<&str> = files.iter().map(|f| f.path.as_str()).collect();
+        assert_eq!(names, ["specs/a.json", "specs/sub/b.yaml"]);
+        let all = read_commit(&bare, &work, &two, None).await.unwrap();
+        assert_eq!(all.len(), 2, "README.md is no spec");
+    }
+
+    #[tokio::test]
+    async fn a_remote_that_never_answers_times_out() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let held = std::thread::spawn(move || listener.accept().map(|(s, _)| s));
+        let url = format!("git://127.0.0.1:{port}/x");
+        let started = std::time::Instant::now();
+        let e = git(None, &["ls-remote", &url], Duration::from_secs(1), None)
+            .await
+            .unwrap_err();
+        assert!(matches!(e, GitError::Timeout { .. }), "{e}");
+        assert!(started.elapsed() < Duration::from_secs(5));
+        drop(held);
     }
 
     fn github(secret: &str, body: &[u8]) -> Vec<u8> {
