@@ -77,7 +77,12 @@ fn up(s: &Value) -> bool {
 
 /// Waits for `pred` on the service's status, up to `timeout` (a TCG boot
 /// on a busy machine takes far longer than the harness's 20 s).
-fn wait_status(c: &Cluster, name: &str, timeout: Duration, pred: impl Fn(&Value) -> bool) -> Value {
+fn wait_status(
+    c: &Cluster,
+    name: &str,
+    timeout: Duration,
+    mut pred: impl FnMut(&Value) -> bool,
+) -> Value {
     let began = Instant::now();
     let mut last = Value::Null;
     while began.elapsed() < timeout {
@@ -215,7 +220,19 @@ fn an_oci_image_boots_as_a_vm_serves_and_reports_its_exit_code() {
         String::from_utf8_lossy(&out.stderr),
         c.phoenix(&["logs", "vmoci"]).stdout.escape_ascii()
     );
-    let s = wait_status(&c, "vmoci", Duration::from_secs(150), up);
+    let mut program_at = None;
+    let s = wait_status(&c, "vmoci", Duration::from_secs(150), |s| {
+        if program_at.is_none()
+            && c.phoenix(&["logs", "vmoci"])
+                .stdout
+                .windows(7)
+                .any(|w| w == b"vm-oci:")
+        {
+            program_at = Some(deployed.elapsed());
+        }
+        up(s)
+    });
+    eprintln!("deploy -> the program's first line: {program_at:?}");
     eprintln!("deploy -> running and healthy: {:?}", deployed.elapsed());
     // Where the first start's time went: the minion's steps.
     for l in c.log("m1").lines().filter(|l| {
