@@ -189,12 +189,24 @@ impl OciVm {
         let libs = match &interp {
             None => Vec::new(),
             Some(interp) => {
-                let me =
-                    std::env::current_exe().map_err(|e| format!("this program's path: {e}"))?;
+                std::fs::create_dir_all(&self.dir)
+                    .map_err(|e| format!("create {}: {e}", self.dir.display()))?;
+                // The file this process runs, or a copy where it was
+                // replaced or removed since (an upgrade): what it needs.
+                let copy = self.dir.join(format!("exe.{}", std::process::id()));
+                let me = match std::env::current_exe() {
+                    Ok(p) if p.is_file() => p,
+                    _ => {
+                        std::fs::write(&copy, &exe)
+                            .map_err(|e| format!("write {}: {e}", copy.display()))?;
+                        copy.clone()
+                    }
+                };
                 let mut cmd = Command::new(interp);
                 cmd.arg("--list").arg(&me);
-                let out = tempfile_output(&mut cmd).await?;
-                ird::parse_ld_list(&out)?
+                let listed = command_output(&mut cmd, &self.dir).await;
+                let _ = std::fs::remove_file(&copy);
+                ird::parse_ld_list(&listed?)?
             }
         };
         let out = self.dir.join("initramfs.cpio");
@@ -212,9 +224,10 @@ impl OciVm {
     }
 }
 
-/// What a command printed on stdout, run through the minion's reaper.
-async fn tempfile_output(cmd: &mut Command) -> Result<String, String> {
-    let out = std::env::temp_dir().join(format!("phoenix-ldlist-{}", std::process::id()));
+/// What a command printed on stdout (through a file in `dir`), run
+/// through the minion's reaper.
+async fn command_output(cmd: &mut Command, dir: &Path) -> Result<String, String> {
+    let out = dir.join(format!("stdout.{}", std::process::id()));
     let file = std::fs::File::create(&out).map_err(|e| format!("{}: {e}", out.display()))?;
     cmd.stdout(file);
     let result = reaper::run(cmd).await;
