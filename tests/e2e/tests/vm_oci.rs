@@ -318,3 +318,41 @@ fn an_oci_image_boots_as_a_vm_serves_and_reports_its_exit_code() {
     eprintln!("oneshot deploy -> exit 3: {:?}", ran.elapsed());
     eprintln!("whole test: {:?}", began.elapsed());
 }
+
+#[test]
+fn a_minion_refuses_a_guest_kernel_that_is_not_there() {
+    let mut child = Command::new(phoenix_e2e::bin("phoenix"))
+        .args([
+            "minion",
+            "m1",
+            "127.0.0.1",
+            "CDwqO7vZaQN8mjTBnaIEyc4xSNWyIORFdzYFWqBOqwg=",
+            "127.0.0.1",
+            "127.0.0.1",
+            "--foreground",
+            "--vm-kernel",
+            "/nonexistent/bzImage",
+        ])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let began = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if began.elapsed() > Duration::from_secs(20) {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("the minion started with a guest kernel that is not there");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    assert!(!status.success());
+    assert!(
+        err.contains("--vm-kernel /nonexistent/bzImage: no such file"),
+        "{err}"
+    );
+}
