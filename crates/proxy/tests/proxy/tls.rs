@@ -200,3 +200,56 @@ async fn acme_challenges_are_answered_over_http_for_any_host() {
     assert_eq!(sourced.text(), "tok-2.thumbprint");
     assert_eq!(a.hits(), 0);
 }
+
+#[tokio::test]
+async fn hook_requests_are_answered_over_https_and_not_redirected_over_http() {
+    let a = Backend::start("a").await;
+    let p = start_proxy(
+        ProxyConfig::default(),
+        vec![Route::new("a.test", vec![a.instance()])],
+    )
+    .await;
+    let cert = self_signed("a.test");
+    p.proxy
+        .certs()
+        .set("a.test", cert.chain_pem.as_bytes(), cert.key_pem.as_bytes())
+        .unwrap();
+    p.proxy
+        .hooks()
+        .set_handler(|req| phoenix_proxy::HookResponse {
+            status: 202,
+            text: format!("{} {} {}\n", req.method, req.path, req.body.len()),
+        });
+
+    let tls = connect(p.https, "a.test", &cert.der, &[b"http/1.1"])
+        .await
+        .unwrap();
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let request = Request::post("/_phoenix/git/conf")
+        .header("host", "a.test")
+        .body(full("{}"))
+        .unwrap();
+    let response = sender.send_request(request).await.unwrap();
+    assert_eq!(response.status(), StatusCode::ACCEPTED);
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(&body[..], b"POST git/conf 2\n");
+
+    // Plain HTTP for a host with a certificate: answered, not redirected
+    // (a git host's webhook does not follow a redirect of a POST).
+    let plain = send(
+        &client(),
+        p.http,
+        "POST",
+        "a.test",
+        "/_phoenix/git/conf",
+        &[],
+        full("{}"),
+    )
+    .await;
+    assert_eq!(plain.status, StatusCode::ACCEPTED);
+    let other = get(p.http, "a.test", "/x", &[]).await;
+    assert_eq!(other.status, StatusCode::PERMANENT_REDIRECT);
+}
