@@ -456,6 +456,21 @@ pub fn guest_run(
     })
 }
 
+/// Refuses a guest too small for its initramfs (which stays in its memory:
+/// the init runs from it) plus 64 MiB for the kernel and the program.
+fn enough_memory(guest_mib: u64, initrd_bytes: u64) -> Result<(), String> {
+    let need = initrd_bytes.div_ceil(1 << 20) + 64;
+    if guest_mib < need {
+        return Err(format!(
+            "memory: the guest would get {guest_mib} MiB, but an OCI image's VM needs at least \
+             {need} MiB (its init is {} MiB); give the service at least {} MiB of memory",
+            initrd_bytes.div_ceil(1 << 20),
+            need + super::QEMU_OVERHEAD_MIB
+        ));
+    }
+    Ok(())
+}
+
 /// A QEMU booting an OCI image: its exit is the program's, as the guest
 /// reported it.
 struct OciVmProc(VmProc);
@@ -575,6 +590,9 @@ impl VmDriver {
                 .map_err(|e| format!("write {}: {e}", ifup.display()))?;
         }
         let config = VmConfig::default();
+        let memory = memory_mib(spec.memory, &config);
+        let initrd_bytes = std::fs::metadata(&initrd).map_or(0, |m| m.len());
+        enough_memory(memory, initrd_bytes)?;
         let plan = Plan {
             kernel: o.kernel()?.to_owned(),
             initrd: Some(initrd),
@@ -585,7 +603,7 @@ impl VmDriver {
                 "{} -- guest-init",
                 cmdline(self.accel, self.tsc_khz, &config, &[])?
             ),
-            memory_mib: memory_mib(spec.memory, &config),
+            memory_mib: memory,
             cpus: spec.cpus.map(|c| c.ceil().max(1.0) as u32).unwrap_or(1),
             accel: self.accel,
             name: task.name().to_owned(),
@@ -700,6 +718,14 @@ mod tests {
             at: 5,
         };
         assert_eq!(program_exit(killed), killed);
+    }
+
+    #[test]
+    fn a_guest_must_hold_its_init() {
+        assert!(enough_memory(256, 50 << 20).is_ok());
+        let e = enough_memory(64, 50 << 20).unwrap_err();
+        assert!(e.contains("needs at least 114 MiB"), "{e}");
+        assert!(e.contains("at least 210 MiB of memory"), "{e}");
     }
 
     #[test]
