@@ -695,6 +695,7 @@ pub enum SecretAction {
     },
     /// Remove a secret; refused while a service uses it.
     Rm {
+        /// The secret's name, as `phoenix secret list` lists it.
         name: String,
         #[command(flatten)]
         target: Target,
