@@ -110,7 +110,7 @@ fn a_compose_file_is_reviewed_then_applied_and_its_services_run() {
         "2 services imported",
         "docker save app:v1 registry.example.com/team/app:v1 -o app.tar && phoenix push app.tar",
         "service \"api\": `volumes`: Phoenix has no volumes",
-        "service \"api\": `healthcheck.interval`",
+        "service \"api\": `healthcheck`: interval: the minion's --health-interval-ms",
         "service \"web\": `ports[0]`: publishing on the host (8080) is not carried over",
         "`volumes`: Phoenix has no volumes",
     ] {

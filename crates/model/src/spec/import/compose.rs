@@ -1068,18 +1068,40 @@ impl Converter<'_, '_> {
             return None;
         }
         if let Data::Map(entries) = &n.data {
+            // The timings in one note: they have one reason.
+            let timings: Vec<&(String, Node)> = entries
+                .iter()
+                .filter(|(k, _)| {
+                    matches!(
+                        k.as_str(),
+                        "interval" | "timeout" | "retries" | "start_period" | "start_interval"
+                    )
+                })
+                .collect();
+            if let Some((_, first)) = timings.first() {
+                let names: Vec<&str> = timings.iter().map(|(k, _)| k.as_str()).collect();
+                self.dropped(
+                    s,
+                    "healthcheck",
+                    first.line,
+                    format!(
+                        "{}: the minion's --health-interval-ms, --health-timeout-ms and \
+                         --health-grace-ms apply to every service",
+                        names.join(", ")
+                    ),
+                );
+            }
             for (k, v) in entries {
-                if matches!(
+                if !matches!(
                     k.as_str(),
-                    "interval" | "timeout" | "retries" | "start_period" | "start_interval"
+                    "test"
+                        | "disable"
+                        | "interval"
+                        | "timeout"
+                        | "retries"
+                        | "start_period"
+                        | "start_interval"
                 ) {
-                    self.dropped(
-                        s,
-                        &format!("healthcheck.{k}"),
-                        v.line,
-                        "the minion's --health-interval-ms, --health-timeout-ms and --health-grace-ms apply to every service",
-                    );
-                } else if !matches!(k.as_str(), "test" | "disable") {
                     self.dropped(
                         s,
                         &format!("healthcheck.{k}"),
