@@ -646,6 +646,7 @@ pub enum EnvAction {
     /// Set cluster variables; restarts the services whose environment
     /// changes (and no other).
     Set {
+        /// Variables to set, each KEY=VALUE (no `secret:` references).
         #[arg(required = true, value_name = "KEY=VALUE")]
         vars: Vec<String>,
         #[command(flatten)]
@@ -656,6 +657,7 @@ pub enum EnvAction {
     /// Remove cluster variables; restarts the services whose environment
     /// changes.
     Unset {
+        /// Names of the variables to remove.
         #[arg(required = true, value_name = "KEY")]
         keys: Vec<String>,
         #[command(flatten)]
@@ -846,7 +848,14 @@ mod tests {
             &["phoenix", "apply"][..],
             &["phoenix", "apply", "./d", "--git", "u"],
             &["phoenix", "apply", "./d", "--watch"],
-            &["phoenix", "apply", "--git", "u", "--webhook-secret-file", "f"],
+            &[
+                "phoenix",
+                "apply",
+                "--git",
+                "u",
+                "--webhook-secret-file",
+                "f",
+            ],
             &["phoenix", "apply", "--git", "u", "--interval-s", "0"],
         ] {
             assert!(Cli::try_parse_from(bad).is_err(), "{bad:?}");
