@@ -69,6 +69,13 @@ pub fn is_vm_image_file(path: &std::path::Path) -> bool {
         .is_ok_and(|()| magic == [0x28, 0xb5, 0x2f, 0xfd])
 }
 
+/// Whether the registry file `name` (at `path`) is a VM image: named
+/// `.zst` (then it must be one), or zstd by its content. Anything else
+/// given to `type: "vm"` is an OCI image to boot.
+pub fn is_vm_image(name: &str, path: &std::path::Path) -> bool {
+    name.ends_with(".zst") || is_vm_image_file(path)
+}
+
 /// What the guest init runs: everything already resolved by the minion
 /// (image config, spec, Phoenix's variables), so the guest decides nothing.
 #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]

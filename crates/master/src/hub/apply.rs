@@ -585,8 +585,9 @@ impl Hub {
     /// kernel or root filesystem, ...), naming what is wrong. Cached per
     /// file version like container images (under a tag no container image
     /// can have).
-    /// A file that is not zstd is an OCI image to boot (`type: "vm"` with
-    /// `image: app.tar:tag`): it is opened as a container image is.
+    /// A file neither named `.zst` nor zstd is an OCI image to boot
+    /// (`type: "vm"` with `image: app.tar:tag`): it is opened as a
+    /// container image is.
     fn check_vm_image(
         &self,
         file: &str,
@@ -594,7 +595,7 @@ impl Hub {
         image: &ImageRef,
     ) -> Result<(), String> {
         let path = self.registry.dir().join(file);
-        if !phoenix_image::guest::is_vm_image_file(&path) {
+        if !phoenix_image::guest::is_vm_image(file, &path) {
             return self
                 .image_formats
                 .check(&image.hash, tag, || {
@@ -954,6 +955,23 @@ pub(super) mod tests {
                 "{message}"
             );
         }
+        // Not named .zst and not zstd: opened as an OCI image to boot.
+        std::fs::write(reg.join("junk.tar"), vec![7u8; 3000]).unwrap();
+        let e = hub
+            .apply(
+                "root",
+                Apply::Deploy,
+                "v.json",
+                &spec("v", "m1", "junk.tar", "vm"),
+            )
+            .unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Invalid, "{e}");
+        assert!(
+            e.to_string().contains(
+                "registry file \"junk.tar\" is neither a VM image (a zstd tar) nor an OCI image"
+            ),
+            "{e}"
+        );
         assert_unchanged(&hub);
         hub.apply(
             "root",

@@ -789,8 +789,8 @@ impl Driver for VmDriver {
             if self.qemu.is_none() {
                 return Err(DriverError::Vm(QEMU_HELP.into()));
             }
-            if !oci_vm::is_vm_image(image) {
-                // Not zstd: an OCI image to boot.
+            if !oci_vm::is_vm_image(image, &a.spec) {
+                // Neither named .zst nor zstd: an OCI image to boot.
                 let (_, tag) = a.spec.registry_file();
                 let path = self.prepare_oci(image, tag.as_deref()).await;
                 return Ok(Artifact {

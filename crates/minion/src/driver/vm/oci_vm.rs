@@ -66,9 +66,10 @@ pub struct OciVm {
     disks: std::sync::Mutex<HashMap<PathBuf, Arc<tokio::sync::Mutex<()>>>>,
 }
 
-/// Whether the cached image file is a VM image (zstd), not an OCI image.
-pub fn is_vm_image(image: &Path) -> bool {
-    guest::is_vm_image_file(image)
+/// Whether the cached image file of `spec` is a VM image (its registry
+/// name ends in `.zst`, or it is zstd), not an OCI image.
+pub fn is_vm_image(image: &Path, spec: &phoenix_model::spec::Spec) -> bool {
+    guest::is_vm_image(&spec.registry_file().0, image)
 }
 
 /// Whether a prepared artifact is an OCI image made bootable.
@@ -751,9 +752,22 @@ mod tests {
         std::fs::write(&zst, zstd_magic()).unwrap();
         let tar = dir.path().join("b");
         std::fs::write(&tar, b"oci-layout\0\0\0").unwrap();
-        assert!(is_vm_image(&zst));
-        assert!(!is_vm_image(&tar));
-        assert!(!is_vm_image(&dir.path().join("missing")));
+        let spec = |image: &str| {
+            phoenix_model::spec::parse_specs(
+                "t",
+                &format!(r#"{{"machine":"m","name":"v","type":"vm","image":"{image}"}}"#),
+            )
+            .unwrap()
+            .remove(0)
+        };
+        assert!(is_vm_image(&zst, &spec("web")));
+        assert!(!is_vm_image(&tar, &spec("app:latest")));
+        assert!(!is_vm_image(&tar, &spec("app.tar")));
+        assert!(
+            is_vm_image(&tar, &spec("web.zst")),
+            "named .zst: a VM image"
+        );
+        assert!(!is_vm_image(&dir.path().join("missing"), &spec("app")));
         assert!(!is_oci_artifact(dir.path()));
     }
 
