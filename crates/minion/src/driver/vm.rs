@@ -10,8 +10,9 @@
 //! directory (`cp --reflink=auto --sparse=always`: a reflink where the
 //! filesystem has them), so every start boots from the image.
 //!
-//! Or an OCI image ([`oci_vm`]): the image file decides, a zstd file is a
-//! VM image and anything else is opened as a container image (`image:
+//! Or an OCI image ([`oci_vm`]): the image file decides, one named `.zst`
+//! or zstd inside is a VM image and anything else is opened as a
+//! container image (`image:
 //! app.tar:tag`, as for `docker`; the master checks both at deploy). Its
 //! unpacked root filesystem (the oci driver's, per manifest digest) becomes
 //! an ext4 disk (`mkfs.ext4 -d`, once, beside it), booted with the

@@ -1,8 +1,8 @@
 //! OCI images booted as VMs: `type: "vm"` naming a container image file
 //! (`image: app.tar:tag`, as for `docker`).
 //!
-//! The image file decides: a zstd file is a VM image (the parent module),
-//! anything else is opened as an OCI image (a layout tar or directory,
+//! The image file decides: one named `.zst` or zstd inside is a VM image
+//! (the parent module), anything else is opened as an OCI image (a layout tar or directory,
 //! `docker image save` output).
 //!
 //! **Prepare**, once per image: the oci driver's unpacker makes the root
