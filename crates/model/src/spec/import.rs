@@ -85,6 +85,9 @@ pub struct Imported {
     pub warnings: Vec<Note>,
     /// The registry files the specs run, to `phoenix push` first.
     pub push: Vec<RegistryFile>,
+    /// The line in the imported file where each spec's service is, in
+    /// the order of `specs`: errors of the checks point there.
+    pub lines: Vec<usize>,
 }
 
 /// One problem that stops a file from being imported.
@@ -167,7 +170,12 @@ impl Imported {
         let text =
             serde_json::to_string(&self.spec_values()).expect("specs serialize to JSON text");
         // Read as JSON whatever the source's extension says.
-        parse_specs(&format!("{source} (imported)"), &text)
+        parse_specs(&format!("{source} (imported)"), &text).map_err(|mut e| {
+            for err in &mut e.errors {
+                err.line = err.index.and_then(|i| self.lines.get(i).copied());
+            }
+            e
+        })
     }
 
     /// The specs as one YAML document (a list), which `phoenix apply`
@@ -404,6 +412,7 @@ mod tests {
                 reason: "no volumes\nsecond line".into(),
             }],
             warnings: Vec::new(),
+            lines: vec![1],
         };
         let yaml = imported.to_yaml(&["Imported from x.yml".into()]);
         assert!(

@@ -711,6 +711,7 @@ impl Converter<'_, '_> {
             self.dropped(s, key, n.line, reason);
         }
         self.out.specs.push(spec);
+        self.out.lines.push(node.line);
     }
 
     /// Records that `service` runs `reference`, from registry file `file`.

@@ -116,6 +116,7 @@ pub fn procfile(input: &ProcfileInput<'_>) -> Result<Imported, ImportError> {
             _ => {}
         }
         out.specs.push(spec);
+        out.lines.push(n);
     }
     if out.specs.is_empty() && problems.is_empty() {
         problems.push(Problem::new(None, None, "the file names no process types"));

@@ -458,6 +458,16 @@ fn env_files_parse_like_compose() {
 }
 
 #[test]
+fn what_the_spec_checks_refuse_points_at_the_service() {
+    let i = small("services:\n  a:\n    image: x\n  b:\n    image: x\n    mem_limit: 1m\n");
+    let e = i.check("c.yml").unwrap_err().to_string();
+    assert!(
+        e.starts_with("c.yml (imported): rejected, nothing was changed (1 error):\n  line 4: spec #2 (\"b\"): field `memory`: expected a size of at least 4M"),
+        "{e}"
+    );
+}
+
+#[test]
 fn an_unreadable_env_file_is_a_problem_naming_it() {
     let e = problems("services:\n  a:\n    image: x\n    env_file: nope.env\n");
     assert!(
