@@ -59,15 +59,20 @@
 //!
 //! Network: QEMU is started in the service's network namespace (by the
 //! same spawner as binaries). It creates a tap device `vm0` there and runs
-//! the run's `ifup` script, which bridges `vm0` with the namespace's
-//! `eth0` (a bridge `br0`, made at the first start) and takes the
-//! service's addresses off `eth0`: the guest owns the service's address
-//! on its virtio-net device, and reaches the host end of the veth
-//! (`fe80::1`) as its default route, so the host's route to the service,
-//! the firewall, health checks and the proxy work as for any service. The
-//! tap goes with QEMU; the bridge with the namespace. The guest must
-//! configure its interface from `PHOENIX_IP` itself (address/128, route to
-//! `fe80::1`, default via `fe80::1`); IPv4 egress is not given to it yet.
+//! the run's `ifup` script, which takes the service's IPv6 addresses off
+//! `eth0`, routes them to `vm0` (the namespace forwards), answers
+//! neighbour discovery for them on `eth0` with `eth0`'s MAC address
+//! (proxy NDP), and gives `vm0` the address `fe80::1`: the guest owns the
+//! service's address on its virtio-net device and has `fe80::1` as its
+//! default route, so the host's route to the service, the firewall,
+//! health checks and the proxy work as for any service, and the minion's
+//! neighbour entry for the service stays valid (a bridge, the first
+//! design, gave the address a new MAC address, and a health check that
+//! had resolved it before the guest was up went nowhere for up to 30 s).
+//! The tap and its routes go with QEMU; the proxy entries stay with the
+//! namespace for the next start. The guest must configure its interface
+//! from `PHOENIX_IP` itself (address/128, route to `fe80::1`, default via
+//! `fe80::1`); IPv4 egress is not given to it yet.
 //!
 //! Console: the guest's serial port is a QEMU chardev writing to QEMU's
 //! stdout, the service's log (QEMU's own errors go there too).
@@ -426,7 +431,7 @@ impl VmDriver {
         let id = format!("phoenix-{}", plan.name);
         let args = vec![
             "-c".to_owned(),
-            firecracker::launch_script(fc, &sock, &id, network),
+            firecracker::launch_script(fc, &sock, &id, plan.ifup.as_deref()),
         ];
         let mut proc = Proc::spawn(
             self.host.clone(),
@@ -498,17 +503,30 @@ impl RunningTask for FcProc {
     }
 }
 
-/// Run by QEMU in the service's namespace with the tap's name: bridges it
-/// with `eth0` and gives the service's addresses to the guest.
+/// Run by QEMU in the service's namespace with the tap's name: gives the
+/// service's IPv6 addresses to the guest, which the namespace routes to
+/// through the tap, and answers neighbour discovery for them on `eth0`
+/// (proxy NDP, at once) with `eth0`'s own MAC address. So the minion's
+/// neighbour entry for the service, made before QEMU ran, stays right: a
+/// bridge (which this replaced) gave the address a new MAC address, and
+/// the minion's stale entry kept health checks from reaching the guest for
+/// up to 30 s. The tap holds `fe80::1`, the guest's gateway. On a restart
+/// the addresses are the proxy entries the last start left.
 const IFUP: &str = r#"#!/bin/sh
 set -e
-if ! ip link show br0 >/dev/null 2>&1; then
-  ip link add br0 type bridge
-  ip link set br0 up
-fi
-ip link set eth0 master br0
-ip addr flush dev eth0 scope global
-ip link set "$1" master br0 up
+own=$(ip -6 -o addr show dev eth0 scope global | sed -n 's|.* inet6 \([^ ]*\) .*|\1|p')
+addrs=$( (for a in $own; do echo "${a%/*}"; done
+          ip -6 neigh show proxy dev eth0 | cut -d' ' -f1) | sort -u)
+echo 1 > /proc/sys/net/ipv6/conf/all/forwarding
+echo 1 > /proc/sys/net/ipv6/conf/eth0/proxy_ndp
+echo 0 > /proc/sys/net/ipv6/neigh/eth0/proxy_delay
+ip link set "$1" up
+ip -6 addr add fe80::1/64 dev "$1" nodad
+for a in $own; do ip -6 addr del "$a" dev eth0; done
+for a in $addrs; do
+  ip -6 neigh replace proxy "$a" dev eth0
+  ip -6 route replace "$a/128" dev "$1"
+done
 "#;
 
 /// Everything a QEMU command line is made from.

@@ -19,8 +19,8 @@
 //! Firecracker runs no network script, so the process is started as
 //! `sh -c 'SCRIPT; exec firecracker ...'`: the shell makes the tap (a
 //! persistent one, reused by the next start, gone with the namespace)
-//! and bridges it as QEMU's `ifup` does, then becomes Firecracker; no
-//! process is left beside it.
+//! and runs the same `ifup` script QEMU runs on it, then becomes
+//! Firecracker; no process is left beside it.
 //!
 //! Firecracker is installed by the user (it is in no distribution's
 //! archive); it needs real hardware virtualisation. Its guest kernel must
@@ -125,18 +125,16 @@ pub fn stop_request() -> ApiRequest {
     ApiRequest::put("/actions", json!({"action_type": "SendCtrlAltDel"}))
 }
 
-/// The shell script the process starts as: makes and bridges the tap (when
-/// `network`), then becomes Firecracker with its API socket at `sock`.
-pub fn launch_script(firecracker: &Path, sock: &Path, id: &str, network: bool) -> String {
+/// The shell script the process starts as: makes the tap and runs the
+/// network script `ifup` on it (when there is one), then becomes
+/// Firecracker with its API socket at `sock`.
+pub fn launch_script(firecracker: &Path, sock: &Path, id: &str, ifup: Option<&Path>) -> String {
     let q = |s: &str| format!("'{}'", s.replace('\'', r"'\''"));
     let mut s = String::from("set -e\n");
-    if network {
+    if let Some(ifup) = ifup {
         s.push_str(&format!(
-            "ip link show {TAP} >/dev/null 2>&1 || ip tuntap add dev {TAP} mode tap\n\
-             if ! ip link show br0 >/dev/null 2>&1; then ip link add br0 type bridge; ip link set br0 up; fi\n\
-             ip link set eth0 master br0\n\
-             ip addr flush dev eth0 scope global\n\
-             ip link set {TAP} master br0 up\n"
+            "ip link show {TAP} >/dev/null 2>&1 || ip tuntap add dev {TAP} mode tap\n{} {TAP}\n",
+            q(&ifup.display().to_string())
         ));
     }
     s.push_str(&format!(
@@ -323,17 +321,19 @@ mod tests {
             Path::new("/usr/bin/firecracker"),
             Path::new("/w/it's/fc.sock"),
             "web",
-            true,
+            Some(Path::new("/w/ifup")),
         );
-        assert!(s.contains("ip tuntap add dev vm0 mode tap"), "{s}");
-        assert!(s.contains("ip link set vm0 master br0 up"), "{s}");
+        assert!(
+            s.contains("ip tuntap add dev vm0 mode tap\n'/w/ifup' vm0\n"),
+            "{s}"
+        );
         assert!(
             s.ends_with(
                 "exec '/usr/bin/firecracker' --api-sock '/w/it'\\''s/fc.sock' --id 'web'\n"
             ),
             "{s}"
         );
-        assert!(!launch_script(Path::new("/f"), Path::new("/s"), "x", false).contains("tuntap"));
+        assert!(!launch_script(Path::new("/f"), Path::new("/s"), "x", None).contains("tuntap"));
     }
 
     #[test]
