@@ -1,0 +1,219 @@
+#!/usr/bin/env bash
+# MicroVM benchmark, in one run, on two hosts (network namespaces on one
+# bridge): a master and a minion m1 (a network namespace per service, the
+# WireGuard overlay on), real `phoenix master` / `phoenix minion` daemons.
+# It measures
+#   1. deploy -> health check passing (`phoenix deploy` wall time; it returns
+#      once the health check passed) of the same tiny HTTP server (busybox
+#      httpd serving /health) as a VM (type vm: Debian's cloud kernel, an
+#      initrd loading the virtio modules, an ext4 root disk of busybox), a
+#      container (an OCI image of busybox) and a binary (busybox), RUNS times
+#      each, interleaved, after a warm-up of each;
+#   2. QEMU's RSS per VM, and how much the minion's grew per VM;
+#   3. a bare `qemu-system-x86_64 -M microvm` launch of the same kernel,
+#      initrd and disk with the command line the minion gives it (in a
+#      network namespace of its own, a tap to the guest), timed from the
+#      launch to the guest's httpd answering, RUNS times: Phoenix's overhead
+#      is the difference of the medians (target: <= 50 ms).
+# Prints a markdown section; --write also puts it into BENCHMARKS.md (between
+# <!-- vm:begin --> and <!-- vm:end -->).
+#
+# Needs root, qemu-system-x86 (qemu-system-x86_64), linux-image-cloud-amd64,
+# busybox-static, e2fsprogs (mkfs.ext4 -d), zstd, cpio, crun, python3,
+# iproute2, and a release build (cargo build --release -p phoenix).
+# Usage: bench/vm.sh [--write] [RUNS]     default: 5 runs
+set -euo pipefail
+write=no
+if [ "${1:-}" = "--write" ]; then write=yes; shift; fi
+runs=${1:-5}
+root=$(cd "$(dirname "$0")/.." && pwd)
+started=$(date +%s)
+load_before=$(cut -d' ' -f1-3 /proc/loadavg)
+
+die() { echo "vm.sh: $*" >&2; exit 1; }
+say() { echo "vm.sh [$(($(date +%s) - started)) s]: $*" >&2; }
+[ "$(id -u)" = 0 ] || die "needs root (network namespaces, TUN and tap devices)"
+for t in qemu-system-x86_64:qemu-system-x86 busybox:busybox-static mkfs.ext4:e2fsprogs zstd:zstd \
+    cpio:cpio crun:crun python3:python3 ip:iproute2; do
+    command -v "${t%%:*}" >/dev/null || die "missing ${t%%:*} (apt-get install ${t##*:})"
+done
+kver=$(ls /lib/modules | grep -- '-cloud-amd64$' | sort -V | tail -1) || true
+[ -n "$kver" ] && [ -e "/boot/vmlinuz-$kver" ] || die "needs Debian's cloud kernel (apt-get install linux-image-cloud-amd64)"
+[ -x "$root/target/release/phoenix" ] || die "no target/release/phoenix: cargo build --release -p phoenix"
+[ -e /dev/net/tun ] || die "needs /dev/net/tun"
+
+tag=vb$$
+work=$(mktemp -d /tmp/phoenix-vm-bench.XXXXXX)
+chmod 755 "$work"
+mkdir -p "$work/bin"
+cp "$root/target/release/phoenix" "$root/bench/vm.py" "$root/bench/containers.py" "$work/bin/"
+phoenix=$work/bin/phoenix
+py=$work/bin/vm.py
+export PHOENIX_DATA_DIR=$work/master
+sw=$tag-sw
+hosts=("$tag-master" "$tag-m1" "$tag-bare")
+declare -A daemon
+notes=()
+
+# ------------------------------------------------------------------ clean-up
+child=
+in_bg() { "$@" & child=$!; wait "$child"; child=; }
+cleanup() {
+    local rc=$?
+    set +e
+    trap - EXIT INT TERM HUP
+    if { [ "$rc" != 0 ] || [ -n "${KEEP_LOGS:-}" ]; } && ls "$work"/*.log >/dev/null 2>&1; then
+        local keep
+        keep=$(mktemp -d /tmp/phoenix-vm-bench-logs.XXXXXX)
+        cp "$work"/*.log "$keep/" 2>/dev/null
+        echo "vm.sh: failed ($rc); the logs are in $keep" >&2
+    fi
+    if [ -n "$child" ]; then kill "$child" 2>/dev/null; wait "$child" 2>/dev/null; fi
+    if [ -S "$work/master/phoenix.sock" ]; then
+        for s in bench-vm bench-container bench-binary; do timeout 60 "$phoenix" del "$s" >/dev/null 2>&1; done
+    fi
+    for p in "${daemon[@]}"; do kill "$p" 2>/dev/null; done
+    for p in "${daemon[@]}"; do
+        for _ in $(seq 50); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
+        kill -9 "$p" 2>/dev/null
+    done
+    # Services outlive their minion by design: end every one still recorded.
+    for rec in "$work"/m1/run/*.json; do
+        [ -e "$rec" ] || continue
+        case $rec in *.done.json) continue ;; esac
+        pid=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1])).get("pid") or "")' "$rec" 2>/dev/null)
+        [ -n "$pid" ] && [ "$pid" -gt 1 ] && { kill -9 -- "-$pid" 2>/dev/null; kill -9 "$pid" 2>/dev/null; }
+    done
+    for h in "${hosts[@]}"; do ip netns pids "$h" 2>/dev/null | xargs -r kill -9 2>/dev/null; done
+    sleep 0.5
+    for h in "${hosts[@]}" "$sw"; do ip netns del "$h" 2>/dev/null; done
+    awk -v w="$work/" 'index($2, w) == 1 {print $2}' /proc/mounts | sort -r | xargs -r -n1 umount -l 2>/dev/null
+    rm -rf "$work"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM HUP
+
+# ------------------------------------------------------------------ images
+say "building the VM image (kernel $kver), the container image and the docroot in $work"
+K=/lib/modules/$kver/kernel
+W=$work/vm
+mkdir -p "$W/initrd/bin" "$W/initrd/lib" "$W/initrd/proc" "$W/initrd/dev" "$W/initrd/newroot" \
+    "$W/root/bin" "$W/root/proc" "$W/root/sys" "$W/root/dev" "$W/root/www" "$W/img"
+busybox=$(command -v busybox)
+cp "$busybox" "$W/initrd/bin/busybox"
+cp "$busybox" "$W/root/bin/busybox"
+cp $K/drivers/virtio/virtio_ring.ko $K/drivers/virtio/virtio.ko $K/drivers/virtio/virtio_mmio.ko \
+    $K/drivers/block/virtio_blk.ko $K/net/core/failover.ko $K/drivers/net/net_failover.ko \
+    $K/drivers/net/virtio_net.ko $K/drivers/input/evdev.ko $K/drivers/acpi/button.ko "$W/initrd/lib/"
+cat >"$W/initrd/init" <<'INIT'
+#!/bin/busybox sh
+/bin/busybox mount -t devtmpfs dev /dev
+/bin/busybox mount -t proc proc /proc
+for m in virtio_ring virtio virtio_mmio virtio_blk failover net_failover virtio_net evdev button; do
+  /bin/busybox insmod /lib/$m.ko || echo "initrd: insmod $m failed"
+done
+/bin/busybox mount -t ext4 /dev/vda /newroot || { echo "initrd: cannot mount /dev/vda"; /bin/busybox poweroff -f; }
+/bin/busybox umount /proc
+/bin/busybox mount --move /dev /newroot/dev
+exec /bin/busybox switch_root /newroot /init
+INIT
+cat >"$W/root/init" <<'INIT'
+#!/bin/busybox sh
+export PATH=/bin
+/bin/busybox --install -s /bin
+mount -t proc proc /proc
+mount -t sysfs sys /sys
+for e in /dev/input/event*; do (dd if="$e" of=/dev/null bs=24 count=1 2>/dev/null; poweroff -f) & done
+echo 0 > /proc/sys/net/ipv6/conf/eth0/accept_dad
+ip link set lo up
+ip link set eth0 up
+ip -6 addr add "$PHOENIX_IP/128" dev eth0
+ip -6 route add fe80::1 dev eth0
+ip -6 route add default via fe80::1 dev eth0
+echo ok > /www/health
+echo "vm: serving at $(cut -d' ' -f1 /proc/uptime) s of guest time"
+exec httpd -f -p "[::]:$PORT" -h /www
+INIT
+chmod 755 "$W/initrd/init" "$W/root/init"
+(cd "$W/initrd" && find . | cpio -o -H newc --quiet) >"$W/img/initrd"
+cp "/boot/vmlinuz-$kver" "$W/img/bzImage"
+mkfs.ext4 -q -d "$W/root" "$W/img/rootfs.ext4" 16M >/dev/null
+tar -C "$W/img" -c . | zstd -q -f -o "$work/web.zst"
+python3 "$py" mkoci "$work/web.tar" --busybox "$busybox"
+mkdir -p "$work/www"
+echo ok >"$work/www/health"
+chmod 755 "$work/www"
+
+# ------------------------------------------------------------------ cluster
+# shellcheck source=bench/netns.sh
+. "$root/bench/netns.sh"
+bridge_hosts "$sw" 10.96.0 "${hosts[@]}"
+jq1() { python3 -c "import json,sys; d=json.load(sys.stdin); print($1)"; }
+waitfor_cli() { # SECONDS WHAT PYTHON-EXPR-ON-d CLI-ARGS...
+    local secs=$1 what=$2 expr=$3
+    shift 3
+    for _ in $(seq $((secs * 10))); do
+        "$phoenix" "$@" 2>/dev/null | python3 -c "import json,sys; d=json.load(sys.stdin); sys.exit(0 if ($expr) else 1)" 2>/dev/null && return 0
+        sleep 0.1
+    done
+    die "timed out after ${secs} s waiting for $what"
+}
+say "starting a master and minion m1"
+ip netns exec "$tag-master" "$phoenix" master 10.96.0.1 --foreground --data-dir "$work/master" >"$work/master.log" 2>&1 &
+daemon[master]=$!
+waitfor 15 "the master's socket" test -S "$work/master/phoenix.sock"
+key=$("$phoenix" master-info --json | jq1 'd["key"]')
+ip netns exec "$tag-m1" "$phoenix" minion m1 10.96.0.1 "$key" 10.96.0.2 10.96.0.2 \
+    --foreground --data-dir "$work/m1" --stop-timeout-ms 5000 --keep-free-mb 16 >"$work/m1.log" 2>&1 &
+daemon[m1]=$!
+waitfor_cli 20 "m1 to ask to join" "any(n['name'] == 'm1' for n in d)" waiting --json
+"$phoenix" accept m1 >/dev/null
+waitfor_cli 20 "m1 to be reachable" "any(n['name'] == 'm1' and n['state'] == 'reachable' for n in d)" nodes --json
+"$phoenix" push "$work/web.zst" web.zst >/dev/null
+"$phoenix" push "$work/web.tar" web.tar >/dev/null
+"$phoenix" push "$busybox" busybox >/dev/null
+waitfor_cli 120 "m1 to hold every image" \
+    "len(d) >= 3 and all(n['state'] == 'synced' for i in d for n in i['nodes'])" images --json
+accel=$(waitfor_cli 20 "m1's VM accelerator" "d[0]['stats'] and d[0]['stats'].get('vm_accel')" nodes --json &&
+    "$phoenix" nodes --json | jq1 "d[0]['stats']['vm_accel']")
+case $accel in
+tcg) accel_why="no hardware virtualisation on this machine: QEMU's software emulation" ;;
+kvm) accel_why="hardware virtualisation" ;;
+*) die "m1 runs no VMs (vm_accel: $accel)" ;;
+esac
+
+# ------------------------------------------------------------------ 1, 2. through Phoenix
+say "1. deploy -> healthy, $runs runs (+1 warm-up) of a VM, a container and a binary, interleaved"
+in_bg python3 "$py" deploys --phoenix "$phoenix" --work "$work" --runs "$runs" \
+    --minion-pid "${daemon[m1]}" --www "$work/www" >"$work/deploys.json"
+
+# ------------------------------------------------------------------ 3. bare
+say "3. a bare QEMU launch of the same kernel, initrd and disk, $runs runs (+1 warm-up)"
+in_bg ip netns exec "$tag-bare" python3 "$py" bare --work "$work" --runs "$runs" --accel "$accel" \
+    --kernel "$W/img/bzImage" --initrd "$W/img/initrd" --rootfs "$W/img/rootfs.ext4" >"$work/bare.json"
+
+# ------------------------------------------------------------------ report
+problems() { cat "$work/m1.log" "$work/master.log" | { grep -E ' (WARN|ERROR) ' || true; }; }
+n=$(problems | wc -l)
+if [ "$n" -gt 0 ]; then
+    ex=$(problems | sed 's/^[^ ]* *//' | cut -c1-200 | sort | uniq -c | sort -rn | head -3 | sed 's/^ *//' | paste -sd';' -)
+    notes+=("The daemons' logs hold $n WARN/ERROR lines; the most frequent (count, line): \`$ex\`")
+fi
+git_rev=$(git -C "$root" rev-parse --short HEAD 2>/dev/null || echo "?")
+[ -z "$(git -C "$root" status --porcelain -- crates bench/vm.sh bench/vm.py 2>/dev/null)" ] || git_rev="$git_rev + uncommitted changes"
+ARGS="$*" RUNS=$runs TOOK=$(($(date +%s) - started)) GIT="$git_rev" VERSION="$("$phoenix" --version)" \
+QEMU="$(qemu-system-x86_64 --version | head -1)" ACCEL=$accel ACCEL_WHY=$accel_why KERNEL=$kver \
+CPUS=$(nproc) LOAD_BEFORE=$load_before LOAD_AFTER="$(cut -d' ' -f1-3 /proc/loadavg)" \
+NOTES="$(printf '%s\n' "${notes[@]+"${notes[@]}"}")" python3 -c '
+import json, os
+e = os.environ
+print(json.dumps({"args": e["ARGS"] or "(defaults)", "runs": int(e["RUNS"]), "took": int(e["TOOK"]), "git": e["GIT"],
+    "version": e["VERSION"], "qemu": e["QEMU"], "accel": e["ACCEL"], "accel_why": e["ACCEL_WHY"], "kernel": e["KERNEL"],
+    "cpus": int(e["CPUS"]), "load_before": e["LOAD_BEFORE"], "load_after": e["LOAD_AFTER"],
+    "notes": [l for l in e["NOTES"].splitlines() if l.strip()]}))' >"$work/meta.json"
+python3 "$py" report "$work" >"$work/report.md"
+cat "$work/report.md"
+if [ "$write" = yes ]; then
+    python3 "$root/bench/splice-section.py" vm "$root/BENCHMARKS.md" <"$work/report.md"
+    say "wrote the vm section of $root/BENCHMARKS.md"
+fi
