@@ -99,8 +99,10 @@ fn wait_status(
     );
 }
 
-/// QEMU processes whose command line names `needle`.
-fn qemus(needle: &str) -> Vec<u32> {
+/// QEMU processes of this cluster whose command line names `needle`.
+fn qemus(c: &Cluster, needle: &str) -> Vec<u32> {
+    // Only this cluster's: another test may run a VM of the same name.
+    let dir = c.dir.path().to_string_lossy().into_owned();
     std::fs::read_dir("/proc")
         .unwrap()
         .flatten()
@@ -108,7 +110,7 @@ fn qemus(needle: &str) -> Vec<u32> {
         .filter(|pid| {
             std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| {
                 let c = String::from_utf8_lossy(&c);
-                c.starts_with("/usr/bin/qemu-system") && c.contains(needle)
+                c.starts_with("/usr/bin/qemu-system") && c.contains(needle) && c.contains(&dir)
             })
         })
         .collect()
@@ -248,7 +250,24 @@ fn an_oci_image_boots_as_a_vm_serves_and_reports_its_exit_code() {
         eprintln!("  m1: {l}");
     }
     let pid = s["pid"].as_u64().expect("a pid");
-    assert_eq!(qemus("phoenix-vmoci"), vec![pid as u32], "one QEMU: {s}");
+    let found = qemus(&c, "phoenix-vmoci");
+    if found != vec![pid as u32] {
+        let ps = Command::new("ps")
+            .args(["-o", "pid,ppid,stat,etime,args", "-p"])
+            .arg(
+                found
+                    .iter()
+                    .map(u32::to_string)
+                    .collect::<Vec<_>>()
+                    .join(","),
+            )
+            .output()
+            .unwrap();
+        panic!(
+            "one QEMU, {pid}: {found:?}\n{}\n{s}",
+            String::from_utf8_lossy(&ps.stdout)
+        );
+    }
 
     // It answers at its own address.
     let addr = std::net::SocketAddr::new(c.service_ip("vmoci").into(), port);
@@ -280,7 +299,7 @@ fn an_oci_image_boots_as_a_vm_serves_and_reports_its_exit_code() {
     let stopped = Instant::now();
     c.ok(&["del", "vmoci"]);
     wait_for("QEMU gone", Duration::from_secs(40), || {
-        (!alive(pid) && qemus("phoenix-vmoci").is_empty()).then_some(())
+        (!alive(pid) && qemus(&c, "phoenix-vmoci").is_empty()).then_some(())
     });
     eprintln!("del -> QEMU gone: {:?}", stopped.elapsed());
 
