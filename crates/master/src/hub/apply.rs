@@ -365,8 +365,13 @@ impl Hub {
                 if let Err(e) = image {
                     err("image", e.clone());
                 }
-                // Every secret it names exists (and none is given to a VM).
-                for (field, reason) in super::env::secret_errors(tx, spec)? {
+                // Every secret it names exists (and none is given to a VM
+                // image, whose environment is on QEMU's command line).
+                let env_on_cmdline = spec.kind == Kind::Vm && {
+                    let (file, _) = spec.registry_file();
+                    phoenix_image::guest::is_vm_image(&file, &self.registry.dir().join(&file))
+                };
+                for (field, reason) in super::env::secret_errors(tx, spec, env_on_cmdline)? {
                     err(&field, reason);
                 }
                 if let Some(ip) = spec.ip

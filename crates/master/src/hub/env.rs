@@ -73,19 +73,25 @@ fn secret_fields(spec: &Spec) -> Vec<(String, String)> {
 }
 
 /// Why a spec's secret references cannot be deployed, as (field, reason):
-/// a secret that does not exist (named), or any secret in a VM, whose
-/// environment travels on its kernel command line (readable by every user
-/// of its machine).
-pub(super) fn secret_errors(tx: &Tx<'_>, spec: &Spec) -> Result<Vec<(String, String)>, ApiError> {
+/// a secret that does not exist (named), or any secret in a VM booted from
+/// a VM image, whose environment travels on its kernel command line
+/// (readable by every user of its machine; `env_on_cmdline`). An OCI image
+/// booted as a VM gets its environment on its own 0600 disk, so it may.
+pub(super) fn secret_errors(
+    tx: &Tx<'_>,
+    spec: &Spec,
+    env_on_cmdline: bool,
+) -> Result<Vec<(String, String)>, ApiError> {
     let mut out = Vec::new();
     let mut checked: HashMap<String, bool> = HashMap::new();
     for (field, name) in secret_fields(spec) {
-        if spec.kind == Kind::Vm {
+        if env_on_cmdline {
             out.push((
                 field,
                 format!(
                     "secret {name:?}: a VM's environment is passed on its kernel command line, \
-                     which any user of its machine can read; secrets are not given to type vm"
+                     which any user of its machine can read; secrets are not given to a VM image \
+                     (an OCI image run as type vm may have them)"
                 ),
             ));
             continue;
@@ -689,10 +695,22 @@ mod tests {
                 "root",
                 Apply::Deploy,
                 "v.json",
+                r#"{"machine":"m1","name":"v","image":"app.zst","type":"vm","env":["DB=secret:db"]}"#,
+            )
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("secrets are not given to a VM image"), "{e}");
+        // An OCI image booted as a VM keeps its environment on its own
+        // disk: its secret is not refused (only its missing image is).
+        let e = hub
+            .apply(
+                "root",
+                Apply::Deploy,
+                "v.json",
                 r#"{"machine":"m1","name":"v","image":"app","type":"vm","env":["DB=secret:db"]}"#,
             )
             .unwrap_err()
             .to_string();
-        assert!(e.contains("secrets are not given to type vm"), "{e}");
+        assert!(!e.contains("secret"), "{e}");
     }
 }
