@@ -60,7 +60,9 @@
 //! (400) so that prefix routing and authentication cannot be walked around.
 //!
 //! **TLS** ([`Certs`], [`Challenges`]): certificates by SNI from a map the
-//! ACME code (or anyone) updates at runtime; ALPN offers h2 and http/1.1.
+//! ACME code (or anyone) updates at runtime; ALPN offers h2 and http/1.1;
+//! sessions resume by stateless tickets (one a handshake) whose key every
+//! shard shares, so a reconnection resumes whichever shard it lands on.
 //! rustls with the `ring` provider: pure Rust plus a little C and
 //! assembly built by `cc`, which the workspace already builds for the
 //! overlay; `aws-lc-rs` would add a CMake build for no gain here. The plain

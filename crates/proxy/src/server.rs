@@ -14,7 +14,12 @@
 //! - No request yet: a connection whose first request has not arrived
 //!   within `header_read_timeout` is closed (this also covers HTTP/2
 //!   clients that connect and never send a stream, and the protocol
-//!   sniffing before hyper's own timer starts).
+//!   sniffing before hyper's own timer starts). [`Shards`](crate::Shards)
+//!   listeners also defer the accept (`TCP_DEFER_ACCEPT`) until the first
+//!   bytes are in, for about `header_read_timeout` (the kernel counts it
+//!   in SYN-ACK retransmissions, so up to about half again): a client that
+//!   sends nothing costs the kernel a pending connection and the proxy
+//!   nothing for that long, and is then accepted and timed as above.
 //! - Idle: with no request in flight for `idle_timeout`, the connection is
 //!   shut down gracefully (HTTP/2 gets a GOAWAY), and dropped 1 s later if
 //!   it has not closed by then.

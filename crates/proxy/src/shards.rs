@@ -15,7 +15,9 @@
 //!
 //! Each shard is a whole [`Proxy`]: its own route table (every table goes
 //! to all of them), instance states, counters and keep-alive pools. They
-//! share one certificate map, one ACME challenge source, one basic-auth
+//! share one TLS config (so one session ticket key: a client resumes its
+//! session on whichever thread its next connection lands), one
+//! certificate map, one ACME challenge source, one basic-auth
 //! cache and one set of connection limits, so `max_connections` and
 //! `max_connections_per_ip` count across all threads and mean what they
 //! mean with one proxy. What is per shard: passive health (an instance
