@@ -54,6 +54,8 @@ const FETCH_TIMEOUT: Duration = Duration::from_secs(300);
 const LOCAL_TIMEOUT: Duration = Duration::from_secs(60);
 /// The largest tree (as `git archive` writes it) a source may apply.
 const MAX_TREE_BYTES: u64 = 64 * 1024 * 1024;
+/// The transports a source's URL may use (`GIT_ALLOW_PROTOCOL`).
+const ALLOWED_PROTOCOLS: &str = "file:git:http:https:ssh";
 /// Where a fetched commit is kept in a source's bare repository.
 const FETCHED: &str = "refs/phoenix/fetched";
 
@@ -365,14 +367,9 @@ fn tail(stderr: &[u8]) -> String {
     }
 }
 
-/// Runs `git ARGS` (in `dir`), stdout to `out` or kept, with a timeout.
-async fn git(
-    dir: Option<&Path>,
-    args: &[&str],
-    timeout: Duration,
-    out: Option<std::fs::File>,
-) -> Result<Vec<u8>, GitError> {
-    let what = args.first().copied().unwrap_or("").to_owned();
+/// `git ARGS` (in `dir`) as the master runs it: never prompting, no
+/// stdin, stderr kept, in a session of its own, killed with its handle.
+fn command(dir: Option<&Path>, args: &[&str]) -> tokio::process::Command {
     let mut cmd = tokio::process::Command::new("git");
     if let Some(dir) = dir {
         cmd.arg("-C").arg(dir);
@@ -381,14 +378,15 @@ async fn git(
         .env("GIT_TERMINAL_PROMPT", "0")
         .env("GIT_ASKPASS", "true")
         .env("SSH_ASKPASS", "true")
+        // Only the transports a source's URL may name: no remote helper
+        // (`ext::`, `fd::`, or any `git-remote-*` on the machine) runs,
+        // whatever the master's user's git configuration allows.
+        .env("GIT_ALLOW_PROTOCOL", ALLOWED_PROTOCOLS)
         .env_remove("GIT_DIR")
         .env_remove("GIT_WORK_TREE")
         .env_remove("GIT_INDEX_FILE")
         .stdin(Stdio::null())
-        .stdout(match out {
-            Some(f) => Stdio::from(f),
-            None => Stdio::piped(),
-        })
+        .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .kill_on_drop(true);
     // A session of its own: no controlling terminal, so ssh cannot ask
@@ -404,17 +402,28 @@ async fn git(
             Ok(())
         });
     }
-    let child = cmd.spawn().map_err(GitError::Spawn)?;
+    cmd
+}
+
+/// Kills a git and its helpers (its session's process group).
+fn kill_group(group: Option<i32>) {
+    if let Some(group) = group {
+        // SAFETY: kill(2) with integers only; a gone group just fails.
+        unsafe {
+            libc::kill(-group, libc::SIGKILL);
+        }
+    }
+}
+
+/// Runs `git ARGS` (in `dir`), its stdout kept, with a timeout.
+async fn git(dir: Option<&Path>, args: &[&str], timeout: Duration) -> Result<Vec<u8>, GitError> {
+    let what = args.first().copied().unwrap_or("").to_owned();
+    let child = command(dir, args).spawn().map_err(GitError::Spawn)?;
     let group = child.id().and_then(|id| i32::try_from(id).ok());
     let output = match tokio::time::timeout(timeout, child.wait_with_output()).await {
         Ok(r) => r.map_err(GitError::Spawn)?,
         Err(_) => {
-            if let Some(group) = group {
-                // SAFETY: kill(2) with integers only; a gone group just fails.
-                unsafe {
-                    libc::kill(-group, libc::SIGKILL);
-                }
-            }
+            kill_group(group);
             return Err(GitError::Timeout {
                 what,
                 secs: timeout.as_secs(),
@@ -430,6 +439,83 @@ async fn git(
     Ok(output.stdout)
 }
 
+/// Runs `git ARGS` in `dir` with its stdout written to the file `to`, at
+/// most `limit` bytes of it: past that git is stopped and the answer is
+/// `Ok(None)`, so a small commit that unpacks huge (a blob of zeros packs
+/// a thousand times smaller) never fills the master's disk.
+async fn git_to_file(
+    dir: &Path,
+    args: &[&str],
+    timeout: Duration,
+    to: &Path,
+    limit: u64,
+) -> Result<Option<u64>, GitError> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let what = args.first().copied().unwrap_or("").to_owned();
+    let mut child = command(Some(dir), args).spawn().map_err(GitError::Spawn)?;
+    let group = child.id().and_then(|id| i32::try_from(id).ok());
+    let (Some(stdout), Some(mut stderr)) = (child.stdout.take(), child.stderr.take()) else {
+        kill_group(group);
+        return Err(GitError::Spawn(std::io::Error::other(
+            "git's output is not piped",
+        )));
+    };
+    // Read on its own, so a git that writes much to stderr never blocks.
+    let errors = tokio::spawn(async move {
+        let mut e = Vec::new();
+        let _ = stderr.read_to_end(&mut e).await;
+        e
+    });
+    let written = tokio::time::timeout(timeout, async {
+        let mut file = tokio::fs::File::create(to).await?;
+        let n = tokio::io::copy(&mut stdout.take(limit.saturating_add(1)), &mut file).await?;
+        file.flush().await?;
+        Ok::<u64, std::io::Error>(n)
+    })
+    .await;
+    let n = match written {
+        Err(_) => {
+            kill_group(group);
+            errors.abort();
+            return Err(GitError::Timeout {
+                what,
+                secs: timeout.as_secs(),
+            });
+        }
+        Ok(Err(e)) => {
+            kill_group(group);
+            errors.abort();
+            return Err(io_err(to.display())(e));
+        }
+        Ok(Ok(n)) if n > limit => {
+            kill_group(group);
+            errors.abort();
+            let _ = child.wait().await;
+            return Ok(None);
+        }
+        Ok(Ok(n)) => n,
+    };
+    let status = match tokio::time::timeout(timeout, child.wait()).await {
+        Ok(r) => r.map_err(GitError::Spawn)?,
+        Err(_) => {
+            kill_group(group);
+            errors.abort();
+            return Err(GitError::Timeout {
+                what,
+                secs: timeout.as_secs(),
+            });
+        }
+    };
+    let stderr = errors.await.unwrap_or_default();
+    if !status.success() {
+        return Err(GitError::Failed {
+            what,
+            stderr: tail(&stderr),
+        });
+    }
+    Ok(Some(n))
+}
+
 /// The ref to fetch and its commit, as the remote has them now.
 pub async fn ls_remote(url: &str, reference: Option<&str>) -> Result<(String, String), GitError> {
     // An annotated tag's commit is on its peeled `^{}` line, which a
@@ -440,7 +526,6 @@ pub async fn ls_remote(url: &str, reference: Option<&str>) -> Result<(String, St
         None,
         &["ls-remote", url, pattern, &peeled],
         LS_REMOTE_TIMEOUT,
-        None,
     )
     .await
     .map_err(|e| match e {
@@ -467,10 +552,10 @@ async fn fetch(bare: &Path, url: &str, full_ref: &str, commit: &str) -> Result<S
     if !bare.join("HEAD").exists() {
         std::fs::create_dir_all(bare).map_err(io_err(bare.display()))?;
         let dir = bare.to_string_lossy();
-        git(None, &["init", "--bare", "-q", &dir], LOCAL_TIMEOUT, None).await?;
+        git(None, &["init", "--bare", "-q", &dir], LOCAL_TIMEOUT).await?;
     }
     let have = format!("{commit}^{{commit}}");
-    if git(Some(bare), &["cat-file", "-e", &have], LOCAL_TIMEOUT, None)
+    if git(Some(bare), &["cat-file", "-e", &have], LOCAL_TIMEOUT)
         .await
         .is_ok()
     {
@@ -481,7 +566,6 @@ async fn fetch(bare: &Path, url: &str, full_ref: &str, commit: &str) -> Result<S
         Some(bare),
         &["fetch", "-q", "--depth", "1", "--no-tags", url, &refspec],
         FETCH_TIMEOUT,
-        None,
     )
     .await
     .map_err(|e| match e {
@@ -493,42 +577,33 @@ async fn fetch(bare: &Path, url: &str, full_ref: &str, commit: &str) -> Result<S
     })?;
     // Each fetch leaves the previous commit unreferenced; let git pack
     // and prune now and then, as it would after a fetch of its own.
-    let _ = git(
-        Some(bare),
-        &["gc", "--auto", "--quiet"],
-        FETCH_TIMEOUT,
-        None,
-    )
-    .await;
+    let _ = git(Some(bare), &["gc", "--auto", "--quiet"], FETCH_TIMEOUT).await;
     let peel = format!("{FETCHED}^{{commit}}");
     let out = git(
         Some(bare),
         &["rev-parse", "--verify", "-q", &peel],
         LOCAL_TIMEOUT,
-        None,
     )
     .await?;
     Ok(String::from_utf8_lossy(&out).trim().to_owned())
 }
 
 /// The spec files of `commit` under `path`, read from a fresh extraction
-/// into `work`, named by their path in the repository.
+/// into `work`, named by their path in the repository; a tree over
+/// `limit` bytes (as `git archive` writes it) is refused before more than
+/// that is written.
 async fn read_commit(
     bare: &Path,
     work: &Path,
     commit: &str,
     path: Option<&str>,
+    limit: u64,
 ) -> Result<Vec<phoenix_model::proto::SourceFile>, GitError> {
     if let Some(p) = path {
         let object = format!("{commit}:{p}");
-        if git(
-            Some(bare),
-            &["cat-file", "-e", &object],
-            LOCAL_TIMEOUT,
-            None,
-        )
-        .await
-        .is_err()
+        if git(Some(bare), &["cat-file", "-e", &object], LOCAL_TIMEOUT)
+            .await
+            .is_err()
         {
             return Err(GitError::NoPath {
                 path: p.to_owned(),
@@ -545,16 +620,15 @@ async fn read_commit(
     let tree = work.join("tree");
     std::fs::create_dir_all(&tree).map_err(io_err(tree.display()))?;
     let tar = work.join("commit.tar");
-    let file = std::fs::File::create(&tar).map_err(io_err(tar.display()))?;
     let mut args = vec!["archive", "--format=tar", commit];
     if let Some(p) = path {
         args.extend(["--", p]);
     }
-    git(Some(bare), &args, LOCAL_TIMEOUT, Some(file)).await?;
-    let size = std::fs::metadata(&tar)
-        .map_err(io_err(tar.display()))?
-        .len();
-    if size > MAX_TREE_BYTES {
+    if git_to_file(bare, &args, LOCAL_TIMEOUT, &tar, limit)
+        .await?
+        .is_none()
+    {
+        let _ = std::fs::remove_file(&tar);
         return Err(GitError::TooLarge {
             commit: commit.to_owned(),
         });
@@ -799,7 +873,7 @@ impl Hub {
             .await
             .map_err(failed)?;
         let work = dir.join(format!(".work-{name}"));
-        let files = read_commit(&bare, &work, &commit, s.path.as_deref()).await;
+        let files = read_commit(&bare, &work, &commit, s.path.as_deref(), MAX_TREE_BYTES).await;
         let _ = std::fs::remove_dir_all(&work);
         let refuse = |e: ApiError| {
             let message = format!(
@@ -1205,13 +1279,13 @@ mod tests {
             fetch(&bare, "file:///gone", "HEAD", &head).await.unwrap(),
             head
         );
-        let e = read_commit(&bare, &work, &head, Some("nope"))
+        let e = read_commit(&bare, &work, &head, Some("nope"), MAX_TREE_BYTES)
             .await
             .unwrap_err();
         assert!(matches!(e, GitError::NoPath { .. }), "{e}");
         assert!(e.commit_at_fault());
         // A link out of the checkout is refused, naming it.
-        let e = read_commit(&bare, &work, &head, Some("specs"))
+        let e = read_commit(&bare, &work, &head, Some("specs"), MAX_TREE_BYTES)
             .await
             .unwrap_err();
         assert!(e.to_string().contains("specs/out.json is a link"), "{e}");
@@ -1220,13 +1294,82 @@ mod tests {
         sh_git(&repo, &["commit", "-q", "-am", "two"]);
         let (full, two) = ls_remote(&url, Some("main")).await.unwrap();
         assert_eq!(fetch(&bare, &url, &full, &two).await.unwrap(), two);
-        let files = read_commit(&bare, &work, &two, Some("specs"))
+        let files = read_commit(&bare, &work, &two, Some("specs"), MAX_TREE_BYTES)
             .await
             .unwrap();
         let names: Vec<&str> = files.iter().map(|f| f.path.as_str()).collect();
         assert_eq!(names, ["specs/a.json", "specs/sub/b.yaml"]);
-        let all = read_commit(&bare, &work, &two, None).await.unwrap();
+        let all = read_commit(&bare, &work, &two, None, MAX_TREE_BYTES)
+            .await
+            .unwrap();
         assert_eq!(all.len(), 2, "README.md is no spec");
+    }
+
+    #[tokio::test]
+    async fn a_commit_that_unpacks_huge_is_refused_before_it_fills_the_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        let repo = dir.path().join("repo");
+        std::fs::create_dir_all(repo.join("specs")).unwrap();
+        sh_git(&repo, &["init", "-q", "-b", "main"]);
+        std::fs::write(repo.join("specs/a.json"), "{}").unwrap();
+        // 8 MiB of zeros: a few KiB in the repository.
+        std::fs::write(repo.join("specs/zeros.bin"), vec![0u8; 8 << 20]).unwrap();
+        sh_git(&repo, &["add", "-A"]);
+        sh_git(&repo, &["commit", "-q", "-m", "bomb"]);
+        let head = sh_git(&repo, &["rev-parse", "HEAD"]);
+        let limit = 1 << 20;
+        let tar = dir.path().join("commit.tar");
+        let got = git_to_file(
+            &repo,
+            &["archive", "--format=tar", &head],
+            LOCAL_TIMEOUT,
+            &tar,
+            limit,
+        )
+        .await
+        .unwrap();
+        assert_eq!(got, None);
+        let written = std::fs::metadata(&tar).unwrap().len();
+        assert!(written <= limit + 1, "{written} bytes written");
+        let work = dir.path().join(".work-r");
+        let e = read_commit(&repo, &work, &head, Some("specs"), limit)
+            .await
+            .unwrap_err();
+        assert!(matches!(e, GitError::TooLarge { .. }), "{e}");
+        assert!(e.commit_at_fault());
+        assert!(!work.join("commit.tar").exists());
+        // Under the limit, the whole archive.
+        let got = git_to_file(
+            &repo,
+            &["archive", "--format=tar", &head, "--", "specs/a.json"],
+            LOCAL_TIMEOUT,
+            &tar,
+            limit,
+        )
+        .await
+        .unwrap();
+        assert_eq!(got, Some(std::fs::metadata(&tar).unwrap().len()));
+        // A git that fails says why.
+        let e = git_to_file(&repo, &["archive", "nope"], LOCAL_TIMEOUT, &tar, limit)
+            .await
+            .unwrap_err();
+        assert!(matches!(e, GitError::Failed { .. }), "{e}");
+    }
+
+    #[tokio::test]
+    async fn no_remote_helper_runs_whatever_the_configuration_allows() {
+        let dir = tempfile::tempdir().unwrap();
+        let marker = dir.path().join("pwned");
+        let url = format!("ext::sh -c touch% {}", marker.display());
+        let e = git(
+            None,
+            &["-c", "protocol.ext.allow=always", "ls-remote", &url],
+            LOCAL_TIMEOUT,
+        )
+        .await
+        .unwrap_err();
+        assert!(matches!(e, GitError::Failed { .. }), "{e}");
+        assert!(!marker.exists(), "the ext:: transport ran its command");
     }
 
     #[tokio::test]
@@ -1236,7 +1379,7 @@ mod tests {
         let held = std::thread::spawn(move || listener.accept().map(|(s, _)| s));
         let url = format!("git://127.0.0.1:{port}/x");
         let started = std::time::Instant::now();
-        let e = git(None, &["ls-remote", &url], Duration::from_secs(1), None)
+        let e = git(None, &["ls-remote", &url], Duration::from_secs(1))
             .await
             .unwrap_err();
         assert!(matches!(e, GitError::Timeout { .. }), "{e}");
