@@ -292,19 +292,20 @@ for n in "${names[@]}"; do
 done
 
 # --- wrk -------------------------------------------------------------------
-# A Lua hook prints one machine-readable line at the end of a run.
+# A Lua hook prints one machine-readable line at the end of a run (the
+# mean latency last, in µs).
 cat >"$work/report.lua" <<'EOF'
 done = function(summary, latency, requests)
     local e = summary.errors
-    io.write(string.format("RESULT %.1f %d %d %d %d %d %d\n",
+    io.write(string.format("RESULT %.1f %d %d %d %d %d %d %d\n",
         summary.requests / (summary.duration / 1e6),
         latency:percentile(50), latency:percentile(99),
         summary.requests, e.connect + e.read + e.write + e.timeout, e.status,
-        summary.bytes))
+        summary.bytes, latency.mean))
 end
 EOF
 scenarios=(small-ka big-ka small-close big-close)
-run_wrk() { # name scenario duration -> "rps p50_us p99_us requests errors non2xx bytes cpu_ticks"
+run_wrk() { # name scenario duration -> "rps p50_us p99_us requests errors non2xx bytes mean_us cpu_ticks"
     local n=$1 s=$2 d=$3 path extra=()
     case $s in small-*) path=/small ;; *) path=/big ;; esac
     case $s in *-close) extra=(-H 'Connection: close') ;; esac
@@ -313,7 +314,7 @@ run_wrk() { # name scenario duration -> "rps p50_us p99_us requests errors non2x
     client wrk -t $threads -c "$conns" -d "${d}s" --latency "${extra[@]}" -s "$work/report.lua" \
         "https://$host:${port[$n]}$path" >"$work/wrk.out" 2>&1 || true
     cpu1=$(cpu_of "$n")
-    awk -v cpu=$((cpu1 - cpu0)) '/^RESULT /{print $2, $3, $4, $5, $6, $7, $8, cpu}' "$work/wrk.out" | grep . ||
+    awk -v cpu=$((cpu1 - cpu0)) '/^RESULT /{print $2, $3, $4, $5, $6, $7, $8, $9, cpu}' "$work/wrk.out" | grep . ||
         { echo "wrk failed against $n ($s):" >&2; cat "$work/wrk.out" >&2; exit 1; }
 }
 
@@ -391,7 +392,7 @@ names, label = [], {}
 hz = $(getconf CLK_TCK)
 scen = [("small-ka", "100 B, keep-alive"), ("big-ka", "1 MiB, keep-alive"),
         ("small-close", "100 B, new connection per request"), ("big-close", "1 MiB, new connection per request")]
-runs = defaultdict(list)   # (scenario, name) -> [(rps, p50, p99, reqs, errs, non2xx, bytes)]
+runs = defaultdict(list)   # (scenario, name) -> [(rps, p50, p99, reqs, errs, non2xx, bytes, cpu µs a request, setup µs)]
 mem, tls = {}, {}
 for line in open(sys.argv[1]):
     f = line.rstrip("\n").split("\t")
@@ -404,8 +405,15 @@ for line in open(sys.argv[1]):
         tls[f[1]] = f[2]
     else:
         v = f[3].split()
-        runs[(f[1], f[2])].append((float(v[0]), int(v[1]), int(v[2]), int(v[3]), int(v[4]), int(v[5]), int(v[6]),
-                                   int(v[7]) * 1e6 / hz / max(int(v[3]), 1)))
+        # setup: a connection's time outside wrk's clock, which starts when
+        # the request is written: connections x seconds / requests (one
+        # request's whole cycle) less the mean latency. With a new
+        # connection each, that is the TCP connect and the TLS handshake,
+        # waits included.
+        rps = float(v[0])
+        runs[(f[1], f[2])].append((rps, int(v[1]), int(v[2]), int(v[3]), int(v[4]), int(v[5]), int(v[6]),
+                                   int(v[8]) * 1e6 / hz / max(int(v[3]), 1),
+                                   $conns * 1e6 / max(rps, 1e-9) - int(v[7])))
 
 med = lambda xs: statistics.median(xs)
 def ms(us): return f"{us/1000:.2f}" if us < 10000 else f"{us/1000:.1f}"
@@ -420,8 +428,10 @@ out.append("")
 for key, title in scen:
     out.append(f"**{title}** (\`https://localhost/{'small' if key.startswith('small') else 'big'}\`" + (", \`Connection: close\`" if key.endswith("close") else "") + ")")
     out.append("")
-    out.append("| proxy | requests/s | p50 (ms) | p99 (ms) | requests/s ÷ nginx | p99 ÷ nginx | proxy CPU per request (µs) | errors |")
-    out.append("|---|---:|---:|---:|---:|---:|---:|---:|")
+    close = key.endswith("close")
+    out.append("| proxy | requests/s | p50 (ms) | p99 (ms) | requests/s ÷ nginx | p99 ÷ nginx | proxy CPU per request (µs) | errors |"
+               + (" connect + handshake, outside wrk's clock (ms) |" if close else ""))
+    out.append("|---|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if close else ""))
     ng = runs[(key, "nginx")]
     ng_rps, ng_p99 = med([x[0] for x in ng]), med([x[2] for x in ng])
     for n in names:
@@ -429,7 +439,9 @@ for key, title in scen:
         rps, p50, p99 = med([x[0] for x in xs]), med([x[1] for x in xs]), med([x[2] for x in xs])
         errs = sum(x[4] for x in xs) + sum(x[5] for x in xs)
         cpu = med([x[7] for x in xs])
-        out.append(f"| {label[n]} | {rate(rps)} | {ms(p50)} | {ms(p99)} | {rps/ng_rps:.2f} | {p99/ng_p99:.2f} | {cpu:.0f} | {errs} |")
+        setup = med([x[8] for x in xs])
+        out.append(f"| {label[n]} | {rate(rps)} | {ms(p50)} | {ms(p99)} | {rps/ng_rps:.2f} | {p99/ng_p99:.2f} | {cpu:.0f} | {errs} |"
+                   + (f" {ms(max(setup, 0))} |" if close else ""))
     out.append("")
 out.append("Memory after the runs (VmRSS summed over the proxy's processes; VmHWM: the peak, summed the same way):")
 out.append("")
