@@ -25,6 +25,12 @@ pub enum TreeError {
     Empty { path: String },
     #[error("{path} is a link that leads out of the tree; it is not read")]
     Escapes { path: String },
+    #[error("{path} is larger than {max} bytes, more than a {what} can be; it is not read")]
+    TooLarge {
+        path: String,
+        what: &'static str,
+        max: u64,
+    },
     /// An env file a spec names (`env_file`) cannot be read.
     #[error("cannot read env file {path} (named in `env_file` of {spec}): {error}")]
     EnvFile {
@@ -41,6 +47,33 @@ pub enum Links<'a> {
     Follow,
     /// Only those that lead to a path under this (canonical) root.
     Within(&'a Path),
+}
+
+/// The largest spec file a tree may hold. A spec is at most 256 KiB as
+/// JSON; this is room for many, and keeps a hostile tree (a git commit)
+/// from making its reader parse hundreds of MiB of YAML.
+pub const MAX_SPEC_FILE_BYTES: u64 = 8 << 20;
+/// The largest env file: a service's args and env together are at most
+/// 128 KiB.
+pub const MAX_ENV_FILE_BYTES: u64 = 1 << 20;
+
+/// The text of the file at `path`, or `None` if it is over `max` bytes,
+/// found without reading more than that (a link to `/dev/zero` too).
+fn read_limited(path: &Path, max: u64) -> std::io::Result<Option<String>> {
+    use std::io::Read;
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)?
+        .take(max + 1)
+        .read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > max {
+        return Ok(None);
+    }
+    String::from_utf8(bytes).map(Some).map_err(|_| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "stream did not contain valid UTF-8",
+        )
+    })
 }
 
 fn read_err(path: &Path) -> impl FnOnce(std::io::Error) -> TreeError {
@@ -120,7 +153,13 @@ pub fn read_tree(
     let mut files = Vec::new();
     let mut env_files: Vec<SourceFile> = Vec::new();
     for p in spec_files(path, links)? {
-        let text = std::fs::read_to_string(&p).map_err(read_err(&p))?;
+        let text = read_limited(&p, MAX_SPEC_FILE_BYTES)
+            .map_err(read_err(&p))?
+            .ok_or_else(|| TreeError::TooLarge {
+                path: p.display().to_string(),
+                what: "spec file",
+                max: MAX_SPEC_FILE_BYTES,
+            })?;
         let named = name(&p);
         for f in read_env_files(&p, &named, &text, links)? {
             if !env_files.iter().any(|e| e.path == f.path) {
@@ -161,6 +200,14 @@ pub fn read_env_files(
             error,
         };
         if let Links::Within(root) = links {
+            // `..` that climbs out is refused before the disk is asked,
+            // so a tree cannot learn which files exist outside it.
+            let from = std::fs::canonicalize(base).map_err(read_err(base))?;
+            if !normalize(&from.join(&entry.path)).starts_with(root) {
+                return Err(TreeError::Escapes {
+                    path: disk.display().to_string(),
+                });
+            }
             let real = std::fs::canonicalize(&disk).map_err(fail)?;
             if !real.starts_with(root) {
                 return Err(TreeError::Escapes {
@@ -168,7 +215,13 @@ pub fn read_env_files(
                 });
             }
         }
-        let text = std::fs::read_to_string(&disk).map_err(fail)?;
+        let text = read_limited(&disk, MAX_ENV_FILE_BYTES)
+            .map_err(fail)?
+            .ok_or_else(|| TreeError::TooLarge {
+                path: disk.display().to_string(),
+                what: "env file",
+                max: MAX_ENV_FILE_BYTES,
+            })?;
         out.push(SourceFile { path: key, text });
     }
     Ok(out)
@@ -219,6 +272,44 @@ mod tests {
         let canonical = std::fs::canonicalize(&root).unwrap();
         let e = read_tree(&root, Links::Within(&canonical), named).unwrap_err();
         assert!(matches!(e, TreeError::Escapes { .. }), "{e}");
+        // One that climbs out to a file that does not exist is refused
+        // the same way: whether it exists is not for the tree to learn.
+        std::fs::write(
+            root.join("a.json"),
+            spec("a", r#""../../../../../../../../../../no/such.env""#),
+        )
+        .unwrap();
+        let e = read_tree(&root, Links::Within(&canonical), named).unwrap_err();
+        assert!(matches!(e, TreeError::Escapes { .. }), "{e}");
+        // A folder's files may lead anywhere (the user's own disk), but
+        // not read without end.
+        std::os::unix::fs::symlink("/dev/zero", root.join("zero.env")).unwrap();
+        std::fs::write(root.join("a.json"), spec("a", r#""zero.env""#)).unwrap();
+        let e = read_tree(&root, Links::Follow, named).unwrap_err();
+        assert!(
+            matches!(
+                &e,
+                TreeError::TooLarge {
+                    what: "env file",
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        std::fs::write(root.join("a.json"), spec("a", r#""common.env""#)).unwrap();
+        std::os::unix::fs::symlink("/dev/zero", root.join("z.yaml")).unwrap();
+        let e = read_tree(&root, Links::Follow, named).unwrap_err();
+        assert!(
+            matches!(
+                &e,
+                TreeError::TooLarge {
+                    what: "spec file",
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        assert!(e.to_string().contains("z.yaml is larger than"), "{e}");
     }
 
     #[test]
