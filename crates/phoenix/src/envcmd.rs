@@ -7,13 +7,14 @@
 use std::io::{IsTerminal, Read};
 use std::path::Path;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use phoenix_model::env::{
     ClusterVar, EnvChanged, EnvView, Layer, SecretChanged, SecretValue, SecretView,
 };
 use phoenix_model::proto::Request;
 
 use crate::cli::{EnvAction, SecretAction};
+use crate::client::InvalidInput;
 use crate::output::{table, utc};
 use crate::{client, print_json};
 
@@ -73,8 +74,8 @@ pub async fn secret(action: SecretAction) -> Result<()> {
     match action {
         SecretAction::Set { name, target, json } => {
             phoenix_model::spec::check_secret_name(&name)
-                .map_err(|r| anyhow::anyhow!("secret name: {r}"))?;
-            let value = read_secret(&name)?;
+                .map_err(|r| InvalidInput(format!("secret name: {r}")))?;
+            let value = secret_value(&name, read_secret(&name)?)?;
             let changed: SecretChanged = client::call(
                 &target.data_dir,
                 &Request::SecretSet {
@@ -137,8 +138,7 @@ pub async fn secret(action: SecretAction) -> Result<()> {
 }
 
 /// The secret's value from stdin: typed without echo on a terminal, or
-/// piped; one trailing newline (`\n` or `\r\n`) dropped; an empty value
-/// refused.
+/// piped (see [`secret_value`]).
 fn read_secret(name: &str) -> Result<String> {
     let stdin = std::io::stdin();
     let mut value = String::new();
@@ -150,16 +150,26 @@ fn read_secret(name: &str) -> Result<String> {
             .context("cannot read the secret from the terminal")?;
         eprintln!();
     } else {
-        stdin
-            .lock()
-            .read_to_string(&mut value)
-            .context("cannot read the secret from stdin (it must be UTF-8 text)")?;
+        stdin.lock().read_to_string(&mut value).map_err(|_| {
+            InvalidInput(format!(
+                "secret {name}: the value on stdin is not UTF-8 text; nothing was changed"
+            ))
+        })?;
     }
+    Ok(value)
+}
+
+/// The value read: one trailing newline (`\n` or `\r\n`) dropped; an
+/// empty value refused (exit code 3, as the master's refusals).
+fn secret_value(name: &str, mut value: String) -> Result<String> {
     if let Some(v) = value.strip_suffix('\n') {
         value.truncate(v.strip_suffix('\r').unwrap_or(v).len());
     }
     if value.is_empty() {
-        bail!("secret {name}: the value on stdin is empty; nothing was changed");
+        return Err(InvalidInput(format!(
+            "secret {name}: the value on stdin is empty; nothing was changed"
+        ))
+        .into());
     }
     Ok(value)
 }
@@ -244,6 +254,18 @@ fn env_text(view: &EnvView) -> String {
 mod tests {
     use super::*;
     use phoenix_model::env::EnvVar;
+
+    #[test]
+    fn a_secret_s_value_loses_one_newline_and_an_empty_one_is_invalid_input() {
+        assert_eq!(secret_value("db", "pw\n".into()).unwrap(), "pw");
+        assert_eq!(secret_value("db", "pw\r\n".into()).unwrap(), "pw");
+        assert_eq!(secret_value("db", "a\nb\n\n".into()).unwrap(), "a\nb\n");
+        for empty in ["", "\n", "\r\n"] {
+            let e = secret_value("db", empty.into()).unwrap_err();
+            assert_eq!(client::exit_code(&e), client::Exit::Invalid, "{e}");
+            assert!(e.to_string().contains("is empty"), "{e}");
+        }
+    }
 
     #[test]
     fn the_env_text_names_each_layer_and_shows_secrets_by_name() {
