@@ -141,7 +141,16 @@ pub fn parse_env_file(
             None => (line, None),
         };
         if !is_env_name(key) {
-            errors.push((n, format!("{key:?} is not a variable name")));
+            // A line without `=` is not repeated: it may be anything
+            // (a password, a key), and errors end up in terminals and logs.
+            errors.push((
+                n,
+                if value.is_some() {
+                    format!("{key:?} is not a variable name")
+                } else {
+                    "expected KEY=VALUE, or a variable name alone; this line is neither".into()
+                },
+            ));
             continue;
         }
         let Some(value) = value else {

@@ -455,6 +455,11 @@ fn env_files_parse_like_compose() {
     assert_eq!(e.len(), 3, "{e:?}");
     assert_eq!(e[0].0, 1);
     assert!(e[2].1.contains("variable X is required"), "{e:?}");
+    // A line that is no entry at all is not repeated.
+    let e = parse_env_file("root:$6$salt$hash:20228:0\n", &vars).unwrap_err();
+    assert_eq!(e.len(), 1, "{e:?}");
+    assert!(!e[0].1.contains("hash"), "{e:?}");
+    assert!(e[0].1.contains("expected KEY=VALUE"), "{e:?}");
 }
 
 #[test]
