@@ -23,7 +23,7 @@ pub enum TreeError {
     Read { path: String, error: std::io::Error },
     #[error("{path} holds no spec files (.json, .yaml, .yml); nothing to apply")]
     Empty { path: String },
-    #[error("{path} is a link that leads out of the tree; it is not read")]
+    #[error("{path} leads out of the tree (a link, or `..`); it is not read")]
     Escapes { path: String },
     #[error("{path} is larger than {max} bytes, more than a {what} can be; it is not read")]
     TooLarge {
@@ -152,7 +152,14 @@ pub fn read_tree(
 ) -> Result<Vec<SourceFile>, TreeError> {
     let mut files = Vec::new();
     let mut env_files: Vec<SourceFile> = Vec::new();
-    for p in spec_files(path, links)? {
+    // A link out is named as the tree names its files.
+    let found = spec_files(path, links).map_err(|e| match e {
+        TreeError::Escapes { path } => TreeError::Escapes {
+            path: name(Path::new(&path)),
+        },
+        e => e,
+    })?;
+    for p in found {
         let text = read_limited(&p, MAX_SPEC_FILE_BYTES)
             .map_err(read_err(&p))?
             .ok_or_else(|| TreeError::TooLarge {
@@ -194,8 +201,10 @@ pub fn read_env_files(
             continue;
         }
         let disk = normalize(&base.join(&entry.path));
+        // Errors name it as the tree does (a git checkout's path in the
+        // repository, not where the master unpacked it).
         let fail = |error| TreeError::EnvFile {
-            path: disk.display().to_string(),
+            path: key.clone(),
             spec: spec_name.to_owned(),
             error,
         };
@@ -204,21 +213,17 @@ pub fn read_env_files(
             // so a tree cannot learn which files exist outside it.
             let from = std::fs::canonicalize(base).map_err(read_err(base))?;
             if !normalize(&from.join(&entry.path)).starts_with(root) {
-                return Err(TreeError::Escapes {
-                    path: disk.display().to_string(),
-                });
+                return Err(TreeError::Escapes { path: key.clone() });
             }
             let real = std::fs::canonicalize(&disk).map_err(fail)?;
             if !real.starts_with(root) {
-                return Err(TreeError::Escapes {
-                    path: disk.display().to_string(),
-                });
+                return Err(TreeError::Escapes { path: key.clone() });
             }
         }
         let text = read_limited(&disk, MAX_ENV_FILE_BYTES)
             .map_err(fail)?
             .ok_or_else(|| TreeError::TooLarge {
-                path: disk.display().to_string(),
+                path: key.clone(),
                 what: "env file",
                 max: MAX_ENV_FILE_BYTES,
             })?;
@@ -281,6 +286,17 @@ mod tests {
         .unwrap();
         let e = read_tree(&root, Links::Within(&canonical), named).unwrap_err();
         assert!(matches!(e, TreeError::Escapes { .. }), "{e}");
+        // Named as the tree names it, not where it was unpacked.
+        let shown = e.to_string();
+        assert!(shown.starts_with("../../"), "{shown}");
+        assert!(!shown.contains(&*dir.path().to_string_lossy()), "{shown}");
+        std::fs::write(root.join("a.json"), spec("a", r#""missing.env""#)).unwrap();
+        let e = read_tree(&root, Links::Within(&canonical), named).unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("cannot read env file missing.env (named in `env_file` of a.json)"),
+            "{e}"
+        );
         // A folder's files may lead anywhere (the user's own disk), but
         // not read without end.
         std::os::unix::fs::symlink("/dev/zero", root.join("zero.env")).unwrap();

@@ -115,6 +115,17 @@ fn interval(ms: u64) -> String {
     }
 }
 
+/// A source's last error in the table: its start (the whole error is
+/// printed under the table, and a table row the width of a paragraph
+/// reads as neither).
+fn error_cell(error: &str) -> String {
+    let first = error.lines().next().unwrap_or("");
+    match first.char_indices().nth(40) {
+        Some((i, _)) => format!("{}… (below)", &first[..i]),
+        None => first.to_owned(),
+    }
+}
+
 /// `phoenix sources [--json]` and `phoenix sources rm NAME`.
 pub async fn sources(action: Option<SourcesAction>, target: &Target, json: bool) -> Result<()> {
     if let Some(SourcesAction::Rm { name }) = action {
@@ -154,10 +165,7 @@ pub async fn sources(action: Option<SourcesAction>, target: &Target, json: bool)
                     "no".into()
                 },
                 s.checked_at.map_or("-".into(), ago),
-                opt(s
-                    .last_error
-                    .as_deref()
-                    .map(|e| e.lines().next().unwrap_or(""))),
+                opt(s.last_error.as_deref().map(error_cell)),
             ]
         })
         .collect();
@@ -171,4 +179,18 @@ pub async fn sources(action: Option<SourcesAction>, target: &Target, json: bool)
         println!("\n{}: {}", s.name, s.last_error.as_deref().unwrap_or(""));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_error_column_holds_the_start_of_the_error() {
+        assert_eq!(error_cell("no route"), "no route");
+        let long = "commit 1623cdf of file:///srv/repo refused, nothing was changed: ...";
+        let cell = error_cell(long);
+        assert_eq!(cell, "commit 1623cdf of file:///srv/repo refus… (below)");
+        assert_eq!(error_cell("é".repeat(50).as_str()).chars().count(), 49);
+    }
 }

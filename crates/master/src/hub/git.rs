@@ -88,8 +88,12 @@ pub enum GitError {
         "the tree of commit {commit} is over {MAX_TREE_BYTES} bytes; point --path at the specs"
     )]
     TooLarge { commit: String },
-    #[error("commit {commit}: {source}")]
-    Tree { commit: String, source: TreeError },
+    #[error("commit {commit}: {source}{hint}")]
+    Tree {
+        commit: String,
+        source: TreeError,
+        hint: String,
+    },
     #[error("{what}: {source}")]
     Io {
         what: String,
@@ -651,6 +655,14 @@ async fn read_commit(
             f.strip_prefix(&tree2).unwrap_or(f).display().to_string()
         })
         .map_err(|source| GitError::Tree {
+            hint: match (&source, &path) {
+                (TreeError::EnvFile { error, .. }, Some(p))
+                    if error.kind() == std::io::ErrorKind::NotFound =>
+                {
+                    format!(" (only {p:?}, the source's --path, is checked out)")
+                }
+                _ => String::new(),
+            },
             commit: commit2,
             source,
         })
@@ -1288,7 +1300,12 @@ mod tests {
         let e = read_commit(&bare, &work, &head, Some("specs"), MAX_TREE_BYTES)
             .await
             .unwrap_err();
-        assert!(e.to_string().contains("specs/out.json is a link"), "{e}");
+        assert!(
+            e.to_string().ends_with(
+                ": specs/out.json leads out of the tree (a link, or `..`); it is not read"
+            ),
+            "{e}"
+        );
         assert!(e.commit_at_fault());
         std::fs::remove_file(repo.join("specs/out.json")).unwrap();
         sh_git(&repo, &["commit", "-q", "-am", "two"]);
@@ -1299,6 +1316,35 @@ mod tests {
             .unwrap();
         let names: Vec<&str> = files.iter().map(|f| f.path.as_str()).collect();
         assert_eq!(names, ["specs/a.json", "specs/sub/b.yaml"]);
+        // An env file beside --path is not checked out: the error says so,
+        // naming it by its path in the repository.
+        std::fs::write(
+            repo.join("specs/a.json"),
+            r#"{"machine":"m","name":"a","image":"x","type":"binary","env_file":["../top.env"]}"#,
+        )
+        .unwrap();
+        std::fs::write(repo.join("top.env"), "A=1\n").unwrap();
+        sh_git(&repo, &["add", "-A"]);
+        sh_git(&repo, &["commit", "-q", "-m", "three"]);
+        let (full, three) = ls_remote(&url, Some("main")).await.unwrap();
+        assert_eq!(fetch(&bare, &url, &full, &three).await.unwrap(), three);
+        let e = read_commit(&bare, &work, &three, Some("specs"), MAX_TREE_BYTES)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("cannot read env file top.env (named in `env_file` of specs/a.json)"),
+            "{e}"
+        );
+        assert!(
+            e.ends_with("(only \"specs\", the source's --path, is checked out)"),
+            "{e}"
+        );
+        assert!(!e.contains(".work-r"), "{e}");
+        let with_env = read_commit(&bare, &work, &three, None, MAX_TREE_BYTES)
+            .await
+            .unwrap();
+        assert!(with_env.iter().any(|f| f.path == "top.env"), "{with_env:?}");
         let all = read_commit(&bare, &work, &two, None, MAX_TREE_BYTES)
             .await
             .unwrap();
