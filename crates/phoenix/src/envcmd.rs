@@ -41,7 +41,7 @@ pub async fn env(action: EnvAction) -> Result<()> {
             }
             let rows: Vec<Vec<String>> = vars
                 .iter()
-                .map(|v| vec![v.key.clone(), v.value.clone(), utc(v.updated_at)])
+                .map(|v| vec![v.key.clone(), one_line(&v.value), utc(v.updated_at)])
                 .collect();
             table(&["KEY", "VALUE", "UPDATED"], &rows);
             Ok(())
@@ -210,6 +210,24 @@ impl Drop for EchoOff {
     }
 }
 
+/// A value on one line: its newlines, tabs and other control characters
+/// escaped (`\n`), so that one variable is one row.
+fn one_line(value: &str) -> String {
+    if !value.chars().any(char::is_control) {
+        return value.to_owned();
+    }
+    value
+        .chars()
+        .map(|c| match c {
+            '\n' => "\\n".to_owned(),
+            '\r' => "\\r".to_owned(),
+            '\t' => "\\t".to_owned(),
+            c if c.is_control() => c.escape_unicode().to_string(),
+            c => c.to_string(),
+        })
+        .collect()
+}
+
 /// `phoenix info NAME --env`.
 pub async fn info_env(data_dir: &Path, name: String, json: bool) -> Result<()> {
     let view: EnvView = client::call(data_dir, &Request::InfoEnv { name }).await?;
@@ -236,7 +254,7 @@ fn env_text(view: &EnvView) -> String {
         out.push_str(&format!(
             "{:<width$} = {}    ({from})\n",
             v.key,
-            v.value,
+            one_line(&v.value),
             width = width
         ));
     }
@@ -265,6 +283,13 @@ mod tests {
             assert_eq!(client::exit_code(&e), client::Exit::Invalid, "{e}");
             assert!(e.to_string().contains("is empty"), "{e}");
         }
+    }
+
+    #[test]
+    fn a_value_with_newlines_is_shown_on_one_line() {
+        assert_eq!(one_line("plain # value"), "plain # value");
+        assert_eq!(one_line("a\nb\tc\r"), "a\\nb\\tc\\r");
+        assert_eq!(one_line("x\u{1b}[31m"), "x\\u{1b}[31m");
     }
 
     #[test]
