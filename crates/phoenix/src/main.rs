@@ -6,9 +6,9 @@
 mod cli;
 mod client;
 mod demo;
-mod guest;
 mod envcmd;
 mod git;
+mod guest;
 mod import;
 mod install;
 mod output;
@@ -773,14 +773,7 @@ async fn send_tree(
     if plan.applied.is_empty() || waiting.detach {
         return if json { print_json(&plan) } else { Ok(()) };
     }
-    wait_running_then(
-        data_dir,
-        &plan.applied,
-        waiting,
-        json,
-        Some(&plan),
-    )
-    .await
+    wait_running_then(data_dir, &plan.applied, waiting, json, Some(&plan)).await
 }
 
 /// A plan as people read it: `+ web (m1)`, `~ api (m1): env, args`,
