@@ -151,6 +151,26 @@ pub fn check_url(url: &str) -> Result<(), GitError> {
     if url.starts_with("ext::") || url.starts_with("fd::") {
         return bad("the ext:: and fd:: transports run commands; use a URL");
     }
+    // Credentials in the URL would show wherever the URL does (`phoenix
+    // sources`, the audit log, errors): a password in any, and any user
+    // of http(s) (a token passes as one). ssh's `git@host` is a name.
+    if let Some((scheme, rest)) = url.split_once("://") {
+        let authority = rest.split('/').next().unwrap_or("");
+        if let Some((userinfo, host)) = authority.rsplit_once('@') {
+            let http = matches!(scheme.to_ascii_lowercase().as_str(), "http" | "https");
+            if userinfo.contains(':') || http {
+                return Err(GitError::BadUrl {
+                    url: format!(
+                        "{scheme}://***@{host}/{}",
+                        rest.split_once('/').map_or("", |(_, p)| p)
+                    ),
+                    why: "it holds credentials, which would show wherever the URL does; \
+                          give them to git instead (a credential helper, or an insteadOf \
+                          rule of the user the master runs as)",
+                });
+            }
+        }
+    }
     Ok(())
 }
 
@@ -1169,6 +1189,20 @@ mod tests {
         let e = parse_target("-uhoh").unwrap_err().to_string();
         assert!(e.contains("bad git URL \"-uhoh\""), "{e}");
         assert!(parse_target("ext::sh -c x").is_err());
+        // Credentials are refused without repeating them.
+        for with in [
+            "https://bob:TOKEN1@h/x.git",
+            "https://TOKEN1@h/x.git#main",
+            "ssh://bob:TOKEN1@h/x.git",
+        ] {
+            let e = parse_target(with).unwrap_err().to_string();
+            assert!(e.contains("holds credentials"), "{e}");
+            assert!(!e.contains("TOKEN1"), "{e}");
+            assert!(e.contains("://***@h/x.git"), "{e}");
+        }
+        assert!(parse_target("ssh://git@h/x.git").is_ok());
+        assert!(parse_target("git@h:x/y.git").is_ok());
+        assert!(parse_target("https://h/a@b/x.git").is_ok());
         assert!(parse_target("").is_err());
         for bad in ["a..b", "-x", "a b", "x.lock", "a:b", "/a", "a/"] {
             assert!(check_ref(bad).is_err(), "{bad}");
