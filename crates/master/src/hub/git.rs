@@ -363,6 +363,30 @@ pub fn new_secret() -> Result<String, ApiError> {
     Ok(hex::encode(bytes))
 }
 
+/// The longest error a source keeps for `phoenix sources`.
+const MAX_KEPT_ERROR: usize = 16 << 10;
+
+/// `error`, or its first lines up to [`MAX_KEPT_ERROR`] bytes and how
+/// many more there were.
+pub fn kept_error(error: &str) -> String {
+    if error.len() <= MAX_KEPT_ERROR {
+        return error.to_owned();
+    }
+    let mut cut = MAX_KEPT_ERROR;
+    while !error.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    // Whole lines, unless the first is that long.
+    if let Some(nl) = error[..cut].rfind('\n') {
+        cut = nl;
+    }
+    let more = error[cut..].lines().filter(|l| !l.is_empty()).count();
+    format!(
+        "{}\n... and {more} more lines (`phoenix diff` of a checkout of the commit lists them all)",
+        &error[..cut]
+    )
+}
+
 /// The first 7 characters of a commit, as people read it.
 pub fn short(commit: &str) -> &str {
     commit.get(..7).unwrap_or(commit)
@@ -834,9 +858,23 @@ impl Hub {
     }
 
     fn git_record(&self, name: &str, outcome: &Outcome<'_>) {
+        // A commit of thousands of bad files has an error of megabytes:
+        // its start is kept (and shown by `phoenix sources`).
+        let error = match outcome {
+            Outcome::Refused { error, .. } | Outcome::Failed { error } => kept_error(error),
+            Outcome::Live { .. } => String::new(),
+        };
+        let outcome = match *outcome {
+            Outcome::Refused { commit, .. } => Outcome::Refused {
+                commit,
+                error: &error,
+            },
+            Outcome::Failed { .. } => Outcome::Failed { error: &error },
+            Outcome::Live { commit } => Outcome::Live { commit },
+        };
         if let Err(e) = self
             .store()
-            .write(|tx| tx.git_outcome(name, now_ms(), outcome))
+            .write(|tx| tx.git_outcome(name, now_ms(), &outcome))
         {
             tracing::error!(source = %name, "cannot record a git look: {e}");
         }
@@ -1210,6 +1248,26 @@ mod tests {
         for good in ["main", "release/1.2", "v1.0", "refs/heads/x"] {
             check_ref(good).unwrap();
         }
+    }
+
+    #[test]
+    fn a_long_error_is_kept_by_its_start() {
+        assert_eq!(kept_error("short"), "short");
+        let long: String = (0..5000).map(|i| format!("f{i}.json: bad\n")).collect();
+        let kept = kept_error(&long);
+        assert!(kept.len() < MAX_KEPT_ERROR + 200, "{}", kept.len());
+        assert!(kept.starts_with("f0.json: bad\nf1.json: bad\n"), "{kept}");
+        let shown = kept.lines().count() - 1;
+        assert!(
+            kept.ends_with(&format!(
+                "... and {} more lines (`phoenix diff` of a checkout of the commit lists them all)",
+                5000 - shown
+            )),
+            "{kept}"
+        );
+        // One line longer than all of it, in characters of two bytes.
+        let wide = "é".repeat(MAX_KEPT_ERROR);
+        assert!(kept_error(&wide).starts_with("éé"));
     }
 
     #[test]
