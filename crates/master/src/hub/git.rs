@@ -845,7 +845,7 @@ impl Hub {
             match self.git_check(&name, false).await {
                 Ok(c) => {
                     if let Some(r) = c.refused {
-                        tracing::warn!(source = %name, "git: {}", r.message);
+                        tracing::warn!(source = %name, "git: {}", kept_error(&r.message));
                     }
                 }
                 Err(e) => tracing::warn!(source = %name, "git: {e}"),
