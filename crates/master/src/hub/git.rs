@@ -366,13 +366,14 @@ pub fn new_secret() -> Result<String, ApiError> {
 /// The longest error a source keeps for `phoenix sources`.
 const MAX_KEPT_ERROR: usize = 16 << 10;
 
-/// `error`, or its first lines up to [`MAX_KEPT_ERROR`] bytes and how
-/// many more there were.
+/// `error`, or its first lines and how many more there were, in at most
+/// [`MAX_KEPT_ERROR`] bytes (so what is kept is kept as it is).
 pub fn kept_error(error: &str) -> String {
     if error.len() <= MAX_KEPT_ERROR {
         return error.to_owned();
     }
-    let mut cut = MAX_KEPT_ERROR;
+    // Room for the line that says how many more.
+    let mut cut = MAX_KEPT_ERROR - 200;
     while !error.is_char_boundary(cut) {
         cut -= 1;
     }
@@ -919,6 +920,8 @@ impl Hub {
                 return Ok(Checked::default());
             }
             Decision::Refused => {
+                // Refused and reported already: only the look is recorded
+                // (not logged again at every interval).
                 let error = src.last_error.clone().unwrap_or_default();
                 self.git_record(
                     name,
@@ -927,13 +930,7 @@ impl Hub {
                         error: &error,
                     },
                 );
-                return Ok(Checked {
-                    plan: None,
-                    refused: Some(Refused {
-                        kind: ErrorKind::Invalid,
-                        message: error,
-                    }),
-                });
+                return Ok(Checked::default());
             }
             Decision::Apply => {}
         }
@@ -1255,7 +1252,9 @@ mod tests {
         assert_eq!(kept_error("short"), "short");
         let long: String = (0..5000).map(|i| format!("f{i}.json: bad\n")).collect();
         let kept = kept_error(&long);
-        assert!(kept.len() < MAX_KEPT_ERROR + 200, "{}", kept.len());
+        assert!(kept.len() <= MAX_KEPT_ERROR, "{}", kept.len());
+        // Kept again (a refused commit looked at again), it stays so.
+        assert_eq!(kept_error(&kept), kept);
         assert!(kept.starts_with("f0.json: bad\nf1.json: bad\n"), "{kept}");
         let shown = kept.lines().count() - 1;
         assert!(
