@@ -121,6 +121,16 @@ pub fn spec_files(path: &Path, links: Links<'_>) -> Result<Vec<PathBuf>, TreeErr
             // Follows links, as reading a file named on the command line does.
             let meta = std::fs::metadata(&p).map_err(read_err(&p))?;
             if meta.is_dir() {
+                // A link to this folder or one above it (`current -> .`)
+                // would be walked until the kernel's limit on links in a
+                // path, and then fail: it holds nothing new, skip it.
+                if entry.file_type().is_ok_and(|t| t.is_symlink()) {
+                    let to = std::fs::canonicalize(&p).map_err(read_err(&p))?;
+                    let here = std::fs::canonicalize(&dir).map_err(read_err(&dir))?;
+                    if here.starts_with(&to) {
+                        continue;
+                    }
+                }
                 check_link(&p, links)?;
                 todo.push(p);
             } else if is_spec_file(&p) {
@@ -364,6 +374,20 @@ mod tests {
                 .len(),
             3
         );
+
+        // Links to a folder above (or itself) are not walked round and
+        // round: they hold nothing new.
+        std::os::unix::fs::symlink(".", root.join("b/here")).unwrap();
+        std::os::unix::fs::symlink("..", root.join("b/up")).unwrap();
+        std::os::unix::fs::symlink("../..", root.join("b/out")).unwrap();
+        for links in [Links::Follow, Links::Within(&canonical)] {
+            let names: Vec<String> = read_tree(&root, links, named)
+                .unwrap()
+                .into_iter()
+                .map(|f| f.path)
+                .collect();
+            assert_eq!(names, ["a.json", "b/x.yaml", "l.json"], "{links:?}");
+        }
 
         let empty = dir.path().join("empty");
         std::fs::create_dir(&empty).unwrap();
