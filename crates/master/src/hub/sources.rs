@@ -35,11 +35,36 @@ pub(super) fn not_ours(name: &str, owner: Option<&str>) -> String {
              `phoenix apply` does not touch it (delete it with `phoenix del {name}` first, \
              or rename it in the files)"
         ),
-        Some(other) => format!(
-            "service {name:?} belongs to source {other:?}; `phoenix apply` does not touch \
-             another source's services (rename it, or apply it from {other:?})"
-        ),
+        Some(other) => match other.strip_prefix(GIT_PREFIX) {
+            Some(git) => format!(
+                "service {name:?} belongs to the git source {git:?}; it changes with that \
+                 repository's commits (`phoenix sources`), and `phoenix apply` does not touch \
+                 it (rename it, or change it in the repository)"
+            ),
+            None => format!(
+                "service {name:?} belongs to source {other:?}; `phoenix apply` does not touch \
+                 another source's services (rename it, or apply it from {other:?})"
+            ),
+        },
     }
+}
+
+/// The prefix of the sources the master's git sources own (`git:NAME`).
+const GIT_PREFIX: &str = "git:";
+
+/// A source a client may name (`phoenix apply --source`, `import
+/// --apply`): not a git source's, which only its commits change (else a
+/// folder applied as `git:conf` would change, or prune, what the watched
+/// repository defines, and the master would not put it back until the
+/// ref moved).
+pub(super) fn check_client_source(source: &str) -> Result<(), ApiError> {
+    if source.starts_with(GIT_PREFIX) {
+        return Err(ApiError::Invalid(format!(
+            "source {source:?}: names starting with {GIT_PREFIX:?} are the master's git sources \
+             (`phoenix apply --git`, `phoenix sources`); give --source another name"
+        )));
+    }
+    Ok(())
 }
 
 /// A service as stored: its spec (an update's new version when one is in
@@ -268,6 +293,7 @@ impl Hub {
         prune: bool,
         dry_run: bool,
     ) -> Result<Plan, ApiError> {
+        check_client_source(&source)?;
         let via = source.clone();
         self.apply_tree_via(actor, source, via, files, prune, dry_run)
             .await
@@ -328,6 +354,19 @@ impl Hub {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_client_may_not_name_a_git_source_s_source() {
+        let e = check_client_source(&super::super::git::owner("conf")).unwrap_err();
+        assert!(matches!(e, ApiError::Invalid(_)), "{e}");
+        assert!(e.to_string().contains("\"git:conf\""), "{e}");
+        assert!(check_client_source("/srv/specs").is_ok());
+        assert!(check_client_source("compose:/srv/compose.yaml").is_ok());
+        // A git source's service is not offered to `apply` as another's.
+        let why = not_ours("web", Some("git:conf"));
+        assert!(why.contains("belongs to the git source \"conf\""), "{why}");
+        assert!(!why.contains("apply it from"), "{why}");
+    }
 
     fn spec(name: &str, args: &[&str]) -> Spec {
         let args: Vec<String> = args.iter().map(|a| format!("{a:?}")).collect();
