@@ -1508,7 +1508,25 @@ fn split_url(url: &str) -> Option<(String, String, u16, String)> {
 
 /// A registry reference → (the spec's image, the registry file, whether a
 /// digest was dropped). The repository's last part names the file.
+/// Why `reference` is no image reference by its characters: only
+/// letters, digits and `. _ - / : @ + =` make one (docker's grammar), so
+/// the `docker save` lines printed for the user to paste hold nothing a
+/// shell would run (`$(...)`, `;`, backquotes, spaces).
+pub(super) fn reference_chars(reference: &str) -> Result<(), String> {
+    match reference
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || "._-/:@+=".contains(*c)))
+    {
+        Some(c) => Err(format!(
+            "{reference:?} is not an image reference: it holds {c:?}; only letters, digits \
+             and . _ - / : @ + = make one"
+        )),
+        None => Ok(()),
+    }
+}
+
 fn image_ref(reference: &str) -> Result<(String, String, bool), String> {
+    reference_chars(reference)?;
     let (name_tag, digest) = match reference.split_once('@') {
         Some((n, _)) => (n, true),
         None => (reference, false),

@@ -118,6 +118,9 @@ pub fn procfile(input: &ProcfileInput<'_>) -> Result<Imported, ImportError> {
         out.specs.push(spec);
         out.lines.push(n);
     }
+    if let Err(reason) = super::compose::reference_chars(input.image) {
+        problems.push(Problem::new(None, Some("--image"), reason));
+    }
     if out.specs.is_empty() && problems.is_empty() {
         problems.push(Problem::new(None, None, "the file names no process types"));
     }
@@ -224,5 +227,19 @@ mod tests {
         }
         let e = import("# nothing\n\n").unwrap_err();
         assert!(e.to_string().contains("names no process types"), "{e}");
+    }
+
+    #[test]
+    fn an_image_that_is_no_reference_is_refused() {
+        let e = procfile(&ProcfileInput {
+            file: "Procfile",
+            text: "web: ./server",
+            machine: "m1",
+            image: "app:v1; rm -rf ~",
+            port: None,
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("is not an image reference"), "{e}");
     }
 }

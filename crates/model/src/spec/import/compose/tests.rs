@@ -497,6 +497,19 @@ fn image_references() {
         ("redis".into(), "redis.tar".into(), false)
     );
     assert!(r("app@sha256:00").unwrap().2);
+    // Nothing a shell would run when the `docker save` line is pasted.
+    for hostile in [
+        "x$(touch /tmp/p):v1",
+        "y;id",
+        "w`id`",
+        "a b",
+        "a|b",
+        "a&b",
+        "a'b",
+    ] {
+        let e = r(hostile).unwrap_err();
+        assert!(e.contains("is not an image reference"), "{e}");
+    }
     assert!(r("app:").is_err());
     assert!(r("/").is_err());
 }
