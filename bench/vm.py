@@ -121,6 +121,23 @@ def started_s(pid):
     return int(fields[19]) / os.sysconf("SC_CLK_TCK")
 
 
+def rounds(args):
+    """The rounds to run: `--round R` alone, else 0 (the warm-up) to RUNS."""
+    return [args.round] if args.round is not None else range(args.runs + 1)
+
+
+def save(args, out):
+    """Prints `out`, or merges it into `--out FILE` (lists are extended)."""
+    if not args.out:
+        json.dump(out, sys.stdout)
+        return
+    old = json.load(open(args.out)) if os.path.exists(args.out) else {}
+    for k, v in out.items():
+        old[k] = old.get(k, []) + v if isinstance(v, list) else v
+    with open(args.out, "w") as f:
+        json.dump(old, f)
+
+
 def phoenix(p, *args, check=True):
     r = subprocess.run([p, *args], capture_output=True, text=True)
     if check and r.returncode != 0:
@@ -145,7 +162,7 @@ def deploys(args):
     """Deploy -> health check passing (`phoenix deploy` returns then), per
     kind, interleaved; a warm-up of each first (unpacks the images)."""
     out = {"vm": [], "container": [], "binary": [], "qemu_rss_kib": [], "minion_rss_delta_kib": []}
-    for r in range(args.runs + 1):
+    for r in rounds(args):
         for kind in ["vm", "container", "binary"]:
             name = f"bench-{kind}"
             path = os.path.join(args.work, f"{name}.json")
@@ -177,7 +194,7 @@ def deploys(args):
                 shutil.copyfile(log, os.path.join(args.work, f"console-{r}.log"))
             phoenix(args.phoenix, "del", name, "--timeout", "120")
     out["minion_rss_kib"] = rss_kib(args.minion_pid)
-    json.dump(out, sys.stdout)
+    save(args, out)
 
 
 IFUP = """#!/bin/sh
@@ -219,7 +236,7 @@ def bare(args):
     cmdline += f" PHOENIX_NAME=bare PHOENIX_IP=fd00::2 PORT={PORT}"
     subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
     times, rss = [], []
-    for r in range(args.runs + 1):
+    for r in rounds(args):
         disk = os.path.join(args.work, "bare-disk.ext4")
         shutil.copyfile(args.rootfs, disk)
         qmp = os.path.join(args.work, "bare-qmp.sock")
@@ -256,7 +273,7 @@ def bare(args):
             q.send_signal(signal.SIGKILL)
             q.wait()
             console.close()
-    json.dump({"bare": times, "bare_rss_kib": rss}, sys.stdout)
+    save(args, {"bare": times, "bare_rss_kib": rss})
 
 
 def med(xs):
@@ -275,7 +292,8 @@ def report(args):
         f"`bench/vm.sh {m['args']}` at {m['git']}, {m['version']}; {m['qemu']}; accelerator **{m['accel']}**"
         f" ({m['accel_why']}); {m['cpus']} CPUs, load average {m['load_before']} before and {m['load_after']} after the run; "
         f"took {m['took']} s. Medians of {len(d['vm'])} runs (after one warm-up each), all on one minion in a network namespace "
-        "(the master in another), the overlay on.",
+        "(the master in another), the overlay on. Each round deploys the three kinds through Phoenix, then "
+        "launches the bare QEMU, so the machine's load drifts alike for both.",
         "",
         "The same tiny HTTP server three ways: busybox `httpd` serving `/health`, as a VM (Debian's cloud kernel "
         f"{m['kernel']} with an initrd loading the virtio modules, an ext4 root disk of busybox; 256 MiB, 1 vCPU), "
@@ -331,6 +349,8 @@ def main():
     a.add_argument("--runs", type=int, default=5)
     a.add_argument("--minion-pid", type=int, required=True)
     a.add_argument("--www", required=True)
+    a.add_argument("--round", type=int)
+    a.add_argument("--out")
     a = sub.add_parser("bare")
     a.add_argument("--work", required=True)
     a.add_argument("--runs", type=int, default=5)
@@ -338,6 +358,8 @@ def main():
     a.add_argument("--initrd", required=True)
     a.add_argument("--rootfs", required=True)
     a.add_argument("--accel", default="tcg")
+    a.add_argument("--round", type=int)
+    a.add_argument("--out")
     a = sub.add_parser("report")
     a.add_argument("work")
     args = ap.parse_args()

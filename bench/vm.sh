@@ -15,6 +15,8 @@
 #      network namespace of its own, a tap to the guest), timed from the
 #      launch to the guest's httpd answering, RUNS times: Phoenix's overhead
 #      is the difference of the medians (target: <= 50 ms).
+# Rounds: each deploys the three kinds, then launches the bare QEMU, so the
+# machine's load drifts alike for both; round 0 is a warm-up.
 # Prints a markdown section; --write also puts it into BENCHMARKS.md (between
 # <!-- vm:begin --> and <!-- vm:end -->).
 #
@@ -182,15 +184,16 @@ kvm) accel_why="hardware virtualisation" ;;
 *) die "m1 runs no VMs (vm_accel: $accel)" ;;
 esac
 
-# ------------------------------------------------------------------ 1, 2. through Phoenix
-say "1. deploy -> healthy, $runs runs (+1 warm-up) of a VM, a container and a binary, interleaved"
-in_bg python3 "$py" deploys --phoenix "$phoenix" --work "$work" --runs "$runs" \
-    --minion-pid "${daemon[m1]}" --www "$work/www" >"$work/deploys.json"
-
-# ------------------------------------------------------------------ 3. bare
-say "3. a bare QEMU launch of the same kernel, initrd and disk, $runs runs (+1 warm-up)"
-in_bg ip netns exec "$tag-bare" python3 "$py" bare --work "$work" --runs "$runs" --accel "$accel" \
-    --kernel "$W/img/bzImage" --initrd "$W/img/initrd" --rootfs "$W/img/rootfs.ext4" >"$work/bare.json"
+# ------------------------------------------------------------------ 1-3, round by round
+# Each round: the three kinds through Phoenix, then the bare launch, so
+# that the machine's load drifts alike for both.
+say "deploy -> healthy of a VM, a container and a binary, then a bare QEMU launch of the same kernel, initrd and disk: $runs rounds (+1 warm-up)"
+for r in $(seq 0 "$runs"); do
+    in_bg python3 "$py" deploys --phoenix "$phoenix" --work "$work" --round "$r" \
+        --minion-pid "${daemon[m1]}" --www "$work/www" --out "$work/deploys.json"
+    in_bg ip netns exec "$tag-bare" python3 "$py" bare --work "$work" --round "$r" --accel "$accel" \
+        --kernel "$W/img/bzImage" --initrd "$W/img/initrd" --rootfs "$W/img/rootfs.ext4" --out "$work/bare.json"
+done
 
 # ------------------------------------------------------------------ report
 problems() { cat "$work/m1.log" "$work/master.log" | { grep -E ' (WARN|ERROR) ' || true; }; }
