@@ -402,6 +402,21 @@ impl Converter<'_, '_> {
         };
         let mut taken: HashMap<String, String> = HashMap::new();
         for (name, node) in entries {
+            // Compose's own rule; a name outside it would also land in the
+            // `docker compose build NAME` line printed for pasting.
+            if name.is_empty()
+                || !name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
+            {
+                self.problem(
+                    node.line,
+                    Some(name),
+                    "services",
+                    "a compose service's name is letters, digits, '.', '_' and '-'".into(),
+                );
+                continue;
+            }
             let Some(phoenix) = sanitize_name(name) else {
                 self.problem(
                     node.line,

@@ -497,6 +497,13 @@ fn image_references() {
         ("redis".into(), "redis.tar".into(), false)
     );
     assert!(r("app@sha256:00").unwrap().2);
+    // Nor in a service's name, which `docker compose build NAME` holds.
+    let e = problems("services:\n  \"x;id\":\n    build: .\n  \"a b\":\n    image: x\n");
+    assert!(
+        e.contains("line 2: service \"x;id\": field `services`: a compose service's name is"),
+        "{e}"
+    );
+    assert!(e.contains("service \"a b\""), "{e}");
     // Nothing a shell would run when the `docker save` line is pasted.
     for hostile in [
         "x$(touch /tmp/p):v1",
