@@ -24,6 +24,7 @@
 # busybox-static, e2fsprogs (mkfs.ext4 -d), zstd, cpio, crun, python3,
 # iproute2, and a release build (cargo build --release -p phoenix).
 # Usage: bench/vm.sh [--write] [RUNS]     default: 5 runs
+#   KEEP_LOGS=1 keeps the daemons' logs and the VMs' consoles.
 set -euo pipefail
 write=no
 if [ "${1:-}" = "--write" ]; then write=yes; shift; fi
@@ -68,7 +69,7 @@ cleanup() {
         local keep
         keep=$(mktemp -d /tmp/phoenix-vm-bench-logs.XXXXXX)
         cp "$work"/*.log "$keep/" 2>/dev/null
-        echo "vm.sh: failed ($rc); the logs are in $keep" >&2
+        if [ "$rc" != 0 ]; then echo "vm.sh: failed ($rc); the logs are in $keep" >&2; else echo "vm.sh: the logs are in $keep (KEEP_LOGS)" >&2; fi
     fi
     if [ -n "$child" ]; then kill "$child" 2>/dev/null; wait "$child" 2>/dev/null; fi
     if [ -S "$work/master/phoenix.sock" ]; then
