@@ -77,7 +77,12 @@ pub fn exit_code(err: &anyhow::Error) -> Exit {
                 ErrorKind::Internal => Exit::Failure,
             };
         }
-        if cause.is::<SpecErrors>() || cause.is::<InvalidInput>() {
+        // A spec, a tree of them or an env file that cannot be read or
+        // parsed is the user's input, not a failure of Phoenix.
+        if cause.is::<SpecErrors>()
+            || cause.is::<InvalidInput>()
+            || cause.is::<phoenix_model::tree::TreeError>()
+        {
             return Exit::Invalid;
         }
         if cause.is::<MasterUnreachable>() {
@@ -290,6 +295,16 @@ mod tests {
             errors: vec![SpecError::new(Some("name"), "empty")],
         });
         assert_eq!(exit_code(&local), Exit::Invalid);
+        // A tree (or an env file) that cannot be read is bad input too.
+        let tree = phoenix_model::tree::read_tree(
+            std::path::Path::new("/nonexistent/specs"),
+            phoenix_model::tree::Links::Follow,
+            |p| p.display().to_string(),
+        )
+        .map(drop)
+        .map_err(anyhow::Error::from)
+        .unwrap_err();
+        assert_eq!(exit_code(&tree), Exit::Invalid, "{tree}");
         let down = anyhow::Error::from(MasterUnreachable {
             socket: "/x/phoenix.sock".into(),
             source: std::io::ErrorKind::NotFound.into(),

@@ -650,8 +650,9 @@ fn read_spec(file: &Path) -> Result<(String, String)> {
             .context("cannot read the spec from stdin")?;
         return Ok(("<stdin>".into(), text));
     }
-    let text = std::fs::read_to_string(file)
-        .with_context(|| format!("cannot read spec file {}", file.display()))?;
+    let text = std::fs::read_to_string(file).map_err(|e| {
+        client::InvalidInput(format!("cannot read spec file {}: {e}", file.display()))
+    })?;
     Ok((file.display().to_string(), text))
 }
 
