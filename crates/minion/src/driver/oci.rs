@@ -432,8 +432,9 @@ fn unpack_cached(image: &Path, tag: Option<&str>, dir: &Path) -> Result<PathBuf,
 }
 
 /// Resolves the image's `User` ("name", "uid", "uid:gid", "name:group")
-/// against the image's own /etc/passwd and /etc/group.
-fn resolve_user(user: Option<&str>, rootfs: &Path) -> Result<(u32, u32), String> {
+/// against the image's own /etc/passwd and /etc/group (also for an OCI
+/// image booted as a VM).
+pub(crate) fn resolve_user(user: Option<&str>, rootfs: &Path) -> Result<(u32, u32), String> {
     // The image controls these paths: never follow a symlink out of it.
     let read = |file: &str| -> Option<String> {
         let plain =

@@ -343,18 +343,7 @@ impl VmDriver {
             .and_then(|t| serde_json::from_slice(&t).ok())
             .ok_or_else(|| format!("{} holds no unpacked VM image", place.display()))?;
         let work = task.work_dir;
-        cleanup(work);
-        let disk = work.join("disk.ext4");
-        let mut cp = Command::new("cp");
-        cp.args(["--reflink=auto", "--sparse=always"])
-            .arg(place.join(ROOTFS))
-            .arg(&disk);
-        let (exit, err) = reaper::run(&mut cp)
-            .await
-            .map_err(|e| format!("copy {ROOTFS}: {e}"))?;
-        if exit.code != Some(0) {
-            return Err(format!("copy {ROOTFS}: {}", err.trim()));
-        }
+        let disk = fresh_disk(work, &place.join(ROOTFS)).await?;
         let ifup = work.join("ifup");
         if task.network.is_some() {
             std::fs::write(&ifup, IFUP)
@@ -605,6 +594,27 @@ impl Plan {
 }
 
 /// A path inside a QEMU option list, where a comma is written twice.
+/// The disk one start boots from: the run's work directory emptied, then
+/// the image's disk copied in as `disk.ext4` (a reflink where the
+/// filesystem has them, sparse otherwise), so every start begins from the
+/// image.
+async fn fresh_disk(work: &Path, image_disk: &Path) -> Result<PathBuf, String> {
+    cleanup(work);
+    let disk = work.join("disk.ext4");
+    let mut cp = Command::new("cp");
+    cp.args(["--reflink=auto", "--sparse=always"])
+        .arg(image_disk)
+        .arg(&disk);
+    let what = image_disk.file_name().unwrap_or_default().to_string_lossy();
+    let (exit, err) = reaper::run(&mut cp)
+        .await
+        .map_err(|e| format!("copy {what}: {e}"))?;
+    if exit.code != Some(0) {
+        return Err(format!("copy {what}: {}", err.trim()));
+    }
+    Ok(disk)
+}
+
 fn qemu_path(p: &Path) -> String {
     p.display().to_string().replace(',', ",,")
 }

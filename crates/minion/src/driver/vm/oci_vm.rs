@@ -42,8 +42,8 @@ use phoenix_image::initramfs::{self as ird, CpioWriter};
 use phoenix_image::vm::VmConfig;
 use phoenix_model::status::Exit;
 
-use super::{IFUP, Plan, VmDriver, VmProc, cleanup, cmdline, memory_mib};
-use crate::driver::oci::{ImageSettings, OciDriver};
+use super::{IFUP, Plan, VmDriver, VmProc, cmdline, fresh_disk, memory_mib};
+use crate::driver::oci::{ImageSettings, OciDriver, resolve_user};
 use crate::driver::{BoxFuture, RunningTask, TaskConfig, TaskHandle};
 use crate::process::{Launch, Proc};
 use crate::reaper;
@@ -383,23 +383,6 @@ fn guest_modules(kernel: &Path, release: Option<&str>) -> Result<Vec<Module>, St
         .collect()
 }
 
-/// The image user's uid and gid, from the image's own `/etc/passwd` and
-/// `/etc/group` (never through a symlink out of it), as the oci driver
-/// resolves them.
-fn resolve_user(user: Option<&str>, rootfs: &Path) -> Result<(u32, u32), String> {
-    let read = |file: &str| -> Option<String> {
-        let plain =
-            |p: &Path| std::fs::symlink_metadata(p).is_ok_and(|m| m.is_dir() || m.is_file());
-        let path = rootfs.join(file);
-        (plain(&rootfs.join("etc")) && plain(&path))
-            .then(|| std::fs::read_to_string(path).ok())
-            .flatten()
-    };
-    let (passwd, group) = (read("etc/passwd"), read("etc/group"));
-    phoenix_host::users::resolve_user(user.unwrap_or(""), passwd.as_deref(), group.as_deref())
-        .map_err(|e| format!("image user: {e}"))
-}
-
 /// The run of an OCI image: the oci driver's semantics (Entrypoint, then
 /// the spec's `args` or else Cmd; the image's Env, then the spec's `env`,
 /// then Phoenix's variables, later entries winning).
@@ -556,18 +539,7 @@ impl VmDriver {
         )?;
         let initrd = o.initramfs().await?;
         let work = task.work_dir;
-        cleanup(work);
-        let disk = work.join("disk.ext4");
-        let mut cp = Command::new("cp");
-        cp.args(["--reflink=auto", "--sparse=always"])
-            .arg(place.join(DISK))
-            .arg(&disk);
-        let (exit, err) = reaper::run(&mut cp)
-            .await
-            .map_err(|e| format!("copy {DISK}: {e}"))?;
-        if exit.code != Some(0) {
-            return Err(format!("copy {DISK}: {}", err.trim()));
-        }
+        let disk = fresh_disk(work, &place.join(DISK)).await?;
         // The run description holds the service's environment, secrets
         // included: only root may read the disk.
         std::fs::OpenOptions::new()
