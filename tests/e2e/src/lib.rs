@@ -148,6 +148,20 @@ pub fn is_root() -> bool {
     unsafe { libc::geteuid() == 0 }
 }
 
+/// Whether this process can run containers (root, and crun installed);
+/// when not, says that `what` is skipped and why.
+pub fn can_run_containers(what: &str) -> bool {
+    let crun = std::process::Command::new("crun")
+        .arg("--version")
+        .output()
+        .is_ok();
+    if !is_root() || !crun {
+        eprintln!("SKIPPED: {what} needs root and crun (apt-get install crun)");
+        return false;
+    }
+    true
+}
+
 impl Cluster {
     /// A master and accepted minions `m1..=mN` on loopback, with testy
     /// pushed as `testy`.

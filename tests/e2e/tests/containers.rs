@@ -4,22 +4,8 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use phoenix_e2e::oci::{self, Layer};
-use phoenix_e2e::{Cluster, alive, free_port, is_root, wait_for};
+use phoenix_e2e::{Cluster, alive, free_port, wait_for};
 use serde_json::{Value, json};
-
-macro_rules! require_crun {
-    () => {
-        if !is_root()
-            || std::process::Command::new("crun")
-                .arg("--version")
-                .output()
-                .is_err()
-        {
-            eprintln!("SKIPPED: container test needs root and crun (apt-get install crun)");
-            return;
-        }
-    };
-}
 
 fn pid(s: &Value) -> u64 {
     s["pid"].as_u64().unwrap_or_else(|| panic!("no pid in {s}"))
@@ -51,7 +37,9 @@ fn mounted(path: &Path) -> bool {
 
 #[test]
 fn a_container_is_supervised_like_a_binary() {
-    require_crun!();
+    if !phoenix_e2e::can_run_containers("container test") {
+        return;
+    }
     let c = Cluster::start(1);
     push_image(
         &c,
@@ -215,7 +203,9 @@ fn a_container_is_supervised_like_a_binary() {
 
 #[test]
 fn a_container_survives_its_minion_and_never_outlives_its_service() {
-    require_crun!();
+    if !phoenix_e2e::can_run_containers("container test") {
+        return;
+    }
     let mut c = Cluster::start(1);
     push_image(
         &c,
@@ -255,7 +245,9 @@ fn a_container_survives_its_minion_and_never_outlives_its_service() {
 
 #[test]
 fn a_broken_or_hostile_image_fails_the_service_with_a_clear_message() {
-    require_crun!();
+    if !phoenix_e2e::can_run_containers("container test") {
+        return;
+    }
     let c = Cluster::start(1);
     // A layer that tries to write through a symlink out of the rootfs.
     let outside = c.dir.path().join("outside");
@@ -342,7 +334,9 @@ fn a_broken_or_hostile_image_fails_the_service_with_a_clear_message() {
 
 #[test]
 fn an_image_from_docker_image_save_runs() {
-    require_crun!();
+    if !phoenix_e2e::can_run_containers("container test") {
+        return;
+    }
     if std::process::Command::new("docker")
         .arg("info")
         .output()
@@ -416,7 +410,9 @@ fn an_image_from_docker_image_save_runs() {
 
 #[test]
 fn a_oneshot_container_keeps_its_exit_code_and_is_not_restarted() {
-    require_crun!();
+    if !phoenix_e2e::can_run_containers("container test") {
+        return;
+    }
     let c = Cluster::start(1);
     push_image(
         &c,

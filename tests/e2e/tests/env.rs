@@ -9,27 +9,13 @@ use std::path::Path;
 use std::time::Duration;
 
 use phoenix_e2e::oci;
-use phoenix_e2e::{Cluster, free_port, is_root, testy, wait_for};
+use phoenix_e2e::{Cluster, free_port, testy, wait_for};
 use serde_json::{Value, json};
 
 /// Values no output may hold.
 const DB_VALUE: &str = "s3cr3t-db-7f3a9c";
 const DB_VALUE_2: &str = "r0tated-db-5b1e2d";
 const API_VALUE: &str = "t0ken-api-8c4d6e";
-
-macro_rules! require_crun {
-    () => {
-        if !is_root()
-            || std::process::Command::new("crun")
-                .arg("--version")
-                .output()
-                .is_err()
-        {
-            eprintln!("SKIPPED: env test needs root and crun (apt-get install crun)");
-            return;
-        }
-    };
-}
 
 fn set_secret(c: &Cluster, name: &str, value: &str) -> Value {
     let out = c.phoenix_stdin(&["secret", "set", name, "--json"], &format!("{value}\n"));
@@ -76,7 +62,9 @@ fn generation_and_pid(c: &Cluster, name: &str) -> (u64, u64) {
 
 #[test]
 fn four_layers_in_order_and_a_secret_that_shows_nowhere_else() {
-    require_crun!();
+    if !phoenix_e2e::can_run_containers("env test") {
+        return;
+    }
     let c = Cluster::start(1);
     let image = c.dir.path().join("envimg.tar");
     oci::write_tar(

@@ -9,22 +9,8 @@
 use std::process::Output;
 
 use phoenix_e2e::oci;
-use phoenix_e2e::{Cluster, free_port, is_root};
+use phoenix_e2e::{Cluster, free_port};
 use serde_json::Value;
-
-macro_rules! require_crun {
-    () => {
-        if !is_root()
-            || std::process::Command::new("crun")
-                .arg("--version")
-                .output()
-                .is_err()
-        {
-            eprintln!("SKIPPED: import test needs root and crun (apt-get install crun)");
-            return;
-        }
-    };
-}
 
 fn text(out: &Output) -> (String, String) {
     (
@@ -70,7 +56,9 @@ fn push_app(c: &Cluster) {
 
 #[test]
 fn a_compose_file_is_reviewed_then_applied_and_its_services_run() {
-    require_crun!();
+    if !phoenix_e2e::can_run_containers("import test") {
+        return;
+    }
     let c = Cluster::start(1);
     push_app(&c);
     let (api_port, web_port) = (free_port(), free_port());
@@ -214,7 +202,9 @@ fn a_compose_file_is_reviewed_then_applied_and_its_services_run() {
 
 #[test]
 fn a_procfile_is_applied_and_bad_input_is_refused_naming_it() {
-    require_crun!();
+    if !phoenix_e2e::can_run_containers("import test") {
+        return;
+    }
     let c = Cluster::start(1);
     // No ENTRYPOINT, as an image for a Procfile has: the command replaces CMD.
     let path = c.dir.path().join("proc.tar");
