@@ -577,13 +577,7 @@ pub async fn ls_remote(url: &str, reference: Option<&str>) -> Result<(String, St
         LS_REMOTE_TIMEOUT,
     )
     .await
-    .map_err(|e| match e {
-        GitError::Failed { stderr, .. } => GitError::Failed {
-            what: format!("ls-remote {url}"),
-            stderr,
-        },
-        e => e,
-    })?;
+    .map_err(said_as(format!("ls-remote {url}")))?;
     pick_commit(&String::from_utf8_lossy(&out), reference).ok_or_else(|| match reference {
         Some(r) => GitError::NoSuchRef {
             url: url.to_owned(),
@@ -593,6 +587,15 @@ pub async fn ls_remote(url: &str, reference: Option<&str>) -> Result<(String, St
             url: url.to_owned(),
         },
     })
+}
+
+/// A git failure said as `what` (with the URL, not the arguments git was
+/// run with); other errors as they are.
+fn said_as(what: String) -> impl FnOnce(GitError) -> GitError {
+    move |e| match e {
+        GitError::Failed { stderr, .. } => GitError::Failed { what, stderr },
+        e => e,
+    }
 }
 
 /// Fetches `full_ref` of `url` into the bare repository `bare` (made if
@@ -617,13 +620,7 @@ async fn fetch(bare: &Path, url: &str, full_ref: &str, commit: &str) -> Result<S
         FETCH_TIMEOUT,
     )
     .await
-    .map_err(|e| match e {
-        GitError::Failed { stderr, .. } => GitError::Failed {
-            what: format!("fetch {url} {full_ref}"),
-            stderr,
-        },
-        e => e,
-    })?;
+    .map_err(said_as(format!("fetch {url} {full_ref}")))?;
     // Each fetch leaves the previous commit unreferenced; let git pack
     // and prune now and then, as it would after a fetch of its own.
     let _ = git(Some(bare), &["gc", "--auto", "--quiet"], FETCH_TIMEOUT).await;
