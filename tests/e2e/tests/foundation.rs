@@ -356,9 +356,10 @@ fn bad_specs_are_refused_and_change_nothing() {
             "field `env[0]`: \"NOPE\" is not of the form KEY=VALUE",
         ),
         (
-            // A binary is not a VM image: refused at the door, naming it.
+            // A binary is neither a VM image nor an OCI image to boot as
+            // one: refused at the door, naming it.
             json!({"machine": "m1", "name": "x", "image": "testy", "type": "vm"}),
-            "registry file \"testy\" is not a VM image phoenix can boot: not zstd-compressed",
+            "registry file \"testy\" is neither a VM image (a zstd tar) nor an OCI image phoenix can boot: testy is not a tar archive",
         ),
     ];
     for (spec, want) in cases {
