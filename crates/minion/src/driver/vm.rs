@@ -379,14 +379,29 @@ impl VmDriver {
             return self.start_firecracker(fc, task, plan).await;
         }
         let args = plan.args();
+        self.spawn_qemu(qemu, &args, task, plan.qmp, |vm| Box::new(vm))
+    }
+
+    /// Starts QEMU with `args` in the task's network namespace and
+    /// cgroups, its output into the service's log; `wrap` makes the
+    /// running task of the VM (`qmp`: its QMP socket, for the power
+    /// button).
+    fn spawn_qemu(
+        &self,
+        qemu: &Path,
+        args: &[String],
+        task: TaskConfig<'_>,
+        qmp: PathBuf,
+        wrap: impl FnOnce(VmProc) -> Box<dyn RunningTask>,
+    ) -> Result<TaskHandle, String> {
         let proc = Proc::spawn(
             self.host.clone(),
             Launch {
                 program: qemu,
                 arg0: None,
-                args: &args,
+                args,
                 env: vec![("PATH".to_owned(), super::exec::DEFAULT_PATH.to_owned())],
-                cwd: work,
+                cwd: task.work_dir,
                 log: task.log,
                 cgroup: task.cgroup.as_deref(),
                 netns: task.network.map(|n| n.netns),
@@ -398,9 +413,9 @@ impl VmDriver {
         Ok(TaskHandle {
             pid,
             start_time: self.host.process_start_time(pid).unwrap_or(0),
-            process: Box::new(VmProc {
+            process: wrap(VmProc {
                 proc,
-                qmp: Some(plan.qmp),
+                qmp: Some(qmp),
             }),
         })
     }

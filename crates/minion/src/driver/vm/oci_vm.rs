@@ -45,7 +45,6 @@ use phoenix_model::status::Exit;
 use super::{IFUP, Plan, VmDriver, VmProc, cmdline, fresh_disk, memory_mib};
 use crate::driver::oci::{ImageSettings, OciDriver, resolve_user};
 use crate::driver::{BoxFuture, RunningTask, TaskConfig, TaskHandle};
-use crate::process::{Launch, Proc};
 use crate::reaper;
 
 /// The root disk made from an unpacked OCI image, beside its `rootfs`.
@@ -583,33 +582,7 @@ impl VmDriver {
         };
         let mut args = plan.args();
         args.extend(["-device".to_owned(), DEBUG_EXIT.to_owned()]);
-        let proc = Proc::spawn(
-            self.host.clone(),
-            Launch {
-                program: qemu,
-                arg0: None,
-                args: &args,
-                env: vec![(
-                    "PATH".to_owned(),
-                    crate::driver::exec::DEFAULT_PATH.to_owned(),
-                )],
-                cwd: work,
-                log: task.log,
-                cgroup: task.cgroup.as_deref(),
-                netns: task.network.map(|n| n.netns),
-                hosts_file: None,
-            },
-        )
-        .map_err(|e| e.to_string())?;
-        let pid = proc.pid().unwrap_or(0);
-        Ok(TaskHandle {
-            pid,
-            start_time: self.host.process_start_time(pid).unwrap_or(0),
-            process: Box::new(OciVmProc(VmProc {
-                proc,
-                qmp: Some(plan.qmp),
-            })),
-        })
+        self.spawn_qemu(qemu, &args, task, plan.qmp, |vm| Box::new(OciVmProc(vm)))
     }
 }
 
