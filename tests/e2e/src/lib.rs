@@ -148,6 +148,41 @@ pub fn is_root() -> bool {
     unsafe { libc::geteuid() == 0 }
 }
 
+/// Why this machine cannot run a VM test, if it cannot: it needs root,
+/// each of `programs` (named with the Debian package that has it) and
+/// Debian's cloud kernel in /boot.
+pub fn vm_test_missing(programs: &[(&str, &str)]) -> Option<String> {
+    if !is_root() {
+        return Some("needs root".into());
+    }
+    let has = |p: &str| {
+        std::process::Command::new("sh")
+            .args(["-c", &format!("command -v {p}")])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    for (program, package) in programs {
+        if !has(program) {
+            return Some(format!("needs {program} (apt-get install {package})"));
+        }
+    }
+    let kernel = std::fs::read_dir("/boot")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .any(|e| {
+            let n = e.file_name();
+            let n = n.to_string_lossy();
+            n.starts_with("vmlinuz-") && n.ends_with("-cloud-amd64")
+        });
+    if !kernel {
+        return Some(
+            "needs Debian's cloud kernel in /boot (apt-get install linux-image-cloud-amd64)".into(),
+        );
+    }
+    None
+}
+
 /// Whether this process can run containers (root, and crun installed);
 /// when not, says that `what` is skipped and why.
 pub fn can_run_containers(what: &str) -> bool {

@@ -86,39 +86,14 @@ tar -C "$W/img" -c . | zstd -q -f -o "$OUT"
 
 /// Why this machine cannot run the test, if it cannot.
 fn missing() -> Option<String> {
-    if !is_root() {
-        return Some("needs root".into());
-    }
-    let has = |p: &str| {
-        Command::new("sh")
-            .args(["-c", &format!("command -v {p}")])
-            .output()
-            .is_ok_and(|o| o.status.success())
-    };
-    for (program, package) in [
+    if let Some(why) = phoenix_e2e::vm_test_missing(&[
         ("qemu-system-x86_64", "qemu-system-x86"),
         ("busybox", "busybox-static"),
         ("mkfs.ext4", "e2fsprogs"),
         ("zstd", "zstd"),
         ("cpio", "cpio"),
-    ] {
-        if !has(program) {
-            return Some(format!("needs {program} (apt-get install {package})"));
-        }
-    }
-    let kernel = std::fs::read_dir("/boot")
-        .into_iter()
-        .flatten()
-        .flatten()
-        .any(|e| {
-            let n = e.file_name();
-            let n = n.to_string_lossy();
-            n.starts_with("vmlinuz-") && n.ends_with("-cloud-amd64")
-        });
-    if !kernel {
-        return Some(
-            "needs Debian's cloud kernel in /boot (apt-get install linux-image-cloud-amd64)".into(),
-        );
+    ]) {
+        return Some(why);
     }
     None
 }

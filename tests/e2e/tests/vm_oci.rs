@@ -21,44 +21,19 @@ use std::time::{Duration, Instant};
 
 use phoenix_e2e::netns::Net;
 use phoenix_e2e::oci::{self, Layer};
-use phoenix_e2e::{Cluster, ServiceAt, alive, is_root, require_netns, wait_for};
+use phoenix_e2e::{Cluster, ServiceAt, alive, require_netns, wait_for};
 use serde_json::{Value, json};
 
 /// Why this machine cannot run the test, if it cannot.
 fn missing() -> Option<String> {
-    if !is_root() {
-        return Some("needs root".into());
-    }
-    let has = |p: &str| {
-        Command::new("sh")
-            .args(["-c", &format!("command -v {p}")])
-            .output()
-            .is_ok_and(|o| o.status.success())
-    };
-    for (program, package) in [
+    if let Some(why) = phoenix_e2e::vm_test_missing(&[
         ("qemu-system-x86_64", "qemu-system-x86"),
         ("mkfs.ext4", "e2fsprogs"),
-    ] {
-        if !has(program) {
-            return Some(format!("needs {program} (apt-get install {package})"));
-        }
+    ]) {
+        return Some(why);
     }
     if !Path::new("/bin/busybox").exists() {
         return Some("needs /bin/busybox (apt-get install busybox-static)".into());
-    }
-    let kernel = std::fs::read_dir("/boot")
-        .into_iter()
-        .flatten()
-        .flatten()
-        .any(|e| {
-            let n = e.file_name();
-            let n = n.to_string_lossy();
-            n.starts_with("vmlinuz-") && n.ends_with("-cloud-amd64")
-        });
-    if !kernel {
-        return Some(
-            "needs Debian's cloud kernel in /boot (apt-get install linux-image-cloud-amd64)".into(),
-        );
     }
     None
 }
