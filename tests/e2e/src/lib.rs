@@ -148,6 +148,26 @@ pub fn is_root() -> bool {
     unsafe { libc::geteuid() == 0 }
 }
 
+/// Runs `git -C dir ARGS` with no system or user configuration (HOME is
+/// `dir`); panics with git's stderr when it fails; returns its stdout,
+/// trimmed.
+pub fn git(dir: &std::path::Path, args: &[&str]) -> String {
+    let out = std::process::Command::new("git")
+        .arg("-C")
+        .arg(dir)
+        .args(args)
+        .env("GIT_CONFIG_NOSYSTEM", "1")
+        .env("HOME", dir)
+        .output()
+        .expect("run git (install the `git` package)");
+    assert!(
+        out.status.success(),
+        "git {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap().trim().to_owned()
+}
+
 /// Why this machine cannot run a VM test, if it cannot: it needs root,
 /// each of `programs` (named with the Debian package that has it) and
 /// Debian's cloud kernel in /boot.

@@ -9,7 +9,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use phoenix_e2e::oci;
-use phoenix_e2e::{Cluster, free_port, testy, wait_for};
+use phoenix_e2e::{Cluster, free_port, git, testy, wait_for};
 use serde_json::{Value, json};
 
 /// Values no output may hold.
@@ -287,22 +287,6 @@ fn four_layers_in_order_and_a_secret_that_shows_nowhere_else() {
     };
     assert_eq!(mode(&c.master_dir().join("secrets.key")), 0o600);
     assert_eq!(mode(&c.minion_dir("m1").join("desired.json")), 0o600);
-}
-
-fn git(dir: &Path, args: &[&str]) {
-    let out = std::process::Command::new("git")
-        .arg("-C")
-        .arg(dir)
-        .args(args)
-        .env("GIT_CONFIG_NOSYSTEM", "1")
-        .env("HOME", dir)
-        .output()
-        .expect("run git (install the `git` package)");
-    assert!(
-        out.status.success(),
-        "git {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
 
 fn commit(dir: &Path) {

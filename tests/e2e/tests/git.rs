@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use phoenix_e2e::{Cluster, free_port, wait_for};
+use phoenix_e2e::{Cluster, free_port, git, wait_for};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
@@ -21,23 +21,6 @@ use sha2::{Digest, Sha256};
 /// remote.
 struct Repo {
     dir: PathBuf,
-}
-
-fn git(dir: &Path, args: &[&str]) -> String {
-    let out = Command::new("git")
-        .arg("-C")
-        .arg(dir)
-        .args(args)
-        .env("GIT_CONFIG_NOSYSTEM", "1")
-        .env("HOME", dir)
-        .output()
-        .expect("run git (install the `git` package)");
-    assert!(
-        out.status.success(),
-        "git {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap().trim().to_owned()
 }
 
 impl Repo {
