@@ -2,7 +2,11 @@
 //!
 //! A tiny HTTP/1.1 client on purpose: one request, `Connection: close`, read
 //! the status line. Anything but a 200 in time (no answer, a refused
-//! connection, another status) is a failure.
+//! connection, another status) is a failure. Within its time a probe keeps
+//! trying to connect ([`connect`]): a fresh attempt beside one unanswered
+//! for 100 ms, another 50 ms after a refusal, so neither a lost SYN (which
+//! the kernel resends only after 1 s) nor a service a moment from listening
+//! fails it.
 //!
 //! When to probe ([`probe_delay`], [`failure_counts`]): a run is probed
 //! quickly from its start (after 10 ms, then 20, 40, 80, then every 100 ms)
@@ -13,11 +17,16 @@
 //! the grace is over, probes run at the steady interval, and consecutive
 //! failures there make the service unhealthy.
 
+use std::collections::VecDeque;
+use std::future::{Future, poll_fn};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio::time::Instant;
 
 use crate::driver::BoxFuture;
 
@@ -89,43 +98,123 @@ impl HealthProbe for HttpProbe {
     ) -> BoxFuture<'static, Result<(), String>> {
         let path = path.to_owned();
         Box::pin(async move {
-            if let Some(ip) = addr {
-                return check(SocketAddr::new(ip, port), &path, timeout).await;
-            }
-            // A service in the minion's own network (`--service-network
-            // host`): try ::1, then 127.0.0.1.
-            let v6 = SocketAddr::new(Ipv6Addr::LOCALHOST.into(), port);
-            match check(v6, &path, timeout).await {
-                Ok(()) => Ok(()),
-                Err(_) => {
-                    check(
-                        SocketAddr::new(Ipv4Addr::LOCALHOST.into(), port),
-                        &path,
-                        timeout,
-                    )
-                    .await
-                }
-            }
+            let addrs = match addr {
+                Some(ip) => vec![SocketAddr::new(ip, port)],
+                // A service in the minion's own network (`--service-network
+                // host`): ::1 and 127.0.0.1 side by side, the first to
+                // connect answers (one after the other, a service on
+                // 127.0.0.1 alone would wait out ::1's refusals).
+                None => vec![
+                    SocketAddr::new(Ipv6Addr::LOCALHOST.into(), port),
+                    SocketAddr::new(Ipv4Addr::LOCALHOST.into(), port),
+                ],
+            };
+            check_any(&addrs, &path, timeout).await
         })
     }
 }
 
 /// Checks once; `Err` says why the check failed.
 pub async fn check(addr: SocketAddr, path: &str, timeout: Duration) -> Result<(), String> {
-    match tokio::time::timeout(timeout, get(addr, path)).await {
+    check_any(&[addr], path, timeout).await
+}
+
+/// Checks once on the first of `addrs` to connect, all within `timeout`.
+async fn check_any(addrs: &[SocketAddr], path: &str, timeout: Duration) -> Result<(), String> {
+    let deadline = Instant::now() + timeout;
+    let no_answer = || format!("GET {path}: no answer within {} ms", timeout.as_millis());
+    let stream = match connect(addrs, deadline).await {
+        Ok(s) => s,
+        Err(Some(e)) => return Err(format!("GET {path}: {e}")),
+        Err(None) => return Err(no_answer()),
+    };
+    match tokio::time::timeout_at(deadline, get(stream, path)).await {
         Ok(Ok(200)) => Ok(()),
         Ok(Ok(code)) => Err(format!("GET {path} answered {code}")),
         Ok(Err(e)) => Err(format!("GET {path}: {e}")),
-        Err(_) => Err(format!(
-            "GET {path}: no answer within {} ms",
-            timeout.as_millis()
-        )),
+        Err(_) => Err(no_answer()),
     }
 }
 
-async fn get(addr: SocketAddr, path: &str) -> std::io::Result<u16> {
-    let mut s = TcpStream::connect(addr).await?;
-    let host = match addr {
+/// A connection attempt not answered this long gets a fresh one beside it.
+///
+/// A SYN can be lost while a service comes up: a guest that has not yet
+/// answered neighbour solicitation for its address (the packet waits in, or
+/// falls out of, the neighbour queue), or a listener whose accept queue is
+/// full (Linux drops the SYN). The kernel sends it again only after 1 s,
+/// the whole default probe timeout, so one attempt made a probe of a
+/// booting VM fail and the next one start 1.1 s later.
+const CONNECT_STALL: Duration = Duration::from_millis(100);
+/// After a refused (or otherwise failed) attempt, the next one waits this
+/// long: a service that is binding its port is found within the probe,
+/// without the runner's next probe.
+const CONNECT_PAUSE: Duration = Duration::from_millis(50);
+/// At most this many attempts per address in flight; a new one then
+/// replaces the oldest.
+const CONNECT_IN_FLIGHT: usize = 4;
+
+type Attempt = Pin<Box<dyn Future<Output = std::io::Result<TcpStream>> + Send>>;
+
+/// Connects to the first of `addrs` that answers, before `deadline`.
+///
+/// Attempts race rather than replace each other: an earlier SYN may still
+/// be answered first (one held in the neighbour queue goes out when the
+/// address resolves, a retransmission may get through), so dropping it
+/// would only throw that chance away; the losers are closed when the
+/// winner is returned (a connection the service already accepted then
+/// just ends, as a client's would). The number in flight is bounded, so a
+/// long timeout does not pile up sockets. `Err(None)`: nothing answered;
+/// `Err(Some(e))`: the last attempt to fail failed with `e` (refused,
+/// unreachable), which says more than a timeout.
+async fn connect(
+    addrs: &[SocketAddr],
+    deadline: Instant,
+) -> Result<TcpStream, Option<std::io::Error>> {
+    let mut in_flight: VecDeque<Attempt> = VecDeque::new();
+    let mut last_err = None;
+    let mut next_round = Instant::now();
+    let cap = CONNECT_IN_FLIGHT * addrs.len().max(1);
+    loop {
+        if Instant::now() >= next_round {
+            for &addr in addrs {
+                if in_flight.len() >= cap {
+                    in_flight.pop_front();
+                }
+                in_flight.push_back(Box::pin(TcpStream::connect(addr)));
+            }
+            next_round = Instant::now() + CONNECT_STALL;
+        }
+        tokio::select! {
+            result = poll_fn(|cx| first_done(&mut in_flight, cx)) => match result {
+                Ok(s) => return Ok(s),
+                Err(e) => {
+                    last_err = Some(e);
+                    next_round = next_round.min(Instant::now() + CONNECT_PAUSE);
+                }
+            },
+            _ = tokio::time::sleep_until(next_round) => {}
+            _ = tokio::time::sleep_until(deadline) => return Err(last_err),
+        }
+    }
+}
+
+/// The result of the first attempt that is done, which leaves the set.
+/// Pending while none is (forever when there are none).
+fn first_done(
+    attempts: &mut VecDeque<Attempt>,
+    cx: &mut Context<'_>,
+) -> Poll<std::io::Result<TcpStream>> {
+    for i in 0..attempts.len() {
+        if let Poll::Ready(r) = attempts[i].as_mut().poll(cx) {
+            attempts.remove(i);
+            return Poll::Ready(r);
+        }
+    }
+    Poll::Pending
+}
+
+async fn get(mut s: TcpStream, path: &str) -> std::io::Result<u16> {
+    let host = match s.peer_addr()? {
         SocketAddr::V6(a) => format!("[{}]:{}", a.ip(), a.port()),
         SocketAddr::V4(a) => a.to_string(),
     };
@@ -266,6 +355,103 @@ mod tests {
             .unwrap()
             .local_addr()
             .unwrap();
-        assert!(check(closed, "/", t).await.is_err());
+        // Refusals are retried until the timeout: keep that short.
+        assert!(check(closed, "/", 200 * MS).await.is_err());
+    }
+
+    /// A listener whose accept queue is full (Linux then drops new SYNs,
+    /// and a client sends its SYN again only after 1 s): the probe gets in
+    /// with a fresh attempt soon after the queue is drained at 300 ms.
+    #[tokio::test]
+    async fn a_dropped_syn_is_retried_within_the_timeout() {
+        let sock = tokio::net::TcpSocket::new_v4().unwrap();
+        sock.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let l = sock.listen(1).unwrap();
+        let addr = l.local_addr().unwrap();
+        // Fill the queue: connect until a handshake no longer completes.
+        let mut held = Vec::new();
+        loop {
+            assert!(held.len() < 16, "the accept queue never filled");
+            match tokio::time::timeout(200 * MS, TcpStream::connect(addr)).await {
+                Ok(s) => held.push(s.unwrap()),
+                Err(_) => break,
+            }
+        }
+        let began = Instant::now();
+        let drain = began + 300 * MS;
+        tokio::spawn(async move {
+            tokio::time::sleep_until(drain).await;
+            while let Ok((mut s, _)) = l.accept().await {
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 512];
+                    if matches!(s.read(&mut buf).await, Ok(n) if n > 0) {
+                        let _ = s.write_all(b"HTTP/1.1 200 OK\r\n\r\n").await;
+                    }
+                });
+            }
+        });
+        let r = check(addr, "/health", Duration::from_secs(1)).await;
+        let took = began.elapsed();
+        assert_eq!(r, Ok(()));
+        // A retransmitted SYN would be sent at 1 s: well before that.
+        assert!(took >= 290 * MS && took < 900 * MS, "{took:?}");
+        drop(held);
+    }
+
+    /// A port refused until a service binds it 200 ms on: the probe tries
+    /// again after each refusal and passes within its timeout.
+    #[tokio::test]
+    async fn a_refused_port_that_starts_listening_passes_within_the_timeout() {
+        let addr = TcpListener::bind("127.0.0.1:0")
+            .await
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let began = Instant::now();
+        tokio::spawn(async move {
+            tokio::time::sleep(200 * MS).await;
+            let sock = tokio::net::TcpSocket::new_v4().unwrap();
+            sock.set_reuseaddr(true).unwrap();
+            sock.bind(addr).unwrap();
+            let l = sock.listen(16).unwrap();
+            while let Ok((mut s, _)) = l.accept().await {
+                let mut buf = [0u8; 512];
+                let _ = s.read(&mut buf).await;
+                let _ = s.write_all(b"HTTP/1.1 200 OK\r\n\r\n").await;
+            }
+        });
+        let r = check(addr, "/", Duration::from_secs(1)).await;
+        let took = began.elapsed();
+        assert_eq!(r, Ok(()));
+        assert!(took >= 190 * MS && took < 900 * MS, "{took:?}");
+    }
+
+    /// A port that stays refused fails the probe with the refusal, at its
+    /// timeout and not later.
+    #[tokio::test]
+    async fn a_port_that_stays_refused_fails_at_the_timeout() {
+        let addr = TcpListener::bind("127.0.0.1:0")
+            .await
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let began = Instant::now();
+        let e = check(addr, "/", 300 * MS).await.unwrap_err();
+        let took = began.elapsed();
+        assert!(e.contains("refused"), "{e}");
+        assert!(took >= 290 * MS && took < 800 * MS, "{took:?}");
+    }
+
+    /// On loopback (a service in the minion's network), one listening on
+    /// 127.0.0.1 only passes at once: ::1's refusals do not hold it up.
+    #[tokio::test]
+    async fn loopback_probes_both_families_side_by_side() {
+        let ok = server("HTTP/1.1 200 OK\r\n\r\n").await;
+        let began = Instant::now();
+        let r = HttpProbe
+            .probe(None, ok.port(), "/", Duration::from_secs(2))
+            .await;
+        assert_eq!(r, Ok(()));
+        assert!(began.elapsed() < Duration::from_secs(1));
     }
 }
