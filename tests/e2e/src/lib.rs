@@ -22,6 +22,7 @@ pub mod joinflood;
 pub mod netns;
 pub mod oci;
 pub mod pebble;
+pub mod vm;
 pub use netns::Net;
 
 /// The directory holding the workspace's binaries.
@@ -678,12 +679,17 @@ pub fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
 
 /// Fetches `path` from `addr` over HTTP/1.1; returns (status, body).
 pub fn http_get_at(addr: std::net::SocketAddr, path: &str) -> Option<(u16, String)> {
+    http_get_host(addr, "localhost", path)
+}
+
+/// [`http_get_at`] for host `host` (what the proxy routes by).
+pub fn http_get_host(addr: std::net::SocketAddr, host: &str, path: &str) -> Option<(u16, String)> {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
     write!(
         s,
-        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+        "GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
     )
     .ok()?;
     let mut resp = String::new();

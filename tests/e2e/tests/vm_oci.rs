@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 
 use phoenix_e2e::netns::Net;
 use phoenix_e2e::oci::{self, Layer};
+use phoenix_e2e::vm::{qemus, up, wait_status};
 use phoenix_e2e::{Cluster, ServiceAt, alive, require_netns, wait_for};
 use serde_json::{Value, json};
 
@@ -45,51 +46,6 @@ const SERVE: &str = r#"echo "vm-oci: $PHOENIX_NAME at [$PHOENIX_IP]:$PORT in $(p
 echo ok > /tmp/www/health
 echo "$PHOENIX_NAME" > /tmp/www/name
 exec /bin/busybox httpd -f -p "[::]:$PORT" -h /tmp/www"#;
-
-fn up(s: &Value) -> bool {
-    s["state"] == "running" && s["health"] == "healthy"
-}
-
-/// Waits for `pred` on the service's status, up to `timeout` (a TCG boot
-/// on a busy machine takes far longer than the harness's 20 s).
-fn wait_status(
-    c: &Cluster,
-    name: &str,
-    timeout: Duration,
-    mut pred: impl FnMut(&Value) -> bool,
-) -> Value {
-    let began = Instant::now();
-    let mut last = Value::Null;
-    while began.elapsed() < timeout {
-        let s = c.status(name);
-        if pred(&s) {
-            return s;
-        }
-        last = s;
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    panic!(
-        "{name} not as wanted after {timeout:?}: {last}\nlog:\n{}",
-        c.phoenix(&["logs", name]).stdout.escape_ascii()
-    );
-}
-
-/// QEMU processes of this cluster whose command line names `needle`.
-fn qemus(c: &Cluster, needle: &str) -> Vec<u32> {
-    // Only this cluster's: another test may run a VM of the same name.
-    let dir = c.dir.path().to_string_lossy().into_owned();
-    std::fs::read_dir("/proc")
-        .unwrap()
-        .flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|pid| {
-            std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| {
-                let c = String::from_utf8_lossy(&c);
-                c.starts_with("/usr/bin/qemu-system") && c.contains(needle) && c.contains(&dir)
-            })
-        })
-        .collect()
-}
 
 fn deploy(c: &Cluster, spec: &Value) -> std::process::Output {
     let file = c
