@@ -16,6 +16,7 @@
 #
 # Usage: bench/proxy.sh [--write] [SECONDS] [ROUNDS] [CONNECTIONS]
 #   defaults: 10 s per wrk run, 3 rounds, 64 connections (wrk -t 2)
+# PROXY_SCENARIOS="big-close ..." runs only those scenarios.
 # PHOENIX_ALT=PATH [PHOENIX_ALT_LABEL=TEXT] adds a fifth peer: another build
 # of the serve example (e.g. one at opt-level 3), measured the same way.
 # Prints a markdown section; --write also puts it into BENCHMARKS.md
@@ -142,7 +143,8 @@ label=([phoenix]=Phoenix [nginx]=nginx [haproxy]=HAProxy [caddy]=Caddy)
 
 # Phoenix: the phoenix-proxy crate run standalone by its `serve` example
 # (the same Shards the master embeds: 2 proxy threads, each a current-thread
-# tokio runtime with its own SO_REUSEPORT listener, like nginx's 2 workers).
+# tokio runtime, both accepting from one listening socket, like nginx's 2
+# workers).
 port[phoenix]=$(free_port)
 mkdir -p "$work/phoenix"
 cat >"$work/phoenix/routes.json" <<EOF
@@ -271,9 +273,9 @@ for n in "${names[@]}"; do
     done
 done
 # What each negotiates, and how often it resumes a TLS session: wrk's
-# reconnections offer the session of the connection before, and with
-# SO_REUSEPORT a reconnection may land on another worker or thread than
-# the connection that got the session, so one resumption proves little.
+# reconnections offer the session of the connection before, and a
+# reconnection may land on another worker or thread than the connection
+# that got the session, so one resumption proves little.
 declare -A tlsinfo
 request="GET /small HTTP/1.1\r\nHost: $host\r\nConnection: close\r\n\r\n"
 reconnects=8
@@ -304,7 +306,13 @@ done = function(summary, latency, requests)
         summary.bytes, latency.mean))
 end
 EOF
-scenarios=(small-ka big-ka small-close big-close)
+# PROXY_SCENARIOS="big-close ..." runs only those (a quicker look at one).
+read -r -a scenarios <<<"${PROXY_SCENARIOS:-small-ka big-ka small-close big-close}"
+for s in "${scenarios[@]}"; do
+    case $s in small-ka | big-ka | small-close | big-close) ;;
+    *) echo "PROXY_SCENARIOS: unknown scenario $s (small-ka big-ka small-close big-close)" >&2; exit 1 ;;
+    esac
+done
 run_wrk() { # name scenario duration -> "rps p50_us p99_us requests errors non2xx bytes mean_us cpu_ticks"
     local n=$1 s=$2 d=$3 path extra=()
     case $s in small-*) path=/small ;; *) path=/big ;; esac
@@ -392,6 +400,7 @@ names, label = [], {}
 hz = $(getconf CLK_TCK)
 scen = [("small-ka", "100 B, keep-alive"), ("big-ka", "1 MiB, keep-alive"),
         ("small-close", "100 B, new connection per request"), ("big-close", "1 MiB, new connection per request")]
+scen = [x for x in scen if x[0] in "${scenarios[*]}".split()]
 runs = defaultdict(list)   # (scenario, name) -> [(rps, p50, p99, reqs, errs, non2xx, bytes, cpu µs a request, setup µs)]
 mem, tls = {}, {}
 for line in open(sys.argv[1]):
@@ -422,7 +431,7 @@ def rate(x): return f"{x:,.0f}" if x >= 100 else f"{x:.1f}"
 out = []
 out.append("- Date: $(date -u '+%Y-%m-%d %H:%M') UTC; \`bench/proxy.sh $secs $rounds $conns\`: $secs s per wrk run, \`wrk -t $threads -c $conns\`, $rounds rounds ($elapsed s), medians")
 out.append("- Machine: $(nproc) CPUs (nproc) · $cpu · kernel $(uname -sr) $(uname -m) · $mem_total RAM; wrk, the proxy and the backend share these CPUs")
-out.append("- Phoenix: phoenix-proxy (git $git_rev) run by its \`serve\` example, release build, \`PROXY_THREADS=$threads\` (one current-thread tokio runtime and \`SO_REUSEPORT\` listener a thread); peers: nginx $ver_nginx (2 workers), HAProxy $ver_haproxy (\`nbthread 2\`), Caddy $ver_caddy (defaults); backend: nginx $ver_nginx (1 worker, static files); wrk $ver_wrk with OpenSSL $ver_openssl")
+out.append("- Phoenix: phoenix-proxy (git $git_rev) run by its \`serve\` example, release build, \`PROXY_THREADS=$threads\` (one current-thread tokio runtime a thread, all accepting from one listening socket); peers: nginx $ver_nginx (2 workers), HAProxy $ver_haproxy (\`nbthread 2\`), Caddy $ver_caddy (defaults); backend: nginx $ver_nginx (1 worker, static files); wrk $ver_wrk with OpenSSL $ver_openssl")
 out.append("- TLS with each proxy (openssl s_client offering what wrk offers, each reconnection with the session of the one before): " + "; ".join(f"{label[n]} {tls.get(n, '?')}" for n in names))
 out.append("")
 for key, title in scen:

@@ -13,7 +13,8 @@
 //!
 //! The proxy runs as [`phoenix_proxy::Shards`]: `--proxy-threads` threads
 //! of their own (not the master's runtime), each a current-thread runtime
-//! with its own proxy and `SO_REUSEPORT` listeners, like nginx's workers;
+//! with its own proxy, all accepting from the same listeners, like nginx's
+//! workers;
 //! route tables, certificates and challenges go to all of them, and
 //! [`Front::drained`] waits for all of them.
 //!

@@ -471,8 +471,9 @@ pub struct MasterArgs {
     /// The proxy: client connections open at once from one IP address.
     #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
     pub proxy_max_conns_per_ip: u64,
-    /// The proxy: threads, each with its own event loop and listeners
-    /// (SO_REUSEPORT), like nginx's workers. Default: the CPUs, at most 4.
+    /// The proxy: threads, each with its own event loop, taking new
+    /// connections from the same listeners, like nginx's workers. Default:
+    /// the CPUs, at most 4.
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..=64))]
     pub proxy_threads: Option<u64>,
 }

@@ -11,7 +11,7 @@
 //! The file is read again on SIGHUP; Ctrl-C shuts down gracefully.
 //!
 //! It runs the proxy as the master does: [`Shards`], one proxy a thread on
-//! its own current-thread runtime and `SO_REUSEPORT` listeners;
+//! its own current-thread runtime, all accepting from the same listeners;
 //! `PROXY_THREADS=N` sets how many (default: the CPUs, at most 4, like the
 //! master's `--proxy-threads`). This thread only handles signals.
 

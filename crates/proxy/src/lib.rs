@@ -5,8 +5,9 @@
 //! request's host and path, over the WireGuard overlay. This crate is that
 //! proxy as a library: the master feeds it whole route tables and
 //! certificates. The master runs it as [`Shards`]: N proxies on N threads,
-//! each a current-thread tokio runtime with its own `SO_REUSEPORT`
-//! listeners and backend pools, fed as one (see `shards` for why). A single
+//! each a current-thread tokio runtime with its own backend pools, all
+//! accepting from the same listening sockets, fed as one (see `shards`
+//! for why). A single
 //! [`Proxy`] serves listeners on whatever runtime its caller runs.
 //!
 //! ```no_run

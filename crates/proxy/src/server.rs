@@ -304,6 +304,14 @@ pub(crate) async fn serve(inner: Arc<Inner>, listener: TcpListener, tls: bool) {
                 connection(&inner, conn, stream).await;
             }
         });
+        // One connection a turn of the event loop, as nginx takes them:
+        // the connections already in hand (responses being streamed) run
+        // before the next one is taken, which waits in the kernel's
+        // queue meanwhile. Without this, every connection the queue holds
+        // is taken and shaken hands with in one go (tokio lets a task
+        // accept until its budget runs out), and every response in flight
+        // waits for those handshakes.
+        tokio::task::yield_now().await;
     }
     drop(listener);
     finish(&inner).await;

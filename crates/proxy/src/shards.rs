@@ -1,17 +1,17 @@
 //! [`Shards`]: the proxy as N proxies, one a thread, each with its own
-//! single-threaded tokio runtime, backend pool and `SO_REUSEPORT`
-//! listeners, fed as one.
+//! single-threaded tokio runtime and backend pool, all accepting from the
+//! same listening sockets, fed as one.
 //!
 //! Why: on a multi-thread runtime every worker shares one I/O driver, and
 //! the workers hand work to each other with futex wakes. With the proxy,
 //! the load generator and the backends on two CPUs, those hand-offs queue
 //! behind each other and the proxy spent its time waiting (about 0.6 CPU
 //! where nginx used 0.8, and 0.57x nginx's small keep-alive requests/s in
-//! `bench/proxy.sh`). nginx runs one event loop a worker, each with its own
-//! listening socket; so do these threads: the kernel spreads new
-//! connections over the listeners by a hash of their addresses, and a
-//! connection stays on the thread that accepted it, with the backend
-//! connections that thread opened.
+//! `bench/proxy.sh`). nginx runs one event loop a worker; so do these
+//! threads. Every thread watches the same listening socket (see `listen`
+//! for why not one `SO_REUSEPORT` socket each): the thread that is free
+//! takes a new connection, and the connection stays on that thread, with
+//! the backend connections it opens.
 //!
 //! Each shard is a whole [`Proxy`]: its own route table (every table goes
 //! to all of them), instance states, counters and keep-alive pools. They
@@ -28,7 +28,7 @@
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -96,11 +96,11 @@ impl Shards {
         &self.shards
     }
 
-    /// Binds one `SO_REUSEPORT` listener a thread on `http` and on `https`
-    /// (either may be left out; port 0 picks one port for all threads)
-    /// and starts the threads, each serving its listeners on a
-    /// current-thread runtime until [`shutdown`](Self::shutdown). Every
-    /// listener is bound before any thread starts: an address in use fails
+    /// Binds a listener on `http` and on `https` (either may be left out;
+    /// port 0 lets the kernel pick) and starts the threads, each serving
+    /// both listeners on a current-thread runtime until
+    /// [`shutdown`](Self::shutdown). Every listener is bound before any
+    /// thread starts: an address in use fails
     /// the whole call and leaves nothing running. Once only.
     pub fn serve(
         &self,
@@ -124,31 +124,25 @@ impl Shards {
         http: Option<SocketAddr>,
         https: Option<SocketAddr>,
     ) -> Result<Listening, ShardsError> {
-        // SO_REUSEPORT would let a second proxy of the same user (another
-        // master started by mistake) share the ports silently; a plain bind
-        // first fails as it always did when anything listens there.
-        for addr in [http, https].into_iter().flatten() {
-            if addr.port() != 0 {
-                std::net::TcpListener::bind(addr)
-                    .map_err(|source| ShardsError::Listen { addr, source })?;
-            }
-        }
         let mut at = Listening { http, https };
         // Clients speak first (a TLS ClientHello, an HTTP request): the
         // kernel may hold a connection until its first bytes are in, for
         // as long as a request head may take.
         let defer = self.shards[0].inner.config.header_read_timeout;
+        let http = listen(&mut at.http, defer)?;
+        let https = listen(&mut at.https, defer)?;
         let mut ready = Vec::with_capacity(self.shards.len());
         for _ in 0..self.shards.len() {
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
                 .map_err(ShardsError::Thread)?;
-            // Listeners register with the reactor of the runtime that
-            // will serve them.
+            // Every thread registers its own descriptor of the one
+            // listening socket with its own reactor.
             let bound = {
                 let _context = runtime.enter();
-                listen(&mut at.http, defer).and_then(|h| Ok((h, listen(&mut at.https, defer)?)))
+                share(http.as_ref(), at.http)
+                    .and_then(|h| Ok((h, share(https.as_ref(), at.https)?)))
             };
             match bound {
                 Ok((h, s)) => ready.push((runtime, h, s)),
@@ -303,10 +297,17 @@ fn add(into: &mut InstanceSnapshot, other: &InstanceSnapshot) {
     into.down_for_ms = into.down_for_ms.max(other.down_for_ms);
 }
 
-/// A listener on `*addr` that other sockets of this process may share
-/// (`SO_REUSEPORT`); sets `*addr` to the address bound, so that the next
-/// thread binds the same port. Must run inside the runtime that will
-/// serve it.
+/// The listening socket on `*addr`, not yet tied to a runtime; sets
+/// `*addr` to the address bound.
+///
+/// One socket for all threads, not one `SO_REUSEPORT` socket a thread:
+/// with `SO_REUSEPORT` the kernel hands each new connection to a thread by
+/// a hash of its addresses, whatever that thread is doing, so a thread
+/// streaming large responses keeps getting new connections while the
+/// other idles, and its clients wait (wrk's p99 for 1 MiB over a new
+/// connection each was 1.46x nginx's). With one socket every thread
+/// watches, the thread that is free takes the connection first, as
+/// nginx's workers do with one shared socket.
 ///
 /// `TCP_DEFER_ACCEPT` (`defer`, rounded up to seconds): a connection is
 /// handed to `accept` once its first data has arrived (or after `defer`,
@@ -315,7 +316,7 @@ fn add(into: &mut InstanceSnapshot, other: &InstanceSnapshot) {
 fn listen(
     addr: &mut Option<SocketAddr>,
     defer: Duration,
-) -> Result<Option<TcpListener>, ShardsError> {
+) -> Result<Option<std::net::TcpListener>, ShardsError> {
     let Some(want) = *addr else {
         return Ok(None);
     };
@@ -328,12 +329,30 @@ fn listen(
     .map_err(error)?;
     // As tokio's TcpListener::bind does.
     socket.set_reuseaddr(true).map_err(error)?;
-    socket.set_reuseport(true).map_err(error)?;
     socket.bind(want).map_err(error)?;
     defer_accept(&socket, defer).map_err(error)?;
-    let listener = socket.listen(1024).map_err(error)?;
+    // `TcpSocket::listen` would tie the listener to a runtime; listen(2)
+    // on the descriptor leaves that to each thread.
+    rustix::net::listen(&socket, 1024).map_err(|e| error(e.into()))?;
+    // SAFETY: `into_raw_fd` hands over the socket's open descriptor, which
+    // nothing else owns from here on.
+    let listener = unsafe { std::net::TcpListener::from_raw_fd(socket.into_raw_fd()) };
     *addr = Some(listener.local_addr().map_err(error)?);
     Ok(Some(listener))
+}
+
+/// A descriptor of `listener` registered with the current runtime.
+fn share(
+    listener: Option<&std::net::TcpListener>,
+    addr: Option<SocketAddr>,
+) -> Result<Option<TcpListener>, ShardsError> {
+    let (Some(listener), Some(addr)) = (listener, addr) else {
+        return Ok(None);
+    };
+    let error = |source| ShardsError::Listen { addr, source };
+    TcpListener::from_std(listener.try_clone().map_err(error)?)
+        .map(Some)
+        .map_err(error)
 }
 
 /// Sets `TCP_DEFER_ACCEPT` on a listening socket.

@@ -196,7 +196,7 @@ impl Certs {
 ///
 /// Tickets rather than rustls's default session cache: that cache lives
 /// in the config (256 sessions), and with a config a shard a client's next
-/// connection, which `SO_REUSEPORT` hands to either shard, found its
+/// connection, which either shard may take, found its
 /// session only half the time and paid a full handshake (the certificate
 /// and a signature) otherwise. A ticket carries the session, encrypted
 /// with a key every shard shares (ring's ChaCha20-Poly1305 ticketer, the

@@ -1,4 +1,5 @@
-//! `Shards`: one proxy a thread on SO_REUSEPORT listeners, fed as one.
+//! `Shards`: one proxy a thread, all accepting from one listening socket,
+//! fed as one.
 
 use std::time::Duration;
 
@@ -32,8 +33,8 @@ async fn every_shard_gets_the_routes_and_drained_waits_for_all_of_them() {
         Err(phoenix_proxy::ShardsError::Serving)
     ));
 
-    // New connections until both shards hold a request (the kernel picks
-    // the listener by a hash of the client's port).
+    // New connections until both shards hold a request (whichever thread
+    // is free takes a connection; both are, so either may).
     let on = |i: usize| proxy.shards()[i].outstanding("a");
     let mut held = Vec::new();
     while on(0) == 0 || on(1) == 0 {
@@ -146,7 +147,7 @@ async fn the_connection_limit_per_ip_counts_over_all_shards() {
 }
 
 #[tokio::test]
-async fn a_port_in_use_is_refused_even_by_another_reuseport_proxy() {
+async fn a_port_in_use_is_refused_even_by_another_proxy() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = taken.local_addr().unwrap();
     let proxy = Shards::new(ProxyConfig::default(), 2).unwrap();
@@ -157,13 +158,76 @@ async fn a_port_in_use_is_refused_even_by_another_reuseport_proxy() {
     drop(taken);
     // Nothing ran, so it may be tried again.
     let addr = proxy.serve(Some(addr), None).unwrap().http.unwrap();
-    // A second proxy on the same port (SO_REUSEPORT on both) is refused
-    // too, as before: it would otherwise take half the connections.
+    // A second proxy on the same port is refused too: it would otherwise
+    // take half the connections.
     let other = Shards::new(ProxyConfig::default(), 2).unwrap();
     assert!(matches!(
         other.serve(Some(addr), None),
         Err(phoenix_proxy::ShardsError::Listen { .. })
     ));
+    proxy.shutdown();
+    proxy.stopped().await;
+}
+
+#[tokio::test]
+async fn a_busy_thread_leaves_new_connections_to_the_free_one() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU8, Ordering};
+
+    let a = Backend::start("a").await;
+    let proxy = Shards::new(ProxyConfig::default(), 2).unwrap();
+    proxy
+        .set_routes(Routes {
+            routes: vec![Route::new("a.test", vec![a.instance()])],
+        })
+        .unwrap();
+    // A hook that holds the thread it runs on (hooks must never block;
+    // this one does, to stand for a thread busy with other connections).
+    // 0: not called, 1: holding, 2: done.
+    let state = Arc::new(AtomicU8::new(0));
+    let held = state.clone();
+    proxy.hooks().set_handler(move |_| {
+        held.store(1, Ordering::SeqCst);
+        std::thread::sleep(Duration::from_secs(3));
+        held.store(2, Ordering::SeqCst);
+        phoenix_proxy::HookResponse {
+            status: 200,
+            text: "held".into(),
+        }
+    });
+    let addr = proxy
+        .serve(Some("127.0.0.1:0".parse().unwrap()), None)
+        .unwrap()
+        .http
+        .unwrap();
+    let hold = tokio::spawn(async move {
+        send(
+            &client(),
+            addr,
+            "POST",
+            "a.test",
+            "/_phoenix/hold",
+            &[],
+            empty(),
+        )
+        .await
+    });
+    wait_until("one thread held", || state.load(Ordering::SeqCst) == 1).await;
+
+    // With a listener a thread, the kernel would give about half of these
+    // to the held thread, where they would wait out the hook.
+    for i in 0..16 {
+        let answer = tokio::time::timeout(Duration::from_secs(1), get(addr, "a.test", "/", &[]))
+            .await
+            .unwrap_or_else(|_| panic!("connection {i} waited for the held thread"));
+        assert_eq!(answer.backend(), "a");
+    }
+    assert_eq!(
+        state.load(Ordering::SeqCst),
+        1,
+        "all answered while the other thread was held"
+    );
+    assert!(hold.await.unwrap().status.is_success());
     proxy.shutdown();
     proxy.stopped().await;
 }
