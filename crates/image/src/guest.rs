@@ -21,6 +21,10 @@
 //! - **The program's exit code**, reported through QEMU's `isa-debug-exit`
 //!   device at port [`DEBUG_EXIT_PORT`]: a byte `v` written there makes
 //!   QEMU exit with `(v << 1) | 1`. See [`exit_byte`] and [`decode_exit`].
+//!   The guest also writes it into the footer sector ([`write_exit`], at
+//!   [`EXIT_AT`]), where the minion reads it ([`read_exit`]) when it could
+//!   not see QEMU's exit status: a QEMU adopted after a minion restart is
+//!   not the minion's child.
 
 use std::io::{self, Read, Seek, SeekFrom, Write};
 
@@ -28,6 +32,12 @@ use std::io::{self, Read, Seek, SeekFrom, Write};
 pub const MAGIC: &[u8; 16] = b"PHOENIX-GUEST-01";
 /// The footer's size: the disk's last sector.
 pub const FOOTER: u64 = 512;
+/// Where in the footer sector the guest records the program's exit:
+/// [`EXIT_MAGIC`], then the code (little-endian i32). Zeros (the footer as
+/// [`append_run`] writes it) mean none was recorded.
+pub const EXIT_AT: u64 = 256;
+/// The first bytes of an exit record.
+pub const EXIT_MAGIC: &[u8; 16] = b"PHOENIX-EXIT-01\0";
 /// The largest run description accepted.
 pub const MAX_RUN_BYTES: u64 = 4 << 20;
 /// The I/O port of QEMU's `isa-debug-exit` device.
@@ -165,6 +175,46 @@ pub fn read_run(disk: &mut (impl Read + Seek)) -> Result<GuestRun, RunError> {
     Ok(serde_json::from_slice(&json)?)
 }
 
+/// Records exit code `code` (a [`shell_code`]) in the footer of `disk`,
+/// which must hold a run description ([`append_run`]).
+pub fn write_exit(disk: &mut (impl Read + Write + Seek), code: i32) -> io::Result<()> {
+    let footer = footer_at(disk)?.ok_or_else(|| io::Error::other(RunError::NoFooter))?;
+    let mut record = [0u8; 20];
+    record[..16].copy_from_slice(EXIT_MAGIC);
+    record[16..].copy_from_slice(&code.to_le_bytes());
+    disk.seek(SeekFrom::Start(footer + EXIT_AT))?;
+    disk.write_all(&record)?;
+    disk.flush()
+}
+
+/// The exit code [`write_exit`] recorded on `disk`, if it did.
+pub fn read_exit(disk: &mut (impl Read + Seek)) -> io::Result<Option<i32>> {
+    let Some(footer) = footer_at(disk)? else {
+        return Ok(None);
+    };
+    let mut record = [0u8; 20];
+    disk.seek(SeekFrom::Start(footer + EXIT_AT))?;
+    disk.read_exact(&mut record)?;
+    if &record[..16] != EXIT_MAGIC {
+        return Ok(None);
+    }
+    let mut code = [0u8; 4];
+    code.copy_from_slice(&record[16..]);
+    Ok(Some(i32::from_le_bytes(code)))
+}
+
+/// Where the footer of `disk` begins, if it has one.
+fn footer_at(disk: &mut (impl Read + Seek)) -> io::Result<Option<u64>> {
+    let size = disk.seek(SeekFrom::End(0))?;
+    if size < FOOTER {
+        return Ok(None);
+    }
+    let mut magic = [0u8; 16];
+    disk.seek(SeekFrom::Start(size - FOOTER))?;
+    disk.read_exact(&mut magic)?;
+    Ok((&magic == MAGIC).then_some(size - FOOTER))
+}
+
 /// The exit code a shell would report for a program's end: its code, or
 /// 128 + the signal that killed it.
 pub fn shell_code(code: Option<i32>, signal: Option<i32>) -> i32 {
@@ -184,7 +234,15 @@ pub const INIT_FAILED: i32 = 127;
 /// 8 bits, the low one always set, so 7 bits are left; 0 is QEMU's own
 /// "error", so the code is shifted by one).
 pub fn exit_byte(code: i32) -> u8 {
-    (code.clamp(0, 126) + 1) as u8
+    (reported_code(code) + 1) as u8
+}
+
+/// The exit code the minion reports for a program that ended with `code`
+/// ([`decode_exit`] of [`exit_byte`]): 0 to 125 exactly, 126 for 126 and
+/// above. A code read back with [`read_exit`] is reported the same, so a
+/// run's exit does not depend on how the minion learnt it.
+pub fn reported_code(code: i32) -> i32 {
+    code.clamp(0, 126)
 }
 
 /// The program's exit code from QEMU's exit status, when the guest
@@ -237,6 +295,31 @@ mod tests {
         // A disk whose length is not whole sectors is refused.
         let mut odd = std::io::Cursor::new(vec![0u8; 100]);
         assert!(append_run(&mut odd, &run).is_err());
+    }
+
+    #[test]
+    fn an_exit_is_recorded_in_the_footer() {
+        let run = GuestRun {
+            argv: vec!["/bin/app".into()],
+            ..GuestRun::default()
+        };
+        let mut disk = std::io::Cursor::new(vec![7u8; 4096]);
+        append_run(&mut disk, &run).unwrap();
+        assert_eq!(read_exit(&mut disk).unwrap(), None, "none yet");
+        write_exit(&mut disk, 137).unwrap();
+        assert_eq!(read_exit(&mut disk).unwrap(), Some(137));
+        assert_eq!(read_run(&mut disk).unwrap(), run, "the run is untouched");
+        assert_eq!(disk.get_ref().len(), 4096 + 1024, "nothing appended");
+        assert_eq!(&disk.get_ref()[..4096], &[7u8; 4096][..]);
+        write_exit(&mut disk, 0).unwrap();
+        assert_eq!(read_exit(&mut disk).unwrap(), Some(0));
+        // A disk without a run description: nothing read, nothing written.
+        let mut plain = std::io::Cursor::new(vec![0u8; 4096]);
+        assert_eq!(read_exit(&mut plain).unwrap(), None);
+        assert!(write_exit(&mut plain, 1).is_err());
+        assert_eq!(plain.get_ref(), &vec![0u8; 4096]);
+        assert_eq!(reported_code(137), 126);
+        assert_eq!(reported_code(3), 3);
     }
 
     #[test]

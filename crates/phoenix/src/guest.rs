@@ -27,9 +27,12 @@
 //!    forwards SIGTERM, SIGINT, SIGHUP, SIGQUIT, SIGUSR1 and SIGUSR2 to the
 //!    program, and turns an ACPI power-button press (how the minion stops a
 //!    VM) into a SIGTERM to it;
-//! 7. once the program has ended, reports its exit code through QEMU's
-//!    `isa-debug-exit` port, which ends the VM ([`phoenix_image::guest::exit_byte`]).
-//!    Without that device the VM is powered off.
+//! 7. once the program has ended, records its exit code in the run
+//!    description's footer on `/dev/vda` ([`phoenix_image::guest::write_exit`],
+//!    for a minion that adopted QEMU and so never sees its exit status),
+//!    then reports it through QEMU's `isa-debug-exit` port, which ends the
+//!    VM ([`phoenix_image::guest::exit_byte`]). Without that device the VM
+//!    is powered off.
 //!
 //! Anything that goes wrong before the program runs is printed on the
 //! console (the service's log) as `phoenix-init: ...` and reported as exit
@@ -551,6 +554,11 @@ fn supervise(pid: u32, signals: &libc::sigset_t, program: &str) -> i32 {
 
 /// Reports `code` and ends the VM.
 fn finish(code: i32) -> ! {
+    // On the disk first: a minion restarted since it started QEMU is not
+    // its parent and never sees QEMU's exit status; it reads this.
+    if let Err(e) = record_exit(code) {
+        say(&format!("cannot record the exit code on /dev/vda: {e}"));
+    }
     rustix::fs::sync();
     // The console's last lines reach the service's log before QEMU ends.
     // SAFETY: tcdrain(3) on the console descriptor; it only waits.
@@ -564,6 +572,17 @@ fn finish(code: i32) -> ! {
     loop {
         std::thread::sleep(Duration::from_secs(60));
     }
+}
+
+/// Writes `code` into the run description's footer on `/dev/vda`
+/// ([`guest::write_exit`]) and flushes it to the host's disk file.
+fn record_exit(code: i32) -> std::io::Result<()> {
+    let mut disk = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/vda")?;
+    guest::write_exit(&mut disk, code)?;
+    disk.sync_all()
 }
 
 /// Writes `byte` to QEMU's `isa-debug-exit` port: QEMU exits with

@@ -88,7 +88,7 @@ fn an_oci_image_boots_as_a_vm_serves_and_reports_its_exit_code() {
         .position(|f| f == "--stop-timeout-ms")
         .unwrap();
     c.minion_flags[at + 1] = "60000".into();
-    let c = c.with_minions(1);
+    let mut c = c.with_minions(1);
 
     // Neither a VM image nor an OCI image: refused at deploy, named.
     let junk = c.dir.path().join("junk.tar");
@@ -266,6 +266,32 @@ fn an_oci_image_boots_as_a_vm_serves_and_reports_its_exit_code() {
         "{log}"
     );
     eprintln!("oneshot deploy -> exit 3: {:?}", ran.elapsed());
+
+    // A oneshot whose QEMU a restarted minion adopted: not QEMU's parent,
+    // the minion reads the exit code the guest recorded on its disk.
+    let spec = json!({
+        "machine": "m1", "name": "vmlate", "image": "app.tar:job", "type": "vm",
+        "duration": "oneshot",
+        "args": ["echo vm-late-running; /bin/busybox sleep 8; exit 5"],
+    });
+    let file = c.dir.path().join("vmlate.json");
+    std::fs::write(&file, spec.to_string()).unwrap();
+    c.ok(&["deploy", file.to_str().unwrap(), "--detach"]);
+    wait_for("vmlate's program running", Duration::from_secs(60), || {
+        c.ok(&["logs", "vmlate"])
+            .contains("vm-late-running")
+            .then_some(())
+    });
+    let restarted = Instant::now();
+    c.kill_minion("m1");
+    c.start_minion("m1");
+    c.wait_reachable("m1");
+    eprintln!("minion restarted in {:?}", restarted.elapsed());
+    let s = wait_status(&c, "vmlate", Duration::from_secs(60), |s| {
+        s["state"] == "failed"
+    });
+    assert_eq!(s["last_exit"]["code"], 5, "{s}");
+    assert_eq!(s["restarts"].as_u64(), Some(0), "{s}");
     eprintln!("whole test: {:?}", began.elapsed());
 }
 

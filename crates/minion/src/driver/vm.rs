@@ -883,10 +883,13 @@ impl Driver for VmDriver {
         )?;
         let process: Box<dyn RunningTask> = match firecracker::api_sock_of(record.pid) {
             Some(sock) => Box::new(FcProc { proc, sock }),
-            None => Box::new(VmProc {
-                proc,
-                qmp: qmp_of(record.pid),
-            }),
+            None => oci_vm::adopted(
+                record.pid,
+                VmProc {
+                    proc,
+                    qmp: qmp_of(record.pid),
+                },
+            ),
         };
         Some(TaskHandle {
             pid: record.pid,

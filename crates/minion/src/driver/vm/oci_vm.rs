@@ -456,37 +456,100 @@ fn enough_memory(guest_mib: u64, initrd_bytes: u64) -> Result<(), String> {
 
 /// A QEMU booting an OCI image: its exit is the program's, as the guest
 /// reported it.
-struct OciVmProc(VmProc);
+struct OciVmProc {
+    vm: VmProc,
+    /// The run's disk, where the guest also records the exit
+    /// ([`guest::write_exit`]): read when QEMU's exit status says nothing.
+    disk: PathBuf,
+}
 
 impl RunningTask for OciVmProc {
     fn wait(&mut self) -> BoxFuture<'_, Exit> {
-        Box::pin(async move { program_exit(self.0.proc.wait().await) })
+        Box::pin(async move {
+            let qemu = self.vm.proc.wait().await;
+            // QEMU has ended: everything the guest wrote is in the file.
+            program_exit(qemu, || recorded_exit(&self.disk))
+        })
     }
 
     fn signal(&self, signal: i32) {
-        self.0.signal(signal);
+        self.vm.signal(signal);
     }
 }
 
-/// QEMU's exit as the program's: the code the guest reported; a QEMU
-/// that ended with 0 (the guest went down without reporting, as after a
-/// kernel panic) is an unknown end; anything else is QEMU's own.
-fn program_exit(qemu: Exit) -> Exit {
-    match qemu.code {
-        Some(s) => match guest::decode_exit(s) {
-            Some(code) => Exit {
-                code: Some(code),
-                ..qemu
-            },
-            None if s == 0 => Exit {
-                code: None,
-                signal: None,
-                ..qemu
-            },
-            None => qemu,
-        },
-        None => qemu,
+/// A QEMU adopted after a minion restart ([`super::VmDriver::recover`]):
+/// one that boots an OCI image (its command line has the exit device) gets
+/// its program's exit from the disk, as the minion is not its parent and
+/// never sees QEMU's exit status.
+pub(super) fn adopted(pid: u32, vm: VmProc) -> Box<dyn RunningTask> {
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    match oci_disk_of(&cmdline) {
+        Some(disk) => Box::new(OciVmProc { vm, disk }),
+        None => Box::new(vm),
     }
+}
+
+/// The root disk of a QEMU whose command line (NUL-separated) boots an
+/// OCI image: has [`DEBUG_EXIT`], and `-drive id=root,file=PATH,...`.
+fn oci_disk_of(cmdline: &[u8]) -> Option<PathBuf> {
+    let args: Vec<&[u8]> = cmdline.split(|&b| b == 0).collect();
+    if !args.contains(&DEBUG_EXIT.as_bytes()) {
+        return None;
+    }
+    let drive = args
+        .windows(2)
+        .find(|w| w[0] == b"-drive")
+        .and_then(|w| std::str::from_utf8(w[1]).ok())?;
+    qemu_options(drive)
+        .into_iter()
+        .find_map(|o| o.strip_prefix("file=").map(PathBuf::from))
+}
+
+/// QEMU's `key=value,...` options, a `,,` being a comma within a value.
+fn qemu_options(s: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut option = String::new();
+    let mut chars = s.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c != ',' {
+            option.push(c);
+        } else if chars.next_if_eq(&',').is_some() {
+            option.push(',');
+        } else {
+            out.push(std::mem::take(&mut option));
+        }
+    }
+    out.push(option);
+    out
+}
+
+/// The exit code the guest recorded on `disk`, if it did.
+fn recorded_exit(disk: &Path) -> Option<i32> {
+    let mut f = std::fs::File::open(disk).ok()?;
+    guest::read_exit(&mut f).ok().flatten()
+}
+
+/// QEMU's exit as the program's: the code the guest reported through the
+/// exit device; else (QEMU ended with 0, the guest went down without
+/// reporting, as after a kernel panic; or QEMU was adopted and its status
+/// is unknown) the code it recorded on its disk (`recorded`), else an
+/// unknown end; anything else is QEMU's own (its failure, a signal).
+fn program_exit(qemu: Exit, recorded: impl FnOnce() -> Option<i32>) -> Exit {
+    let unknown = Exit {
+        code: None,
+        signal: None,
+        ..qemu
+    };
+    let code = match (qemu.code, qemu.signal) {
+        (Some(s), _) => match guest::decode_exit(s) {
+            Some(code) => Some(code),
+            None if s == 0 => recorded().map(guest::reported_code),
+            None => return qemu,
+        },
+        (None, Some(_)) => return qemu,
+        (None, None) => recorded().map(guest::reported_code),
+    };
+    Exit { code, ..unknown }
 }
 
 impl VmDriver {
@@ -582,7 +645,10 @@ impl VmDriver {
         };
         let mut args = plan.args();
         args.extend(["-device".to_owned(), DEBUG_EXIT.to_owned()]);
-        self.spawn_qemu(qemu, &args, task, plan.qmp, |vm| Box::new(OciVmProc(vm)))
+        let disk = plan.disk.clone();
+        self.spawn_qemu(qemu, &args, task, plan.qmp, |vm| {
+            Box::new(OciVmProc { vm, disk })
+        })
     }
 }
 
@@ -654,16 +720,88 @@ mod tests {
             signal: None,
             at: 5,
         };
-        assert_eq!(program_exit(qemu(7)).code, Some(2));
-        assert_eq!(program_exit(qemu(3)).code, Some(0));
-        assert_eq!(program_exit(qemu(0)).code, None, "never reported");
-        assert_eq!(program_exit(qemu(1)).code, Some(1), "QEMU's own failure");
+        let none = || None;
+        assert_eq!(program_exit(qemu(7), none).code, Some(2));
+        assert_eq!(
+            program_exit(qemu(3), || Some(9)).code,
+            Some(0),
+            "QEMU's says"
+        );
+        assert_eq!(program_exit(qemu(0), none).code, None, "never reported");
+        assert_eq!(
+            program_exit(qemu(0), || Some(4)).code,
+            Some(4),
+            "recorded, but the exit device missed"
+        );
+        assert_eq!(
+            program_exit(qemu(1), || Some(4)).code,
+            Some(1),
+            "QEMU's own failure"
+        );
         let killed = Exit {
             code: None,
             signal: Some(9),
             at: 5,
         };
-        assert_eq!(program_exit(killed), killed);
+        assert_eq!(program_exit(killed, || Some(4)), killed);
+        // Adopted: QEMU's status is unknown; the disk has the program's.
+        let adopted = Exit {
+            code: None,
+            signal: None,
+            at: 5,
+        };
+        assert_eq!(program_exit(adopted, none), adopted);
+        let from_disk = program_exit(adopted, || Some(137));
+        assert_eq!((from_disk.code, from_disk.at), (Some(126), 5));
+        assert_eq!(program_exit(adopted, || Some(5)).code, Some(5));
+    }
+
+    #[test]
+    fn an_adopted_qemu_names_its_disk_when_it_boots_an_oci_image() {
+        let line = |args: &[&str]| args.join("\0").into_bytes();
+        let oci = line(&[
+            "/usr/bin/qemu-system-x86_64",
+            "-drive",
+            "id=root,file=/data/work/a,,b/disk.ext4,format=raw,if=none",
+            "-device",
+            DEBUG_EXIT,
+        ]);
+        assert_eq!(
+            oci_disk_of(&oci),
+            Some(PathBuf::from("/data/work/a,b/disk.ext4"))
+        );
+        // A VM image's QEMU has no exit device: its exit stays unknown.
+        let plain = line(&[
+            "/usr/bin/qemu-system-x86_64",
+            "-drive",
+            "id=root,file=/data/work/disk.ext4,format=raw,if=none",
+        ]);
+        assert_eq!(oci_disk_of(&plain), None);
+        assert_eq!(oci_disk_of(b""), None);
+        assert_eq!(
+            qemu_options("a=1,,2,b=,c"),
+            ["a=1,2", "b=", "c"].map(String::from)
+        );
+    }
+
+    /// An OCI VM's disk as the guest leaves it: the exit read back.
+    #[test]
+    fn the_recorded_exit_is_read_from_the_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        let disk = dir.path().join("disk.ext4");
+        let mut f = std::fs::File::options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&disk)
+            .unwrap();
+        f.set_len(4096).unwrap();
+        guest::append_run(&mut f, &GuestRun::default()).unwrap();
+        assert_eq!(recorded_exit(&disk), None);
+        guest::write_exit(&mut f, 3).unwrap();
+        assert_eq!(recorded_exit(&disk), Some(3));
+        assert_eq!(recorded_exit(&dir.path().join("gone")), None);
     }
 
     #[test]
