@@ -25,7 +25,9 @@
 //! configures the network from the service's address; reaps; turns the
 //! power button into SIGTERM to the program; and reports its exit code
 //! through QEMU's `isa-debug-exit`, which is the run's exit (0 to 125
-//! exactly, 126 for more or a signal).
+//! exactly, 126 for more or a signal), after recording it on the run's
+//! disk too, where the driver reads it when QEMU's exit status says
+//! nothing (a QEMU adopted after a minion restart is not its child).
 //!
 //! Acceleration, probed once at minion start: KVM when `/dev/kvm` opens
 //! and a hardware-virtualisation module (`kvm_intel`, `kvm_amd`) is loaded;
@@ -84,7 +86,8 @@
 //! is an input event, which a busybox init can wait for (`dd` one event
 //! from `/dev/input/event0`, then `poweroff -f`; the e2e test's image
 //! does). A restarted minion adopts a running QEMU by pid and start time,
-//! and finds its QMP socket in its command line.
+//! and finds its QMP socket (and, booting an OCI image, its disk) in its
+//! command line.
 //!
 //! Boot: a VM with a health check has booted when the check first passes.
 //! Until then its failures do not count and it is probed quickly; if it
