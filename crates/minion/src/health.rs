@@ -372,7 +372,9 @@ mod tests {
         let mut held = Vec::new();
         loop {
             assert!(held.len() < 16, "the accept queue never filled");
-            match tokio::time::timeout(200 * MS, TcpStream::connect(addr)).await {
+            // Generous: a handshake on loopback slower than this on a
+            // loaded machine would end the filling early.
+            match tokio::time::timeout(500 * MS, TcpStream::connect(addr)).await {
                 Ok(s) => held.push(s.unwrap()),
                 Err(_) => break,
             }
