@@ -34,96 +34,41 @@ if [ "${1:-}" = "--write" ]; then write=yes; shift; fi
 services=${1:-1000}
 runs=${2:-3}
 diffs=${3:-5}
-command_line="bench/apply.sh"
-[ -n "${PHOENIX_BINS:-}" ] && command_line="PHOENIX_BINS=$PHOENIX_BINS $command_line"
-[ "$write" = yes ] && command_line+=" --write"
-[ $# -gt 0 ] && command_line+=" $*"
-root=$(cd "$(dirname "$0")/.." && pwd)
-started=$(date +%s)
+# shellcheck source=bench/lib.sh
+. "$(dirname "$0")/lib.sh"
+command_line=$(bench_command bench/apply.sh "$@")
 
-die() { echo "apply.sh: $*" >&2; exit 1; }
-say() { echo "apply.sh [$(($(date +%s) - started)) s]: $*" >&2; }
-[ "$(id -u)" = 0 ] || die "needs root (network namespaces, TUN devices)"
-for t in python3 ip; do command -v $t >/dev/null || die "missing $t (apt-get install python3 iproute2)"; done
+need_root "network namespaces, TUN devices"
+need_tools "python3 iproute2" python3 ip
 [ -e /dev/net/tun ] || die "needs /dev/net/tun"
 [ "$services" -ge 2 ] || die "SERVICES must be at least 2"
 bins=${PHOENIX_BINS:-$root/target/release}
-[ -x "$bins/phoenix" ] || die "no $bins/phoenix: cargo build --release -p phoenix"
+need_bins "$bins" "cargo build --release -p phoenix" phoenix
 sleep_bin=$(command -v sleep)
 
-tag=ap$$
-work=$(mktemp -d /tmp/phoenix-apply-bench.XXXXXX)
-chmod 755 "$work"
-mkdir -p "$work/bin"
-# Our own copy: a rebuild in the workspace during the run changes nothing.
-cp "$bins/phoenix" "$work/bin/phoenix"
+make_work apply
+copy_bins "$bins" phoenix
 phoenix=$work/bin/phoenix
 export PHOENIX_DATA_DIR=$work/master
-sw=$tag-sw
-hosts=("$tag-master" "$tag-m1" "$tag-m2")
-declare -A daemon # name -> pid
-loads=()          # the 1-minute load average at each run's start
+loads=() # the 1-minute load average at each run's start
 
 # ------------------------------------------------------------------ clean-up
-stop_cluster() {
-    set +e
-    for p in "${daemon[@]}"; do kill "$p" 2>/dev/null; done
-    for p in "${daemon[@]}"; do
-        for _ in $(seq 50); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
-        kill -9 "$p" 2>/dev/null
-    done
-    daemon=()
-    # Services outlive their minion by design: end every one still recorded.
-    for rec in "$work"/run-*/m*/run/*.json; do
-        [ -e "$rec" ] || continue
-        case $rec in *.done.json) continue ;; esac
-        pid=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1])).get("pid") or "")' "$rec" 2>/dev/null)
-        [ -n "$pid" ] && [ "$pid" -gt 1 ] && { kill -9 -- "-$pid" 2>/dev/null; kill -9 "$pid" 2>/dev/null; }
-    done
-    for h in "${hosts[@]}"; do ip netns pids "$h" 2>/dev/null | xargs -r kill -9 2>/dev/null; done
-    set -e
-}
 cleanup() {
     local rc=$?
     set +e
     trap - EXIT INT TERM HUP
-    if [ "$rc" != 0 ] || [ -n "${KEEP_LOGS:-}" ]; then
-        local keep
-        keep=$(mktemp -d /tmp/phoenix-apply-logs.XXXXXX)
-        cp "$work"/*.json "$keep/" 2>/dev/null
-        for d in "$work"/run-*; do [ -d "$d" ] && mkdir -p "$keep/${d##*/}" && cp "$d"/*.log "$keep/${d##*/}/" 2>/dev/null; done
-        echo "apply.sh: exit $rc; the daemons' logs and the results are in $keep" >&2
-    fi
-    stop_cluster
+    keep_results "$rc" "$work"/*.json "$work"/run-*/*.log
+    stop_cluster "$work"/run-*/m*/run/*.json
     sleep 0.5
-    # Cgroups our minions left (named NAME@<minion id>: only ours).
-    for id in "${cgroup_ids[@]+"${cgroup_ids[@]}"}"; do
-        find /sys/fs/cgroup -mindepth 2 -maxdepth 4 -type d -path "*/phoenix/*@$id" 2>/dev/null | sort -r | xargs -r rmdir 2>/dev/null
-    done
-    for h in "${hosts[@]}" "$sw"; do ip netns del "$h" 2>/dev/null; done
-    rm -rf "$work"
+    remove_cgroups
+    remove_hosts_and_work
 }
-cgroup_ids=()
 trap cleanup EXIT
 trap 'exit 130' INT TERM HUP
 
 # ------------------------------------------------------------------ hosts
-# shellcheck source=bench/netns.sh
-. "$root/bench/netns.sh"
-bridge_hosts "$sw" 10.98.0 "${hosts[@]}"
-ip_of() { case $1 in master) echo 10.98.0.1 ;; m1) echo 10.98.0.2 ;; m2) echo 10.98.0.3 ;; esac; }
-ns_of() { echo "$tag-$1"; }
+cluster_hosts ap$$ 10.98.0 master m1 m2
 
-jq1() { python3 -c "import json,sys; d=json.load(sys.stdin); print($1)"; }
-waitfor_cli() { # SECONDS WHAT PYTHON-EXPR-ON-d CLI-ARGS...
-    local secs=$1 what=$2 expr=$3
-    shift 3
-    for _ in $(seq $((secs * 10))); do
-        "$phoenix" "$@" 2>/dev/null | python3 -c "import json,sys; d=json.load(sys.stdin); sys.exit(0 if ($expr) else 1)" 2>/dev/null && return 0
-        sleep 0.1
-    done
-    die "timed out after ${secs} s waiting for $what"
-}
 now() { date +%s.%N; }
 ms_since() { python3 -c "import sys,time; print(round((time.time() - float(sys.argv[1])) * 1000))" "$1"; }
 rss_kib() { awk '/^VmRSS:/ {print $2}' "/proc/$1/status"; }
@@ -156,23 +101,9 @@ for run in $(seq "$runs"); do
     export PHOENIX_DATA_DIR=$dir/master
     loads+=("$(cut -d' ' -f1 /proc/loadavg)")
     say "run $run of $runs: a fresh master and minions m1, m2 (load average ${loads[-1]})"
-    ip netns exec "$(ns_of master)" "$phoenix" master "$(ip_of master)" --foreground --data-dir "$dir/master" \
-        --no-proxy >"$dir/master.log" 2>&1 &
-    daemon[master]=$!
-    waitfor 15 "the master's socket" test -S "$dir/master/phoenix.sock"
-    key=$("$phoenix" master-info --json | jq1 'd["key"]')
-    for m in m1 m2; do
-        ip netns exec "$(ns_of $m)" "$phoenix" minion "$m" "$(ip_of master)" "$key" "$(ip_of $m)" "$(ip_of $m)" \
-            --foreground --data-dir "$dir/$m" --keep-free-mb 16 --service-network host >"$dir/$m.log" 2>&1 &
-        daemon[$m]=$!
-    done
-    for m in m1 m2; do
-        waitfor_cli 20 "$m to ask to join" "any(n['name'] == '$m' for n in d)" waiting --json
-        "$phoenix" accept "$m" >/dev/null
-    done
-    for m in m1 m2; do
-        waitfor_cli 20 "$m to be reachable" "any(n['name'] == '$m' and n['state'] == 'reachable' for n in d)" nodes --json
-    done
+    start_master "$dir" --no-proxy
+    for m in m1 m2; do start_minion "$dir" "$m" --service-network host; done
+    join_minions m1 m2
     "$phoenix" push "$sleep_bin" sleep >/dev/null
     waitfor_cli 60 "both minions to hold sleep" \
         "len(d) >= 1 and all(len(i['nodes']) >= 2 and all(n['state'] == 'synced' for n in i['nodes']) for i in d)" images --json
@@ -194,9 +125,7 @@ for run in $(seq "$runs"); do
     record "$run" rss_before "$rss_before"
     record "$run" rss_after "$rss_after"
     # One pid of a service, to find our minions' cgroups at the end.
-    pid=$("$phoenix" status svc-0000 --json | jq1 'd["pid"]')
-    cg=$(sed -n 's/^0:://p' "/proc/$pid/cgroup" 2>/dev/null || true)
-    case $cg in */phoenix/*@*) cgroup_ids+=("${cg##*@}") ;; esac
+    remember_cgroup svc-0000
 
     for i in $(seq "$diffs"); do
         t0=$(now)
@@ -219,16 +148,11 @@ for run in $(seq "$runs"); do
     record "$run" prune "$(ms_since "$t0")"
     left=$("$phoenix" services --json | jq1 'len(d)')
     [ "$left" = 1 ] || die "after the prune, $left services are left"
-    stop_cluster
+    stop_cluster "$dir"/m*/run/*.json
 done
 
 # ------------------------------------------------------------------ report
-git_rev=$(git -C "$root" rev-parse --short HEAD 2>/dev/null || echo "?")
-if [ -n "${PHOENIX_BINS:-}" ]; then
-    git_rev="${PHOENIX_BINS_REV:-unknown commit}, ${PHOENIX_BINS_NOTE:-binary from PHOENIX_BINS=$PHOENIX_BINS}"
-elif [ -n "$(git -C "$root" status --porcelain -- crates 2>/dev/null)" ]; then
-    git_rev="$git_rev + uncommitted changes in $(git -C "$root" status --porcelain -- crates | awk '{print $2}' | cut -d/ -f1-2 | sort -u | paste -sd, -)"
-fi
+git_rev=$(bins_git_rev binary crates)
 R="$results" CMD="$command_line" N=$services RUNS=$runs DIFFS=$diffs GIT="$git_rev" TOOK=$(($(date +%s) - started)) \
 VERSION="$("$phoenix" --version)" LOADS="${loads[*]}" BYTES=$tree_bytes NPROC=$(nproc) \
 python3 - >"$work/report.md" <<'EOF'
@@ -264,8 +188,4 @@ print("|---|---:|---:|")
 for what, m, rng in rows:
     print(f"| {what} | {m} | {rng} |")
 EOF
-cat "$work/report.md"
-if [ "$write" = yes ]; then
-    python3 "$root/bench/splice-section.py" apply "$root/BENCHMARKS.md" <"$work/report.md"
-    say "wrote the apply section of $root/BENCHMARKS.md"
-fi
+emit_report apply "$work/report.md"

@@ -19,33 +19,22 @@ write=no
 if [ "${1:-}" = "--write" ]; then write=yes; shift; fi
 samples=${1:-20}
 unpack_runs=${2:-5}
-root=$(cd "$(dirname "$0")/.." && pwd)
+# shellcheck source=bench/lib.sh
+. "$(dirname "$0")/lib.sh"
 py=$root/bench/containers.py
-started=$(date +%s)
 
-die() { echo "containers.sh: $*" >&2; exit 1; }
-say() { echo "containers.sh: $*" >&2; }
-[ "$(id -u)" = 0 ] || die "needs root (crun, overlayfs, podman)"
-for t in crun podman umoci unshare python3 tar; do
-    command -v $t >/dev/null || die "missing $t (apt-get install crun podman umoci busybox-static python3)"
-done
+need_root "crun, overlayfs, podman"
+need_tools "crun podman umoci busybox-static python3" crun podman umoci unshare python3 tar
 busybox=$(command -v busybox) || die "missing busybox (apt-get install busybox-static)"
 if command -v file >/dev/null && ! file -L "$busybox" | grep "statically linked" >/dev/null; then
     say "note: $busybox is not static; its libraries are not in the image (apt-get install busybox-static)"
 fi
-for b in phoenix testy phoenix-bench-unpack; do
-    [ -x "$root/target/release/$b" ] || die "no target/release/$b: cargo build --release --workspace"
-done
+need_bins "$root/target/release" "cargo build --release --workspace" phoenix testy phoenix-bench-unpack
 
-work=$(mktemp -d /tmp/phoenix-containers-bench.XXXXXX)
-chmod 755 "$work"
-# Our own copies: a rebuild in the workspace during the run changes nothing.
-mkdir -p "$work/bin"
-for b in phoenix testy phoenix-bench-unpack; do cp "$root/target/release/$b" "$work/bin/"; done
+make_work containers
+copy_bins "$root/target/release" phoenix testy phoenix-bench-unpack
 phoenix=$work/bin/phoenix
 export PHOENIX_DATA_DIR=$work/phx/master
-daemon_pids=()
-notes=()
 
 # ------------------------------------------------------------------ cgroups
 # crun 1.8 refuses "hybrid" hosts (v1 controllers, cgroup2 at
@@ -89,15 +78,11 @@ if [ "$(ulimit -Hn)" != unlimited ] && [ "$(ulimit -Hn)" -lt 1048576 ]; then
 fi
 
 # ------------------------------------------------------------------ clean-up
-# The long steps run in the background and are waited for, so that a signal
-# to this script is handled at once (bash runs traps only between commands),
-# and the clean-up ends them first.
-child=
-in_bg() { "$@" & child=$!; wait "$child"; child=; }
+# The long steps run in the background (in_bg); the clean-up ends them first.
 cleanup() {
     set +e
     trap - EXIT INT TERM HUP
-    if [ -n "$child" ]; then kill "$child" 2>/dev/null; wait "$child" 2>/dev/null; fi
+    kill_child
     if [ -S "$work/phx/master/phoenix.sock" ]; then
         for s in $("$phoenix" services --json 2>/dev/null | python3 -c 'import json,sys; print(" ".join(s["name"] for s in json.load(sys.stdin)))' 2>/dev/null); do
             "$phoenix" del "$s" >/dev/null 2>&1
@@ -107,11 +92,7 @@ cleanup() {
             sleep 0.1
         done
     fi
-    for p in "${daemon_pids[@]}"; do kill "$p" 2>/dev/null; done
-    for p in "${daemon_pids[@]}"; do
-        for _ in $(seq 50); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
-        kill -9 "$p" 2>/dev/null
-    done
+    stop_cluster # only our daemons here: no hosts, and the services were deleted above
     for st in "$work/phx/m1/crun" "$work/crun/state"; do
         [ -d "$st" ] || continue
         for id in $("${crun_cmd[@]}" --root "$st" list -q 2>/dev/null); do
@@ -133,11 +114,6 @@ trap 'exit 130' INT TERM HUP
 trap 'say "failed at line $LINENO: $BASH_COMMAND"' ERR
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-until_ok() { # tries what...
-    local what=$1 tries=$2; shift 2
-    for _ in $(seq "$tries"); do "$@" >/dev/null 2>&1 && return 0; sleep 0.1; done
-    die "timed out waiting for $what"
-}
 
 # ------------------------------------------------------------------ the image
 say "building the image (testy + its libraries + busybox, 4 layers of data; gzip)"
@@ -173,18 +149,18 @@ say "starting a Phoenix master and minion m1 (--no-overlay, loopback)"
 join=$(free_port); link=$(free_port)
 mkdir -p "$work/phx"
 "$phoenix" master 127.0.0.1 --foreground --data-dir "$work/phx/master" --join-port "$join" --link-port "$link" --no-overlay >"$work/phx/master.log" 2>&1 &
-daemon_pids+=($!)
-until_ok "the master" 100 "$phoenix" master-info --json
+daemon[master]=$!
+waitfor 10 "the master" "$phoenix" master-info --json
 key=$("$phoenix" master-info --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["key"])')
 # A short stop timeout: testy, as a container's PID 1, has no SIGTERM handler,
 # so SIGTERM does nothing and every stop waits for the SIGKILL. Only the
 # clean-up between samples waits on it.
 "$phoenix" minion m1 127.0.0.1 "$key" 127.0.0.1 127.0.0.1 --foreground --data-dir "$work/phx/m1" \
     --master-join-port "$join" --master-link-port "$link" --no-overlay --stop-timeout-ms 1000 >"$work/phx/m1.log" 2>&1 &
-daemon_pids+=($!)
-until_ok "m1's join request" 100 sh -c "\"$phoenix\" waiting --json | grep '\"m1\"' >/dev/null"
+daemon[m1]=$!
+waitfor 10 "m1's join request" sh -c "\"$phoenix\" waiting --json | grep '\"m1\"' >/dev/null"
 "$phoenix" accept m1 >/dev/null
-until_ok "m1 to connect" 100 sh -c "\"$phoenix\" nodes --json | grep '\"reachable\"' >/dev/null"
+waitfor 10 "m1 to connect" sh -c "\"$phoenix\" nodes --json | grep '\"reachable\"' >/dev/null"
 "$phoenix" push "$work/app.tar" app.tar >/dev/null
 
 ann=$(free_port)
@@ -315,8 +291,4 @@ json.dump(meta, open(sys.argv[1], "w"))
 EOF
 python3 "$py" report --meta "$work/meta.json" --cold "$work/cold.json" --starts "$work/starts.json" \
     --unpack "$work/unpack.json" --unpack-tmpfs "$work/unpack-tmpfs.json" >"$work/report.md"
-cat "$work/report.md"
-if [ "$write" = yes ]; then
-    python3 "$root/bench/splice-section.py" containers "$root/BENCHMARKS.md" <"$work/report.md"
-    say "wrote the containers section of $root/BENCHMARKS.md"
-fi
+emit_report containers "$work/report.md"

@@ -17,20 +17,18 @@ set -euo pipefail
 write=no
 if [ "${1:-}" = "--write" ]; then write=yes; shift; fi
 rounds=${1:-5}
-root=$(cd "$(dirname "$0")/.." && pwd)
+# shellcheck source=bench/lib.sh
+. "$(dirname "$0")/lib.sh"
 cd "$root"
-[ "$(id -u)" = 0 ] || { echo "joinflood.sh: needs root (the overlay)" >&2; exit 1; }
+need_root "the overlay"
 cargo build --release -q -p phoenix -p testy
 out=$(mktemp)
-trap 'rm -f "$out"' EXIT
+trap 'rm -f "$out" "$out.md"' EXIT
 PHOENIX_JOINFLOOD_ROUNDS=$rounds cargo test --release -q -p phoenix-e2e --test join -- \
     --ignored --exact join_flood_figures --nocapture --test-threads 1 | grep -E '^(\||Of )' >"$out"
 {
     echo "Measured $(date -u +%Y-%m-%d) on $(nproc) cores ($(uname -r)), $rounds rounds, with \`bench/joinflood.sh $rounds\`:"
     echo
     cat "$out"
-} | tee /dev/stderr | if [ $write = yes ]; then
-    python3 bench/splice-section.py joinflood BENCHMARKS.md
-else
-    cat >/dev/null
-fi
+} >"$out.md"
+emit_report joinflood "$out.md" >&2 # on stderr, where these scripts have always printed it

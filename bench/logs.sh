@@ -19,13 +19,14 @@ set -euo pipefail
 write=no
 if [ "${1:-}" = "--write" ]; then write=yes; shift; fi
 seconds=${1:-20}
-root=$(cd "$(dirname "$0")/.." && pwd)
+# shellcheck source=bench/lib.sh
+. "$(dirname "$0")/lib.sh"
 cd "$root"
-[ "$(id -u)" = 0 ] || { echo "logs.sh: needs root (the overlay)" >&2; exit 1; }
+need_root "the overlay"
 out=$(mktemp)
 before_tree=""
 cleanup() {
-    rm -f "$out"
+    rm -f "$out" "$out.md"
     if [ -n "$before_tree" ]; then git worktree remove --force "$before_tree"; fi
 }
 trap cleanup EXIT
@@ -54,8 +55,5 @@ figures "$root" "$(git rev-parse --short HEAD)+"
     echo "| build | writer | rate written | most disk taken | minion CPU |"
     echo "|---|---|---|---|---|"
     cat "$out"
-} | tee /dev/stderr | if [ $write = yes ]; then
-    python3 bench/splice-section.py logs BENCHMARKS.md
-else
-    cat >/dev/null
-fi
+} >"$out.md"
+emit_report logs "$out.md" >&2 # on stderr, where these scripts have always printed it

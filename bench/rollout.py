@@ -12,12 +12,13 @@ Subcommands:
 import argparse
 import json
 import os
-import platform
 import re
 import statistics
 import subprocess
 import sys
 import time
+
+import benchlib
 
 
 # ---------------------------------------------------------------- updates
@@ -126,18 +127,13 @@ def report(args):
 
     meta = load("meta.json")
     runs = meta["runs"]  # [{"id", "label", "slow": bool, "updates": bool}]
-    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
-    mem = next(int(l.split()[1]) for l in open("/proc/meminfo") if l.startswith("MemTotal"))
     out = []
     p = out.append
     p(
         f"- Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; `{meta['command']}`: "
         f"{meta['secs']} s of load a run, an update every {meta['interval']} s; took {meta['took']} s"
     )
-    p(
-        f"- Machine: {os.cpu_count()} CPUs · {cpu} · kernel {platform.system()} {platform.release()} "
-        f"{platform.machine()} · {mem / 1048576:.1f} GiB RAM"
-    )
+    p(f"- Machine: {benchlib.machine()}")
     p(
         f"- Phoenix: {meta['version']} (git {meta['git']}), release build; a master (proxy on port 80, plain HTTP, "
         f"`--drain-timeout-ms` {meta['drain']}) and minions m1, m2 in network namespaces on one bridge, a namespace "

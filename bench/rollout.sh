@@ -31,136 +31,57 @@ write=no
 if [ "${1:-}" = "--write" ]; then write=yes; shift; fi
 secs=${1:-50}
 interval=${2:-3}
-command_line="bench/rollout.sh"
-[ -n "${PHOENIX_BINS:-}" ] && command_line="PHOENIX_BINS=$PHOENIX_BINS $command_line"
-[ "$write" = yes ] && command_line+=" --write"
-[ $# -gt 0 ] && command_line+=" $*"
-root=$(cd "$(dirname "$0")/.." && pwd)
-started=$(date +%s)
+# shellcheck source=bench/lib.sh
+. "$(dirname "$0")/lib.sh"
+command_line=$(bench_command bench/rollout.sh "$@")
 drain_ms=30000
 
-die() { echo "rollout.sh: $*" >&2; exit 1; }
-say() { echo "rollout.sh [$(($(date +%s) - started)) s]: $*" >&2; }
-[ "$(id -u)" = 0 ] || die "needs root (network namespaces, TUN devices, nftables)"
-for t in wrk nft python3 ip; do
-    command -v $t >/dev/null || die "missing $t (apt-get install wrk nftables python3 iproute2)"
-done
+need_root "network namespaces, TUN devices, nftables"
+need_tools "wrk nftables python3 iproute2" wrk nft python3 ip
 [ -e /dev/net/tun ] || die "needs /dev/net/tun"
 # PHOENIX_BINS: take phoenix and testy from another build (e.g. of a clean
 # `git archive` export while the workspace does not build); PHOENIX_BINS_REV
 # names its commit and PHOENIX_BINS_NOTE says how it was built (both go
 # into the report).
 bins=${PHOENIX_BINS:-$root/target/release}
-for b in phoenix testy; do
-    [ -x "$bins/$b" ] || die "no $bins/$b: cargo build --release --workspace"
-done
+need_bins "$bins" "cargo build --release --workspace" phoenix testy
 
-tag=ro$$
-work=$(mktemp -d /tmp/phoenix-rollout-bench.XXXXXX)
-chmod 755 "$work"
-# Our own copies: a rebuild in the workspace during the run changes nothing.
-mkdir -p "$work/bin"
-for b in phoenix testy; do cp "$bins/$b" "$work/bin/"; done
-cp "$root/bench/rollout.py" "$work/bin/rollout.py"
+make_work rollout
+copy_bins "$bins" phoenix testy
+cp "$root/bench/rollout.py" "$root/bench/benchlib.py" "$work/bin/"
 py=$work/bin/rollout.py
 phoenix=$work/bin/phoenix
 export PHOENIX_DATA_DIR=$work/master
-sw=$tag-sw
-hosts=("$tag-master" "$tag-m1" "$tag-m2" "$tag-client")
-declare -A daemon # name -> pid
-cgroup_ids=()     # the @SUFFIX of our minions' service cgroups
-notes=()
 
 # ------------------------------------------------------------------ clean-up
-# Long steps run in the background and are waited for, so that a signal is
-# handled at once (bash runs traps only between commands).
-child=
-in_bg() { "$@" & child=$!; wait "$child"; child=; }
 cleanup() {
     local rc=$?
     set +e
     trap - EXIT INT TERM HUP
     # A failed run keeps the daemons' logs and the results (the work dir goes).
-    if [ "$rc" != 0 ] || [ -n "${KEEP_LOGS:-}" ]; then
-        local keep
-        keep=$(mktemp -d /tmp/phoenix-rollout-logs.XXXXXX)
-        cp "$work"/*.log "$work"/*.json "$work"/*.txt "$keep/" 2>/dev/null
-        echo "rollout.sh: exit $rc; the daemons' logs and the results are in $keep" >&2
-    fi
-    if [ -n "$child" ]; then kill "$child" 2>/dev/null; wait "$child" 2>/dev/null; fi
+    keep_results "$rc" "$work"/*.log "$work"/*.json "$work"/*.txt
+    kill_child
     # Delete what is left while the minions run, so that they remove the
     # namespaces and cgroups themselves.
     if [ -S "$work/master/phoenix.sock" ]; then
         for s in web-b web; do timeout 40 "$phoenix" del "$s" --timeout-s 15 >/dev/null 2>&1; done
     fi
-    for p in "${daemon[@]}"; do kill "$p" 2>/dev/null; done
-    for p in "${daemon[@]}"; do
-        for _ in $(seq 50); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
-        kill -9 "$p" 2>/dev/null
-    done
-    # Services outlive their minion by design: end every one still recorded.
-    for rec in "$work"/m*/run/*.json; do
-        [ -e "$rec" ] || continue
-        case $rec in *.done.json) continue ;; esac
-        pid=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1])).get("pid") or "")' "$rec" 2>/dev/null)
-        [ -n "$pid" ] && [ "$pid" -gt 1 ] && { kill -9 -- "-$pid" 2>/dev/null; kill -9 "$pid" 2>/dev/null; }
-    done
-    for h in "${hosts[@]}"; do ip netns pids "$h" 2>/dev/null | xargs -r kill -9 2>/dev/null; done
+    stop_cluster "$work"/m*/run/*.json
     sleep 0.5
-    # Cgroups our minions left (named NAME@<minion id>: only ours), deepest first.
-    for id in "${cgroup_ids[@]}"; do
-        find /sys/fs/cgroup -mindepth 2 -maxdepth 4 -type d -path "*/phoenix/*@$id" 2>/dev/null | sort -r | xargs -r rmdir 2>/dev/null
-    done
-    # nftables tables live in the hosts' namespaces and go with them.
-    for h in "${hosts[@]}" "$sw"; do ip netns del "$h" 2>/dev/null; done
-    awk -v w="$work/" 'index($2, w) == 1 {print $2}' /proc/mounts | sort -r | xargs -r -n1 umount -l 2>/dev/null
-    rm -rf "$work"
+    remove_cgroups
+    remove_hosts_and_work
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM HUP
 
-# ------------------------------------------------------------------ hosts
-# shellcheck source=bench/netns.sh
-. "$root/bench/netns.sh"
-bridge_hosts "$sw" 10.96.0 "${hosts[@]}"
-ip_of() { case $1 in master) echo 10.96.0.1 ;; m1) echo 10.96.0.2 ;; m2) echo 10.96.0.3 ;; client) echo 10.96.0.4 ;; esac; }
-ns_of() { echo "$tag-$1"; }
-on_client=(ip netns exec "$(ns_of client)")
-
-jq1() { python3 -c "import json,sys; d=json.load(sys.stdin); print($1)"; }
-waitfor_cli() { # SECONDS WHAT PYTHON-EXPR-ON-d CLI-ARGS...
-    local secs=$1 what=$2 expr=$3
-    shift 3
-    for _ in $(seq $((secs * 10))); do
-        "$phoenix" "$@" 2>/dev/null | python3 -c "import json,sys; d=json.load(sys.stdin); sys.exit(0 if ($expr) else 1)" 2>/dev/null && return 0
-        sleep 0.1
-    done
-    die "timed out after ${secs} s waiting for $what"
-}
-
 # ------------------------------------------------------------------ cluster
+cluster_hosts ro$$ 10.96.0 master m1 m2 client
+on_client=(ip netns exec "$(ns_of client)")
 say "starting a master and minions m1, m2 (netns) in $work"
-ip netns exec "$(ns_of master)" "$phoenix" master "$(ip_of master)" --foreground --data-dir "$work/master" \
-    --acme-directory https://127.0.0.1:1/directory --drain-timeout-ms "$drain_ms" >"$work/master.log" 2>&1 &
-daemon[master]=$!
-waitfor 15 "the master's socket" test -S "$work/master/phoenix.sock"
-key=$("$phoenix" master-info --json | jq1 'd["key"]')
-start_minion() { # NAME
-    local name=$1 ip
-    ip=$(ip_of "$name")
-    ip netns exec "$(ns_of "$name")" "$phoenix" minion "$name" "$(ip_of master)" "$key" "$ip" "$ip" \
-        --foreground --data-dir "$work/$name" --keep-free-mb 16 >"$work/$name.log" 2>&1 &
-    daemon[$name]=$!
-}
-start_minion m1
-start_minion m2
-for m in m1 m2; do
-    waitfor_cli 20 "$m to ask to join" "any(n['name'] == '$m' for n in d)" waiting --json
-    "$phoenix" accept "$m" >/dev/null
-done
-for m in m1 m2; do
-    waitfor_cli 20 "$m to be reachable" "any(n['name'] == '$m' and n['state'] == 'reachable' for n in d)" nodes --json
-done
+start_master "$work" --acme-directory https://127.0.0.1:1/directory --drain-timeout-ms "$drain_ms"
+start_minion "$work" m1
+start_minion "$work" m2
+join_minions m1 m2
 "$phoenix" push "$work/bin/testy" testy >/dev/null
 waitfor_cli 60 "both minions to hold testy" \
     "len(d) >= 1 and all(len(i['nodes']) >= 2 and all(n['state'] == 'synced' for n in i['nodes']) for i in d)" images --json
@@ -171,12 +92,6 @@ spec() { # MACHINE NAME VERSION
 deploy() { # SPEC
     echo "[$1]" >"$work/deploy.json"
     "$phoenix" deploy "$work/deploy.json" --timeout-s 60 >"$work/deploy.out" 2>&1 || die "phoenix deploy $1: $(cat "$work/deploy.out")"
-}
-remember_cgroup() { # SERVICE: our minion's id, from the service's cgroup
-    local pid cg
-    pid=$("$phoenix" status "$1" --json | jq1 'd["pid"]')
-    cg=$(sed -n 's/^0:://p' "/proc/$pid/cgroup")
-    case $cg in */phoenix/*@*) cgroup_ids+=("${cg##*@}") ;; esac
 }
 say "deploying web (testy) on m1 under proxyname bench.example"
 deploy "$(spec m1 web 0)"
@@ -254,12 +169,7 @@ left=$(jq1 '" ".join(s["name"] for s in d)' <"$work/services-end.json")
 # The ACME warnings are expected: --acme-directory points at a closed port.
 acme=$(grep -c 'WARN phoenix_acme' "$work/master.log" || true)
 [ "$acme" = 0 ] || notes+=("The master logged $acme expected \`certificate order failed\` warnings (the ACME directory is a closed port, on purpose).")
-problems() { cat "$work"/m?.log "$work/master.log" | { grep -E ' (WARN|ERROR) ' || true; } | { grep -v 'WARN phoenix_acme' || true; }; }
-n=$(problems | wc -l)
-if [ "$n" -gt 0 ]; then
-    ex=$(problems | sed 's/^[^ ]* *//' | cut -c1-220 | sort | uniq -c | sort -rn | head -3 | sed 's/^ *//' | paste -sd';' -)
-    notes+=("The daemons' logs hold $n WARN/ERROR lines; the most frequent (count, line): \`$ex\`")
-fi
+note_log_problems 220 'WARN phoenix_acme' "$work"/m?.log "$work/master.log"
 for m in m1 m2; do
     drops=$(grep -c "minion link dropped.*node=$m\$" "$work/master.log" || true)
     [ "$drops" = 0 ] || notes+=("The master dropped $m's link $drops time(s) during the run.")
@@ -267,13 +177,7 @@ done
 sw_n=$(grep -c 'update switched' "$work/master.log" || true)
 sw_ms=$(sed -n 's/.*update switched.* took_ms=\([0-9]*\).*/\1/p' "$work/master.log" | sort -n | awk '{a[NR]=$1} END {if (NR) printf "%d ms (p50), %d ms (max)", a[int((NR+1)/2)], a[NR]}')
 notes+=("The master logged $sw_n \`update switched\` lines in all (one per update), from the update stored through the new version up, the switch, the drain and the promotion: ${sw_ms:-none}.")
-git_rev=$(git -C "$root" rev-parse --short HEAD 2>/dev/null || echo "?")
-if [ -n "${PHOENIX_BINS:-}" ]; then
-    # The workspace's HEAD says nothing about those binaries: PHOENIX_BINS_REV names their commit.
-    git_rev="${PHOENIX_BINS_REV:-unknown commit}, ${PHOENIX_BINS_NOTE:-binaries from PHOENIX_BINS=$PHOENIX_BINS}"
-elif [ -n "$(git -C "$root" status --porcelain -- crates testy 2>/dev/null)" ]; then
-    git_rev="$git_rev + uncommitted changes in $(git -C "$root" status --porcelain -- crates testy | awk '{print $2}' | cut -d/ -f1-2 | sort -u | paste -sd, -)"
-fi
+git_rev=$(bins_git_rev binaries crates testy)
 CMD="$command_line" SECS=$secs INTERVAL=$interval TOOK=$(($(date +%s) - started)) GIT="$git_rev" DRAIN=$drain_ms \
 VERSION="$("$phoenix" --version)" WRK="$( (wrk --version 2>&1 || true) | head -1 | awk '{print $2}')" RUNS="$runs_json" \
 WRK_MAIN="wrk -t2 -c32 -d${secs}s --latency -H 'Host: bench.example' http://MASTER/" \
@@ -287,8 +191,4 @@ print(json.dumps({"command": e["CMD"], "secs": int(e["SECS"]), "interval": e["IN
     "wrk_main": e["WRK_MAIN"], "wrk_slow": e["WRK_SLOW"],
     "notes": [l for l in e["NOTES"].splitlines() if l.strip()]}))' >"$work/meta.json"
 python3 "$py" report "$work" >"$work/report.md"
-cat "$work/report.md"
-if [ "$write" = yes ]; then
-    python3 "$root/bench/splice-section.py" rollout "$root/BENCHMARKS.md" <"$work/report.md"
-    say "wrote the rollout section of $root/BENCHMARKS.md"
-fi
+emit_report rollout "$work/report.md"

@@ -16,7 +16,6 @@ Subcommands:
 import argparse
 import json
 import os
-import platform
 import socket
 import statistics
 import subprocess
@@ -234,6 +233,10 @@ def pct(v, p):
 
 
 def report(args):
+    # Imported here: this file is also pushed alone as the ping-pong service,
+    # which runs without benchlib.py beside it.
+    import benchlib
+
     d = args.dir
 
     def load(name):
@@ -249,8 +252,6 @@ def report(args):
     deps = load("deploys.json")
     dep, retried = deps["times"], deps["retried"]
     many = {mode: load(f"many-{mode}.json") for mode in ["netns", "host"]}
-    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
-    mem = next(int(l.split()[1]) for l in open("/proc/meminfo") if l.startswith("MemTotal"))
     out = []
     p = out.append
     p(
@@ -258,10 +259,7 @@ def report(args):
         f"{meta['secs']} s per iperf3 run and {meta['rounds']} rounds (medians), {meta['deploys']} deploys of each kind, "
         f"{meta['services']} services; took {meta['took']} s"
     )
-    p(
-        f"- Machine: {os.cpu_count()} CPUs · {cpu} · kernel {platform.system()} {platform.release()} "
-        f"{platform.machine()} · {mem / 1048576:.1f} GiB RAM"
-    )
+    p(f"- Machine: {benchlib.machine()}")
     p(
         f"- Phoenix: release build of {meta['version']} (git {meta['git']}); WireGuard {meta['wireguard']}; "
         f"minions with `--min-uptime-ms 0`; iperf3 {meta['iperf']}, nft {meta['nft']}"

@@ -26,6 +26,7 @@
 # (static, for the container image), python3, iproute2, and a release build
 # (cargo build --release --workspace); cargo to build the netns_bench example
 # (its part is skipped without it).
+# KEEP_LOGS=1 keeps the daemons' logs (kept anyway on failure).
 # Usage: bench/servicenet.sh [--write] [SECONDS] [ROUNDS] [DEPLOYS] [SERVICES]
 #   defaults: 5 s per iperf3 run, 3 rounds, 20 deploys of each kind, 1000 services
 set -euo pipefail
@@ -36,56 +37,31 @@ rounds=${2:-3}
 deploys=${3:-20}
 services=${4:-1000}
 args="$secs $rounds $deploys $services"
-root=$(cd "$(dirname "$0")/.." && pwd)
-py=$root/bench/servicenet.py
-started=$(date +%s)
+# shellcheck source=bench/lib.sh
+. "$(dirname "$0")/lib.sh"
 
-die() { echo "servicenet.sh: $*" >&2; exit 1; }
-say() { echo "servicenet.sh [$(($(date +%s) - started)) s]: $*" >&2; }
-[ "$(id -u)" = 0 ] || die "needs root (network namespaces, TUN devices, nftables)"
-for t in iperf3 nsenter nft crun python3 ip; do
-    command -v $t >/dev/null || die "missing $t (apt-get install iperf3 util-linux nftables crun busybox-static python3 iproute2)"
-done
+need_root "network namespaces, TUN devices, nftables"
+need_tools "iperf3 util-linux nftables crun busybox-static python3 iproute2" iperf3 nsenter nft crun python3 ip
 [ -x /usr/bin/python3 ] || die "missing /usr/bin/python3 (the ping-pong service's interpreter)"
 busybox=$(command -v busybox) || die "missing busybox (apt-get install busybox-static)"
 [ -e /dev/net/tun ] || die "needs /dev/net/tun"
-for b in phoenix testy; do
-    [ -x "$root/target/release/$b" ] || die "no target/release/$b: cargo build --release --workspace"
-done
+need_bins "$root/target/release" "cargo build --release --workspace" phoenix testy
 
-tag=sn$$
-work=$(mktemp -d /tmp/phoenix-servicenet-bench.XXXXXX)
-chmod 755 "$work"
-# Our own copies: a rebuild in the workspace during the run changes nothing.
-mkdir -p "$work/bin"
-for b in phoenix testy; do cp "$root/target/release/$b" "$work/bin/"; done
-cp "$py" "$work/bin/servicenet.py"
+make_work servicenet
+copy_bins "$root/target/release" phoenix testy
+cp "$root/bench/servicenet.py" "$root/bench/benchlib.py" "$work/bin/"
 py=$work/bin/servicenet.py
 phoenix=$work/bin/phoenix
 export PHOENIX_DATA_DIR=$work/master
-sw=$tag-sw
-hosts=("$tag-master" "$tag-m1" "$tag-m2" "$tag-m3")
-declare -A daemon # name -> pid
-helpers=()        # servers on the hosts
-notes=()
+helpers=() # servers on the hosts
 
 # ------------------------------------------------------------------ clean-up
-# Long steps run in the background and are waited for, so that a signal is
-# handled at once (bash runs traps only between commands).
-child=
-in_bg() { "$@" & child=$!; wait "$child"; child=; }
 cleanup() {
     local rc=$?
     set +e
     trap - EXIT INT TERM HUP
-    # A failed run keeps the daemons' logs (they are in the work dir, which goes).
-    if [ "$rc" != 0 ] && ls "$work"/*.log >/dev/null 2>&1; then
-        local keep
-        keep=$(mktemp -d /tmp/phoenix-servicenet-logs.XXXXXX)
-        cp "$work"/*.log "$work"/*.out "$keep/" 2>/dev/null
-        echo "servicenet.sh: failed ($rc); the daemons' logs are in $keep" >&2
-    fi
-    if [ -n "$child" ]; then kill "$child" 2>/dev/null; wait "$child" 2>/dev/null; fi
+    keep_results "$rc" "$work"/*.log "$work"/*.out
+    kill_child
     for p in "${helpers[@]}"; do kill "$p" 2>/dev/null; done
     # Delete what is left while the minions run, so that they remove the
     # namespaces, cgroups and containers themselves (at most 2 minutes).
@@ -96,47 +72,18 @@ cleanup() {
             timeout 20 "$phoenix" del "$s" --timeout-s 15 >/dev/null 2>&1
         done
     fi
-    for p in "${daemon[@]}"; do kill "$p" 2>/dev/null; done
-    for p in "${daemon[@]}"; do
-        for _ in $(seq 50); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
-        kill -9 "$p" 2>/dev/null
-    done
-    # Services outlive their minion by design: end every one still recorded
-    # (a binary leads its process group; a container's init is alone).
-    for rec in "$work"/m*/run/*.json; do
-        [ -e "$rec" ] || continue
-        case $rec in *.done.json) continue ;; esac
-        pid=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1])).get("pid") or "")' "$rec" 2>/dev/null)
-        [ -n "$pid" ] && [ "$pid" -gt 1 ] && { kill -9 -- "-$pid" 2>/dev/null; kill -9 "$pid" 2>/dev/null; }
-    done
-    for h in "${hosts[@]}"; do ip netns pids "$h" 2>/dev/null | xargs -r kill -9 2>/dev/null; done
+    stop_cluster "$work"/m*/run/*.json
     sleep 0.5
-    # Cgroups of our services (all named sn-*) that a killed minion left, deepest first.
-    find /sys/fs/cgroup -mindepth 2 -maxdepth 4 -type d -path '*/phoenix/sn-*@*' 2>/dev/null | sort -r | xargs -r rmdir 2>/dev/null
-    for h in "${hosts[@]}" "$sw"; do ip netns del "$h" 2>/dev/null; done
-    awk -v w="$work/" 'index($2, w) == 1 {print $2}' /proc/mounts | sort -r | xargs -r -n1 umount -l 2>/dev/null
-    rm -rf "$work"
+    # Cgroups of our services (all named sn-*) that a killed minion left.
+    remove_cgroups '*/phoenix/sn-*@*'
+    remove_hosts_and_work
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM HUP
 
 # ------------------------------------------------------------------ hosts
-# shellcheck source=bench/netns.sh
-. "$root/bench/netns.sh"
-bridge_hosts "$sw" 10.97.0 "${hosts[@]}"
-ip_of() { case $1 in master) echo 10.97.0.1 ;; m1) echo 10.97.0.2 ;; m2) echo 10.97.0.3 ;; m3) echo 10.97.0.4 ;; esac; }
-ns_of() { echo "$tag-$1"; }
+cluster_hosts sn$$ 10.97.0 master m1 m2 m3
 
-jq1() { python3 -c "import json,sys; d=json.load(sys.stdin); print($1)"; }
-waitfor_cli() { # SECONDS WHAT PYTHON-EXPR-ON-d CLI-ARGS...
-    local secs=$1 what=$2 expr=$3
-    shift 3
-    for _ in $(seq $((secs * 10))); do
-        "$phoenix" "$@" 2>/dev/null | python3 -c "import json,sys; d=json.load(sys.stdin); sys.exit(0 if ($expr) else 1)" 2>/dev/null && return 0
-        sleep 0.1
-    done
-    die "timed out after ${secs} s waiting for $what"
-}
 deploy() { # JSON (a spec or an array of them)
     local f
     f=$(mktemp "$work/spec-XXXXXX.json")
@@ -147,30 +94,13 @@ status_of() { "$phoenix" status "$1" --json | jq1 "d['$2']"; }
 
 # ------------------------------------------------------------------ cluster
 say "starting a master, minions m1 and m2 (netns) and m3 (host) in $work"
-ip netns exec "$(ns_of master)" "$phoenix" master "$(ip_of master)" --foreground --data-dir "$work/master" >"$work/master.log" 2>&1 &
-daemon[master]=$!
-waitfor 15 "the master's socket" test -S "$work/master/phoenix.sock"
-key=$("$phoenix" master-info --json | jq1 'd["key"]')
-start_minion() { # NAME MODE
-    local name=$1 mode=$2 ip
-    ip=$(ip_of "$name")
-    # --stop-timeout-ms: testy as a container's init ignores SIGTERM (the
-    # kernel gives PID 1 no default action), which only slows the clean-ups.
-    ip netns exec "$(ns_of "$name")" "$phoenix" minion "$name" "$(ip_of master)" "$key" "$ip" "$ip" \
-        --foreground --data-dir "$work/$name" --service-network "$mode" \
-        --min-uptime-ms 0 --stop-timeout-ms 500 --keep-free-mb 16 >"$work/$name.log" 2>&1 &
-    daemon[$name]=$!
-}
-start_minion m1 netns
-start_minion m2 netns
-start_minion m3 host
-for m in m1 m2 m3; do
-    waitfor_cli 20 "$m to ask to join" "any(n['name'] == '$m' for n in d)" waiting --json
-    "$phoenix" accept "$m" >/dev/null
+start_master "$work"
+# --stop-timeout-ms: testy as a container's init ignores SIGTERM (the kernel
+# gives PID 1 no default action), which only slows the clean-ups.
+for pair in m1:netns m2:netns m3:host; do
+    start_minion "$work" "${pair%%:*}" --service-network "${pair##*:}" --min-uptime-ms 0 --stop-timeout-ms 500
 done
-for m in m1 m2 m3; do
-    waitfor_cli 20 "$m to be reachable" "any(n['name'] == '$m' and n['state'] == 'reachable' for n in d)" nodes --json
-done
+join_minions m1 m2 m3
 ov1=$("$phoenix" nodes --json | jq1 "[n['overlay_ip'] for n in d if n['name'] == 'm1'][0]")
 if [ -e /sys/module/wireguard ]; then
     wireguard="\`--wireguard auto\` with the kernel's wireguard module loaded"
@@ -292,12 +222,7 @@ for pair in m1:netns m3:host; do
 done
 
 # ------------------------------------------------------------------ report
-problems() { cat "$work"/m?.log "$work/master.log" | { grep -E ' (WARN|ERROR) ' || true; }; }
-n=$(problems | wc -l)
-if [ "$n" -gt 0 ]; then
-    ex=$(problems | sed 's/^[^ ]* *//' | cut -c1-220 | sort | uniq -c | sort -rn | head -3 | sed 's/^ *//' | paste -sd';' -)
-    notes+=("The daemons' logs hold $n WARN/ERROR lines; the most frequent (count, line): \`$ex\`")
-fi
+note_log_problems 220 "" "$work"/m?.log "$work/master.log"
 echo_ch=$(cat "$work"/m?.log | grep -c 'No child processes' || true)
 [ "$echo_ch" = 0 ] || notes+=("$echo_ch of those say \`waiting for nft: No child processes\`: the minion's reaper (\`waitid(P_ALL)\`) collected an \`nft\` child that \`phoenix_net::apply_firewall\` then waited for itself, so that firewall rebuild counted as failed and was retried (a new namespace waiting for it fails its start, which is retried after backoff).")
 for m in m1 m2 m3; do
@@ -305,7 +230,7 @@ for m in m1 m2 m3; do
     [ "$drops" = 0 ] || notes+=("The master dropped $m's link $drops time(s) during the run ($(grep "minion link dropped.*node=$m\$" "$work/master.log" | head -1 | sed 's/^.*dropped: //; s/ node=.*//')); $m reconnected by itself.")
 done
 git_rev=$(git -C "$root" rev-parse --short HEAD 2>/dev/null || echo "?")
-[ -z "$(git -C "$root" status --porcelain -- crates bench/servicenet.sh bench/servicenet.py 2>/dev/null)" ] || git_rev="$git_rev + uncommitted changes"
+[ -z "$(git -C "$root" status --porcelain -- crates bench/servicenet.sh bench/servicenet.py bench/lib.sh bench/benchlib.py 2>/dev/null)" ] || git_rev="$git_rev + uncommitted changes"
 ARGS=$args SECS=$secs ROUNDS=$rounds DEPLOYS=$deploys SERVICES=$services TOOK=$(($(date +%s) - started)) \
 GIT="$git_rev" IMAGE="$image_desc" VERSION="$("$phoenix" --version)" WG="$wireguard" \
 IPERF="$(iperf3 --version | head -1 | awk '{print $2}')" NFT="$(nft --version | awk '{print $2}')" \
@@ -318,8 +243,4 @@ print(json.dumps({"args": e["ARGS"], "secs": int(e["SECS"]), "rounds": int(e["RO
     "wireguard": e["WG"], "iperf": e["IPERF"], "nft": e["NFT"], "netns_bench": e["NETNS_BENCH"],
     "notes": [l for l in e["NOTES"].splitlines() if l.strip()]}))' >"$work/meta.json"
 python3 "$py" report "$work" >"$work/report.md"
-cat "$work/report.md"
-if [ "$write" = yes ]; then
-    python3 "$root/bench/splice-section.py" servicenet "$root/BENCHMARKS.md" <"$work/report.md"
-    say "wrote the servicenet section of $root/BENCHMARKS.md"
-fi
+emit_report servicenet "$work/report.md"

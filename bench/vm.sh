@@ -29,69 +29,40 @@ set -euo pipefail
 write=no
 if [ "${1:-}" = "--write" ]; then write=yes; shift; fi
 runs=${1:-5}
-root=$(cd "$(dirname "$0")/.." && pwd)
-started=$(date +%s)
+# shellcheck source=bench/lib.sh
+. "$(dirname "$0")/lib.sh"
 load_before=$(cut -d' ' -f1-3 /proc/loadavg)
 
-die() { echo "vm.sh: $*" >&2; exit 1; }
-say() { echo "vm.sh [$(($(date +%s) - started)) s]: $*" >&2; }
-[ "$(id -u)" = 0 ] || die "needs root (network namespaces, TUN and tap devices)"
+need_root "network namespaces, TUN and tap devices"
 for t in qemu-system-x86_64:qemu-system-x86 busybox:busybox-static mkfs.ext4:e2fsprogs zstd:zstd \
     cpio:cpio crun:crun python3:python3 ip:iproute2; do
-    command -v "${t%%:*}" >/dev/null || die "missing ${t%%:*} (apt-get install ${t##*:})"
+    need_tools "${t##*:}" "${t%%:*}"
 done
 kver=$(ls /lib/modules | grep -- '-cloud-amd64$' | sort -V | tail -1) || true
 [ -n "$kver" ] && [ -e "/boot/vmlinuz-$kver" ] || die "needs Debian's cloud kernel (apt-get install linux-image-cloud-amd64)"
-[ -x "$root/target/release/phoenix" ] || die "no target/release/phoenix: cargo build --release -p phoenix"
+need_bins "$root/target/release" "cargo build --release -p phoenix" phoenix
 [ -e /dev/net/tun ] || die "needs /dev/net/tun"
 
-tag=vb$$
-work=$(mktemp -d /tmp/phoenix-vm-bench.XXXXXX)
-chmod 755 "$work"
-mkdir -p "$work/bin"
-cp "$root/target/release/phoenix" "$root/bench/vm.py" "$root/bench/containers.py" "$work/bin/"
+make_work vm
+copy_bins "$root/target/release" phoenix
+cp "$root/bench/vm.py" "$root/bench/containers.py" "$work/bin/"
 phoenix=$work/bin/phoenix
 py=$work/bin/vm.py
 export PHOENIX_DATA_DIR=$work/master
-sw=$tag-sw
-hosts=("$tag-master" "$tag-m1" "$tag-bare")
-declare -A daemon
-notes=()
 
 # ------------------------------------------------------------------ clean-up
-child=
-in_bg() { "$@" & child=$!; wait "$child"; child=; }
 cleanup() {
     local rc=$?
     set +e
     trap - EXIT INT TERM HUP
-    if { [ "$rc" != 0 ] || [ -n "${KEEP_LOGS:-}" ]; } && ls "$work"/*.log >/dev/null 2>&1; then
-        local keep
-        keep=$(mktemp -d /tmp/phoenix-vm-bench-logs.XXXXXX)
-        cp "$work"/*.log "$keep/" 2>/dev/null
-        if [ "$rc" != 0 ]; then echo "vm.sh: failed ($rc); the logs are in $keep" >&2; else echo "vm.sh: the logs are in $keep (KEEP_LOGS)" >&2; fi
-    fi
-    if [ -n "$child" ]; then kill "$child" 2>/dev/null; wait "$child" 2>/dev/null; fi
+    keep_results "$rc" "$work"/*.log
+    kill_child
     if [ -S "$work/master/phoenix.sock" ]; then
         for s in bench-vm bench-container bench-binary; do timeout 60 "$phoenix" del "$s" >/dev/null 2>&1; done
     fi
-    for p in "${daemon[@]}"; do kill "$p" 2>/dev/null; done
-    for p in "${daemon[@]}"; do
-        for _ in $(seq 50); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
-        kill -9 "$p" 2>/dev/null
-    done
-    # Services outlive their minion by design: end every one still recorded.
-    for rec in "$work"/m1/run/*.json; do
-        [ -e "$rec" ] || continue
-        case $rec in *.done.json) continue ;; esac
-        pid=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1])).get("pid") or "")' "$rec" 2>/dev/null)
-        [ -n "$pid" ] && [ "$pid" -gt 1 ] && { kill -9 -- "-$pid" 2>/dev/null; kill -9 "$pid" 2>/dev/null; }
-    done
-    for h in "${hosts[@]}"; do ip netns pids "$h" 2>/dev/null | xargs -r kill -9 2>/dev/null; done
+    stop_cluster "$work"/m1/run/*.json
     sleep 0.5
-    for h in "${hosts[@]}" "$sw"; do ip netns del "$h" 2>/dev/null; done
-    awk -v w="$work/" 'index($2, w) == 1 {print $2}' /proc/mounts | sort -r | xargs -r -n1 umount -l 2>/dev/null
-    rm -rf "$work"
+    remove_hosts_and_work
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM HUP
@@ -148,30 +119,11 @@ echo ok >"$work/www/health"
 chmod 755 "$work/www"
 
 # ------------------------------------------------------------------ cluster
-# shellcheck source=bench/netns.sh
-. "$root/bench/netns.sh"
-bridge_hosts "$sw" 10.96.0 "${hosts[@]}"
-jq1() { python3 -c "import json,sys; d=json.load(sys.stdin); print($1)"; }
-waitfor_cli() { # SECONDS WHAT PYTHON-EXPR-ON-d CLI-ARGS...
-    local secs=$1 what=$2 expr=$3
-    shift 3
-    for _ in $(seq $((secs * 10))); do
-        "$phoenix" "$@" 2>/dev/null | python3 -c "import json,sys; d=json.load(sys.stdin); sys.exit(0 if ($expr) else 1)" 2>/dev/null && return 0
-        sleep 0.1
-    done
-    die "timed out after ${secs} s waiting for $what"
-}
+cluster_hosts vb$$ 10.96.0 master m1 bare
 say "starting a master and minion m1"
-ip netns exec "$tag-master" "$phoenix" master 10.96.0.1 --foreground --data-dir "$work/master" >"$work/master.log" 2>&1 &
-daemon[master]=$!
-waitfor 15 "the master's socket" test -S "$work/master/phoenix.sock"
-key=$("$phoenix" master-info --json | jq1 'd["key"]')
-ip netns exec "$tag-m1" "$phoenix" minion m1 10.96.0.1 "$key" 10.96.0.2 10.96.0.2 \
-    --foreground --data-dir "$work/m1" --stop-timeout-ms 5000 --keep-free-mb 16 >"$work/m1.log" 2>&1 &
-daemon[m1]=$!
-waitfor_cli 20 "m1 to ask to join" "any(n['name'] == 'm1' for n in d)" waiting --json
-"$phoenix" accept m1 >/dev/null
-waitfor_cli 20 "m1 to be reachable" "any(n['name'] == 'm1' and n['state'] == 'reachable' for n in d)" nodes --json
+start_master "$work"
+start_minion "$work" m1 --stop-timeout-ms 5000
+join_minions m1
 "$phoenix" push "$work/web.zst" web.zst >/dev/null
 "$phoenix" push "$work/web.tar" web.tar >/dev/null
 "$phoenix" push "$busybox" busybox >/dev/null
@@ -192,19 +144,14 @@ say "deploy -> healthy of a VM, a container and a binary, then a bare QEMU launc
 for r in $(seq 0 "$runs"); do
     in_bg python3 "$py" deploys --phoenix "$phoenix" --work "$work" --round "$r" \
         --minion-pid "${daemon[m1]}" --www "$work/www" --out "$work/deploys.json"
-    in_bg ip netns exec "$tag-bare" python3 "$py" bare --work "$work" --round "$r" --accel "$accel" \
+    in_bg ip netns exec "$(ns_of bare)" python3 "$py" bare --work "$work" --round "$r" --accel "$accel" \
         --kernel "$W/img/bzImage" --initrd "$W/img/initrd" --rootfs "$W/img/rootfs.ext4" --out "$work/bare.json"
 done
 
 # ------------------------------------------------------------------ report
-problems() { cat "$work/m1.log" "$work/master.log" | { grep -E ' (WARN|ERROR) ' || true; }; }
-n=$(problems | wc -l)
-if [ "$n" -gt 0 ]; then
-    ex=$(problems | sed 's/^[^ ]* *//' | cut -c1-200 | sort | uniq -c | sort -rn | head -3 | sed 's/^ *//' | paste -sd';' -)
-    notes+=("The daemons' logs hold $n WARN/ERROR lines; the most frequent (count, line): \`$ex\`")
-fi
+note_log_problems 200 "" "$work/m1.log" "$work/master.log"
 git_rev=$(git -C "$root" rev-parse --short HEAD 2>/dev/null || echo "?")
-[ -z "$(git -C "$root" status --porcelain -- crates bench/vm.sh bench/vm.py 2>/dev/null)" ] || git_rev="$git_rev + uncommitted changes"
+[ -z "$(git -C "$root" status --porcelain -- crates bench/vm.sh bench/vm.py bench/lib.sh 2>/dev/null)" ] || git_rev="$git_rev + uncommitted changes"
 ARGS="$*" RUNS=$runs TOOK=$(($(date +%s) - started)) GIT="$git_rev" VERSION="$("$phoenix" --version)" \
 QEMU="$(qemu-system-x86_64 --version | head -1)" ACCEL=$accel ACCEL_WHY=$accel_why KERNEL=$kver \
 CPUS=$(nproc) LOAD_BEFORE=$load_before LOAD_AFTER="$(cut -d' ' -f1-3 /proc/loadavg)" \
@@ -216,8 +163,4 @@ print(json.dumps({"args": e["ARGS"] or "(defaults)", "runs": int(e["RUNS"]), "to
     "cpus": int(e["CPUS"]), "load_before": e["LOAD_BEFORE"], "load_after": e["LOAD_AFTER"],
     "notes": [l for l in e["NOTES"].splitlines() if l.strip()]}))' >"$work/meta.json"
 python3 "$py" report "$work" >"$work/report.md"
-cat "$work/report.md"
-if [ "$write" = yes ]; then
-    python3 "$root/bench/splice-section.py" vm "$root/BENCHMARKS.md" <"$work/report.md"
-    say "wrote the vm section of $root/BENCHMARKS.md"
-fi
+emit_report vm "$work/report.md"
