@@ -69,50 +69,19 @@ trap 'exit 130' INT TERM HUP
 
 # ------------------------------------------------------------------ images
 say "building the VM image (kernel $kver), the container image and the docroot in $work"
-K=/lib/modules/$kver/kernel
+# The image the VM e2e tests build (tests/e2e/src/mkvm.sh: Debian's cloud
+# kernel, an initrd loading the virtio modules, an ext4 root of busybox),
+# its init ending in the web server; unpacked as well for the bare launch.
 W=$work/vm
-mkdir -p "$W/initrd/bin" "$W/initrd/lib" "$W/initrd/proc" "$W/initrd/dev" "$W/initrd/newroot" \
-    "$W/root/bin" "$W/root/proc" "$W/root/sys" "$W/root/dev" "$W/root/www" "$W/img"
-busybox=$(command -v busybox)
-cp "$busybox" "$W/initrd/bin/busybox"
-cp "$busybox" "$W/root/bin/busybox"
-cp $K/drivers/virtio/virtio_ring.ko $K/drivers/virtio/virtio.ko $K/drivers/virtio/virtio_mmio.ko \
-    $K/drivers/block/virtio_blk.ko $K/net/core/failover.ko $K/drivers/net/net_failover.ko \
-    $K/drivers/net/virtio_net.ko $K/drivers/input/evdev.ko $K/drivers/acpi/button.ko "$W/initrd/lib/"
-cat >"$W/initrd/init" <<'INIT'
-#!/bin/busybox sh
-/bin/busybox mount -t devtmpfs dev /dev
-/bin/busybox mount -t proc proc /proc
-for m in virtio_ring virtio virtio_mmio virtio_blk failover net_failover virtio_net evdev button; do
-  /bin/busybox insmod /lib/$m.ko || echo "initrd: insmod $m failed"
-done
-/bin/busybox mount -t ext4 /dev/vda /newroot || { echo "initrd: cannot mount /dev/vda"; /bin/busybox poweroff -f; }
-/bin/busybox umount /proc
-/bin/busybox mount --move /dev /newroot/dev
-exec /bin/busybox switch_root /newroot /init
-INIT
-cat >"$W/root/init" <<'INIT'
-#!/bin/busybox sh
-export PATH=/bin
-/bin/busybox --install -s /bin
-mount -t proc proc /proc
-mount -t sysfs sys /sys
-for e in /dev/input/event*; do (dd if="$e" of=/dev/null bs=24 count=1 2>/dev/null; poweroff -f) & done
-echo 0 > /proc/sys/net/ipv6/conf/eth0/accept_dad
-ip link set lo up
-ip link set eth0 up
-ip -6 addr add "$PHOENIX_IP/128" dev eth0
-ip -6 route add fe80::1 dev eth0
-ip -6 route add default via fe80::1 dev eth0
+mkdir -p "$W/img"
+cat >"$W/web.init" <<'INIT'
 echo ok > /www/health
 echo "vm: serving at $(cut -d' ' -f1 /proc/uptime) s of guest time"
 exec httpd -f -p "[::]:$PORT" -h /www
 INIT
-chmod 755 "$W/initrd/init" "$W/root/init"
-(cd "$W/initrd" && find . | cpio -o -H newc --quiet) >"$W/img/initrd"
-cp "/boot/vmlinuz-$kver" "$W/img/bzImage"
-mkfs.ext4 -q -d "$W/root" "$W/img/rootfs.ext4" 16M >/dev/null
-tar -C "$W/img" -c . | zstd -q -f -o "$work/web.zst"
+sh "$root/tests/e2e/src/mkvm.sh" "$work/web.zst" "$W/web.init"
+zstd -q -dc "$work/web.zst" | tar -x -C "$W/img"
+busybox=$(command -v busybox)
 python3 "$py" mkoci "$work/web.tar" --busybox "$busybox"
 mkdir -p "$work/www"
 echo ok >"$work/www/health"
