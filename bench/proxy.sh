@@ -17,6 +17,7 @@
 # Usage: bench/proxy.sh [--write] [SECONDS] [ROUNDS] [CONNECTIONS]
 #   defaults: 10 s per wrk run, 3 rounds, 64 connections (wrk -t 2)
 # PROXY_SCENARIOS="big-close ..." runs only those scenarios.
+# PROXY_HOLD=1 starts everything, prints the ports and waits (profiling).
 # PHOENIX_ALT=PATH [PHOENIX_ALT_LABEL=TEXT] adds a fifth peer: another build
 # of the serve example (e.g. one at opt-level 3), measured the same way.
 # Prints a markdown section; --write also puts it into BENCHMARKS.md
@@ -293,6 +294,14 @@ for n in "${names[@]}"; do
     tlsinfo[$n]="$first, resumes $resumed of $reconnects reconnections"
 done
 
+if [ -n "${PROXY_HOLD:-}" ]; then
+    # For profiling by hand: everything up, the ports and pids printed,
+    # until interrupted.
+    for n in "${names[@]}"; do echo "$n https://$host:${port[$n]}/ pid ${pid[$n]}"; done
+    echo "backend http://127.0.0.1:$bport/ pid $backend_pid; client settings: OPENSSL_CONF=$work/client-openssl.cnf"
+    while :; do sleep 3600; done
+fi
+
 # --- wrk -------------------------------------------------------------------
 # A Lua hook prints one machine-readable line at the end of a run (the
 # mean latency last, in µs).
@@ -313,19 +322,34 @@ for s in "${scenarios[@]}"; do
     *) echo "PROXY_SCENARIOS: unknown scenario $s (small-ka big-ka small-close big-close)" >&2; exit 1 ;;
     esac
 done
-run_wrk() { # name scenario duration -> "rps p50_us p99_us requests errors non2xx bytes mean_us cpu_ticks"
+run_wrk() { # name scenario duration -> "rps p50_us p99_us requests errors non2xx bytes mean_us cpu_ticks idle_ticks wrk_cpu_ms"
     local n=$1 s=$2 d=$3 path extra=()
     case $s in small-*) path=/small ;; *) path=/big ;; esac
     case $s in *-close) extra=(-H 'Connection: close') ;; esac
-    local cpu0 cpu1
+    local cpu0 cpu1 idle0 idle1
     cpu0=$(cpu_of "$n")
-    client wrk -t $threads -c "$conns" -d "${d}s" --latency "${extra[@]}" -s "$work/report.lua" \
-        "https://$host:${port[$n]}$path" >"$work/wrk.out" 2>&1 || true
+    idle0=$(idle_ticks)
+    (
+        client wrk -t $threads -c "$conns" -d "${d}s" --latency "${extra[@]}" -s "$work/report.lua" \
+            "https://$host:${port[$n]}$path" >"$work/wrk.out" 2>&1 || true
+        times >"$work/wrk.times" # the second line: wrk's user and system time
+    )
     cpu1=$(cpu_of "$n")
-    awk -v cpu=$((cpu1 - cpu0)) '/^RESULT /{print $2, $3, $4, $5, $6, $7, $8, $9, cpu}' "$work/wrk.out" | grep . ||
+    idle1=$(idle_ticks)
+    awk -v cpu=$((cpu1 - cpu0)) -v idle=$((idle1 - idle0)) -v wrk="$(wrk_ms)" '/^RESULT /{print $2, $3, $4, $5, $6, $7, $8, $9, cpu, idle, wrk}' "$work/wrk.out" | grep . ||
         { echo "wrk failed against $n ($s):" >&2; cat "$work/wrk.out" >&2; exit 1; }
 }
 
+wrk_ms() { # -> wrk's user + system time in ms, from `times` in its subshell
+    awk 'NR == 2 {
+        t = 0
+        for (i = 1; i <= 2; i++) { split($i, a, /[ms]/); t += a[1] * 60000 + a[2] * 1000 }
+        printf "%d", t
+    }' "$work/wrk.times"
+}
+idle_ticks() { # -> the machine's idle + iowait time, all CPUs, in clock ticks
+    awk '/^cpu /{print $5 + $6; exit}' /proc/stat
+}
 cpu_of() { # name -> user + system CPU time of its processes, in clock ticks
     local total=0 p t
     for p in $(procs_of "${pid[$1]}"); do

@@ -14,16 +14,18 @@ use hyper_util::rt::TokioIo;
 use crate::Inner;
 use crate::balance::{Outstanding, pick};
 use crate::body::{Body, Guarded, Sent, empty, full};
+use crate::phase::Phase;
 use crate::pool::PooledBody;
 use crate::routes::{Lookup, RouteEntry, has_dot_segment, normalize_host, strip};
-use crate::server::{Conn, Phase, reached};
+use crate::server::Conn;
 use crate::stats::RouteCounters;
 
 const ACME_PREFIX: &str = "/.well-known/acme-challenge/";
 
-/// Headers that describe one hop, never forwarded (RFC 9110 §7.6.1), plus
-/// `Expect`, which the proxy answers itself.
-const HOP_BY_HOP: [HeaderName; 9] = [
+/// Headers that describe one hop, never forwarded (RFC 9110 §7.6.1);
+/// `Connection` first.
+const HOPS: usize = 9;
+static HOP_BY_HOP: [HeaderName; HOPS] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),
@@ -236,32 +238,63 @@ fn upgrade_of(request: &Request<Incoming>) -> Option<HeaderValue> {
     }
 }
 
+/// Where `name` is in [`HOP_BY_HOP`], if it is one: a match on the
+/// lowercase name, which costs a length test and at most a short compare.
+fn hop_index(name: &HeaderName) -> Option<usize> {
+    Some(match name.as_str() {
+        "connection" => 0,
+        "keep-alive" => 1,
+        "proxy-connection" => 2,
+        "proxy-authenticate" => 3,
+        "proxy-authorization" => 4,
+        "te" => 5,
+        "trailer" => 6,
+        "transfer-encoding" => 7,
+        "upgrade" => 8,
+        _ => return None,
+    })
+}
+
 /// Removes hop-by-hop headers, also those the `Connection` header names.
+///
+/// Every lookup or removal in a `HeaderMap` hashes the name, and a
+/// response usually carries one of the nine (`Connection`) or none: one
+/// pass over the names finds which are there, and only those are removed.
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    // Usually there is none: one pass over the names is cheaper than
-    // hashing nine of them for removal.
-    if !headers.keys().any(|name| HOP_BY_HOP.contains(name)) {
+    let mut present = [false; HOPS];
+    let mut any = false;
+    for name in headers.keys() {
+        if let Some(i) = hop_index(name) {
+            present[i] = true;
+            any = true;
+        }
+    }
+    if !any {
         return;
     }
     // `keep-alive` and `close`, the usual tokens, name nothing that the
     // loop below does not remove anyway: skipped, so that the common case
     // allocates nothing.
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(str::trim)
-        .filter(|token| {
-            !token.eq_ignore_ascii_case("keep-alive") && !token.eq_ignore_ascii_case("close")
-        })
-        .filter_map(|token| HeaderName::from_bytes(token.as_bytes()).ok())
-        .collect();
-    for name in named {
-        headers.remove(name);
+    if present[0] {
+        let named: Vec<HeaderName> = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(str::trim)
+            .filter(|token| {
+                !token.eq_ignore_ascii_case("keep-alive") && !token.eq_ignore_ascii_case("close")
+            })
+            .filter_map(|token| HeaderName::from_bytes(token.as_bytes()).ok())
+            .collect();
+        for name in named {
+            headers.remove(name);
+        }
     }
-    for name in HOP_BY_HOP {
-        headers.remove(name);
+    for (name, present) in HOP_BY_HOP.iter().zip(present) {
+        if present {
+            headers.remove(name);
+        }
     }
 }
 
@@ -523,7 +556,6 @@ fn tunnel(
     outstanding: Outstanding,
 ) {
     tokio::spawn(async move {
-        let mut phase = inner.phase.subscribe();
         let (client, backend) = match tokio::join!(client, backend) {
             (Ok(client), Ok(backend)) => (client, backend),
             (Err(e), _) | (_, Err(e)) => {
@@ -539,7 +571,7 @@ fn tunnel(
                     tracing::debug!(peer = %conn.peer, error = %e, "proxy: tunnel ended");
                 }
             }
-            () = reached(&mut phase, Phase::Stopped) => {}
+            () = inner.phase.reached(Phase::Stopped) => {}
         }
         drop(outstanding);
     });
@@ -548,6 +580,17 @@ fn tunnel(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hop_index_finds_each_hop_by_hop_name_and_nothing_else() {
+        for (i, name) in HOP_BY_HOP.iter().enumerate() {
+            assert_eq!(hop_index(name), Some(i), "{name}");
+        }
+        for other in ["host", "x-forwarded-for", "connections", "tE-x", "keep"] {
+            let name = HeaderName::from_bytes(other.as_bytes()).unwrap();
+            assert_eq!(hop_index(&name), None, "{other}");
+        }
+    }
 
     #[test]
     fn hop_by_hop_headers_go_also_those_connection_names() {

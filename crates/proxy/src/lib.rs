@@ -100,6 +100,7 @@ mod body;
 mod config;
 mod forward;
 mod hooks;
+mod phase;
 mod pool;
 mod routes;
 mod server;
@@ -116,7 +117,7 @@ use arc_swap::ArcSwap;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
-use tokio::sync::{Notify, watch};
+use tokio::sync::Notify;
 
 pub use body::Guarded;
 pub use config::ProxyConfig;
@@ -127,8 +128,9 @@ pub use stats::{InstanceSnapshot, RouteSnapshot, Snapshot};
 pub use tls::{CertError, Certs, Challenges};
 
 use balance::{InstanceState, Random};
+use phase::{Phase, PhaseBell};
 use routes::{InstanceKey, Table};
-use server::{Limits, Phase, Tracker};
+use server::{Limits, Tracker};
 use stats::RouteCounters;
 
 /// The largest read buffer of a connection to an instance (and so the
@@ -174,7 +176,7 @@ pub(crate) struct Inner {
     auth: Arc<auth::Auth>,
     limits: Arc<Limits>,
     tasks: Arc<Tracker>,
-    phase: watch::Sender<Phase>,
+    phase: PhaseBell,
     epoch: Instant,
     random: Random,
 }
@@ -251,7 +253,7 @@ impl Proxy {
                 auth: shared.auth.clone(),
                 limits: shared.limits.clone(),
                 tasks: Arc::default(),
-                phase: watch::Sender::new(Phase::Running),
+                phase: PhaseBell::default(),
                 epoch: Instant::now(),
                 random: Random::new(),
                 config,
@@ -334,14 +336,7 @@ impl Proxy {
     /// included. The `serve_*` futures return when it is done. Final: a
     /// proxy that was shut down serves no more (make a new one).
     pub fn shutdown(&self) {
-        self.inner.phase.send_if_modified(|phase| {
-            if *phase == Phase::Running {
-                *phase = Phase::Draining;
-                true
-            } else {
-                false
-            }
-        });
+        self.inner.phase.advance(Phase::Draining);
     }
 
     /// Requests in flight on instances of service `id` (any address),

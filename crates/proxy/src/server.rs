@@ -43,20 +43,11 @@ use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
-use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, watch};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
 use crate::Inner;
-
-/// Where the proxy is in its life.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub(crate) enum Phase {
-    Running,
-    /// Stop accepting; connections finish what is in flight.
-    Draining,
-    /// Drop everything.
-    Stopped,
-}
+use crate::phase::Phase;
 
 /// Connection limits: overall (a semaphore the accept loops wait on) and
 /// per client IP (a count; over it, the connection is closed at once).
@@ -194,28 +185,23 @@ impl Conn {
         self.last.fetch_max(ms, Ordering::Relaxed);
     }
 
-    /// Resolves when the connection has had no request in flight for
-    /// `idle` (or, before its first request, for `first`).
-    async fn idle(&self, first: Duration, idle: Duration) {
-        loop {
-            let now = Instant::now();
-            // When it is due (none while busy), and when to look again:
-            // at the latest an idle period from now, as a request may
-            // start and end before then.
-            let (due, wake) = if self.inflight.load(Ordering::SeqCst) > 0 {
-                (None, now + idle)
-            } else if self.requested.load(Ordering::Relaxed) {
-                let due =
-                    self.start + Duration::from_millis(self.last.load(Ordering::Relaxed)) + idle;
-                (Some(due), due)
-            } else {
-                let due = self.start + first;
-                (Some(due), due.min(now + idle))
-            };
-            if due.is_some_and(|due| now >= due) {
-                return;
-            }
-            tokio::time::sleep_until(wake).await;
+    /// Whether the connection has had no request in flight for `idle`
+    /// (or, before its first request, for `first`) at `now`: `Ok` if so,
+    /// else when to look again (at the latest an idle period from now, as
+    /// a request may start and end before then).
+    fn idled(&self, now: Instant, first: Duration, idle: Duration) -> Result<(), Instant> {
+        let (due, wake) = if self.inflight.load(Ordering::SeqCst) > 0 {
+            (None, now + idle)
+        } else if self.requested.load(Ordering::Relaxed) {
+            let due = self.start + Duration::from_millis(self.last.load(Ordering::Relaxed)) + idle;
+            (Some(due), due)
+        } else {
+            let due = self.start + first;
+            (Some(due), due.min(now + idle))
+        };
+        match due {
+            Some(due) if now >= due => Ok(()),
+            _ => Err(wake),
         }
     }
 }
@@ -227,15 +213,9 @@ impl Drop for Active {
     }
 }
 
-/// Resolves once the proxy is at `at_least` (or gone).
-pub(crate) async fn reached(phase: &mut watch::Receiver<Phase>, at_least: Phase) {
-    let _ = phase.wait_for(|p| *p >= at_least).await.map(|_| ());
-}
-
 /// The accept loop of one listener; returns after shutdown, once its
 /// connections are done.
 pub(crate) async fn serve(inner: Arc<Inner>, listener: TcpListener, tls: bool) {
-    let mut phase = inner.phase.subscribe();
     // Closes idle connections to instances past their idle timeout.
     let mut sweep = tokio::time::interval(
         (inner.config.backend_pool_idle_timeout / 4)
@@ -248,7 +228,7 @@ pub(crate) async fn serve(inner: Arc<Inner>, listener: TcpListener, tls: bool) {
                 Ok(permit) => permit,
                 Err(_) => break,
             },
-            () = reached(&mut phase, Phase::Draining) => break,
+            () = inner.phase.reached(Phase::Draining) => break,
         };
         let (stream, peer) = tokio::select! {
             _ = sweep.tick() => {
@@ -265,7 +245,7 @@ pub(crate) async fn serve(inner: Arc<Inner>, listener: TcpListener, tls: bool) {
                     continue;
                 }
             },
-            () = reached(&mut phase, Phase::Draining) => break,
+            () = inner.phase.reached(Phase::Draining) => break,
         };
         let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
         let Some(slot) = inner.limits.admit(peer.ip(), permit) else {
@@ -324,7 +304,7 @@ async fn finish(inner: &Inner) {
         .await
         .is_err()
     {
-        inner.phase.send_replace(Phase::Stopped);
+        inner.phase.advance(Phase::Stopped);
         inner.tasks.wait().await;
     }
 }
@@ -347,13 +327,16 @@ where
         .builder
         .serve_connection_with_upgrades(TokioIo::new(io), service);
     tokio::pin!(served);
-    let idle = conn.idle(inner.config.header_read_timeout, inner.config.idle_timeout);
-    tokio::pin!(idle);
-    let mut draining = inner.phase.subscribe();
-    let mut stopped = inner.phase.subscribe();
+    // This task is polled a few times a request, and so is everything it
+    // waits on: one timer (the idle timer, then the hard stop once the
+    // connection closes for idling), and one phase wait (draining, then
+    // stopped once the connection is closing), an atomic load a poll.
+    let (first, idle) = (inner.config.header_read_timeout, inner.config.idle_timeout);
+    let start = Instant::now();
+    let timer = tokio::time::sleep_until(conn.idled(start, first, idle).err().unwrap_or(start));
+    tokio::pin!(timer);
+    let mut phase = inner.phase.reached(Phase::Draining);
     let mut closing = false;
-    let hard_stop = tokio::time::sleep(Duration::MAX / 4);
-    tokio::pin!(hard_stop);
     loop {
         tokio::select! {
             result = served.as_mut() => {
@@ -362,17 +345,35 @@ where
                 }
                 return;
             }
-            () = &mut idle, if !closing => {
+            () = &mut timer => {
+                if closing {
+                    return; // the hard stop
+                }
+                let now = Instant::now();
+                match conn.idled(now, first, idle) {
+                    Ok(()) => {
+                        served.as_mut().graceful_shutdown();
+                        closing = true;
+                        phase = inner.phase.reached(Phase::Stopped);
+                        timer.as_mut().reset(now + Duration::from_secs(1));
+                    }
+                    Err(wake) => timer.as_mut().reset(wake),
+                }
+            }
+            () = &mut phase => {
+                if closing {
+                    return; // stopped
+                }
+                // Draining: requests in flight finish, until stopped.
                 served.as_mut().graceful_shutdown();
                 closing = true;
-                hard_stop.as_mut().reset(Instant::now() + Duration::from_secs(1));
+                phase = inner.phase.reached(Phase::Stopped);
+                timer.as_mut().reset(Instant::now() + NEVER);
             }
-            () = reached(&mut draining, Phase::Draining), if !closing => {
-                served.as_mut().graceful_shutdown();
-                closing = true;
-            }
-            () = reached(&mut stopped, Phase::Stopped) => return,
-            () = &mut hard_stop => return,
         }
     }
 }
+
+/// Far enough to mean never for a timer (tokio caps its timers at about
+/// two years).
+const NEVER: Duration = Duration::from_secs(365 * 24 * 3600);
