@@ -220,8 +220,8 @@ fn redirect(inner: &Inner, host: &str, uri: &Uri) -> Response<Body> {
 
 /// Whether an HTTP/1.1 request asks to switch protocols; the `Upgrade`
 /// value to pass on if so.
-fn upgrade_of(request: &Request<Incoming>) -> Option<HeaderValue> {
-    if request.version() != Version::HTTP_11 {
+fn upgrade_of(request: &Request<Incoming>, present: &Present) -> Option<HeaderValue> {
+    if request.version() != Version::HTTP_11 || !(present.has(CONNECTION) && present.has(UPGRADE)) {
         return None;
     }
     let wants = request
@@ -238,11 +238,19 @@ fn upgrade_of(request: &Request<Incoming>) -> Option<HeaderValue> {
     }
 }
 
-/// Where `name` is in [`HOP_BY_HOP`], if it is one: a match on the
-/// lowercase name, which costs a length test and at most a short compare.
-fn hop_index(name: &HeaderName) -> Option<usize> {
+// Indices of the names `Present` looks for: the hop-by-hop ones first, as
+// in `HOP_BY_HOP`, then two more that a request is looked at for.
+const CONNECTION: usize = 0;
+const UPGRADE: usize = 8;
+const EXPECT: usize = HOPS;
+const FORWARDED_FOR: usize = HOPS + 1;
+
+/// Where `name` is among the names `Present` looks for, if it is one: a
+/// match on the lowercase name, which costs a length test and at most a
+/// short compare.
+fn name_index(name: &HeaderName) -> Option<usize> {
     Some(match name.as_str() {
-        "connection" => 0,
+        "connection" => CONNECTION,
         "keep-alive" => 1,
         "proxy-connection" => 2,
         "proxy-authenticate" => 3,
@@ -250,32 +258,52 @@ fn hop_index(name: &HeaderName) -> Option<usize> {
         "te" => 5,
         "trailer" => 6,
         "transfer-encoding" => 7,
-        "upgrade" => 8,
+        "upgrade" => UPGRADE,
+        "expect" => EXPECT,
+        "x-forwarded-for" => FORWARDED_FOR,
         _ => return None,
     })
 }
 
-/// Removes hop-by-hop headers, also those the `Connection` header names.
-///
-/// Every lookup or removal in a `HeaderMap` hashes the name, and a
-/// response usually carries one of the nine (`Connection`) or none: one
-/// pass over the names finds which are there, and only those are removed.
-fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    let mut present = [false; HOPS];
-    let mut any = false;
-    for name in headers.keys() {
-        if let Some(i) = hop_index(name) {
-            present[i] = true;
-            any = true;
+/// Which of the names the proxy acts on a header map holds, found by one
+/// pass over its names. Every lookup or removal in a `HeaderMap` hashes
+/// the name; most requests and responses hold none of these names or one
+/// (`Connection`), so looking first and then touching only those present
+/// saves a dozen hashes a request.
+#[derive(Clone, Copy, Debug, Default)]
+struct Present([bool; HOPS + 2]);
+
+impl Present {
+    fn of(headers: &HeaderMap) -> Present {
+        let mut present = Present::default();
+        for name in headers.keys() {
+            if let Some(i) = name_index(name) {
+                present.0[i] = true;
+            }
         }
+        present
     }
-    if !any {
+
+    fn has(&self, index: usize) -> bool {
+        self.0[index]
+    }
+}
+
+/// Removes hop-by-hop headers, also those the `Connection` header names;
+/// `present` is what [`Present::of`] found in `headers`.
+fn strip_hop_by_hop(headers: &mut HeaderMap, present: &Present) {
+    if !present.0[..HOPS].contains(&true) {
         return;
     }
     // `keep-alive` and `close`, the usual tokens, name nothing that the
     // loop below does not remove anyway: skipped, so that the common case
-    // allocates nothing.
-    if present[0] {
+    // allocates nothing (and a value that is just one of them is not even
+    // split).
+    let usual = |v: &HeaderValue| {
+        v.as_bytes().eq_ignore_ascii_case(b"keep-alive")
+            || v.as_bytes().eq_ignore_ascii_case(b"close")
+    };
+    if present.has(CONNECTION) && !headers.get_all(header::CONNECTION).iter().all(usual) {
         let named: Vec<HeaderName> = headers
             .get_all(header::CONNECTION)
             .iter()
@@ -291,11 +319,17 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
             headers.remove(name);
         }
     }
-    for (name, present) in HOP_BY_HOP.iter().zip(present) {
+    for (name, &present) in HOP_BY_HOP.iter().zip(&present.0[..HOPS]) {
         if present {
             headers.remove(name);
         }
     }
+}
+
+/// [`strip_hop_by_hop`] for headers not looked over yet.
+fn strip_all_hop_by_hop(headers: &mut HeaderMap) {
+    let present = Present::of(headers);
+    strip_hop_by_hop(headers, &present);
 }
 
 fn is_idempotent(method: &Method) -> bool {
@@ -312,7 +346,8 @@ async fn forward(
     raw_host: HeaderValue,
     mut request: Request<Incoming>,
 ) -> (Response<Body>, Option<Outstanding>) {
-    let upgrade = upgrade_of(&request);
+    let present = Present::of(request.headers());
+    let upgrade = upgrade_of(&request, &present);
     let client_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut request));
     let (parts, body) = request.into_parts();
 
@@ -345,8 +380,10 @@ async fn forward(
     };
 
     let mut headers = parts.headers;
-    strip_hop_by_hop(&mut headers);
-    headers.remove(header::EXPECT);
+    strip_hop_by_hop(&mut headers, &present);
+    if present.has(EXPECT) {
+        headers.remove(header::EXPECT);
+    }
     if !entry.auth.is_empty() {
         // The credentials were for the proxy; the service never set them.
         headers.remove(header::AUTHORIZATION);
@@ -355,7 +392,7 @@ async fn forward(
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         headers.insert(header::UPGRADE, upgrade);
     }
-    if headers.contains_key(X_FORWARDED_FOR) {
+    if present.has(FORWARDED_FOR) {
         let mut forwarded_for = headers
             .get_all(X_FORWARDED_FOR)
             .iter()
@@ -514,7 +551,7 @@ fn respond(
         let backend_upgrade = hyper::upgrade::on(&mut response);
         let upgrade = response.headers().get(header::UPGRADE).cloned();
         let (mut parts, _) = response.into_parts();
-        strip_hop_by_hop(&mut parts.headers);
+        strip_all_hop_by_hop(&mut parts.headers);
         parts
             .headers
             .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
@@ -531,7 +568,7 @@ fn respond(
         return (Response::from_parts(parts, empty()), None);
     }
     let (mut parts, body) = response.into_parts();
-    strip_hop_by_hop(&mut parts.headers);
+    strip_all_hop_by_hop(&mut parts.headers);
     let body = PooledBody::new(
         body,
         sender,
@@ -582,13 +619,17 @@ mod tests {
     use super::*;
 
     #[test]
-    fn hop_index_finds_each_hop_by_hop_name_and_nothing_else() {
+    fn name_index_finds_each_name_and_nothing_else() {
         for (i, name) in HOP_BY_HOP.iter().enumerate() {
-            assert_eq!(hop_index(name), Some(i), "{name}");
+            assert_eq!(name_index(name), Some(i), "{name}");
         }
-        for other in ["host", "x-forwarded-for", "connections", "tE-x", "keep"] {
+        assert_eq!(name_index(&header::CONNECTION), Some(CONNECTION));
+        assert_eq!(name_index(&header::UPGRADE), Some(UPGRADE));
+        assert_eq!(name_index(&header::EXPECT), Some(EXPECT));
+        assert_eq!(name_index(&X_FORWARDED_FOR), Some(FORWARDED_FOR));
+        for other in ["host", "x-forwarded-host", "connections", "tE-x", "keep"] {
             let name = HeaderName::from_bytes(other.as_bytes()).unwrap();
-            assert_eq!(hop_index(&name), None, "{other}");
+            assert_eq!(name_index(&name), None, "{other}");
         }
     }
 
@@ -607,7 +648,7 @@ mod tests {
         );
         headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
         headers.insert("x-kept", HeaderValue::from_static("1"));
-        strip_hop_by_hop(&mut headers);
+        strip_all_hop_by_hop(&mut headers);
         assert_eq!(headers.len(), 1);
         assert!(headers.contains_key("x-kept"));
     }

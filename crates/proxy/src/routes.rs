@@ -7,6 +7,7 @@
 //! prefixes normalised (`/api/` → `/api`), each host's routes sorted longest
 //! prefix first. The table then replaces the old one in one atomic swap.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -171,7 +172,7 @@ fn is_bcrypt(hash: &str) -> bool {
 
 /// A host as the table keys it: lower case, no port, no trailing dot.
 /// `None` when it is not a plausible DNS name or address.
-pub(crate) fn normalize_host(host: &str) -> Option<String> {
+pub(crate) fn normalize_host(host: &str) -> Option<Cow<'_, str>> {
     let host = host.trim();
     // Strip a port: `[v6]:port`, `name:port`.
     let host = if let Some(rest) = host.strip_prefix('[') {
@@ -195,7 +196,15 @@ pub(crate) fn normalize_host(host: &str) -> Option<String> {
     let ok = host
         .bytes()
         .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'[' | b']' | b':'));
-    ok.then(|| host.to_ascii_lowercase())
+    if !ok {
+        return None;
+    }
+    // Borrowed in the usual case (per request, no allocation).
+    Some(if host.bytes().any(|b| b.is_ascii_uppercase()) {
+        Cow::Owned(host.to_ascii_lowercase())
+    } else {
+        Cow::Borrowed(host)
+    })
 }
 
 /// `/api/` → `/api`, `/` stays. `None` when not a clean absolute path.
@@ -323,10 +332,12 @@ pub(crate) fn compile(
     // several routes is healthy only if every listing says so.
     let mut flags: HashMap<InstanceKey, (bool, bool)> = HashMap::new();
     for (index, route) in routes.routes.iter().enumerate() {
-        let host = normalize_host(&route.host).ok_or_else(|| RouteError::BadHost {
-            index,
-            host: route.host.clone(),
-        })?;
+        let host = normalize_host(&route.host)
+            .ok_or_else(|| RouteError::BadHost {
+                index,
+                host: route.host.clone(),
+            })?
+            .into_owned();
         let prefix = normalize_prefix(&route.path_prefix).ok_or_else(|| RouteError::BadPrefix {
             index,
             host: host.clone(),

@@ -6,6 +6,7 @@
 //! request. Reads take no lock ([`arc_swap`]); a write copies the map,
 //! which is fine for a map written a few times a day.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -227,7 +228,7 @@ pub(crate) fn server_config(
 fn cert_name(host: &str) -> Option<String> {
     match host.trim().strip_prefix("*.") {
         Some(parent) => normalize_host(parent).map(|p| format!("*.{p}")),
-        None => normalize_host(host),
+        None => normalize_host(host).map(Cow::into_owned),
     }
 }
 
