@@ -325,6 +325,66 @@ mod tests {
         assert_eq!(instance.conns.len(), 0);
     }
 
+    /// A connection the instance closed while it sat idle in the pool
+    /// takes no request: the request, even one with a body, goes on a new
+    /// connection.
+    #[tokio::test]
+    async fn a_request_taking_a_connection_closed_while_idle_goes_on_a_new_one() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let close = Arc::new(Notify::new());
+        let (count, closing) = (accepted.clone(), close.clone());
+        tokio::spawn(async move {
+            loop {
+                let (mut stream, _) = listener.accept().await.unwrap();
+                count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let closing = closing.clone();
+                tokio::spawn(async move {
+                    // One answer (keep-alive, as far as the client knows),
+                    // then the connection closes when told.
+                    let mut have = Vec::new();
+                    let mut buf = [0u8; 4096];
+                    while !have.windows(4).any(|w| w == b"\r\n\r\n") {
+                        let n = stream.read(&mut buf).await.unwrap_or(0);
+                        if n == 0 {
+                            return;
+                        }
+                        have.extend_from_slice(&buf[..n]);
+                    }
+                    let _ = stream
+                        .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                        .await;
+                    closing.notified().await;
+                });
+            }
+        });
+        let instance = Arc::new(InstanceState::new("a", addr, Arc::new(Notify::new())));
+        let config = config();
+        let (response, sender) = send(&config, &instance, request()).await.unwrap();
+        let body = PooledBody::new(response.into_body(), sender, instance.clone(), 4);
+        assert_eq!(body.collect().await.unwrap().to_bytes(), "ok");
+        assert_eq!(
+            instance.conns.len(),
+            1,
+            "kept: the instance said nothing of closing"
+        );
+        close.notify_waiters();
+        tokio::time::sleep(Duration::from_millis(100)).await; // the FIN arrives
+
+        let post = Request::builder()
+            .method("POST")
+            .uri("/")
+            .header("host", "x")
+            .header("content-length", "4")
+            .body(crate::body::full("data"))
+            .unwrap();
+        let (response, sender) = send(&config, &instance, post).await.unwrap();
+        let body = PooledBody::new(response.into_body(), sender, instance.clone(), 4);
+        assert_eq!(body.collect().await.unwrap().to_bytes(), "ok");
+        assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 2);
+    }
+
     #[tokio::test]
     async fn a_refused_connect_is_a_connect_error() {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
