@@ -374,13 +374,16 @@ fn check_proxyauth(entry: &str) -> Result<(), String> {
     if user.is_empty() || user.chars().any(|c| c.is_control() || c.is_whitespace()) {
         return Err("the user name is empty or holds spaces or control characters".into());
     }
-    let bcrypt = hash.len() == 60
+    // On bytes: a hash with a multibyte character must be refused, not
+    // sliced inside that character (a panic).
+    let h = hash.as_bytes();
+    let bcrypt = h.len() == 60
         && ["$2a$", "$2b$", "$2y$"].iter().any(|p| hash.starts_with(p))
-        && hash[4..6].bytes().all(|b| b.is_ascii_digit())
-        && &hash[6..7] == "$"
-        && hash[7..]
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'/');
+        && h[4..6].iter().all(u8::is_ascii_digit)
+        && h[6] == b'$'
+        && h[7..]
+            .iter()
+            .all(|&b| b.is_ascii_alphanumeric() || b == b'.' || b == b'/');
     if !bcrypt {
         return Err(format!(
             "the password of user {user:?} is not a bcrypt hash (60 characters starting $2y$, as `htpasswd -nbB user password` prints); plain passwords are not accepted"
@@ -475,6 +478,28 @@ mod tests {
             .iter()
             .map(ToString::to_string)
             .collect()
+    }
+
+    #[test]
+    fn a_proxyauth_hash_with_multibyte_characters_is_refused_not_a_panic() {
+        // 60 bytes starting "$2y$", with a two-byte character where the
+        // cost and its '$' are looked at.
+        for hash in [
+            format!("$2y$0\u{e9}{}", "a".repeat(53)),
+            format!("$2y$05\u{e9}{}", "a".repeat(52)),
+        ] {
+            assert_eq!(hash.len(), 60);
+            let r = reasons(RawSpec {
+                proxyname: Some("example.com".into()),
+                proxyauth: vec![format!("ann:{hash}")],
+                ..minimal()
+            });
+            assert!(
+                r.iter()
+                    .any(|m| m.contains("proxyauth[0]") && m.contains("not a bcrypt hash")),
+                "{r:?}"
+            );
+        }
     }
 
     #[test]
