@@ -341,7 +341,7 @@ fn check_env(entry: &str) -> Result<(), String> {
 }
 
 /// A path prefix: `/`, then segments of URL path characters, no `.` or
-/// `..` segment, no query, no fragment, no trailing `/` (but `/` itself).
+/// `..` segment (also percent-encoded), no query, no fragment, no trailing `/` (but `/` itself).
 fn check_proxypath(p: &str) -> Result<(), String> {
     let shape = "a URL path prefix such as \"/api\" or \"/app/v2\"";
     if !p.starts_with('/') {
@@ -358,11 +358,19 @@ fn check_proxypath(p: &str) -> Result<(), String> {
     }
     let allowed = |c: char| c.is_ascii_alphanumeric() || "-._~!$&'()*+,;=:@%".contains(c);
     for seg in p[1..].split('/').filter(|_| p.len() > 1) {
-        if seg.is_empty() || seg == "." || seg == ".." || !seg.chars().all(allowed) {
+        if seg.is_empty() || is_dot_segment(seg) || !seg.chars().all(allowed) {
             return Err(format!("{p:?} is not {shape}: segment {seg:?}"));
         }
     }
     Ok(())
+}
+
+/// `.` or `..`, each dot written as `.` or `%2e` (any case): the proxy
+/// refuses a prefix with such a segment, and with it the whole route table
+/// (every other service's routes too), so the spec must not get that far.
+fn is_dot_segment(seg: &str) -> bool {
+    let decoded = seg.to_ascii_lowercase().replace("%2e", ".");
+    decoded == "." || decoded == ".."
 }
 
 /// `user:hash` with a bcrypt hash (`$2a$`, `$2b$` or `$2y$`, as `htpasswd
@@ -443,6 +451,11 @@ mod tests {
             ("/api/", "ends with '/'"),
             ("/a//b", "segment"),
             ("/a/../b", "segment \"..\""),
+            // Percent-encoded dots are dot segments too: the proxy refuses
+            // such a prefix, and with it the whole route table.
+            ("/a/%2e%2E", "segment \"%2e%2E\""),
+            ("/%2e", "segment \"%2e\""),
+            ("/a/.%2e/b", "segment \".%2e\""),
             ("/a?x=1", "segment"),
             ("/a b", "segment"),
         ] {
