@@ -498,6 +498,12 @@ fn respond(
         return (Response::from_parts(parts, empty()), None);
     }
     let (mut parts, body) = response.into_parts();
+    if parts.headers.contains_key(header::TRANSFER_ENCODING) {
+        // The body was read by its Transfer-Encoding, which wins over a
+        // Content-Length sent with it (RFC 9112 §6.3); passed on, that
+        // length would promise the client another size than it gets.
+        parts.headers.remove(header::CONTENT_LENGTH);
+    }
     strip_hop_by_hop(&mut parts.headers);
     let body = PooledBody::new(
         body,
