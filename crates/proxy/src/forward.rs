@@ -111,7 +111,8 @@ async fn route(
 
     // Requests for the master (a git push webhook), on both listeners.
     if inner.hooks.takes(path) {
-        return (inner.hooks.serve(request).await, None);
+        let limit = inner.config.header_read_timeout;
+        return (inner.hooks.serve(request, limit).await, None);
     }
     if !conn.tls {
         if let Some(token) = path.strip_prefix(ACME_PREFIX) {

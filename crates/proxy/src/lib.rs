@@ -120,7 +120,7 @@ use tokio::sync::{Notify, watch};
 
 pub use body::Guarded;
 pub use config::ProxyConfig;
-pub use hooks::{HOOK_PREFIX, HookRequest, HookResponse, Hooks, MAX_HOOK_BODY};
+pub use hooks::{HOOK_PREFIX, HookRequest, HookResponse, Hooks, MAX_HOOK_BODY, MAX_HOOK_READS};
 pub use routes::{HtpasswdError, Instance, Route, RouteError, Routes, parse_htpasswd};
 pub use shards::{Listening, Shards, ShardsError};
 pub use stats::{InstanceSnapshot, RouteSnapshot, Snapshot};

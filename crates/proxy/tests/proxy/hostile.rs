@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use http::StatusCode;
-use phoenix_proxy::{Instance, ProxyConfig, Route};
+use phoenix_proxy::{HookResponse, Instance, MAX_HOOK_BODY, MAX_HOOK_READS, ProxyConfig, Route};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
@@ -62,4 +62,71 @@ async fn a_response_with_content_length_and_chunked_reaches_the_client_as_chunke
     );
     let a = get(p.http, "a.test", "/", &[]).await;
     assert_eq!((a.status, a.text().as_str()), (StatusCode::OK, "abc"));
+}
+
+/// Sends a hook request's head and `sent` bytes of a body announced as
+/// `MAX_HOOK_BODY` bytes, and leaves the connection open.
+async fn partial_hook_post(addr: SocketAddr, sent: usize) -> tokio::net::TcpStream {
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let head = format!(
+        "POST /_phoenix/git/x HTTP/1.1\r\nHost: any.test\r\nContent-Length: {MAX_HOOK_BODY}\r\n\r\n"
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    stream.write_all(&vec![b'x'; sent]).await.unwrap();
+    stream
+}
+
+/// The answer on `stream` (until it closes or `limit` passes).
+async fn answer_within(stream: &mut tokio::net::TcpStream, limit: Duration) -> String {
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(limit, stream.read_to_end(&mut out)).await;
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[tokio::test]
+async fn a_hook_body_that_never_ends_is_dropped_and_few_are_read_at_once() {
+    // Hook bodies are read whole into memory (up to 1 MiB each) before the
+    // handler runs: without a time limit and a bound on how many at once,
+    // clients that stop one byte short hold that memory for as long as
+    // they like (300 of them took 320 MiB of a master's RSS).
+    let site = Backend::start("site").await;
+    let config = ProxyConfig {
+        header_read_timeout: Duration::from_millis(500),
+        idle_timeout: Duration::from_secs(30),
+        ..ProxyConfig::default()
+    };
+    let p = start_proxy(config, vec![Route::new("a.test", vec![site.instance()])]).await;
+    p.proxy.hooks().set_handler(|_| HookResponse {
+        status: 202,
+        text: "ok\n".into(),
+    });
+
+    let mut stalled = partial_hook_post(p.http, 10).await;
+    let answer = answer_within(&mut stalled, Duration::from_secs(5)).await;
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer:?}");
+
+    // Those reading at once are bounded; one more gets 503 at once, and
+    // requests for the services go on.
+    let mut held = Vec::new();
+    for _ in 0..MAX_HOOK_READS {
+        held.push(partial_hook_post(p.http, 64 * 1024).await);
+    }
+    // The proxy has taken them all in hand.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut extra = partial_hook_post(p.http, 10).await;
+    let answer = answer_within(&mut extra, Duration::from_millis(400)).await;
+    assert!(answer.starts_with("HTTP/1.1 503"), "{answer:?}");
+    assert_eq!(get(p.http, "a.test", "/", &[]).await.status, StatusCode::OK);
+    // Once they timed out, a whole hook request is served again.
+    for stream in &mut held {
+        let answer = answer_within(stream, Duration::from_secs(5)).await;
+        assert!(answer.starts_with("HTTP/1.1 408"), "{answer:?}");
+    }
+    let answer = raw(
+        p.http,
+        b"POST /_phoenix/git/x HTTP/1.1\r\nHost: any.test\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}",
+        Duration::from_secs(5),
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 202"), "{answer:?}");
 }
