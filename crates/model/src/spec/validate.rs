@@ -358,9 +358,16 @@ fn check_proxypath(p: &str) -> Result<(), String> {
     }
     let allowed = |c: char| c.is_ascii_alphanumeric() || "-._~!$&'()*+,;=:@%".contains(c);
     for seg in p[1..].split('/').filter(|_| p.len() > 1) {
-        if seg.is_empty() || is_dot_segment(seg) || !seg.chars().all(allowed) {
-            return Err(format!("{p:?} is not {shape}: segment {seg:?}"));
-        }
+        let why = if seg.is_empty() {
+            "is empty ('//')".to_owned()
+        } else if is_dot_segment(seg) {
+            "is '.' or '..' (also percent-encoded), which could walk out of the prefix".to_owned()
+        } else if let Some(c) = seg.chars().find(|&c| !allowed(c)) {
+            format!("holds {c:?}, which a URL path needs percent-encoded")
+        } else {
+            continue;
+        };
+        return Err(format!("{p:?} is not {shape}: segment {seg:?} {why}"));
     }
     Ok(())
 }
