@@ -415,6 +415,12 @@ fn check_domain(s: &str) -> Result<(), String> {
         ));
     }
     for label in s.split('.') {
+        if label.is_empty() {
+            return Err(format!(
+                "{s:?} is not a domain name: it has an empty label (a leading or trailing '.', or '..'); write it without, e.g. {:?}",
+                s.trim_matches('.')
+            ));
+        }
         check_hostname_label(label).map_err(|r| format!("{s:?} is not a domain name: {r}"))?;
     }
     Ok(())
@@ -473,6 +479,13 @@ mod tests {
                 "{path}: {r:?}"
             );
         }
+        let r = reasons(with(None, vec![], Some("example.com.")));
+        assert!(
+            r.iter().any(|m| m.contains("field `proxyname`")
+                && m.contains("empty label")
+                && m.contains("\"example.com\"")),
+            "{r:?}"
+        );
         let r = reasons(with(Some("/api"), vec![], None));
         assert!(r.iter().any(|m| m.contains("set `proxyname` too")), "{r:?}");
         let r = reasons(with(None, vec!["ann:secret", "bob"], Some("example.com")));
