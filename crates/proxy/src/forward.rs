@@ -218,7 +218,10 @@ fn redirect(inner: &Inner, host: &str, uri: &Uri) -> Response<Body> {
 }
 
 /// Whether an HTTP/1.1 request asks to switch protocols; the `Upgrade`
-/// value to pass on if so.
+/// value to pass on if so. Not `h2c`: an instance that took it would turn
+/// the connection into a tunnel for HTTP/2 requests the proxy never sees
+/// (no route, auth or `X-Forwarded-For` of its own on them: "h2c
+/// smuggling"); such a request goes on as a plain one.
 fn upgrade_of(request: &Request<Incoming>) -> Option<HeaderValue> {
     if request.version() != Version::HTTP_11 {
         return None;
@@ -230,11 +233,14 @@ fn upgrade_of(request: &Request<Incoming>) -> Option<HeaderValue> {
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .any(|token| token.trim().eq_ignore_ascii_case("upgrade"));
-    if wants {
-        request.headers().get(header::UPGRADE).cloned()
-    } else {
-        None
+    if !wants {
+        return None;
     }
+    let upgrade = request.headers().get(header::UPGRADE)?;
+    let h2c = upgrade.to_str().map_or(true, |v| {
+        v.split(',').any(|p| p.trim().eq_ignore_ascii_case("h2c"))
+    });
+    (!h2c).then(|| upgrade.clone())
 }
 
 /// Removes hop-by-hop headers, also those the `Connection` header names.

@@ -130,3 +130,32 @@ async fn a_hook_body_that_never_ends_is_dropped_and_few_are_read_at_once() {
     .await;
     assert!(answer.starts_with("HTTP/1.1 202"), "{answer:?}");
 }
+
+#[tokio::test]
+async fn an_h2c_upgrade_is_not_passed_to_the_instance() {
+    // An instance that took `Upgrade: h2c` would make the connection a
+    // tunnel, and the client's later requests on it would reach the
+    // instance untouched by the proxy: an X-Forwarded-For of the client's
+    // choosing last, no route or auth check (h2c smuggling). WebSockets
+    // are the upgrade the proxy passes on.
+    let a = Backend::start("a").await;
+    let p = start_proxy(
+        ProxyConfig::default(),
+        vec![Route::new("a.test", vec![a.instance()])],
+    )
+    .await;
+    let answer = raw(
+        p.http,
+        b"GET /x HTTP/1.1\r\nHost: a.test\r\nConnection: Upgrade, HTTP2-Settings, close\r\n\
+          Upgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQAAP__\r\n\r\n",
+        Duration::from_secs(5),
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer:?}");
+    let body = &answer[answer.find("\r\n\r\n").unwrap() + 4..];
+    let seen: serde_json::Value = serde_json::from_str(body).unwrap();
+    let headers = &seen["headers"];
+    assert!(headers.get("upgrade").is_none(), "{headers}");
+    assert!(headers.get("http2-settings").is_none(), "{headers}");
+    assert!(headers.get("connection").is_none(), "{headers}");
+}
