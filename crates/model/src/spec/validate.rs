@@ -350,6 +350,11 @@ fn check_proxypath(p: &str) -> Result<(), String> {
     if p.len() > 1024 {
         return Err(format!("{} bytes long; at most 1024", p.len()));
     }
+    if p == "/_phoenix" || p.starts_with("/_phoenix/") {
+        return Err(format!(
+            "{p:?} is under /_phoenix/, which the master's proxy keeps for itself (git webhooks) on every host; pick another prefix"
+        ));
+    }
     if p.len() > 1 && p.ends_with('/') {
         return Err(format!(
             "{p:?} ends with '/'; write it without, e.g. {:?}",
@@ -471,6 +476,10 @@ mod tests {
             ("/a/.%2e/b", "segment \".%2e\""),
             ("/a?x=1", "segment"),
             ("/a b", "segment"),
+            // The master's own requests: a service there would get only
+            // `/_phoenix` itself, the rest going to the master.
+            ("/_phoenix", "keeps for itself"),
+            ("/_phoenix/git", "keeps for itself"),
         ] {
             let r = reasons(with(Some(path), vec![], Some("example.com")));
             assert!(
