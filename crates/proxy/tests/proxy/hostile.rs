@@ -159,3 +159,47 @@ async fn an_h2c_upgrade_is_not_passed_to_the_instance() {
     assert!(headers.get("http2-settings").is_none(), "{headers}");
     assert!(headers.get("connection").is_none(), "{headers}");
 }
+
+#[tokio::test]
+async fn request_smuggling_shapes_are_refused_or_end_the_connection() {
+    // Regression guard (hyper does the parsing): none of these may leave a
+    // second request on the connection for the proxy and an instance to
+    // read differently.
+    let a = Backend::start("a").await;
+    let p = start_proxy(
+        ProxyConfig::default(),
+        vec![Route::new("a.test", vec![a.instance()])],
+    )
+    .await;
+    let limit = Duration::from_secs(5);
+    for refused in [
+        &b"POST /x HTTP/1.1\r\nHost: a.test\r\nContent-Length: 4\r\nContent-Length: 5\r\n\r\nabcde"[..],
+        b"POST /x HTTP/1.1\r\nHost: a.test\r\nContent-Length: 4, 4\r\n\r\nabcd",
+        b"GET /x HTTP/1.1\r\nHost: a.test\r\nX-A: a\r\n b\r\n\r\n",
+        b"POST /x HTTP/1.1\r\nHost: a.test\r\nTransfer-Encoding: chunked, identity\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
+        b"POST /x HTTP/1.1\r\nHost: a.test\r\nTransfer-Encoding : chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
+    ] {
+        let answer = raw(p.http, refused, limit).await;
+        assert!(
+            answer.starts_with("HTTP/1.1 400"),
+            "{:?}: {answer:?}",
+            String::from_utf8_lossy(refused)
+        );
+    }
+    // Both lengths: chunked wins, the instance gets no Content-Length, and
+    // the connection ends after the answer, so what followed the chunked
+    // body is never read as a request.
+    let before = a.hits();
+    let answer = raw(
+        p.http,
+        b"POST /x HTTP/1.1\r\nHost: a.test\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n\
+          0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: a.test\r\n\r\n",
+        limit,
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer:?}");
+    assert!(!answer.contains("/smuggled"), "{answer:?}");
+    assert!(!answer.contains("content-length\":"), "{answer:?}");
+    assert_eq!(answer.matches("HTTP/1.1 ").count(), 1, "{answer:?}");
+    assert_eq!(a.hits(), before + 1);
+}
