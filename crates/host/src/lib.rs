@@ -39,6 +39,26 @@ pub use linux::{Linux, parse_start_time};
 #[cfg(any(test, feature = "fake"))]
 pub use recording::{Call, Recording};
 
+/// Raises this process's open-file limit to its hard maximum (a shell's
+/// soft limit is often 1024, far below what the daemons need: the minion
+/// holds a pidfd a service, the master's proxy a descriptor or two a
+/// connection) and returns the limit then in force.
+pub fn raise_nofile_limit() -> u64 {
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    let mut limit = getrlimit(Resource::Nofile);
+    if limit.current < limit.maximum {
+        let raised = rustix::process::Rlimit {
+            current: limit.maximum,
+            maximum: limit.maximum,
+        };
+        if setrlimit(Resource::Nofile, raised).is_ok() {
+            limit = raised;
+        }
+    }
+    // `None` is unlimited.
+    limit.current.unwrap_or(u64::MAX)
+}
+
 /// The host operations the minion needs, and no more.
 ///
 /// Object safe, so the minion holds an `Arc<dyn Host>` and tests hand it a
@@ -244,6 +264,15 @@ fn checked_pid(op: &'static str, pid: u32) -> Result<rustix::process::Pid, HostE
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_open_file_limit_is_raised_to_its_maximum() {
+        use rustix::process::{Resource, getrlimit};
+        let limit = raise_nofile_limit();
+        let now = getrlimit(Resource::Nofile);
+        assert_eq!(now.current, now.maximum);
+        assert_eq!(limit, now.current.unwrap_or(u64::MAX));
+    }
 
     #[test]
     fn signals_are_checked_against_the_named_ones() {

@@ -145,7 +145,8 @@ pub fn public_key(data_dir: &std::path::Path) -> Result<String, MinionError> {
 /// Runs the minion until the process is stopped. Services keep running
 /// when the minion stops; the next start adopts them.
 pub async fn run(cfg: MinionConfig) -> Result<(), MinionError> {
-    process::raise_nofile_limit();
+    // Every service holds a pidfd in the minion.
+    phoenix_host::raise_nofile_limit();
     reaper::start().map_err(MinionError::Reaper)?;
     let data_err = |source| MinionError::DataDir {
         path: cfg.data_dir.display().to_string(),

@@ -176,22 +176,6 @@ fn unknown_exit() -> Exit {
     }
 }
 
-/// Raises the open-file limit to its hard maximum: every service holds a
-/// pidfd in the minion.
-pub fn raise_nofile_limit() {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit/setrlimit read and write the struct we pass.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
-            lim.rlim_cur = lim.rlim_max;
-            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
-        }
-    }
-}
-
 /// This process's resident set size in bytes.
 pub fn self_rss() -> u64 {
     std::fs::read_to_string("/proc/self/statm")

@@ -37,16 +37,23 @@ async fn main() -> Result<(), Box<dyn Error>> {
         Ok(n) => n.parse().map_err(|e| format!("PROXY_THREADS={n}: {e}"))?,
         Err(_) => Shards::default_threads(),
     };
-    let proxy = Shards::new(ProxyConfig::default(), threads)?;
+    let https_addr: Option<(std::net::SocketAddr, &String, &String, &String)> = match rest {
+        [addr, host, chain, key] => Some((addr.parse()?, host, chain, key)),
+        _ => None,
+    };
+    // HTTP redirects hosts with a certificate to the HTTPS listener's port.
+    let config = ProxyConfig {
+        https_port: https_addr.map_or(443, |(a, ..)| a.port()),
+        ..ProxyConfig::default()
+    };
+    let proxy = Shards::new(config, threads)?;
     proxy.set_routes(load(routes_path)?)?;
-
-    let mut https_addr = None;
-    if let [addr, host, chain, key] = rest {
+    if let Some((_, host, chain, key)) = https_addr {
         proxy
             .certs()
             .set(host, &std::fs::read(chain)?, &std::fs::read(key)?)?;
-        https_addr = Some((addr.parse()?, host));
     }
+    let https_addr = https_addr.map(|(a, host, ..)| (a, host));
     let at = proxy.serve(Some(http_addr.parse()?), https_addr.map(|(a, _)| a))?;
     println!("{threads} proxy threads");
     if let Some(http) = at.http {

@@ -113,7 +113,8 @@ async fn route(
 
     // Requests for the master (a git push webhook), on both listeners.
     if inner.hooks.takes(path) {
-        return (inner.hooks.serve(request).await, None);
+        let limit = inner.config.header_read_timeout;
+        return (inner.hooks.serve(request, limit).await, None);
     }
     if !conn.tls {
         if let Some(token) = path.strip_prefix(ACME_PREFIX) {
@@ -219,7 +220,11 @@ fn redirect(inner: &Inner, host: &str, uri: &Uri) -> Response<Body> {
 }
 
 /// Whether an HTTP/1.1 request asks to switch protocols; the `Upgrade`
-/// value to pass on if so.
+/// value to pass on if so. Not `h2c`: an instance that took it would
+/// turn the connection into an HTTP/2 tunnel, and the requests after the
+/// first would reach the service without the proxy's basic auth check or
+/// its `X-Forwarded-For` ("h2c smuggling"); such a request goes on as a
+/// plain one.
 fn upgrade_of(request: &Request<Incoming>, present: &Present) -> Option<HeaderValue> {
     if request.version() != Version::HTTP_11 || !(present.has(CONNECTION) && present.has(UPGRADE)) {
         return None;
@@ -231,16 +236,20 @@ fn upgrade_of(request: &Request<Incoming>, present: &Present) -> Option<HeaderVa
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .any(|token| token.trim().eq_ignore_ascii_case("upgrade"));
-    if wants {
-        request.headers().get(header::UPGRADE).cloned()
-    } else {
-        None
+    if !wants {
+        return None;
     }
+    let upgrade = request.headers().get(header::UPGRADE)?;
+    let h2c = upgrade.to_str().map_or(true, |v| {
+        v.split(',').any(|p| p.trim().eq_ignore_ascii_case("h2c"))
+    });
+    (!h2c).then(|| upgrade.clone())
 }
 
 // Indices of the names `Present` looks for: the hop-by-hop ones first, as
 // in `HOP_BY_HOP`, then two more that a request is looked at for.
 const CONNECTION: usize = 0;
+const TRANSFER_ENCODING: usize = 7;
 const UPGRADE: usize = 8;
 const EXPECT: usize = HOPS;
 const FORWARDED_FOR: usize = HOPS + 1;
@@ -257,7 +266,7 @@ fn name_index(name: &HeaderName) -> Option<usize> {
         "proxy-authorization" => 4,
         "te" => 5,
         "trailer" => 6,
-        "transfer-encoding" => 7,
+        "transfer-encoding" => TRANSFER_ENCODING,
         "upgrade" => UPGRADE,
         "expect" => EXPECT,
         "x-forwarded-for" => FORWARDED_FOR,
@@ -568,7 +577,14 @@ fn respond(
         return (Response::from_parts(parts, empty()), None);
     }
     let (mut parts, body) = response.into_parts();
-    strip_all_hop_by_hop(&mut parts.headers);
+    let present = Present::of(&parts.headers);
+    if present.has(TRANSFER_ENCODING) {
+        // The body was read by its Transfer-Encoding, which wins over a
+        // Content-Length sent with it (RFC 9112 §6.3); passed on, that
+        // length would promise the client another size than it gets.
+        parts.headers.remove(header::CONTENT_LENGTH);
+    }
+    strip_hop_by_hop(&mut parts.headers, &present);
     let body = PooledBody::new(
         body,
         sender,

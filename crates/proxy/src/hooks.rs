@@ -5,6 +5,13 @@
 //! ([`Hooks::set_handler`]); it reads the body (up to [`MAX_HOOK_BODY`])
 //! and hands the path, the headers and the body to the handler, which
 //! answers with a status. Nothing else of the proxy changes.
+//!
+//! Unlike a proxied body, which streams, a hook body is held whole in
+//! memory until the handler has run, and anyone can send one. So a body
+//! must arrive within a time limit (the caller's, the header timeout: 408
+//! after it), and at most [`MAX_HOOK_READS`] are read at once over all
+//! shards (503 beyond): clients that stop one byte short of 1 MiB hold at
+//! most that many MiB, for that long.
 
 use std::sync::Arc;
 
@@ -13,6 +20,7 @@ use bytes::Bytes;
 use http::{HeaderMap, Method, Response, StatusCode};
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
+use tokio::sync::Semaphore;
 
 use crate::body::{Body, full};
 
@@ -20,6 +28,8 @@ use crate::body::{Body, full};
 pub const HOOK_PREFIX: &str = "/_phoenix/";
 /// The largest body a hook request may have (413 beyond).
 pub const MAX_HOOK_BODY: usize = 1024 * 1024;
+/// Hook requests whose bodies are read at once (503 beyond).
+pub const MAX_HOOK_READS: usize = 16;
 
 /// One request for the master, as its handler sees it.
 #[derive(Debug)]
@@ -49,9 +59,20 @@ type Handler = Box<dyn Fn(&HookRequest<'_>) -> HookResponse + Send + Sync>;
 
 /// The handler of `/_phoenix/` requests that every proxy of a
 /// [`Shards`](crate::Shards) shares; none until set.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct Hooks {
     handler: Arc<ArcSwapOption<Handler>>,
+    /// Bodies being read.
+    reads: Arc<Semaphore>,
+}
+
+impl Default for Hooks {
+    fn default() -> Self {
+        Hooks {
+            handler: Arc::default(),
+            reads: Arc::new(Semaphore::new(MAX_HOOK_READS)),
+        }
+    }
 }
 
 impl std::fmt::Debug for Hooks {
@@ -78,8 +99,13 @@ impl Hooks {
         path.starts_with(HOOK_PREFIX) && self.handler.load().is_some()
     }
 
-    /// Reads the request's body and asks the handler.
-    pub(crate) async fn serve(&self, request: hyper::Request<Incoming>) -> Response<Body> {
+    /// Reads the request's body, for at most `limit`, and asks the
+    /// handler.
+    pub(crate) async fn serve(
+        &self,
+        request: hyper::Request<Incoming>,
+        limit: std::time::Duration,
+    ) -> Response<Body> {
         let Some(handler) = self.handler.load_full() else {
             return text(StatusCode::NOT_FOUND, "phoenix: not found\n".into());
         };
@@ -90,7 +116,20 @@ impl Hooks {
                 "phoenix: only POST is served here\n".into(),
             );
         }
-        let body: Bytes = match Limited::new(body, MAX_HOOK_BODY).collect().await {
+        let Ok(_reading) = self.reads.try_acquire() else {
+            return text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "phoenix: too many requests for the master at once; try again\n".into(),
+            );
+        };
+        let read = tokio::time::timeout(limit, Limited::new(body, MAX_HOOK_BODY).collect());
+        let Ok(read) = read.await else {
+            return text(
+                StatusCode::REQUEST_TIMEOUT,
+                "phoenix: the body did not arrive in time\n".into(),
+            );
+        };
+        let body: Bytes = match read {
             Ok(collected) => collected.to_bytes(),
             Err(e) if e.is::<http_body_util::LengthLimitError>() => {
                 return text(

@@ -52,7 +52,8 @@
 //! frame with backpressure; nothing is buffered whole, so a download, an
 //! upload or server-sent events cost a connection's buffers, not their
 //! size. `Upgrade` requests (WebSocket) get the instance's 101 and then a
-//! byte tunnel. Hop-by-hop headers are removed; `X-Forwarded-For` is
+//! byte tunnel; `Upgrade: h2c` is not passed on (it would tunnel requests
+//! past the proxy), the request goes as a plain one. Hop-by-hop headers are removed; `X-Forwarded-For` is
 //! appended to (its last entry is the one the proxy vouches for: earlier
 //! ones are whatever the client sent), `X-Forwarded-Proto` and
 //! `X-Forwarded-Host` set, `Host` kept as the client sent it. WebSockets
@@ -121,7 +122,7 @@ use tokio::sync::Notify;
 
 pub use body::Guarded;
 pub use config::ProxyConfig;
-pub use hooks::{HOOK_PREFIX, HookRequest, HookResponse, Hooks, MAX_HOOK_BODY};
+pub use hooks::{HOOK_PREFIX, HookRequest, HookResponse, Hooks, MAX_HOOK_BODY, MAX_HOOK_READS};
 pub use routes::{HtpasswdError, Instance, Route, RouteError, Routes, parse_htpasswd};
 pub use shards::{Listening, Shards, ShardsError};
 pub use stats::{InstanceSnapshot, RouteSnapshot, Snapshot};

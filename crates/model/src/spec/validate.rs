@@ -341,7 +341,7 @@ fn check_env(entry: &str) -> Result<(), String> {
 }
 
 /// A path prefix: `/`, then segments of URL path characters, no `.` or
-/// `..` segment, no query, no fragment, no trailing `/` (but `/` itself).
+/// `..` segment (also percent-encoded), no query, no fragment, no trailing `/` (but `/` itself).
 fn check_proxypath(p: &str) -> Result<(), String> {
     let shape = "a URL path prefix such as \"/api\" or \"/app/v2\"";
     if !p.starts_with('/') {
@@ -349,6 +349,11 @@ fn check_proxypath(p: &str) -> Result<(), String> {
     }
     if p.len() > 1024 {
         return Err(format!("{} bytes long; at most 1024", p.len()));
+    }
+    if p == "/_phoenix" || p.starts_with("/_phoenix/") {
+        return Err(format!(
+            "{p:?} is under /_phoenix/, which the master's proxy keeps for itself (git webhooks) on every host; pick another prefix"
+        ));
     }
     if p.len() > 1 && p.ends_with('/') {
         return Err(format!(
@@ -358,11 +363,26 @@ fn check_proxypath(p: &str) -> Result<(), String> {
     }
     let allowed = |c: char| c.is_ascii_alphanumeric() || "-._~!$&'()*+,;=:@%".contains(c);
     for seg in p[1..].split('/').filter(|_| p.len() > 1) {
-        if seg.is_empty() || seg == "." || seg == ".." || !seg.chars().all(allowed) {
-            return Err(format!("{p:?} is not {shape}: segment {seg:?}"));
-        }
+        let why = if seg.is_empty() {
+            "is empty ('//')".to_owned()
+        } else if is_dot_segment(seg) {
+            "is '.' or '..' (also percent-encoded), which could walk out of the prefix".to_owned()
+        } else if let Some(c) = seg.chars().find(|&c| !allowed(c)) {
+            format!("holds {c:?}, which a URL path needs percent-encoded")
+        } else {
+            continue;
+        };
+        return Err(format!("{p:?} is not {shape}: segment {seg:?} {why}"));
     }
     Ok(())
+}
+
+/// `.` or `..`, each dot written as `.` or `%2e` (any case): the proxy
+/// refuses a prefix with such a segment, and with it the whole route table
+/// (every other service's routes too), so the spec must not get that far.
+fn is_dot_segment(seg: &str) -> bool {
+    let decoded = seg.to_ascii_lowercase().replace("%2e", ".");
+    decoded == "." || decoded == ".."
 }
 
 /// `user:hash` with a bcrypt hash (`$2a$`, `$2b$` or `$2y$`, as `htpasswd
@@ -374,13 +394,16 @@ fn check_proxyauth(entry: &str) -> Result<(), String> {
     if user.is_empty() || user.chars().any(|c| c.is_control() || c.is_whitespace()) {
         return Err("the user name is empty or holds spaces or control characters".into());
     }
-    let bcrypt = hash.len() == 60
+    // On bytes: a hash with a multibyte character must be refused, not
+    // sliced inside that character (a panic).
+    let h = hash.as_bytes();
+    let bcrypt = h.len() == 60
         && ["$2a$", "$2b$", "$2y$"].iter().any(|p| hash.starts_with(p))
-        && hash[4..6].bytes().all(|b| b.is_ascii_digit())
-        && &hash[6..7] == "$"
-        && hash[7..]
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'/');
+        && h[4..6].iter().all(u8::is_ascii_digit)
+        && h[6] == b'$'
+        && h[7..]
+            .iter()
+            .all(|&b| b.is_ascii_alphanumeric() || b == b'.' || b == b'/');
     if !bcrypt {
         return Err(format!(
             "the password of user {user:?} is not a bcrypt hash (60 characters starting $2y$, as `htpasswd -nbB user password` prints); plain passwords are not accepted"
@@ -397,6 +420,12 @@ fn check_domain(s: &str) -> Result<(), String> {
         ));
     }
     for label in s.split('.') {
+        if label.is_empty() {
+            return Err(format!(
+                "{s:?} is not a domain name: it has an empty label (a leading or trailing '.', or '..'); write it without, e.g. {:?}",
+                s.trim_matches('.')
+            ));
+        }
         check_hostname_label(label).map_err(|r| format!("{s:?} is not a domain name: {r}"))?;
     }
     Ok(())
@@ -440,8 +469,17 @@ mod tests {
             ("/api/", "ends with '/'"),
             ("/a//b", "segment"),
             ("/a/../b", "segment \"..\""),
+            // Percent-encoded dots are dot segments too: the proxy refuses
+            // such a prefix, and with it the whole route table.
+            ("/a/%2e%2E", "segment \"%2e%2E\""),
+            ("/%2e", "segment \"%2e\""),
+            ("/a/.%2e/b", "segment \".%2e\""),
             ("/a?x=1", "segment"),
             ("/a b", "segment"),
+            // The master's own requests: a service there would get only
+            // `/_phoenix` itself, the rest going to the master.
+            ("/_phoenix", "keeps for itself"),
+            ("/_phoenix/git", "keeps for itself"),
         ] {
             let r = reasons(with(Some(path), vec![], Some("example.com")));
             assert!(
@@ -450,6 +488,13 @@ mod tests {
                 "{path}: {r:?}"
             );
         }
+        let r = reasons(with(None, vec![], Some("example.com.")));
+        assert!(
+            r.iter().any(|m| m.contains("field `proxyname`")
+                && m.contains("empty label")
+                && m.contains("\"example.com\"")),
+            "{r:?}"
+        );
         let r = reasons(with(Some("/api"), vec![], None));
         assert!(r.iter().any(|m| m.contains("set `proxyname` too")), "{r:?}");
         let r = reasons(with(None, vec!["ann:secret", "bob"], Some("example.com")));
@@ -475,6 +520,28 @@ mod tests {
             .iter()
             .map(ToString::to_string)
             .collect()
+    }
+
+    #[test]
+    fn a_proxyauth_hash_with_multibyte_characters_is_refused_not_a_panic() {
+        // 60 bytes starting "$2y$", with a two-byte character where the
+        // cost and its '$' are looked at.
+        for hash in [
+            format!("$2y$0\u{e9}{}", "a".repeat(53)),
+            format!("$2y$05\u{e9}{}", "a".repeat(52)),
+        ] {
+            assert_eq!(hash.len(), 60);
+            let r = reasons(RawSpec {
+                proxyname: Some("example.com".into()),
+                proxyauth: vec![format!("ann:{hash}")],
+                ..minimal()
+            });
+            assert!(
+                r.iter()
+                    .any(|m| m.contains("proxyauth[0]") && m.contains("not a bcrypt hash")),
+                "{r:?}"
+            );
+        }
     }
 
     #[test]

@@ -5,6 +5,7 @@ mod common;
 
 mod balancing;
 mod hooks;
+mod hostile;
 mod limits;
 mod routing;
 mod shards;
