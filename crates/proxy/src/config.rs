@@ -30,8 +30,9 @@ pub struct ProxyConfig {
     /// the listeners stop accepting (the kernel's backlog queues the rest).
     /// Default 16384.
     pub max_connections: usize,
-    /// Client connections open at once from one IP address; more are
-    /// closed at once. Default 256.
+    /// Client connections open at once from one IPv4 address or one IPv6
+    /// /64 (what one host can hold whole); more are closed at once.
+    /// Default 256.
     pub max_connections_per_ip: usize,
     /// Concurrent HTTP/2 streams per client connection. Default 128.
     pub h2_max_concurrent_streams: u32,

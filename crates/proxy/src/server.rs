@@ -75,6 +75,7 @@ impl Limits {
     }
 
     fn admit(self: &Arc<Self>, ip: IpAddr, permit: OwnedSemaphorePermit) -> Option<Slot> {
+        let ip = client_key(ip);
         let mut per_ip = self.per_ip.lock().unwrap_or_else(|e| e.into_inner());
         let count = per_ip.entry(ip).or_insert(0);
         if *count >= self.max_per_ip {
@@ -87,6 +88,18 @@ impl Limits {
             ip,
             _permit: permit,
         })
+    }
+}
+
+/// Whom a client address counts as for `max_connections_per_ip`: an IPv4
+/// address itself, an IPv6 address its /64, which one host (or one home
+/// or VPS) is given whole and can pick any address in.
+fn client_key(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => IpAddr::V6(std::net::Ipv6Addr::from_bits(
+            v6.to_bits() & !u128::from(u64::MAX),
+        )),
     }
 }
 
@@ -377,3 +390,33 @@ where
 /// Far enough to mean never for a timer (tokio caps its timers at about
 /// two years).
 const NEVER: Duration = Duration::from_secs(365 * 24 * 3600);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_ipv6_client_counts_by_its_64_and_an_ipv4_one_by_its_address() {
+        let limits = Arc::new(Limits::new(100, 2));
+        let admit = |ip: &str| {
+            let permit = Arc::new(Semaphore::new(1)).try_acquire_owned().unwrap();
+            limits.admit(ip.parse().unwrap(), permit)
+        };
+        // Two addresses of one /64 fill its two places; another /64 and
+        // an IPv4 client are apart.
+        let a = admit("2001:db8:1:2::1").expect("first");
+        let _b = admit("2001:db8:1:2:ffff::9").expect("second");
+        assert!(admit("2001:db8:1:2::3").is_none(), "the /64 is full");
+        assert!(admit("2001:db8:1:3::1").is_some(), "another /64");
+        let _c = admit("192.0.2.1").expect("IPv4");
+        let _d = admit("192.0.2.1").expect("IPv4, second");
+        assert!(admit("192.0.2.1").is_none());
+        assert!(
+            admit("192.0.2.2").is_some(),
+            "the next IPv4 address is apart"
+        );
+        // A closed connection gives its /64 a place back.
+        drop(a);
+        assert!(admit("2001:db8:1:2::3").is_some());
+    }
+}
