@@ -409,8 +409,23 @@ fn check_proxyauth(entry: &str) -> Result<(), String> {
             "the password of user {user:?} is not a bcrypt hash (60 characters starting $2y$, as `htpasswd -nbB user password` prints); plain passwords are not accepted"
         ));
     }
+    // The cost is a power of two: every check of a password not yet
+    // cached (a first login, any wrong one) takes 2^cost rounds on the
+    // proxy's thread pool, about a second at 14 and hours at 31.
+    let cost = u32::from(h[4] - b'0') * 10 + u32::from(h[5] - b'0');
+    if !(MIN_BCRYPT_COST..=MAX_BCRYPT_COST).contains(&cost) {
+        return Err(format!(
+            "the bcrypt cost of user {user:?}'s hash is {cost}; {MIN_BCRYPT_COST} to {MAX_BCRYPT_COST} are accepted (each password check takes 2^cost rounds: 14 is about a second; `htpasswd -nbB` uses 5, `-C N` sets it)"
+        ));
+    }
     Ok(())
 }
+
+/// bcrypt's own lower bound.
+const MIN_BCRYPT_COST: u32 = 4;
+/// About a second a check: more would let each wrong password occupy the
+/// proxy's hashing for seconds.
+const MAX_BCRYPT_COST: u32 = 14;
 
 fn check_domain(s: &str) -> Result<(), String> {
     let lower = s.to_ascii_lowercase();
@@ -520,6 +535,24 @@ mod tests {
             .iter()
             .map(ToString::to_string)
             .collect()
+    }
+
+    #[test]
+    fn a_proxyauth_hash_costing_more_than_14_is_refused() {
+        let entry = |cost: &str| format!("ann:$2y${cost}${}", "a".repeat(53));
+        let r = reasons(RawSpec {
+            proxyname: Some("example.com".into()),
+            proxyauth: vec![entry("14"), entry("31"), entry("03")],
+            ..minimal()
+        });
+        assert!(!r.iter().any(|m| m.contains("proxyauth[0]")), "{r:?}");
+        for (i, cost) in [(1, "31"), (2, "3")] {
+            assert!(
+                r.iter().any(|m| m.contains(&format!("proxyauth[{i}]"))
+                    && m.contains(&format!("cost of user \"ann\"'s hash is {cost};"))),
+                "{r:?}"
+            );
+        }
     }
 
     #[test]
