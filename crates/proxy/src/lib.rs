@@ -221,10 +221,11 @@ impl Proxy {
         };
 
         let mut builder = auto::Builder::new(TokioExecutor::new());
+        // No header timer for HTTP/1: the connection's idle timer does it
+        // (see `server`).
         builder
             .http1()
-            .timer(TokioTimer::new())
-            .header_read_timeout(config.header_read_timeout)
+            .header_read_timeout(None)
             .max_buf_size(config.max_header_bytes)
             .keep_alive(true);
         builder

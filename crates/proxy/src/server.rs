@@ -7,14 +7,15 @@
 //! but itself. The time limits:
 //!
 //! - TLS handshake: `header_read_timeout`.
-//! - A request head: hyper's HTTP/1 header timer (`header_read_timeout`),
-//!   which also runs while a keep-alive connection waits for its next
-//!   request; a head over `max_header_bytes` gets 431, garbage 400, and
-//!   the connection closes.
+//! - A request head: `header_read_timeout`, which also runs while an
+//!   HTTP/1 keep-alive connection waits for its next request (so such a
+//!   connection idles out after the shorter of it and `idle_timeout`); a
+//!   head over `max_header_bytes` gets 431, garbage 400, and the
+//!   connection closes. This is the idle timer below, not hyper's header
+//!   timer, which cost a timer (a box and a timer wheel entry) a request.
 //! - No request yet: a connection whose first request has not arrived
 //!   within `header_read_timeout` is closed (this also covers HTTP/2
-//!   clients that connect and never send a stream, and the protocol
-//!   sniffing before hyper's own timer starts). [`Shards`](crate::Shards)
+//!   clients that connect and never send a stream). [`Shards`](crate::Shards)
 //!   listeners also defer the accept (`TCP_DEFER_ACCEPT`) until the first
 //!   bytes are in, for about `header_read_timeout` (the kernel counts it
 //!   in SYN-ACK retransmissions, so up to about half again): a client that
@@ -287,14 +288,19 @@ pub(crate) async fn serve(inner: Arc<Inner>, listener: TcpListener, tls: bool) {
                 let handshake =
                     tokio::time::timeout(inner.config.header_read_timeout, acceptor.accept(stream));
                 match handshake.await {
-                    Ok(Ok(stream)) => connection(&inner, conn, stream).await,
+                    Ok(Ok(stream)) => {
+                        let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
+                        connection(&inner, conn, stream, h2).await;
+                    }
                     Ok(Err(e)) => {
                         tracing::debug!(peer = %conn.peer, error = %e, "proxy: TLS handshake failed")
                     }
                     Err(_) => tracing::debug!(peer = %conn.peer, "proxy: TLS handshake timed out"),
                 }
             } else {
-                connection(&inner, conn, stream).await;
+                // HTTP/2 without TLS (prior knowledge) is served too, but
+                // timed as HTTP/1: its idle limit is the shorter one.
+                connection(&inner, conn, stream, false).await;
             }
         });
         // One connection a turn of the event loop, as nginx takes them
@@ -322,8 +328,9 @@ async fn finish(inner: &Inner) {
     }
 }
 
-/// Serves one client connection until it closes, idles out, or shutdown.
-async fn connection<I>(inner: &Arc<Inner>, conn: Arc<Conn>, io: I)
+/// Serves one client connection until it closes, idles out, or shutdown;
+/// `h2` when it is HTTP/2 (by ALPN).
+async fn connection<I>(inner: &Arc<Inner>, conn: Arc<Conn>, io: I, h2: bool)
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -344,7 +351,13 @@ where
     // waits on: one timer (the idle timer, then the hard stop once the
     // connection closes for idling), and one phase wait (draining, then
     // stopped once the connection is closing), an atomic load a poll.
-    let (first, idle) = (inner.config.header_read_timeout, inner.config.idle_timeout);
+    let first = inner.config.header_read_timeout;
+    let idle = if h2 {
+        inner.config.idle_timeout
+    } else {
+        // Between HTTP/1 requests the next head is awaited.
+        inner.config.idle_timeout.min(first)
+    };
     let start = Instant::now();
     let timer = tokio::time::sleep_until(conn.idled(start, first, idle).err().unwrap_or(start));
     tokio::pin!(timer);

@@ -85,6 +85,50 @@ async fn a_slowloris_client_is_dropped_at_the_header_timeout_while_others_are_se
 }
 
 #[tokio::test]
+async fn a_keep_alive_client_slow_with_its_next_head_is_dropped_at_the_header_timeout() {
+    let a = Backend::start("a").await;
+    let timeout = Duration::from_secs(2);
+    let p = start_proxy(
+        ProxyConfig {
+            header_read_timeout: timeout,
+            ..ProxyConfig::default()
+        },
+        vec![Route::new("a.test", vec![a.instance()])],
+    )
+    .await;
+    let mut slow = TcpStream::connect(p.http).await.unwrap();
+    slow.write_all(b"GET / HTTP/1.1\r\nHost: a.test\r\n\r\n")
+        .await
+        .unwrap();
+    let mut first = [0u8; 12];
+    tokio::time::timeout(Duration::from_secs(5), slow.read_exact(&mut first))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&first, b"HTTP/1.1 200");
+    // The rest of the response comes within this first wait.
+    assert!(!closed_within(&mut slow, Duration::from_millis(200)).await);
+    let answered = Instant::now();
+    let head = b"GET / HTTP/1.1\r\nHost: a.test\r\nX-Slow: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
+    let mut closed_at = None;
+    for byte in head {
+        if slow.write_all(&[*byte]).await.is_err()
+            || closed_within(&mut slow, Duration::from_millis(300)).await
+        {
+            closed_at = Some(answered.elapsed());
+            break;
+        }
+    }
+    let closed_at = closed_at.expect("the slow client was dropped");
+    assert!(
+        closed_at >= timeout - Duration::from_millis(300)
+            && closed_at < timeout + Duration::from_secs(2),
+        "dropped {closed_at:?} after its first response"
+    );
+    assert_eq!(a.hits(), 1, "only the first request");
+}
+
+#[tokio::test]
 async fn a_connection_that_sends_nothing_is_closed() {
     let p = start_proxy(
         ProxyConfig {
