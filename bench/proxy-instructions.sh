@@ -1,0 +1,183 @@
+#!/usr/bin/env bash
+# The proxy's user-space instructions per request, Phoenix against nginx,
+# counted by valgrind's callgrind: the same figure on a quiet machine and a
+# busy one (bench/proxy.sh's requests/s move by more than the differences
+# it is after when other machines share the CPUs).
+#
+# Each proxy runs alone under callgrind as a TLS-terminating proxy (one
+# thread or one worker, the certificate and the backend of bench/proxy.sh)
+# in front of an nginx backend serving a 100-byte file; h2load sends 2,000
+# requests to warm up, the counters are zeroed, then N requests over 16
+# keep-alive HTTP/1.1 connections are counted. What is counted: every
+# instruction the proxy process runs in user space (TLS, HTTP, the event
+# loop, malloc), not the kernel's share, which `strace -c` compares
+# (syscalls a request) and bench/proxy.sh measures in CPU time.
+#
+# Debian packages: valgrind nghttp2-client nginx openssl iproute2
+# Phoenix's side: cargo build --release -p phoenix-proxy --example serve
+# Usage: bench/proxy-instructions.sh [--write] [REQUESTS]   (default 20000)
+#   --write also puts the section into BENCHMARKS.md (between
+#   <!-- proxy-instructions:begin --> and <!-- proxy-instructions:end -->).
+# PHOENIX_ALT=PATH [PHOENIX_ALT_LABEL=TEXT] also counts another build of
+# the serve example (an A/B).
+set -euo pipefail
+umask 077
+write=no
+if [ "${1:-}" = "--write" ]; then write=yes; shift; fi
+n=${1:-20000}
+root=$(cd "$(dirname "$0")/.." && pwd)
+serve=$root/target/release/examples/serve
+[ -x "$serve" ] || { echo "build first: cargo build --release -p phoenix-proxy --example serve" >&2; exit 1; }
+for t in valgrind callgrind_control callgrind_annotate h2load nginx openssl ss; do
+    command -v $t >/dev/null || { echo "missing $t (apt-get install valgrind nghttp2-client nginx openssl iproute2)" >&2; exit 1; }
+done
+
+work=$(mktemp -d /tmp/phoenix-proxy-instr.XXXXXX)
+pids=()
+cleanup() {
+    for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+    sleep 1
+    for p in "${pids[@]}"; do kill -9 "$p" 2>/dev/null || true; done
+    rm -rf "$work"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM HUP
+
+free_port() {
+    local p
+    while :; do
+        p=$((20000 + RANDOM % 12000))
+        [ -z "$(ss -Htan "sport = :$p")" ] && { echo $p; return; }
+    done
+}
+wait_port() { # port -> waits until something listens on it (60 s: valgrind starts slowly)
+    for _ in $(seq 300); do
+        [ -n "$(ss -Htln "sport = :$1")" ] && return 0
+        sleep 0.2
+    done
+    echo "nothing listens on port $1" >&2
+    return 1
+}
+run_user=""
+[ "$(id -u)" = 0 ] && run_user="user root;"
+temp_paths() { echo "client_body_temp_path $1/cb; proxy_temp_path $1/p; fastcgi_temp_path $1/f; uwsgi_temp_path $1/u; scgi_temp_path $1/s;"; }
+
+openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes \
+    -keyout "$work/key.pem" -out "$work/cert.pem" -days 2 -subj /CN=localhost \
+    -addext subjectAltName=DNS:localhost 2>/dev/null
+
+bport=$(free_port)
+mkdir -p "$work/backend/www"
+head -c 100 /dev/urandom | base64 -w0 | head -c 100 >"$work/backend/www/small"
+cat >"$work/backend/nginx.conf" <<EOF
+$run_user
+worker_processes 1;
+pid $work/backend/nginx.pid;
+error_log $work/backend/error.log warn;
+events { worker_connections 1024; }
+http {
+    $(temp_paths "$work/backend")
+    access_log off;
+    sendfile on;
+    tcp_nodelay on;
+    keepalive_timeout 120s;
+    keepalive_requests 10000000;
+    server { listen 127.0.0.1:$bport; root $work/backend/www; }
+}
+EOF
+nginx -p "$work/backend" -c "$work/backend/nginx.conf" -g 'daemon off;' &
+pids+=($!)
+wait_port "$bport"
+
+# count LABEL COMMAND... -> "instructions per request" (the command listens on $pport)
+count() {
+    local label=$1 dir=$work/$1
+    shift
+    mkdir -p "$dir"
+    valgrind --tool=callgrind --callgrind-out-file="$dir/cg.out" "$@" >"$dir/out.log" 2>&1 &
+    local vp=$!
+    pids+=($vp)
+    wait_port "$pport" || { cat "$dir/out.log" >&2; exit 1; }
+    h2load --h1 -n 2000 -c 16 -t 1 "https://localhost:$pport/small" >/dev/null 2>&1
+    callgrind_control -z $vp >/dev/null
+    local got
+    got=$(h2load --h1 -n "$n" -c 16 -t 1 "https://localhost:$pport/small" | awk '/^status codes:/{print $3}')
+    [ "$got" = "$n" ] || { echo "$label: $got of $n requests answered 2xx" >&2; exit 1; }
+    callgrind_control -d $vp >/dev/null
+    # The dump is part 1 (the zeroing writes nothing); what the process
+    # writes at its exit, after the kill, is not counted.
+    local f=$dir/cg.out.1 total
+    for _ in $(seq 50); do [ -s "$f" ] && break; sleep 0.2; done
+    sleep 1 # the dump finished writing
+    kill $vp 2>/dev/null || true
+    wait $vp 2>/dev/null || true
+    total=$(callgrind_annotate "$f" 2>/dev/null | awk '/PROGRAM TOTALS/{gsub(",", "", $1); print $1; exit}')
+    echo $((total / n))
+}
+
+declare -A result
+echo "{\"routes\":[{\"host\":\"localhost\",\"instances\":[{\"id\":\"b\",\"addr\":\"127.0.0.1:$bport\"}]}]}" >"$work/routes.json"
+pport=$(free_port)
+result[phoenix]=$(PROXY_THREADS=1 count phoenix "$serve" "$work/routes.json" "127.0.0.1:$(free_port)" \
+    "127.0.0.1:$pport" localhost "$work/cert.pem" "$work/key.pem")
+labels=(phoenix)
+if [ -n "${PHOENIX_ALT:-}" ]; then
+    pport=$(free_port)
+    result[alt]=$(PROXY_THREADS=1 count alt "$PHOENIX_ALT" "$work/routes.json" "127.0.0.1:$(free_port)" \
+        "127.0.0.1:$pport" localhost "$work/cert.pem" "$work/key.pem")
+    labels+=(alt)
+fi
+
+pport=$(free_port)
+mkdir -p "$work/nginx"
+cat >"$work/nginx/nginx.conf" <<EOF
+$run_user
+master_process off;
+daemon off;
+worker_processes 1;
+pid $work/nginx/nginx.pid;
+error_log $work/nginx/error.log warn;
+events { worker_connections 1024; }
+http {
+    $(temp_paths "$work/nginx")
+    access_log off;
+    keepalive_timeout 120s;
+    keepalive_requests 10000000;
+    upstream backend { server 127.0.0.1:$bport; keepalive 64; keepalive_requests 10000000; }
+    server {
+        listen 127.0.0.1:$pport ssl;
+        server_name localhost;
+        ssl_certificate $work/cert.pem;
+        ssl_certificate_key $work/key.pem;
+        location / {
+            proxy_pass http://backend;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_set_header Host \$http_host;
+            proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for;
+            proxy_set_header X-Forwarded-Proto \$scheme;
+        }
+    }
+}
+EOF
+result[nginx]=$(count nginx nginx -p "$work/nginx" -c "$work/nginx/nginx.conf")
+labels+=(nginx)
+
+git_rev=$(git -C "$root" rev-parse --short HEAD 2>/dev/null || echo unknown)
+git -C "$root" diff --quiet HEAD -- crates/proxy 2>/dev/null || git_rev="$git_rev + uncommitted changes in crates/proxy"
+declare -A name=([phoenix]="Phoenix (git $git_rev)" [alt]="Phoenix, ${PHOENIX_ALT_LABEL:-${PHOENIX_ALT:-}}" [nginx]="nginx $(nginx -v 2>&1 | sed 's/.*nginx\///')")
+section=$(
+    echo "- Date: $(date -u '+%Y-%m-%d %H:%M') UTC; \`bench/proxy-instructions.sh $n\`: $n requests for 100 bytes over 16 keep-alive HTTPS connections (h2load --h1), after 2,000 not counted; valgrind $(valgrind --version | sed 's/valgrind-//')"
+    echo ""
+    echo "| proxy | user-space instructions per request | ÷ nginx |"
+    echo "|---|---:|---:|"
+    for l in "${labels[@]}"; do
+        ratio=$(awk -v a="${result[$l]}" -v b="${result[nginx]}" 'BEGIN{printf "%.2f", a / b}')
+        printf '| %s | %s | %s |\n' "${name[$l]}" "$(echo "${result[$l]}" | sed ':a;s/\B[0-9]\{3\}\>/,&/;ta')" "$ratio"
+    done
+)
+printf '%s\n' "$section"
+if [ $write = yes ]; then
+    printf '%s\n' "$section" | python3 "$root/bench/splice-section.py" proxy-instructions "$root/BENCHMARKS.md"
+    echo "BENCHMARKS.md: proxy-instructions section written" >&2
+fi
