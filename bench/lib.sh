@@ -29,6 +29,25 @@ need_bins() { # DIR HOW-TO-BUILD NAME...
     for b in "$@"; do [ -x "$dir/$b" ] || die "no $dir/$b: $how"; done
 }
 
+# For the scripts that run servers on loopback (proxy.sh,
+# proxy-instructions.sh): a port, and waiting for a listener on it.
+free_port() { # a random TCP port that no socket uses now
+    local p
+    while :; do
+        p=$((20000 + RANDOM % 12000))
+        [ -z "$(ss -Htan "sport = :$p")" ] && { echo $p; return; }
+    done
+}
+wait_port() { # PORT [SECONDS]: waits until something listens on PORT (10 s)
+    local i
+    for ((i = 0; i < ${2:-10} * 10; i++)); do
+        [ -n "$(ss -Htln "sport = :$1")" ] && return 0
+        sleep 0.1
+    done
+    echo "nothing listens on port $1" >&2
+    return 1
+}
+
 # The command line a report names: bench/NAME.sh [--write] ARGS, with
 # PHOENIX_BINS in front when the binaries came from another build.
 # Usage (after the --write flag was shifted off): bench_command bench/x.sh "$@"

@@ -25,7 +25,7 @@ umask 077
 write=no
 if [ "${1:-}" = "--write" ]; then write=yes; shift; fi
 n=${1:-20000}
-root=$(cd "$(dirname "$0")/.." && pwd)
+. "$(dirname "$0")/lib.sh" # root, free_port, wait_port
 serve=$root/target/release/examples/serve
 [ -x "$serve" ] || { echo "build first: cargo build --release -p phoenix-proxy --example serve" >&2; exit 1; }
 for t in valgrind callgrind_control callgrind_annotate h2load nginx openssl ss; do
@@ -43,21 +43,6 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM HUP
 
-free_port() {
-    local p
-    while :; do
-        p=$((20000 + RANDOM % 12000))
-        [ -z "$(ss -Htan "sport = :$p")" ] && { echo $p; return; }
-    done
-}
-wait_port() { # port -> waits until something listens on it (60 s: valgrind starts slowly)
-    for _ in $(seq 300); do
-        [ -n "$(ss -Htln "sport = :$1")" ] && return 0
-        sleep 0.2
-    done
-    echo "nothing listens on port $1" >&2
-    return 1
-}
 run_user=""
 [ "$(id -u)" = 0 ] && run_user="user root;"
 temp_paths() { echo "client_body_temp_path $1/cb; proxy_temp_path $1/p; fastcgi_temp_path $1/f; uwsgi_temp_path $1/u; scgi_temp_path $1/s;"; }
@@ -97,7 +82,7 @@ count() {
     valgrind --tool=callgrind --callgrind-out-file="$dir/cg.out" "$@" >"$dir/out.log" 2>&1 &
     local vp=$!
     pids+=($vp)
-    wait_port "$pport" || { cat "$dir/out.log" >&2; exit 1; }
+    wait_port "$pport" 60 || { cat "$dir/out.log" >&2; exit 1; } # valgrind starts slowly
     h2load --h1 -n 2000 -c 16 -t 1 "https://localhost:$pport/small" >/dev/null 2>&1
     callgrind_control -z $vp >/dev/null
     local got

@@ -35,7 +35,7 @@ secs=${1:-10}
 rounds=${2:-3}
 conns=${3:-64}
 threads=2
-root=$(cd "$(dirname "$0")/.." && pwd)
+. "$(dirname "$0")/lib.sh" # root, free_port, wait_port
 serve=$root/target/release/examples/serve
 [ -x "$serve" ] || { echo "build first: cargo build --release -p phoenix-proxy --example serve" >&2; exit 1; }
 for t in wrk nginx haproxy caddy openssl curl python3 ss ps; do
@@ -52,24 +52,6 @@ cleanup() {
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM HUP
-
-taken=" "
-free_port() { # a TCP port nothing listens on, not handed out before
-    local p
-    while :; do
-        p=$((20000 + RANDOM % 12000))
-        case "$taken" in *" $p "*) continue ;; esac
-        if [ -z "$(ss -Htan "sport = :$p")" ]; then taken="$taken$p "; echo $p; return; fi
-    done
-}
-wait_port() { # port -> waits until something listens on it (10 s)
-    for _ in $(seq 100); do
-        [ -n "$(ss -Htln "sport = :$1")" ] && return 0
-        sleep 0.1
-    done
-    echo "nothing listens on port $1" >&2
-    return 1
-}
 
 # --- TLS: one self-signed ECDSA P-256 certificate for "localhost" ---------
 openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes \
