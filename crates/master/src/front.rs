@@ -51,6 +51,8 @@ pub struct ProxySettings {
     /// For an instance to start answering.
     pub response_timeout: std::time::Duration,
     pub max_conns_per_ip: usize,
+    /// Requests in flight at once from one client address (429 beyond).
+    pub max_requests_per_ip: usize,
     /// Proxy threads, each with its own runtime, proxy and listeners;
     /// `None`: the CPUs the master may use, at most 4.
     pub threads: Option<usize>,
@@ -89,6 +91,7 @@ impl Front {
             backend_connect_timeout: settings.connect_timeout,
             backend_response_timeout: settings.response_timeout,
             max_connections_per_ip: settings.max_conns_per_ip,
+            max_requests_per_ip: settings.max_requests_per_ip,
             ..phoenix_proxy::ProxyConfig::default()
         };
         let proxy = phoenix_proxy::Shards::new(

@@ -468,9 +468,15 @@ pub struct MasterArgs {
     /// the client gets a 504.
     #[arg(long, default_value_t = 60_000, value_parser = clap::value_parser!(u64).range(100..=86_400_000))]
     pub proxy_response_timeout_ms: u64,
-    /// The proxy: client connections open at once from one IP address.
+    /// The proxy: client connections open at once from one IPv4 address
+    /// or one IPv6 /64.
     #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
     pub proxy_max_conns_per_ip: u64,
+    /// The proxy: requests in flight at once from one IPv4 address or one
+    /// IPv6 /64, over all its connections and HTTP/2 streams; more get
+    /// 429.
+    #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    pub proxy_max_requests_per_ip: u64,
     /// The proxy: threads, each with its own event loop, taking new
     /// connections from the same listeners, like nginx's workers. Default:
     /// the CPUs, at most 4.

@@ -93,6 +93,8 @@ fn run(cli: Cli) -> Result<()> {
                     response_timeout: Duration::from_millis(a.proxy_response_timeout_ms),
                     max_conns_per_ip: usize::try_from(a.proxy_max_conns_per_ip)
                         .unwrap_or(usize::MAX),
+                    max_requests_per_ip: usize::try_from(a.proxy_max_requests_per_ip)
+                        .unwrap_or(usize::MAX),
                     threads: a.proxy_threads.map(|n| usize::try_from(n).unwrap_or(64)),
                 }),
             };

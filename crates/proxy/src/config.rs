@@ -34,6 +34,10 @@ pub struct ProxyConfig {
     /// /64 (what one host can hold whole); more are closed at once.
     /// Default 256.
     pub max_connections_per_ip: usize,
+    /// Requests in flight at once from one IPv4 address or one IPv6 /64,
+    /// over all its connections and HTTP/2 streams; more get 429. Default
+    /// 1024.
+    pub max_requests_per_ip: usize,
     /// Concurrent HTTP/2 streams per client connection. Default 128.
     pub h2_max_concurrent_streams: u32,
     /// After [`Proxy::shutdown`](crate::Proxy::shutdown), how long
@@ -71,6 +75,7 @@ impl Default for ProxyConfig {
             backend_response_timeout: Duration::from_secs(60),
             max_connections: 16384,
             max_connections_per_ip: 256,
+            max_requests_per_ip: 1024,
             h2_max_concurrent_streams: 128,
             shutdown_grace: Duration::from_secs(10),
             https_port: 443,

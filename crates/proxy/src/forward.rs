@@ -58,6 +58,16 @@ pub(crate) async fn handle(
     request: Request<Incoming>,
 ) -> Response<Guarded> {
     let active = conn.begin();
+    if active.over_limit() {
+        let mut response = plain(
+            StatusCode::TOO_MANY_REQUESTS,
+            "phoenix: too many requests in flight from this address\n",
+        );
+        response
+            .headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        return response.map(|body| Guarded::new(body, None, active));
+    }
     let (response, outstanding) = route(inner, conn, request).await;
     response.map(|body| Guarded::new(body, outstanding, active))
 }

@@ -432,6 +432,7 @@ fn check(config: &ProxyConfig) -> Result<(), ProxyError> {
         ),
         ("max_connections", config.max_connections == 0),
         ("max_connections_per_ip", config.max_connections_per_ip == 0),
+        ("max_requests_per_ip", config.max_requests_per_ip == 0),
         (
             "h2_max_concurrent_streams",
             config.h2_max_concurrent_streams == 0,
@@ -472,6 +473,7 @@ impl Shared {
             limits: Arc::new(Limits::new(
                 config.max_connections,
                 config.max_connections_per_ip,
+                config.max_requests_per_ip,
             )),
             auth: Arc::new(auth::Auth::new(
                 config.auth_cache_ttl,

@@ -51,22 +51,34 @@ use crate::Inner;
 use crate::phase::Phase;
 
 /// Connection limits: overall (a semaphore the accept loops wait on) and
-/// per client IP (a count; over it, the connection is closed at once).
+/// per client IP (a count; over it, the connection is closed at once);
+/// and requests in flight per client IP (over it, 429).
 #[derive(Debug)]
 pub(crate) struct Limits {
     pub global: Arc<Semaphore>,
     open: AtomicU64,
-    per_ip: Mutex<HashMap<IpAddr, usize>>,
+    per_ip: Mutex<HashMap<IpAddr, Arc<Client>>>,
     max_per_ip: usize,
+    max_requests_per_ip: usize,
+}
+
+/// What one client (see [`client_key`]) holds: connections (changed under
+/// the map's lock) and requests in flight (changed by each request without
+/// it, an atomic add and subtract).
+#[derive(Debug, Default)]
+struct Client {
+    conns: AtomicUsize,
+    requests: AtomicUsize,
 }
 
 impl Limits {
-    pub fn new(max: usize, max_per_ip: usize) -> Self {
+    pub fn new(max: usize, max_per_ip: usize, max_requests_per_ip: usize) -> Self {
         Limits {
             global: Arc::new(Semaphore::new(max.max(1))),
             open: AtomicU64::new(0),
             per_ip: Mutex::new(HashMap::new()),
             max_per_ip: max_per_ip.max(1),
+            max_requests_per_ip: max_requests_per_ip.max(1),
         }
     }
 
@@ -78,14 +90,15 @@ impl Limits {
     fn admit(self: &Arc<Self>, ip: IpAddr, permit: OwnedSemaphorePermit) -> Option<Slot> {
         let ip = client_key(ip);
         let mut per_ip = self.per_ip.lock().unwrap_or_else(|e| e.into_inner());
-        let count = per_ip.entry(ip).or_insert(0);
-        if *count >= self.max_per_ip {
+        let client = per_ip.entry(ip).or_default();
+        if client.conns.load(Ordering::Relaxed) >= self.max_per_ip {
             return None;
         }
-        *count += 1;
+        client.conns.fetch_add(1, Ordering::Relaxed);
         self.open.fetch_add(1, Ordering::Relaxed);
         Some(Slot {
             limits: self.clone(),
+            client: client.clone(),
             ip,
             _permit: permit,
         })
@@ -108,6 +121,7 @@ fn client_key(ip: IpAddr) -> IpAddr {
 #[derive(Debug)]
 struct Slot {
     limits: Arc<Limits>,
+    client: Arc<Client>,
     ip: IpAddr,
     _permit: OwnedSemaphorePermit,
 }
@@ -116,11 +130,8 @@ impl Drop for Slot {
     fn drop(&mut self) {
         self.limits.open.fetch_sub(1, Ordering::Relaxed);
         let mut per_ip = self.limits.per_ip.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(count) = per_ip.get_mut(&self.ip) {
-            *count -= 1;
-            if *count == 0 {
-                per_ip.remove(&self.ip);
-            }
+        if self.client.conns.fetch_sub(1, Ordering::Relaxed) == 1 {
+            per_ip.remove(&self.ip);
         }
     }
 }
@@ -178,17 +189,30 @@ pub(crate) struct Conn {
     /// Milliseconds after `start` of the last request's start or end.
     last: AtomicU64,
     start: Instant,
-    _slot: Slot,
+    slot: Slot,
     _tracked: Tracked,
 }
 
-/// One request in flight on a client connection.
+/// One request in flight on a client connection (and for its client).
 #[derive(Debug)]
 pub struct Active(Arc<Conn>);
+
+impl Active {
+    /// Whether the client has more requests in flight than
+    /// `max_requests_per_ip`, this one included: it is then answered 429.
+    /// (HTTP/2 multiplies a client's connections by its streams; the
+    /// requests, each holding a connection to an instance, are what one
+    /// client could otherwise take from the others.)
+    pub fn over_limit(&self) -> bool {
+        let slot = &self.0.slot;
+        slot.client.requests.load(Ordering::Relaxed) > slot.limits.max_requests_per_ip
+    }
+}
 
 impl Conn {
     pub fn begin(self: &Arc<Self>) -> Active {
         self.inflight.fetch_add(1, Ordering::SeqCst);
+        self.slot.client.requests.fetch_add(1, Ordering::Relaxed);
         self.requested.store(true, Ordering::Relaxed);
         self.touch();
         Active(self.clone())
@@ -223,6 +247,7 @@ impl Conn {
 impl Drop for Active {
     fn drop(&mut self) {
         self.0.touch();
+        self.0.slot.client.requests.fetch_sub(1, Ordering::Relaxed);
         self.0.inflight.fetch_sub(1, Ordering::SeqCst);
     }
 }
@@ -278,7 +303,7 @@ pub(crate) async fn serve(inner: Arc<Inner>, listener: TcpListener, tls: bool) {
             requested: AtomicBool::new(false),
             last: AtomicU64::new(0),
             start: Instant::now(),
-            _slot: slot,
+            slot,
             _tracked: inner.tasks.track(),
         });
         let inner = inner.clone();
@@ -410,7 +435,7 @@ mod tests {
 
     #[test]
     fn an_ipv6_client_counts_by_its_64_and_an_ipv4_one_by_its_address() {
-        let limits = Arc::new(Limits::new(100, 2));
+        let limits = Arc::new(Limits::new(100, 2, 10));
         let admit = |ip: &str| {
             let permit = Arc::new(Semaphore::new(1)).try_acquire_owned().unwrap();
             limits.admit(ip.parse().unwrap(), permit)

@@ -184,6 +184,57 @@ async fn an_idle_http2_connection_is_closed_but_a_long_request_is_not() {
 }
 
 #[tokio::test]
+async fn requests_in_flight_per_ip_are_limited_over_http2_streams() {
+    let a = Backend::start("a").await;
+    let p = start_proxy(
+        ProxyConfig {
+            max_requests_per_ip: 2,
+            ..ProxyConfig::default()
+        },
+        vec![Route::new("a.test", vec![a.instance()])],
+    )
+    .await;
+    // One connection, many streams: what the connection limit alone lets
+    // one client multiply.
+    let tcp = TcpStream::connect(p.http).await.unwrap();
+    let (sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let send = |path: &'static str| {
+        let mut sender = sender.clone();
+        tokio::spawn(async move {
+            let request = Request::get(format!("http://a.test{path}"))
+                .body(empty())
+                .unwrap();
+            sender.send_request(request).await.unwrap().status()
+        })
+    };
+    let held = [send("/hold"), send("/hold")];
+    wait_until("two requests held at the instance", || {
+        p.proxy.outstanding("a") == 2
+    })
+    .await;
+    let third = tokio::time::timeout(Duration::from_secs(5), send("/"))
+        .await
+        .expect("answered at once")
+        .unwrap();
+    assert_eq!(third, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(a.hits(), 2, "the third never reached the instance");
+    a.release.add_permits(2);
+    for held in held {
+        assert_eq!(held.await.unwrap(), StatusCode::OK);
+    }
+    // Places free again once those are done.
+    let fourth = tokio::time::timeout(Duration::from_secs(5), send("/"))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(fourth, StatusCode::OK);
+}
+
+#[tokio::test]
 async fn connections_per_ip_are_limited() {
     let a = Backend::start("a").await;
     let p = start_proxy(
