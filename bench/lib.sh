@@ -30,7 +30,14 @@ need_bins() { # DIR HOW-TO-BUILD NAME...
 }
 
 # For the scripts that run servers on loopback (proxy.sh,
-# proxy-instructions.sh): a port, and waiting for a listener on it.
+# proxy-instructions.sh): a port, waiting for a listener on it, and
+# stopping what they started (the pids in their array pids).
+kill_pids() { # SECONDS: TERM to every pid in pids, then KILL after SECONDS
+    local p
+    for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+    sleep "$1"
+    for p in "${pids[@]}"; do kill -9 "$p" 2>/dev/null || true; done
+}
 free_port() { # a random TCP port that no socket uses now
     local p
     while :; do

@@ -28,16 +28,12 @@ n=${1:-20000}
 . "$(dirname "$0")/lib.sh" # root, free_port, wait_port
 serve=$root/target/release/examples/serve
 [ -x "$serve" ] || { echo "build first: cargo build --release -p phoenix-proxy --example serve" >&2; exit 1; }
-for t in valgrind callgrind_control callgrind_annotate h2load nginx openssl ss; do
-    command -v $t >/dev/null || { echo "missing $t (apt-get install valgrind nghttp2-client nginx openssl iproute2)" >&2; exit 1; }
-done
+need_tools "valgrind nghttp2-client nginx openssl iproute2" valgrind callgrind_control callgrind_annotate h2load nginx openssl ss
 
 work=$(mktemp -d /tmp/phoenix-proxy-instr.XXXXXX)
 pids=()
 cleanup() {
-    for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-    sleep 1
-    for p in "${pids[@]}"; do kill -9 "$p" 2>/dev/null || true; done
+    kill_pids 1 # valgrind writes its last dump on TERM
     rm -rf "$work"
 }
 trap cleanup EXIT

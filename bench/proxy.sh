@@ -38,16 +38,12 @@ threads=2
 . "$(dirname "$0")/lib.sh" # root, free_port, wait_port
 serve=$root/target/release/examples/serve
 [ -x "$serve" ] || { echo "build first: cargo build --release -p phoenix-proxy --example serve" >&2; exit 1; }
-for t in wrk nginx haproxy caddy openssl curl python3 ss ps; do
-    command -v $t >/dev/null || { echo "missing $t (apt-get install wrk nginx haproxy caddy openssl curl python3 iproute2 procps)" >&2; exit 1; }
-done
+need_tools "wrk nginx haproxy caddy openssl curl python3 iproute2 procps" wrk nginx haproxy caddy openssl curl python3 ss ps
 
 work=$(mktemp -d /tmp/phoenix-proxy-bench.XXXXXX)
 pids=()
 cleanup() {
-    for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-    sleep 0.5
-    for p in "${pids[@]}"; do kill -9 "$p" 2>/dev/null || true; done
+    kill_pids 0.5
     rm -rf "$work"
 }
 trap cleanup EXIT
