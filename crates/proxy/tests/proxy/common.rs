@@ -275,6 +275,22 @@ pub async fn start_proxy(config: ProxyConfig, routes: Vec<Route>) -> TestProxy {
     }
 }
 
+/// One HTTP/2 connection with prior knowledge (no TLS) to `addr`, and the
+/// task driving it (it ends when the proxy closes the connection).
+pub async fn h2c(
+    addr: SocketAddr,
+) -> (
+    hyper::client::conn::http2::SendRequest<TestBody>,
+    tokio::task::JoinHandle<hyper::Result<()>>,
+) {
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let (sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
+            .await
+            .unwrap();
+    (sender, tokio::spawn(conn))
+}
+
 /// A keep-alive HTTP/1 client.
 pub fn client() -> Client<HttpConnector, TestBody> {
     Client::builder(TokioExecutor::new()).build(HttpConnector::new())

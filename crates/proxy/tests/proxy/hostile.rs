@@ -134,10 +134,10 @@ async fn a_hook_body_that_never_ends_is_dropped_and_few_are_read_at_once() {
 #[tokio::test]
 async fn an_h2c_upgrade_is_not_passed_to_the_instance() {
     // An instance that took `Upgrade: h2c` would make the connection a
-    // tunnel, and the client's later requests on it would reach the
-    // instance untouched by the proxy: an X-Forwarded-For of the client's
-    // choosing last, no route or auth check (h2c smuggling). WebSockets
-    // are the upgrade the proxy passes on.
+    // tunnel, and the client's later requests on it would reach that
+    // service untouched by the proxy: no basic auth check after the first,
+    // an X-Forwarded-For of the client's choosing (h2c smuggling).
+    // WebSockets are the upgrade the proxy passes on.
     let a = Backend::start("a").await;
     let p = start_proxy(
         ProxyConfig::default(),

@@ -3,7 +3,6 @@
 use std::time::{Duration, Instant};
 
 use http::{Request, StatusCode};
-use hyper_util::rt::{TokioExecutor, TokioIo};
 use phoenix_proxy::{ProxyConfig, Route};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -160,12 +159,7 @@ async fn an_idle_http2_connection_is_closed_but_a_long_request_is_not() {
     )
     .await;
     // HTTP/2 with prior knowledge on plain HTTP.
-    let tcp = TcpStream::connect(p.http).await.unwrap();
-    let (mut sender, conn) =
-        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
-            .await
-            .unwrap();
-    let conn = tokio::spawn(conn);
+    let (mut sender, conn) = h2c(p.http).await;
     let request = Request::get("http://a.test/hold").body(empty()).unwrap();
     let held = tokio::spawn(sender.send_request(request));
     // The request outlasts the idle timeout several times over.
@@ -196,12 +190,7 @@ async fn requests_in_flight_per_ip_are_limited_over_http2_streams() {
     .await;
     // One connection, many streams: what the connection limit alone lets
     // one client multiply.
-    let tcp = TcpStream::connect(p.http).await.unwrap();
-    let (sender, conn) =
-        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
-            .await
-            .unwrap();
-    tokio::spawn(conn);
+    let (sender, _conn) = h2c(p.http).await;
     let send = |path: &'static str| {
         let mut sender = sender.clone();
         tokio::spawn(async move {
