@@ -9,7 +9,8 @@
 //! passwords can only queue other first logins behind it: cached
 //! credentials are checked before the queue. An unknown user costs a
 //! bcrypt check like a wrong password (against the route's first entry, so
-//! at its cost), so timing does not tell which users exist. Nothing here logs a header, a password or a hash.
+//! at its cost), so timing does not tell which users exist. Nothing here
+//! logs a header, a password or a hash.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};

@@ -53,13 +53,14 @@
 //! upload or server-sent events cost a connection's buffers, not their
 //! size. `Upgrade` requests (WebSocket) get the instance's 101 and then a
 //! byte tunnel; `Upgrade: h2c` is not passed on (it would tunnel requests
-//! past the proxy), the request goes as a plain one. Hop-by-hop headers are removed; `X-Forwarded-For` is
-//! appended to (its last entry is the one the proxy vouches for: earlier
-//! ones are whatever the client sent), `X-Forwarded-Proto` and
-//! `X-Forwarded-Host` set, `Host` kept as the client sent it. WebSockets
-//! over HTTP/2 (extended CONNECT) are not offered, so browsers open them
-//! over HTTP/1.1. Paths with `.`/`..` segments are refused
-//! (400) so that prefix routing and authentication cannot be walked around.
+//! past the proxy), the request goes as a plain one. Hop-by-hop headers
+//! are removed; `X-Forwarded-For` is appended to (its last entry is the
+//! one the proxy vouches for: earlier ones are whatever the client sent),
+//! `X-Forwarded-Proto` and `X-Forwarded-Host` set, `Host` kept as the
+//! client sent it. WebSockets over HTTP/2 (extended CONNECT) are not
+//! offered, so browsers open them over HTTP/1.1. Paths with `.`/`..`
+//! segments are refused (400) so that prefix routing and authentication
+//! cannot be walked around.
 //!
 //! **TLS** ([`Certs`], [`Challenges`]): certificates by SNI from a map the
 //! ACME code (or anyone) updates at runtime; ALPN offers h2 and http/1.1;
