@@ -19,14 +19,15 @@
 #   --write also puts the section into BENCHMARKS.md (between
 #   <!-- proxy-instructions:begin --> and <!-- proxy-instructions:end -->).
 # PHOENIX_ALT=PATH [PHOENIX_ALT_LABEL=TEXT] also counts another build of
-# the serve example (an A/B).
+# the serve example (an A/B). PROXY_PROFILE_DIR=DIR keeps each callgrind
+# profile there (LABEL.callgrind) for callgrind_annotate.
 set -euo pipefail
 umask 077
 write=no
 if [ "${1:-}" = "--write" ]; then write=yes; shift; fi
 n=${1:-20000}
 . "$(dirname "$0")/lib.sh" # root, free_port, wait_port
-serve=$root/target/release/examples/serve
+serve=${PHOENIX_SERVE:-$root/target/release/examples/serve}
 [ -x "$serve" ] || { echo "build first: cargo build --release -p phoenix-proxy --example serve" >&2; exit 1; }
 need_tools "valgrind nghttp2-client nginx openssl iproute2" valgrind callgrind_control callgrind_annotate h2load nginx openssl ss
 
@@ -92,6 +93,7 @@ count() {
     sleep 1 # the dump finished writing
     kill $vp 2>/dev/null || true
     wait $vp 2>/dev/null || true
+    [ -n "${PROXY_PROFILE_DIR:-}" ] && mkdir -p "$PROXY_PROFILE_DIR" && cp "$f" "$PROXY_PROFILE_DIR/$label.callgrind"
     total=$(callgrind_annotate "$f" 2>/dev/null | awk '/PROGRAM TOTALS/{gsub(",", "", $1); print $1; exit}')
     echo $((total / n))
 }

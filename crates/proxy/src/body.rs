@@ -1,5 +1,5 @@
-//! Body plumbing: the boxed body type, bodies that hold guards until they
-//! end, and a request body that tells when it has been sent whole.
+//! Body plumbing: the boxed body type and bodies that hold guards until
+//! they end.
 
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -8,7 +8,6 @@ use bytes::Bytes;
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Empty, Full};
-use tokio::sync::oneshot;
 
 use crate::balance::Outstanding;
 use crate::server::Active;
@@ -67,61 +66,6 @@ impl HttpBody for Guarded {
             Poll::Ready(None) | Poll::Ready(Some(Err(_))) => self.release(),
             Poll::Ready(Some(Ok(_))) if self.inner.is_end_stream() => self.release(),
             _ => {}
-        }
-        polled
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
-}
-
-/// A request body that reports, once, when its last frame has been read
-/// (or it was empty): the backend's response timeout counts from then, so
-/// a slow upload is not mistaken for a slow backend.
-pub(crate) struct Sent<B> {
-    inner: B,
-    done: Option<oneshot::Sender<()>>,
-}
-
-impl<B: HttpBody + Unpin> Sent<B> {
-    /// The body, and what tells when it has been sent: `None` when it is
-    /// empty (sent as soon as the head is).
-    pub fn new(inner: B) -> (Self, Option<oneshot::Receiver<()>>) {
-        if inner.is_end_stream() {
-            return (Sent { inner, done: None }, None);
-        }
-        let (tx, rx) = oneshot::channel();
-        (
-            Sent {
-                inner,
-                done: Some(tx),
-            },
-            Some(rx),
-        )
-    }
-}
-
-impl<B: HttpBody + Unpin> HttpBody for Sent<B> {
-    type Data = B::Data;
-    type Error = B::Error;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
-        let polled = Pin::new(&mut self.inner).poll_frame(cx);
-        let finished = match &polled {
-            Poll::Ready(None) => true,
-            Poll::Ready(Some(Ok(_))) => self.inner.is_end_stream(),
-            _ => false,
-        };
-        if finished && let Some(tx) = self.done.take() {
-            let _ = tx.send(());
         }
         polled
     }

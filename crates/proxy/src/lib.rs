@@ -48,7 +48,8 @@
 //!
 //! **Forwarding** (`forward`): HTTP/1.1 and HTTP/2 from clients (HTTP/2 by
 //! ALPN on TLS, or prior knowledge on plain HTTP), HTTP/1.1 with pooled
-//! keep-alive connections to instances. Bodies stream both ways frame by
+//! keep-alive connections to instances, spoken by the client connection's
+//! own task (`h1`, `pool`). Bodies stream both ways frame by
 //! frame with backpressure; nothing is buffered whole, so a download, an
 //! upload or server-sent events cost a connection's buffers, not their
 //! size. `Upgrade` requests (WebSocket) get the instance's 101 and then a
@@ -101,6 +102,8 @@ mod balance;
 mod body;
 mod config;
 mod forward;
+mod h1;
+mod headers;
 mod hooks;
 mod phase;
 mod pool;
@@ -211,13 +214,13 @@ impl Proxy {
     pub(crate) fn with_shared(config: ProxyConfig, shared: &Shared) -> Result<Proxy, ProxyError> {
         let pool = pool::PoolConfig {
             connect_timeout: config.backend_connect_timeout,
+            response_timeout: config.backend_response_timeout,
             idle_timeout: config.backend_pool_idle_timeout,
             max_idle: config.backend_pool_max_idle,
-            // hyper grows a connection's read buffer up to ~400 KiB while a
-            // large body streams, and a pooled connection keeps it while
-            // idle: 1 MiB responses left ~370 KiB in each (bench/proxy.sh:
-            // 52 MiB RSS with 65 idle connections, 16 MiB with this cap, at
-            // the same CPU per request). It also bounds a response head.
+            // A connection's reads grow while a large body streams, and a
+            // pooled connection keeps its buffer while idle: capped, 65
+            // idle connections hold at most 4 MiB. It also bounds a
+            // response head.
             max_buf: BACKEND_READ_BUF,
         };
 

@@ -1,40 +1,43 @@
-//! Keep-alive HTTP/1.1 connections to instances: each instance keeps a
-//! stack of idle connections, a request takes the most recently used one
-//! (or connects), and its response body puts the connection back when it
-//! has been read to the end.
+//! Keep-alive HTTP/1.1 connections to instances and the exchange of one
+//! request over one: each instance keeps a stack of idle connections, a
+//! request takes the most recently used one (or connects), writes its head
+//! and body, and reads the response head; its response body
+//! ([`PooledBody`]) reads the rest and puts the connection back when it
+//! has read the body to its end.
 //!
-//! This replaces hyper-util's pooled `Client`, which per request boxed the
-//! response future, took the pool's lock twice, made a oneshot channel for
-//! the body's end and spawned a task to put the connection back once it
-//! was ready again; and which needed an absolute URI (formatted and parsed
-//! per request) only to turn it back into the origin form. Here a request
-//! costs a lock to take a connection and one to return it, and the
-//! connection's own task (hyper's dispatcher, spawned at connect) does the
-//! rest. A connection returned before hyper has finished with the previous
-//! exchange is waited for (`ready`) by the next request that takes it.
+//! All of it runs in the client connection's task: no task a connection,
+//! no channel between the two. The wire format is `h1`'s.
 //!
-//! A connection goes back only when its response body was read whole;
-//! one dropped early (the client went away) is closed. Connections idle
-//! longer than `backend_pool_idle_timeout` are closed by [`Idle::sweep`],
-//! which the accept loops run, and a connection the instance closed is
-//! dropped when next seen.
+//! A connection goes back only when its response body was read whole, the
+//! instance did not ask to close, and nothing followed the body; one
+//! dropped early (the client went away) is closed. An idle connection has
+//! no task watching it: one that the instance closed, or that has bytes
+//! nobody asked for, is found out when taken (a look at its readiness,
+//! without a syscall unless the socket is readable) and by the sweep.
+//! Connections idle longer than `backend_pool_idle_timeout` are closed by
+//! [`Idle::sweep`], which the accept loops run.
 
 use std::collections::VecDeque;
-use std::pin::Pin;
+use std::future::{Future, poll_fn};
+use std::io::{self, IoSlice};
+use std::pin::{Pin, pin};
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Waker, ready};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use http::{Request, Response};
+use bytes::{Bytes, BytesMut};
+use http::StatusCode;
 use http_body::{Body as HttpBody, Frame, SizeHint};
-use hyper::body::Incoming;
-use hyper::client::conn::http1::{self, SendRequest};
-use hyper_util::rt::TokioIo;
+use http_body_util::BodyExt;
 use tokio::net::TcpStream;
 
 use crate::balance::InstanceState;
-use crate::body::Body;
+use crate::body::BoxError;
+use crate::h1::{Decoded, Decoder, H1Error, ResponseHead};
+
+/// The first read of a connection reserves this much; reads that fill
+/// their room double it, up to `PoolConfig::max_buf`.
+const FIRST_READ: usize = 8 * 1024;
 
 /// Why a request got no response from an instance.
 #[derive(Debug, thiserror::Error)]
@@ -42,16 +45,126 @@ pub(crate) enum SendError {
     /// No connection could be made (refused, unreachable, timed out): the
     /// request never left the proxy.
     #[error("connecting: {0}")]
-    Connect(std::io::Error),
-    /// The connection broke or the instance answered garbage.
+    Connect(io::Error),
+    /// The connection ended (or could not be written) before any byte of
+    /// an answer.
+    #[error("the connection closed before any answer: {0}")]
+    Unanswered(io::Error),
+    /// The connection broke in the middle of the response head.
+    #[error("the connection broke: {0}")]
+    Broken(io::Error),
     #[error(transparent)]
-    Http(#[from] hyper::Error),
+    Response(#[from] H1Error),
+    /// No response head within `backend_response_timeout` of the request's
+    /// end.
+    #[error("no answer in time")]
+    Timeout,
+    /// The client's request body failed (the client went away, or sent a
+    /// body that does not match its framing): no fault of the instance.
+    #[error("the request body: {0}")]
+    ClientBody(BoxError),
 }
 
 impl SendError {
     pub fn is_connect(&self) -> bool {
         matches!(self, SendError::Connect(_))
     }
+}
+
+/// A connection to an instance and what has been read from it. The
+/// socket is shared with a request body still being sent while the
+/// response comes ([`Writer`]).
+#[derive(Debug)]
+pub(crate) struct Upstream {
+    stream: Arc<TcpStream>,
+    buf: BytesMut,
+    read_size: usize,
+    max_read: usize,
+}
+
+impl Upstream {
+    fn new(stream: TcpStream, max_read: usize) -> Upstream {
+        Upstream {
+            stream: Arc::new(stream),
+            buf: BytesMut::new(),
+            read_size: FIRST_READ.min(max_read),
+            max_read,
+        }
+    }
+
+    /// The socket and what was read beyond the response head (an upgraded
+    /// connection's first bytes); `None` while a request body is still
+    /// being sent on it.
+    pub fn into_parts(self) -> Option<(TcpStream, BytesMut)> {
+        Arc::try_unwrap(self.stream)
+            .ok()
+            .map(|stream| (stream, self.buf))
+    }
+
+    /// Whether a connection that sat idle can take a request: nothing came
+    /// on it while idle (neither the instance's close nor stray bytes).
+    fn is_open(&self) -> bool {
+        let mut cx = Context::from_waker(Waker::noop());
+        match self.stream.poll_read_ready(&mut cx) {
+            Poll::Pending => true,
+            Poll::Ready(Err(_)) => false,
+            // Readable, or was when last read: a look tells which.
+            Poll::Ready(Ok(())) => matches!(
+                self.stream.try_read(&mut [0u8; 1]),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock
+            ),
+        }
+    }
+
+    fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        poll_fill(
+            &self.stream,
+            &mut self.buf,
+            &mut self.read_size,
+            self.max_read,
+            cx,
+        )
+    }
+}
+
+/// Reads what the socket has into `buf`; `Ok(0)` at its end.
+fn poll_fill(
+    stream: &TcpStream,
+    buf: &mut BytesMut,
+    read_size: &mut usize,
+    max_read: usize,
+    cx: &mut Context<'_>,
+) -> Poll<io::Result<usize>> {
+    if buf.capacity() - buf.len() < *read_size / 2 {
+        buf.reserve(*read_size);
+    }
+    loop {
+        ready!(stream.poll_read_ready(cx))?;
+        let room = buf.capacity() - buf.len();
+        match stream.try_read_buf(buf) {
+            Ok(n) => {
+                if n == room && *read_size < max_read {
+                    *read_size = (*read_size * 2).min(max_read);
+                }
+                return Poll::Ready(Ok(n));
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => return Poll::Ready(Err(e)),
+        }
+    }
+}
+
+/// Writes all of `bufs`.
+async fn write_all(stream: &TcpStream, mut bufs: &mut [IoSlice<'_>]) -> io::Result<()> {
+    while !bufs.is_empty() {
+        match stream.try_write_vectored(bufs) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => IoSlice::advance_slices(&mut bufs, n),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => stream.writable().await?,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 /// An instance's idle connections, the most recently used last.
@@ -62,42 +175,39 @@ pub(crate) struct Idle {
 
 #[derive(Debug)]
 struct IdleConn {
-    sender: SendRequest<Body>,
+    upstream: Upstream,
     since: Instant,
 }
 
 impl Idle {
     /// The most recently used connection that is still open and fresh.
-    fn take(&self, max_age: Duration) -> Option<SendRequest<Body>> {
+    fn take(&self, max_age: Duration) -> Option<Upstream> {
         let mut conns = self.conns.lock().unwrap_or_else(|e| e.into_inner());
         while let Some(conn) = conns.pop_back() {
-            if !conn.sender.is_closed() && conn.since.elapsed() < max_age {
-                return Some(conn.sender);
+            if conn.since.elapsed() < max_age && conn.upstream.is_open() {
+                return Some(conn.upstream);
             }
         }
         None
     }
 
-    /// Keeps `sender` for another request, unless `max` are kept already.
-    fn put(&self, sender: SendRequest<Body>, max: usize) {
-        if sender.is_closed() {
-            return;
-        }
+    /// Keeps `upstream` for another request, unless `max` are kept already.
+    fn put(&self, upstream: Upstream, max: usize) {
         let mut conns = self.conns.lock().unwrap_or_else(|e| e.into_inner());
         if conns.len() < max {
             conns.push_back(IdleConn {
-                sender,
+                upstream,
                 since: Instant::now(),
             });
         }
     }
 
-    /// Closes connections idle for `max_age` or more, and forgets those
-    /// the instance has closed.
+    /// Closes connections idle for `max_age` or more, and those the
+    /// instance has closed.
     pub fn sweep(&self, max_age: Duration) {
         let mut conns = self.conns.lock().unwrap_or_else(|e| e.into_inner());
         if !conns.is_empty() {
-            conns.retain(|c| !c.sender.is_closed() && c.since.elapsed() < max_age);
+            conns.retain(|c| c.since.elapsed() < max_age && c.upstream.is_open());
         }
     }
 
@@ -107,122 +217,372 @@ impl Idle {
     }
 }
 
-/// How connections to instances are made and kept.
+/// How connections to instances are made, used and kept.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct PoolConfig {
     pub connect_timeout: Duration,
+    /// From the request's end to the response head.
+    pub response_timeout: Duration,
     pub idle_timeout: Duration,
     pub max_idle: usize,
-    /// The largest read buffer of a connection (and so response head).
+    /// The largest read (and so the largest response head).
     pub max_buf: usize,
 }
 
-/// Sends `request` (origin-form URI, `Host` set) to `instance` over an idle
-/// connection or a new one. A request that a pooled connection could not
-/// take (it had closed) goes on another, or a new one: it was not sent.
-/// Returns the response and the connection, for [`PooledBody`].
-pub(crate) async fn send(
+/// A request for an instance.
+pub(crate) struct Outgoing<'a, B: 'static> {
+    /// Its head, framing headers included (`h1::RequestHead`).
+    pub head: &'a [u8],
+    /// A HEAD request: the response has no body.
+    pub head_request: bool,
+    /// Its body, if it has one, sent chunked or as is (the head says
+    /// which).
+    pub body: Option<B>,
+    pub chunked: bool,
+}
+
+/// An instance's answer: the response head, the connection its body
+/// comes on, and the rest of the request body when the instance answered
+/// before it had all of it.
+pub(crate) struct Exchange {
+    pub head: ResponseHead,
+    pub upstream: Upstream,
+    pub writer: Option<Writer>,
+}
+
+impl std::fmt::Debug for Exchange {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Exchange")
+            .field("head", &self.head)
+            .field("upstream", &self.upstream)
+            .field("writing", &self.writer.is_some())
+            .finish()
+    }
+}
+
+/// What is left of sending a request body.
+pub(crate) type Writer = Pin<Box<dyn Future<Output = Result<(), BodyError>> + Send>>;
+
+impl Exchange {
+    /// The response, its body read from the connection as it is polled.
+    pub fn into_response(
+        self,
+        instance: Arc<InstanceState>,
+        max_idle: usize,
+    ) -> http::Response<PooledBody> {
+        let ResponseHead {
+            response,
+            decoder,
+            keep_alive,
+        } = self.head;
+        response.map(|()| PooledBody {
+            upstream: Some(self.upstream),
+            writer: self.writer,
+            decoder,
+            keep_alive,
+            instance,
+            max_idle,
+        })
+    }
+}
+
+/// Sends `request` to `instance` over an idle connection or a new one. A
+/// request that a pooled connection could not take (it closed before
+/// answering, and no part of the body was sent) goes on another
+/// connection, or a new one.
+pub(crate) async fn send<B>(
     config: &PoolConfig,
-    instance: &Arc<InstanceState>,
-    mut request: Request<Body>,
-) -> Result<(Response<Incoming>, SendRequest<Body>), SendError> {
+    instance: &InstanceState,
+    request: Outgoing<'_, B>,
+) -> Result<Exchange, SendError>
+where
+    B: HttpBody<Data = Bytes> + Send + Unpin + 'static,
+    B::Error: Into<BoxError> + Send,
+{
+    let had_body = request.body.is_some();
+    let mut body = request.body;
     loop {
-        let (mut sender, reused) = match instance.conns.take(config.idle_timeout) {
-            Some(sender) => (sender, true),
+        let (mut upstream, reused) = match instance.conns.take(config.idle_timeout) {
+            Some(upstream) => (upstream, true),
             None => (connect(config, instance).await?, false),
         };
-        if !sender.is_ready()
-            && let Err(e) = sender.ready().await
-        {
-            if reused {
-                continue;
+        let exchanged = exchange(
+            &mut upstream,
+            request.head,
+            &mut body,
+            request.chunked,
+            request.head_request,
+            config.response_timeout,
+        )
+        .await;
+        match exchanged {
+            Ok((head, writer)) => {
+                return Ok(Exchange {
+                    head,
+                    upstream,
+                    writer,
+                });
             }
-            // A fresh connection that closed before its first request.
-            return Err(SendError::Http(e));
-        }
-        match sender.try_send_request(request).await {
-            Ok(response) => return Ok((response, sender)),
-            Err(mut e) => match e.take_message() {
-                Some(unsent) if reused => request = unsent,
-                _ => return Err(SendError::Http(e.into_error())),
-            },
+            Err(SendError::Unanswered(_)) if reused && (body.is_some() || !had_body) => {}
+            Err(e) => return Err(e),
         }
     }
 }
 
-async fn connect(
-    config: &PoolConfig,
-    instance: &InstanceState,
-) -> Result<SendRequest<Body>, SendError> {
+async fn connect(config: &PoolConfig, instance: &InstanceState) -> Result<Upstream, SendError> {
     let stream = tokio::time::timeout(config.connect_timeout, TcpStream::connect(instance.addr))
         .await
-        .map_err(|_| SendError::Connect(std::io::ErrorKind::TimedOut.into()))?
+        .map_err(|_| SendError::Connect(io::ErrorKind::TimedOut.into()))?
         .map_err(SendError::Connect)?;
     let _ = stream.set_nodelay(true);
-    let (sender, conn) = http1::Builder::new()
-        .max_buf_size(config.max_buf)
-        .handshake(TokioIo::new(stream))
-        .await?;
-    let addr = instance.addr;
-    tokio::spawn(async move {
-        if let Err(e) = conn.with_upgrades().await {
-            tracing::debug!(instance = %addr, error = %e, "proxy: instance connection ended");
-        }
-    });
-    Ok(sender)
+    Ok(Upstream::new(stream, config.max_buf))
 }
 
-/// An instance's response body that puts its connection back into the
-/// instance's pool once read whole (dropped early, the connection closes).
+/// Why sending a request body stopped.
+pub(crate) enum BodyError {
+    Client(BoxError),
+    Instance(io::Error),
+}
+
+/// One request and its response head over `upstream`. The body is taken
+/// out of `body` only once the head is written, and is sent while the
+/// response is read: an instance may answer before it has read all of the
+/// body (a 413, or a response streamed while the request streams), and
+/// then what is left of sending it comes back with the head.
+async fn exchange<B>(
+    upstream: &mut Upstream,
+    head: &[u8],
+    body: &mut Option<B>,
+    chunked: bool,
+    head_request: bool,
+    timeout: Duration,
+) -> Result<(ResponseHead, Option<Writer>), SendError>
+where
+    B: HttpBody<Data = Bytes> + Send + Unpin + 'static,
+    B::Error: Into<BoxError> + Send,
+{
+    write_all(&upstream.stream, &mut [IoSlice::new(head)])
+        .await
+        .map_err(SendError::Unanswered)?;
+    let Upstream {
+        stream,
+        buf,
+        read_size,
+        max_read,
+    } = upstream;
+    let Some(body) = body.take() else {
+        let head = tokio::time::timeout(
+            timeout,
+            read_head(stream, buf, read_size, *max_read, head_request),
+        )
+        .await
+        .map_err(|_| SendError::Timeout)??;
+        return Ok((head, None));
+    };
+    let mut writing: Writer = Box::pin(write_body(stream.clone(), body, chunked));
+    let mut reading = pin!(read_head(stream, buf, read_size, *max_read, head_request));
+    // The response timeout counts once the body is sent, so that a slow
+    // upload is not taken for a slow instance.
+    let mut deadline = pin!(tokio::time::sleep(timeout));
+    let mut sent = false;
+    let mut write_failed = None;
+    loop {
+        tokio::select! {
+            biased;
+            head = &mut reading => {
+                return match (head, write_failed) {
+                    (Ok(mut head), write_failed) => {
+                        if write_failed.is_some() {
+                            // The instance stopped reading the body: the
+                            // connection cannot take another request.
+                            head.keep_alive = false;
+                        }
+                        Ok((head, (!sent).then_some(writing)))
+                    }
+                    (Err(_), Some(e)) => Err(SendError::Broken(e)),
+                    (Err(e), None) => Err(e),
+                };
+            }
+            written = &mut writing, if !sent => {
+                sent = true;
+                deadline.as_mut().reset(tokio::time::Instant::now() + timeout);
+                match written {
+                    Ok(()) => {}
+                    Err(BodyError::Client(e)) => return Err(SendError::ClientBody(e)),
+                    Err(BodyError::Instance(e)) => write_failed = Some(e),
+                }
+            }
+            () = &mut deadline, if sent => return Err(SendError::Timeout),
+        }
+    }
+}
+
+/// Sends a request body, chunked or as is; trailers are dropped.
+async fn write_body<B>(stream: Arc<TcpStream>, mut body: B, chunked: bool) -> Result<(), BodyError>
+where
+    B: HttpBody<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError> + Send,
+{
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| BodyError::Client(e.into()))?;
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        if data.is_empty() {
+            continue;
+        }
+        let written = if chunked {
+            let size = format!("{:x}\r\n", data.len());
+            write_all(
+                &stream,
+                &mut [
+                    IoSlice::new(size.as_bytes()),
+                    IoSlice::new(&data),
+                    IoSlice::new(b"\r\n"),
+                ],
+            )
+            .await
+        } else {
+            write_all(&stream, &mut [IoSlice::new(&data)]).await
+        };
+        written.map_err(BodyError::Instance)?;
+    }
+    if chunked {
+        write_all(&stream, &mut [IoSlice::new(b"0\r\n\r\n")])
+            .await
+            .map_err(BodyError::Instance)?;
+    }
+    Ok(())
+}
+
+/// Reads until a final response head (1xx other than 101 skipped).
+async fn read_head(
+    stream: &TcpStream,
+    buf: &mut BytesMut,
+    read_size: &mut usize,
+    max_read: usize,
+    head_request: bool,
+) -> Result<ResponseHead, SendError> {
+    let mut answered = false;
+    loop {
+        if !buf.is_empty() {
+            answered = true;
+            if let Some(head) = crate::h1::parse_response(buf, head_request)? {
+                let status = head.response.status();
+                if status.is_informational() && status != StatusCode::SWITCHING_PROTOCOLS {
+                    continue;
+                }
+                return Ok(head);
+            }
+            if buf.len() >= max_read {
+                return Err(H1Error::HeadTooLarge(max_read).into());
+            }
+        }
+        let failed = |e| {
+            if answered {
+                SendError::Broken(e)
+            } else {
+                SendError::Unanswered(e)
+            }
+        };
+        match poll_fn(|cx| poll_fill(stream, buf, read_size, max_read, cx)).await {
+            Ok(0) => return Err(failed(io::ErrorKind::UnexpectedEof.into())),
+            Ok(_) => {}
+            Err(e) => return Err(failed(e)),
+        }
+    }
+}
+
+/// An instance's response body, read from its connection as the client
+/// takes it, while what is left of the request body is sent; the
+/// connection goes back to the instance's pool once both have ended
+/// (dropped early, it closes).
 pub(crate) struct PooledBody {
-    inner: Incoming,
-    conn: Option<(SendRequest<Body>, Arc<InstanceState>, usize)>,
+    upstream: Option<Upstream>,
+    writer: Option<Writer>,
+    decoder: Decoder,
+    keep_alive: bool,
+    instance: Arc<InstanceState>,
+    max_idle: usize,
 }
 
 impl PooledBody {
-    pub fn new(
-        inner: Incoming,
-        sender: SendRequest<Body>,
-        instance: Arc<InstanceState>,
-        max_idle: usize,
-    ) -> Self {
-        PooledBody {
-            inner,
-            conn: Some((sender, instance, max_idle)),
+    fn release(&mut self) {
+        if let Some(upstream) = self.upstream.take()
+            && self.keep_alive
+            && self.writer.take().is_none()
+            && upstream.buf.is_empty()
+        {
+            self.instance.conns.put(upstream, self.max_idle);
         }
     }
 
-    fn release(&mut self) {
-        if let Some((sender, instance, max_idle)) = self.conn.take() {
-            instance.conns.put(sender, max_idle);
-        }
+    fn fail(&mut self, e: impl Into<BoxError>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        self.upstream = None;
+        self.writer = None;
+        Poll::Ready(Some(Err(e.into())))
     }
 }
 
 impl HttpBody for PooledBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        let polled = Pin::new(&mut self.inner).poll_frame(cx);
-        match &polled {
-            Poll::Ready(None) => self.release(),
-            Poll::Ready(Some(Ok(_))) if self.inner.is_end_stream() => self.release(),
-            Poll::Ready(Some(Err(_))) => self.conn = None,
-            _ => {}
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        if let Some(writer) = this.writer.as_mut()
+            && let Poll::Ready(written) = writer.as_mut().poll(cx)
+        {
+            this.writer = None;
+            match written {
+                Ok(()) => {}
+                Err(BodyError::Client(e)) => return this.fail(e),
+                Err(BodyError::Instance(_)) => this.keep_alive = false,
+            }
         }
-        polled
+        loop {
+            let Some(upstream) = this.upstream.as_mut() else {
+                return Poll::Ready(None);
+            };
+            match this.decoder.decode(&mut upstream.buf) {
+                Ok(Decoded::Data(data)) => {
+                    if this.decoder.is_done() {
+                        this.release();
+                    }
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                Ok(Decoded::End) => {
+                    this.release();
+                    return Poll::Ready(None);
+                }
+                Ok(Decoded::More) => {}
+                Err(e) => return this.fail(e),
+            }
+            match ready!(upstream.poll_fill(cx)) {
+                Ok(0) => match this.decoder.at_eof() {
+                    Ok(_) => {
+                        this.upstream = None;
+                        return Poll::Ready(None);
+                    }
+                    Err(e) => return this.fail(e),
+                },
+                Ok(_) => {}
+                Err(e) => return this.fail(e),
+            }
+        }
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.decoder.is_done()
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        self.decoder
+            .exact()
+            .map_or_else(SizeHint::default, SizeHint::with_exact)
     }
 }
 
@@ -230,7 +590,7 @@ impl Drop for PooledBody {
     fn drop(&mut self) {
         // A body with nothing to read (HEAD, 204, 304, length 0) is never
         // polled; it is whole all the same.
-        if self.inner.is_end_stream() {
+        if self.decoder.is_done() {
             self.release();
         }
     }
@@ -240,23 +600,25 @@ impl Drop for PooledBody {
 mod tests {
     use super::*;
     use std::net::SocketAddr;
+    use std::sync::atomic::{AtomicUsize, Ordering};
 
-    use http_body_util::BodyExt;
+    use http_body_util::{Empty, Full};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpListener;
     use tokio::sync::Notify;
 
-    /// A backend that answers every request on a connection with `body`,
-    /// counting connections.
-    async fn backend(body: &'static str) -> (SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
+    /// A backend that answers every request head on a connection with
+    /// `response` (whole, as written), counting connections. It reads no
+    /// request bodies.
+    async fn backend(response: &'static str) -> (SocketAddr, Arc<AtomicUsize>) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let accepted = Arc::new(AtomicUsize::new(0));
         let count = accepted.clone();
         tokio::spawn(async move {
             loop {
                 let (mut stream, _) = listener.accept().await.unwrap();
-                count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                count.fetch_add(1, Ordering::SeqCst);
                 tokio::spawn(async move {
                     let mut buf = vec![0u8; 4096];
                     let mut have = Vec::new();
@@ -268,10 +630,6 @@ mod tests {
                         have.extend_from_slice(&buf[..n]);
                         while let Some(end) = have.windows(4).position(|w| w == b"\r\n\r\n") {
                             have.drain(..end + 4);
-                            let response = format!(
-                                "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{body}",
-                                body.len()
-                            );
                             stream.write_all(response.as_bytes()).await.unwrap();
                         }
                     }
@@ -284,44 +642,135 @@ mod tests {
     fn config() -> PoolConfig {
         PoolConfig {
             connect_timeout: Duration::from_secs(1),
+            response_timeout: Duration::from_secs(5),
             idle_timeout: Duration::from_secs(60),
             max_idle: 4,
             max_buf: 64 * 1024,
         }
     }
 
-    fn request() -> Request<Body> {
-        Request::builder()
-            .uri("/")
-            .header("host", "x")
-            .body(crate::body::empty())
-            .unwrap()
+    const GET: &[u8] = b"GET / HTTP/1.1\r\nhost: x\r\n\r\n";
+
+    fn get() -> Outgoing<'static, Empty<Bytes>> {
+        Outgoing {
+            head: GET,
+            head_request: false,
+            body: None,
+            chunked: false,
+        }
+    }
+
+    fn instance(addr: SocketAddr) -> Arc<InstanceState> {
+        Arc::new(InstanceState::new("a", addr, Arc::new(Notify::new())))
+    }
+
+    fn body(exchange: Exchange, instance: &Arc<InstanceState>) -> PooledBody {
+        exchange.into_response(instance.clone(), 4).into_body()
+    }
+
+    async fn read_body(exchange: Exchange, instance: &Arc<InstanceState>) -> Bytes {
+        body(exchange, instance).collect().await.unwrap().to_bytes()
     }
 
     #[tokio::test]
     async fn a_connection_read_whole_is_reused_one_dropped_early_is_not() {
-        let (addr, accepted) = backend("hello").await;
-        let instance = Arc::new(InstanceState::new("a", addr, Arc::new(Notify::new())));
+        let (addr, accepted) = backend("HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhello").await;
+        let instance = instance(addr);
         let config = config();
         for _ in 0..3 {
-            let (response, sender) = send(&config, &instance, request()).await.unwrap();
-            let body = PooledBody::new(response.into_body(), sender, instance.clone(), 4);
-            assert_eq!(body.collect().await.unwrap().to_bytes(), "hello");
+            let exchange = send(&config, &instance, get()).await.unwrap();
+            assert_eq!(read_body(exchange, &instance).await, "hello");
         }
-        assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 1);
+        assert_eq!(accepted.load(Ordering::SeqCst), 1);
         assert_eq!(instance.conns.len(), 1);
 
-        let (response, sender) = send(&config, &instance, request()).await.unwrap();
-        drop(PooledBody::new(
-            response.into_body(),
-            sender,
-            instance.clone(),
-            4,
-        ));
+        let exchange = send(&config, &instance, get()).await.unwrap();
+        drop(body(exchange, &instance));
         // Dropped before its end (the body was not read): not kept.
         assert_eq!(instance.conns.len(), 0);
+    }
 
-        instance.conns.sweep(Duration::ZERO);
+    #[tokio::test]
+    async fn a_chunked_body_is_read_through_and_the_connection_kept() {
+        let (addr, accepted) = backend(
+            "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n",
+        )
+        .await;
+        let instance = instance(addr);
+        for _ in 0..2 {
+            let exchange = send(&config(), &instance, get()).await.unwrap();
+            assert!(
+                exchange
+                    .head
+                    .response
+                    .headers()
+                    .get("transfer-encoding")
+                    .is_none()
+            );
+            assert_eq!(read_body(exchange, &instance).await, "abcde");
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn connections_that_must_not_be_kept_are_not() {
+        for response in [
+            "HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 2\r\n\r\nok",
+            "HTTP/1.0 200 OK\r\ncontent-length: 2\r\n\r\nok",
+            // Bytes after the body nobody asked for.
+            "HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nokHTTP/1.1 200 OK\r\n",
+        ] {
+            let (addr, _) = backend(response).await;
+            let instance = instance(addr);
+            let exchange = send(&config(), &instance, get()).await.unwrap();
+            assert_eq!(read_body(exchange, &instance).await, "ok", "{response:?}");
+            assert_eq!(instance.conns.len(), 0, "{response:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_body_to_the_close_ends_with_the_connection() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            let mut buf = [0u8; 1024];
+            let _ = stream.read(&mut buf).await;
+            stream
+                .write_all(b"HTTP/1.1 200 OK\r\n\r\nsome")
+                .await
+                .unwrap();
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            stream.write_all(b" more").await.unwrap();
+        });
+        let instance = instance(addr);
+        let exchange = send(&config(), &instance, get()).await.unwrap();
+        assert!(!exchange.head.keep_alive);
+        assert_eq!(read_body(exchange, &instance).await, "some more");
+        assert_eq!(instance.conns.len(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_body_cut_short_by_the_close_is_an_error() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            let mut buf = [0u8; 1024];
+            let _ = stream.read(&mut buf).await;
+            stream
+                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nshort")
+                .await
+                .unwrap();
+        });
+        let instance = instance(addr);
+        let exchange = send(&config(), &instance, get()).await.unwrap();
+        let mut body = body(exchange, &instance);
+        let frame = body.frame().await.unwrap().unwrap();
+        assert_eq!(frame.into_data().unwrap(), "short");
+        let end = body.frame().await.unwrap();
+        assert!(end.is_err(), "{end:?}");
+        drop(body);
         assert_eq!(instance.conns.len(), 0);
     }
 
@@ -332,13 +781,13 @@ mod tests {
     async fn a_request_taking_a_connection_closed_while_idle_goes_on_a_new_one() {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let accepted = Arc::new(AtomicUsize::new(0));
         let close = Arc::new(Notify::new());
         let (count, closing) = (accepted.clone(), close.clone());
         tokio::spawn(async move {
             loop {
                 let (mut stream, _) = listener.accept().await.unwrap();
-                count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                count.fetch_add(1, Ordering::SeqCst);
                 let closing = closing.clone();
                 tokio::spawn(async move {
                     // One answer (keep-alive, as far as the client knows),
@@ -359,11 +808,10 @@ mod tests {
                 });
             }
         });
-        let instance = Arc::new(InstanceState::new("a", addr, Arc::new(Notify::new())));
+        let instance = instance(addr);
         let config = config();
-        let (response, sender) = send(&config, &instance, request()).await.unwrap();
-        let body = PooledBody::new(response.into_body(), sender, instance.clone(), 4);
-        assert_eq!(body.collect().await.unwrap().to_bytes(), "ok");
+        let exchange = send(&config, &instance, get()).await.unwrap();
+        assert_eq!(read_body(exchange, &instance).await, "ok");
         assert_eq!(
             instance.conns.len(),
             1,
@@ -372,17 +820,160 @@ mod tests {
         close.notify_waiters();
         tokio::time::sleep(Duration::from_millis(100)).await; // the FIN arrives
 
-        let post = Request::builder()
-            .method("POST")
-            .uri("/")
-            .header("host", "x")
-            .header("content-length", "4")
-            .body(crate::body::full("data"))
-            .unwrap();
-        let (response, sender) = send(&config, &instance, post).await.unwrap();
-        let body = PooledBody::new(response.into_body(), sender, instance.clone(), 4);
-        assert_eq!(body.collect().await.unwrap().to_bytes(), "ok");
-        assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 2);
+        let post = Outgoing {
+            head: b"POST / HTTP/1.1\r\nhost: x\r\ncontent-length: 4\r\n\r\n",
+            head_request: false,
+            body: Some(Full::new(Bytes::from_static(b"data"))),
+            chunked: false,
+        };
+        let exchange = send(&config, &instance, post).await.unwrap();
+        assert_eq!(read_body(exchange, &instance).await, "ok");
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
+    }
+
+    /// A chunked request body arrives as chunks, and the response head is
+    /// read while it is sent.
+    #[tokio::test]
+    async fn a_request_body_goes_chunked() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        tokio::spawn(async move {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            let mut have = Vec::new();
+            let mut buf = [0u8; 4096];
+            while !have.ends_with(b"0\r\n\r\n") {
+                let n = stream.read(&mut buf).await.unwrap();
+                assert!(n > 0);
+                have.extend_from_slice(&buf[..n]);
+            }
+            stream
+                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
+                .await
+                .unwrap();
+            let _ = tx.send(have);
+        });
+        let instance = instance(addr);
+        let request = Outgoing {
+            head: b"POST / HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n",
+            head_request: false,
+            body: Some(Full::new(Bytes::from_static(b"0123456789abcdefg"))),
+            chunked: true,
+        };
+        let exchange = send(&config(), &instance, request).await.unwrap();
+        assert_eq!(exchange.head.response.status(), StatusCode::OK);
+        let wire = rx.await.unwrap();
+        assert!(
+            wire.ends_with(b"\r\n\r\n11\r\n0123456789abcdefg\r\n0\r\n\r\n"),
+            "{}",
+            String::from_utf8_lossy(&wire)
+        );
+    }
+
+    /// An instance that answers before it has the whole request body, and
+    /// streams its response while the request streams (an echo): the
+    /// body goes on being sent while the response is read, and the
+    /// connection is kept once both have ended.
+    #[tokio::test]
+    async fn a_response_streams_while_the_request_body_still_does() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            let mut have = Vec::new();
+            let mut buf = [0u8; 4096];
+            while !have.windows(4).any(|w| w == b"\r\n\r\n") {
+                let n = stream.read(&mut buf).await.unwrap();
+                have.extend_from_slice(&buf[..n]);
+            }
+            stream
+                .write_all(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
+                .await
+                .unwrap();
+            // Echoes what arrives (chunk framing and all) as chunks of its
+            // own, and ends when the request's last chunk has come.
+            let mut seen =
+                have.split_off(have.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4);
+            loop {
+                if !seen.is_empty() {
+                    let mut chunk = format!("{:x}\r\n", seen.len()).into_bytes();
+                    chunk.extend_from_slice(&seen);
+                    chunk.extend_from_slice(b"\r\n");
+                    stream.write_all(&chunk).await.unwrap();
+                    if seen.ends_with(b"0\r\n\r\n") {
+                        stream.write_all(b"0\r\n\r\n").await.unwrap();
+                        break;
+                    }
+                }
+                let n = stream.read(&mut buf).await.unwrap();
+                seen = buf[..n].to_vec();
+            }
+            // Kept open: the proxy decides whether to keep it.
+            let _ = stream.read(&mut buf).await;
+        });
+        let instance = instance(addr);
+        let (mut tx, channel) = http_body_util::channel::Channel::<Bytes, BoxError>::new(1);
+        let request = Outgoing {
+            head: b"POST / HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n",
+            head_request: false,
+            body: Some(channel),
+            chunked: true,
+        };
+        let exchange =
+            tokio::time::timeout(Duration::from_secs(5), send(&config(), &instance, request))
+                .await
+                .expect("the head comes before the body's end")
+                .unwrap();
+        assert!(exchange.writer.is_some(), "the body is still being sent");
+        let mut body = body(exchange, &instance);
+        let mut echoed = Vec::new();
+        for ping in ["ping-1", "ping-2"] {
+            tx.send_data(Bytes::from_static(ping.as_bytes()))
+                .await
+                .unwrap();
+            while !String::from_utf8_lossy(&echoed).contains(ping) {
+                let frame = tokio::time::timeout(Duration::from_secs(5), body.frame())
+                    .await
+                    .expect("the echo comes while the request is open")
+                    .unwrap()
+                    .unwrap();
+                echoed.extend_from_slice(&frame.into_data().unwrap());
+            }
+        }
+        drop(tx);
+        while let Some(frame) = tokio::time::timeout(Duration::from_secs(5), body.frame())
+            .await
+            .unwrap()
+        {
+            frame.unwrap();
+        }
+        drop(body);
+        assert_eq!(instance.conns.len(), 1, "both ended: kept");
+    }
+
+    #[tokio::test]
+    async fn interim_responses_are_skipped_and_a_slow_head_times_out() {
+        let (addr, _) = backend(
+            "HTTP/1.1 103 Early Hints\r\nlink: </a>\r\n\r\nHTTP/1.1 200 OK\r\ncontent-length: 1\r\n\r\nx",
+        )
+        .await;
+        let hinted = instance(addr);
+        let exchange = send(&config(), &hinted, get()).await.unwrap();
+        assert_eq!(exchange.head.response.status(), StatusCode::OK);
+        assert_eq!(read_body(exchange, &hinted).await, "x");
+
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (_stream, _) = listener.accept().await.unwrap();
+            tokio::time::sleep(Duration::from_secs(10)).await;
+        });
+        let config = PoolConfig {
+            response_timeout: Duration::from_millis(100),
+            ..config()
+        };
+        let e = send(&config, &instance(addr), get()).await.unwrap_err();
+        assert!(matches!(e, SendError::Timeout), "{e}");
     }
 
     #[tokio::test]
@@ -390,18 +981,16 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         drop(listener);
-        let instance = Arc::new(InstanceState::new("a", addr, Arc::new(Notify::new())));
-        let e = send(&config(), &instance, request()).await.unwrap_err();
+        let e = send(&config(), &instance(addr), get()).await.unwrap_err();
         assert!(e.is_connect(), "{e}");
     }
 
     #[tokio::test]
     async fn the_sweep_closes_idle_connections() {
-        let (addr, _) = backend("x").await;
-        let instance = Arc::new(InstanceState::new("a", addr, Arc::new(Notify::new())));
-        let (response, sender) = send(&config(), &instance, request()).await.unwrap();
-        let body = PooledBody::new(response.into_body(), sender, instance.clone(), 4);
-        body.collect().await.unwrap();
+        let (addr, _) = backend("HTTP/1.1 200 OK\r\ncontent-length: 1\r\n\r\nx").await;
+        let instance = instance(addr);
+        let exchange = send(&config(), &instance, get()).await.unwrap();
+        read_body(exchange, &instance).await;
         assert_eq!(instance.conns.len(), 1);
         instance.conns.sweep(Duration::from_secs(60));
         assert_eq!(instance.conns.len(), 1);
