@@ -145,6 +145,8 @@ fn poll_fill(
             Ok(n) => {
                 if n == room && *read_size < max_read {
                     *read_size = (*read_size * 2).min(max_read);
+                } else if n > 0 && n < room {
+                    forget_readable(stream);
                 }
                 return Poll::Ready(Ok(n));
             }
@@ -152,6 +154,20 @@ fn poll_fill(
             Err(e) => return Poll::Ready(Err(e)),
         }
     }
+}
+
+/// Clears the socket's read readiness after a read that returned less
+/// than it had room for, which the kernel does only when the socket's
+/// receive queue is empty. Whatever arrives later raises a readiness event
+/// of its own (a newer one than this clears; a close is never cleared).
+/// Without this, the readiness stays set until a read finds `EAGAIN`: one
+/// `recvfrom` a request more, in [`Upstream::is_open`] or the next read.
+/// Called in the same poll as the read: on the proxy's current-thread
+/// runtimes no readiness event can be taken in between.
+fn forget_readable(stream: &TcpStream) {
+    let _ = stream.try_io(tokio::io::Interest::READABLE, || {
+        Err::<(), _>(io::ErrorKind::WouldBlock.into())
+    });
 }
 
 /// Writes all of `bufs`.
@@ -828,6 +844,45 @@ mod tests {
         };
         let exchange = send(&config, &instance, post).await.unwrap();
         assert_eq!(read_body(exchange, &instance).await, "ok");
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
+    }
+
+    /// Bytes an instance sends on a kept connection after the response
+    /// (a buggy or hostile instance) must not become the answer to the
+    /// next request: the connection is dropped when taken.
+    #[tokio::test]
+    async fn a_connection_with_late_stray_bytes_is_not_reused() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = accepted.clone();
+        tokio::spawn(async move {
+            loop {
+                let (mut stream, _) = listener.accept().await.unwrap();
+                let n = count.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 4096];
+                    let _ = stream.read(&mut buf).await;
+                    let _ = stream
+                        .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nfirst")
+                        .await;
+                    if n == 0 {
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        let _ = stream
+                            .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nstray")
+                            .await;
+                    }
+                    let _ = stream.read(&mut buf).await;
+                });
+            }
+        });
+        let instance = instance(addr);
+        let exchange = send(&config(), &instance, get()).await.unwrap();
+        assert_eq!(read_body(exchange, &instance).await, "first");
+        assert_eq!(instance.conns.len(), 1);
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        let exchange = send(&config(), &instance, get()).await.unwrap();
+        assert_eq!(read_body(exchange, &instance).await, "first");
         assert_eq!(accepted.load(Ordering::SeqCst), 2);
     }
 
