@@ -267,6 +267,14 @@ async fn forward(
     // checked when the request was parsed; taking off a prefix leaves a
     // valid one.
     let path_and_query = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    let rooted;
+    let path_and_query = if path_and_query.starts_with('/') {
+        path_and_query
+    } else {
+        // `http://host?q` and an HTTP/2 `:path` of `?q`: the path is `/`.
+        rooted = format!("/{path_and_query}");
+        rooted.as_str()
+    };
     let stripped;
     let target = if entry.strip_prefix {
         stripped = strip(&entry.prefix, path_and_query);
@@ -373,6 +381,7 @@ async fn forward(
             head_request,
             body: body.take(),
             chunked,
+            replayable,
         };
         match crate::pool::send(&inner.pool, &instance, request).await {
             Ok(exchange) => {

@@ -24,6 +24,7 @@ const MAX_HEADERS: usize = 100;
 /// The longest chunk-size line (with extensions) and trailer section read.
 const MAX_CHUNK_LINE: usize = 4096;
 const MAX_TRAILERS: usize = 16 * 1024;
+const MAX_TRAILER_FIELDS: usize = 32;
 
 /// Why an instance's response could not be read.
 #[derive(Debug, thiserror::Error)]
@@ -193,10 +194,21 @@ pub(crate) fn parse_response(
     {
         Decoder::Done
     } else if transfer_encoding {
+        if minor == 0 {
+            // HTTP/1.0 has no Transfer-Encoding: framing nobody can
+            // trust (RFC 9112 §6.1).
+            return Err(H1Error::Invalid(
+                "transfer-encoding in an HTTP/1.0 response",
+            ));
+        }
         // The Transfer-Encoding wins over a Content-Length sent with it
         // (RFC 9112 §6.3); passed on, that length would promise the
-        // client another size than it gets.
-        headers.remove(header::CONTENT_LENGTH);
+        // client another size than it gets. A response with both is
+        // suspect: its connection is not used again.
+        if length.is_some() {
+            headers.remove(header::CONTENT_LENGTH);
+            keep_alive = false;
+        }
         if chunked {
             Decoder::Chunked(Chunk::Size)
         } else {
@@ -268,6 +280,8 @@ pub(crate) enum Chunk {
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) enum Decoded {
     Data(Bytes),
+    /// The trailer fields of a chunked body, which end it.
+    Trailers(HeaderMap),
     /// The buffer holds no more of the body: read.
     More,
     /// The body is whole.
@@ -308,6 +322,14 @@ impl Decoder {
                             return Err(H1Error::Chunked);
                         }
                         match httparse::parse_chunk_size(buf) {
+                            // A size line, extensions and all, is bounded
+                            // and holds no bare LF (httparse lets any byte
+                            // through in an extension).
+                            Ok(httparse::Status::Complete((used, _)))
+                                if used > MAX_CHUNK_LINE || buf[..used - 2].contains(&b'\n') =>
+                            {
+                                return Err(H1Error::Chunked);
+                            }
                             Ok(httparse::Status::Complete((used, 0))) => {
                                 buf.advance(used);
                                 *chunk = Chunk::Trailers;
@@ -344,23 +366,23 @@ impl Decoder {
                     Chunk::Trailers => {
                         // Either the CRLF that ends the body at once, or
                         // trailer fields up to an empty line.
-                        let end = if buf.starts_with(b"\r\n") {
-                            Some(2)
-                        } else if buf.len() >= 2 {
-                            buf.windows(4)
-                                .position(|w| w == b"\r\n\r\n")
-                                .map(|at| at + 4)
-                        } else {
-                            None
-                        };
-                        match end {
-                            Some(end) => {
-                                buf.advance(end);
+                        if buf.starts_with(b"\r\n") {
+                            buf.advance(2);
+                            *self = Decoder::Done;
+                            return Ok(Decoded::End);
+                        }
+                        let mut fields = [httparse::EMPTY_HEADER; MAX_TRAILER_FIELDS];
+                        match httparse::parse_headers(buf, &mut fields) {
+                            Ok(httparse::Status::Complete((used, fields))) => {
+                                let trailers = trailers(fields);
+                                buf.advance(used);
                                 *self = Decoder::Done;
-                                return Ok(Decoded::End);
+                                return Ok(Decoded::Trailers(trailers));
                             }
-                            None if buf.len() < MAX_TRAILERS => return Ok(Decoded::More),
-                            None => return Err(H1Error::Chunked),
+                            Ok(httparse::Status::Partial) if buf.len() < MAX_TRAILERS => {
+                                return Ok(Decoded::More);
+                            }
+                            _ => return Err(H1Error::Chunked),
                         }
                     }
                 },
@@ -392,6 +414,25 @@ impl Decoder {
             _ => None,
         }
     }
+}
+
+/// Trailer fields as a header map, without those that describe the
+/// message or the hop (framing, routing, hop-by-hop), which a trailer may
+/// not carry (RFC 9110 §6.5.1) and HTTP/2 refuses.
+fn trailers(fields: &[httparse::Header<'_>]) -> HeaderMap {
+    let mut map = HeaderMap::new();
+    for field in fields {
+        let (Ok(name), Ok(value)) = (
+            HeaderName::from_bytes(field.name.as_bytes()),
+            HeaderValue::from_bytes(field.value),
+        ) else {
+            continue;
+        };
+        if name_index(&name).is_none() {
+            map.append(name, value);
+        }
+    }
+    map
 }
 
 /// Up to `left` bytes from the front of `buf` (`None` if it is empty),
@@ -426,7 +467,7 @@ mod tests {
         loop {
             match decoder.decode(&mut buf)? {
                 Decoded::Data(data) => body.extend_from_slice(&data),
-                Decoded::End => return Ok((body, buf.to_vec())),
+                Decoded::End | Decoded::Trailers(_) => return Ok((body, buf.to_vec())),
                 Decoded::More => match pieces.next() {
                     Some(piece) => buf.extend_from_slice(piece),
                     None => match decoder.at_eof()? {
@@ -484,8 +525,8 @@ mod tests {
                 "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n",
                 false
             ),
-            (Decoder::Chunked(Chunk::Size), true, false),
-            "chunked wins and the length goes"
+            (Decoder::Chunked(Chunk::Size), false, false),
+            "chunked wins, the length goes, and so does the connection"
         );
         assert_eq!(
             frame(
@@ -571,6 +612,7 @@ mod tests {
             "HTTP/1.1 200 OK\r\nContent-Length: \r\n\r\n",
             "HTTP/1.1 2000 OK\r\n\r\n",
             "HTTP/2 200 OK\r\n\r\n",
+            "HTTP/1.0 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n",
             "garbage\r\n\r\n",
             "HTTP/1.1 200 OK\r\nBad Name: x\r\n\r\n",
         ] {
@@ -606,6 +648,8 @@ mod tests {
             b"-1\r\n",
             b"10000000000000000\r\n",
             b"5\r\nhel",
+            b"1;a\nb\r\nx\r\n0\r\n\r\n",
+            b"0\r\nbad trailer\r\n\r\n",
         ] {
             for step in [1, wire.len()] {
                 assert!(
@@ -621,6 +665,24 @@ mod tests {
             .copied()
             .collect::<Vec<_>>();
         assert!(decode_in_steps(Decoder::Chunked(Chunk::Size), &long, 512).is_err());
+    }
+
+    #[test]
+    fn trailers_come_as_a_frame_without_framing_fields() {
+        let mut decoder = Decoder::Chunked(Chunk::Size);
+        let mut buf =
+            BytesMut::from(&b"2\r\nok\r\n0\r\nGrpc-Status: 0\r\nContent-Length: 9\r\n\r\n"[..]);
+        assert_eq!(
+            decoder.decode(&mut buf).unwrap(),
+            Decoded::Data(Bytes::from_static(b"ok"))
+        );
+        let Decoded::Trailers(trailers) = decoder.decode(&mut buf).unwrap() else {
+            panic!("trailers");
+        };
+        assert_eq!(trailers.len(), 1, "{trailers:?}");
+        assert_eq!(trailers["grpc-status"], "0");
+        assert!(buf.is_empty());
+        assert_eq!(decoder.decode(&mut buf).unwrap(), Decoded::End);
     }
 
     #[test]

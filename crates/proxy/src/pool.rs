@@ -22,7 +22,7 @@ use std::future::{Future, poll_fn};
 use std::io::{self, IoSlice};
 use std::pin::{Pin, pin};
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll, Waker, ready};
+use std::task::{Context, Poll, ready};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
@@ -46,8 +46,12 @@ pub(crate) enum SendError {
     /// request never left the proxy.
     #[error("connecting: {0}")]
     Connect(io::Error),
-    /// The connection ended (or could not be written) before any byte of
-    /// an answer.
+    /// The connection could not take the request's head: the instance
+    /// cannot have acted on it.
+    #[error("the connection closed before the request was sent: {0}")]
+    Unsent(io::Error),
+    /// The connection ended after the request was sent, before any byte
+    /// of an answer.
     #[error("the connection closed before any answer: {0}")]
     Unanswered(io::Error),
     /// The connection broke in the middle of the response head.
@@ -80,15 +84,22 @@ pub(crate) struct Upstream {
     buf: BytesMut,
     read_size: usize,
     max_read: usize,
+    /// Made on a current-thread runtime (the proxy's shards), where
+    /// [`forget_readable`] is safe.
+    forgets: bool,
 }
 
 impl Upstream {
     fn new(stream: TcpStream, max_read: usize) -> Upstream {
+        let forgets = tokio::runtime::Handle::try_current().is_ok_and(|handle| {
+            handle.runtime_flavor() == tokio::runtime::RuntimeFlavor::CurrentThread
+        });
         Upstream {
             stream: Arc::new(stream),
             buf: BytesMut::new(),
             read_size: FIRST_READ.min(max_read),
             max_read,
+            forgets,
         }
     }
 
@@ -102,37 +113,35 @@ impl Upstream {
     }
 
     /// Whether a connection that sat idle can take a request: nothing came
-    /// on it while idle (neither the instance's close nor stray bytes).
+    /// on it while idle (neither the instance's close nor stray bytes), as
+    /// far as the runtime has seen. `try_read` reads only when the socket
+    /// was seen readable (no syscall otherwise) and, unlike
+    /// `poll_read_ready`, never answers "not ready" because the task has
+    /// used up its scheduling budget.
     fn is_open(&self) -> bool {
-        let mut cx = Context::from_waker(Waker::noop());
-        match self.stream.poll_read_ready(&mut cx) {
-            Poll::Pending => true,
-            Poll::Ready(Err(_)) => false,
-            // Readable, or was when last read: a look tells which.
-            Poll::Ready(Ok(())) => matches!(
-                self.stream.try_read(&mut [0u8; 1]),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock
-            ),
-        }
+        matches!(
+            self.stream.try_read(&mut [0u8; 1]),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock
+        )
     }
 
     fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
         poll_fill(
             &self.stream,
             &mut self.buf,
-            &mut self.read_size,
-            self.max_read,
+            (&mut self.read_size, self.max_read, self.forgets),
             cx,
         )
     }
 }
 
-/// Reads what the socket has into `buf`; `Ok(0)` at its end.
+/// Reads what the socket has into `buf`; `Ok(0)` at its end. `sizing`:
+/// the read size (grown while reads fill it), its cap, and whether a short
+/// read may clear the readiness ([`forget_readable`]).
 fn poll_fill(
     stream: &TcpStream,
     buf: &mut BytesMut,
-    read_size: &mut usize,
-    max_read: usize,
+    (read_size, max_read, forgets): (&mut usize, usize, bool),
     cx: &mut Context<'_>,
 ) -> Poll<io::Result<usize>> {
     if buf.capacity() - buf.len() < *read_size / 2 {
@@ -145,7 +154,7 @@ fn poll_fill(
             Ok(n) => {
                 if n == room && *read_size < max_read {
                     *read_size = (*read_size * 2).min(max_read);
-                } else if n > 0 && n < room {
+                } else if forgets && n > 0 && n < room {
                     forget_readable(stream);
                 }
                 return Poll::Ready(Ok(n));
@@ -162,21 +171,32 @@ fn poll_fill(
 /// of its own (a newer one than this clears; a close is never cleared).
 /// Without this, the readiness stays set until a read finds `EAGAIN`: one
 /// `recvfrom` a request more, in [`Upstream::is_open`] or the next read.
-/// Called in the same poll as the read: on the proxy's current-thread
-/// runtimes no readiness event can be taken in between.
+/// Called in the same poll as the read, and only on a current-thread
+/// runtime, where no readiness event can be taken in between (on a
+/// multi-thread one another worker's driver could record new data there,
+/// and this would clear it).
 fn forget_readable(stream: &TcpStream) {
     let _ = stream.try_io(tokio::io::Interest::READABLE, || {
         Err::<(), _>(io::ErrorKind::WouldBlock.into())
     });
 }
 
-/// Writes all of `bufs`.
-async fn write_all(stream: &TcpStream, mut bufs: &mut [IoSlice<'_>]) -> io::Result<()> {
+/// Writes all of `bufs`; an error if the socket takes nothing for
+/// `stall` (the instance stopped reading).
+async fn write_all(
+    stream: &TcpStream,
+    mut bufs: &mut [IoSlice<'_>],
+    stall: Duration,
+) -> io::Result<()> {
     while !bufs.is_empty() {
         match stream.try_write_vectored(bufs) {
             Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
             Ok(n) => IoSlice::advance_slices(&mut bufs, n),
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => stream.writable().await?,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                tokio::time::timeout(stall, stream.writable())
+                    .await
+                    .map_err(|_| io::Error::from(io::ErrorKind::TimedOut))??;
+            }
             Err(e) => return Err(e),
         }
     }
@@ -255,6 +275,9 @@ pub(crate) struct Outgoing<'a, B: 'static> {
     /// which).
     pub body: Option<B>,
     pub chunked: bool,
+    /// Idempotent and without a body: may be sent again after a
+    /// connection closed with no answer (RFC 9110 §9.2.2).
+    pub replayable: bool,
 }
 
 /// An instance's answer: the response head, the connection its body
@@ -303,9 +326,10 @@ impl Exchange {
 }
 
 /// Sends `request` to `instance` over an idle connection or a new one. A
-/// request that a pooled connection could not take (it closed before
-/// answering, and no part of the body was sent) goes on another
-/// connection, or a new one.
+/// request that a pooled connection could not take (it closed before the
+/// head was written, or before any answer to a replayable request) goes
+/// once more, on a new connection: a connection kept idle may have been
+/// closed by the instance a moment before it was taken.
 pub(crate) async fn send<B>(
     config: &PoolConfig,
     instance: &InstanceState,
@@ -315,10 +339,15 @@ where
     B: HttpBody<Data = Bytes> + Send + Unpin + 'static,
     B::Error: Into<BoxError> + Send,
 {
-    let had_body = request.body.is_some();
     let mut body = request.body;
+    let mut pooled = true;
     loop {
-        let (mut upstream, reused) = match instance.conns.take(config.idle_timeout) {
+        let taken = if pooled {
+            instance.conns.take(config.idle_timeout)
+        } else {
+            None
+        };
+        let (mut upstream, reused) = match taken {
             Some(upstream) => (upstream, true),
             None => (connect(config, instance).await?, false),
         };
@@ -339,7 +368,8 @@ where
                     writer,
                 });
             }
-            Err(SendError::Unanswered(_)) if reused && (body.is_some() || !had_body) => {}
+            Err(SendError::Unsent(_)) if reused => pooled = false,
+            Err(SendError::Unanswered(_)) if reused && request.replayable => pooled = false,
             Err(e) => return Err(e),
         }
     }
@@ -377,26 +407,34 @@ where
     B: HttpBody<Data = Bytes> + Send + Unpin + 'static,
     B::Error: Into<BoxError> + Send,
 {
-    write_all(&upstream.stream, &mut [IoSlice::new(head)])
-        .await
-        .map_err(SendError::Unanswered)?;
     let Upstream {
         stream,
         buf,
         read_size,
         max_read,
+        forgets,
     } = upstream;
-    let Some(body) = body.take() else {
-        let head = tokio::time::timeout(
-            timeout,
-            read_head(stream, buf, read_size, *max_read, head_request),
-        )
+    let sizing = (read_size, *max_read, *forgets);
+    if body.is_none() {
+        // One timer for the whole exchange.
+        let head = tokio::time::timeout(timeout, async {
+            write_all(stream, &mut [IoSlice::new(head)], timeout)
+                .await
+                .map_err(SendError::Unsent)?;
+            read_head(stream, buf, sizing, head_request).await
+        })
         .await
         .map_err(|_| SendError::Timeout)??;
         return Ok((head, None));
+    }
+    write_all(stream, &mut [IoSlice::new(head)], timeout)
+        .await
+        .map_err(SendError::Unsent)?;
+    let Some(body) = body.take() else {
+        return Err(SendError::Unsent(io::ErrorKind::InvalidInput.into()));
     };
-    let mut writing: Writer = Box::pin(write_body(stream.clone(), body, chunked));
-    let mut reading = pin!(read_head(stream, buf, read_size, *max_read, head_request));
+    let mut writing: Writer = Box::pin(write_body(stream.clone(), body, chunked, timeout));
+    let mut reading = pin!(read_head(stream, buf, sizing, head_request));
     // The response timeout counts once the body is sent, so that a slow
     // upload is not taken for a slow instance.
     let mut deadline = pin!(tokio::time::sleep(timeout));
@@ -434,7 +472,12 @@ where
 }
 
 /// Sends a request body, chunked or as is; trailers are dropped.
-async fn write_body<B>(stream: Arc<TcpStream>, mut body: B, chunked: bool) -> Result<(), BodyError>
+async fn write_body<B>(
+    stream: Arc<TcpStream>,
+    mut body: B,
+    chunked: bool,
+    stall: Duration,
+) -> Result<(), BodyError>
 where
     B: HttpBody<Data = Bytes> + Unpin,
     B::Error: Into<BoxError> + Send,
@@ -456,15 +499,16 @@ where
                     IoSlice::new(&data),
                     IoSlice::new(b"\r\n"),
                 ],
+                stall,
             )
             .await
         } else {
-            write_all(&stream, &mut [IoSlice::new(&data)]).await
+            write_all(&stream, &mut [IoSlice::new(&data)], stall).await
         };
         written.map_err(BodyError::Instance)?;
     }
     if chunked {
-        write_all(&stream, &mut [IoSlice::new(b"0\r\n\r\n")])
+        write_all(&stream, &mut [IoSlice::new(b"0\r\n\r\n")], stall)
             .await
             .map_err(BodyError::Instance)?;
     }
@@ -475,8 +519,7 @@ where
 async fn read_head(
     stream: &TcpStream,
     buf: &mut BytesMut,
-    read_size: &mut usize,
-    max_read: usize,
+    (read_size, max_read, forgets): (&mut usize, usize, bool),
     head_request: bool,
 ) -> Result<ResponseHead, SendError> {
     let mut answered = false;
@@ -501,7 +544,7 @@ async fn read_head(
                 SendError::Unanswered(e)
             }
         };
-        match poll_fn(|cx| poll_fill(stream, buf, read_size, max_read, cx)).await {
+        match poll_fn(|cx| poll_fill(stream, buf, (&mut *read_size, max_read, forgets), cx)).await {
             Ok(0) => return Err(failed(io::ErrorKind::UnexpectedEof.into())),
             Ok(_) => {}
             Err(e) => return Err(failed(e)),
@@ -524,9 +567,20 @@ pub(crate) struct PooledBody {
 
 impl PooledBody {
     fn release(&mut self) {
-        if let Some(upstream) = self.upstream.take()
+        let upstream = self.upstream.take();
+        if let Some(writer) = self.writer.take() {
+            // The response ended before the request body was sent: the
+            // rest goes on a task of its own (the instance may want it
+            // whole), and the connection closes after it.
+            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                runtime.spawn(async move {
+                    let _ = writer.await;
+                });
+            }
+            return;
+        }
+        if let Some(upstream) = upstream
             && self.keep_alive
-            && self.writer.take().is_none()
             && upstream.buf.is_empty()
         {
             self.instance.conns.put(upstream, self.max_idle);
@@ -573,6 +627,10 @@ impl HttpBody for PooledBody {
                 Ok(Decoded::End) => {
                     this.release();
                     return Poll::Ready(None);
+                }
+                Ok(Decoded::Trailers(trailers)) => {
+                    this.release();
+                    return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
                 }
                 Ok(Decoded::More) => {}
                 Err(e) => return this.fail(e),
@@ -673,6 +731,7 @@ mod tests {
             head_request: false,
             body: None,
             chunked: false,
+            replayable: true,
         }
     }
 
@@ -841,6 +900,7 @@ mod tests {
             head_request: false,
             body: Some(Full::new(Bytes::from_static(b"data"))),
             chunked: false,
+            replayable: false,
         };
         let exchange = send(&config, &instance, post).await.unwrap();
         assert_eq!(read_body(exchange, &instance).await, "ok");
@@ -914,6 +974,7 @@ mod tests {
             head_request: false,
             body: Some(Full::new(Bytes::from_static(b"0123456789abcdefg"))),
             chunked: true,
+            replayable: false,
         };
         let exchange = send(&config(), &instance, request).await.unwrap();
         assert_eq!(exchange.head.response.status(), StatusCode::OK);
@@ -973,6 +1034,7 @@ mod tests {
             head_request: false,
             body: Some(channel),
             chunked: true,
+            replayable: false,
         };
         let exchange =
             tokio::time::timeout(Duration::from_secs(5), send(&config(), &instance, request))
@@ -1004,6 +1066,122 @@ mod tests {
         }
         drop(body);
         assert_eq!(instance.conns.len(), 1, "both ended: kept");
+    }
+
+    /// The instance answers (204) at once and reads the upload after: the
+    /// upload still reaches it whole once the response is done with.
+    #[tokio::test]
+    async fn an_upload_goes_on_after_an_early_response() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        tokio::spawn(async move {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            let mut have = Vec::new();
+            let mut buf = [0u8; 4096];
+            while !have.windows(4).any(|w| w == b"\r\n\r\n") {
+                let n = stream.read(&mut buf).await.unwrap();
+                have.extend_from_slice(&buf[..n]);
+            }
+            stream
+                .write_all(b"HTTP/1.1 204 No Content\r\n\r\n")
+                .await
+                .unwrap();
+            while !have.ends_with(b"0\r\n\r\n") {
+                let n = stream.read(&mut buf).await.unwrap();
+                if n == 0 {
+                    break;
+                }
+                have.extend_from_slice(&buf[..n]);
+            }
+            let _ = tx.send(have);
+        });
+        let instance = instance(addr);
+        let (mut sender, channel) = http_body_util::channel::Channel::<Bytes, BoxError>::new(1);
+        let request = Outgoing {
+            head: b"POST / HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n",
+            head_request: false,
+            body: Some(channel),
+            chunked: true,
+            replayable: false,
+        };
+        let exchange = send(&config(), &instance, request).await.unwrap();
+        assert_eq!(exchange.head.response.status(), StatusCode::NO_CONTENT);
+        drop(body(exchange, &instance)); // no body: done at once
+        sender.send_data(Bytes::from_static(b"late")).await.unwrap();
+        drop(sender);
+        let wire = tokio::time::timeout(Duration::from_secs(5), rx)
+            .await
+            .expect("the upload ends")
+            .unwrap();
+        assert!(
+            wire.ends_with(b"4\r\nlate\r\n0\r\n\r\n"),
+            "{}",
+            String::from_utf8_lossy(&wire)
+        );
+        assert_eq!(instance.conns.len(), 0, "not kept: it was busy uploading");
+    }
+
+    /// A kept connection that the instance closes after it has read a
+    /// request, without answering: a request that may run twice goes
+    /// again on a new connection; one that may not (a POST) fails, and the
+    /// instance has seen it once.
+    #[tokio::test]
+    async fn only_a_replayable_request_is_sent_again_after_no_answer() {
+        for (head, replayable) in [
+            (&b"GET / HTTP/1.1\r\nhost: x\r\n\r\n"[..], true),
+            (
+                b"POST / HTTP/1.1\r\nhost: x\r\ncontent-length: 0\r\n\r\n",
+                false,
+            ),
+        ] {
+            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            let seen = Arc::new(AtomicUsize::new(0));
+            let counted = seen.clone();
+            tokio::spawn(async move {
+                let mut first = true;
+                loop {
+                    let (mut stream, _) = listener.accept().await.unwrap();
+                    let counted = counted.clone();
+                    let answer_once = std::mem::take(&mut first);
+                    tokio::spawn(async move {
+                        let mut buf = [0u8; 4096];
+                        let mut answered = false;
+                        while stream.read(&mut buf).await.unwrap_or(0) > 0 {
+                            counted.fetch_add(1, Ordering::SeqCst);
+                            if answer_once && answered {
+                                return; // reads the request, closes
+                            }
+                            answered = true;
+                            let _ = stream
+                                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                                .await;
+                        }
+                    });
+                }
+            });
+            let instance = instance(addr);
+            let exchange = send(&config(), &instance, get()).await.unwrap();
+            assert_eq!(read_body(exchange, &instance).await, "ok");
+            seen.store(0, Ordering::SeqCst);
+            let request = Outgoing {
+                head,
+                head_request: false,
+                body: None::<Empty<Bytes>>,
+                chunked: false,
+                replayable,
+            };
+            let result = send(&config(), &instance, request).await;
+            if replayable {
+                assert_eq!(read_body(result.unwrap(), &instance).await, "ok");
+                assert_eq!(seen.load(Ordering::SeqCst), 2);
+            } else {
+                let e = result.unwrap_err();
+                assert!(matches!(e, SendError::Unanswered(_)), "{e}");
+                assert_eq!(seen.load(Ordering::SeqCst), 1, "sent once");
+            }
+        }
     }
 
     #[tokio::test]
