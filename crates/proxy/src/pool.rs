@@ -8,9 +8,9 @@
 //! All of it runs in the client connection's task: no task a connection,
 //! no channel between the two. The wire format is `h1`'s.
 //!
-//! A connection goes back only when its response body was read whole, the
-//! instance did not ask to close, and nothing followed the body; one
-//! dropped early (the client went away) is closed. An idle connection has
+//! A connection goes back only when its response body was read whole, its
+//! request body sent whole, the instance did not ask to close, and nothing
+//! followed the body; one dropped early (the client went away) is closed. An idle connection has
 //! no task watching it: one that the instance closed, or that has bytes
 //! nobody asked for, is found out when taken (a look at its readiness,
 //! without a syscall unless the socket is readable) and by the sweep.
@@ -60,7 +60,7 @@ pub(crate) enum SendError {
     #[error(transparent)]
     Response(#[from] H1Error),
     /// No response head within `backend_response_timeout` of the request's
-    /// end.
+    /// end (or the head could not be written in that time).
     #[error("no answer in time")]
     Timeout,
     /// The client's request body failed (the client went away, or sent a
