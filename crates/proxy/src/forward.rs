@@ -381,7 +381,6 @@ async fn forward(
             head_request,
             body: body.take(),
             chunked,
-            replayable,
         };
         match crate::pool::send(&inner.pool, &instance, request).await {
             Ok(exchange) => {

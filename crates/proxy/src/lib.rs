@@ -42,9 +42,11 @@
 //! it does not herd concurrent requests onto the one instance that looked
 //! idle. Passive health: a failed connect marks the instance down for 1 s,
 //! doubling to 5 s while it keeps failing, and an idempotent request
-//! without a body is retried once on another instance. Only connect
-//! failures are retried: after a request has reached an instance, sending
-//! it again could run it twice.
+//! without a body that got no answer (the connect failed, or the
+//! connection closed first) is retried once on another instance. Any
+//! other request goes again only when it never left: its head could not
+//! be written on a kept connection the instance had closed (`pool`).
+//! Sending it again once it has reached an instance could run it twice.
 //!
 //! **Forwarding** (`forward`): HTTP/1.1 and HTTP/2 from clients (HTTP/2 by
 //! ALPN on TLS, or prior knowledge on plain HTTP), HTTP/1.1 with pooled

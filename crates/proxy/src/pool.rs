@@ -275,9 +275,6 @@ pub(crate) struct Outgoing<'a, B: 'static> {
     /// which).
     pub body: Option<B>,
     pub chunked: bool,
-    /// Idempotent and without a body: may be sent again after a
-    /// connection closed with no answer (RFC 9110 §9.2.2).
-    pub replayable: bool,
 }
 
 /// An instance's answer: the response head, the connection its body
@@ -327,9 +324,12 @@ impl Exchange {
 
 /// Sends `request` to `instance` over an idle connection or a new one. A
 /// request that a pooled connection could not take (it closed before the
-/// head was written, or before any answer to a replayable request) goes
-/// once more, on a new connection: a connection kept idle may have been
-/// closed by the instance a moment before it was taken.
+/// head was written) goes once more, on a new connection: a connection
+/// kept idle may have been closed by the instance a moment before it was
+/// taken. A request sent that got no answer is not sent here again: the
+/// instance may have acted on it, or be going away (its address may
+/// already lead nowhere, and a connect there would wait out the connect
+/// timeout); `forward` sends a replayable one to another instance.
 pub(crate) async fn send<B>(
     config: &PoolConfig,
     instance: &InstanceState,
@@ -369,7 +369,6 @@ where
                 });
             }
             Err(SendError::Unsent(_)) if reused => pooled = false,
-            Err(SendError::Unanswered(_)) if reused && request.replayable => pooled = false,
             Err(e) => return Err(e),
         }
     }
@@ -731,7 +730,6 @@ mod tests {
             head_request: false,
             body: None,
             chunked: false,
-            replayable: true,
         }
     }
 
@@ -900,7 +898,6 @@ mod tests {
             head_request: false,
             body: Some(Full::new(Bytes::from_static(b"data"))),
             chunked: false,
-            replayable: false,
         };
         let exchange = send(&config, &instance, post).await.unwrap();
         assert_eq!(read_body(exchange, &instance).await, "ok");
@@ -974,7 +971,6 @@ mod tests {
             head_request: false,
             body: Some(Full::new(Bytes::from_static(b"0123456789abcdefg"))),
             chunked: true,
-            replayable: false,
         };
         let exchange = send(&config(), &instance, request).await.unwrap();
         assert_eq!(exchange.head.response.status(), StatusCode::OK);
@@ -1034,7 +1030,6 @@ mod tests {
             head_request: false,
             body: Some(channel),
             chunked: true,
-            replayable: false,
         };
         let exchange =
             tokio::time::timeout(Duration::from_secs(5), send(&config(), &instance, request))
@@ -1103,7 +1098,6 @@ mod tests {
             head_request: false,
             body: Some(channel),
             chunked: true,
-            replayable: false,
         };
         let exchange = send(&config(), &instance, request).await.unwrap();
         assert_eq!(exchange.head.response.status(), StatusCode::NO_CONTENT);
@@ -1123,65 +1117,42 @@ mod tests {
     }
 
     /// A kept connection that the instance closes after it has read a
-    /// request, without answering: a request that may run twice goes
-    /// again on a new connection; one that may not (a POST) fails, and the
-    /// instance has seen it once.
+    /// request, without answering: the request is not sent again here (not
+    /// even a GET: that is `forward`'s to do, on another instance), and
+    /// the instance has seen it once.
     #[tokio::test]
-    async fn only_a_replayable_request_is_sent_again_after_no_answer() {
-        for (head, replayable) in [
-            (&b"GET / HTTP/1.1\r\nhost: x\r\n\r\n"[..], true),
-            (
-                b"POST / HTTP/1.1\r\nhost: x\r\ncontent-length: 0\r\n\r\n",
-                false,
-            ),
-        ] {
-            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-            let addr = listener.local_addr().unwrap();
-            let seen = Arc::new(AtomicUsize::new(0));
-            let counted = seen.clone();
-            tokio::spawn(async move {
-                let mut first = true;
-                loop {
-                    let (mut stream, _) = listener.accept().await.unwrap();
-                    let counted = counted.clone();
-                    let answer_once = std::mem::take(&mut first);
-                    tokio::spawn(async move {
-                        let mut buf = [0u8; 4096];
-                        let mut answered = false;
-                        while stream.read(&mut buf).await.unwrap_or(0) > 0 {
-                            counted.fetch_add(1, Ordering::SeqCst);
-                            if answer_once && answered {
-                                return; // reads the request, closes
-                            }
-                            answered = true;
-                            let _ = stream
-                                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
-                                .await;
+    async fn a_request_that_got_no_answer_is_not_sent_again_here() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let seen = Arc::new(AtomicUsize::new(0));
+        let counted = seen.clone();
+        tokio::spawn(async move {
+            loop {
+                let (mut stream, _) = listener.accept().await.unwrap();
+                let counted = counted.clone();
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 4096];
+                    let mut answered = false;
+                    while stream.read(&mut buf).await.unwrap_or(0) > 0 {
+                        counted.fetch_add(1, Ordering::SeqCst);
+                        if answered {
+                            return; // reads the second request, closes
                         }
-                    });
-                }
-            });
-            let instance = instance(addr);
-            let exchange = send(&config(), &instance, get()).await.unwrap();
-            assert_eq!(read_body(exchange, &instance).await, "ok");
-            seen.store(0, Ordering::SeqCst);
-            let request = Outgoing {
-                head,
-                head_request: false,
-                body: None::<Empty<Bytes>>,
-                chunked: false,
-                replayable,
-            };
-            let result = send(&config(), &instance, request).await;
-            if replayable {
-                assert_eq!(read_body(result.unwrap(), &instance).await, "ok");
-                assert_eq!(seen.load(Ordering::SeqCst), 2);
-            } else {
-                let e = result.unwrap_err();
-                assert!(matches!(e, SendError::Unanswered(_)), "{e}");
-                assert_eq!(seen.load(Ordering::SeqCst), 1, "sent once");
+                        answered = true;
+                        let _ = stream
+                            .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                            .await;
+                    }
+                });
             }
-        }
+        });
+        let instance = instance(addr);
+        let exchange = send(&config(), &instance, get()).await.unwrap();
+        assert_eq!(read_body(exchange, &instance).await, "ok");
+        seen.store(0, Ordering::SeqCst);
+        let e = send(&config(), &instance, get()).await.unwrap_err();
+        assert!(matches!(e, SendError::Unanswered(_)), "{e}");
+        assert_eq!(seen.load(Ordering::SeqCst), 1, "sent once");
     }
 
     #[tokio::test]
