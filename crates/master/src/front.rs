@@ -348,15 +348,29 @@ async fn keep_routes(front: Arc<Front>, hub: Arc<Hub>) {
     // The services are read from the store when they change; a status
     // report only recomputes who is up (reports come by the hundred when
     // many services start).
+    // They are read again, too, when an update or a delete switched since
+    // they were read (see `Hub::route_table_of`).
     let mut services = None;
     loop {
-        if services.is_none() {
-            match hub.proxied_services() {
-                Ok(s) => services = Some(s),
-                Err(e) => tracing::error!("cannot read the proxy's services: {e}"),
+        let table = loop {
+            if services.is_none() {
+                let moving = hub.moving_now();
+                match hub.proxied_services() {
+                    Ok(s) => services = Some((moving, s)),
+                    Err(e) => {
+                        tracing::error!("cannot read the proxy's services: {e}");
+                        break None;
+                    }
+                }
             }
-        }
-        let table = services.as_deref().map(|s| hub.route_table_of(s));
+            let Some((moving, s)) = &services else {
+                break None;
+            };
+            match hub.route_table_of(s, moving) {
+                Some(table) => break Some(table),
+                None => services = None,
+            }
+        };
         match table {
             Some(table) if last.as_ref() != Some(&table) => {
                 front.set_routes(&table);

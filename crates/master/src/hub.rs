@@ -42,7 +42,7 @@ mod routes;
 mod secrets;
 mod sources;
 
-pub use routes::RoutesChange;
+pub use routes::{MovingNow, RoutesChange};
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -7,6 +7,13 @@ use crate::routes::{Moving, RouteSpec, route_table};
 use crate::store::Service;
 use phoenix_model::proto::RoutesView;
 
+/// The switching and deleting sets at one moment ([`Hub::moving_now`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MovingNow {
+    switching: std::collections::HashSet<String>,
+    deleting: std::collections::HashSet<String>,
+}
+
 /// What may have changed the route table.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum RoutesChange {
@@ -26,21 +33,55 @@ impl Hub {
         Ok(services)
     }
 
-    /// The route table for `services` and what their minions reported.
-    pub fn route_table_of(&self, services: &[Service]) -> Vec<RouteSpec> {
+    /// Which services are switching or being deleted now: taken before
+    /// the services are read, and compared again when the table is
+    /// computed ([`route_table_of`](Self::route_table_of)).
+    pub fn moving_now(&self) -> MovingNow {
         let rollouts = lock(&self.rollouts);
+        MovingNow {
+            switching: rollouts.switching.clone(),
+            deleting: rollouts.deleting.clone(),
+        }
+    }
+
+    /// The route table for `services` (read after `moving` was taken) and
+    /// what their minions reported; `None` when an update or a delete
+    /// switched since `moving`: the services must be read again. An update
+    /// is stored as switched before it leaves `switching`, so old services
+    /// with the new sets would route to the old run as if it were current,
+    /// not draining, after it drained (and as its address goes away).
+    pub fn route_table_of(
+        &self,
+        services: &[Service],
+        moving: &MovingNow,
+    ) -> Option<Vec<RouteSpec>> {
+        let rollouts = lock(&self.rollouts);
+        if rollouts.switching != moving.switching || rollouts.deleting != moving.deleting {
+            return None;
+        }
         let moving = Moving {
             switching: Some(&rollouts.switching),
             deleting: Some(&rollouts.deleting),
         };
         let observed = lock(&self.observed.state);
-        route_table(services, |key| observed.statuses.get(key), moving)
+        Some(route_table(
+            services,
+            |key| observed.statuses.get(key),
+            moving,
+        ))
     }
 
     /// The proxy's route table now (see [`crate::routes`]).
     pub fn route_table(&self) -> Result<Vec<RouteSpec>, ApiError> {
-        Ok(self.route_table_of(&self.proxied_services()?))
+        loop {
+            let moving = self.moving_now();
+            let services = self.proxied_services()?;
+            if let Some(table) = self.route_table_of(&services, &moving) {
+                return Ok(table);
+            }
+        }
     }
+
     /// What `phoenix routes` shows.
     pub fn routes_view(&self) -> Result<RoutesView, ApiError> {
         let table = self.route_table()?;
