@@ -508,6 +508,16 @@ mod tests {
         assert_eq!(headers["x-app"], "yes");
         assert_eq!(headers["content-length"], "5");
         assert_eq!(headers.get_all("set-cookie").iter().count(), 2);
+
+        // Empty values, first and last.
+        let head = parse(
+            "HTTP/1.1 200 OK\r\nX-A:\r\nX-B: \r\nContent-Length: 0\r\n\r\n",
+            false,
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(head.response.headers()["x-a"], "");
+        assert_eq!(head.response.headers()["x-b"], "");
     }
 
     #[test]
