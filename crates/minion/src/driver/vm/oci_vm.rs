@@ -656,6 +656,22 @@ impl VmDriver {
 mod tests {
     use super::*;
 
+    /// Runs `cmd` to its end: its exit, stdout and stderr. Through the
+    /// minion's reaper, not std's `output()`: a test in this process that
+    /// started the reaper (the exec driver's) reaps every exited child,
+    /// and `output()`'s own wait then fails with ECHILD.
+    async fn output_of(cmd: &mut Command, input: Option<&[u8]>) -> (Exit, String, String) {
+        use std::io::{Read, Seek};
+        let _ = reaper::start();
+        let mut out = tempfile::tempfile().unwrap();
+        cmd.stdout(out.try_clone().unwrap());
+        let (exit, err) = reaper::run_with_input(cmd, input).await.unwrap();
+        let mut text = String::new();
+        out.rewind().unwrap();
+        out.read_to_string(&mut text).unwrap();
+        (exit, text, err)
+    }
+
     fn settings() -> ImageSettings {
         ImageSettings {
             entrypoint: vec!["/bin/app".into()],
@@ -874,13 +890,12 @@ mod tests {
         assert_eq!((bytes, entries), (4096, 2));
         let (mib, inodes) = disk_size(bytes, entries);
         let out = dir.path().join("d.ext4");
-        let (exit, err) = {
-            let mut cmd = Command::new(mkfs);
-            cmd.args(mkfs_args(&rootfs, &out, mib, inodes));
-            let o = cmd.output().unwrap();
-            (o.status, String::from_utf8_lossy(&o.stderr).into_owned())
-        };
-        assert!(exit.success(), "{err}");
+        let (exit, _, err) = output_of(
+            Command::new(mkfs).args(mkfs_args(&rootfs, &out, mib, inodes)),
+            None,
+        )
+        .await;
+        assert_eq!(exit.code, Some(0), "{err}");
         let head = std::fs::read(&out).unwrap();
         assert_eq!(&head[1080..1082], &[0x53, 0xef], "ext4 magic");
         assert_eq!(head.len() as u64, mib << 20);
@@ -900,8 +915,8 @@ mod tests {
 
     /// The initramfs of this machine's cloud kernel, with this test binary
     /// as its init: the modules and the libraries are in it.
-    #[test]
-    fn an_initramfs_holds_init_libraries_and_modules() {
+    #[tokio::test]
+    async fn an_initramfs_holds_init_libraries_and_modules() {
         let Some(kernel) = default_kernel() else {
             eprintln!(
                 "SKIPPED: no /boot/vmlinuz-*-cloud-amd64 (apt-get install linux-image-cloud-amd64)"
@@ -912,25 +927,28 @@ mod tests {
         let interp = ird::elf_interpreter(&exe)
             .unwrap()
             .expect("a dynamic test binary");
-        let out = std::process::Command::new(&interp)
-            .arg("--list")
-            .arg(std::env::current_exe().unwrap())
-            .output()
-            .unwrap();
-        let libs = ird::parse_ld_list(&String::from_utf8_lossy(&out.stdout)).unwrap();
+        let (_, listed, _) = output_of(
+            std::process::Command::new(&interp)
+                .arg("--list")
+                .arg(std::env::current_exe().unwrap()),
+            None,
+        )
+        .await;
+        let libs = ird::parse_ld_list(&listed).unwrap();
         assert!(libs.iter().any(|l| l.contains("libc.so")), "{libs:?}");
         let dir = tempfile::tempdir().unwrap();
         let cpio = dir.path().join("initramfs.cpio");
         build_initramfs(&kernel, &exe, &libs, &cpio).unwrap();
-        let listing = std::process::Command::new("cpio")
-            .args(["-t", "--quiet"])
-            .stdin(std::fs::File::open(&cpio).unwrap())
-            .output();
-        let Ok(listing) = listing else {
+        if super::super::find_in_path("cpio").is_none() {
             eprintln!("SKIPPED the listing: no cpio (apt-get install cpio)");
             return;
-        };
-        let names = String::from_utf8_lossy(&listing.stdout);
+        }
+        let archive = std::fs::read(&cpio).unwrap();
+        let (_, names, _) = output_of(
+            std::process::Command::new("cpio").args(["-t", "--quiet"]),
+            Some(&archive),
+        )
+        .await;
         assert!(names.lines().any(|l| l == "init"), "{names}");
         assert!(names.lines().any(|l| l == "dev/console"), "{names}");
         assert!(names.contains("libc.so.6"), "{names}");
