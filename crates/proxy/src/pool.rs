@@ -680,36 +680,62 @@ mod tests {
     use tokio::net::TcpListener;
     use tokio::sync::Notify;
 
-    /// A backend that answers every request head on a connection with
-    /// `response` (whole, as written), counting connections. It reads no
-    /// request bodies.
-    async fn backend(response: &'static str) -> (SocketAddr, Arc<AtomicUsize>) {
+    /// A test instance: listens on a free port and runs `serve` on each
+    /// connection it takes, on a task of its own; the connections taken
+    /// are counted (the count is `serve`'s second argument before it).
+    async fn serve_each<F, Fut>(serve: F) -> (SocketAddr, Arc<AtomicUsize>)
+    where
+        F: Fn(TcpStream, usize) -> Fut + Send + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let accepted = Arc::new(AtomicUsize::new(0));
         let count = accepted.clone();
         tokio::spawn(async move {
             loop {
-                let (mut stream, _) = listener.accept().await.unwrap();
-                count.fetch_add(1, Ordering::SeqCst);
-                tokio::spawn(async move {
-                    let mut buf = vec![0u8; 4096];
-                    let mut have = Vec::new();
-                    loop {
-                        let n = stream.read(&mut buf).await.unwrap_or(0);
-                        if n == 0 {
-                            return;
-                        }
-                        have.extend_from_slice(&buf[..n]);
-                        while let Some(end) = have.windows(4).position(|w| w == b"\r\n\r\n") {
-                            have.drain(..end + 4);
-                            stream.write_all(response.as_bytes()).await.unwrap();
-                        }
-                    }
-                });
+                let (stream, _) = listener.accept().await.unwrap();
+                tokio::spawn(serve(stream, count.fetch_add(1, Ordering::SeqCst)));
             }
         });
         (addr, accepted)
+    }
+
+    /// Reads until a request head is whole: all that came, the head and
+    /// whatever followed it; `None` if the connection ended first.
+    async fn read_head_bytes(stream: &mut TcpStream) -> Option<Vec<u8>> {
+        let mut have = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !have.windows(4).any(|w| w == b"\r\n\r\n") {
+            let n = stream.read(&mut buf).await.unwrap_or(0);
+            if n == 0 {
+                return None;
+            }
+            have.extend_from_slice(&buf[..n]);
+        }
+        Some(have)
+    }
+
+    /// A backend that answers every request head on a connection with
+    /// `response` (whole, as written), counting connections. It reads no
+    /// request bodies.
+    async fn backend(response: &'static str) -> (SocketAddr, Arc<AtomicUsize>) {
+        serve_each(move |mut stream, _| async move {
+            let mut buf = vec![0u8; 4096];
+            let mut have = Vec::new();
+            loop {
+                let n = stream.read(&mut buf).await.unwrap_or(0);
+                if n == 0 {
+                    return;
+                }
+                have.extend_from_slice(&buf[..n]);
+                while let Some(end) = have.windows(4).position(|w| w == b"\r\n\r\n") {
+                    have.drain(..end + 4);
+                    stream.write_all(response.as_bytes()).await.unwrap();
+                }
+            }
+        })
+        .await
     }
 
     fn config() -> PoolConfig {
@@ -803,19 +829,16 @@ mod tests {
 
     #[tokio::test]
     async fn a_body_to_the_close_ends_with_the_connection() {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        tokio::spawn(async move {
-            let (mut stream, _) = listener.accept().await.unwrap();
-            let mut buf = [0u8; 1024];
-            let _ = stream.read(&mut buf).await;
+        let (addr, _) = serve_each(|mut stream, _| async move {
+            read_head_bytes(&mut stream).await;
             stream
                 .write_all(b"HTTP/1.1 200 OK\r\n\r\nsome")
                 .await
                 .unwrap();
             tokio::time::sleep(Duration::from_millis(50)).await;
             stream.write_all(b" more").await.unwrap();
-        });
+        })
+        .await;
         let instance = instance(addr);
         let exchange = send(&config(), &instance, get()).await.unwrap();
         assert!(!exchange.head.keep_alive);
@@ -825,17 +848,14 @@ mod tests {
 
     #[tokio::test]
     async fn a_body_cut_short_by_the_close_is_an_error() {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        tokio::spawn(async move {
-            let (mut stream, _) = listener.accept().await.unwrap();
-            let mut buf = [0u8; 1024];
-            let _ = stream.read(&mut buf).await;
+        let (addr, _) = serve_each(|mut stream, _| async move {
+            read_head_bytes(&mut stream).await;
             stream
                 .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nshort")
                 .await
                 .unwrap();
-        });
+        })
+        .await;
         let instance = instance(addr);
         let exchange = send(&config(), &instance, get()).await.unwrap();
         let mut body = body(exchange, &instance);
@@ -852,35 +872,23 @@ mod tests {
     /// connection.
     #[tokio::test]
     async fn a_request_taking_a_connection_closed_while_idle_goes_on_a_new_one() {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let accepted = Arc::new(AtomicUsize::new(0));
         let close = Arc::new(Notify::new());
-        let (count, closing) = (accepted.clone(), close.clone());
-        tokio::spawn(async move {
-            loop {
-                let (mut stream, _) = listener.accept().await.unwrap();
-                count.fetch_add(1, Ordering::SeqCst);
-                let closing = closing.clone();
-                tokio::spawn(async move {
-                    // One answer (keep-alive, as far as the client knows),
-                    // then the connection closes when told.
-                    let mut have = Vec::new();
-                    let mut buf = [0u8; 4096];
-                    while !have.windows(4).any(|w| w == b"\r\n\r\n") {
-                        let n = stream.read(&mut buf).await.unwrap_or(0);
-                        if n == 0 {
-                            return;
-                        }
-                        have.extend_from_slice(&buf[..n]);
-                    }
-                    let _ = stream
-                        .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
-                        .await;
-                    closing.notified().await;
-                });
+        let closing = close.clone();
+        let (addr, accepted) = serve_each(move |mut stream, _| {
+            let closing = closing.clone();
+            async move {
+                // One answer (keep-alive, as far as the client knows),
+                // then the connection closes when told.
+                if read_head_bytes(&mut stream).await.is_none() {
+                    return;
+                }
+                let _ = stream
+                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                    .await;
+                closing.notified().await;
             }
-        });
+        })
+        .await;
         let instance = instance(addr);
         let config = config();
         let exchange = send(&config, &instance, get()).await.unwrap();
@@ -909,30 +917,20 @@ mod tests {
     /// next request: the connection is dropped when taken.
     #[tokio::test]
     async fn a_connection_with_late_stray_bytes_is_not_reused() {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let accepted = Arc::new(AtomicUsize::new(0));
-        let count = accepted.clone();
-        tokio::spawn(async move {
-            loop {
-                let (mut stream, _) = listener.accept().await.unwrap();
-                let n = count.fetch_add(1, Ordering::SeqCst);
-                tokio::spawn(async move {
-                    let mut buf = [0u8; 4096];
-                    let _ = stream.read(&mut buf).await;
-                    let _ = stream
-                        .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nfirst")
-                        .await;
-                    if n == 0 {
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        let _ = stream
-                            .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nstray")
-                            .await;
-                    }
-                    let _ = stream.read(&mut buf).await;
-                });
+        let (addr, accepted) = serve_each(|mut stream, n| async move {
+            read_head_bytes(&mut stream).await;
+            let _ = stream
+                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nfirst")
+                .await;
+            if n == 0 {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                let _ = stream
+                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nstray")
+                    .await;
             }
-        });
+            read_head_bytes(&mut stream).await;
+        })
+        .await;
         let instance = instance(addr);
         let exchange = send(&config(), &instance, get()).await.unwrap();
         assert_eq!(read_body(exchange, &instance).await, "first");
@@ -947,24 +945,26 @@ mod tests {
     /// read while it is sent.
     #[tokio::test]
     async fn a_request_body_goes_chunked() {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
         let (tx, rx) = tokio::sync::oneshot::channel();
-        tokio::spawn(async move {
-            let (mut stream, _) = listener.accept().await.unwrap();
-            let mut have = Vec::new();
-            let mut buf = [0u8; 4096];
-            while !have.ends_with(b"0\r\n\r\n") {
-                let n = stream.read(&mut buf).await.unwrap();
-                assert!(n > 0);
-                have.extend_from_slice(&buf[..n]);
+        let tx = Mutex::new(Some(tx));
+        let (addr, _) = serve_each(move |mut stream, _| {
+            let tx = tx.lock().unwrap().take();
+            async move {
+                let mut have = Vec::new();
+                let mut buf = [0u8; 4096];
+                while !have.ends_with(b"0\r\n\r\n") {
+                    let n = stream.read(&mut buf).await.unwrap();
+                    assert!(n > 0);
+                    have.extend_from_slice(&buf[..n]);
+                }
+                stream
+                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
+                    .await
+                    .unwrap();
+                let _ = tx.unwrap().send(have);
             }
-            stream
-                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
-                .await
-                .unwrap();
-            let _ = tx.send(have);
-        });
+        })
+        .await;
         let instance = instance(addr);
         let request = Outgoing {
             head: b"POST / HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n",
@@ -988,16 +988,9 @@ mod tests {
     /// connection is kept once both have ended.
     #[tokio::test]
     async fn a_response_streams_while_the_request_body_still_does() {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        tokio::spawn(async move {
-            let (mut stream, _) = listener.accept().await.unwrap();
-            let mut have = Vec::new();
+        let (addr, _) = serve_each(|mut stream, _| async move {
+            let mut have = read_head_bytes(&mut stream).await.unwrap();
             let mut buf = [0u8; 4096];
-            while !have.windows(4).any(|w| w == b"\r\n\r\n") {
-                let n = stream.read(&mut buf).await.unwrap();
-                have.extend_from_slice(&buf[..n]);
-            }
             stream
                 .write_all(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
                 .await
@@ -1022,7 +1015,8 @@ mod tests {
             }
             // Kept open: the proxy decides whether to keep it.
             let _ = stream.read(&mut buf).await;
-        });
+        })
+        .await;
         let instance = instance(addr);
         let (mut tx, channel) = http_body_util::channel::Channel::<Bytes, BoxError>::new(1);
         let request = Outgoing {
@@ -1067,30 +1061,28 @@ mod tests {
     /// upload still reaches it whole once the response is done with.
     #[tokio::test]
     async fn an_upload_goes_on_after_an_early_response() {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
         let (tx, rx) = tokio::sync::oneshot::channel();
-        tokio::spawn(async move {
-            let (mut stream, _) = listener.accept().await.unwrap();
-            let mut have = Vec::new();
-            let mut buf = [0u8; 4096];
-            while !have.windows(4).any(|w| w == b"\r\n\r\n") {
-                let n = stream.read(&mut buf).await.unwrap();
-                have.extend_from_slice(&buf[..n]);
-            }
-            stream
-                .write_all(b"HTTP/1.1 204 No Content\r\n\r\n")
-                .await
-                .unwrap();
-            while !have.ends_with(b"0\r\n\r\n") {
-                let n = stream.read(&mut buf).await.unwrap();
-                if n == 0 {
-                    break;
+        let tx = Mutex::new(Some(tx));
+        let (addr, _) = serve_each(move |mut stream, _| {
+            let tx = tx.lock().unwrap().take();
+            async move {
+                let mut have = read_head_bytes(&mut stream).await.unwrap();
+                let mut buf = [0u8; 4096];
+                stream
+                    .write_all(b"HTTP/1.1 204 No Content\r\n\r\n")
+                    .await
+                    .unwrap();
+                while !have.ends_with(b"0\r\n\r\n") {
+                    let n = stream.read(&mut buf).await.unwrap();
+                    if n == 0 {
+                        break;
+                    }
+                    have.extend_from_slice(&buf[..n]);
                 }
-                have.extend_from_slice(&buf[..n]);
+                let _ = tx.unwrap().send(have);
             }
-            let _ = tx.send(have);
-        });
+        })
+        .await;
         let instance = instance(addr);
         let (mut sender, channel) = http_body_util::channel::Channel::<Bytes, BoxError>::new(1);
         let request = Outgoing {
@@ -1122,30 +1114,25 @@ mod tests {
     /// the instance has seen it once.
     #[tokio::test]
     async fn a_request_that_got_no_answer_is_not_sent_again_here() {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
         let seen = Arc::new(AtomicUsize::new(0));
         let counted = seen.clone();
-        tokio::spawn(async move {
-            loop {
-                let (mut stream, _) = listener.accept().await.unwrap();
-                let counted = counted.clone();
-                tokio::spawn(async move {
-                    let mut buf = [0u8; 4096];
-                    let mut answered = false;
-                    while stream.read(&mut buf).await.unwrap_or(0) > 0 {
-                        counted.fetch_add(1, Ordering::SeqCst);
-                        if answered {
-                            return; // reads the second request, closes
-                        }
-                        answered = true;
-                        let _ = stream
-                            .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
-                            .await;
+        let (addr, _) = serve_each(move |mut stream, _| {
+            let counted = counted.clone();
+            async move {
+                let mut answered = false;
+                while read_head_bytes(&mut stream).await.is_some() {
+                    counted.fetch_add(1, Ordering::SeqCst);
+                    if answered {
+                        return; // reads the second request, closes
                     }
-                });
+                    answered = true;
+                    let _ = stream
+                        .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                        .await;
+                }
             }
-        });
+        })
+        .await;
         let instance = instance(addr);
         let exchange = send(&config(), &instance, get()).await.unwrap();
         assert_eq!(read_body(exchange, &instance).await, "ok");
@@ -1166,12 +1153,11 @@ mod tests {
         assert_eq!(exchange.head.response.status(), StatusCode::OK);
         assert_eq!(read_body(exchange, &hinted).await, "x");
 
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        tokio::spawn(async move {
-            let (_stream, _) = listener.accept().await.unwrap();
+        let (addr, _) = serve_each(|stream, _| async move {
+            let _held_open = stream; // and never answered
             tokio::time::sleep(Duration::from_secs(10)).await;
-        });
+        })
+        .await;
         let config = PoolConfig {
             response_timeout: Duration::from_millis(100),
             ..config()
