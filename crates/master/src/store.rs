@@ -687,8 +687,8 @@ impl Tx<'_> {
                 actor,
                 action,
                 subject,
-                old.map(ToString::to_string),
-                new.map(ToString::to_string)
+                old.map(|v| redacted(v).to_string()),
+                new.map(|v| redacted(v).to_string())
             ],
         )?;
         Ok(())
@@ -727,6 +727,51 @@ impl Tx<'_> {
         }
         Ok(out)
     }
+}
+
+/// An audit record without password hashes: every `proxyauth` entry
+/// (`user:bcrypt-hash`), wherever it sits in the record, keeps its user
+/// and shows the hash only as a short fingerprint (`user:bcrypt:1a2b3c4d`),
+/// enough to see that a password changed. The audit log is read by
+/// anyone with `phoenix audit`, and an offline guesser needs the hash.
+fn redacted(value: &serde_json::Value) -> std::borrow::Cow<'_, serde_json::Value> {
+    use serde_json::Value;
+    fn holds_auth(v: &Value) -> bool {
+        match v {
+            Value::Object(o) => o.iter().any(|(k, v)| k == "proxyauth" || holds_auth(v)),
+            Value::Array(a) => a.iter().any(holds_auth),
+            _ => false,
+        }
+    }
+    fn redact(v: &mut Value) {
+        match v {
+            Value::Object(o) => {
+                for (k, v) in o.iter_mut() {
+                    if k == "proxyauth"
+                        && let Value::Array(entries) = v
+                    {
+                        for e in entries.iter_mut() {
+                            if let Value::String(s) = e {
+                                let (user, hash) = s.split_once(':').unwrap_or(("", s));
+                                let print = blake3::hash(hash.as_bytes()).to_hex();
+                                *s = format!("{user}:bcrypt:{}", &print[..8]);
+                            }
+                        }
+                    } else {
+                        redact(v);
+                    }
+                }
+            }
+            Value::Array(a) => a.iter_mut().for_each(redact),
+            _ => {}
+        }
+    }
+    if !holds_auth(value) {
+        return std::borrow::Cow::Borrowed(value);
+    }
+    let mut owned = value.clone();
+    redact(&mut owned);
+    std::borrow::Cow::Owned(owned)
 }
 
 #[cfg(test)]
@@ -844,6 +889,55 @@ mod tests {
         let log = tx.audit_log(10).unwrap();
         assert_eq!(log.len(), 1);
         assert_eq!(log[0].new.as_ref().unwrap()["ip"], "fd38:dde8:32dd:1::1");
+    }
+
+    #[test]
+    fn the_audit_log_keeps_no_basic_auth_hash_only_a_fingerprint() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open(&dir.path().join("s.db")).unwrap();
+        let hash = |c: char| format!("$2y$05${}", c.to_string().repeat(53));
+        let spec = |h: &str| {
+            let json = serde_json::json!({"machine":"m1","name":"a","image":"x","type":"binary",
+                "proxyname":"a.example.com","proxyauth":[format!("ann:{h}")]});
+            parse_specs("t", &json.to_string()).unwrap().remove(0)
+        };
+        let svc = |h: &str| Service {
+            spec: spec(h),
+            ip: net::service_ip(0),
+            image_hash: "h".into(),
+            image_size: 3,
+            generation: 1,
+            run: None,
+            next: None,
+        };
+        let (one, two) = (svc(&hash('a')), svc(&hash('b')));
+        // Nested too, as an update's new version sits under `next`.
+        let nested = serde_json::json!({ "next": two.to_json() });
+        store
+            .write(|tx| -> Result<()> {
+                tx.audit("root", "deploy", "a", Some(&one.to_json()), Some(&nested))
+            })
+            .unwrap();
+        let tx = store.read().unwrap();
+        let entry = &tx.audit_log(1).unwrap()[0];
+        let text = format!("{:?} {:?}", entry.old, entry.new);
+        assert!(!text.contains("$2y$"), "{text}");
+        let old = entry.old.as_ref().unwrap()["proxyauth"][0]
+            .as_str()
+            .unwrap();
+        let new = entry.new.as_ref().unwrap()["next"]["proxyauth"][0]
+            .as_str()
+            .unwrap();
+        assert!(
+            old.starts_with("ann:bcrypt:") && old.len() == "ann:bcrypt:".len() + 8,
+            "{old}"
+        );
+        assert_ne!(old, new, "a changed password shows as changed");
+        // A record without basic auth is stored as it is.
+        assert!(matches!(
+            redacted(&nested["next"]["ip"]),
+            std::borrow::Cow::Borrowed(_)
+        ));
     }
 
     #[test]

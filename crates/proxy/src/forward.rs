@@ -334,6 +334,12 @@ async fn forward(
         if conn.tls { b"https" } else { b"http" },
     );
     head.header("x-forwarded-host", raw_host.as_bytes());
+    // Where the instance is mounted, so it can write links that work
+    // through the proxy (a client's own value is never passed on: it
+    // would let the client choose the links an instance writes).
+    if entry.strip_prefix && entry.prefix != "/" {
+        head.header("x-forwarded-prefix", entry.prefix.as_bytes());
+    }
     // The body's framing is the proxy's: its length when known (HTTP/1
     // with Content-Length, HTTP/2 with content-length), else chunked.
     let (body, chunked) = if hyper::body::Body::is_end_stream(&body) {

@@ -23,7 +23,8 @@ pub(crate) static HOP_BY_HOP: [HeaderName; HOPS] = [
 
 // Indices: the hop-by-hop names first, as in `HOP_BY_HOP`, then the names
 // a request to an instance gets from the proxy rather than from the
-// client, then `Authorization` (dropped on routes with basic auth).
+// client, then `Authorization` (dropped on routes with basic auth), then
+// `X-Forwarded-Prefix` (the proxy's own, set where it strips a prefix).
 pub(crate) const CONNECTION: usize = 0;
 pub(crate) const TRANSFER_ENCODING: usize = 7;
 pub(crate) const UPGRADE: usize = 8;
@@ -34,7 +35,8 @@ pub(crate) const FORWARDED_HOST: usize = HOPS + 3;
 pub(crate) const HOST: usize = HOPS + 4;
 pub(crate) const CONTENT_LENGTH: usize = HOPS + 5;
 pub(crate) const AUTHORIZATION: usize = HOPS + 6;
-const NAMES: usize = HOPS + 7;
+pub(crate) const FORWARDED_PREFIX: usize = HOPS + 7;
+const NAMES: usize = HOPS + 8;
 
 pub(crate) const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 
@@ -57,6 +59,7 @@ pub(crate) fn name_index(name: &HeaderName) -> Option<usize> {
         "host" => HOST,
         "content-length" => CONTENT_LENGTH,
         "authorization" => AUTHORIZATION,
+        "x-forwarded-prefix" => FORWARDED_PREFIX,
         _ => return None,
     })
 }
@@ -135,6 +138,10 @@ mod tests {
             (header::HOST, HOST),
             (header::CONTENT_LENGTH, CONTENT_LENGTH),
             (header::AUTHORIZATION, AUTHORIZATION),
+            (
+                HeaderName::from_static("x-forwarded-prefix"),
+                FORWARDED_PREFIX,
+            ),
         ] {
             assert_eq!(name_index(&name), Some(i), "{name}");
         }

@@ -443,6 +443,18 @@ fn check_domain(s: &str) -> Result<(), String> {
         }
         check_hostname_label(label).map_err(|r| format!("{s:?} is not a domain name: {r}"))?;
     }
+    // An all-digit last label is no top-level domain (RFC 3696 §2): such a
+    // name is an IPv4 address or looks like one, and no ACME server issues
+    // a certificate for it through HTTP-01.
+    if s.contains('.')
+        && s.rsplit('.')
+            .next()
+            .is_some_and(|tld| tld.bytes().all(|b| b.is_ascii_digit()))
+    {
+        return Err(format!(
+            "{s:?} is an IP address or ends in an all-digit label, not a domain name: the proxy routes by host name and gets a certificate for it; point a DNS name at the master and use that"
+        ));
+    }
     Ok(())
 }
 
@@ -510,6 +522,17 @@ mod tests {
                 && m.contains("\"example.com\"")),
             "{r:?}"
         );
+        for ip in ["192.0.2.10", "10.1", "web.123"] {
+            let r = reasons(with(None, vec![], Some(ip)));
+            assert!(
+                r.iter()
+                    .any(|m| m.contains("field `proxyname`") && m.contains("not a domain name")),
+                "{ip}: {r:?}"
+            );
+        }
+        for fine in ["localhost", "app.example.com", "1.example.com", "web.x1"] {
+            assert!(validate(with(None, vec![], Some(fine))).is_ok(), "{fine}");
+        }
         let r = reasons(with(Some("/api"), vec![], None));
         assert!(r.iter().any(|m| m.contains("set `proxyname` too")), "{r:?}");
         let r = reasons(with(None, vec!["ann:secret", "bob"], Some("example.com")));

@@ -25,8 +25,16 @@ async fn routes_by_host_and_longest_prefix_and_strips_it() {
     )
     .await;
 
-    let a = get(p.http, "a.test", "/api/x?q=1", &[]).await;
+    // A stripped prefix is told in X-Forwarded-Prefix; a client's own
+    // value never reaches an instance.
+    let spoof = [("x-forwarded-prefix", "/evil")];
+    let a = get(p.http, "a.test", "/api/x?q=1", &spoof).await;
     assert_eq!((a.backend(), a.path()), ("api".into(), "/x?q=1".into()));
+    assert_eq!(a.seen("x-forwarded-prefix").as_deref(), Some("/api"));
+    for path in ["/", "/api/v2/users"] {
+        let a = get(p.http, "a.test", path, &spoof).await;
+        assert_eq!(a.seen("x-forwarded-prefix"), None, "{path}");
+    }
     let a = get(p.http, "a.test", "/api", &[]).await;
     assert_eq!((a.backend(), a.path()), ("api".into(), "/".into()));
     let a = get(p.http, "a.test", "/api?q", &[]).await;
