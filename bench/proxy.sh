@@ -8,8 +8,8 @@
 #   - each proxy's memory before and after the runs (VmRSS and VmHWM,
 #     summed over its processes).
 #
-# Debian packages: wrk nginx haproxy caddy openssl curl python3 iproute2 procps
-#   apt-get install -y wrk nginx haproxy caddy openssl curl python3 iproute2 procps
+# Debian packages: wrk apache2-utils nginx haproxy caddy openssl curl python3 iproute2 procps
+#   apt-get install -y wrk apache2-utils nginx haproxy caddy openssl curl python3 iproute2 procps
 # If installing them started system instances, `systemctl stop nginx haproxy
 # caddy` keeps them off the CPUs; this script needs none of their ports.
 # Phoenix's side: cargo build --release -p phoenix-proxy --example serve
@@ -38,7 +38,7 @@ threads=2
 . "$(dirname "$0")/lib.sh" # root, free_port, wait_port
 serve=$root/target/release/examples/serve
 [ -x "$serve" ] || { echo "build first: cargo build --release -p phoenix-proxy --example serve" >&2; exit 1; }
-need_tools "wrk nginx haproxy caddy openssl curl python3 iproute2 procps" wrk nginx haproxy caddy openssl curl python3 ss ps
+need_tools "wrk apache2-utils nginx haproxy caddy openssl curl python3 iproute2 procps" wrk ab nginx haproxy caddy openssl curl python3 ss ps
 
 work=$(mktemp -d /tmp/phoenix-proxy-bench.XXXXXX)
 pids=()
@@ -294,10 +294,12 @@ done = function(summary, latency, requests)
 end
 EOF
 # PROXY_SCENARIOS="big-close ..." runs only those (a quicker look at one).
-read -r -a scenarios <<<"${PROXY_SCENARIOS:-small-ka big-ka small-close big-close}"
+# The *-whole scenarios are the *-close ones timed by ab from the connect
+# to the last byte (wrk's clock starts after the handshake).
+read -r -a scenarios <<<"${PROXY_SCENARIOS:-small-ka big-ka small-close big-close small-whole big-whole}"
 for s in "${scenarios[@]}"; do
-    case $s in small-ka | big-ka | small-close | big-close) ;;
-    *) echo "PROXY_SCENARIOS: unknown scenario $s (small-ka big-ka small-close big-close)" >&2; exit 1 ;;
+    case $s in small-ka | big-ka | small-close | big-close | small-whole | big-whole) ;;
+    *) echo "PROXY_SCENARIOS: unknown scenario $s (small-ka big-ka small-close big-close small-whole big-whole)" >&2; exit 1 ;;
     esac
 done
 run_wrk() { # name scenario duration -> "rps p50_us p99_us requests errors non2xx bytes mean_us cpu_ticks idle_ticks wrk_cpu_ms"
@@ -316,6 +318,48 @@ run_wrk() { # name scenario duration -> "rps p50_us p99_us requests errors non2x
     idle1=$(idle_ticks)
     awk -v cpu=$((cpu1 - cpu0)) -v idle=$((idle1 - idle0)) -v wrk="$(wrk_ms)" '/^RESULT /{print $2, $3, $4, $5, $6, $7, $8, $9, cpu, idle, wrk}' "$work/wrk.out" | grep . ||
         { echo "wrk failed against $n ($s):" >&2; cat "$work/wrk.out" >&2; exit 1; }
+}
+
+# ab times a request from its connect to its last byte (its `-g` file, one
+# line a request, whole ms): two ab processes of half the connections each,
+# as wrk runs two threads. ab makes a full TLS handshake every time (it
+# keeps no session), with the same client settings as wrk.
+run_ab() { # name scenario duration -> the fields of run_wrk, then the median connect + handshake in µs
+    local n=$1 s=$2 d=$3 path k
+    case $s in small-*) path=/small ;; *) path=/big ;; esac
+    local cpu0 cpu1 idle0 idle1
+    cpu0=$(cpu_of "$n")
+    idle0=$(idle_ticks)
+    (
+        for k in 1 2; do
+            client ab -q -t "$d" -n 200000 -c $((conns / 2)) -g "$work/ab$k.tsv" \
+                "https://$host:${port[$n]}$path" >"$work/ab$k.out" 2>&1 &
+        done
+        wait
+        times >"$work/wrk.times"
+    )
+    cpu1=$(cpu_of "$n")
+    idle1=$(idle_ticks)
+    python3 - "$work" "$d" $((cpu1 - cpu0)) $((idle1 - idle0)) "$(wrk_ms)" <<'PY' ||
+import re, sys
+work, d, cpu, idle, client = sys.argv[1], float(sys.argv[2]), *sys.argv[3:]
+total, connect, errs, non2xx = [], [], 0, 0
+for k in (1, 2):
+    for line in open(f"{work}/ab{k}.tsv").read().splitlines()[1:]:
+        f = line.split("\t")
+        connect.append(int(f[2]) * 1000)
+        total.append(int(f[4]) * 1000)
+    out = open(f"{work}/ab{k}.out").read()
+    errs += sum(int(x) for x in re.findall(r"^Failed requests:\s+(\d+)", out, re.M))
+    non2xx += sum(int(x) for x in re.findall(r"^Non-2xx responses:\s+(\d+)", out, re.M))
+if not total:
+    sys.exit(1)
+total.sort(); connect.sort()
+at = lambda xs, p: xs[min(len(xs) - 1, int(p / 100 * len(xs)))]
+print(f"{len(total) / d:.1f} {at(total, 50)} {at(total, 99)} {len(total)} {errs} {non2xx} 0 "
+      f"{sum(total) // len(total)} {cpu} {idle} {client} {at(connect, 50)}")
+PY
+        { echo "ab failed against $n ($s):" >&2; cat "$work/ab1.out" >&2; exit 1; }
 }
 
 wrk_ms() { # -> wrk's user + system time in ms, from `times` in its subshell
@@ -370,7 +414,10 @@ for r in $(seq "$rounds"); do
     for s in "${scenarios[@]}"; do
         for i in "${!names[@]}"; do
             n=${names[$(((i + r - 1) % ${#names[@]}))]}
-            line=$(run_wrk "$n" "$s" "$secs")
+            case $s in
+            *-whole) line=$(run_ab "$n" "$s" "$secs") ;;
+            *) line=$(run_wrk "$n" "$s" "$secs") ;;
+            esac
             printf '%s\t%s\t%s\t%s\n' "$r" "$s" "$n" "$line" >>"$results"
             echo "round $r $s $n: $line" >&2
         done
@@ -391,6 +438,7 @@ ver_haproxy=$(haproxy -v | awk 'NR==1{print $3}')
 ver_caddy=$(caddy version | awk '{print $1}')
 ver_wrk=$({ wrk -v 2>&1 || true; } | awk 'NR==1{print $2}')
 ver_openssl=$(openssl version | awk '{print $2}')
+ver_ab=$(ab -V | awk 'NR==1{print $5}' | tr -d ',')
 git_rev=$(git -C "$root" rev-parse --short HEAD 2>/dev/null || echo unknown)
 git -C "$root" diff --quiet HEAD -- crates/proxy/src crates/proxy/examples crates/proxy/Cargo.toml Cargo.toml 2>/dev/null || git_rev="$git_rev + uncommitted changes in crates/proxy"
 
@@ -401,7 +449,9 @@ from collections import defaultdict
 names, label = [], {}
 hz = $(getconf CLK_TCK)
 scen = [("small-ka", "100 B, keep-alive"), ("big-ka", "1 MiB, keep-alive"),
-        ("small-close", "100 B, new connection per request"), ("big-close", "1 MiB, new connection per request")]
+        ("small-close", "100 B, new connection per request"), ("big-close", "1 MiB, new connection per request"),
+        ("small-whole", "100 B, new connection per request, timed from the connect (ab)"),
+        ("big-whole", "1 MiB, new connection per request, timed from the connect (ab)")]
 scen = [x for x in scen if x[0] in "${scenarios[*]}".split()]
 runs = defaultdict(list)   # (scenario, name) -> [(rps, p50, p99, reqs, errs, non2xx, bytes, cpu µs a request, setup µs)]
 mem, tls = {}, {}
@@ -421,27 +471,30 @@ for line in open(sys.argv[1]):
         # request's whole cycle) less the mean latency. With a new
         # connection each, that is the TCP connect and the TLS handshake,
         # waits included.
+        # ab (the *-whole scenarios) reports its median connect +
+        # handshake itself, inside its clock.
         rps = float(v[0])
         runs[(f[1], f[2])].append((rps, int(v[1]), int(v[2]), int(v[3]), int(v[4]), int(v[5]), int(v[6]),
                                    int(v[8]) * 1e6 / hz / max(int(v[3]), 1),
-                                   $conns * 1e6 / max(rps, 1e-9) - int(v[7])))
+                                   int(v[11]) if f[1].endswith("whole") else $conns * 1e6 / max(rps, 1e-9) - int(v[7])))
 
 med = lambda xs: statistics.median(xs)
 def ms(us): return f"{us/1000:.2f}" if us < 10000 else f"{us/1000:.1f}"
 def rate(x): return f"{x:,.0f}" if x >= 100 else f"{x:.1f}"
 
 out = []
-out.append("- Date: $(date -u '+%Y-%m-%d %H:%M') UTC; \`bench/proxy.sh $secs $rounds $conns\`: $secs s per wrk run, \`wrk -t $threads -c $conns\`, $rounds rounds ($elapsed s), medians")
+out.append("- Date: $(date -u '+%Y-%m-%d %H:%M') UTC; \`bench/proxy.sh $secs $rounds $conns\`: $secs s per run, \`wrk -t $threads -c $conns\` (timed from the connect: two \`ab -c $((conns / 2))\`, ab $ver_ab), $rounds rounds ($elapsed s), medians")
 out.append("- Machine: $(nproc) CPUs (nproc) · $cpu · kernel $(uname -sr) $(uname -m) · $mem_total RAM; wrk, the proxy and the backend share these CPUs")
 out.append("- Phoenix: phoenix-proxy (git $git_rev) run by its \`serve\` example, release build, \`PROXY_THREADS=$threads\` (one current-thread tokio runtime a thread, all accepting from one listening socket); peers: nginx $ver_nginx (2 workers), HAProxy $ver_haproxy (\`nbthread 2\`), Caddy $ver_caddy (defaults); backend: nginx $ver_nginx (1 worker, static files); wrk $ver_wrk with OpenSSL $ver_openssl")
 out.append("- TLS with each proxy (openssl s_client offering what wrk offers, each reconnection with the session of the one before): " + "; ".join(f"{label[n]} {tls.get(n, '?')}" for n in names))
 out.append("")
 for key, title in scen:
+    whole = key.endswith("whole")
+    close = key.endswith("close") or whole
     out.append(f"**{title}** (\`https://localhost/{'small' if key.startswith('small') else 'big'}\`" + (", \`Connection: close\`" if key.endswith("close") else "") + ")")
     out.append("")
-    close = key.endswith("close")
     out.append("| proxy | requests/s | p50 (ms) | p99 (ms) | requests/s ÷ nginx | p99 ÷ nginx | proxy CPU per request (µs) | errors |"
-               + (" connect + handshake, outside wrk's clock (ms) |" if close else ""))
+               + (" of which connect + handshake, p50 (ms) |" if whole else " connect + handshake, outside wrk's clock (ms) |" if close else ""))
     out.append("|---|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if close else ""))
     ng = runs[(key, "nginx")]
     ng_rps, ng_p99 = med([x[0] for x in ng]), med([x[2] for x in ng])
