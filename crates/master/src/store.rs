@@ -280,6 +280,7 @@ impl Store {
         if dropped > 0 {
             tracing::info!("dropped {dropped} stored join requests; their minions ask again");
         }
+        redact_stored_audit(&conn).map_err(open_err)?;
         Ok(Store { conn })
     }
 
@@ -774,6 +775,40 @@ fn redacted(value: &serde_json::Value) -> std::borrow::Cow<'_, serde_json::Value
     std::borrow::Cow::Owned(owned)
 }
 
+/// Audit rows an older master wrote with `proxyauth` hashes in them, as
+/// [`redacted`] writes them now. Only rows that name the field are read.
+fn redact_stored_audit(conn: &Connection) -> rusqlite::Result<()> {
+    let mut stmt = conn.prepare(
+        "SELECT id, old, new FROM audit WHERE old LIKE '%\"proxyauth\"%' OR new LIKE '%\"proxyauth\"%'",
+    )?;
+    let rows = stmt
+        .query_map([], |r| {
+            Ok((
+                r.get::<_, i64>(0)?,
+                r.get::<_, Option<String>>(1)?,
+                r.get::<_, Option<String>>(2)?,
+            ))
+        })?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    let redact = |text: &Option<String>| -> Option<String> {
+        let text = text.as_ref()?;
+        match serde_json::from_str::<serde_json::Value>(text) {
+            Ok(v) => Some(redacted(&v).to_string()),
+            Err(_) => Some(text.clone()),
+        }
+    };
+    for (id, old, new) in rows {
+        let (o, n) = (redact(&old), redact(&new));
+        if o != old || n != new {
+            conn.execute(
+                "UPDATE audit SET old = ?2, new = ?3 WHERE id = ?1",
+                params![id, o, n],
+            )?;
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -933,6 +968,27 @@ mod tests {
             "{old}"
         );
         assert_ne!(old, new, "a changed password shows as changed");
+        drop(tx);
+        // Rows an older master wrote with the hash are redacted at open.
+        let raw = one.to_json().to_string();
+        assert!(raw.contains("$2y$"));
+        store
+            .conn
+            .execute(
+                "INSERT INTO audit (at, actor, action, subject, old, new) VALUES (1, 'root', 'deploy', 'a', NULL, ?1)",
+                [&raw],
+            )
+            .unwrap();
+        drop(store);
+        let mut store = Store::open(&dir.path().join("s.db")).unwrap();
+        let tx = store.read().unwrap();
+        let log = tx.audit_log(10).unwrap();
+        assert_eq!(log.len(), 2);
+        assert!(!format!("{log:?}").contains("$2y$"), "{log:?}");
+        assert_eq!(
+            log[1].new.as_ref().unwrap()["proxyauth"][0].as_str(),
+            Some(old)
+        );
         // A record without basic auth is stored as it is.
         assert!(matches!(
             redacted(&nested["next"]["ip"]),
