@@ -61,7 +61,8 @@
 //! one the proxy vouches for: earlier ones are whatever the client sent),
 //! `X-Forwarded-Proto` and `X-Forwarded-Host` set (and
 //! `X-Forwarded-Prefix`, the prefix taken off, where one is; a client's
-//! own is never passed on), `Host` kept as the client sent it. WebSockets over HTTP/2 (extended CONNECT) are not
+//! own is never passed on), `Host` kept as the client sent it. WebSockets
+//! over HTTP/2 (extended CONNECT) are not
 //! offered, so browsers open them over HTTP/1.1. Paths with `.`/`..`
 //! segments are refused (400) so that prefix routing and authentication
 //! cannot be walked around.

@@ -311,9 +311,14 @@ impl Exchange {
             decoder,
             keep_alive,
         } = self.head;
+        // The rest of the request body goes on a task of its own, not as
+        // the client takes the response: a client that sends its whole
+        // upload before it reads (and an instance that answers while it
+        // reads) would otherwise wait on each other.
+        let writer = self.writer.map(tokio::spawn);
         response.map(|()| PooledBody {
             upstream: Some(self.upstream),
-            writer: self.writer,
+            writer,
             decoder,
             keep_alive,
             instance,
@@ -557,7 +562,9 @@ async fn read_head(
 /// (dropped early, it closes).
 pub(crate) struct PooledBody {
     upstream: Option<Upstream>,
-    writer: Option<Writer>,
+    /// The task sending the rest of the request body, if the response
+    /// came before it was all sent.
+    writer: Option<tokio::task::JoinHandle<Result<(), BodyError>>>,
     decoder: Decoder,
     keep_alive: bool,
     instance: Arc<InstanceState>,
@@ -567,15 +574,10 @@ pub(crate) struct PooledBody {
 impl PooledBody {
     fn release(&mut self) {
         let upstream = self.upstream.take();
-        if let Some(writer) = self.writer.take() {
-            // The response ended before the request body was sent: the
-            // rest goes on a task of its own (the instance may want it
-            // whole), and the connection closes after it.
-            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-                runtime.spawn(async move {
-                    let _ = writer.await;
-                });
-            }
+        if self.writer.take().is_some() {
+            // The response ended before the request body was sent: its
+            // task sends the rest (the instance may want it whole), and
+            // the connection closes after it.
             return;
         }
         if let Some(upstream) = upstream
@@ -588,7 +590,9 @@ impl PooledBody {
 
     fn fail(&mut self, e: impl Into<BoxError>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         self.upstream = None;
-        self.writer = None;
+        if let Some(writer) = self.writer.take() {
+            writer.abort();
+        }
         Poll::Ready(Some(Err(e.into())))
     }
 }
@@ -603,13 +607,14 @@ impl HttpBody for PooledBody {
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
         if let Some(writer) = this.writer.as_mut()
-            && let Poll::Ready(written) = writer.as_mut().poll(cx)
+            && let Poll::Ready(written) = Pin::new(writer).poll(cx)
         {
             this.writer = None;
             match written {
-                Ok(()) => {}
-                Err(BodyError::Client(e)) => return this.fail(e),
-                Err(BodyError::Instance(_)) => this.keep_alive = false,
+                Ok(Ok(())) => {}
+                Ok(Err(BodyError::Client(e))) => return this.fail(e),
+                Ok(Err(BodyError::Instance(_))) => this.keep_alive = false,
+                Err(e) => return this.fail(e),
             }
         }
         loop {
@@ -665,6 +670,10 @@ impl Drop for PooledBody {
         // polled; it is whole all the same.
         if self.decoder.is_done() {
             self.release();
+        } else if let Some(writer) = self.writer.take() {
+            // The client went away before the response's end: the upload
+            // it was sending stops too.
+            writer.abort();
         }
     }
 }

@@ -88,6 +88,100 @@ async fn a_10_mib_upload_reaches_the_backend_while_the_client_still_sends() {
     assert_eq!(total, (10 * MIB).to_string());
 }
 
+/// An instance that answers at once and streams its answer while it
+/// reads the upload, and a client that sends its whole upload before it
+/// reads a byte of the answer, both larger than the sockets' buffers: the
+/// proxy must go on taking the upload while the answer waits for the
+/// client.
+#[tokio::test]
+async fn a_client_that_uploads_before_reading_an_early_answer_does_not_stall() {
+    const SIZE: usize = 32 * MIB;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let uploaded = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = uploaded.clone();
+    tokio::spawn(async move {
+        let (stream, _) = listener.accept().await.unwrap();
+        let (mut read, mut write) = stream.into_split();
+        let mut have = Vec::new();
+        let mut buf = vec![0u8; 64 * 1024];
+        let end = loop {
+            let n = read.read(&mut buf).await.unwrap();
+            assert!(n > 0, "the head came");
+            have.extend_from_slice(&buf[..n]);
+            if let Some(at) = have.windows(4).position(|w| w == b"\r\n\r\n") {
+                break at + 4;
+            }
+        };
+        counted.fetch_add(have.len() - end, std::sync::atomic::Ordering::SeqCst);
+        tokio::spawn(async move {
+            write
+                .write_all(format!("HTTP/1.1 200 OK\r\ncontent-length: {SIZE}\r\n\r\n").as_bytes())
+                .await
+                .unwrap();
+            let chunk = vec![b'a'; CHUNK];
+            for _ in 0..SIZE / CHUNK {
+                if write.write_all(&chunk).await.is_err() {
+                    return;
+                }
+            }
+        });
+        while counted.load(std::sync::atomic::Ordering::SeqCst) < SIZE {
+            match read.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => {
+                    counted.fetch_add(n, std::sync::atomic::Ordering::SeqCst);
+                }
+            }
+        }
+    });
+    let p = start_proxy(
+        ProxyConfig::default(),
+        vec![Route::new(
+            "a.test",
+            vec![phoenix_proxy::Instance::new("a", addr)],
+        )],
+    )
+    .await;
+    let mut client = TcpStream::connect(p.http).await.unwrap();
+    let exchanged = async {
+        client
+            .write_all(
+                format!("POST /echo HTTP/1.1\r\nhost: a.test\r\ncontent-length: {SIZE}\r\n\r\n")
+                    .as_bytes(),
+            )
+            .await
+            .unwrap();
+        let chunk = vec![b'u'; CHUNK];
+        for _ in 0..SIZE / CHUNK {
+            client.write_all(&chunk).await.unwrap();
+        }
+        // Only now does the client read.
+        let mut got = 0usize;
+        let mut buf = vec![0u8; 256 * 1024];
+        let mut head = Vec::new();
+        while got < SIZE {
+            let n = client.read(&mut buf).await.unwrap();
+            assert!(n > 0, "the answer ended early");
+            if head.windows(4).all(|w| w != b"\r\n\r\n") {
+                head.extend_from_slice(&buf[..n]);
+                if let Some(at) = head.windows(4).position(|w| w == b"\r\n\r\n") {
+                    assert!(head.starts_with(b"HTTP/1.1 200"), "{head:?}");
+                    got += head.len() - at - 4;
+                }
+            } else {
+                got += n;
+            }
+        }
+        got
+    };
+    let got = tokio::time::timeout(Duration::from_secs(30), exchanged)
+        .await
+        .expect("the upload and the answer both finish");
+    assert_eq!(got, SIZE);
+    assert_eq!(uploaded.load(std::sync::atomic::Ordering::SeqCst), SIZE);
+}
+
 #[tokio::test]
 async fn server_sent_events_arrive_one_by_one() {
     let a = Backend::start("a").await;
