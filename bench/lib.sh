@@ -287,3 +287,93 @@ bins_git_rev() {
     fi
     echo "$rev"
 }
+
+# --- nginx, as the proxy benchmarks run it (bench/proxy.sh and
+# bench/proxy-instructions.sh: the same backend and the same nginx proxy) --
+nginx_main() { # DIR: the main-context lines (as root, workers run as root to read the temp dir)
+    [ "$(id -u)" = 0 ] && echo "user root;"
+    echo "pid $1/nginx.pid;"
+    echo "error_log $1/error.log warn;"
+}
+nginx_temp_paths() { # DIR: every temp file in DIR, none in system paths
+    echo "    client_body_temp_path $1/client_body; proxy_temp_path $1/proxy;"
+    echo "    fastcgi_temp_path $1/fastcgi; uwsgi_temp_path $1/uwsgi; scgi_temp_path $1/scgi;"
+}
+# The backend: one worker serving DIR/www (the caller fills it), sendfile,
+# keep-alive without a request limit.
+nginx_backend_conf() { # DIR PORT
+    cat <<CONF
+$(nginx_main "$1")
+worker_processes 1;
+events { worker_connections 8192; }
+http {
+$(nginx_temp_paths "$1")
+    access_log off;
+    default_type application/octet-stream;
+    sendfile on;
+    tcp_nopush on;
+    tcp_nodelay on;
+    keepalive_timeout 120s;
+    keepalive_requests 10000000;
+    open_file_cache max=16;
+    server {
+        listen 127.0.0.1:$2;
+        root $1/www;
+    }
+}
+CONF
+}
+# nginx as the TLS proxy in front of the backend: HTTP/1.1 and keep-alive
+# to it, Host and X-Forwarded-For/-Proto set, TLS 1.3 on (Debian's 1.22
+# stops at 1.2 by default), no access log. EXTRA goes in the main context.
+nginx_proxy_conf() { # DIR PORT BACKEND_PORT HOST CERT KEY WORKERS [EXTRA]
+    cat <<CONF
+$(nginx_main "$1")
+${8:-}
+worker_processes $7;
+events { worker_connections 8192; }
+http {
+$(nginx_temp_paths "$1")
+    access_log off;
+    keepalive_timeout 120s;
+    keepalive_requests 10000000;
+    upstream backend {
+        server 127.0.0.1:$3;
+        keepalive 64;
+        keepalive_requests 10000000;
+    }
+    server {
+        listen 127.0.0.1:$2 ssl;
+        server_name $4;
+        ssl_certificate $5;
+        ssl_certificate_key $6;
+        ssl_protocols TLSv1.2 TLSv1.3;
+        location / {
+            proxy_pass http://backend;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_set_header Host \$http_host;
+            proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for;
+            proxy_set_header X-Forwarded-Proto \$scheme;
+        }
+    }
+}
+CONF
+}
+# The client side of the proxy benchmarks (wrk, ab, h2load, curl,
+# s_client) offers only TLS 1.3 with AES-128-GCM and X25519, so that every
+# proxy negotiates the same: Caddy (Go) cannot be told its TLS 1.3 suites,
+# and the others would pick AES-256. Use: OPENSSL_CONF=FILE.
+client_openssl_conf() {
+    cat <<'CONF'
+openssl_conf = openssl_init
+[openssl_init]
+ssl_conf = ssl_sect
+[ssl_sect]
+system_default = system_default_sect
+[system_default_sect]
+MinProtocol = TLSv1.3
+Ciphersuites = TLS_AES_128_GCM_SHA256
+Groups = X25519
+CONF
+}

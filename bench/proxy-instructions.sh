@@ -40,10 +40,6 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM HUP
 
-run_user=""
-[ "$(id -u)" = 0 ] && run_user="user root;"
-temp_paths() { echo "client_body_temp_path $1/cb; proxy_temp_path $1/p; fastcgi_temp_path $1/f; uwsgi_temp_path $1/u; scgi_temp_path $1/s;"; }
-
 openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes \
     -keyout "$work/key.pem" -out "$work/cert.pem" -days 2 -subj /CN=localhost \
     -addext subjectAltName=DNS:localhost 2>/dev/null
@@ -51,22 +47,7 @@ openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes \
 bport=$(free_port)
 mkdir -p "$work/backend/www"
 head -c 100 /dev/urandom | base64 -w0 | head -c 100 >"$work/backend/www/small"
-cat >"$work/backend/nginx.conf" <<EOF
-$run_user
-worker_processes 1;
-pid $work/backend/nginx.pid;
-error_log $work/backend/error.log warn;
-events { worker_connections 1024; }
-http {
-    $(temp_paths "$work/backend")
-    access_log off;
-    sendfile on;
-    tcp_nodelay on;
-    keepalive_timeout 120s;
-    keepalive_requests 10000000;
-    server { listen 127.0.0.1:$bport; root $work/backend/www; }
-}
-EOF
+nginx_backend_conf "$work/backend" "$bport" >"$work/backend/nginx.conf"
 nginx -p "$work/backend" -c "$work/backend/nginx.conf" -g 'daemon off;' &
 pids+=($!)
 wait_port "$bport"
@@ -80,11 +61,13 @@ count() {
     local vp=$!
     pids+=($vp)
     wait_port "$pport" 60 || { cat "$dir/out.log" >&2; exit 1; } # valgrind starts slowly
-    h2load --h1 -n 2000 -c 16 -t 1 "https://localhost:$pport/small" >/dev/null 2>&1
+    h2load "${tls[@]}" --h1 -n 2000 -c 16 -t 1 "https://localhost:$pport/small" >"$dir/warm.out" 2>&1
     callgrind_control -z $vp >/dev/null
     local got
-    got=$(h2load --h1 -n "$n" -c 16 -t 1 "https://localhost:$pport/small" | awk '/^status codes:/{print $3}')
+    got=$(h2load "${tls[@]}" --h1 -n "$n" -c 16 -t 1 "https://localhost:$pport/small" | awk '/^status codes:/{print $3}')
     [ "$got" = "$n" ] || { echo "$label: $got of $n requests answered 2xx" >&2; exit 1; }
+    # What was negotiated, as h2load saw it (the section says).
+    awk '/^TLS Protocol:/{p=$3} /^Cipher:/{c=$2} END{print p, c}' "$dir/warm.out" >"$dir/tls"
     callgrind_control -d $vp >/dev/null
     # The dump is part 1 (the zeroing writes nothing); what the process
     # writes at its exit, after the kill, is not counted.
@@ -98,6 +81,9 @@ count() {
     echo $((total / n))
 }
 
+# h2load offers what bench/proxy.sh's clients offer: TLS 1.3, AES-128-GCM,
+# X25519 (its own defaults would override an OpenSSL config).
+tls=(--tls13-ciphers=TLS_AES_128_GCM_SHA256 --groups=X25519)
 declare -A result
 echo "{\"routes\":[{\"host\":\"localhost\",\"instances\":[{\"id\":\"b\",\"addr\":\"127.0.0.1:$bport\"}]}]}" >"$work/routes.json"
 pport=$(free_port)
@@ -113,36 +99,9 @@ fi
 
 pport=$(free_port)
 mkdir -p "$work/nginx"
-cat >"$work/nginx/nginx.conf" <<EOF
-$run_user
-master_process off;
-daemon off;
-worker_processes 1;
-pid $work/nginx/nginx.pid;
-error_log $work/nginx/error.log warn;
-events { worker_connections 1024; }
-http {
-    $(temp_paths "$work/nginx")
-    access_log off;
-    keepalive_timeout 120s;
-    keepalive_requests 10000000;
-    upstream backend { server 127.0.0.1:$bport; keepalive 64; keepalive_requests 10000000; }
-    server {
-        listen 127.0.0.1:$pport ssl;
-        server_name localhost;
-        ssl_certificate $work/cert.pem;
-        ssl_certificate_key $work/key.pem;
-        location / {
-            proxy_pass http://backend;
-            proxy_http_version 1.1;
-            proxy_set_header Connection "";
-            proxy_set_header Host \$http_host;
-            proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for;
-            proxy_set_header X-Forwarded-Proto \$scheme;
-        }
-    }
-}
-EOF
+# One worker in the foreground, run by callgrind itself.
+nginx_proxy_conf "$work/nginx" "$pport" "$bport" localhost "$work/cert.pem" "$work/key.pem" 1 \
+    "master_process off; daemon off;" >"$work/nginx/nginx.conf"
 result[nginx]=$(count nginx nginx -p "$work/nginx" -c "$work/nginx/nginx.conf")
 labels+=(nginx)
 
@@ -152,11 +111,11 @@ declare -A name=([phoenix]="Phoenix (git $git_rev)" [alt]="Phoenix, ${PHOENIX_AL
 section=$(
     echo "- Date: $(date -u '+%Y-%m-%d %H:%M') UTC; \`bench/proxy-instructions.sh $n\`: $n requests for 100 bytes over 16 keep-alive HTTPS connections (h2load --h1), after 2,000 not counted; valgrind $(valgrind --version | sed 's/valgrind-//')"
     echo ""
-    echo "| proxy | user-space instructions per request | ÷ nginx |"
-    echo "|---|---:|---:|"
+    echo "| proxy | TLS (as h2load saw it) | user-space instructions per request | ÷ nginx |"
+    echo "|---|---|---:|---:|"
     for l in "${labels[@]}"; do
         ratio=$(awk -v a="${result[$l]}" -v b="${result[nginx]}" 'BEGIN{printf "%.2f", a / b}')
-        printf '| %s | %s | %s |\n' "${name[$l]}" "$(echo "${result[$l]}" | sed ':a;s/\B[0-9]\{3\}\>/,&/;ta')" "$ratio"
+        printf '| %s | %s | %s | %s |\n' "${name[$l]}" "$(cat "$work/$l/tls")" "$(echo "${result[$l]}" | sed ':a;s/\B[0-9]\{3\}\>/,&/;ta')" "$ratio"
     done
 )
 printf '%s\n' "$section"

@@ -55,62 +55,15 @@ openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes \
     -addext subjectAltName=DNS:localhost 2>/dev/null
 cat "$work/cert.pem" "$work/key.pem" >"$work/combined.pem" # HAProxy's form
 host=localhost
-# The client side (wrk, curl, s_client) offers only TLS 1.3 with
-# AES-128-GCM and X25519, so that every proxy negotiates the same: Caddy
-# (Go) cannot be told its TLS 1.3 suites, and the others would pick AES-256.
-cat >"$work/client-openssl.cnf" <<'EOF'
-openssl_conf = openssl_init
-[openssl_init]
-ssl_conf = ssl_sect
-[ssl_sect]
-system_default = system_default_sect
-[system_default_sect]
-MinProtocol = TLSv1.3
-Ciphersuites = TLS_AES_128_GCM_SHA256
-Groups = X25519
-EOF
+client_openssl_conf >"$work/client-openssl.cnf" # TLS 1.3, AES-128-GCM, X25519 only (lib.sh)
 client() { OPENSSL_CONF=$work/client-openssl.cnf "$@"; }
-
-# Common nginx prefix settings: everything in its own dir, no system paths.
-run_user=""
-[ "$(id -u)" = 0 ] && run_user="user root;"
-nginx_paths() { # dir
-    cat <<EOF
-    client_body_temp_path $1/client_body;
-    proxy_temp_path $1/proxy;
-    fastcgi_temp_path $1/fastcgi;
-    uwsgi_temp_path $1/uwsgi;
-    scgi_temp_path $1/scgi;
-EOF
-}
 
 # --- the backend: nginx, one worker, static files, keep-alive ------------
 bport=$(free_port)
 mkdir -p "$work/backend/www"
 head -c 100 /dev/urandom | base64 -w0 | head -c 100 >"$work/backend/www/small"
 head -c 1048576 /dev/urandom >"$work/backend/www/big"
-cat >"$work/backend/nginx.conf" <<EOF
-$run_user
-worker_processes 1;
-pid $work/backend/nginx.pid;
-error_log $work/backend/error.log warn;
-events { worker_connections 8192; }
-http {
-$(nginx_paths "$work/backend")
-    access_log off;
-    default_type application/octet-stream;
-    sendfile on;
-    tcp_nopush on;
-    tcp_nodelay on;
-    keepalive_timeout 120s;
-    keepalive_requests 10000000;
-    open_file_cache max=16;
-    server {
-        listen 127.0.0.1:$bport;
-        root $work/backend/www;
-    }
-}
-EOF
+nginx_backend_conf "$work/backend" "$bport" >"$work/backend/nginx.conf"
 nginx -p "$work/backend" -c "$work/backend/nginx.conf" -g 'daemon off;' 2>>"$work/backend/error.log" &
 backend_pid=$!
 pids+=($backend_pid)
@@ -148,39 +101,7 @@ fi
 # nginx: 2 workers, upstream keep-alive, the usual forwarding headers.
 port[nginx]=$(free_port)
 mkdir -p "$work/nginx"
-cat >"$work/nginx/nginx.conf" <<EOF
-$run_user
-worker_processes 2;
-pid $work/nginx/nginx.pid;
-error_log $work/nginx/error.log warn;
-events { worker_connections 8192; }
-http {
-$(nginx_paths "$work/nginx")
-    access_log off;
-    keepalive_timeout 120s;
-    keepalive_requests 10000000;
-    upstream backend {
-        server 127.0.0.1:$bport;
-        keepalive 64;
-        keepalive_requests 10000000;
-    }
-    server {
-        listen 127.0.0.1:${port[nginx]} ssl;
-        server_name $host;
-        ssl_certificate $work/cert.pem;
-        ssl_certificate_key $work/key.pem;
-        ssl_protocols TLSv1.2 TLSv1.3;
-        location / {
-            proxy_pass http://backend;
-            proxy_http_version 1.1;
-            proxy_set_header Connection "";
-            proxy_set_header Host \$http_host;
-            proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for;
-            proxy_set_header X-Forwarded-Proto \$scheme;
-        }
-    }
-}
-EOF
+nginx_proxy_conf "$work/nginx" "${port[nginx]}" "$bport" "$host" "$work/cert.pem" "$work/key.pem" 2 >"$work/nginx/nginx.conf"
 nginx -p "$work/nginx" -c "$work/nginx/nginx.conf" -g 'daemon off;' 2>>"$work/nginx/error.log" &
 pid[nginx]=$!
 pids+=(${pid[nginx]})
