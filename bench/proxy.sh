@@ -40,6 +40,10 @@ serve=$root/target/release/examples/serve
 [ -x "$serve" ] || { echo "build first: cargo build --release -p phoenix-proxy --example serve" >&2; exit 1; }
 need_tools "wrk apache2-utils nginx haproxy caddy openssl curl python3 iproute2 procps" wrk ab nginx haproxy caddy openssl curl python3 ss ps
 
+# The tree as the run starts (the binary was built from it, at best).
+git_rev=$(git -C "$root" rev-parse --short HEAD 2>/dev/null || echo unknown)
+git -C "$root" diff --quiet HEAD -- crates/proxy/src crates/proxy/examples crates/proxy/Cargo.toml Cargo.toml 2>/dev/null || git_rev="$git_rev + uncommitted changes in crates/proxy"
+
 work=$(mktemp -d /tmp/phoenix-proxy-bench.XXXXXX)
 pids=()
 cleanup() {
@@ -360,8 +364,6 @@ ver_caddy=$(caddy version | awk '{print $1}')
 ver_wrk=$({ wrk -v 2>&1 || true; } | awk 'NR==1{print $2}')
 ver_openssl=$(openssl version | awk '{print $2}')
 ver_ab=$(ab -V | awk 'NR==1{print $5}' | tr -d ',')
-git_rev=$(git -C "$root" rev-parse --short HEAD 2>/dev/null || echo unknown)
-git -C "$root" diff --quiet HEAD -- crates/proxy/src crates/proxy/examples crates/proxy/Cargo.toml Cargo.toml 2>/dev/null || git_rev="$git_rev + uncommitted changes in crates/proxy"
 
 section=$(python3 - "$results" <<EOF
 import statistics, sys
