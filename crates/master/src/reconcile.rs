@@ -67,7 +67,7 @@ pub fn desired_sets(nodes: &[Node], services: &[Service]) -> BTreeMap<String, De
             && let Some(set) = sets.get_mut(&next.spec.machine)
         {
             let mut a = assignment(svc, &addresses);
-            a.spec = next.spec.clone();
+            a.spec = for_minion(&next.spec);
             a.image_hash = next.image_hash.clone();
             a.image_size = next.image_size;
             a.generation = next.generation;
@@ -138,7 +138,7 @@ pub fn mesh(nodes: &[Node], services: &[Service]) -> Vec<MeshPeer> {
 /// service's, by name.
 fn assignment(svc: &Service, addresses: &HashMap<&str, Ipv6Addr>) -> Assignment {
     Assignment {
-        spec: svc.spec.clone(),
+        spec: for_minion(&svc.spec),
         ip: svc.ip,
         image_hash: svc.image_hash.clone(),
         image_size: svc.image_size,
@@ -150,6 +150,16 @@ fn assignment(svc: &Service, addresses: &HashMap<&str, Ipv6Addr>) -> Assignment 
         // Resolved (secrets opened) only as the set is pushed: `hub::env`.
         env: None,
     }
+}
+
+/// A spec as its minion gets it: without `proxyauth`, which only the
+/// master's proxy checks. The password hashes stay on the master; a
+/// minion (and its `desired.json`) never holds them, and changing them
+/// changes no minion's set.
+fn for_minion(spec: &Spec) -> Spec {
+    let mut spec = spec.clone();
+    spec.proxyauth.clear();
+    spec
 }
 
 /// The addresses of the services `spec` links to, of those that exist.
@@ -226,6 +236,38 @@ mod tests {
         assert_eq!(sets["m2"].revision, 3);
         assert_eq!(sets["m2"].services[0].spec.name, "db");
         assert_eq!(sets["m2"].services[0].generation, 2);
+    }
+
+    #[test]
+    fn a_minion_gets_no_basic_auth_hash() {
+        let nodes = [node("m1", true, 1)];
+        let mut web = service("web", "m1", 0);
+        web.spec.proxyname = Some("web.example.com".into());
+        web.spec.proxyauth = vec![format!("ann:$2y$05${}", "a".repeat(53))];
+        let mut next = web.clone();
+        next.generation += 1;
+        web.next = Some(crate::store::NextVersion {
+            spec: next.spec.clone(),
+            image_hash: next.image_hash.clone(),
+            image_size: next.image_size,
+            generation: next.generation,
+            run: crate::store::Run {
+                instance: "web-2".into(),
+                own_ip: net::service_ip(9),
+            },
+            since: 1,
+        });
+        let before = desired_sets(&nodes, std::slice::from_ref(&web));
+        let set = &before["m1"];
+        assert_eq!(set.services.len(), 2, "the service and its update");
+        for a in &set.services {
+            assert!(a.spec.proxyauth.is_empty(), "{:?}", a.spec);
+            assert_eq!(a.spec.proxyname, web.spec.proxyname);
+        }
+        assert!(!serde_json::to_string(set).unwrap().contains("$2y$"));
+        // A new password is the master's business alone.
+        web.spec.proxyauth = vec![format!("ann:$2y$05${}", "b".repeat(53))];
+        assert_eq!(desired_sets(&nodes, &[web]), before);
     }
 
     #[test]

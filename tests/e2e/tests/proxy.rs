@@ -175,6 +175,17 @@ fn routes_spread_follow_health_and_ask_for_credentials() {
         200
     );
 
+    // The hash stays on the master: not in the audit log, not on the
+    // minion that runs the service.
+    let hash = ANN_SECRET.split_once(':').unwrap().1;
+    let audit = c.json(&["audit", "--json", "-n", "100"]).to_string();
+    assert!(audit.contains("ann:bcrypt:"), "{audit}");
+    assert!(!audit.contains(hash), "{audit}");
+    let desired = std::fs::read_to_string(c.minion_dir("m2").join("desired.json"))
+        .expect("m2's desired.json");
+    assert!(desired.contains("admin.example"), "{desired}");
+    assert!(!desired.contains(hash), "{desired}");
+
     // An instance that turns unhealthy is taken out when its minion says
     // so, restarted, and put back once healthy again: through all of it,
     // no request fails.
