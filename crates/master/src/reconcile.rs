@@ -154,8 +154,7 @@ fn assignment(svc: &Service, addresses: &HashMap<&str, Ipv6Addr>) -> Assignment 
 
 /// A spec as its minion gets it: without `proxyauth`, which only the
 /// master's proxy checks. The password hashes stay on the master; a
-/// minion (and its `desired.json`) never holds them, and changing them
-/// changes no minion's set.
+/// minion (and its `desired.json`) never holds them.
 fn for_minion(spec: &Spec) -> Spec {
     let mut spec = spec.clone();
     spec.proxyauth.clear();
@@ -265,7 +264,7 @@ mod tests {
             assert_eq!(a.spec.proxyname, web.spec.proxyname);
         }
         assert!(!serde_json::to_string(set).unwrap().contains("$2y$"));
-        // A new password is the master's business alone.
+        // Nothing of the password is in the set: another one, the same set.
         web.spec.proxyauth = vec![format!("ann:$2y$05${}", "b".repeat(53))];
         assert_eq!(desired_sets(&nodes, &[web]), before);
     }
