@@ -152,11 +152,15 @@ fn assignment(svc: &Service, addresses: &HashMap<&str, Ipv6Addr>) -> Assignment 
     }
 }
 
-/// A spec as its minion gets it: without `proxyauth`, which only the
-/// master's proxy checks. The password hashes stay on the master; a
-/// minion (and its `desired.json`) never holds them.
+/// A spec as its minion gets it: without `proxyname`, `proxypath` and
+/// `proxyauth`, on which only the master's proxy acts (the minion needs
+/// `proxyport`). The password hashes stay on the master, a minion (and its
+/// `desired.json`) never holds them, and a change of routing alone changes
+/// no minion's set (`hub::apply` keeps its generation).
 fn for_minion(spec: &Spec) -> Spec {
     let mut spec = spec.clone();
+    spec.proxyname = None;
+    spec.proxypath = None;
     spec.proxyauth.clear();
     spec
 }
@@ -238,7 +242,7 @@ mod tests {
     }
 
     #[test]
-    fn a_minion_gets_no_basic_auth_hash() {
+    fn a_minion_gets_no_routing_and_no_basic_auth_hash() {
         let nodes = [node("m1", true, 1)];
         let mut web = service("web", "m1", 0);
         web.spec.proxyname = Some("web.example.com".into());
@@ -261,7 +265,8 @@ mod tests {
         assert_eq!(set.services.len(), 2, "the service and its update");
         for a in &set.services {
             assert!(a.spec.proxyauth.is_empty(), "{:?}", a.spec);
-            assert_eq!(a.spec.proxyname, web.spec.proxyname);
+            assert_eq!(a.spec.proxyname, None);
+            assert_eq!(a.spec.proxyport, web.spec.proxyport);
         }
         assert!(!serde_json::to_string(set).unwrap().contains("$2y$"));
         // Nothing of the password is in the set: another one, the same set.

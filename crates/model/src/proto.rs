@@ -753,6 +753,10 @@ pub struct Applied {
     /// which serves until the new one is up, then drains and stops.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub beside: bool,
+    /// Only where the proxy routes it changed (`proxyname`, `proxypath`,
+    /// `proxyauth`): the running version serves on, nothing restarts.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub routes_only: bool,
 }
 
 /// `del`'s reply.

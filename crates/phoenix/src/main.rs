@@ -695,6 +695,13 @@ async fn apply(a: ApplyArgs, update: bool) -> Result<()> {
                 );
                 continue;
             }
+            if v.routes_only {
+                println!(
+                    "updated the routes of {} (proxyname, proxypath, proxyauth); generation {} on {} serves on, nothing restarted",
+                    v.name, v.generation, v.machine
+                );
+                continue;
+            }
             println!(
                 "{} {} on {} at {}",
                 if update { "updated" } else { "deployed" },

@@ -183,8 +183,36 @@ fn routes_spread_follow_health_and_ask_for_credentials() {
     assert!(!audit.contains(hash), "{audit}");
     let desired = std::fs::read_to_string(c.minion_dir("m2").join("desired.json"))
         .expect("m2's desired.json");
-    assert!(desired.contains("admin.example"), "{desired}");
+    assert!(desired.contains("\"name\":\"admin\""), "{desired}");
     assert!(!desired.contains(hash), "{desired}");
+
+    // A change of routing alone (here the path and the credentials)
+    // restarts nothing: the same process serves under the new route.
+    let pid = c.status("admin")["pid"].as_i64().expect("admin's pid");
+    let out = c.apply(
+        "update",
+        &json!([testy(
+            "m2",
+            "admin",
+            json!({"proxyname": "admin.example", "proxypath": "/admin", "proxyauth": [ANN_SECRET]})
+        )]),
+    );
+    assert!(out.contains("nothing restarted"), "{out}");
+    let moved = wait_for(
+        "the route to move to /admin",
+        Duration::from_secs(5),
+        || get("admin.example", "/admin/health", Some("YW5uOnNlY3JldA==")).filter(|r| r.0 == 200),
+    );
+    assert_eq!(moved.2, "ok");
+    assert_eq!(
+        get("admin.example", "/", Some("YW5uOnNlY3JldA=="))
+            .unwrap()
+            .0,
+        404
+    );
+    let admin = c.status("admin");
+    assert_eq!(admin["pid"].as_i64(), Some(pid), "{admin}");
+    assert_eq!(admin["generation"].as_u64(), Some(1), "{admin}");
 
     // An instance that turns unhealthy is taken out when its minion says
     // so, restarted, and put back once healthy again: through all of it,

@@ -81,6 +81,21 @@ fn side_by_side(old: &Service, new: &Spec, ip: Ipv6Addr) -> bool {
         && old.ip == ip
 }
 
+/// Whether `new` changes `old` only in where the proxy routes it
+/// (`proxyname`, `proxypath`, `proxyauth`), and changes something there.
+/// Only the master's proxy acts on those (minions never get them:
+/// `reconcile::for_minion`), so the running version serves on and only
+/// the route table changes.
+fn routes_only(old: &Spec, new: &Spec) -> bool {
+    old != new
+        && Spec {
+            proxyname: new.proxyname.clone(),
+            proxypath: new.proxypath.clone(),
+            proxyauth: new.proxyauth.clone(),
+            ..old.clone()
+        } == *new
+}
+
 /// Why a `link` name is refused: no such service, and the closest name
 /// there is, if one is close enough to be a typo (a third of its letters).
 fn no_such_link(link: &str, names: &BTreeSet<String>) -> String {
@@ -416,6 +431,41 @@ impl Hub {
                 let Ok(image) = image else {
                     unreachable!("image errors were reported above");
                 };
+                // A change of routing alone: the stored spec changes, the
+                // run and its generation stay, no machine's set changes,
+                // and the route table (`master::front`) follows.
+                if let Some(o) = old.as_ref().filter(|o| {
+                    matches!(mode, Apply::Update | Apply::Tree)
+                        && o.next.is_none()
+                        && o.ip == ip
+                        && o.image_hash == image.hash
+                        && routes_only(&o.spec, spec)
+                }) {
+                    let svc = Service {
+                        spec: spec.clone(),
+                        ..o.clone()
+                    };
+                    tx.put_service(&svc)?;
+                    if let Some(t) = tree {
+                        tx.set_service_source(&spec.name, Some(t.source))?;
+                    }
+                    tx.audit(
+                        actor,
+                        mode.action(),
+                        &spec.name,
+                        Some(&audited(o)),
+                        Some(&audited(&svc)),
+                    )?;
+                    applied.push(Applied {
+                        name: spec.name.clone(),
+                        machine: spec.machine.clone(),
+                        ip,
+                        generation: svc.generation,
+                        beside: false,
+                        routes_only: true,
+                    });
+                    continue;
+                }
                 touched.insert(spec.machine.clone());
                 if let Some(o) = &old {
                     touched.insert(o.spec.machine.clone());
@@ -464,6 +514,7 @@ impl Hub {
                         ip,
                         generation,
                         beside: true,
+                        routes_only: false,
                     });
                     continue;
                 }
@@ -501,6 +552,7 @@ impl Hub {
                     ip,
                     generation: svc.generation,
                     beside: false,
+                    routes_only: false,
                 });
             }
             // A tree's services it no longer names, with `--prune`.
@@ -778,6 +830,7 @@ pub(super) mod tests {
                 ip: net::service_ip(0),
                 generation: 1,
                 beside: false,
+                routes_only: false,
             }]
         );
         assert_eq!(desired(&mut rx), Some((1, vec!["web".to_owned()])));
@@ -809,6 +862,65 @@ pub(super) mod tests {
         );
         assert_eq!(hub.info("web").unwrap_err().kind(), ErrorKind::NotFound);
         assert_eq!(hub.status("web").unwrap_err().kind(), ErrorKind::NotFound);
+    }
+
+    #[test]
+    fn a_change_of_routing_alone_keeps_the_run_and_tells_no_minion() {
+        let dir = tempfile::tempdir().unwrap();
+        let hub = hub(dir.path());
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        hub.connect("m1", "0", false, tx);
+        let with = |extra: &str| {
+            format!(r#"{{"machine":"m1","name":"web","image":"app","type":"binary"{extra}}}"#)
+        };
+        let hash = format!("$2y$05${}", "a".repeat(53));
+        hub.apply(
+            "root",
+            Apply::Deploy,
+            "web.json",
+            &with(r#","proxyname":"a.example""#),
+        )
+        .unwrap();
+        assert_eq!(desired(&mut rx), Some((1, vec!["web".to_owned()])));
+
+        let routed = with(&format!(
+            r#","proxyname":"b.example","proxypath":"/shop","proxyauth":["ann:{hash}"]"#
+        ));
+        let applied = hub
+            .apply("root", Apply::Update, "web.json", &routed)
+            .unwrap();
+        assert_eq!(
+            (
+                applied[0].generation,
+                applied[0].routes_only,
+                applied[0].beside
+            ),
+            (1, true, false)
+        );
+        assert_eq!(desired(&mut rx), None, "no minion's set changed");
+        let stored = hub.info("web").unwrap();
+        assert_eq!(stored.proxyname.as_deref(), Some("b.example"));
+        assert_eq!(stored.proxypath.as_deref(), Some("/shop"));
+        let audit = hub.store().read().unwrap().audit_log(1).unwrap();
+        assert_eq!(audit[0].action, "update");
+        // No longer proxied at all: routing too.
+        let plain = hub
+            .apply("root", Apply::Update, "web.json", &with(""))
+            .unwrap();
+        assert_eq!((plain[0].generation, plain[0].routes_only), (1, true));
+
+        // The same spec again is a restart, as before; so is any other
+        // change, with or without routing in it.
+        let again = hub
+            .apply("root", Apply::Update, "web.json", &with(""))
+            .unwrap();
+        assert_eq!((again[0].generation, again[0].routes_only), (2, false));
+        let other = with(r#","proxyname":"c.example","args":["--x"]"#);
+        let changed = hub
+            .apply("root", Apply::Update, "web.json", &other)
+            .unwrap();
+        assert_eq!((changed[0].generation, changed[0].routes_only), (3, false));
+        assert!(desired(&mut rx).is_some());
     }
 
     #[test]
