@@ -7,7 +7,8 @@
 //! tasks. [`Supervisor::apply`] compares a new desired set with what runs:
 //! runs that left the set are stopped, new ones get a [`TaskRunner`],
 //! changed ones (a new generation) are restarted with their new assignment;
-//! a change of only `holds_ip` and `links` restarts nothing. A run that
+//! a change of only `holds_ip` and `links` (or of the proxy's routing
+//! fields, which a newer master leaves out) restarts nothing. A run that
 //! takes the service's stable address moves it first: the runs of that
 //! service that the same set removes are stopped once the address routes
 //! to the new holder (or after [`SWITCH_WAIT`]). Each runner
@@ -140,7 +141,8 @@ impl Supervisor {
             let Some((old, tx)) = self.services.get_mut(a.key()) else {
                 continue;
             };
-            if old == a || !only_addressing_differs(old, a) {
+            let addressing_same = old.links == a.links && old.holds_ip == a.holds_ip;
+            if addressing_same || !only_addressing_differs(old, a) {
                 continue;
             }
             if old.holds_ip == a.holds_ip {
@@ -189,6 +191,9 @@ impl Supervisor {
         }
         for a in &set.services {
             match self.services.get_mut(a.key()) {
+                // Routing fields, which a master from before they were
+                // left out of the sets still sent: nothing to restart.
+                Some((old, _)) if old != a && only_routing_differs(old, a) => *old = a.clone(),
                 Some((old, tx)) if old != a => {
                     let fetch_first = old.image_hash != a.image_hash
                         && !self.ctx.images.path(&a.image_hash).exists();
@@ -232,8 +237,25 @@ fn only_addressing_differs(old: &Assignment, new: &Assignment) -> bool {
     Assignment {
         links: new.links.clone(),
         holds_ip: new.holds_ip,
-        ..old.clone()
+        ..with_routing_of(old, new)
     } == *new
+}
+
+/// Whether two assignments of one run differ only in the proxy's routing
+/// fields (`proxyname`, `proxypath`, `proxyauth`). The master no longer
+/// sends them (only its proxy acts on them); a minion that ran a set from
+/// an older master gets them removed, and restarts nothing for that.
+fn only_routing_differs(old: &Assignment, new: &Assignment) -> bool {
+    with_routing_of(old, new) == *new
+}
+
+/// `old` with `new`'s routing fields.
+fn with_routing_of(old: &Assignment, new: &Assignment) -> Assignment {
+    let mut routed = old.clone();
+    routed.spec.proxyname.clone_from(&new.spec.proxyname);
+    routed.spec.proxypath.clone_from(&new.spec.proxypath);
+    routed.spec.proxyauth.clone_from(&new.spec.proxyauth);
+    routed
 }
 
 /// Fetches the image of a changed service, then hands the change to its
@@ -305,4 +327,48 @@ fn stop_orphan(ctx: &Arc<Ctx>, name: &str) {
     });
     let _ = ctx.log_cmds.send(LogCmd::Remove(name.to_owned()));
     let _ = ctx.reports.send(Report::Gone(name.to_owned()));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routing_fields_alone_are_no_change_to_restart_for() {
+        let text = r#"{"machine":"m1","name":"web","image":"app","type":"binary",
+            "proxyname":"a.example","proxypath":"/x","proxyauth":["ann:$2y$05$aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa"]}"#;
+        let spec = phoenix_model::spec::parse_specs("t", text)
+            .unwrap()
+            .remove(0);
+        let old = Assignment {
+            spec,
+            ip: phoenix_model::net::service_ip(0),
+            image_hash: "h".into(),
+            image_size: 1,
+            generation: 3,
+            links: Default::default(),
+            instance: None,
+            own_ip: None,
+            holds_ip: true,
+            env: None,
+        };
+        let mut new = old.clone();
+        new.spec.proxyname = None;
+        new.spec.proxypath = None;
+        new.spec.proxyauth.clear();
+        assert!(only_routing_differs(&old, &new));
+        let mut restarted = new.clone();
+        restarted.generation += 1;
+        assert!(!only_routing_differs(&old, &restarted));
+        let mut changed = new.clone();
+        changed.spec.proxyport += 1;
+        assert!(!only_routing_differs(&old, &changed));
+        // Both at once (an older master's set, and a link moved): the
+        // address part is handled first, then nothing restarts.
+        let mut relinked = new;
+        relinked
+            .links
+            .insert("db".into(), phoenix_model::net::service_ip(1));
+        assert!(only_addressing_differs(&old, &relinked));
+    }
 }
