@@ -867,6 +867,19 @@ mod tests {
         }
     }
 
+    /// `spec` stored as the first service: the first address, generation 1.
+    fn first_service(spec: Spec) -> Service {
+        Service {
+            spec,
+            ip: net::service_ip(0),
+            image_hash: "h".into(),
+            image_size: 3,
+            generation: 1,
+            run: None,
+            next: None,
+        }
+    }
+
     #[test]
     fn nodes_services_and_audit() {
         let dir = tempfile::tempdir().unwrap();
@@ -887,15 +900,7 @@ mod tests {
             r#"{"machine":"m1","name":"a","image":"x","type":"binary"}"#,
         )
         .unwrap();
-        let svc = Service {
-            spec: spec[0].clone(),
-            ip: net::service_ip(0),
-            image_hash: "h".into(),
-            image_size: 3,
-            generation: 1,
-            run: None,
-            next: None,
-        };
+        let svc = first_service(spec[0].clone());
         store
             .write(|tx| -> Result<()> {
                 tx.put_service(&svc)?;
@@ -936,15 +941,7 @@ mod tests {
                 "proxyname":"a.example.com","proxyauth":[format!("ann:{h}")]});
             parse_specs("t", &json.to_string()).unwrap().remove(0)
         };
-        let svc = |h: &str| Service {
-            spec: spec(h),
-            ip: net::service_ip(0),
-            image_hash: "h".into(),
-            image_size: 3,
-            generation: 1,
-            run: None,
-            next: None,
-        };
+        let svc = |h: &str| first_service(spec(h));
         let (one, two) = (svc(&hash('a')), svc(&hash('b')));
         // Nested too, as an update's new version sits under `next`.
         let nested = serde_json::json!({ "next": two.to_json() });

@@ -434,52 +434,39 @@ impl Hub {
                 // A change of routing alone: the stored spec changes, the
                 // run and its generation stay, no machine's set changes,
                 // and the route table (`master::front`) follows.
-                if let Some(o) = old.as_ref().filter(|o| {
+                let routing = old.as_ref().filter(|o| {
                     matches!(mode, Apply::Update | Apply::Tree)
                         && o.next.is_none()
                         && o.ip == ip
                         && o.image_hash == image.hash
                         && routes_only(&o.spec, spec)
-                }) {
-                    let svc = Service {
-                        spec: spec.clone(),
-                        ..o.clone()
-                    };
-                    tx.put_service(&svc)?;
-                    if let Some(t) = tree {
-                        tx.set_service_source(&spec.name, Some(t.source))?;
-                    }
-                    tx.audit(
-                        actor,
-                        mode.action(),
-                        &spec.name,
-                        Some(&audited(o)),
-                        Some(&audited(&svc)),
-                    )?;
-                    applied.push(Applied {
-                        name: spec.name.clone(),
-                        machine: spec.machine.clone(),
-                        ip,
-                        generation: svc.generation,
-                        beside: false,
-                        routes_only: true,
-                    });
-                    continue;
-                }
-                touched.insert(spec.machine.clone());
-                if let Some(o) = &old {
-                    touched.insert(o.spec.machine.clone());
-                    if let Some(n) = &o.next {
-                        touched.insert(n.spec.machine.clone());
+                });
+                if routing.is_none() {
+                    touched.insert(spec.machine.clone());
+                    if let Some(o) = &old {
+                        touched.insert(o.spec.machine.clone());
+                        if let Some(n) = &o.next {
+                            touched.insert(n.spec.machine.clone());
+                        }
                     }
                 }
                 // A proxied daemon changes without downtime: its new
                 // version starts beside the old one (`hub::rollout`).
-                if let Some(o) = old.as_ref().filter(|o| {
-                    mode != Apply::Deploy
+                let beside = old.as_ref().filter(|o| {
+                    routing.is_none()
+                        && mode != Apply::Deploy
                         && side_by_side(o, spec, ip)
                         && self.runs_side_by_side(&spec.machine)
-                }) {
+                });
+                // What is stored, and what the audit row shows it becomes
+                // (for an update beside, the version once switched).
+                let (svc, generation) = if let Some(o) = routing {
+                    let svc = Service {
+                        spec: spec.clone(),
+                        ..o.clone()
+                    };
+                    (svc, o.generation)
+                } else if let Some(o) = beside {
                     let generation = o.generation.max(o.next.as_ref().map_or(0, |n| n.generation)) + 1;
                     let own_ip = fresh_ip(&used);
                     used.insert(own_ip);
@@ -497,62 +484,50 @@ impl Hub {
                         }),
                         ..o.clone()
                     };
-                    tx.put_service(&svc)?;
-                    if let Some(t) = tree {
-                        tx.set_service_source(&spec.name, Some(t.source))?;
+                    (svc, generation)
+                } else {
+                    if let Some(o) = &old {
+                        used.remove(&o.ip);
                     }
-                    tx.audit(
-                        actor,
-                        mode.action(),
-                        &spec.name,
-                        Some(&audited(o)),
-                        svc.promoted().as_ref().map(audited).as_ref(),
-                    )?;
-                    applied.push(Applied {
-                        name: spec.name.clone(),
-                        machine: spec.machine.clone(),
+                    used.insert(ip);
+                    let svc = Service {
+                        spec: spec.clone(),
                         ip,
-                        generation,
-                        beside: true,
-                        routes_only: false,
-                    });
-                    continue;
-                }
-                if let Some(o) = &old {
-                    used.remove(&o.ip);
-                }
-                used.insert(ip);
-                let svc = Service {
-                    spec: spec.clone(),
-                    ip,
-                    image_hash: image.hash.clone(),
-                    image_size: image.size,
-                    generation: old.as_ref().map_or(1, |o| {
-                        o.generation.max(o.next.as_ref().map_or(0, |n| n.generation)) + 1
-                    }),
-                    // The run that serves it stays the one to restart; an
-                    // update in progress is replaced by this one.
-                    run: old.as_ref().and_then(|o| o.run.clone()),
-                    next: None,
+                        image_hash: image.hash.clone(),
+                        image_size: image.size,
+                        generation: old.as_ref().map_or(1, |o| {
+                            o.generation.max(o.next.as_ref().map_or(0, |n| n.generation)) + 1
+                        }),
+                        // The run that serves it stays the one to restart; an
+                        // update in progress is replaced by this one.
+                        run: old.as_ref().and_then(|o| o.run.clone()),
+                        next: None,
+                    };
+                    let generation = svc.generation;
+                    (svc, generation)
                 };
                 tx.put_service(&svc)?;
                 if let Some(t) = tree {
                     tx.set_service_source(&spec.name, Some(t.source))?;
                 }
+                let becomes = match beside {
+                    Some(_) => svc.promoted(),
+                    None => Some(svc),
+                };
                 tx.audit(
                     actor,
                     mode.action(),
                     &spec.name,
                     old.as_ref().map(audited).as_ref(),
-                    Some(&audited(&svc)),
+                    becomes.as_ref().map(audited).as_ref(),
                 )?;
                 applied.push(Applied {
                     name: spec.name.clone(),
                     machine: spec.machine.clone(),
                     ip,
-                    generation: svc.generation,
-                    beside: false,
-                    routes_only: false,
+                    generation,
+                    beside: beside.is_some(),
+                    routes_only: routing.is_some(),
                 });
             }
             // A tree's services it no longer names, with `--prune`.
