@@ -59,7 +59,7 @@ use crate::{lock, reconcile};
 pub use apply::Apply;
 pub use error::ApiError;
 pub use git::{GitError, default_name as git_default_name, parse_target as git_parse_target};
-pub use links::Link;
+pub use links::{Link, LinkCaps};
 pub use logs::LogEvent;
 pub use membership::peer_config;
 pub use mesh::{allowed_ips, master_peer, master_peers};

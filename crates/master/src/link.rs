@@ -53,7 +53,14 @@ async fn connection(hub: Arc<Hub>, mut stream: TcpStream) -> Result<(), BoxError
             version,
             revision,
             host_network,
-        }) => link(hub, stream, name, key, version, revision, host_network).await,
+            routing_free,
+        }) => {
+            let caps = crate::hub::LinkCaps {
+                host_network,
+                routing_free,
+            };
+            link(hub, stream, name, key, version, revision, caps).await
+        }
         Some(ToMaster::FetchIndex {
             name,
             key,
@@ -83,7 +90,7 @@ async fn link(
     key: String,
     version: String,
     revision: u64,
-    host_network: bool,
+    caps: crate::hub::LinkCaps,
 ) -> Result<(), BoxError> {
     // A minion that has asked to join waits here until it is accepted;
     // the accept wakes it, no polling.
@@ -143,7 +150,7 @@ async fn link(
     // The hub queues messages here; they are encoded onto the link below,
     // where one too large for a frame is logged and skipped.
     let (tx, mut rx) = mpsc::unbounded_channel::<ToMinion>();
-    let conn = hub.connect(&name, &version, host_network, tx);
+    let conn = hub.connect_link(&name, &version, caps, tx);
     hub.push_desired([name.as_str()]);
     hub.send(
         &name,

@@ -67,7 +67,7 @@ pub fn desired_sets(nodes: &[Node], services: &[Service]) -> BTreeMap<String, De
             && let Some(set) = sets.get_mut(&next.spec.machine)
         {
             let mut a = assignment(svc, &addresses);
-            a.spec = for_minion(&next.spec);
+            a.spec = next.spec.clone();
             a.image_hash = next.image_hash.clone();
             a.image_size = next.image_size;
             a.generation = next.generation;
@@ -138,7 +138,7 @@ pub fn mesh(nodes: &[Node], services: &[Service]) -> Vec<MeshPeer> {
 /// service's, by name.
 fn assignment(svc: &Service, addresses: &HashMap<&str, Ipv6Addr>) -> Assignment {
     Assignment {
-        spec: for_minion(&svc.spec),
+        spec: svc.spec.clone(),
         ip: svc.ip,
         image_hash: svc.image_hash.clone(),
         image_size: svc.image_size,
@@ -152,17 +152,18 @@ fn assignment(svc: &Service, addresses: &HashMap<&str, Ipv6Addr>) -> Assignment 
     }
 }
 
-/// A spec as its minion gets it: without `proxyname`, `proxypath` and
-/// `proxyauth`, on which only the master's proxy acts (the minion needs
-/// `proxyport`). The password hashes stay on the master, a minion (and its
-/// `desired.json`) never holds them, and a change of routing alone changes
-/// no minion's set (`hub::apply` keeps its generation).
-fn for_minion(spec: &Spec) -> Spec {
-    let mut spec = spec.clone();
-    spec.proxyname = None;
-    spec.proxypath = None;
-    spec.proxyauth.clear();
-    spec
+/// A set as a minion that can do without them gets it (its `Hello` says
+/// `routing_free`): without `proxyname`, `proxypath` and `proxyauth`, on
+/// which only the master's proxy acts (the minion needs `proxyport`). The
+/// password hashes stay on the master, such a minion (and its
+/// `desired.json`) never holds them, and a change of routing alone
+/// (`hub::apply` keeps its generation) is no change to it.
+pub fn without_routing(set: &mut DesiredSet) {
+    for a in &mut set.services {
+        a.spec.proxyname = None;
+        a.spec.proxypath = None;
+        a.spec.proxyauth.clear();
+    }
 }
 
 /// The addresses of the services `spec` links to, of those that exist.
@@ -242,7 +243,7 @@ mod tests {
     }
 
     #[test]
-    fn a_minion_gets_no_routing_and_no_basic_auth_hash() {
+    fn a_set_without_routing_holds_no_basic_auth_hash() {
         let nodes = [node("m1", true, 1)];
         let mut web = service("web", "m1", 0);
         web.spec.proxyname = Some("web.example.com".into());
@@ -260,18 +261,22 @@ mod tests {
             },
             since: 1,
         });
-        let before = desired_sets(&nodes, std::slice::from_ref(&web));
-        let set = &before["m1"];
+        let mut set = desired_set("m1", &nodes, std::slice::from_ref(&web));
         assert_eq!(set.services.len(), 2, "the service and its update");
+        assert!(serde_json::to_string(&set).unwrap().contains("$2y$"));
+        without_routing(&mut set);
         for a in &set.services {
             assert!(a.spec.proxyauth.is_empty(), "{:?}", a.spec);
             assert_eq!(a.spec.proxyname, None);
             assert_eq!(a.spec.proxyport, web.spec.proxyport);
         }
-        assert!(!serde_json::to_string(set).unwrap().contains("$2y$"));
-        // Nothing of the password is in the set: another one, the same set.
+        assert!(!serde_json::to_string(&set).unwrap().contains("$2y$"));
+        // Nothing of the routing is left: other routes, the same set.
         web.spec.proxyauth = vec![format!("ann:$2y$05${}", "b".repeat(53))];
-        assert_eq!(desired_sets(&nodes, &[web]), before);
+        web.spec.proxyname = Some("other.example.com".into());
+        let mut again = desired_set("m1", &nodes, &[web]);
+        without_routing(&mut again);
+        assert_eq!(again, set);
     }
 
     #[test]

@@ -241,7 +241,7 @@ impl Store {
             source,
         };
         make_private(path)?;
-        let conn = Connection::open(path).map_err(open_err)?;
+        let mut conn = Connection::open(path).map_err(open_err)?;
         conn.pragma_update(None, "journal_mode", "WAL")
             .map_err(open_err)?;
         // SQLite gives `-wal` and `-shm` the database's mode, but files left
@@ -280,7 +280,16 @@ impl Store {
         if dropped > 0 {
             tracing::info!("dropped {dropped} stored join requests; their minions ask again");
         }
-        redact_stored_audit(&conn).map_err(open_err)?;
+        if conn
+            .query_row(
+                "SELECT COUNT(*) = 0 FROM meta WHERE key = 'audit_redacted'",
+                [],
+                |r| r.get::<_, bool>(0),
+            )
+            .map_err(open_err)?
+        {
+            redact_stored_audit(&mut conn).map_err(open_err)?;
+        }
         Ok(Store { conn })
     }
 
@@ -752,8 +761,11 @@ fn redacted(value: &serde_json::Value) -> std::borrow::Cow<'_, serde_json::Value
                         && let Value::Array(entries) = v
                     {
                         for e in entries.iter_mut() {
-                            if let Value::String(s) = e {
-                                let (user, hash) = s.split_once(':').unwrap_or(("", s));
+                            if let Value::String(s) = e
+                                && let Some((user, hash)) = s.split_once(':')
+                                // A fingerprint already (`bcrypt:…`) stays.
+                                && hash.starts_with('$')
+                            {
                                 let print = blake3::hash(hash.as_bytes()).to_hex();
                                 *s = format!("{user}:bcrypt:{}", &print[..8]);
                             }
@@ -776,9 +788,11 @@ fn redacted(value: &serde_json::Value) -> std::borrow::Cow<'_, serde_json::Value
 }
 
 /// Audit rows an older master wrote with `proxyauth` hashes in them, as
-/// [`redacted`] writes them now. Only rows that name the field are read.
-fn redact_stored_audit(conn: &Connection) -> rusqlite::Result<()> {
-    let mut stmt = conn.prepare(
+/// [`redacted`] writes them now: once (the `audit_redacted` meta key), in
+/// one transaction. Only rows whose text names the field are parsed.
+fn redact_stored_audit(conn: &mut Connection) -> rusqlite::Result<()> {
+    let tx = conn.transaction()?;
+    let mut stmt = tx.prepare(
         "SELECT id, old, new FROM audit WHERE old LIKE '%\"proxyauth\"%' OR new LIKE '%\"proxyauth\"%'",
     )?;
     let rows = stmt
@@ -797,16 +811,21 @@ fn redact_stored_audit(conn: &Connection) -> rusqlite::Result<()> {
             Err(_) => Some(text.clone()),
         }
     };
+    drop(stmt);
     for (id, old, new) in rows {
         let (o, n) = (redact(&old), redact(&new));
         if o != old || n != new {
-            conn.execute(
+            tx.execute(
                 "UPDATE audit SET old = ?2, new = ?3 WHERE id = ?1",
                 params![id, o, n],
             )?;
         }
     }
-    Ok(())
+    tx.execute(
+        "INSERT OR REPLACE INTO meta (key, value) VALUES ('audit_redacted', '1')",
+        [],
+    )?;
+    tx.commit()
 }
 
 #[cfg(test)]
@@ -976,6 +995,11 @@ mod tests {
                 [&raw],
             )
             .unwrap();
+        // As an older master left it: no mark that the rows were redacted.
+        store
+            .conn
+            .execute("DELETE FROM meta WHERE key = 'audit_redacted'", [])
+            .unwrap();
         drop(store);
         let mut store = Store::open(&dir.path().join("s.db")).unwrap();
         let tx = store.read().unwrap();
@@ -984,6 +1008,11 @@ mod tests {
         assert!(!format!("{log:?}").contains("$2y$"), "{log:?}");
         assert_eq!(
             log[1].new.as_ref().unwrap()["proxyauth"][0].as_str(),
+            Some(old)
+        );
+        // A fingerprint is redacted no further: the same after the reopen.
+        assert_eq!(
+            log[0].old.as_ref().unwrap()["proxyauth"][0].as_str(),
             Some(old)
         );
         // A record without basic auth is stored as it is.

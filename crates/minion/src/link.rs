@@ -259,6 +259,7 @@ async fn session(
         version: VERSION.into(),
         revision: desired.revision,
         host_network: ctx.nets.mode() == crate::hooks::net::NetMode::Host,
+        routing_free: true,
     };
     write_frame(&mut s, &hello).await.map_err(|e| err(&e))?;
     // The master holds this answer back until the node is accepted.

@@ -151,6 +151,13 @@ pub enum ToMaster {
         /// an update there stops the old version before it starts the new.
         #[serde(default, skip_serializing_if = "std::ops::Not::not")]
         host_network: bool,
+        /// It takes desired sets without the proxy's routing fields
+        /// (`proxyname`, `proxypath`, `proxyauth`), and a set that differs
+        /// from the one it runs only in those restarts nothing. The master
+        /// leaves them out only for such a minion: an older one would
+        /// restart every run whose assignment lost them.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        routing_free: bool,
     },
     /// Sent every `heartbeat_ms` (from the welcome) so the master can tell a
     /// silent minion from a lost one.

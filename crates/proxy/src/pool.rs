@@ -6,7 +6,9 @@
 //! has read the body to its end.
 //!
 //! All of it runs in the client connection's task: no task a connection,
-//! no channel between the two. The wire format is `h1`'s.
+//! no channel between the two; only the rest of a request body whose
+//! answer came first is sent by a task of its own. The wire format is
+//! `h1`'s.
 //!
 //! A connection goes back only when its response body was read whole, its
 //! request body sent whole, the instance did not ask to close, and nothing

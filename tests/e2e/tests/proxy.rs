@@ -73,6 +73,8 @@ fn running(s: &Value) -> bool {
 /// User `ann`, password `secret`: bcrypt (cost 5), made once with Python's
 /// `bcrypt.hashpw`, as `htpasswd -nbB` would.
 const ANN_SECRET: &str = "ann:$2b$05$HfvgBVLT/DV0UtaWDfXyy.w.SMCf60miFSlNfsJW2cmks4zQ6F.HC";
+/// User `bob`, password `open sesame`, from `htpasswd -nbB -C 5`.
+const BOB_SESAME: &str = "bob:$2y$05$VI4XYWF09ZHhQFMvKbRgs.Obmn4SLqfMO2LcpUDB86Kw5Hpp907zC";
 
 #[test]
 fn routes_spread_follow_health_and_ask_for_credentials() {
@@ -194,22 +196,20 @@ fn routes_spread_follow_health_and_ask_for_credentials() {
         &json!([testy(
             "m2",
             "admin",
-            json!({"proxyname": "admin.example", "proxypath": "/admin", "proxyauth": [ANN_SECRET]})
+            json!({"proxyname": "admin.example", "proxypath": "/admin", "proxyauth": [BOB_SESAME]})
         )]),
     );
     assert!(out.contains("nothing restarted"), "{out}");
+    let bob = Some("Ym9iOm9wZW4gc2VzYW1l");
     let moved = wait_for(
-        "the route to move to /admin",
+        "the route to move to /admin, for bob",
         Duration::from_secs(5),
-        || get("admin.example", "/admin/health", Some("YW5uOnNlY3JldA==")).filter(|r| r.0 == 200),
+        || get("admin.example", "/admin/health", bob).filter(|r| r.0 == 200),
     );
     assert_eq!(moved.2, "ok");
-    assert_eq!(
-        get("admin.example", "/", Some("YW5uOnNlY3JldA=="))
-            .unwrap()
-            .0,
-        404
-    );
+    assert_eq!(get("admin.example", "/", bob).unwrap().0, 404);
+    let ann = Some("YW5uOnNlY3JldA==");
+    assert_eq!(get("admin.example", "/admin/health", ann).unwrap().0, 401);
     let admin = c.status("admin");
     assert_eq!(admin["pid"].as_i64(), Some(pid), "{admin}");
     assert_eq!(admin["generation"].as_u64(), Some(1), "{admin}");

@@ -83,9 +83,9 @@ fn side_by_side(old: &Service, new: &Spec, ip: Ipv6Addr) -> bool {
 
 /// Whether `new` changes `old` only in where the proxy routes it
 /// (`proxyname`, `proxypath`, `proxyauth`), and changes something there.
-/// Only the master's proxy acts on those (minions never get them:
-/// `reconcile::for_minion`), so the running version serves on and only
-/// the route table changes.
+/// Only the master's proxy acts on those (minions of this version do not
+/// get them: `reconcile::without_routing`), so the running version serves
+/// on and only the route table changes.
 fn routes_only(old: &Spec, new: &Spec) -> bool {
     old != new
         && Spec {
@@ -432,8 +432,9 @@ impl Hub {
                     unreachable!("image errors were reported above");
                 };
                 // A change of routing alone: the stored spec changes, the
-                // run and its generation stay, no machine's set changes,
-                // and the route table (`master::front`) follows.
+                // run and its generation stay (a minion that takes sets
+                // without routing fields sees no change), and the route
+                // table (`master::front`) follows.
                 let routing = old.as_ref().filter(|o| {
                     matches!(mode, Apply::Update | Apply::Tree)
                         && o.next.is_none()
@@ -441,13 +442,11 @@ impl Hub {
                         && o.image_hash == image.hash
                         && routes_only(&o.spec, spec)
                 });
-                if routing.is_none() {
-                    touched.insert(spec.machine.clone());
-                    if let Some(o) = &old {
-                        touched.insert(o.spec.machine.clone());
-                        if let Some(n) = &o.next {
-                            touched.insert(n.spec.machine.clone());
-                        }
+                touched.insert(spec.machine.clone());
+                if let Some(o) = &old {
+                    touched.insert(o.spec.machine.clone());
+                    if let Some(n) = &o.next {
+                        touched.insert(n.spec.machine.clone());
                     }
                 }
                 // A proxied daemon changes without downtime: its new
@@ -840,7 +839,7 @@ pub(super) mod tests {
     }
 
     #[test]
-    fn a_change_of_routing_alone_keeps_the_run_and_tells_no_minion() {
+    fn a_change_of_routing_alone_keeps_the_run() {
         let dir = tempfile::tempdir().unwrap();
         let hub = hub(dir.path());
         let (tx, mut rx) = mpsc::unbounded_channel();
@@ -872,7 +871,12 @@ pub(super) mod tests {
             ),
             (1, true, false)
         );
-        assert_eq!(desired(&mut rx), None, "no minion's set changed");
+        // The minion gets its set again, the same run in it, and nothing
+        // of the routing.
+        let set = next_set(&mut rx).expect("the set is pushed");
+        assert_eq!(set.services[0].generation, 1);
+        assert_eq!(set.services[0].spec.proxyname, None);
+        assert!(!serde_json::to_string(&set).unwrap().contains("$2y$"));
         let stored = hub.info("web").unwrap();
         assert_eq!(stored.proxyname.as_deref(), Some("b.example"));
         assert_eq!(stored.proxypath.as_deref(), Some("/shop"));
@@ -896,6 +900,22 @@ pub(super) mod tests {
             .unwrap();
         assert_eq!((changed[0].generation, changed[0].routes_only), (3, false));
         assert!(desired(&mut rx).is_some());
+    }
+
+    #[test]
+    fn an_older_minion_still_gets_the_routing_fields_it_would_restart_without() {
+        let dir = tempfile::tempdir().unwrap();
+        let hub = hub(dir.path());
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let older = crate::hub::LinkCaps {
+            host_network: false,
+            routing_free: false,
+        };
+        hub.connect_link("m1", "0", older, tx);
+        let web = r#"{"machine":"m1","name":"web","image":"app","type":"binary","proxyname":"a.example"}"#;
+        hub.apply("root", Apply::Deploy, "web.json", web).unwrap();
+        let set = next_set(&mut rx).expect("pushed");
+        assert_eq!(set.services[0].spec.proxyname.as_deref(), Some("a.example"));
     }
 
     #[test]

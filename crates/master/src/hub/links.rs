@@ -24,6 +24,15 @@ pub struct Link {
     /// The minion's services share its network (`--service-network
     /// host`): two runs of one service cannot be side by side there.
     pub host_network: bool,
+    /// It takes sets without the proxy's routing fields (its `Hello`).
+    pub routing_free: bool,
+}
+
+/// What a minion's `Hello` says it does.
+#[derive(Clone, Copy, Debug)]
+pub struct LinkCaps {
+    pub host_network: bool,
+    pub routing_free: bool,
 }
 
 /// The connected minions, and why each one's last link ended.
@@ -36,12 +45,29 @@ pub(super) struct Links {
 }
 
 impl Hub {
-    /// Registers a minion's connection, replacing an older one.
+    /// Registers a connection of a minion of this version (one that
+    /// takes sets without routing fields), replacing an older one.
     pub fn connect(
         &self,
         name: &str,
         version: &str,
         host_network: bool,
+        tx: mpsc::UnboundedSender<ToMinion>,
+    ) -> u64 {
+        let caps = LinkCaps {
+            host_network,
+            routing_free: true,
+        };
+        self.connect_link(name, version, caps, tx)
+    }
+
+    /// Registers a minion's connection, with what its `Hello` says it
+    /// does, replacing an older one.
+    pub fn connect_link(
+        &self,
+        name: &str,
+        version: &str,
+        caps: LinkCaps,
         tx: mpsc::UnboundedSender<ToMinion>,
     ) -> u64 {
         let conn = self.next_id();
@@ -50,7 +76,8 @@ impl Hub {
             Link {
                 conn,
                 tx,
-                host_network,
+                host_network: caps.host_network,
+                routing_free: caps.routing_free,
             },
         );
         self.seen_connect(name, version, now_ms());
@@ -139,7 +166,15 @@ impl Hub {
             if unresolved.contains(node) {
                 continue;
             }
-            let set = sets.remove(node).unwrap_or_default();
+            let mut set = sets.remove(node).unwrap_or_default();
+            // The proxy's routing fields stay on the master where the
+            // minion can do without them (`reconcile::without_routing`).
+            if lock(&self.links.live)
+                .get(node)
+                .is_some_and(|l| l.routing_free)
+            {
+                crate::reconcile::without_routing(&mut set);
+            }
             tracing::debug!(
                 node,
                 revision = set.revision,

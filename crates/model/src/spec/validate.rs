@@ -443,16 +443,19 @@ fn check_domain(s: &str) -> Result<(), String> {
         }
         check_hostname_label(label).map_err(|r| format!("{s:?} is not a domain name: {r}"))?;
     }
-    // An all-digit last label is no top-level domain (RFC 3696 §2): such a
-    // name is an IPv4 address or looks like one, and no ACME server issues
-    // a certificate for it through HTTP-01.
-    if s.contains('.')
-        && s.rsplit('.')
-            .next()
-            .is_some_and(|tld| tld.bytes().all(|b| b.is_ascii_digit()))
-    {
+    // A name whose last label is a number (all digits, or 0x and hex
+    // digits) is an IPv4 address to a browser (the WHATWG URL standard's
+    // "ends in a number": `10.1`, `2130706433`, `x.0x7f`), and no
+    // top-level domain is one (RFC 3696 §2): no certificate can be had
+    // for it through HTTP-01.
+    let last = s.rsplit('.').next().unwrap_or(s);
+    let number = match last.strip_prefix("0x") {
+        Some(hex) => hex.bytes().all(|b| b.is_ascii_hexdigit()),
+        None => last.bytes().all(|b| b.is_ascii_digit()),
+    };
+    if number {
         return Err(format!(
-            "{s:?} is an IP address or ends in an all-digit label, not a domain name: the proxy routes by host name and gets a certificate for it; point a DNS name at the master and use that"
+            "{s:?} is an IP address or ends in a number, not a domain name: the proxy routes by host name and gets a certificate for it; point a DNS name at the master and use that"
         ));
     }
     Ok(())
@@ -522,7 +525,14 @@ mod tests {
                 && m.contains("\"example.com\"")),
             "{r:?}"
         );
-        for ip in ["192.0.2.10", "10.1", "web.123"] {
+        for ip in [
+            "192.0.2.10",
+            "10.1",
+            "web.123",
+            "2130706433",
+            "x.0x7f",
+            "a.0x",
+        ] {
             let r = reasons(with(None, vec![], Some(ip)));
             assert!(
                 r.iter()
@@ -530,7 +540,14 @@ mod tests {
                 "{ip}: {r:?}"
             );
         }
-        for fine in ["localhost", "app.example.com", "1.example.com", "web.x1"] {
+        for fine in [
+            "localhost",
+            "app.example.com",
+            "1.example.com",
+            "web.x1",
+            "web.0xg",
+            "0x1.io",
+        ] {
             assert!(validate(with(None, vec![], Some(fine))).is_ok(), "{fine}");
         }
         let r = reasons(with(Some("/api"), vec![], None));
