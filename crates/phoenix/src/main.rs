@@ -858,29 +858,7 @@ async fn wait_running_then(
         }
         return Ok(());
     }
-    // A change of routing alone took effect as it was stored: its run was
-    // not touched, so there is nothing of it to wait for (and a run that
-    // was failing before is no failure of this change).
-    let names: Vec<String> = applied
-        .iter()
-        .filter(|v| !v.routes_only)
-        .map(|v| v.name.clone())
-        .collect();
-    if names.is_empty() {
-        if json {
-            match plan {
-                Some(plan) => {
-                    let mut v = serde_json::to_value(plan)?;
-                    if let Some(o) = v.as_object_mut() {
-                        o.insert("settled".into(), serde_json::json!([]));
-                    }
-                    print_json(&v)?;
-                }
-                None => print_json(&Vec::<Settled>::new())?,
-            }
-        }
-        return Ok(());
-    }
+    let names: Vec<String> = applied.iter().map(|v| v.name.clone()).collect();
     let wait = Request::Wait {
         names: names.clone(),
         timeout_ms: waiting.timeout_s.saturating_mul(1000),
@@ -922,6 +900,18 @@ async fn wait_running_then(
             print_settled(data_dir, s).await;
         }
     }
+    // A change of routing alone took effect as it was stored, its run
+    // untouched: how that run fares is shown, but it is no failure of
+    // this change (it may have been failing before).
+    let routes_only: Vec<&str> = applied
+        .iter()
+        .filter(|a| a.routes_only)
+        .map(|a| a.name.as_str())
+        .collect();
+    let settled: Vec<&Settled> = settled
+        .iter()
+        .filter(|s| !routes_only.contains(&s.view.name.as_str()))
+        .collect();
     let failed: Vec<String> = settled
         .iter()
         .filter(|s| s.verdict == Verdict::Failed)

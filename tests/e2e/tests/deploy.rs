@@ -65,6 +65,33 @@ fn a_service_that_exits_at_once_fails_the_deploy_with_its_reason_and_log() {
     assert_eq!(c.status("quitter")["state"], "backoff");
 }
 
+/// A change of routing alone (`proxyname` here) to a service that is
+/// failing is no failure of that change: `update` stores it, restarts
+/// nothing, and exits 0 at once.
+#[test]
+fn a_routing_change_to_a_failing_service_succeeds_and_restarts_nothing() {
+    let c = Cluster::start(1);
+    let mut spec = testy("m1", "quitter", &["--crash-after", "0", "--exit-code", "2"]);
+    let (out, took) = deploy(&c, &spec, &[]);
+    failed_fast(&out, took, NOT_STARTED);
+    let generation = c.status("quitter")["generation"].clone();
+    spec["proxyname"] = json!("quitter.example");
+    let path = c.dir.path().join("routed.json");
+    std::fs::write(&path, spec.to_string()).unwrap();
+    let began = Instant::now();
+    let out = c.phoenix(&["update", path.to_str().unwrap(), "--timeout-s", "60"]);
+    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "stdout:\n{stdout}\nstderr:\n{stderr}"
+    );
+    assert!(began.elapsed() < FAST, "{:?}", began.elapsed());
+    assert!(stdout.contains("nothing restarted"), "{stdout}");
+    assert_eq!(c.status("quitter")["generation"], generation);
+    assert_eq!(c.json(&["info", "quitter"])["proxyname"], "quitter.example");
+}
+
 #[test]
 fn exec_errors_fail_fast_naming_the_error_for_each_service() {
     let c = Cluster::start(1);
