@@ -432,15 +432,19 @@ impl Hub {
                     unreachable!("image errors were reported above");
                 };
                 // A change of routing alone: the stored spec changes, the
-                // run and its generation stay (a minion that takes sets
-                // without routing fields sees no change), and the route
-                // table (`master::front`) follows.
+                // run and its generation stay, and the route table
+                // (`master::front`) follows. Only where the minion takes
+                // sets without routing fields (it sees no change): an older
+                // one, or one not connected, would restart the run in
+                // place, so the change goes as any other (beside, for a
+                // proxied daemon).
                 let routing = old.as_ref().filter(|o| {
                     matches!(mode, Apply::Update | Apply::Tree)
                         && o.next.is_none()
                         && o.ip == ip
                         && o.image_hash == image.hash
                         && routes_only(&o.spec, spec)
+                        && self.takes_routing_free(&spec.machine)
                 });
                 touched.insert(spec.machine.clone());
                 if let Some(o) = &old {
@@ -916,6 +920,14 @@ pub(super) mod tests {
         hub.apply("root", Apply::Deploy, "web.json", web).unwrap();
         let set = next_set(&mut rx).expect("pushed");
         assert_eq!(set.services[0].spec.proxyname.as_deref(), Some("a.example"));
+        // It would restart the run for a change of routing alone: that
+        // change goes as any other.
+        let routed = web.replace("a.example", "b.example");
+        let applied = hub
+            .apply("root", Apply::Update, "web.json", &routed)
+            .unwrap();
+        assert!(!applied[0].routes_only);
+        assert_eq!(applied[0].generation, 2);
     }
 
     #[test]

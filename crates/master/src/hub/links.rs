@@ -128,6 +128,14 @@ impl Hub {
             .is_some_and(|l| !l.host_network)
     }
 
+    /// Whether `node` is connected and takes sets without the proxy's
+    /// routing fields: a change of only those is then no change to it.
+    pub(super) fn takes_routing_free(&self, node: &str) -> bool {
+        lock(&self.links.live)
+            .get(node)
+            .is_some_and(|l| l.routing_free)
+    }
+
     pub fn send(&self, node: &str, msg: ToMinion) -> bool {
         lock(&self.links.live)
             .get(node)
@@ -169,10 +177,7 @@ impl Hub {
             let mut set = sets.remove(node).unwrap_or_default();
             // The proxy's routing fields stay on the master where the
             // minion can do without them (`reconcile::without_routing`).
-            if lock(&self.links.live)
-                .get(node)
-                .is_some_and(|l| l.routing_free)
-            {
+            if self.takes_routing_free(node) {
                 crate::reconcile::without_routing(&mut set);
             }
             tracing::debug!(
