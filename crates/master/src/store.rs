@@ -1051,15 +1051,7 @@ mod tests {
             r#"{"machine":"m1","name":"a","image":"x","type":"binary"}"#,
         )
         .unwrap();
-        let svc = Service {
-            spec: spec[0].clone(),
-            ip: net::service_ip(0),
-            image_hash: "h".into(),
-            image_size: 3,
-            generation: 1,
-            run: None,
-            next: None,
-        };
+        let svc = first_service(spec[0].clone());
         store.write(|tx| tx.put_service(&svc)).unwrap();
         assert_eq!(
             store.read().unwrap().services().unwrap(),
