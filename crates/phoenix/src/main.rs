@@ -793,12 +793,27 @@ fn print_plan(plan: &Plan) {
         println!("+ {} ({})  {}", e.name, e.machine, e.file);
     }
     for e in &plan.change {
+        // Written: what the master did; a diff: what only routing fields
+        // would do where the machine's minion is of this version.
+        let routing = plan
+            .applied
+            .iter()
+            .any(|a| a.name == e.name && a.routes_only)
+            || (!plan.written
+                && e.fields
+                    .iter()
+                    .all(|f| ["proxyname", "proxypath", "proxyauth"].contains(&f.as_str())));
         println!(
-            "~ {} ({}): {}  {}",
+            "~ {} ({}): {}  {}{}",
             e.name,
             e.machine,
             e.fields.join(", "),
-            e.file
+            e.file,
+            match (routing, plan.written) {
+                (true, true) => "  (routing only: nothing restarted)",
+                (true, false) => "  (routing only: restarts nothing)",
+                _ => "",
+            }
         );
         for v in &e.env {
             println!("    {v}");

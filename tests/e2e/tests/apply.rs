@@ -90,6 +90,21 @@ fn a_folder_of_specs_is_applied_kept_in_step_and_pruned_only_when_asked() {
     assert_eq!(running(&c, "web"), before[0]);
     assert_eq!(running(&c, "api"), before[1]);
 
+    // Only where the proxy routes it changes: the plan says so, and
+    // nothing restarts.
+    let api = tree.join("jobs/api.json");
+    let mut routed: Value = serde_json::from_str(&std::fs::read_to_string(&api).unwrap()).unwrap();
+    routed["proxyname"] = serde_json::json!("api.example");
+    write(&api, &routed.to_string());
+    let diff = c.ok(&["diff", dir]);
+    assert!(
+        diff.contains("~ api (m1): proxyname") && diff.contains("(routing only: restarts nothing)"),
+        "{diff}"
+    );
+    let out = c.ok(&["apply", dir, "--timeout-s", "30"]);
+    assert!(out.contains("(routing only: nothing restarted)"), "{out}");
+    assert_eq!(running(&c, "api"), before[1]);
+
     // A file removed: listed, kept without --prune, deleted with it.
     std::fs::remove_file(tree.join("web.json")).unwrap();
     let out = c.ok(&["apply", dir, "--timeout-s", "30"]);
