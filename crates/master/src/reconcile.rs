@@ -160,9 +160,7 @@ fn assignment(svc: &Service, addresses: &HashMap<&str, Ipv6Addr>) -> Assignment 
 /// (`hub::apply` keeps its generation) is no change to it.
 pub fn without_routing(set: &mut DesiredSet) {
     for a in &mut set.services {
-        a.spec.proxyname = None;
-        a.spec.proxypath = None;
-        a.spec.proxyauth.clear();
+        a.spec.clear_routing();
     }
 }
 

@@ -237,8 +237,8 @@ fn only_addressing_differs(old: &Assignment, new: &Assignment) -> bool {
     Assignment {
         links: new.links.clone(),
         holds_ip: new.holds_ip,
-        ..with_routing_of(old, new)
-    } == *new
+        ..unrouted(old)
+    } == unrouted(new)
 }
 
 /// Whether two assignments of one run differ only in the proxy's routing
@@ -246,16 +246,14 @@ fn only_addressing_differs(old: &Assignment, new: &Assignment) -> bool {
 /// sends them (only its proxy acts on them); a minion that ran a set from
 /// an older master gets them removed, and restarts nothing for that.
 fn only_routing_differs(old: &Assignment, new: &Assignment) -> bool {
-    with_routing_of(old, new) == *new
+    unrouted(old) == unrouted(new)
 }
 
-/// `old` with `new`'s routing fields.
-fn with_routing_of(old: &Assignment, new: &Assignment) -> Assignment {
-    let mut routed = old.clone();
-    routed.spec.proxyname.clone_from(&new.spec.proxyname);
-    routed.spec.proxypath.clone_from(&new.spec.proxypath);
-    routed.spec.proxyauth.clone_from(&new.spec.proxyauth);
-    routed
+/// An assignment without its spec's routing fields.
+fn unrouted(a: &Assignment) -> Assignment {
+    let mut a = a.clone();
+    a.spec.clear_routing();
+    a
 }
 
 /// Fetches the image of a changed service, then hands the change to its

@@ -142,7 +142,19 @@ pub struct Spec {
     pub cpus: Option<f64>,
 }
 
+/// The fields only the master's proxy acts on: where a service is routed
+/// and who may reach it there. A minion has no use for them, and a change
+/// of only these needs no restart.
+pub const ROUTING_FIELDS: [&str; 3] = ["proxyname", "proxypath", "proxyauth"];
+
 impl Spec {
+    /// Empties the [`ROUTING_FIELDS`].
+    pub fn clear_routing(&mut self) {
+        self.proxyname = None;
+        self.proxypath = None;
+        self.proxyauth.clear();
+    }
+
     /// The registry file and the tag within it. For type docker `image` is
     /// `FILE[:TAG]`, and `.tar` is assumed when FILE has no extension of its
     /// own (seed 000); for binaries it is the file's name.

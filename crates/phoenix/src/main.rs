@@ -697,8 +697,11 @@ async fn apply(a: ApplyArgs, update: bool) -> Result<()> {
             }
             if v.routes_only {
                 println!(
-                    "updated the routes of {} (proxyname, proxypath, proxyauth); generation {} on {} serves on, nothing restarted",
-                    v.name, v.generation, v.machine
+                    "updated the routes of {} ({}); generation {} on {} serves on, nothing restarted",
+                    v.name,
+                    phoenix_model::spec::ROUTING_FIELDS.join(", "),
+                    v.generation,
+                    v.machine
                 );
                 continue;
             }
@@ -802,7 +805,7 @@ fn print_plan(plan: &Plan) {
             || (!plan.written
                 && e.fields
                     .iter()
-                    .all(|f| ["proxyname", "proxypath", "proxyauth"].contains(&f.as_str())));
+                    .all(|f| phoenix_model::spec::ROUTING_FIELDS.contains(&f.as_str())));
         println!(
             "~ {} ({}): {}  {}{}",
             e.name,

@@ -87,13 +87,12 @@ fn side_by_side(old: &Service, new: &Spec, ip: Ipv6Addr) -> bool {
 /// get them: `reconcile::without_routing`), so the running version serves
 /// on and only the route table changes.
 fn routes_only(old: &Spec, new: &Spec) -> bool {
-    old != new
-        && Spec {
-            proxyname: new.proxyname.clone(),
-            proxypath: new.proxypath.clone(),
-            proxyauth: new.proxyauth.clone(),
-            ..old.clone()
-        } == *new
+    let unrouted = |s: &Spec| {
+        let mut s = s.clone();
+        s.clear_routing();
+        s
+    };
+    old != new && unrouted(old) == unrouted(new)
 }
 
 /// Why a `link` name is refused: no such service, and the closest name
