@@ -456,7 +456,8 @@ pub struct MasterArgs {
     #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(100..=3_600_000))]
     pub proxy_header_timeout_ms: u64,
     /// The proxy: a client connection with no request in flight is closed
-    /// after this long, in ms.
+    /// after this long, and a request body that sends nothing for this
+    /// long is cut off (408), in ms.
     #[arg(long, default_value_t = 60_000, value_parser = clap::value_parser!(u64).range(100..=86_400_000))]
     pub proxy_idle_timeout_ms: u64,
     /// The proxy: time to connect to an instance before trying another,

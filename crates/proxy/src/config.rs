@@ -18,7 +18,10 @@ pub struct ProxyConfig {
     /// A connection with no request in flight for this long is closed
     /// (HTTP/2 gets a GOAWAY first). HTTP/1 connections are also bounded by
     /// `header_read_timeout` while waiting for their next request, so for
-    /// them the shorter of the two applies. Default 60 s.
+    /// them the shorter of the two applies. Also the longest a request
+    /// body may send nothing: it is then cut off with 408 (nginx's
+    /// `client_body_timeout`), which frees the instance's connection it
+    /// held. Default 60 s.
     pub idle_timeout: Duration,
     /// Time to establish a TCP connection to an instance. Default 3 s.
     pub backend_connect_timeout: Duration,

@@ -2,6 +2,7 @@
 //! basic auth, picking an instance, forwarding (with one retry on another
 //! instance of an idempotent request that got no answer), upgrades.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 
 use bytes::BytesMut;
@@ -22,8 +23,10 @@ use crate::headers::{
     name_index, remove_connection_named,
 };
 use crate::phase::Phase;
-use crate::pool::{Exchange, Outgoing, SendError};
-use crate::routes::{Lookup, RouteEntry, has_dot_segment, normalize_host, strip};
+use crate::pool::{Exchange, Outgoing, SendError, Stalled};
+use crate::routes::{
+    Lookup, RouteEntry, clean_path, normalize_host, prefix_matches, strip, without_params,
+};
 use crate::server::Conn;
 use crate::stats::RouteCounters;
 
@@ -63,8 +66,43 @@ pub(crate) async fn handle(
 async fn route(
     inner: &Arc<Inner>,
     conn: &Arc<Conn>,
-    request: Request<Incoming>,
+    mut request: Request<Incoming>,
 ) -> (Response<Body>, Option<Outstanding>) {
+    // Two Host headers: which one a backend believes is its own choice
+    // (RFC 9112 section 3.2: 400).
+    if request
+        .headers()
+        .get_all(header::HOST)
+        .iter()
+        .nth(1)
+        .is_some()
+    {
+        return (
+            plain(
+                StatusCode::BAD_REQUEST,
+                "phoenix: the request has more than one Host header\n",
+            ),
+            None,
+        );
+    }
+    // A transfer coding besides `chunked` (`gzip, chunked`): the proxy
+    // takes the chunks off and would pass the body on still compressed,
+    // with nothing saying so (RFC 9112 section 6.1: 501).
+    let codings = request.headers().get_all(header::TRANSFER_ENCODING);
+    if codings.iter().any(|v| {
+        v.to_str().map_or(true, |v| {
+            v.split(',')
+                .any(|c| !c.trim().eq_ignore_ascii_case("chunked"))
+        })
+    }) {
+        return (
+            plain(
+                StatusCode::NOT_IMPLEMENTED,
+                "phoenix: only the chunked transfer coding is served\n",
+            ),
+            None,
+        );
+    }
     // The host as the client gave it: the URI's authority (HTTP/2, or an
     // absolute-form HTTP/1 target), else the Host header.
     let raw_host = match request.uri().authority() {
@@ -123,19 +161,59 @@ async fn route(
         }
     }
 
-    if has_dot_segment(path) {
-        return (
-            plain(
-                StatusCode::BAD_REQUEST,
-                "phoenix: the path holds a '.' or '..' segment\n",
-            ),
-            None,
-        );
+    // Routing, authentication and the instance see one form of the path.
+    let cleaned = match clean_path(path) {
+        Ok(Cow::Borrowed(_)) => None,
+        Ok(Cow::Owned(cleaned)) => Some(cleaned),
+        Err(bad) => return (plain(StatusCode::BAD_REQUEST, bad.message()), None),
+    };
+    if let Some(cleaned) = cleaned {
+        let mut parts = request.uri().clone().into_parts();
+        let query = request.uri().query().map(|q| format!("?{q}"));
+        let path_and_query = format!("{cleaned}{}", query.as_deref().unwrap_or(""));
+        parts.path_and_query = match path_and_query.parse() {
+            Ok(p) => Some(p),
+            Err(_) => {
+                return (
+                    plain(
+                        StatusCode::BAD_REQUEST,
+                        "phoenix: the request's path is not valid\n",
+                    ),
+                    None,
+                );
+            }
+        };
+        match Uri::from_parts(parts) {
+            Ok(uri) => *request.uri_mut() = uri,
+            Err(_) => {
+                return (
+                    plain(
+                        StatusCode::BAD_REQUEST,
+                        "phoenix: the request's path is not valid\n",
+                    ),
+                    None,
+                );
+            }
+        }
     }
+    let path = request.uri().path();
 
     let entry = {
         let table = inner.table.load();
-        match table.lookup(&host, path) {
+        // Looked up as a backend that reads `;` as segment parameters
+        // would see it, so `/admin;x/secret` finds `/admin`'s route; the
+        // path itself must then be under that prefix too, or the
+        // parameter sits inside it and the request is refused.
+        match table.lookup(&host, &without_params(path)) {
+            Lookup::Found(entry) if !prefix_matches(&entry.prefix, path) => {
+                return (
+                    plain(
+                        StatusCode::BAD_REQUEST,
+                        "phoenix: the path holds a ';' parameter inside the route's prefix\n",
+                    ),
+                    None,
+                );
+            }
             Lookup::Found(entry) => entry.clone(),
             Lookup::UnknownHost => {
                 return (
@@ -407,6 +485,15 @@ async fn forward(
             }
             Err(SendError::ClientBody(e)) => {
                 tracing::debug!(peer = %conn.peer, error = %e, "proxy: request body failed");
+                if e.is::<Stalled>() {
+                    return (
+                        plain(
+                            StatusCode::REQUEST_TIMEOUT,
+                            "phoenix: the request body stalled\n",
+                        ),
+                        None,
+                    );
+                }
                 return (
                     plain(
                         StatusCode::BAD_REQUEST,

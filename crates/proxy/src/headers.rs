@@ -24,7 +24,10 @@ pub(crate) static HOP_BY_HOP: [HeaderName; HOPS] = [
 // Indices: the hop-by-hop names first, as in `HOP_BY_HOP`, then the names
 // a request to an instance gets from the proxy rather than from the
 // client, then `Authorization` (dropped on routes with basic auth), then
-// `X-Forwarded-Prefix` (the proxy's own, set where it strips a prefix).
+// `X-Forwarded-Prefix` (the proxy's own, set where it strips a prefix),
+// then `Forwarded` and `X-Real-IP`: a client's own would tell an instance
+// that trusts them whatever client address, scheme or host it likes, so
+// they are dropped (the proxy says the same in `X-Forwarded-*`).
 pub(crate) const CONNECTION: usize = 0;
 pub(crate) const TRANSFER_ENCODING: usize = 7;
 pub(crate) const UPGRADE: usize = 8;
@@ -36,7 +39,9 @@ pub(crate) const HOST: usize = HOPS + 4;
 pub(crate) const CONTENT_LENGTH: usize = HOPS + 5;
 pub(crate) const AUTHORIZATION: usize = HOPS + 6;
 pub(crate) const FORWARDED_PREFIX: usize = HOPS + 7;
-const NAMES: usize = HOPS + 8;
+const FORWARDED: usize = HOPS + 8;
+const REAL_IP: usize = HOPS + 9;
+const NAMES: usize = HOPS + 10;
 
 pub(crate) const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 
@@ -60,6 +65,8 @@ pub(crate) fn name_index(name: &HeaderName) -> Option<usize> {
         "content-length" => CONTENT_LENGTH,
         "authorization" => AUTHORIZATION,
         "x-forwarded-prefix" => FORWARDED_PREFIX,
+        "forwarded" => FORWARDED,
+        "x-real-ip" => REAL_IP,
         _ => return None,
     })
 }
@@ -142,6 +149,8 @@ mod tests {
                 HeaderName::from_static("x-forwarded-prefix"),
                 FORWARDED_PREFIX,
             ),
+            (header::FORWARDED, FORWARDED),
+            (HeaderName::from_static("x-real-ip"), REAL_IP),
         ] {
             assert_eq!(name_index(&name), Some(i), "{name}");
         }

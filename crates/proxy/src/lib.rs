@@ -63,9 +63,15 @@
 //! `X-Forwarded-Prefix`, the prefix taken off, where one is; a client's
 //! own is never passed on), `Host` kept as the client sent it. WebSockets
 //! over HTTP/2 (extended CONNECT) are not
-//! offered, so browsers open them over HTTP/1.1. Paths with `.`/`..`
-//! segments are refused (400) so that prefix routing and authentication
-//! cannot be walked around.
+//! offered, so browsers open them over HTTP/1.1. A client's `Forwarded`
+//! and `X-Real-IP` are dropped. A path is routed, authenticated and
+//! forwarded in one form (`routes::clean_path`): encoded unreserved
+//! characters decoded, `//` merged; `.`/`..` segments, encoded `/ \ NUL
+//! ; % ? #` and a raw `\` are refused (400), and a path is looked up as a
+//! backend that reads `;` as segment parameters would, so that neither
+//! prefix routing nor authentication can be walked around by writing a
+//! path another way (`//admin`, `/%61dmin`, `/admin;x`). Two `Host`
+//! headers get 400, a transfer coding besides `chunked` 501.
 //!
 //! **TLS** ([`Certs`], [`Challenges`]): certificates by SNI from a map the
 //! ACME code (or anyone) updates at runtime; ALPN offers h2 and http/1.1;
@@ -219,6 +225,7 @@ impl Proxy {
         let pool = pool::PoolConfig {
             connect_timeout: config.backend_connect_timeout,
             response_timeout: config.backend_response_timeout,
+            body_stall: config.idle_timeout,
             idle_timeout: config.backend_pool_idle_timeout,
             max_idle: config.backend_pool_max_idle,
             // A connection's reads grow while a large body streams, and a

@@ -262,6 +262,8 @@ pub(crate) struct PoolConfig {
     /// From the request's end to the response head.
     pub response_timeout: Duration,
     pub idle_timeout: Duration,
+    /// The longest a request body may send nothing (`Stalled` after).
+    pub body_stall: Duration,
     pub max_idle: usize,
     /// The largest read (and so the largest response head).
     pub max_buf: usize,
@@ -365,6 +367,7 @@ where
             request.chunked,
             request.head_request,
             config.response_timeout,
+            config.body_stall,
         )
         .await;
         match exchanged {
@@ -408,6 +411,7 @@ async fn exchange<B>(
     chunked: bool,
     head_request: bool,
     timeout: Duration,
+    body_stall: Duration,
 ) -> Result<(ResponseHead, Option<Writer>), SendError>
 where
     B: HttpBody<Data = Bytes> + Send + Unpin + 'static,
@@ -439,7 +443,12 @@ where
     let Some(body) = body.take() else {
         return Err(SendError::Unsent(io::ErrorKind::InvalidInput.into()));
     };
-    let mut writing: Writer = Box::pin(write_body(stream.clone(), body, chunked, timeout));
+    let mut writing: Writer = Box::pin(write_body(
+        stream.clone(),
+        body,
+        chunked,
+        (timeout, body_stall),
+    ));
     let mut reading = pin!(read_head(stream, buf, sizing, head_request));
     // The response timeout counts once the body is sent, so that a slow
     // upload is not taken for a slow instance.
@@ -477,18 +486,32 @@ where
     }
 }
 
-/// Sends a request body, chunked or as is; trailers are dropped.
+/// A client's request body sent nothing for this long: cut off (408), so
+/// that a stalled upload does not hold a connection to an instance for
+/// ever.
+#[derive(Debug, thiserror::Error)]
+#[error("the request body sent nothing for {0:?}")]
+pub(crate) struct Stalled(pub Duration);
+
+/// Sends a request body, chunked or as is; trailers are dropped. `stall`:
+/// the longest a write to the instance, and a wait for the client's next
+/// bytes, may take.
 async fn write_body<B>(
     stream: Arc<TcpStream>,
     mut body: B,
     chunked: bool,
-    stall: Duration,
+    (stall, client_stall): (Duration, Duration),
 ) -> Result<(), BodyError>
 where
     B: HttpBody<Data = Bytes> + Unpin,
     B::Error: Into<BoxError> + Send,
 {
-    while let Some(frame) = body.frame().await {
+    loop {
+        let frame = match tokio::time::timeout(client_stall, body.frame()).await {
+            Ok(Some(frame)) => frame,
+            Ok(None) => break,
+            Err(_) => return Err(BodyError::Client(Box::new(Stalled(client_stall)))),
+        };
         let frame = frame.map_err(|e| BodyError::Client(e.into()))?;
         let Ok(data) = frame.into_data() else {
             continue;
@@ -753,6 +776,7 @@ mod tests {
         PoolConfig {
             connect_timeout: Duration::from_secs(1),
             response_timeout: Duration::from_secs(5),
+            body_stall: Duration::from_secs(5),
             idle_timeout: Duration::from_secs(60),
             max_idle: 4,
             max_buf: 64 * 1024,
@@ -1171,6 +1195,7 @@ mod tests {
         .await;
         let config = PoolConfig {
             response_timeout: Duration::from_millis(100),
+            body_stall: Duration::from_secs(5),
             ..config()
         };
         let e = send(&config, &instance(addr), get()).await.unwrap_err();

@@ -209,18 +209,134 @@ pub(crate) fn normalize_host(host: &str) -> Option<Cow<'_, str>> {
 
 /// `/api/` → `/api`, `/` stays. `None` when not a clean absolute path.
 fn normalize_prefix(prefix: &str) -> Option<String> {
-    if !prefix.starts_with('/') || prefix.contains(['?', '#']) {
+    if !prefix.starts_with('/') || prefix.contains(['?', '#', ';']) {
         return None;
     }
-    if has_dot_segment(prefix) {
-        return None;
-    }
+    // In the form request paths are looked up in (`clean_path`).
+    let prefix = clean_path(prefix).ok()?;
     let trimmed = prefix.trim_end_matches('/');
     Some(if trimmed.is_empty() {
         "/".to_owned()
     } else {
         trimmed.to_owned()
     })
+}
+
+/// Why a request path is refused (400) before routing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum BadPath {
+    /// `.` or `..` (also percent-encoded).
+    DotSegment,
+    /// `%2F`, `%5C`, `%00`, `%3B`, `%25`, `%3F` or `%23`: a character that
+    /// backends decode into a path separator, a parameter, a second
+    /// encoding or the end of the path, each in its own way.
+    Encoded(u8),
+    /// A `%` not followed by two hex digits.
+    BadEscape,
+    /// A raw `\`, which some backends take for `/`.
+    Backslash,
+}
+
+impl BadPath {
+    pub fn message(self) -> &'static str {
+        match self {
+            BadPath::DotSegment => "phoenix: the path holds a '.' or '..' segment\n",
+            BadPath::Encoded(b'/') => "phoenix: the path holds an encoded '/' (%2F)\n",
+            BadPath::Encoded(b'\\') => "phoenix: the path holds an encoded '\\' (%5C)\n",
+            BadPath::Encoded(0) => "phoenix: the path holds an encoded NUL (%00)\n",
+            BadPath::Encoded(b';') => "phoenix: the path holds an encoded ';' (%3B)\n",
+            BadPath::Encoded(b'%') => "phoenix: the path holds an encoded '%' (%25)\n",
+            BadPath::Encoded(b'?') => "phoenix: the path holds an encoded '?' (%3F)\n",
+            BadPath::Encoded(_) => "phoenix: the path holds an encoded '#' (%23)\n",
+            BadPath::BadEscape => "phoenix: the path holds a '%' without two hex digits\n",
+            BadPath::Backslash => "phoenix: the path holds a '\\'\n",
+        }
+    }
+}
+
+/// The one form of a request path that routing, authentication and the
+/// instance all see, or why there is none. Backends decode a path in
+/// their own ways (nginx merges `//` and decodes `%61` and `%2F` before it
+/// looks for a file), so a prefix compared with the raw path could be
+/// walked around: `//admin` or `/%61dmin` past `/admin`'s basic auth to
+/// the `/` route of the same instance. So, as Traefik does: percent-
+/// encoded unreserved characters (letters, digits, `-._~`) are decoded,
+/// other escapes upper-cased, runs of `/` merged into one; encoded
+/// characters that backends read differently (`/ \ NUL ; % ? #`), a raw
+/// `\` and `.`/`..` segments are refused. The path is borrowed when it is
+/// already in that form (the usual case: no allocation), and what the
+/// proxy forwards otherwise.
+pub(crate) fn clean_path(path: &str) -> Result<Cow<'_, str>, BadPath> {
+    let bytes = path.as_bytes();
+    let plain = !bytes.contains(&b'%') && !bytes.contains(&b'\\') && !path.contains("//");
+    if plain {
+        return if has_dot_segment(path) {
+            Err(BadPath::DotSegment)
+        } else {
+            Ok(Cow::Borrowed(path))
+        };
+    }
+    let mut out = String::with_capacity(path.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let b = bytes[i];
+        match b {
+            b'%' => {
+                let hex = |at: usize| bytes.get(at).and_then(|&h| (h as char).to_digit(16));
+                let (Some(hi), Some(lo)) = (hex(i + 1), hex(i + 2)) else {
+                    return Err(BadPath::BadEscape);
+                };
+                let decoded = u8::try_from(hi * 16 + lo).expect("two hex digits");
+                if decoded.is_ascii_alphanumeric() || b"-._~".contains(&decoded) {
+                    out.push(char::from(decoded));
+                } else if b"/\\\0;%?#".contains(&decoded) {
+                    return Err(BadPath::Encoded(decoded));
+                } else {
+                    out.push('%');
+                    out.push_str(&path[i + 1..i + 3].to_ascii_uppercase());
+                }
+                i += 3;
+            }
+            b'\\' => return Err(BadPath::Backslash),
+            b'/' if out.ends_with('/') => i += 1,
+            _ => {
+                // Copy up to the next byte that needs a look (whole UTF-8
+                // sequences: those bytes are all >= 0x80).
+                let end = bytes[i..]
+                    .iter()
+                    .position(|&c| c == b'%' || c == b'\\' || c == b'/')
+                    .map_or(bytes.len(), |n| i + n.max(1));
+                out.push_str(&path[i..end]);
+                i = end;
+            }
+        }
+    }
+    if has_dot_segment(&out) {
+        return Err(BadPath::DotSegment);
+    }
+    Ok(if out == path {
+        Cow::Borrowed(path)
+    } else {
+        Cow::Owned(out)
+    })
+}
+
+/// `path` as a backend that takes `;` for the start of a segment's
+/// parameters (Tomcat, Jetty) reads it: `/admin;x/secret` → `/admin/secret`.
+/// Routing looks a path up in this form too, so a parameter cannot hide a
+/// prefix.
+pub(crate) fn without_params(path: &str) -> Cow<'_, str> {
+    if !path.contains(';') {
+        return Cow::Borrowed(path);
+    }
+    let mut out = String::with_capacity(path.len());
+    for (n, segment) in path.split('/').enumerate() {
+        if n > 0 {
+            out.push('/');
+        }
+        out.push_str(segment.split(';').next().unwrap_or(""));
+    }
+    Cow::Owned(out)
 }
 
 /// Whether a path has a `.` or `..` segment, also percent-encoded
@@ -496,6 +612,66 @@ mod tests {
         assert!(!has_dot_segment("/a/%2/b"));
         assert!(!has_dot_segment("/a/%2f/b"));
         assert!(!has_dot_segment("/a//b/"));
+    }
+
+    #[test]
+    fn paths_are_cleaned_into_one_form_or_refused() {
+        let clean = |p: &str| clean_path(p).map(|c| c.into_owned());
+        // Already clean: borrowed, no allocation.
+        for p in ["/", "/admin/secret", "/a/..b/c", "/caf\u{e9}/x", "/a;b=c/d"] {
+            assert!(matches!(clean_path(p), Ok(Cow::Borrowed(_))), "{p}");
+        }
+        // What a backend would read the same as `/admin/secret`.
+        for p in [
+            "//admin/secret",
+            "/admin//secret",
+            "///admin///secret",
+            "/%61dmin/secret",
+            "/%41%44%4D%49%4E/secret",
+        ] {
+            let want = if p.contains("%4") {
+                "/ADMIN/secret"
+            } else {
+                "/admin/secret"
+            };
+            assert_eq!(clean(p), Ok(want.to_owned()), "{p}");
+        }
+        assert_eq!(clean("/a/%7e%2D%5f"), Ok("/a/~-_".to_owned()));
+        // Other escapes stay, upper-cased; UTF-8 passes through.
+        assert_eq!(clean("/a%20b/%c3%a9"), Ok("/a%20b/%C3%A9".to_owned()));
+        assert_eq!(clean("/caf\u{e9}//x"), Ok("/caf\u{e9}/x".to_owned()));
+        // Refused: what backends decode each in their own way.
+        for (p, why) in [
+            ("/admin%2fsecret", BadPath::Encoded(b'/')),
+            ("/%2Fadmin/secret", BadPath::Encoded(b'/')),
+            ("/x/..%2fadmin", BadPath::Encoded(b'/')),
+            ("/a%5cb", BadPath::Encoded(b'\\')),
+            ("/a%00", BadPath::Encoded(0)),
+            ("/admin%3bx/secret", BadPath::Encoded(b';')),
+            ("/a%252e%252e/b", BadPath::Encoded(b'%')),
+            ("/a%3f", BadPath::Encoded(b'?')),
+            ("/a%23", BadPath::Encoded(b'#')),
+            ("/a%zz", BadPath::BadEscape),
+            ("/a%2", BadPath::BadEscape),
+            ("/a\\b", BadPath::Backslash),
+            ("/x/%2e%2e/admin", BadPath::DotSegment),
+            ("/x//../admin", BadPath::DotSegment),
+            ("/x/%2E", BadPath::DotSegment),
+            ("/x/..", BadPath::DotSegment),
+        ] {
+            assert_eq!(clean(p), Err(why), "{p}");
+        }
+    }
+
+    #[test]
+    fn parameters_are_taken_off_each_segment_for_the_lookup() {
+        assert!(matches!(
+            without_params("/admin/x"),
+            Cow::Borrowed("/admin/x")
+        ));
+        assert_eq!(without_params("/admin;x/secret"), "/admin/secret");
+        assert_eq!(without_params("/a;b=c;d/e;f"), "/a/e");
+        assert_eq!(without_params("/;x"), "/");
     }
 
     #[test]

@@ -361,20 +361,49 @@ fn check_proxypath(p: &str) -> Result<(), String> {
             p.trim_end_matches('/')
         ));
     }
-    let allowed = |c: char| c.is_ascii_alphanumeric() || "-._~!$&'()*+,;=:@%".contains(c);
+    let allowed = |c: char| c.is_ascii_alphanumeric() || "-._~!$&'()*+,=:@%".contains(c);
     for seg in p[1..].split('/').filter(|_| p.len() > 1) {
         let why = if seg.is_empty() {
             "is empty ('//')".to_owned()
         } else if is_dot_segment(seg) {
             "is '.' or '..' (also percent-encoded), which could walk out of the prefix".to_owned()
+        } else if seg.contains(';') {
+            "holds ';', which starts a segment's parameters (the proxy routes a path as if they were not there)".to_owned()
         } else if let Some(c) = seg.chars().find(|&c| !allowed(c)) {
             format!("holds {c:?}, which a URL path needs percent-encoded")
+        } else if let Some(why) = bad_escape(seg) {
+            why
         } else {
             continue;
         };
         return Err(format!("{p:?} is not {shape}: segment {seg:?} {why}"));
     }
     Ok(())
+}
+
+/// What is wrong with a `%` escape in a prefix segment, if anything: the
+/// proxy refuses request paths with a `%` not followed by two hex digits,
+/// and with an encoded `/ \\ NUL ; % ? #`, so a prefix holding one could
+/// never be reached (and the proxy refuses it).
+fn bad_escape(seg: &str) -> Option<String> {
+    let bytes = seg.as_bytes();
+    for (i, _) in seg.match_indices('%') {
+        let digits = bytes
+            .get(i + 1..i + 3)
+            .filter(|d| d.iter().all(u8::is_ascii_hexdigit));
+        let Some(digits) = digits else {
+            return Some("holds a '%' not followed by two hex digits".to_owned());
+        };
+        let code = std::str::from_utf8(digits).expect("hex digits");
+        let byte = u8::from_str_radix(code, 16).expect("two hex digits");
+        if b"/\\\0;%?#".contains(&byte) {
+            return Some(format!(
+                "holds %{code}, an encoded {:?}, which the proxy refuses in a request path",
+                char::from(byte)
+            ));
+        }
+    }
+    None
 }
 
 /// `.` or `..`, each dot written as `.` or `%2e` (any case): the proxy
@@ -506,6 +535,13 @@ mod tests {
             ("/a/.%2e/b", "segment \".%2e\""),
             ("/a?x=1", "segment"),
             ("/a b", "segment"),
+            // What the proxy refuses in a request path, or routes as if
+            // it were not there, could never be reached.
+            ("/a;v=1", "starts a segment's parameters"),
+            ("/a%2Fb", "encoded '/'"),
+            ("/a%25", "encoded '%'"),
+            ("/a%zz", "two hex digits"),
+            ("/a%2", "two hex digits"),
             // The master's own requests: a service there would get only
             // `/_phoenix` itself, the rest going to the master.
             ("/_phoenix", "keeps for itself"),

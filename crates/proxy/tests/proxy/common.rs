@@ -72,6 +72,8 @@ pub struct Backend {
     pub name: String,
     pub addr: SocketAddr,
     pub hits: AtomicUsize,
+    /// Connections from the proxy open now.
+    pub conns: AtomicUsize,
     pub release: Semaphore,
     pub gate: Semaphore,
     pub first_bytes: Notify,
@@ -90,6 +92,7 @@ impl Backend {
             name: name.to_owned(),
             addr: listener.local_addr().unwrap(),
             hits: AtomicUsize::new(0),
+            conns: AtomicUsize::new(0),
             release: Semaphore::new(0),
             gate: Semaphore::new(0),
             first_bytes: Notify::new(),
@@ -101,7 +104,9 @@ impl Backend {
                     return;
                 };
                 let b = b.clone();
+                b.conns.fetch_add(1, Ordering::SeqCst);
                 tokio::spawn(async move {
+                    let counted = b.clone();
                     let service = service_fn(move |req| {
                         let b = b.clone();
                         async move { Ok::<_, Infallible>(b.answer(req).await) }
@@ -110,6 +115,7 @@ impl Backend {
                         .serve_connection(TokioIo::new(stream), service)
                         .with_upgrades()
                         .await;
+                    counted.conns.fetch_sub(1, Ordering::SeqCst);
                 });
             }
         });
@@ -122,6 +128,10 @@ impl Backend {
 
     pub fn hits(&self) -> usize {
         self.hits.load(Ordering::SeqCst)
+    }
+
+    pub fn open(&self) -> usize {
+        self.conns.load(Ordering::SeqCst)
     }
 
     async fn answer(self: Arc<Self>, mut req: Request<Incoming>) -> Response<TestBody> {

@@ -203,3 +203,43 @@ async fn request_smuggling_shapes_are_refused_or_end_the_connection() {
     assert_eq!(answer.matches("HTTP/1.1 ").count(), 1, "{answer:?}");
     assert_eq!(a.hits(), before + 1);
 }
+
+#[tokio::test]
+async fn two_host_headers_are_400_and_a_coding_besides_chunked_is_501() {
+    let a = Backend::start("a").await;
+    let p = start_proxy(
+        ProxyConfig::default(),
+        vec![
+            Route::new("a.test", vec![a.instance()]),
+            Route::new("b.test", vec![a.instance()]),
+        ],
+    )
+    .await;
+    let limit = Duration::from_secs(5);
+    let answer = raw(
+        p.http,
+        b"GET / HTTP/1.1\r\nHost: a.test\r\nHost: b.test\r\nConnection: close\r\n\r\n",
+        limit,
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer:?}");
+    assert!(answer.contains("more than one Host"), "{answer:?}");
+    // The instance would get the body still gzipped, told nothing.
+    let answer = raw(
+        p.http,
+        b"POST / HTTP/1.1\r\nHost: a.test\r\nTransfer-Encoding: gzip, chunked\r\nConnection: close\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
+        limit,
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 501"), "{answer:?}");
+    assert_eq!(a.hits(), 0);
+    // Chunked alone goes through.
+    let answer = raw(
+        p.http,
+        b"POST / HTTP/1.1\r\nHost: a.test\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
+        limit,
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer:?}");
+    assert_eq!(a.hits(), 1);
+}

@@ -318,3 +318,53 @@ async fn shutdown_drops_what_outlasts_the_grace() {
         .unwrap();
     assert!(closed_within(&mut stream, Duration::from_secs(2)).await);
 }
+
+#[tokio::test]
+async fn a_request_body_that_stalls_is_cut_off_and_frees_the_instance() {
+    let a = Backend::start("a").await;
+    let idle = Duration::from_millis(500);
+    let p = start_proxy(
+        ProxyConfig {
+            idle_timeout: idle,
+            ..ProxyConfig::default()
+        },
+        vec![Route::new("a.test", vec![a.instance()])],
+    )
+    .await;
+    // A promised body of 1,000 bytes, one sent, then nothing: the request
+    // (head and that byte) is at the instance, the rest never comes.
+    let mut stream = TcpStream::connect(p.http).await.unwrap();
+    stream
+        .write_all(b"POST /upload HTTP/1.1\r\nHost: a.test\r\nContent-Length: 1000\r\n\r\nx")
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut answer))
+        .await
+        .expect("the proxy answers and closes")
+        .unwrap();
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer:?}");
+    assert!(started.elapsed() >= idle - Duration::from_millis(100));
+    // The connection to the instance went with it (a half-sent request
+    // cannot go back to the pool).
+    wait_until("the instance's connection is closed", || a.open() == 0).await;
+    // A body that keeps coming, slower than that in all but each pause,
+    // is not cut off.
+    let mut stream = TcpStream::connect(p.http).await.unwrap();
+    stream
+        .write_all(b"POST /upload HTTP/1.1\r\nHost: a.test\r\nContent-Length: 4\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    for byte in [b"a", b"b", b"c", b"d"] {
+        tokio::time::sleep(idle / 2).await;
+        stream.write_all(byte).await.unwrap();
+    }
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut answer))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&answer).starts_with("HTTP/1.1 200"));
+}

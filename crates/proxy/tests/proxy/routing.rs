@@ -138,6 +138,9 @@ async fn the_backend_sees_forwarded_headers_and_no_hop_by_hop_ones() {
             ("x-hop", "secret"),
             ("proxy-authorization", "Basic Zm9vOmJhcg=="),
             ("x-kept", "yes"),
+            // Would tell an instance that trusts them another client.
+            ("forwarded", "for=192.0.2.1;proto=https;host=evil.test"),
+            ("x-real-ip", "192.0.2.1"),
         ],
     )
     .await;
@@ -155,9 +158,67 @@ async fn the_backend_sees_forwarded_headers_and_no_hop_by_hop_ones() {
     assert_eq!(answer.seen("x-kept").as_deref(), Some("yes"));
     assert_eq!(answer.seen("x-hop"), None);
     assert_eq!(answer.seen("proxy-authorization"), None);
+    assert_eq!(answer.seen("forwarded"), None);
+    assert_eq!(answer.seen("x-real-ip"), None);
 
     let fresh = get(p.http, "a.test", "/", &[]).await;
     assert_eq!(fresh.seen("x-forwarded-for").as_deref(), Some("127.0.0.1"));
+}
+
+#[tokio::test]
+async fn a_path_written_another_way_cannot_walk_around_a_prefix_with_auth() {
+    // `/` open and `/admin` behind basic auth, on the same instance: a
+    // backend that merges slashes or decodes `%61` or `%2F` (nginx does
+    // all three), or reads `;x` as a parameter (Tomcat), would serve
+    // `/admin/secret` for each of these.
+    let site = Backend::start("site").await;
+    let hash = bcrypt::hash("s3cret", 4).unwrap();
+    let mut admin = Route::new("a.test", vec![site.instance()]).at("/admin");
+    admin.strip_prefix = false;
+    admin.auth = vec![phoenix_proxy::parse_htpasswd(&format!("alice:{hash}")).unwrap()];
+    let p = start_proxy(
+        ProxyConfig::default(),
+        vec![Route::new("a.test", vec![site.instance()]), admin],
+    )
+    .await;
+    for path in [
+        "/admin/secret",
+        "//admin/secret",
+        "/admin//secret",
+        "/%61dmin/secret",
+        "/%61%64%6d%69%6e",
+    ] {
+        let a = get(p.http, "a.test", path, &[]).await;
+        assert_eq!(a.status, StatusCode::UNAUTHORIZED, "{path}");
+    }
+    for path in [
+        "/admin;x/secret",
+        "/admin%2fsecret",
+        "/%2Fadmin/secret",
+        "/x/..%2fadmin/secret",
+        "/x%2f..%2fadmin/secret",
+        "/%2e%2e/admin/secret",
+        "/admin%3bx/secret",
+        "/%2561dmin/secret",
+    ] {
+        let a = get(p.http, "a.test", path, &[]).await;
+        assert_eq!(a.status, StatusCode::BAD_REQUEST, "{path}: {}", a.text());
+    }
+    assert_eq!(site.hits(), 0);
+    // The instance gets the path in the form it was routed by; a
+    // parameter outside a prefix stays.
+    for (sent, seen) in [
+        ("/a//b/%7euser?q=%2F", "/a/b/~user?q=%2F"),
+        ("/page;jsessionid=1", "/page;jsessionid=1"),
+        ("/caf%c3%a9", "/caf%C3%A9"),
+    ] {
+        let a = get(p.http, "a.test", sent, &[]).await;
+        assert_eq!(
+            (a.status, a.path()),
+            (StatusCode::OK, seen.to_owned()),
+            "{sent}"
+        );
+    }
 }
 
 #[tokio::test]
