@@ -968,6 +968,12 @@ pub struct Settled {
     /// Why it failed or cannot be waited for.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// The last lines of the log of what failed, where the service's own
+    /// log no longer holds them: an update's new version that did not
+    /// come up (stopped and removed, its log with it, while the old
+    /// version serves on).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub log_tail: Option<String>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]

@@ -1017,7 +1017,12 @@ async fn print_settled(data_dir: &Path, s: &Settled) {
                 v.state,
                 v.restarts
             );
-            print_log_tail(data_dir, &v.name).await;
+            match &s.log_tail {
+                // An update's new version, gone with its log: the master
+                // kept its last lines (the service's log is the old one's).
+                Some(tail) => print_tail(Ok(Ok(tail.clone()))),
+                None => print_log_tail(data_dir, &v.name).await,
+            }
         }
     }
 }
@@ -1030,6 +1035,10 @@ async fn print_log_tail(data_dir: &Path, name: &str) {
         client::log_tail(data_dir, name, FAILED_LOG_LINES),
     )
     .await;
+    print_tail(tail);
+}
+
+fn print_tail(tail: Result<anyhow::Result<String>, tokio::time::error::Elapsed>) {
     match tail {
         Ok(Ok(text)) if text.trim().is_empty() => println!("    (its log is empty)"),
         Ok(Ok(text)) => {

@@ -380,6 +380,11 @@ fn updates_and_a_del_under_load_fail_no_request_and_a_broken_version_switches_no
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(7), "{stderr}");
     assert!(stderr.contains("nothing was switched"), "{stderr}");
+    // Why is the new version's log, which went with it, not the old
+    // one's (which only says it served); and it is not restarted.
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("--no-such-option"), "{stdout}");
+    assert!(!stdout.contains("restarting in"), "{stdout}");
     let web = c.status("web");
     assert_eq!(web["instance"], "web.2", "{web}");
     assert_eq!(web["state"], "running", "{web}");

@@ -48,6 +48,45 @@ impl Hub {
                 "service {name:?} is placed on no accepted machine now, so no machine holds its logs"
             )));
         };
+        self.open_logs_at(&node, key, name, tail, follow)
+    }
+
+    /// The last `lines` lines of the log of run `key` on `node`, or `None`
+    /// when they do not come within `limit` (the minion is away, say).
+    pub(super) async fn log_tail_at(
+        &self,
+        node: &str,
+        key: &str,
+        lines: usize,
+        limit: std::time::Duration,
+    ) -> Option<String> {
+        let (stream, node, mut rx) = self
+            .open_logs_at(node, key.to_owned(), key, lines, false)
+            .ok()?;
+        let mut text = String::new();
+        let collected = tokio::time::timeout(limit, async {
+            loop {
+                match rx.recv().await {
+                    Some(LogEvent::Data(data)) => text.push_str(&data),
+                    Some(LogEvent::End(None)) | None => return true,
+                    Some(LogEvent::End(Some(_))) => return false,
+                }
+            }
+        })
+        .await;
+        self.close_logs(stream, &node);
+        matches!(collected, Ok(true)).then_some(text)
+    }
+
+    fn open_logs_at(
+        &self,
+        node: &str,
+        key: String,
+        name: &str,
+        tail: usize,
+        follow: bool,
+    ) -> Result<(u64, String, mpsc::UnboundedReceiver<LogEvent>), ApiError> {
+        let node = node.to_owned();
         let stream = self.next_id();
         let (tx, rx) = mpsc::unbounded_channel();
         lock(&self.logs.0).insert(stream, (node.clone(), tx));

@@ -458,11 +458,16 @@ impl Hub {
                 return names
                     .iter()
                     .zip(verdicts)
-                    .map(|(n, (verdict, reason))| {
+                    .zip(stages.iter().zip(&wanted))
+                    .map(|((n, (verdict, reason)), (stage, (want, ..)))| {
+                        let log_tail = matches!(stage, RolloutStage::Ended(..))
+                            .then(|| self.failed_update_log(n, want.generation))
+                            .flatten();
                         Ok(Settled {
                             view: self.status(n)?,
                             verdict,
                             reason,
+                            log_tail,
                         })
                     })
                     .collect();

@@ -36,6 +36,12 @@ use super::{ApiError, Hub};
 use crate::lock;
 use crate::store::Service;
 
+/// Lines of a failed update's new version's log kept for `update` to
+/// show, as the CLI shows of a service that did not start.
+const FAILED_LOG_LINES: usize = 10;
+/// How long the failure waits for those lines from the minion.
+const LOG_TAIL_WAIT: Duration = Duration::from_secs(2);
+
 /// The in-memory side of updates and draining deletes.
 #[derive(Default)]
 pub(super) struct Rollouts {
@@ -43,8 +49,9 @@ pub(super) struct Rollouts {
     pub(super) switching: HashSet<String>,
     /// Services being drained before their deletion.
     pub(super) deleting: HashSet<String>,
-    /// Why an update ended without a switch: name → (its generation, why).
-    failures: HashMap<String, (u64, String)>,
+    /// Why an update ended without a switch: name → (its generation, why,
+    /// the last lines of the new version's log, which went with it).
+    failures: HashMap<String, (u64, String, Option<String>)>,
 }
 
 /// Where a waited-for update stands.
@@ -85,8 +92,8 @@ impl Hub {
                 let failure = lock(&self.rollouts)
                     .failures
                     .get(name)
-                    .filter(|(g, _)| *g == generation)
-                    .map(|(_, why)| why.clone());
+                    .filter(|(g, ..)| *g == generation)
+                    .map(|(_, why, _)| why.clone());
                 RolloutStage::Ended(
                     Verdict::Failed,
                     Some(failure.unwrap_or_else(|| {
@@ -158,7 +165,17 @@ impl Hub {
         };
         tracing::warn!(service = %name, generation, "update failed: {why}");
         lock(&self.rollouts).switching.remove(&name);
-        if let Err(e) = self.abandon(&name, generation, &why) {
+        // The new version's log goes with it: its last lines are kept
+        // with the failure for `update` to show (the service's own log is
+        // the old version's, which kept serving).
+        let tail = match self.next_run(&name, generation) {
+            Some((node, key)) => {
+                self.log_tail_at(&node, &key, FAILED_LOG_LINES, LOG_TAIL_WAIT)
+                    .await
+            }
+            None => None,
+        };
+        if let Err(e) = self.abandon(&name, generation, &why, tail) {
             tracing::error!(service = %name, "cannot drop the failed update's new version: {e}");
         }
         self.routes_changed.notify_one();
@@ -186,10 +203,12 @@ impl Hub {
             match judge(&want, status.as_ref(), None) {
                 (Verdict::Running, _) => return Came::Up,
                 (Verdict::Failed, why) => {
+                    // It is stopped now, not restarted: drop that part.
+                    let why = why.unwrap_or_else(|| "failed".into());
+                    let why = why.split("; restarting in").next().unwrap_or(&why);
                     return Came::Failed(format!(
-                        "the new version ({}) did not come up: {}; the old one kept serving",
+                        "the new version ({}) did not come up: {why}; the old one kept serving",
                         next.run.instance,
-                        why.unwrap_or_else(|| "failed".into())
                     ));
                 }
                 _ => {}
@@ -268,10 +287,34 @@ impl Hub {
 
     /// Drops the new version of a failed update (if still the current
     /// one) and remembers why, for `wait`.
-    fn abandon(&self, name: &str, generation: u64, why: &str) -> Result<(), ApiError> {
+    /// Where the new version of `name`'s update to `generation` runs:
+    /// (machine, run key).
+    fn next_run(&self, name: &str, generation: u64) -> Option<(String, String)> {
+        let svc = self.store().read().and_then(|tx| tx.service(name)).ok()??;
+        let next = svc.next.filter(|n| n.generation == generation)?;
+        Some((next.spec.machine, next.run.instance))
+    }
+
+    /// The last lines of the log of a failed update's new version, if it
+    /// is one (see `drive_rollout`).
+    pub(super) fn failed_update_log(&self, name: &str, generation: u64) -> Option<String> {
         lock(&self.rollouts)
             .failures
-            .insert(name.to_owned(), (generation, why.to_owned()));
+            .get(name)
+            .filter(|(g, ..)| *g == generation)
+            .and_then(|(_, _, tail)| tail.clone())
+    }
+
+    fn abandon(
+        &self,
+        name: &str,
+        generation: u64,
+        why: &str,
+        tail: Option<String>,
+    ) -> Result<(), ApiError> {
+        lock(&self.rollouts)
+            .failures
+            .insert(name.to_owned(), (generation, why.to_owned(), tail));
         let (_, changed) = self.write_change(|tx| {
             let Some(mut svc) = tx.service(name)? else {
                 return Ok(((), Default::default()));
@@ -404,7 +447,7 @@ mod tests {
         );
         assert!(![Some(stable), Some(own)].contains(&set.services[1].own_ip));
         // It fails: the new run goes, web.2 is untouched, `wait` says why.
-        hub.abandon("web", 3, "it crashed").unwrap();
+        hub.abandon("web", 3, "it crashed", None).unwrap();
         let set = next_set(&mut rx).unwrap();
         assert_eq!(keys(&set.services), [("web.2".into(), true, 2)]);
         match hub.rollout_stage("web", 3) {

@@ -7,6 +7,7 @@
 //! the cluster (does the machine exist, is the address free) are the
 //! master's.
 
+use std::collections::HashMap;
 use std::net::Ipv6Addr;
 
 use super::raw::{RawSpec, Size};
@@ -136,9 +137,20 @@ pub fn validate(raw: RawSpec) -> Result<Spec, Vec<SpecError>> {
             );
         }
     }
+    let mut users: HashMap<&str, usize> = HashMap::new();
     for (i, entry) in raw.proxyauth.iter().enumerate() {
         // The entry itself is never repeated: it holds a password hash.
         check_proxyauth(entry).unwrap_or_else(|r| err(&format!("proxyauth[{i}]"), r));
+        // A second entry for a user would never be used (the first
+        // matching user decides), so its password would not work.
+        if let Some((user, _)) = entry.split_once(':')
+            && let Some(first) = users.insert(user, i)
+        {
+            err(
+                &format!("proxyauth[{i}]"),
+                format!("user {user:?} is already in proxyauth[{first}]; one entry a user"),
+            );
+        }
     }
     if !raw.proxyauth.is_empty() && proxyname.is_none() {
         err(
@@ -522,6 +534,19 @@ mod tests {
         .unwrap();
         assert_eq!(ok.proxypath.as_deref(), Some("/api/v2"));
         assert_eq!(ok.proxyauth.len(), 1);
+        // One entry a user: a second one's password would never work.
+        let twice = format!("ann:{hash}");
+        let r = reasons(with(
+            None,
+            vec![&twice, &format!("bob:{hash}"), &twice],
+            Some("example.com"),
+        ));
+        assert!(
+            r.iter().any(|m| m.contains("field `proxyauth[2]`")
+                && m.contains("user \"ann\" is already in proxyauth[0]")
+                && !m.contains("$2y$")),
+            "{r:?}"
+        );
         assert!(validate(with(Some("/"), vec![], Some("example.com"))).is_ok());
         for (path, why) in [
             ("api", "does not start with '/'"),
@@ -615,17 +640,17 @@ mod tests {
 
     #[test]
     fn a_proxyauth_hash_costing_more_than_14_is_refused() {
-        let entry = |cost: &str| format!("ann:$2y${cost}${}", "a".repeat(53));
+        let entry = |user: &str, cost: &str| format!("{user}:$2y${cost}${}", "a".repeat(53));
         let r = reasons(RawSpec {
             proxyname: Some("example.com".into()),
-            proxyauth: vec![entry("14"), entry("31"), entry("03")],
+            proxyauth: vec![entry("ann", "14"), entry("bob", "31"), entry("cat", "03")],
             ..minimal()
         });
         assert!(!r.iter().any(|m| m.contains("proxyauth[0]")), "{r:?}");
-        for (i, cost) in [(1, "31"), (2, "3")] {
+        for (i, user, cost) in [(1, "bob", "31"), (2, "cat", "3")] {
             assert!(
                 r.iter().any(|m| m.contains(&format!("proxyauth[{i}]"))
-                    && m.contains(&format!("cost of user \"ann\"'s hash is {cost};"))),
+                    && m.contains(&format!("cost of user \"{user}\"'s hash is {cost};"))),
                 "{r:?}"
             );
         }
