@@ -202,8 +202,13 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Completions { shell } => {
             let mut cmd = <Cli as clap::CommandFactory>::command();
-            clap_complete::generate(shell, &mut cmd, "phoenix", &mut std::io::stdout());
-            Ok(())
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut cmd, "phoenix", &mut script);
+            // Into a closed pipe (`| head`): end quietly, as Unix tools do.
+            match std::io::Write::write_all(&mut std::io::stdout(), &script) {
+                Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+                written => written.context("writing the completion script"),
+            }
         }
         other => {
             // A CLI command writing into a closed pipe (`phoenix services |

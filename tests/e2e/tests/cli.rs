@@ -51,6 +51,17 @@ fn version_completions_help_and_typos() {
             "{shell}"
         );
     }
+    // Into a pipe whose reader is gone (`| head -1`): quiet, not a panic.
+    let mut child = std::process::Command::new(bin("phoenix"))
+        .args(["completions", "bash"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{:?}: {}", out.status, stderr(&out));
+    assert!(!stderr(&out).contains("panicked"), "{}", stderr(&out));
 
     // A typo is a usage error (2) that suggests the verb meant.
     for (typo, meant) in [
