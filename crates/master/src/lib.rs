@@ -65,14 +65,16 @@ pub struct OverlaySettings {
     pub tun_name: String,
 }
 
+/// The cause of each variant is its `source`, which the binary prints
+/// after the message (`{:#}`), so the messages leave it out.
 #[derive(Debug, thiserror::Error)]
 pub enum MasterError {
-    #[error("data dir {path}: {source}")]
+    #[error("data dir {path}")]
     DataDir {
         path: String,
         source: std::io::Error,
     },
-    #[error("cannot listen on {addr} ({what}): {source}")]
+    #[error("cannot listen on {addr} ({what})")]
     Listen {
         addr: String,
         what: &'static str,
@@ -80,7 +82,7 @@ pub enum MasterError {
     },
     #[error("TCP {port} is in use (is a master running here?): pick another with {flag}")]
     PortInUse { port: u16, flag: &'static str },
-    #[error("cannot listen on {addr} for {what}: {source}")]
+    #[error("cannot listen on {addr} for {what}")]
     ProxyListen {
         addr: SocketAddr,
         what: String,

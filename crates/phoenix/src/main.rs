@@ -702,11 +702,8 @@ async fn apply(a: ApplyArgs, update: bool) -> Result<()> {
             }
             if v.routes_only {
                 println!(
-                    "updated the routes of {} ({}); generation {} on {} serves on, nothing restarted",
-                    v.name,
-                    phoenix_model::spec::ROUTING_FIELDS.join(", "),
-                    v.generation,
-                    v.machine
+                    "updated the routes of {} (only routing fields changed); generation {} on {} serves on, nothing restarted",
+                    v.name, v.generation, v.machine
                 );
                 continue;
             }

@@ -56,6 +56,8 @@ pub(super) struct TreeChange<'a> {
     /// source `git:NAME@COMMIT` (`hub::git`).
     pub via: &'a str,
     pub prune: &'a [String],
+    /// Check everything a real apply would, then change nothing (`diff`).
+    pub dry_run: bool,
 }
 
 impl Apply {
@@ -290,13 +292,14 @@ impl Hub {
             None => actor,
         };
         let images = self.resolve_images(specs);
+        let commit = !tree.as_ref().is_some_and(|t| t.dry_run);
         let fail = |errors| {
             ApiError::from(SpecErrors {
                 file: source.to_owned(),
                 errors,
             })
         };
-        let ((applied, gone), changed) = self.write_change(|tx| {
+        let ((applied, gone), changed) = self.change(commit, |tx| {
             let mut touched = BTreeSet::new();
             let mut errors = Vec::new();
             let sources = match tree {
@@ -558,6 +561,9 @@ impl Hub {
             }
             Ok(((applied, gone), touched))
         })?;
+        if !commit {
+            return Ok(applied);
+        }
         for (name, key, node) in &gone {
             self.forget_status(name, key, node);
         }

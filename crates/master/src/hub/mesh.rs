@@ -80,7 +80,19 @@ impl Hub {
         &self,
         f: impl FnOnce(&mut Tx<'_>) -> Result<(T, BTreeSet<String>), ApiError>,
     ) -> Result<(T, BTreeSet<String>), ApiError> {
-        self.store().write(|tx| {
+        self.change(true, f)
+    }
+
+    /// [`write_change`](Self::write_change), committed or, without
+    /// `commit`, run whole (every check, the desired sets' sizes too) in a
+    /// transaction that is then rolled back: what a dry run reports is
+    /// what the change would meet.
+    pub(super) fn change<T>(
+        &self,
+        commit: bool,
+        f: impl FnOnce(&mut Tx<'_>) -> Result<(T, BTreeSet<String>), ApiError>,
+    ) -> Result<(T, BTreeSet<String>), ApiError> {
+        let inner = |tx: &mut Tx<'_>| {
             let before = desired_sets(tx).ok();
             let (out, mut changed) = f(tx)?;
             match desired_sets(tx) {
@@ -103,7 +115,14 @@ impl Hub {
                 tx.bump_revision(n)?;
             }
             Ok((out, changed))
-        })
+        };
+        let mut store = self.store();
+        if commit {
+            store.write(inner)
+        } else {
+            // Never committed: dropped, it rolls back.
+            inner(&mut store.read()?)
+        }
     }
 
     /// After a committed change: pushes each changed node its whole set,

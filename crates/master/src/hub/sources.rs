@@ -252,9 +252,6 @@ impl Hub {
                 refused.join("\n")
             ))
         })?;
-        if dry_run {
-            return Ok(plan);
-        }
         let writes: Vec<Spec> = tree
             .into_iter()
             .filter(|(_, s)| {
@@ -276,8 +273,15 @@ impl Hub {
                     source,
                     via,
                     prune: prunes,
+                    dry_run,
                 }),
             )?;
+        }
+        if dry_run {
+            // Checked as `apply` would be (machines, images, links,
+            // secrets, addresses), nothing written.
+            plan.applied.clear();
+            return Ok(plan);
         }
         plan.written = true;
         Ok(plan)
@@ -556,7 +560,32 @@ mod tests {
         let tree = [file("t/a.json", "a", "1"), file("t/b.json", "b", "1")];
         let diff = hub.apply_tree("me", "/t", &tree, false, true).unwrap();
         assert_eq!(diff.create.len(), 2);
+        assert!(diff.applied.is_empty());
         assert!(!diff.written && generations(&hub).is_empty());
+        assert!(
+            hub.store()
+                .read()
+                .unwrap()
+                .audit_log(10)
+                .unwrap()
+                .is_empty()
+        );
+        // A dry run meets what the apply would: here a machine that is
+        // not in the cluster, and a link to no service.
+        let mut bad = file("t/c.json", "c", "1");
+        bad.text = bad.text.replace("\"m1\"", "\"m9\"");
+        let mut linked = file("t/d.json", "d", "1");
+        linked.text = linked
+            .text
+            .replace("\"args\"", "\"link\":[\"nosuch\"],\"args\"");
+        for (tree, why) in [(bad, "m9"), (linked, "nosuch")] {
+            let tree = [tree];
+            let dry = hub.apply_tree("me", "/t", &tree, false, true).unwrap_err();
+            let real = hub.apply_tree("me", "/t", &tree, false, false).unwrap_err();
+            assert_eq!(dry.to_string(), real.to_string());
+            assert!(dry.to_string().contains(why), "{dry}");
+        }
+        assert!(generations(&hub).is_empty());
         let p = hub.apply_tree("me", "/t", &tree, false, false).unwrap();
         assert!(p.written);
         assert_eq!(p.applied.len(), 2);
