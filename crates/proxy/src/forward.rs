@@ -168,33 +168,26 @@ async fn route(
         Err(bad) => return (plain(StatusCode::BAD_REQUEST, bad.message()), None),
     };
     if let Some(cleaned) = cleaned {
-        let mut parts = request.uri().clone().into_parts();
-        let query = request.uri().query().map(|q| format!("?{q}"));
-        let path_and_query = format!("{cleaned}{}", query.as_deref().unwrap_or(""));
-        parts.path_and_query = match path_and_query.parse() {
-            Ok(p) => Some(p),
-            Err(_) => {
-                return (
-                    plain(
-                        StatusCode::BAD_REQUEST,
-                        "phoenix: the request's path is not valid\n",
-                    ),
-                    None,
-                );
-            }
+        let uri = request.uri();
+        let mut parts = uri.clone().into_parts();
+        let path_and_query = match uri.query() {
+            Some(query) => format!("{cleaned}?{query}"),
+            None => cleaned,
         };
-        match Uri::from_parts(parts) {
-            Ok(uri) => *request.uri_mut() = uri,
-            Err(_) => {
-                return (
-                    plain(
-                        StatusCode::BAD_REQUEST,
-                        "phoenix: the request's path is not valid\n",
-                    ),
-                    None,
-                );
-            }
-        }
+        let rebuilt = path_and_query.parse().ok().and_then(|p| {
+            parts.path_and_query = Some(p);
+            Uri::from_parts(parts).ok()
+        });
+        let Some(rebuilt) = rebuilt else {
+            return (
+                plain(
+                    StatusCode::BAD_REQUEST,
+                    "phoenix: the request's path is not valid\n",
+                ),
+                None,
+            );
+        };
+        *request.uri_mut() = rebuilt;
     }
     let path = request.uri().path();
 
