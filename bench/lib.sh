@@ -360,6 +360,23 @@ $(nginx_temp_paths "$1")
 }
 CONF
 }
+# proxy_work NAME GRACE: a private work=/tmp/phoenix-NAME.XXXXXX and
+# pids=(); on exit every pid is stopped (TERM, then KILL after GRACE s)
+# and the dir removed.
+proxy_work() {
+    work=$(mktemp -d "/tmp/phoenix-$1.XXXXXX")
+    pids=()
+    proxy_grace=$2
+    trap 'kill_pids "$proxy_grace"; rm -rf "$work"' EXIT
+    trap 'exit 130' INT TERM HUP
+}
+# self_signed DIR: DIR/cert.pem and DIR/key.pem, one ECDSA P-256
+# certificate for "localhost", valid two days.
+self_signed() {
+    openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes \
+        -keyout "$1/key.pem" -out "$1/cert.pem" -days 2 -subj /CN=localhost \
+        -addext subjectAltName=DNS:localhost 2>/dev/null
+}
 # The client side of the proxy benchmarks (wrk, ab, h2load, curl,
 # s_client) offers only TLS 1.3 with AES-128-GCM and X25519, so that every
 # proxy negotiates the same: Caddy (Go) cannot be told its TLS 1.3 suites,

@@ -43,14 +43,7 @@ git_rev=$(git -C "$root" rev-parse --short HEAD)
 git -C "$root" diff --quiet HEAD -- crates Cargo.toml Cargo.lock ||
     die "crates/ differs from HEAD: the patched build is made from HEAD, so commit first (or stash)"
 
-work=$(mktemp -d /tmp/phoenix-proxy-clock.XXXXXX)
-pids=()
-cleanup() {
-    kill_pids 0.5
-    rm -rf "$work"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM HUP
+proxy_work proxy-clock 0.5
 
 # --- the patched build: HEAD with bench/proxy-clock.patch ----------------
 say "building the patched serve example (target/proxy-clock)"
@@ -63,9 +56,7 @@ git -C "$root" archive HEAD | tar -x -C "$work/src"
 delayed=$root/target/proxy-clock/release/examples/serve
 
 # --- TLS, backend, proxies (as bench/proxy.sh) -----------------------------
-openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes \
-    -keyout "$work/key.pem" -out "$work/cert.pem" -days 2 -subj /CN=localhost \
-    -addext subjectAltName=DNS:localhost 2>/dev/null
+self_signed "$work"
 client_openssl_conf >"$work/client-openssl.cnf"
 client() { OPENSSL_CONF=$work/client-openssl.cnf "$@"; }
 

@@ -31,18 +31,9 @@ serve=${PHOENIX_SERVE:-$root/target/release/examples/serve}
 [ -x "$serve" ] || { echo "build first: cargo build --release -p phoenix-proxy --example serve" >&2; exit 1; }
 need_tools "valgrind nghttp2-client nginx openssl iproute2" valgrind callgrind_control callgrind_annotate h2load nginx openssl ss
 
-work=$(mktemp -d /tmp/phoenix-proxy-instr.XXXXXX)
-pids=()
-cleanup() {
-    kill_pids 1 # valgrind writes its last dump on TERM
-    rm -rf "$work"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM HUP
+proxy_work proxy-instr 1 # valgrind writes its last dump on TERM
 
-openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes \
-    -keyout "$work/key.pem" -out "$work/cert.pem" -days 2 -subj /CN=localhost \
-    -addext subjectAltName=DNS:localhost 2>/dev/null
+self_signed "$work"
 
 bport=$(free_port)
 mkdir -p "$work/backend/www"

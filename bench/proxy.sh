@@ -44,19 +44,10 @@ need_tools "wrk apache2-utils nginx haproxy caddy openssl curl python3 iproute2 
 git_rev=$(git -C "$root" rev-parse --short HEAD 2>/dev/null || echo unknown)
 git -C "$root" diff --quiet HEAD -- crates/proxy/src crates/proxy/examples crates/proxy/Cargo.toml Cargo.toml 2>/dev/null || git_rev="$git_rev + uncommitted changes in crates/proxy"
 
-work=$(mktemp -d /tmp/phoenix-proxy-bench.XXXXXX)
-pids=()
-cleanup() {
-    kill_pids 0.5
-    rm -rf "$work"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM HUP
+proxy_work proxy-bench 0.5
 
 # --- TLS: one self-signed ECDSA P-256 certificate for "localhost" ---------
-openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes \
-    -keyout "$work/key.pem" -out "$work/cert.pem" -days 2 -subj /CN=localhost \
-    -addext subjectAltName=DNS:localhost 2>/dev/null
+self_signed "$work"
 cat "$work/cert.pem" "$work/key.pem" >"$work/combined.pem" # HAProxy's form
 host=localhost
 client_openssl_conf >"$work/client-openssl.cnf" # TLS 1.3, AES-128-GCM, X25519 only (lib.sh)
