@@ -285,8 +285,6 @@ impl Hub {
         Ok(done)
     }
 
-    /// Drops the new version of a failed update (if still the current
-    /// one) and remembers why, for `wait`.
     /// Where the new version of `name`'s update to `generation` runs:
     /// (machine, run key).
     fn next_run(&self, name: &str, generation: u64) -> Option<(String, String)> {
@@ -305,6 +303,8 @@ impl Hub {
             .and_then(|(_, _, tail)| tail.clone())
     }
 
+    /// Drops the new version of a failed update (if still the current
+    /// one) and remembers why (and its last log lines), for `wait`.
     fn abandon(
         &self,
         name: &str,
