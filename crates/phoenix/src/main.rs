@@ -1022,7 +1022,7 @@ async fn print_settled(data_dir: &Path, s: &Settled) {
             match &s.log_tail {
                 // An update's new version, gone with its log: the master
                 // kept its last lines (the service's log is the old one's).
-                Some(tail) => print_tail(Ok(Ok(tail.clone()))),
+                Some(tail) => print_tail(tail),
                 None => print_log_tail(data_dir, &v.name).await,
             }
         }
@@ -1037,20 +1037,22 @@ async fn print_log_tail(data_dir: &Path, name: &str) {
         client::log_tail(data_dir, name, FAILED_LOG_LINES),
     )
     .await;
-    print_tail(tail);
-}
-
-fn print_tail(tail: Result<anyhow::Result<String>, tokio::time::error::Elapsed>) {
     match tail {
-        Ok(Ok(text)) if text.trim().is_empty() => println!("    (its log is empty)"),
-        Ok(Ok(text)) => {
-            println!("    last lines of its log:");
-            for line in text.lines() {
-                println!("    | {line}");
-            }
-        }
+        Ok(Ok(text)) => print_tail(&text),
         Ok(Err(e)) => println!("    (its log cannot be read: {e:#})"),
         Err(_) => println!("    (its log did not arrive within {LOG_TIMEOUT:?})"),
+    }
+}
+
+/// Log lines, indented, under a service that did not start.
+fn print_tail(text: &str) {
+    if text.trim().is_empty() {
+        println!("    (its log is empty)");
+        return;
+    }
+    println!("    last lines of its log:");
+    for line in text.lines() {
+        println!("    | {line}");
     }
 }
 

@@ -197,8 +197,10 @@ async fn route(
         // would see it, so `/admin;x/secret` finds `/admin`'s route; the
         // path itself must then be under that prefix too, or the
         // parameter sits inside it and the request is refused.
-        match table.lookup(&host, &without_params(path)) {
-            Lookup::Found(entry) if !prefix_matches(&entry.prefix, path) => {
+        let view = without_params(path);
+        let has_params = matches!(view, Cow::Owned(_));
+        match table.lookup(&host, &view) {
+            Lookup::Found(entry) if has_params && !prefix_matches(&entry.prefix, path) => {
                 return (
                     plain(
                         StatusCode::BAD_REQUEST,

@@ -333,19 +333,18 @@ async fn a_request_body_that_stalls_is_cut_off_and_frees_the_instance() {
     .await;
     // A promised body of 1,000 bytes, one sent, then nothing: the request
     // (head and that byte) is at the instance, the rest never comes.
-    let mut stream = TcpStream::connect(p.http).await.unwrap();
-    stream
-        .write_all(b"POST /upload HTTP/1.1\r\nHost: a.test\r\nContent-Length: 1000\r\n\r\nx")
-        .await
-        .unwrap();
     let started = Instant::now();
-    let mut answer = Vec::new();
-    tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut answer))
-        .await
-        .expect("the proxy answers and closes")
-        .unwrap();
-    let answer = String::from_utf8_lossy(&answer);
+    let answer = raw(
+        p.http,
+        b"POST /upload HTTP/1.1\r\nHost: a.test\r\nContent-Length: 1000\r\n\r\nx",
+        Duration::from_secs(10),
+    )
+    .await;
     assert!(answer.starts_with("HTTP/1.1 408"), "{answer:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "answered, not timed out"
+    );
     assert!(started.elapsed() >= idle - Duration::from_millis(100));
     // The connection to the instance went with it (a half-sent request
     // cannot go back to the pool).
